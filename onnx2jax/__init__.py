@@ -1,0 +1,40 @@
+"""onnx2jax: ONNX models as pure, jittable, differentiable JAX functions.
+
+Example:
+    >>> import numpy as np, onnx2jax
+    >>> model = onnx2jax.load(onnx2jax.example_path())
+    >>> sorted(model(np.zeros((1, 1, 8, 8), np.float32)))
+    ['logits']
+"""
+
+from pathlib import Path
+
+from onnx2jax.errors import (
+    DataDependentShapeError,
+    InputError,
+    ModelLoadError,
+    Onnx2JaxError,
+    OpError,
+    UnsupportedOpError,
+)
+from onnx2jax.model import Model, load
+
+__version__ = "0.1.0"
+
+
+def example_path() -> Path:
+    """Path of the example model shipped with the package: a CNN for 8x8 digit images."""
+    return Path(__file__).parent / "examples" / "digits_cnn.onnx"
+
+
+__all__ = [
+    "DataDependentShapeError",
+    "InputError",
+    "Model",
+    "ModelLoadError",
+    "Onnx2JaxError",
+    "OpError",
+    "UnsupportedOpError",
+    "example_path",
+    "load",
+]

@@ -1,0 +1,188 @@
+"""The interpreter: walks a planned graph once per input signature, one op function per node.
+
+Values are *static* (NumPy arrays, computed at trace time) when they depend only on constants
+and shapes, and *traced* (JAX arrays) when they depend on inputs or params. Shape arithmetic
+therefore folds away before XLA sees it, and ops such as Reshape get concrete arguments.
+"""
+
+from __future__ import annotations
+
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+
+from onnx2jax.errors import DataDependentShapeError, OpError
+from onnx2jax.graph import GraphPlan, node_label, plan_graph
+from onnx2jax.loader import tensor_to_numpy
+from onnx2jax.ops.registry import canonical_domain
+
+
+def is_static(value: Any) -> bool:
+    """True for values known at trace time (NumPy arrays, and sequences of them)."""
+    if isinstance(value, np.ndarray | np.generic):
+        return True
+    if isinstance(value, list):
+        return all(is_static(v) for v in value)
+    return value is None
+
+
+def is_concrete(value: Any) -> bool:
+    """True when the value can be read on the host (static, or an eager JAX array)."""
+    return is_static(value) or (isinstance(value, jax.Array)
+                                and not isinstance(value, jax.core.Tracer))
+
+
+class OpContext:
+    """What an op function knows about its node: attributes, opset, helpers for static values."""
+
+    def __init__(self, interpreter: Interpreter, node: onnx.NodeProto, scope: Mapping[str, Any]):
+        self.interpreter = interpreter
+        self.node = node
+        self.scope = scope
+        self.opset = interpreter.opsets.get(canonical_domain(node.domain), 1)
+        self.attrs = interpreter.attributes(node)
+
+    @property
+    def name(self) -> str:
+        return node_label(self.node)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.node.output)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+    def has_output(self, index: int) -> bool:
+        return index < len(self.node.output) and bool(self.node.output[index])
+
+    def input_name(self, index: int) -> str:
+        return self.node.input[index] if index < len(self.node.input) else ""
+
+    def error(self, message: str) -> OpError:
+        return OpError(f"{self.name}: {message}")
+
+    def static(self, value: Any, index: int | None = None, what: str = "this input") -> Any:
+        """``value`` as a NumPy array (or list of them); raise if it is only known at run time."""
+        if is_static(value):
+            return value
+        if is_concrete(value):
+            if isinstance(value, list):
+                return [np.asarray(v) for v in value]
+            return np.asarray(value)
+        if isinstance(value, list):
+            return [self.static(v, index, what) for v in value]
+        tensor = f" (tensor {self.input_name(index)!r})" if index is not None else ""
+        raise DataDependentShapeError(
+            f"{self.name} needs the value of {what}{tensor} at trace time, but it depends on the "
+            "model's inputs or weights. Under your own jax.jit this cannot work; call the model "
+            "directly (model(...)), which runs data-dependent parts outside jit, or make the "
+            "value a constant of the graph."
+        )
+
+    def static_ints(self, value: Any, index: int | None = None, what: str = "this input"
+                    ) -> list[int]:
+        return [int(v) for v in np.asarray(self.static(value, index, what)).reshape(-1)]
+
+    @staticmethod
+    def xp(*values: Any) -> ModuleType:
+        """NumPy when every value is static, else jax.numpy."""
+        return np if all(is_static(v) for v in values) else jnp
+
+    def run_subgraph(self, attr_name: str, inputs: Sequence[Any]) -> list[Any]:
+        """Run the graph attribute ``attr_name`` with ``inputs``, reading outer names in scope."""
+        graph = self.attrs[attr_name]
+        return self.interpreter.run_subgraph(graph, inputs, self.scope)
+
+
+class Interpreter:
+    """Evaluates planned graphs. One instance per model; subgraph plans are cached."""
+
+    def __init__(self, opsets: Mapping[str, int], base_dir: Path | None = None):
+        self.opsets = dict(opsets)
+        self.base_dir = base_dir
+        # Keyed by id(); each entry keeps its key object alive so ids are never reused.
+        self._subplans: dict[int, tuple[onnx.GraphProto, GraphPlan]] = {}
+        self._attrs: dict[int, tuple[onnx.NodeProto, dict[str, Any]]] = {}
+
+    def attributes(self, node: onnx.NodeProto) -> dict[str, Any]:
+        cached = self._attrs.get(id(node))
+        if cached is None:
+            cached = (node, {a.name: self.attribute_value(a) for a in node.attribute})
+            self._attrs[id(node)] = cached
+        return cached[1]
+
+    def attribute_value(self, attr: onnx.AttributeProto) -> Any:
+        kind = attr.type
+        if kind == onnx.AttributeProto.TENSOR:
+            return tensor_to_numpy(attr.t, self.base_dir)
+        if kind == onnx.AttributeProto.TENSORS:
+            return [tensor_to_numpy(t, self.base_dir) for t in attr.tensors]
+        if kind == onnx.AttributeProto.STRING:
+            return attr.s.decode("utf-8", errors="replace")
+        if kind == onnx.AttributeProto.STRINGS:
+            return [s.decode("utf-8", errors="replace") for s in attr.strings]
+        if kind == onnx.AttributeProto.SPARSE_TENSOR:
+            return attr.sparse_tensor
+        return onnx.helper.get_attribute_value(attr)
+
+    def run(self, plan: GraphPlan, env: MutableMapping[str, Any], wanted: Sequence[str]
+            ) -> list[Any]:
+        """Evaluate the nodes ``wanted`` depends on; ``env`` holds inputs, params, constants."""
+        for index in plan.nodes_for(list(wanted)):
+            node = plan.nodes[index]
+            spec = plan.specs[index]
+            if spec is None:
+                raise OpError(f"{node_label(node)}: {node.domain or 'ai.onnx'}::{node.op_type} "
+                              "is not supported")
+            args = []
+            for name in node.input:
+                if not name:
+                    args.append(None)
+                    continue
+                if name not in env:
+                    raise OpError(f"{node_label(node)} reads {name!r}, which nothing defines")
+                args.append(env[name])
+            ctx = OpContext(self, node, env)
+            try:
+                result = spec.function(ctx, *args)
+            except (DataDependentShapeError, OpError):
+                raise
+            except Exception as exc:
+                raise OpError(f"{node_label(node)} failed: {type(exc).__name__}: {exc}") from exc
+            self._store(node, result, env)
+        missing = [n for n in wanted if n not in env]
+        if missing:
+            raise OpError(f"no tensor named {missing[0]!r} in the graph")
+        return [env[n] for n in wanted]
+
+    @staticmethod
+    def _store(node: onnx.NodeProto, result: Any, env: MutableMapping[str, Any]) -> None:
+        results = result if isinstance(result, tuple) else (result,)
+        for name, value in zip(node.output, results, strict=False):
+            if name:
+                if isinstance(value, np.generic | int | float | bool):
+                    value = np.asarray(value)
+                env[name] = value
+
+    def run_subgraph(self, graph: onnx.GraphProto, inputs: Sequence[Any],
+                     outer: Mapping[str, Any]) -> list[Any]:
+        cached = self._subplans.get(id(graph))
+        if cached is None:
+            cached = (graph, plan_graph(graph, self.opsets, self.base_dir, trainable=False))
+            self._subplans[id(graph)] = cached
+        plan = cached[1]
+        local: dict[str, Any] = dict(plan.constants)
+        names = [v.name for v in graph.input]
+        if len(inputs) > len(names):
+            raise OpError(f"subgraph {graph.name!r} takes {len(names)} inputs, got {len(inputs)}")
+        local.update(zip(names, inputs, strict=False))
+        env = ChainMap(local, outer)
+        return self.run(plan, env, [v.name for v in graph.output])

@@ -1,0 +1,250 @@
+"""Planning: topological order, value kinds (params, constants, inputs), op lookup. No numerics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx2jax.errors import ModelLoadError, UnsupportedOpError
+from onnx2jax.loader import tensor_to_numpy
+from onnx2jax.ops.registry import OpSpec, canonical_domain, lookup
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Declared type of a graph value: ONNX element type and shape (``None``/str for free dims)."""
+
+    name: str
+    elem_type: int | None
+    shape: tuple[int | str | None, ...] | None
+    kind: str = "tensor"  # tensor, sequence, optional, map
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        if self.elem_type in (None, onnx.TensorProto.UNDEFINED):
+            return None
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    def describe(self) -> str:
+        dims = "?" if self.shape is None else "[" + ", ".join(
+            "?" if d is None else str(d) for d in self.shape) + "]"
+        dtype = self.dtype.name if self.dtype is not None else "?"
+        kind = "" if self.kind == "tensor" else f"{self.kind} of "
+        return f"{self.name}: {kind}{dtype}{dims}"
+
+
+def tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    type_proto = value.type
+    kind = "tensor"
+    while True:
+        which = type_proto.WhichOneof("value")
+        if which == "sequence_type" and kind == "tensor":
+            kind, type_proto = "sequence", type_proto.sequence_type.elem_type
+        elif which == "optional_type" and kind == "tensor":
+            kind, type_proto = "optional", type_proto.optional_type.elem_type
+        elif which in ("sequence_type", "optional_type"):
+            type_proto = getattr(type_proto, which).elem_type
+        else:
+            break
+    if which == "map_type":
+        return TensorInfo(value.name, None, None, "map")
+    if which not in ("tensor_type", "sparse_tensor_type"):
+        return TensorInfo(value.name, None, None, kind)
+    tensor_type = getattr(type_proto, which)
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor_type.shape.dim
+        )
+    return TensorInfo(value.name, tensor_type.elem_type, shape, kind)
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend(attr.graphs)
+    return found
+
+
+def outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads from enclosing scopes."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for sub in subgraphs(node):
+            used |= outer_names(sub)
+        defined.update(node.output)
+    used.update(v.name for v in graph.output)
+    return used - defined
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    name = node.name or (f"<output {node.output[0]}>" if node.output else "<unnamed>")
+    return f"{node.op_type} node {name!r}"
+
+
+@dataclass
+class GraphPlan:
+    """A graph ready to interpret: nodes in topological order with their op implementations."""
+
+    graph: onnx.GraphProto
+    nodes: list[onnx.NodeProto]
+    specs: list[OpSpec]
+    # Every name a node reads, subgraph captures included.
+    node_reads: list[list[str]]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    constants: dict[str, np.ndarray]
+    param_names: list[str]
+    # Host copies of the params' initial values; the Model moves them to the device and drops them.
+    param_values: dict[str, np.ndarray] = field(default_factory=dict)
+    value_info: dict[str, TensorInfo] = field(default_factory=dict)
+    producer: dict[str, int] = field(default_factory=dict)
+
+    def nodes_for(self, wanted: list[str]) -> list[int]:
+        """Indices of the nodes needed to compute ``wanted``, in execution order."""
+        needed: set[int] = set()
+        stack = [self.producer[n] for n in wanted if n in self.producer]
+        while stack:
+            index = stack.pop()
+            if index in needed:
+                continue
+            needed.add(index)
+            stack.extend(self.producer[n] for n in self.node_reads[index] if n in self.producer)
+        return sorted(needed)
+
+
+def is_trainable_dtype(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16",)
+
+
+def plan_graph(
+    graph: onnx.GraphProto,
+    opsets: dict[str, int],
+    base_dir: Path | None,
+    trainable: bool = True,
+) -> GraphPlan:
+    """Order ``graph`` and sort its initializers into trainable params and static constants.
+
+    With ``trainable`` false (subgraphs) every initializer is a constant.
+    """
+    initializers = {t.name: tensor_to_numpy(t, base_dir) for t in graph.initializer}
+    for sparse in graph.sparse_initializer:
+        initializers[sparse.values.name] = _sparse_to_dense(sparse, base_dir)
+    nodes = _topological_order(graph, set(initializers) | {v.name for v in graph.input})
+    specs = []
+    for node in nodes:
+        domain = canonical_domain(node.domain)
+        spec = lookup(domain, node.op_type, opsets.get(domain, 1))
+        specs.append(spec)
+    node_reads = []
+    for node in nodes:
+        reads = [n for n in node.input if n]
+        for sub in subgraphs(node):
+            reads.extend(sorted(outer_names(sub)))
+        node_reads.append(reads)
+
+    static_fed = set()
+    for node, spec in zip(nodes, specs, strict=True):
+        if spec is not None:
+            static_fed.update(node.input[i] for i in spec.static_inputs if i < len(node.input))
+    param_names = [
+        name for name, value in initializers.items()
+        if trainable and is_trainable_dtype(value.dtype) and name not in static_fed
+    ]
+    params = set(param_names)
+    constants = {k: v for k, v in initializers.items() if k not in params}
+    value_info = {v.name: tensor_info(v) for v in (*graph.value_info, *graph.output)}
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    graph_inputs = [tensor_info(v) for v in graph.input if v.name not in initializers]
+    return GraphPlan(
+        graph=graph,
+        nodes=nodes,
+        specs=specs,
+        node_reads=node_reads,
+        inputs=graph_inputs,
+        outputs=[tensor_info(v) for v in graph.output],
+        constants=constants,
+        param_names=param_names,
+        param_values={k: initializers[k] for k in param_names},
+        value_info=value_info,
+        producer=producer,
+    )
+
+
+def _sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
+    values = tensor_to_numpy(sparse.values, base_dir)
+    indices = tensor_to_numpy(sparse.indices, base_dir)
+    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
+
+
+def _topological_order(graph: onnx.GraphProto, available: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's algorithm; keeps the file's order where it is already valid."""
+    nodes = list(graph.node)
+    outer = outer_names(graph)
+    ready = set(available) | outer | {""}
+    order: list[onnx.NodeProto] = []
+    pending = nodes
+    while pending:
+        still = []
+        for node in pending:
+            reads = [n for n in node.input if n]
+            for sub in subgraphs(node):
+                reads.extend(outer_names(sub))
+            if all(n in ready for n in reads):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                still.append(node)
+        if len(still) == len(pending):
+            missing = sorted({n for node in still for n in node.input if n and n not in ready})
+            producers = {out for node in still for out in node.output}
+            unknown = [n for n in missing if n not in producers]
+            detail = (f"these tensors are used but never defined: {unknown[:10]}" if unknown
+                      else "the graph has a cycle")
+            raise ModelLoadError(
+                f"cannot order the graph {graph.name!r}: {detail} "
+                f"(first stuck node: {node_label(still[0])})"
+            )
+        pending = still
+    return order
+
+
+def find_unsupported(graph: onnx.GraphProto, opsets: dict[str, int]) -> None:
+    """Raise :class:`UnsupportedOpError` listing every op of ``graph`` (and subgraphs) we lack."""
+    missing: dict[tuple[str, str, int], list[str]] = {}
+
+    def visit(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            domain = canonical_domain(node.domain)
+            opset = opsets.get(domain, 1)
+            if lookup(domain, node.op_type, opset) is None:
+                missing.setdefault((domain, node.op_type, opset), []).append(
+                    node.name or node.output[0])
+            for sub in subgraphs(node):
+                visit(sub)
+
+    visit(graph)
+    if missing:
+        raise UnsupportedOpError(missing)
+
+
+def model_opsets(model: onnx.ModelProto) -> dict[str, int]:
+    opsets = {canonical_domain(o.domain): o.version for o in model.opset_import}
+    if not model.opset_import:
+        opsets[""] = 1
+    return opsets

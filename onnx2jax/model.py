@@ -1,0 +1,253 @@
+"""The user-facing :class:`Model`: a pure ``apply`` function plus a pytree of weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+
+from onnx2jax import ops  # noqa: F401  (registers every op family)
+from onnx2jax.convert import Interpreter
+from onnx2jax.errors import DataDependentShapeError, InputError
+from onnx2jax.graph import (
+    GraphPlan,
+    TensorInfo,
+    find_unsupported,
+    model_opsets,
+    plan_graph,
+)
+from onnx2jax.loader import ModelSource, read_model
+
+Params = dict[str, jax.Array]
+
+
+class Model:
+    """An ONNX model compiled to JAX.
+
+    ``params`` holds the trainable float initializers; ``apply`` is a pure function of them and
+    the inputs; calling the model runs ``apply`` with ``params`` under ``jax.jit``.
+
+    Example:
+        >>> import numpy as np, onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> out = model(np.zeros((1, 1, 8, 8), np.float32))
+        >>> out["logits"].shape
+        (1, 10)
+    """
+
+    def __init__(self, proto: onnx.ModelProto, base_dir: Path | None = None):
+        self.proto = proto
+        self.base_dir = base_dir
+        self.opsets = model_opsets(proto)
+        find_unsupported(proto.graph, self.opsets)
+        self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
+        self._interpreter = Interpreter(self.opsets, base_dir)
+        self.params: Params = {k: jnp.asarray(v) for k, v in self.plan.param_values.items()}
+        self.plan.param_values = {}
+        self._jitted = jax.jit(self._apply_bound, static_argnames=("outputs",))
+        self._needs_eager = False
+
+    # ---------------------------------------------------------------- description
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return list(self.plan.inputs)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return list(self.plan.outputs)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.plan.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self.plan.outputs]
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor a node produces, in execution order: valid names for ``outputs=``."""
+        return [out for node in self.plan.nodes for out in node.output if out]
+
+    def __repr__(self) -> str:
+        count = sum(int(np.prod(p.shape)) for p in self.params.values())
+        size = sum(p.nbytes for p in self.params.values())
+        opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in sorted(self.opsets.items()))
+        lines = ["onnx2jax.Model("]
+        lines += [f"  input  {v.describe()}" for v in self.plan.inputs]
+        lines += [f"  output {v.describe()}" for v in self.plan.outputs]
+        lines.append(f"  opsets {opsets}")
+        lines.append(f"  nodes  {len(self.plan.nodes)}")
+        lines.append(f"  params {len(self.params)} tensors, {count:,} values, "
+                     f"{size / 1e6:.1f} MB")
+        return "\n".join(lines) + "\n)"
+
+    # ---------------------------------------------------------------- running
+    def apply(self, params: Mapping[str, Any], *inputs: Any,
+              outputs: Sequence[str] | None = None, **named_inputs: Any) -> dict[str, Any]:
+        """Run the graph with ``params``: pure, so ``jax.jit``, ``jax.grad`` and ``jax.vmap`` work.
+
+        Inputs are given by position (in :attr:`input_names` order) or by name. ``outputs``
+        may name any tensor of the graph, intermediate ones included; by default the graph's
+        outputs. Returns a dict from output name to array.
+
+        Example:
+            >>> import jax, numpy as np, onnx2jax
+            >>> model = onnx2jax.load(onnx2jax.example_path())
+            >>> x = np.zeros((2, 1, 8, 8), np.float32)
+            >>> jax.jit(model.apply)(model.params, x)["logits"].shape
+            (2, 10)
+        """
+        self._check_params(params)
+        bound = self.bind_inputs(inputs, named_inputs)
+        return self._apply_bound(params, bound, _as_tuple(outputs))
+
+    def __call__(self, *inputs: Any, outputs: Sequence[str] | None = None,
+                 **named_inputs: Any) -> dict[str, Any]:
+        """Run with :attr:`params`, jit-compiled and cached per input shapes and dtypes.
+
+        A model whose graph needs values that depend on the data (NonZero, a Reshape to a
+        computed shape...) runs op by op outside jit instead.
+        """
+        bound = self.bind_inputs(inputs, named_inputs)
+        wanted = _as_tuple(outputs)
+        if not self._needs_eager:
+            try:
+                return self._jitted(self.params, bound, outputs=wanted)
+            except DataDependentShapeError:
+                self._needs_eager = True
+        return self._apply_bound(self.params, bound, wanted)
+
+    def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
+                     outputs: tuple[str, ...] | None) -> dict[str, Any]:
+        env: dict[str, Any] = dict(self.plan.constants)
+        env.update({k: jnp.asarray(v) for k, v in params.items()})
+        env.update({k: _as_jax(v) for k, v in bound.items()})
+        wanted = list(outputs) if outputs else self.output_names
+        unknown = [n for n in wanted if n not in env and n not in self.plan.producer]
+        if unknown:
+            raise InputError(
+                f"no tensor named {unknown[0]!r} in the model; model.tensor_names() lists "
+                "the names that can be read")
+        values = self._interpreter.run(self.plan, env, wanted)
+        return {name: _as_output(v) for name, v in zip(wanted, values, strict=True)}
+
+    # ---------------------------------------------------------------- checks
+    def _check_params(self, params: Mapping[str, Any]) -> None:
+        if not isinstance(params, Mapping):
+            raise InputError("apply() takes the params dict first, e.g. "
+                             "model.apply(model.params, x)")
+        missing = [k for k in self.params if k not in params]
+        unknown = [k for k in params if k not in self.params]
+        if missing or unknown:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} (first: {missing[:3]})")
+            if unknown:
+                parts.append(f"unknown {len(unknown)} (first: {unknown[:3]})")
+            raise InputError("params do not match the model: " + "; ".join(parts)
+                             + ". Pass a dict with the same keys as model.params.")
+
+    def bind_inputs(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> dict[str, Any]:
+        """Match positional and named inputs to the graph's inputs and check them."""
+        infos = self.plan.inputs
+        if len(inputs) > len(infos):
+            raise InputError(f"the model takes {len(infos)} input(s) {self.input_names}, "
+                             f"got {len(inputs)} positional")
+        bound = {info.name: value for info, value in zip(infos, inputs, strict=False)}
+        for name, value in named.items():
+            if name not in self.input_names:
+                raise InputError(f"unknown input {name!r}; the model's inputs are "
+                                 f"{self.input_names}")
+            if name in bound:
+                raise InputError(f"input {name!r} given both by position and by name")
+            bound[name] = value
+        missing = [n for n in self.input_names if n not in bound]
+        if missing:
+            expected = ", ".join(i.describe() for i in infos if i.name in missing)
+            raise InputError(f"missing input(s): {expected}")
+        return {info.name: check_input(info, bound[info.name]) for info in infos}
+
+
+def check_input(info: TensorInfo, value: Any) -> Any:
+    """Validate ``value`` against the declared type of input ``info``; cast within a kind."""
+    if info.kind != "tensor":
+        return value
+    if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+        value = np.asarray(value)
+    expected = info.dtype
+    if expected is not None and value.dtype != expected:
+        if _dtype_kind(value.dtype) != _dtype_kind(expected):
+            raise InputError(f"input {info.name!r} expects {info.describe()}, got dtype "
+                             f"{value.dtype}")
+        value = value.astype(expected) if isinstance(value, np.ndarray) else \
+            jnp.asarray(value).astype(expected)
+    if info.shape is not None:
+        if len(value.shape) != len(info.shape):
+            raise InputError(f"input {info.name!r} expects {len(info.shape)} dims "
+                             f"({info.describe()}), got shape {tuple(value.shape)}")
+        for axis, (want, got) in enumerate(zip(info.shape, value.shape, strict=True)):
+            if isinstance(want, int) and want > 0 and want != got:
+                raise InputError(f"input {info.name!r} expects size {want} on axis {axis} "
+                                 f"({info.describe()}), got shape {tuple(value.shape)}")
+    return value
+
+
+def _dtype_kind(dtype: Any) -> str:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return "bool"
+    if np.issubdtype(dtype, np.integer):
+        return "int"
+    if np.issubdtype(dtype, np.complexfloating):
+        return "complex"
+    if dtype.kind in "fV" or np.issubdtype(dtype, np.floating) or "float" in dtype.name:
+        return "float"
+    return dtype.kind
+
+
+def _as_jax(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_as_jax(v) for v in value]
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return value
+    return jnp.asarray(value)
+
+
+def _as_output(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_as_output(v) for v in value]
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return jnp.asarray(value)
+    return value
+
+
+def _as_tuple(outputs: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    if outputs is None:
+        return None
+    if isinstance(outputs, str):
+        return (outputs,)
+    return tuple(outputs)
+
+
+def load(source: ModelSource | os.PathLike) -> Model:
+    """Load an ONNX model from a path, bytes or ``onnx.ModelProto``.
+
+    Every operator the model needs is checked at once: a model using ops onnx2jax lacks raises
+    :class:`~onnx2jax.errors.UnsupportedOpError` listing them all with the nodes that use them.
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> model.input_names
+        ['image']
+    """
+    proto, base_dir = read_model(source)
+    return Model(proto, base_dir)

@@ -1,0 +1,25 @@
+"""Operator implementations, one module per family; importing this registers them all."""
+
+from onnx2jax.ops import (  # noqa: F401
+    activation,
+    attention,
+    cast,
+    contrib,
+    control_flow,
+    elementwise,
+    image,
+    indexing,
+    math,
+    ml,
+    nn,
+    normalization,
+    quantization,
+    random,
+    reduce,
+    rnn,
+    sequence,
+    shape,
+    signal,
+    string,
+    training,
+)

@@ -1,0 +1,3 @@
+"""Activation functions (Relu, Sigmoid, Gelu, Softplus, ...)."""
+
+from __future__ import annotations

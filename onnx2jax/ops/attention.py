@@ -1,0 +1,3 @@
+"""Attention and RotaryEmbedding."""
+
+from __future__ import annotations

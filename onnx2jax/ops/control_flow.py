@@ -1,0 +1,3 @@
+"""If, Loop and Scan."""
+
+from __future__ import annotations

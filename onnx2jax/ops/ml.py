@@ -1,0 +1,3 @@
+"""The ai.onnx.ml domain (scikit-learn exports)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""BatchNormalization, LayerNormalization, GroupNormalization, RMSNormalization and relatives."""
+
+from __future__ import annotations

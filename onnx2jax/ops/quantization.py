@@ -1,0 +1,3 @@
+"""QuantizeLinear, DequantizeLinear and the integer and QLinear ops."""
+
+from __future__ import annotations

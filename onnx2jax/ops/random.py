@@ -1,0 +1,3 @@
+"""Random ops, seeded and reproducible."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Reductions (Reduce*, ArgMax, ArgMin)."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""RNN, GRU and LSTM."""
+
+from __future__ import annotations

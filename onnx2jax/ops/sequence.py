@@ -1,0 +1,3 @@
+"""Sequence and Optional ops."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""DFT, STFT, window functions and MelWeightMatrix."""
+
+from __future__ import annotations

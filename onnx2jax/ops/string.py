@@ -1,0 +1,3 @@
+"""String ops on static strings."""
+
+from __future__ import annotations

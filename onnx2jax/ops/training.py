@@ -1,0 +1,3 @@
+"""The ai.onnx.preview.training ops."""
+
+from __future__ import annotations
