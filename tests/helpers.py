@@ -51,10 +51,7 @@ def run_onnx2jax(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], jit: b
                  x64: bool = True) -> list[np.ndarray]:
     with jax.enable_x64(x64):
         compiled = onnx2jax.load(model)
-        if jit:
-            out = compiled(**feeds)
-        else:
-            out = compiled.apply(compiled.params, **feeds)
+        out = compiled(**feeds) if jit else compiled.apply(compiled.params, **feeds)
         return [np.asarray(out[name]) for name in compiled.output_names]
 
 

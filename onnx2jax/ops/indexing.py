@@ -1,3 +1,3 @@
-"""Gather/Scatter families, Slice, Split, Pad, Tile, Expand, TopK, NonZero, Unique and other indexing ops."""
+"""Gather and Scatter families, Slice, Split, Pad, Tile, Expand, TopK, NonZero, Unique."""
 
 from __future__ import annotations
