@@ -185,8 +185,10 @@ def check_input(info: TensorInfo, value: Any) -> Any:
         if _dtype_kind(value.dtype) != _dtype_kind(expected):
             raise InputError(f"input {info.name!r} expects {info.describe()}, got dtype "
                              f"{value.dtype}")
-        value = value.astype(expected) if isinstance(value, np.ndarray) else \
-            jnp.asarray(value).astype(expected)
+        if isinstance(value, np.ndarray):
+            value = value.astype(expected)
+        elif value.dtype != jax.dtypes.canonicalize_dtype(expected):
+            value = jnp.asarray(value).astype(jax.dtypes.canonicalize_dtype(expected))
     if info.shape is not None:
         if len(value.shape) != len(info.shape):
             raise InputError(f"input {info.name!r} expects {len(info.shape)} dims "

@@ -1,0 +1,31 @@
+"""Shared fixtures: models exported once per test session (cached across runs in .pytest_cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.models import export_minilm
+
+
+def _cached(request: pytest.FixtureRequest, name: str, build) -> Path:
+    folder = Path(request.config.cache.mkdir("onnx2jax-models"))
+    path = folder / name
+    if not path.exists():
+        tmp = path.with_suffix(".partial.onnx")
+        build(tmp)
+        tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_legacy_onnx(request: pytest.FixtureRequest) -> Path:
+    """MiniLM (real weights) exported by torch.onnx with the TorchScript exporter, opset 17."""
+    return _cached(request, "minilm_legacy.onnx", lambda p: export_minilm(p, dynamo=False))
+
+
+@pytest.fixture(scope="session")
+def minilm_dynamo_onnx(request: pytest.FixtureRequest) -> Path:
+    """MiniLM (real weights) exported by torch.onnx with the dynamo exporter (opset 18+)."""
+    return _cached(request, "minilm_dynamo.onnx", lambda p: export_minilm(p, dynamo=True))

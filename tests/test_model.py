@@ -1,0 +1,242 @@
+"""The Model API: loading, inputs, outputs, params, jit/grad/vmap, and the errors a user sees."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx2jax
+from onnx2jax.errors import (
+    DataDependentShapeError,
+    InputError,
+    ModelLoadError,
+    UnsupportedOpError,
+)
+
+
+def affine_model(opset: int = 17) -> onnx.ModelProto:
+    """y = reshape((x * w + b) , [-1]) with a shape computed from Shape -> Concat (static)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "b")
+    minus_one = numpy_helper.from_array(np.array([-1], np.int64), "minus_one")
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["xw"], name="mul"),
+        helper.make_node("Add", ["xw", "b"], ["h"], name="add"),
+        helper.make_node("Shape", ["h"], ["h_shape"], name="shape"),
+        helper.make_node("Shape", ["h"], ["batch"], name="batch", start=0, end=1),
+        helper.make_node("Concat", ["batch", "minus_one"], ["target"], name="concat", axis=0),
+        helper.make_node("Reshape", ["h", "target"], ["y"], name="reshape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])],
+        initializer=[w, b, minus_one])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def reference(x: np.ndarray, model: onnx2jax.Model) -> np.ndarray:
+    w, b = (np.asarray(model.params[k]) for k in ("w", "b"))
+    return (x * w + b).reshape(len(x), -1)
+
+
+def test_load_from_path_bytes_and_proto(tmp_path):
+    proto = affine_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    x = np.ones((2, 2, 3), np.float32)
+    for source in (path, str(path), proto.SerializeToString(), proto):
+        model = onnx2jax.load(source)
+        np.testing.assert_allclose(model(x)["y"], reference(x, model), rtol=1e-6)
+
+
+def test_params_are_float_initializers_only():
+    model = onnx2jax.load(affine_model())
+    assert sorted(model.params) == ["b", "w"]
+    assert all(isinstance(v, jax.Array) for v in model.params.values())
+    assert "minus_one" in model.plan.constants
+
+
+def test_apply_is_pure_and_jittable():
+    model = onnx2jax.load(affine_model())
+    x = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+    params = {k: v * 2 for k, v in model.params.items()}
+    out = jax.jit(model.apply)(params, x)["y"]
+    w, b = np.asarray(params["w"]), np.asarray(params["b"])
+    np.testing.assert_allclose(out, (x * w + b).reshape(2, -1), rtol=1e-6)
+
+
+def test_new_batch_size_retraces_instead_of_failing():
+    model = onnx2jax.load(affine_model())
+    for batch in (1, 3, 5):
+        x = np.ones((batch, 2, 3), np.float32)
+        assert model(x)["y"].shape == (batch, 6)
+
+
+def test_shape_arithmetic_is_static_and_params_are_not_constants():
+    model = onnx2jax.load(affine_model())
+    x = jnp.ones((2, 2, 3), jnp.float32)
+    text = jax.jit(model.apply).lower(model.params, x).as_text()
+    assert "stablehlo.reshape" in text
+    # The weights arrive as arguments, never as constants folded into the program.
+    assert "dense<" not in text or "0.125" not in text
+    assert text.count("%arg") >= 3
+
+
+def test_intermediate_outputs_by_name():
+    model = onnx2jax.load(affine_model())
+    x = np.ones((2, 2, 3), np.float32)
+    out = model(x, outputs=["xw", "y"])
+    assert set(out) == {"xw", "y"}
+    np.testing.assert_allclose(out["xw"], x * np.asarray(model.params["w"]), rtol=1e-6)
+    assert "xw" in model.tensor_names()
+
+
+def test_unknown_output_name_is_a_clear_error():
+    model = onnx2jax.load(affine_model())
+    with pytest.raises(InputError, match="no tensor named 'nope'"):
+        model(np.ones((1, 2, 3), np.float32), outputs=["nope"])
+
+
+def test_grad_matches_finite_differences():
+    model = onnx2jax.load(affine_model())
+    x = np.random.default_rng(1).normal(size=(2, 2, 3)).astype(np.float32)
+
+    def loss(params):
+        return jnp.sum(jnp.tanh(model.apply(params, x)["y"]))
+
+    grads = jax.grad(loss)(model.params)
+    eps = 1e-3
+    for name, value in model.params.items():
+        for i in range(value.size):
+            bump = jnp.zeros(value.size).at[i].set(eps).reshape(value.shape)
+            plus = loss({**model.params, name: value + bump})
+            minus = loss({**model.params, name: value - bump})
+            numeric = (plus - minus) / (2 * eps)
+            assert abs(float(grads[name].reshape(-1)[i]) - float(numeric)) < 2e-2
+
+
+def test_vmap_over_a_batch_of_param_sets():
+    model = onnx2jax.load(affine_model())
+    x = np.ones((1, 2, 3), np.float32)
+    stacked = {k: jnp.stack([v, 2 * v]) for k, v in model.params.items()}
+    out = jax.vmap(lambda p: model.apply(p, x)["y"])(stacked)
+    assert out.shape == (2, 1, 6)
+
+
+def test_inputs_by_position_and_name_and_errors():
+    model = onnx2jax.load(affine_model())
+    x = np.ones((1, 2, 3), np.float32)
+    np.testing.assert_allclose(model(x=x)["y"], model(x)["y"])
+    with pytest.raises(InputError, match="missing input"):
+        model()
+    with pytest.raises(InputError, match="unknown input 'z'"):
+        model(z=x)
+    with pytest.raises(InputError, match="expects size 3 on axis 2"):
+        model(np.ones((1, 2, 4), np.float32))
+    with pytest.raises(InputError, match="expects 3 dims"):
+        model(np.ones((2, 3), np.float32))
+    with pytest.raises(InputError, match="expects x: float32"):
+        model(np.ones((1, 2, 3), np.int32))
+    # float64 from NumPy is cast to the declared float32.
+    assert model(np.ones((1, 2, 3)))["y"].dtype == jnp.float32
+
+
+def test_params_mismatch_is_a_clear_error():
+    model = onnx2jax.load(affine_model())
+    with pytest.raises(InputError, match="missing 1"):
+        model.apply({"w": model.params["w"]}, np.ones((1, 2, 3), np.float32))
+
+
+def test_repr_lists_inputs_outputs_opsets_and_params():
+    text = repr(onnx2jax.load(affine_model()))
+    assert "x: float32[batch, 2, 3]" in text
+    assert "y: float32[batch, 6]" in text
+    assert "ai.onnx 17" in text
+    assert "2 tensors, 6 values" in text
+
+
+def test_import_does_not_touch_x64():
+    assert jax.config.jax_enable_x64 is False
+    model = onnx2jax.load(affine_model())
+    model(np.ones((1, 2, 3), np.float32))
+    assert jax.config.jax_enable_x64 is False
+
+
+def test_unsupported_ops_are_all_listed_at_load():
+    nodes = [helper.make_node("FancyOp", ["x"], ["a"], name="n1", domain="my.domain"),
+             helper.make_node("FancyOp", ["a"], ["b"], name="n2", domain="my.domain"),
+             helper.make_node("OtherOp", ["b"], ["y"], name="n3", domain="my.domain")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("my.domain", 3)])
+    with pytest.raises(UnsupportedOpError) as info:
+        onnx2jax.load(proto)
+    message = str(info.value)
+    assert "my.domain::FancyOp (opset 3), used by 2 node(s): 'n1', 'n2'" in message
+    assert "my.domain::OtherOp" in message
+    assert len(info.value.missing) == 2
+
+
+def test_truncated_and_non_onnx_files(tmp_path):
+    data = affine_model().SerializeToString()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated.onnx"):
+        onnx2jax.load(truncated)
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello, this is not a model")
+    with pytest.raises(ModelLoadError, match="notes.onnx"):
+        onnx2jax.load(text)
+    with pytest.raises(ModelLoadError, match="not found"):
+        onnx2jax.load(tmp_path / "missing.onnx")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty"):
+        onnx2jax.load(empty)
+
+
+def test_external_data_missing_or_outside_the_folder(tmp_path):
+    proto = affine_model()
+    path = tmp_path / "ext" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    model = onnx2jax.load(path)
+    x = np.ones((1, 2, 3), np.float32)
+    np.testing.assert_allclose(model(x)["y"], reference(x, model))
+
+    (path.parent / "weights.bin").rename(tmp_path / "weights.bin")
+    with pytest.raises(ModelLoadError, match="weights.bin.*missing"):
+        onnx2jax.load(path)
+
+    escaped = onnx.load(path, load_external_data=False)
+    for tensor in escaped.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    onnx.save(escaped, path)
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        onnx2jax.load(path)
+
+
+def test_data_dependent_shape_raises_under_jit_and_runs_eagerly():
+    nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="dyn_reshape")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6]),
+                     helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.arange(6, dtype=np.float32)
+    shape = np.array([2, 3], np.int64)
+    with pytest.raises(DataDependentShapeError, match="Reshape node 'dyn_reshape'.*'s'"):
+        jax.jit(model.apply)(model.params, x, shape)
+    assert model(x, shape)["y"].shape == (2, 3)
+    assert model(x, np.array([3, 2], np.int64))["y"].shape == (3, 2)
