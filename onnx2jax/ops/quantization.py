@@ -1,3 +1,292 @@
-"""QuantizeLinear, DequantizeLinear and the integer and QLinear ops."""
+"""QuantizeLinear, DequantizeLinear and the integer and QLinear ops.
+
+Narrow types (int4, int2, float8, float4e2m1) are the ml_dtypes dtypes JAX understands, so
+quantized tensors keep their ONNX type. Rounding is half-to-even everywhere, as ONNX says.
+"""
 
 from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax import lax
+from onnx import TensorProto
+
+from onnx2jax.dtypes import numpy_dtype, onnx_elem_type
+from onnx2jax.ops.registry import register
+
+_INTEGER_TYPES = {
+    TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16,
+    TensorProto.UINT4, TensorProto.INT4, TensorProto.UINT2, TensorProto.INT2,
+}
+_FLOAT8_TYPES = {
+    TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+    TensorProto.FLOAT8E5M2FNUZ,
+}
+# No infinity encoding: a cast to these saturates whatever ``saturate`` says.
+_SMALL_FLOAT_TYPES = {TensorProto.FLOAT4E2M1, TensorProto.FLOAT6E2M3, TensorProto.FLOAT6E3M2}
+# ml_dtypes knows these but XLA does not, so they only work on static values.
+_HOST_ONLY_TYPES = {TensorProto.FLOAT6E2M3, TensorProto.FLOAT6E3M2}
+
+
+def _integer_range(dtype: np.dtype) -> tuple[int, int]:
+    info = ml_dtypes.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+def _quant_param(ctx, xp, value, x_shape, axis, block_size):
+    """Reshape a scale or zero point so it broadcasts against ``x`` (per tensor/axis/block)."""
+    if value.ndim == 0:
+        return value
+    if value.size == 1 and not block_size:
+        return value.reshape(())
+    if not block_size:
+        if value.ndim != 1:
+            raise ctx.error(f"a per-axis scale or zero point must be 1-D, got shape "
+                            f"{value.shape} (blocked quantization needs block_size)")
+        if value.shape[0] != x_shape[axis]:
+            raise ctx.error(f"per-axis scale has {value.shape[0]} values but the input has "
+                            f"{x_shape[axis]} along axis {axis}")
+        dims = [1] * len(x_shape)
+        dims[axis] = value.shape[0]
+        return value.reshape(dims)
+    if block_size < 0:
+        raise ctx.error(f"block_size must be positive, got {block_size}")
+    if value.ndim != len(x_shape):
+        raise ctx.error(f"blocked scale must have the input's rank {len(x_shape)}, got shape "
+                        f"{value.shape}")
+    expected = list(x_shape)
+    expected[axis] = math.ceil(x_shape[axis] / block_size)
+    if list(value.shape) != expected:
+        raise ctx.error(f"blocked scale of shape {value.shape} does not match input "
+                        f"{tuple(x_shape)} with block_size {block_size} on axis {axis}")
+    value = xp.repeat(value, block_size, axis=axis)
+    return xp.take(value, xp.arange(x_shape[axis]), axis=axis)
+
+
+def _check_host_only(ctx, xp, elem_type):
+    if elem_type in _HOST_ONLY_TYPES and xp is not np:
+        raise ctx.error(f"{numpy_dtype(elem_type).name} tensors are not supported by XLA; "
+                        "only constant (static) values of this type can be (de)quantized")
+
+
+def _saturate_to(xp, y, elem_type, saturate):
+    """Round/clip float ``y`` into ONNX type ``elem_type`` the way QuantizeLinear does."""
+    dtype = numpy_dtype(elem_type)
+    if elem_type in _INTEGER_TYPES:
+        low, high = _integer_range(dtype)
+        return xp.clip(xp.round(y), low, high).astype(dtype)
+    if elem_type in _FLOAT8_TYPES and saturate or elem_type in _SMALL_FLOAT_TYPES:
+        # Clip finite overflow to the largest value; NaN stays NaN.
+        largest = float(ml_dtypes.finfo(dtype).max)
+        return xp.clip(y, -largest, largest).astype(dtype)
+    return y.astype(dtype)
+
+
+@register("QuantizeLinear", 10)
+@register("QuantizeLinear", 13)
+@register("QuantizeLinear", 19)
+@register("QuantizeLinear", 21)
+@register("QuantizeLinear", 23)
+@register("QuantizeLinear", 24)
+@register("QuantizeLinear", 25)
+@register("QuantizeLinear", 28)
+def quantize_linear(ctx, x, scale, zero_point=None):
+    xp = ctx.xp(x, scale, zero_point)
+    axis = ctx.attr("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
+    block_size = ctx.attr("block_size", 0)
+    output_dtype = ctx.attr("output_dtype", 0)
+    if zero_point is not None:
+        elem_type = onnx_elem_type(zero_point.dtype)
+        if output_dtype and output_dtype != elem_type:
+            raise ctx.error(f"output_dtype {output_dtype} differs from the zero point's type "
+                            f"{elem_type}")
+    else:
+        elem_type = output_dtype or TensorProto.UINT8
+    if elem_type not in _INTEGER_TYPES | _FLOAT8_TYPES | _SMALL_FLOAT_TYPES:
+        raise ctx.error(f"cannot quantize to {numpy_dtype(elem_type).name}")
+    _check_host_only(ctx, xp, elem_type)
+    precision = ctx.attr("precision", 0)
+    # The scale's type sets the division's precision unless ``precision`` overrides it.
+    if precision:
+        compute = numpy_dtype(precision)
+    elif np.issubdtype(x.dtype, np.integer):
+        compute = scale.dtype
+    else:
+        compute = jnp.promote_types(x.dtype, scale.dtype)
+    scale = _quant_param(ctx, xp, scale, x.shape, axis, block_size)
+    y = x.astype(compute) / scale.astype(compute)
+    if zero_point is not None and elem_type not in _FLOAT8_TYPES:
+        zero_point = _quant_param(ctx, xp, zero_point, x.shape, axis, block_size)
+        if elem_type in _INTEGER_TYPES:
+            y = xp.round(y)
+        y = y + zero_point.astype(compute)
+    return _saturate_to(xp, y, elem_type, ctx.attr("saturate", 1))
+
+
+@register("DequantizeLinear", 10)
+@register("DequantizeLinear", 13)
+@register("DequantizeLinear", 19)
+@register("DequantizeLinear", 21)
+@register("DequantizeLinear", 23)
+@register("DequantizeLinear", 24)
+@register("DequantizeLinear", 25)
+@register("DequantizeLinear", 28)
+def dequantize_linear(ctx, x, scale, zero_point=None):
+    xp = ctx.xp(x, scale, zero_point)
+    _check_host_only(ctx, xp, onnx_elem_type(x.dtype))
+    axis = ctx.attr("axis", 1)
+    axis = axis + x.ndim if axis < 0 else axis
+    block_size = ctx.attr("block_size", 0)
+    output_dtype = ctx.attr("output_dtype", 0)
+    out_dtype = numpy_dtype(output_dtype) if output_dtype else scale.dtype
+    compute = np.promote_types(np.float32, out_dtype) if out_dtype.itemsize > 4 \
+        else np.dtype(np.float32)
+    y = x.astype(compute)
+    if zero_point is not None:
+        zero_point = _quant_param(ctx, xp, zero_point, x.shape, axis, block_size)
+        y = y - zero_point.astype(compute)
+    scale = _quant_param(ctx, xp, scale, x.shape, axis, block_size)
+    return (y * scale.astype(compute)).astype(out_dtype)
+
+
+@register("DynamicQuantizeLinear", 11)
+def dynamic_quantize_linear(ctx, x):
+    xp = ctx.xp(x)
+    low, high = 0.0, 255.0
+    x_max = xp.maximum(xp.max(x), 0).astype(np.float32) if x.size else np.float32(0)
+    x_min = xp.minimum(xp.min(x), 0).astype(np.float32) if x.size else np.float32(0)
+    span = x_max - x_min
+    scale = xp.where(span == 0, np.float32(1), span) / np.float32(high - low)
+    zero_point = xp.round(xp.clip(low - x_min / scale, low, high))
+    y = xp.clip(xp.round(x.astype(np.float32) / scale) + zero_point, low, high)
+    return y.astype(np.uint8), scale.astype(x.dtype), zero_point.astype(np.uint8)
+
+
+def _as_int32(xp, value, zero_point, zero_point_shape=None):
+    """``value - zero_point`` in int32; ``zero_point_shape`` reshapes a per-row/channel zp."""
+    out = value.astype(np.int32)
+    if zero_point is None:
+        return out
+    zero_point = zero_point.astype(np.int32)
+    if zero_point_shape is not None and zero_point.ndim == 1 and zero_point.size > 1:
+        zero_point = zero_point.reshape(zero_point_shape)
+    return out - zero_point
+
+
+def _int_matmul(xp, a, b):
+    if xp is np:
+        return np.matmul(a, b).astype(np.int32)
+    return jnp.matmul(a, b, preferred_element_type=jnp.int32)
+
+
+@register("MatMulInteger", 10)
+def matmul_integer(ctx, a, b, a_zero_point=None, b_zero_point=None):
+    xp = ctx.xp(a, b, a_zero_point, b_zero_point)
+    # A 1-D a_zero_point is per row of A; a 1-D b_zero_point per column of B.
+    a32 = _as_int32(xp, a, a_zero_point, (-1, 1))
+    b32 = _as_int32(xp, b, b_zero_point)
+    return _int_matmul(xp, a32, b32)
+
+
+def _requantize(xp, acc, multiplier, zero_point, out_dtype):
+    """Scale an int32 accumulator into ``out_dtype`` (round half to even, saturate)."""
+    compute = np.promote_types(np.float32, multiplier.dtype)
+    y = xp.round(acc.astype(compute) * multiplier.astype(compute))
+    if zero_point is not None:
+        y = y + zero_point.astype(compute)
+    low, high = _integer_range(out_dtype)
+    return xp.clip(y, low, high).astype(out_dtype)
+
+
+def _per_axis(value, ndim, axis):
+    """A 1-D per-row/column/channel scale reshaped to broadcast along ``axis`` of the result."""
+    if value.ndim != 1 or value.size == 1:
+        return value
+    dims = [1] * ndim
+    dims[axis] = value.shape[0]
+    return value.reshape(dims)
+
+
+@register("QLinearMatMul", 10)
+@register("QLinearMatMul", 21)
+def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
+                   y_zero_point):
+    xp = ctx.xp(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point)
+    out_dtype = y_zero_point.dtype if y_zero_point is not None else a.dtype
+    if out_dtype.kind not in "iu":
+        raise ctx.error(f"QLinearMatMul to {out_dtype.name} is not supported (integer outputs "
+                        "only)")
+    a32 = _as_int32(xp, a, a_zero_point, (-1, 1))
+    b32 = _as_int32(xp, b, b_zero_point)
+    acc = _int_matmul(xp, a32, b32)
+    nd = acc.ndim
+    a_scale = _per_axis(a_scale, nd, nd - 2)
+    b_scale = _per_axis(b_scale, nd, nd - 1)
+    multiplier = a_scale * b_scale / y_scale
+    return _requantize(xp, acc, multiplier, y_zero_point, out_dtype)
+
+
+def _conv_padding(ctx, x_shape, kernel, strides, dilations):
+    spatial = len(kernel)
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    if auto_pad == "NOTSET":
+        pads = list(ctx.attr("pads", [0] * 2 * spatial))
+        return list(zip(pads[:spatial], pads[spatial:], strict=True))
+    if auto_pad == "VALID":
+        return [(0, 0)] * spatial
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ctx.error(f"unknown auto_pad {auto_pad!r}")
+    padding = []
+    for size, k, s, d in zip(x_shape[2:], kernel, strides, dilations, strict=True):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small = total // 2
+        padding.append((small, total - small) if auto_pad == "SAME_UPPER"
+                       else (total - small, small))
+    return padding
+
+
+def _int_conv(ctx, x32, w32):
+    """The convolution of ConvInteger/QLinearConv on zero-point-shifted int32 tensors."""
+    if x32.ndim < 3:
+        raise ctx.error(f"the input must have at least 3 dims (N, C, ...), got {x32.shape}")
+    spatial = x32.ndim - 2
+    kernel = list(w32.shape[2:])
+    declared = ctx.attr("kernel_shape")
+    if declared is not None and list(declared) != kernel:
+        raise ctx.error(f"kernel_shape {list(declared)} does not match the weights' "
+                        f"{kernel}")
+    strides = list(ctx.attr("strides", [1] * spatial))
+    dilations = list(ctx.attr("dilations", [1] * spatial))
+    padding = _conv_padding(ctx, x32.shape, kernel, strides, dilations)
+    return lax.conv_general_dilated(
+        jnp.asarray(x32), jnp.asarray(w32), strides, padding, rhs_dilation=dilations,
+        feature_group_count=ctx.attr("group", 1), preferred_element_type=jnp.int32)
+
+
+@register("ConvInteger", 10)
+def conv_integer(ctx, x, w, x_zero_point=None, w_zero_point=None):
+    xp = ctx.xp(x, w, x_zero_point, w_zero_point)
+    x32 = _as_int32(xp, x, x_zero_point)
+    w32 = _as_int32(xp, w, w_zero_point, (-1,) + (1,) * (w.ndim - 1))
+    return _int_conv(ctx, x32, w32)
+
+
+@register("QLinearConv", 10)
+def qlinear_conv(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                 y_zero_point, bias=None):
+    xp = ctx.xp(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
+                bias)
+    out_dtype = y_zero_point.dtype if y_zero_point is not None else x.dtype
+    x32 = _as_int32(xp, x, x_zero_point)
+    w32 = _as_int32(xp, w, w_zero_point, (-1,) + (1,) * (w.ndim - 1))
+    acc = _int_conv(ctx, x32, w32)
+    if bias is not None:
+        acc = acc + jnp.asarray(bias, jnp.int32).reshape((-1,) + (1,) * (acc.ndim - 2))
+    w_scale = _per_axis(w_scale, acc.ndim, 1)
+    multiplier = x_scale * w_scale / y_scale
+    return _requantize(jnp, acc, multiplier, y_zero_point, out_dtype)
