@@ -1,3 +1,498 @@
-"""Convolutions, pooling, Dropout, LRN, DepthToSpace and other neural-network layers."""
+"""Convolutions, pooling, Dropout, LRN, Col2Im and other neural-network layers (NCHW layout)."""
 
 from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from onnx2jax.ops.registry import register
+
+_AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+
+
+def _spatial_ints(ctx, name, rank, default):
+    values = ctx.attr(name)
+    if values is None or len(values) == 0:
+        return [default] * rank
+    values = [int(v) for v in values]
+    if len(values) != rank:
+        raise ctx.error(f"attribute {name}={values} needs {rank} values")
+    return values
+
+
+def _auto_pad(ctx):
+    auto_pad = ctx.attr("auto_pad", "NOTSET")
+    if auto_pad not in _AUTO_PADS:
+        raise ctx.error(f"auto_pad={auto_pad!r} is not one of {', '.join(_AUTO_PADS)}")
+    return auto_pad
+
+
+def _same_split(total, auto_pad):
+    """Split ``total`` padding between begin and end; SAME_UPPER puts the odd one at the end."""
+    small = total // 2
+    return (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+
+
+def _conv_pads(ctx, in_shape, kernel, strides, dilations):
+    """(begin, end) padding per spatial axis of a convolution."""
+    auto_pad = _auto_pad(ctx)
+    rank = len(kernel)
+    if auto_pad == "NOTSET":
+        pads = _spatial_ints(ctx, "pads", 2 * rank, 0)
+        return [(pads[i], pads[i + rank]) for i in range(rank)]
+    if auto_pad == "VALID":
+        return [(0, 0)] * rank
+    pairs = []
+    for size, k, s, d in zip(in_shape, kernel, strides, dilations, strict=True):
+        out = -(-size // s)
+        pairs.append(_same_split(max(0, (out - 1) * s + (k - 1) * d + 1 - size), auto_pad))
+    return pairs
+
+
+def _conv_layout(rank):
+    """NCHW-style dimension numbers for any number of spatial axes."""
+    axes = tuple(range(rank + 2))
+    return lax.ConvDimensionNumbers(axes, axes, axes)
+
+
+def _kernel_shape(ctx, w):
+    kernel = ctx.attr("kernel_shape")
+    shape = [int(d) for d in np.shape(w)[2:]]
+    if kernel is not None and len(kernel) and [int(k) for k in kernel] != shape:
+        raise ctx.error(f"kernel_shape={list(kernel)} does not match the weight shape {shape}")
+    return shape
+
+
+def _bias_shape(b, rank):
+    return jnp.reshape(b, (1, -1) + (1,) * rank)
+
+
+@register("Conv", 1)
+@register("Conv", 11)
+@register("Conv", 22)
+def conv(ctx, x, w, b=None):
+    rank = np.ndim(x) - 2
+    if rank < 1:
+        raise ctx.error(f"Conv needs an input of rank 3 or more, got shape {np.shape(x)}")
+    kernel = _kernel_shape(ctx, w)
+    strides = _spatial_ints(ctx, "strides", rank, 1)
+    dilations = _spatial_ints(ctx, "dilations", rank, 1)
+    padding = _conv_pads(ctx, np.shape(x)[2:], kernel, strides, dilations)
+    group = int(ctx.attr("group", 1))
+    if np.shape(x)[1] != np.shape(w)[1] * group:
+        raise ctx.error(f"input channels {np.shape(x)[1]} != weight channels "
+                        f"{np.shape(w)[1]} x group {group}")
+    y = lax.conv_general_dilated(
+        jnp.asarray(x), jnp.asarray(w).astype(x.dtype), window_strides=strides, padding=padding,
+        rhs_dilation=dilations, dimension_numbers=_conv_layout(rank), feature_group_count=group)
+    if b is not None:
+        y = y + _bias_shape(b, rank).astype(y.dtype)
+    return y
+
+
+@register("ConvTranspose", 1)
+@register("ConvTranspose", 11)
+@register("ConvTranspose", 22)
+def conv_transpose(ctx, x, w, b=None):
+    rank = np.ndim(x) - 2
+    if rank < 1:
+        raise ctx.error(f"ConvTranspose needs an input of rank 3 or more, got {np.shape(x)}")
+    in_shape = np.shape(x)[2:]
+    kernel = _kernel_shape(ctx, w)
+    strides = _spatial_ints(ctx, "strides", rank, 1)
+    dilations = _spatial_ints(ctx, "dilations", rank, 1)
+    output_padding = _spatial_ints(ctx, "output_padding", rank, 0)
+    group = int(ctx.attr("group", 1))
+    auto_pad = _auto_pad(ctx)
+    output_shape = ctx.attr("output_shape")
+    full = [s * (n - 1) + op + (k - 1) * d + 1
+            for n, k, s, d, op in zip(in_shape, kernel, strides, dilations, output_padding,
+                                      strict=True)]
+    if output_shape is not None and len(output_shape):
+        output_shape = [int(v) for v in output_shape][-rank:]
+        padding = [_same_split(f - o, "SAME_UPPER" if auto_pad == "SAME_UPPER" else "")
+                   for f, o in zip(full, output_shape, strict=True)]
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        padding = [_same_split(f - n * s, auto_pad)
+                   for f, n, s in zip(full, in_shape, strides, strict=True)]
+    elif auto_pad == "VALID":
+        padding = [(0, 0)] * rank
+    else:
+        pads = _spatial_ints(ctx, "pads", 2 * rank, 0)
+        padding = [(pads[i], pads[i + rank]) for i in range(rank)]
+    channels = np.shape(x)[1]
+    if channels != np.shape(w)[0]:
+        raise ctx.error(f"input channels {channels} != weight dimension 0 {np.shape(w)[0]}")
+    # A transposed convolution is the gradient of a convolution: dilate the input by the
+    # stride, pad by the dilated kernel extent minus the ONNX pads, and convolve with the
+    # spatially flipped kernel whose in/out channels are swapped within each group.
+    out_per_group = np.shape(w)[1]
+    w = jnp.asarray(w).astype(x.dtype)
+    w = jnp.reshape(w, (group, channels // group, out_per_group) + tuple(kernel))
+    w = jnp.swapaxes(w, 1, 2)
+    w = jnp.reshape(w, (group * out_per_group, channels // group) + tuple(kernel))
+    w = jnp.flip(w, axis=tuple(range(2, rank + 2)))
+    conv_padding = [((k - 1) * d - lo, (k - 1) * d - hi + op)
+                    for k, d, (lo, hi), op in zip(kernel, dilations, padding, output_padding,
+                                                  strict=True)]
+    y = lax.conv_general_dilated(
+        jnp.asarray(x), w, window_strides=[1] * rank, padding=conv_padding,
+        lhs_dilation=strides, rhs_dilation=dilations, dimension_numbers=_conv_layout(rank),
+        feature_group_count=group)
+    if b is not None:
+        y = y + _bias_shape(b, rank).astype(y.dtype)
+    return y
+
+
+class _PoolGeometry:
+    """Output size and explicit padding of a pooling window over the spatial axes."""
+
+    def __init__(self, ctx, in_shape, kernel, *, dilations=True, ceil_mode=True):
+        rank = len(kernel)
+        self.kernel = [int(k) for k in kernel]
+        self.strides = _spatial_ints(ctx, "strides", rank, 1)
+        self.dilations = _spatial_ints(ctx, "dilations", rank, 1) if dilations else [1] * rank
+        ceil = bool(ctx.attr("ceil_mode", 0)) if ceil_mode else False
+        auto_pad = _auto_pad(ctx)
+        self.in_shape = list(in_shape)
+        self.begin, self.end, self.out = [], [], []
+        pads = _spatial_ints(ctx, "pads", 2 * rank, 0) if auto_pad == "NOTSET" else None
+        for i, (n, k, s, d) in enumerate(zip(in_shape, self.kernel, self.strides,
+                                             self.dilations, strict=True)):
+            extent = (k - 1) * d + 1
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+                # onnxruntime sizes SAME padding with the undilated kernel.
+                lo, hi = _same_split(max(0, (-(-n // s) - 1) * s + k - n), auto_pad)
+            elif auto_pad == "VALID":
+                lo, hi = 0, 0
+            else:
+                lo, hi = pads[i], pads[i + rank]
+            span = n + lo + hi - extent
+            out = (-(-span // s) if ceil else span // s) + 1
+            if ceil and (out - 1) * s >= n + lo:
+                # The last window must start inside the input or its begin padding.
+                out -= 1
+            self.begin.append(lo)
+            self.end.append(hi)
+            self.out.append(max(out, 0))
+
+    def window_positions(self, axis):
+        """Input positions (out, k) each window reads along one axis (may be out of range)."""
+        o = np.arange(self.out[axis])[:, None] * self.strides[axis] - self.begin[axis]
+        return o + np.arange(self.kernel[axis])[None, :] * self.dilations[axis]
+
+    def padded(self, x, value):
+        """``x`` padded (or cropped) so that the windows tile it exactly, VALID-style."""
+        config = [(0, 0, 0), (0, 0, 0)]
+        for i, n in enumerate(self.in_shape):
+            extent = (self.kernel[i] - 1) * self.dilations[i] + 1
+            needed = (self.out[i] - 1) * self.strides[i] + extent if self.out[i] else 0
+            config.append((self.begin[i], needed - n - self.begin[i], 0))
+        return lax.pad(x, jnp.asarray(value, x.dtype), config)
+
+    def reduce(self, x, init, computation):
+        return lax.reduce_window(
+            x, jnp.asarray(init, x.dtype), computation, (1, 1) + tuple(self.kernel),
+            (1, 1) + tuple(self.strides), "VALID", window_dilation=(1, 1) + tuple(self.dilations))
+
+    def counts(self, include_pad):
+        """How many positions of each window count as elements (static, shape (1, 1, *out))."""
+        total = np.ones((1, 1), dtype=np.int64)
+        for axis, n in enumerate(self.in_shape):
+            pos = self.window_positions(axis)
+            lo, hi = (-self.begin[axis], n + self.end[axis]) if include_pad else (0, n)
+            per_axis = ((pos >= lo) & (pos < hi)).sum(axis=1)
+            total = total[..., None] * per_axis
+        return total
+
+
+def _lowest(dtype):
+    if jnp.issubdtype(dtype, jnp.floating):
+        return -np.inf
+    if jnp.issubdtype(dtype, jnp.bool_):
+        return False
+    return np.iinfo(dtype).min
+
+
+def _pool_input(ctx, x):
+    if np.ndim(x) < 3:
+        raise ctx.error(f"{ctx.node.op_type} needs an input of rank 3 or more, got {np.shape(x)}")
+    kernel = ctx.attr("kernel_shape")
+    if kernel is None or len(kernel) != np.ndim(x) - 2:
+        raise ctx.error(f"kernel_shape={kernel} must give one size per spatial axis")
+    return jnp.asarray(x), [int(k) for k in kernel]
+
+
+@register("AveragePool", 1)
+@register("AveragePool", 7)
+@register("AveragePool", 10)
+@register("AveragePool", 11)
+@register("AveragePool", 19)
+@register("AveragePool", 22)
+def average_pool(ctx, x):
+    x, kernel = _pool_input(ctx, x)
+    geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 19,
+                             ceil_mode=ctx.opset >= 10)
+    include_pad = bool(ctx.attr("count_include_pad", 0)) if ctx.opset >= 7 else False
+    sums = geometry.reduce(geometry.padded(x, 0), 0, lax.add)
+    counts = geometry.counts(include_pad)
+    return (sums / np.maximum(counts, 1).astype(x.dtype)).astype(x.dtype)
+
+
+@register("LpPool", 1)
+@register("LpPool", 2)
+@register("LpPool", 11)
+@register("LpPool", 18)
+@register("LpPool", 22)
+def lp_pool(ctx, x):
+    x, kernel = _pool_input(ctx, x)
+    p = float(ctx.attr("p", 2.0))
+    geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 18,
+                             ceil_mode=ctx.opset >= 18)
+    powered = jnp.abs(x) ** jnp.asarray(p, x.dtype)
+    sums = geometry.reduce(geometry.padded(powered, 0), 0, lax.add)
+    return sums ** jnp.asarray(1.0 / p, x.dtype)
+
+
+@register("MaxPool", 1)
+@register("MaxPool", 8)
+@register("MaxPool", 10)
+@register("MaxPool", 11)
+@register("MaxPool", 12)
+@register("MaxPool", 22)
+def max_pool(ctx, x):
+    x, kernel = _pool_input(ctx, x)
+    geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 10,
+                             ceil_mode=ctx.opset >= 10)
+    lowest = _lowest(x.dtype)
+    if not ctx.has_output(1):
+        return geometry.reduce(geometry.padded(x, lowest), lowest, lax.max)
+    storage_order = int(ctx.attr("storage_order", 0))
+    return _max_pool_with_indices(x, geometry, lowest, storage_order)
+
+
+def _window_table(geometry, strides):
+    """Flat input offset (with ``strides`` per spatial axis) of every (window, tap) pair.
+
+    Returns the offsets, shape (windows, taps), and whether each tap lies inside the input.
+    """
+    rank = len(geometry.kernel)
+    flat = np.zeros([1] * (2 * rank), dtype=np.int64)
+    inside = np.ones([1] * (2 * rank), dtype=bool)
+    for axis in range(rank):
+        pos = geometry.window_positions(axis)
+        shape = [1] * (2 * rank)
+        shape[axis], shape[rank + axis] = pos.shape
+        pos = pos.reshape(shape)
+        inside = inside & (pos >= 0) & (pos < geometry.in_shape[axis])
+        flat = flat + pos * int(strides[axis])
+    windows, taps = int(np.prod(geometry.out)), int(np.prod(geometry.kernel))
+    inside = np.broadcast_to(inside, flat.shape).reshape(windows, taps)
+    return flat.reshape(windows, taps), inside
+
+
+def _max_pool_with_indices(x, geometry, lowest, storage_order):
+    """Max and flat argmax index (onnxruntime's layout) through gathered windows."""
+    in_shape = geometry.in_shape
+    row_major = np.cumprod([1] + in_shape[::-1][:-1])[::-1]
+    gather, inside = _window_table(geometry, row_major)
+    if storage_order:
+        column_major = np.cumprod([1] + in_shape[:-1])
+        index_table, _ = _window_table(geometry, column_major)
+    else:
+        index_table = gather
+    n, c = x.shape[:2]
+    plane = int(np.prod(in_shape))
+    patches = jnp.take(x.reshape(n, c, plane), np.where(inside, gather, 0), axis=2)
+    patches = jnp.where(inside, patches, jnp.asarray(lowest, x.dtype))
+    best = jnp.argmax(patches, axis=-1)
+    y = jnp.max(patches, axis=-1).reshape((n, c, *geometry.out))
+    index = jnp.take_along_axis(jnp.asarray(index_table)[None, None], best[..., None],
+                                axis=-1)[..., 0]
+    base = (np.arange(n)[:, None] * c + np.arange(c)[None, :]) * plane
+    index = index + jnp.asarray(base)[:, :, None].astype(index.dtype)
+    return y, index.reshape((n, c, *geometry.out))
+
+
+@register("MaxUnpool", 9, static_inputs=(2,))
+@register("MaxUnpool", 11, static_inputs=(2,))
+@register("MaxUnpool", 22, static_inputs=(2,))
+def max_unpool(ctx, x, indices, output_shape=None):
+    rank = np.ndim(x) - 2
+    kernel = _spatial_ints(ctx, "kernel_shape", rank, 1)
+    strides = _spatial_ints(ctx, "strides", rank, 1)
+    pads = _spatial_ints(ctx, "pads", 2 * rank, 0)
+    inferred = list(np.shape(x)[:2]) + [
+        (n - 1) * s - (pads[i] + pads[i + rank]) + k
+        for i, (n, k, s) in enumerate(zip(np.shape(x)[2:], kernel, strides, strict=True))]
+    x = jnp.asarray(x)
+    out = jnp.zeros(int(np.prod(inferred)), x.dtype)
+    out = out.at[jnp.reshape(indices, -1)].set(x.reshape(-1), mode="drop").reshape(inferred)
+    if output_shape is None:
+        return out
+    # The indices address the inferred shape; a larger output_shape pads at the end, as
+    # onnxruntime and the reference do.
+    shape = ctx.static_ints(output_shape, 2, "the output shape")
+    if len(shape) != len(inferred):
+        raise ctx.error(f"output_shape {shape} must have rank {len(inferred)}")
+    return lax.pad(out, jnp.zeros((), x.dtype), [(0, o - i, 0) for o, i in zip(shape, inferred,
+                                                                            strict=True)])
+
+
+@register("GlobalAveragePool", 1)
+@register("GlobalAveragePool", 22)
+def global_average_pool(ctx, x):
+    return jnp.mean(x, axis=tuple(range(2, np.ndim(x))), keepdims=True)
+
+
+@register("GlobalMaxPool", 1)
+@register("GlobalMaxPool", 22)
+def global_max_pool(ctx, x):
+    return jnp.max(x, axis=tuple(range(2, np.ndim(x))), keepdims=True)
+
+
+@register("GlobalLpPool", 1)
+@register("GlobalLpPool", 2)
+@register("GlobalLpPool", 22)
+def global_lp_pool(ctx, x):
+    p = float(ctx.attr("p", 2.0))
+    x = jnp.asarray(x)
+    sums = jnp.sum(jnp.abs(x) ** jnp.asarray(p, x.dtype), axis=tuple(range(2, x.ndim)),
+                   keepdims=True)
+    return sums ** jnp.asarray(1.0 / p, x.dtype)
+
+
+@register("MaxRoiPool", 1)
+@register("MaxRoiPool", 22)
+def max_roi_pool(ctx, x, rois):
+    pooled = ctx.attr("pooled_shape")
+    if pooled is None or len(pooled) != 2:
+        raise ctx.error("MaxRoiPool needs pooled_shape with two values")
+    ph, pw = (int(v) for v in pooled)
+    scale = float(ctx.attr("spatial_scale", 1.0))
+    x = jnp.asarray(x)
+    rois = jnp.asarray(rois)
+    height, width = x.shape[2:]
+
+    def round_half_away(v):
+        return jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
+
+    batch = rois[:, 0].astype(jnp.int32)
+    x1, y1, x2, y2 = (round_half_away(rois[:, i] * scale) for i in range(1, 5))
+
+    def bins(start, end, pooled_size, size):
+        # Caffe's MaxRoiPool: bin i covers [floor(i * b), ceil((i + 1) * b)) of the RoI.
+        length = jnp.maximum(end - start + 1, 1)
+        step = length / pooled_size
+        i = jnp.arange(pooled_size, dtype=step.dtype)
+        lo = jnp.clip(jnp.floor(i[None] * step[:, None]) + start[:, None], 0, size)
+        hi = jnp.clip(jnp.ceil((i[None] + 1) * step[:, None]) + start[:, None], 0, size)
+        pos = jnp.arange(size, dtype=step.dtype)
+        return (pos >= lo[..., None]) & (pos < hi[..., None]), hi <= lo
+
+    rows, rows_empty = bins(y1, y2, ph, height)
+    cols, cols_empty = bins(x1, x2, pw, width)
+    lowest = _lowest(x.dtype)
+    feats = x[batch]
+    # (R, C, H, pw): max over the columns of each horizontal bin, then over the rows.
+    by_cols = jnp.max(jnp.where(cols[:, None, None], feats[..., None, :], lowest), axis=-1)
+    by_cols = jnp.moveaxis(by_cols, -1, -2)
+    pooled_max = jnp.max(jnp.where(rows[:, None, :, None], by_cols[:, :, None], lowest), axis=-1)
+    empty = rows_empty[:, :, None] | cols_empty[:, None, :]
+    return jnp.where(empty[:, None], jnp.zeros((), x.dtype), pooled_max)
+
+
+@register("LRN", 1)
+@register("LRN", 13)
+def lrn(ctx, x):
+    size = ctx.attr("size")
+    if size is None:
+        raise ctx.error("LRN needs the size attribute")
+    size = int(size)
+    alpha = float(ctx.attr("alpha", 1e-4))
+    beta = float(ctx.attr("beta", 0.75))
+    bias = float(ctx.attr("bias", 1.0))
+    x = jnp.asarray(x)
+    before = (size - 1) // 2
+    after = size - 1 - before
+    window = (1, size) + (1,) * (x.ndim - 2)
+    padding = ((0, 0), (before, after)) + ((0, 0),) * (x.ndim - 2)
+    square_sum = lax.reduce_window(x * x, jnp.asarray(0, x.dtype), lax.add, window,
+                                   (1,) * x.ndim, padding)
+    scale = jnp.asarray(bias, x.dtype) + jnp.asarray(alpha / size, x.dtype) * square_sum
+    return x / scale ** jnp.asarray(beta, x.dtype)
+
+
+@register("Col2Im", 18, static_inputs=(1, 2))
+def col2im(ctx, data, image_shape, block_shape):
+    image = ctx.static_ints(image_shape, 1, "the image shape")
+    block = ctx.static_ints(block_shape, 2, "the block shape")
+    rank = len(image)
+    if len(block) != rank:
+        raise ctx.error(f"image_shape {image} and block_shape {block} differ in rank")
+    strides = _spatial_ints(ctx, "strides", rank, 1)
+    dilations = _spatial_ints(ctx, "dilations", rank, 1)
+    pads = _spatial_ints(ctx, "pads", 2 * rank, 0)
+    blocks = [(image[i] + pads[i] + pads[i + rank] - (block[i] - 1) * dilations[i] - 1)
+              // strides[i] + 1 for i in range(rank)]
+    n, rows, length = np.shape(data)
+    taps = int(np.prod(block))
+    if rows % taps or length != int(np.prod(blocks)):
+        raise ctx.error(f"input shape {np.shape(data)} does not fit block_shape {block} "
+                        f"sliding over image_shape {image} ({blocks} blocks)")
+    # Image position of every (tap, block) pair, summed over with a scatter-add; taps that
+    # land in the padding go to one extra slot that is dropped afterwards.
+    flat = np.zeros([1] * (2 * rank), dtype=np.int64)
+    inside = np.ones([1] * (2 * rank), dtype=bool)
+    plane_strides = np.cumprod([1] + image[::-1][:-1])[::-1]
+    for axis in range(rank):
+        pos = (np.arange(block[axis])[:, None] * dilations[axis]
+               + np.arange(blocks[axis])[None, :] * strides[axis] - pads[axis])
+        shape = [1] * (2 * rank)
+        shape[axis], shape[rank + axis] = pos.shape
+        pos = pos.reshape(shape)
+        inside = inside & (pos >= 0) & (pos < image[axis])
+        flat = flat + pos * int(plane_strides[axis])
+    plane = int(np.prod(image))
+    target = np.where(inside, flat, plane).reshape(-1)
+    data = jnp.reshape(data, (n, rows // taps, taps * length))
+    out = jnp.zeros((n, rows // taps, plane + 1), data.dtype).at[..., target].add(data)
+    return out[..., :plane].reshape((n, rows // taps, *image))
+
+
+@register("Dropout", 1)
+@register("Dropout", 6)
+@register("Dropout", 7)
+@register("Dropout", 10)
+def dropout_inference(ctx, x):
+    # Before opset 12 Dropout is a training-time op that runtimes run as the identity.
+    if not ctx.has_output(1):
+        return x
+    mask_dtype = np.bool_ if ctx.opset >= 10 else x.dtype
+    return x, _ones_like(x, mask_dtype)
+
+
+def _ones_like(x, dtype):
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.ones(np.shape(x), dtype)
+
+
+@register("Dropout", 12, static_inputs=(2,))
+@register("Dropout", 13, static_inputs=(2,))
+@register("Dropout", 22, static_inputs=(2,))
+def dropout(ctx, x, ratio=None, training_mode=None):
+    training = training_mode is not None and bool(
+        ctx.static(training_mode, 2, "training_mode"))
+    if not training:
+        return (x, _ones_like(x, np.bool_)) if ctx.has_output(1) else x
+    x = jnp.asarray(x)
+    ratio = jnp.asarray(0.5 if ratio is None else ratio, x.dtype)
+    # Reproducible: the seed attribute picks the key; without it every run uses key 0.
+    key = jax.random.key(int(ctx.attr("seed", 0)))
+    keep = jax.random.uniform(key, x.shape) >= ratio
+    scale = jnp.where(ratio < 1, 1 / (1 - ratio), jnp.zeros((), x.dtype))
+    y = jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+    return (y, keep) if ctx.has_output(1) else y
+
