@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from onnx2jax.convert import is_static
 from onnx2jax.ops.registry import register
 
 # (op_type, numpy/jax.numpy function name, opset versions whose semantics or types changed)
@@ -16,17 +20,17 @@ _UNARY = [
     ("Exp", "exp", (1, 6, 13)),
     ("Log", "log", (1, 6, 13)),
     ("Reciprocal", "reciprocal", (1, 6, 13)),
-    ("Sin", "sin", (7,)),
-    ("Cos", "cos", (7,)),
-    ("Tan", "tan", (7,)),
-    ("Asin", "arcsin", (7,)),
-    ("Acos", "arccos", (7,)),
-    ("Atan", "arctan", (7,)),
-    ("Sinh", "sinh", (9,)),
-    ("Cosh", "cosh", (9,)),
-    ("Asinh", "arcsinh", (9,)),
-    ("Acosh", "arccosh", (9,)),
-    ("Atanh", "arctanh", (9,)),
+    ("Sin", "sin", (7, 22)),
+    ("Cos", "cos", (7, 22)),
+    ("Tan", "tan", (7, 22)),
+    ("Asin", "arcsin", (7, 22)),
+    ("Acos", "arccos", (7, 22)),
+    ("Atan", "arctan", (7, 22)),
+    ("Sinh", "sinh", (9, 22)),
+    ("Cosh", "cosh", (9, 22)),
+    ("Asinh", "arcsinh", (9, 22)),
+    ("Acosh", "arccosh", (9, 22)),
+    ("Atanh", "arctanh", (9, 22)),
     ("Not", "logical_not", (1,)),
     ("BitwiseNot", "bitwise_not", (18,)),
     ("IsNaN", "isnan", (9, 13, 20)),
@@ -98,3 +102,155 @@ def div(ctx, a, b):
         quotient = xp.abs(a) // xp.abs(b)
         return xp.where((a < 0) != (b < 0), -quotient, quotient).astype(a.dtype)
     return xp.divide(a, b)
+
+
+def _is_float(dtype) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+@register("Pow", 1)
+@register("Pow", 7)
+@register("Pow", 12)
+@register("Pow", 13)
+@register("Pow", 15)
+def pow_(ctx, x, y):
+    x, y = _legacy_broadcast(ctx, x, y)
+    xp = ctx.xp(x, y)
+    if xp is jnp and is_static(y) and np.size(y) == 1 and _is_float(x.dtype):
+        exponent = np.asarray(y).reshape(()).item()
+        if float(exponent).is_integer() and abs(exponent) <= 64:
+            # lax.integer_pow is exact, cheap (repeated multiplication) and has clean gradients
+            # at negative bases, unlike the general pow used for the Pow(x, 2.0) of LayerNorm.
+            out = lax.integer_pow(x, int(exponent))
+            return jnp.broadcast_to(out, np.broadcast_shapes(x.shape, np.shape(y)))
+    return xp.power(x, y).astype(x.dtype)
+
+
+@register("Mod", 10)
+@register("Mod", 13)
+@register("Mod", 28)
+def mod(ctx, a, b):
+    fmod = ctx.attr("fmod", 0)
+    if fmod not in (0, 1):
+        raise ctx.error(f"fmod must be 0 or 1, got {fmod}")
+    xp = ctx.xp(a, b)
+    # fmod=1 truncates the quotient (C fmod, sign of A); fmod=0 floors it (sign of B).
+    return (xp.fmod(a, b) if fmod else xp.remainder(a, b)).astype(a.dtype)
+
+
+def _register_variadic(op_type: str, function: str, versions: tuple[int, ...],
+                       mean: bool = False) -> None:
+    def op(ctx, *inputs):
+        xp = ctx.xp(*inputs)
+        result = inputs[0]
+        for x in inputs[1:]:
+            result = getattr(xp, function)(result, x)
+        return result / len(inputs) if mean else result
+
+    op.__name__ = op.__qualname__ = op_type.lower()
+    for since in versions:
+        register(op_type, since)(op)
+
+
+_register_variadic("Max", "maximum", (1, 6, 8, 12, 13))
+_register_variadic("Min", "minimum", (1, 6, 8, 12, 13))
+_register_variadic("Sum", "add", (1, 6, 8, 13))
+_register_variadic("Mean", "add", (1, 6, 8, 13), mean=True)
+
+
+@register("Where", 9)
+@register("Where", 16)
+def where(ctx, condition, x, y):
+    return ctx.xp(condition, x, y).where(condition, x, y)
+
+
+@register("Clip", 1)
+@register("Clip", 6)
+def clip_v1(ctx, x):
+    return _clip(ctx, x, ctx.attr("min"), ctx.attr("max"))
+
+
+@register("Clip", 11)
+@register("Clip", 12)
+@register("Clip", 13)
+def clip(ctx, x, low=None, high=None):
+    return _clip(ctx, x, low, high)
+
+
+def _clip(ctx, x, low, high):
+    # maximum-then-minimum gives ``high`` everywhere when low > high, as ONNX specifies.
+    xp = ctx.xp(x, low, high)
+    if low is not None:
+        x = xp.maximum(x, low)
+    if high is not None:
+        x = xp.minimum(x, high)
+    return x
+
+
+def jax_on(function, *values):
+    """``function`` (written with jax) applied to ``values``; when all are static the result is
+    computed the same way but handed back as NumPy of the first value's dtype, so it stays static.
+    For ops NumPy lacks (erf, softmax, ...) whose inputs are rarely static."""
+    if all(is_static(v) for v in values):
+        return np.asarray(function(*(jnp.asarray(v) for v in values))).astype(values[0].dtype)
+    return function(*values)
+
+
+@register("Erf", 9)
+@register("Erf", 13)
+def erf(ctx, x):
+    if _is_float(x.dtype):
+        return jax_on(jax.scipy.special.erf, x)
+    # Integer Erf is defined (and tested) as erf computed in float, cast back.
+    return jax_on(lambda v: jax.scipy.special.erf(v.astype(jnp.float32)).astype(v.dtype), x)
+
+
+@register("Round", 11)
+@register("Round", 22)
+def round_(ctx, x):
+    return ctx.xp(x).round(x)
+
+
+@register("IsInf", 10)
+@register("IsInf", 20)
+def is_inf(ctx, x):
+    xp = ctx.xp(x)
+    infinite = xp.isinf(x)
+    positive = ctx.attr("detect_positive", 1)
+    negative = ctx.attr("detect_negative", 1)
+    if positive and negative:
+        return infinite
+    if positive:
+        return infinite & (x > 0)
+    if negative:
+        return infinite & (x < 0)
+    return xp.zeros(np.shape(x), dtype=bool)
+
+
+@register("BitShift", 11)
+@register("BitShift", 28)
+def bit_shift(ctx, x, y):
+    direction = ctx.attr("direction")
+    xp = ctx.xp(x, y)
+    bits = np.dtype(x.dtype).itemsize * 8
+    # Shifts by a negative amount or by the width or more are undefined in C and in XLA; ONNX
+    # defines them as the sign fill alone.
+    in_range = (y >= 0) & (y < bits)
+    amount = xp.where(in_range, y, 0).astype(x.dtype)
+    if direction == "LEFT":
+        shifted, fill = xp.left_shift(x, amount), xp.zeros_like(x)
+    elif direction == "RIGHT":
+        shifted = xp.right_shift(x, amount)
+        fill = xp.where(x < 0, -1, 0).astype(x.dtype) if x.dtype.kind == "i" else xp.zeros_like(x)
+    else:
+        raise ctx.error(f"direction must be 'LEFT' or 'RIGHT', got {direction!r}")
+    return xp.where(in_range, shifted, fill).astype(x.dtype)
+
+
+@register("Shrink", 9)
+def shrink(ctx, x):
+    lambd = ctx.attr("lambd", 0.5)
+    bias = ctx.attr("bias", 0.0)
+    xp = ctx.xp(x)
+    out = xp.where(x < -lambd, x + bias, xp.where(x > lambd, x - bias, 0))
+    return out.astype(x.dtype)

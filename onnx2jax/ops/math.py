@@ -1,3 +1,122 @@
 """Matrix products, Einsum, Softmax family, CumSum and other math ops."""
 
 from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onnx2jax.ops.elementwise import jax_on
+from onnx2jax.ops.registry import register
+
+
+@register("MatMul", 1)
+@register("MatMul", 9)
+@register("MatMul", 13)
+def matmul(ctx, a, b):
+    # jnp.matmul contracts without materialising broadcast batch dimensions (a 3-D activation
+    # times a 2-D weight is one dot_general), so XLA sees a single fused GEMM.
+    return ctx.xp(a, b).matmul(a, b)
+
+
+@register("Gemm", 1)
+@register("Gemm", 6)
+@register("Gemm", 7)
+@register("Gemm", 9)
+@register("Gemm", 11)
+@register("Gemm", 13)
+def gemm(ctx, a, b, c=None):
+    xp = ctx.xp(a, b, c)
+    # tensordot contracts the right axes directly (a dot_general with no transpose copies).
+    y = xp.tensordot(a, b, axes=(0 if ctx.attr("transA", 0) else 1,
+                                 1 if ctx.attr("transB", 0) else 0))
+    alpha = ctx.attr("alpha", 1.0)
+    beta = ctx.attr("beta", 1.0)
+    if alpha != 1.0:
+        y = y * alpha
+    # Before opset 7, C broadcasts only with broadcast=1, where NumPy rules give the same result.
+    if c is not None and beta != 0.0:
+        y = y + (c * beta if beta != 1.0 else c)
+    return y.astype(a.dtype)
+
+
+@register("Einsum", 12)
+@register("Einsum", 28)
+def einsum(ctx, *inputs):
+    equation = "".join(ctx.attr("equation", "").split())
+    return ctx.xp(*inputs).einsum(equation, *inputs)
+
+
+@register("CumSum", 11, static_inputs=(1,))
+@register("CumSum", 14, static_inputs=(1,))
+def cumsum(ctx, x, axis):
+    values = ctx.static_ints(axis, 1, "the axis")
+    if len(values) != 1:
+        raise ctx.error(f"axis must hold one value, got {values}")
+    if not -x.ndim <= values[0] < x.ndim:
+        raise ctx.error(f"axis {values[0]} is out of range for rank {x.ndim}")
+    axis = values[0] % x.ndim
+    xp = ctx.xp(x)
+    reverse = ctx.attr("reverse", 0)
+    if reverse:
+        x = xp.flip(x, axis)
+    out = xp.cumsum(x, axis=axis, dtype=x.dtype)
+    if ctx.attr("exclusive", 0) and x.shape[axis]:
+        head = [slice(None)] * x.ndim
+        head[axis] = slice(0, -1)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (1, 0)
+        out = xp.pad(out[tuple(head)], pad)
+    return xp.flip(out, axis) if reverse else out
+
+
+def _softmax_axes(ctx, x):
+    """Opsets before 13 flatten to 2-D at ``axis`` (default 1): normalise over every axis from
+    ``axis`` on. From 13, normalise over ``axis`` (default -1) alone."""
+    legacy = ctx.opset < 13
+    rank = np.ndim(x)
+    axis = ctx.attr("axis", 1 if legacy else -1)
+    if not -rank <= axis < max(rank, 1):
+        raise ctx.error(f"axis {axis} is out of range for rank {rank}")
+    axis %= max(rank, 1)
+    return tuple(range(axis, rank)) if legacy else (axis,)
+
+
+@register("Softmax", 1)
+@register("Softmax", 11)
+@register("Softmax", 13)
+def softmax(ctx, x):
+    axes = _softmax_axes(ctx, x)
+    return jax_on(lambda v: jax.nn.softmax(v, axis=axes), x)
+
+
+@register("LogSoftmax", 1)
+@register("LogSoftmax", 11)
+@register("LogSoftmax", 13)
+def log_softmax(ctx, x):
+    axes = _softmax_axes(ctx, x)
+    return jax_on(lambda v: jax.nn.log_softmax(v, axis=axes), x)
+
+
+@register("Hardmax", 1)
+@register("Hardmax", 11)
+@register("Hardmax", 13)
+def hardmax(ctx, x):
+    axes = _softmax_axes(ctx, x)
+    if np.size(x) == 0 or not axes:
+        return x
+    xp = ctx.xp(x)
+    shape = np.shape(x)
+    # Before opset 13 the axes from ``axis`` on act as one flattened axis.
+    flat = xp.reshape(x, shape[:axes[0]] + (-1,) + shape[axes[-1] + 1:])
+    axis = axes[0]
+    # The first maximum wins ties, as in argmax.
+    index = xp.argmax(flat, axis=axis, keepdims=True)
+    iota = xp.arange(flat.shape[axis]).reshape((-1,) + (1,) * (flat.ndim - axis - 1))
+    return xp.reshape((iota == index).astype(x.dtype), shape)
+
+
+@register("Det", 11)
+@register("Det", 22)
+def det(ctx, x):
+    return jax_on(jnp.linalg.det, x)

@@ -1,3 +1,160 @@
-"""Reductions (Reduce*, ArgMax, ArgMin)."""
+"""Reductions (Reduce*, ArgMax, ArgMin).
+
+``axes`` is an attribute up to opset 12 for ReduceSum and up to opset 17 for the others, then an
+optional input (which must be static). Reducing an empty set gives the operation's identity
+(0 for sums, 1 for products, -inf/+inf or the integer limits for Max/Min, -inf for LogSum).
+"""
 
 from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onnx2jax.ops.elementwise import jax_on
+from onnx2jax.ops.registry import register
+
+
+def _lowest(dtype):
+    if dtype == np.bool_:
+        return False
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).min
+    return -np.inf
+
+
+def _highest(dtype):
+    if dtype == np.bool_:
+        return True
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.iinfo(dtype).max
+    return np.inf
+
+
+def _extreme(function, identity):
+    def reduce(xp, x, axes, keepdims):
+        # Only an empty reduction needs the identity; NumPy and JAX refuse to reduce one without.
+        extra = {"initial": identity(x.dtype)} if np.size(x) == 0 else {}
+        return getattr(xp, function)(x, axis=axes, keepdims=keepdims, **extra)
+
+    return reduce
+
+
+def _mean(xp, x, axes, keepdims):
+    return xp.mean(x, axis=axes, keepdims=keepdims).astype(x.dtype)
+
+
+def _sum_square(xp, x, axes, keepdims):
+    return xp.sum(x * x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+
+
+def _l2(xp, x, axes, keepdims):
+    return xp.sqrt(_sum_square(xp, x, axes, keepdims)).astype(x.dtype)
+
+
+def _log_sum_exp(xp, x, axes, keepdims):
+    def logsumexp(v):
+        floating = v if jnp.issubdtype(v.dtype, jnp.floating) else v.astype(float)
+        return jax.nn.logsumexp(floating, axis=axes, keepdims=keepdims).astype(v.dtype)
+
+    return jax_on(logsumexp, x)
+
+
+_REDUCTIONS = {
+    "ReduceSum": lambda xp, x, axes, k: xp.sum(x, axis=axes, keepdims=k, dtype=x.dtype),
+    "ReduceMean": _mean,
+    "ReduceMax": _extreme("max", _lowest),
+    "ReduceMin": _extreme("min", _highest),
+    "ReduceProd": lambda xp, x, axes, k: xp.prod(x, axis=axes, keepdims=k, dtype=x.dtype),
+    "ReduceL1": lambda xp, x, axes, k: xp.sum(xp.abs(x), axis=axes, keepdims=k, dtype=x.dtype),
+    "ReduceL2": _l2,
+    "ReduceLogSum": lambda xp, x, axes, k: xp.log(xp.sum(x, axis=axes, keepdims=k,
+                                                         dtype=x.dtype)).astype(x.dtype),
+    "ReduceLogSumExp": _log_sum_exp,
+    "ReduceSumSquare": _sum_square,
+}
+
+# op type: (versions with an ``axes`` attribute, versions with an ``axes`` input)
+_VERSIONS = {
+    "ReduceSum": ((1, 11), (13,)),
+    "ReduceMean": ((1, 11, 13), (18,)),
+    "ReduceMax": ((1, 11, 12, 13), (18, 20)),
+    "ReduceMin": ((1, 11, 12, 13), (18, 20)),
+    "ReduceProd": ((1, 11, 13), (18,)),
+    "ReduceL1": ((1, 11, 13), (18,)),
+    "ReduceL2": ((1, 11, 13), (18,)),
+    "ReduceLogSum": ((1, 11, 13), (18, 28)),
+    "ReduceLogSumExp": ((1, 11, 13), (18, 28)),
+    "ReduceSumSquare": ((1, 11, 13), (18,)),
+}
+
+
+def _reduce(ctx, reduction, x, axes):
+    rank = np.ndim(x)
+    if not axes:
+        if ctx.attr("noop_with_empty_axes", 0):
+            return x
+        axes = range(rank)
+    for axis in axes:
+        if not -rank <= axis < max(rank, 1):
+            raise ctx.error(f"axis {axis} is out of range for rank {rank}")
+    axes = tuple(sorted({axis % max(rank, 1) for axis in axes})) if rank else None
+    return reduction(ctx.xp(x), x, axes, bool(ctx.attr("keepdims", 1)))
+
+
+def _register_reduce(op_type: str) -> None:
+    reduction = _REDUCTIONS[op_type]
+    attribute_versions, input_versions = _VERSIONS[op_type]
+
+    def reduce_v1(ctx, x):
+        # noop_with_empty_axes does not exist yet: no axes means every axis.
+        axes = ctx.attr("axes")
+        return _reduce(ctx, reduction, x, axes or list(range(np.ndim(x))))
+
+    def reduce(ctx, x, axes=None):
+        axes = None if axes is None else ctx.static_ints(axes, 1, "the axes")
+        return _reduce(ctx, reduction, x, axes)
+
+    name = op_type[len("Reduce"):].lower()
+    reduce_v1.__name__ = reduce_v1.__qualname__ = f"reduce_{name}_v1"
+    reduce.__name__ = reduce.__qualname__ = f"reduce_{name}"
+    for since in attribute_versions:
+        register(op_type, since)(reduce_v1)
+    for since in input_versions:
+        register(op_type, since, static_inputs=(1,))(reduce)
+
+
+for _op_type in _REDUCTIONS:
+    _register_reduce(_op_type)
+
+
+def _arg_extreme(ctx, x, function):
+    rank = np.ndim(x)
+    axis = ctx.attr("axis", 0)
+    if not -rank <= axis < max(rank, 1):
+        raise ctx.error(f"axis {axis} is out of range for rank {rank}")
+    axis %= max(rank, 1)
+    keepdims = bool(ctx.attr("keepdims", 1))
+    xp = ctx.xp(x)
+    if np.shape(x)[axis] == 0:
+        raise ctx.error(f"cannot take {function} over the empty axis {axis}")
+    if ctx.attr("select_last_index", 0):
+        last = np.shape(x)[axis] - 1
+        return last - getattr(xp, function)(xp.flip(x, axis), axis=axis, keepdims=keepdims)
+    return getattr(xp, function)(x, axis=axis, keepdims=keepdims)
+
+
+@register("ArgMax", 1)
+@register("ArgMax", 11)
+@register("ArgMax", 12)
+@register("ArgMax", 13)
+def arg_max(ctx, x):
+    return _arg_extreme(ctx, x, "argmax")
+
+
+@register("ArgMin", 1)
+@register("ArgMin", 11)
+@register("ArgMin", 12)
+@register("ArgMin", 13)
+def arg_min(ctx, x):
+    return _arg_extreme(ctx, x, "argmin")
