@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax import ops  # noqa: F401  (registers every op family)
+from onnx2jax import export, ops  # noqa: F401  (ops registers every op family)
 from onnx2jax.convert import Interpreter
 from onnx2jax.errors import DataDependentShapeError, InputError
 from onnx2jax.graph import (
@@ -136,6 +136,33 @@ class Model:
                 "the names that can be read")
         values = self._interpreter.run(self.plan, env, wanted)
         return {name: _as_output(v) for name, v in zip(wanted, values, strict=True)}
+
+    # ---------------------------------------------------------------- export
+    def to_onnx(self, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:
+        """The original proto with ``params`` written into its initializers (see onnx2jax.export).
+
+        Example:
+            >>> import onnx2jax
+            >>> model = onnx2jax.load(onnx2jax.example_path())
+            >>> model.to_onnx().graph.node[0].op_type
+            'Conv'
+        """
+        return export.to_onnx(self, params)
+
+    def save(self, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
+             external_data: bool = False, verify: bool | Mapping[str, Any] = False
+             ) -> export.Verification | None:
+        """Write the model with ``params`` to ``path`` atomically (see onnx2jax.export.save).
+
+        With ``verify`` it returns an ``onnx2jax.export.Verification`` of the saved file.
+
+        Example:
+            >>> import os, tempfile, onnx2jax
+            >>> model = onnx2jax.load(onnx2jax.example_path())
+            >>> model.save(os.path.join(tempfile.mkdtemp(), "copy.onnx"), verify=True).worst < 1e-5
+            True
+        """
+        return export.save(self, path, params, external_data=external_data, verify=verify)
 
     # ---------------------------------------------------------------- checks
     def _check_params(self, params: Mapping[str, Any]) -> None:

@@ -1,0 +1,301 @@
+"""Writing tuned weights back into the ONNX model: same graph, new initializer values.
+
+:func:`to_onnx` returns a copy of the model's proto in which every initializer named in
+``params`` holds the new value, cast back to the initializer's original dtype; everything else
+(graph, node order, initializer names and order, metadata, opsets) is the original proto, and a
+tensor whose value did not change keeps its original bytes. :func:`save` writes that proto
+atomically, with external data when asked or when the model is over 2 GB, and can check the
+written file with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.errors import InputError
+from onnx2jax.loader import external_data_path, tensor_to_numpy
+
+if TYPE_CHECKING:
+    from onnx2jax.model import Model
+
+# Protobuf cannot serialize a message of 2 GiB or more; leave room for the graph itself.
+PROTO_LIMIT = 2**31 - 2**26
+# Tensors smaller than this stay inside the .onnx file when external data is written.
+EXTERNAL_THRESHOLD = 1024
+_ALIGNMENT = 4096
+
+
+def to_onnx(model: Model, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:
+    """The model's ONNX proto with the initializers in ``params`` replaced by their new values.
+
+    ``params`` defaults to ``model.params`` and may hold any subset of the model's params. Each
+    value is cast to its initializer's original dtype (a float16 model stays float16); an
+    initializer whose value did not change keeps its original ``TensorProto`` byte for byte.
+    External data is read in, so the returned proto stands alone.
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> params = {k: v * 2 for k, v in model.params.items()}
+        >>> proto = model.to_onnx(params)
+        >>> [t.name for t in proto.graph.initializer] == [
+        ...     t.name for t in model.proto.graph.initializer]
+        True
+    """
+    params = model.params if params is None else params
+    unknown = [k for k in params if k not in model.params]
+    if unknown:
+        raise InputError(f"params holds {len(unknown)} name(s) that are not params of the model "
+                         f"(first: {unknown[:3]}); model.params lists the valid names")
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    _inline_external_data(proto.graph, model.base_dir)
+    remaining = dict(params)
+    graph = proto.graph
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.name in remaining:
+            new = _updated_tensor(tensor, remaining.pop(tensor.name), model.base_dir)
+            if new is not None:
+                graph.initializer[index].CopyFrom(new)
+    for index in reversed(range(len(graph.sparse_initializer))):
+        sparse = graph.sparse_initializer[index]
+        if sparse.values.name in remaining:
+            _update_sparse(graph, index, remaining.pop(sparse.values.name), model.base_dir)
+    return proto
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How far onnxruntime, run on a saved file, is from ``model.apply`` with the same params.
+
+    ``max_abs_diff`` maps each output name to the largest absolute difference.
+    """
+
+    max_abs_diff: dict[str, float]
+
+    @property
+    def worst(self) -> float:
+        """The largest difference over every output."""
+        return max(self.max_abs_diff.values(), default=0.0)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {v:.3g}" for k, v in self.max_abs_diff.items())
+        return f"onnxruntime vs model.apply, max abs difference: {parts}"
+
+
+def save(model: Model, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
+         external_data: bool = False,
+         verify: bool | Mapping[str, Any] = False) -> Verification | None:
+    """Write the model with ``params`` to ``path``; see :func:`to_onnx` for what is kept.
+
+    The file is written to a temporary name and renamed into place, so a failed save leaves
+    any existing file untouched. With ``external_data`` (forced for models over 2 GB) the
+    tensor bytes go to ``<name>.data`` next to the file. ``verify`` runs the saved file in
+    onnxruntime (when installed) and returns a :class:`Verification` comparing it with
+    ``model.apply``; pass a dict of inputs to choose them, else random ones with each free
+    dimension set to 2 are used (zeros for integer inputs).
+
+    Example:
+        >>> import os, tempfile, onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> path = os.path.join(tempfile.mkdtemp(), "tuned.onnx")
+        >>> report = model.save(path, model.params, verify=True)
+        >>> report.worst < 1e-5
+        True
+    """
+    path = Path(path)
+    proto = to_onnx(model, params)
+    folder = path.resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + ".data"
+    if not external_data and _tensor_bytes(proto.graph) >= PROTO_LIMIT:
+        external_data = True
+    with contextlib.ExitStack() as cleanup:
+        data_tmp = None
+        if external_data:
+            data_tmp = _temporary(folder, data_name, cleanup)
+            with open(data_tmp, "wb") as handle:
+                _move_to_external(proto.graph, handle, data_name)
+        model_tmp = _temporary(folder, path.name, cleanup)
+        with open(model_tmp, "wb") as handle:
+            handle.write(proto.SerializeToString())
+            handle.flush()
+            os.fsync(handle.fileno())
+        if data_tmp is not None:
+            os.replace(data_tmp, folder / data_name)
+        os.replace(model_tmp, path)
+    if verify is False:
+        return None
+    return verify_file(model, path, params, None if verify is True else verify)
+
+
+def verify_file(model: Model, path: str | os.PathLike, params: Mapping[str, Any] | None = None,
+                inputs: Mapping[str, Any] | None = None) -> Verification | None:
+    """Run the ONNX file ``path`` in onnxruntime and compare it with ``model.apply(params)``.
+
+    Returns ``None`` when onnxruntime is not installed. ``inputs`` defaults to random ones
+    (see :func:`save`).
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> verify_file(model, onnx2jax.example_path()).worst < 1e-5
+        True
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    full = dict(model.params)
+    full.update(params or {})
+    feeds = dict(inputs) if inputs is not None else sample_inputs(model)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = model.apply(full, **feeds)
+    names = [o.name for o in session.get_outputs()]
+    got = session.run(names, {k: np.asarray(v) for k, v in feeds.items()})
+    diffs = {}
+    for name, value in zip(names, got, strict=True):
+        want = np.asarray(expected[name])
+        value = np.asarray(value)
+        if want.shape != value.shape:
+            diffs[name] = float("inf")
+        elif want.size == 0:
+            diffs[name] = 0.0
+        else:
+            delta = np.abs(value.astype(np.float64) - want.astype(np.float64))
+            diffs[name] = float(np.nanmax(np.where(np.isnan(delta), np.inf, delta)))
+    return Verification(diffs)
+
+
+def sample_inputs(model: Model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a test run: free dims set to 2, floats random normal, integers zero.
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> sample_inputs(model)["image"].shape
+        (2, 1, 8, 8)
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for info in model.inputs:
+        if info.kind != "tensor" or info.dtype is None or info.shape is None:
+            raise InputError(f"cannot make a sample value for input {info.describe()}; pass "
+                             "the inputs to verify explicitly")
+        shape = tuple(d if isinstance(d, int) and d > 0 else 2 for d in info.shape)
+        if np.issubdtype(info.dtype, np.floating) or info.dtype.kind == "V":
+            feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
+        else:
+            feeds[info.name] = np.zeros(shape, info.dtype)
+    return feeds
+
+
+# ------------------------------------------------------------------------------ tensors
+def _updated_tensor(original: onnx.TensorProto, value: Any, base_dir: Path | None
+                    ) -> onnx.TensorProto | None:
+    """A tensor like ``original`` holding ``value``; ``None`` when the bytes are unchanged."""
+    dtype = numpy_dtype(original.data_type)
+    new = np.asarray(value)
+    if tuple(new.shape) != tuple(original.dims):
+        raise InputError(f"param {original.name!r} has shape {tuple(new.shape)}, but the "
+                         f"model's initializer has shape {tuple(original.dims)}")
+    new = np.ascontiguousarray(new.astype(dtype, copy=False))
+    old = tensor_to_numpy(original, base_dir)
+    if old.dtype == new.dtype and old.tobytes() == new.tobytes():
+        return None
+    tensor = onnx.TensorProto()
+    tensor.CopyFrom(original)
+    for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                 "string_data", "external_data"):
+        tensor.ClearField(name)
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = new.astype(new.dtype.newbyteorder("<"), copy=False).tobytes()
+    return tensor
+
+
+def _update_sparse(graph: onnx.GraphProto, index: int, value: Any, base_dir: Path | None
+                   ) -> None:
+    """Store a changed sparse initializer as a dense one (training fills in its zeros)."""
+    sparse = graph.sparse_initializer[index]
+    dense = onnx.TensorProto()
+    dense.name = sparse.values.name
+    dense.data_type = sparse.values.data_type
+    dense.dims.extend(sparse.dims)
+    dtype = numpy_dtype(dense.data_type)
+    dense.raw_data = np.zeros(tuple(sparse.dims), dtype).tobytes()
+    new = _updated_tensor(dense, value, base_dir)
+    del graph.sparse_initializer[index]
+    graph.initializer.append(new if new is not None else dense)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph``: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _inline_external_data(graph: onnx.GraphProto, base_dir: Path | None) -> None:
+    for tensor in _graph_tensors(graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            with open(external_data_path(tensor, base_dir), "rb") as handle:
+                handle.seek(int(info.get("offset", 0)))
+                raw = handle.read(int(info["length"]) if "length" in info else -1)
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+
+
+def _tensor_bytes(graph: onnx.GraphProto) -> int:
+    return sum(t.ByteSize() for t in _graph_tensors(graph))
+
+
+def _move_to_external(graph: onnx.GraphProto, handle: Any, location: str) -> None:
+    """Write the raw bytes of every sizeable tensor to ``handle`` and point the tensor there."""
+    for tensor in _graph_tensors(graph):
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
+            continue
+        raw = tensor.raw_data
+        offset = handle.tell()
+        padding = -offset % _ALIGNMENT
+        handle.write(b"\0" * padding)
+        offset += padding
+        handle.write(raw)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)),
+                           ("length", str(len(raw)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _temporary(folder: Path, name: str, cleanup: contextlib.ExitStack) -> Path:
+    """A fresh temporary file next to the target, removed on exit unless renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    cleanup.callback(lambda: tmp_path.unlink(missing_ok=True))
+    return tmp_path

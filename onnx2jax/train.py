@@ -1,0 +1,299 @@
+"""A thin training layer on optax: choose what trains, a jitted train step, evaluation, a loop.
+
+Params are split into a *trainable* part, which the optimizer sees and gradients are taken
+for, and a *frozen* part, which is passed to the jitted step as a separate argument (never
+closed over, so it is not baked into the compiled program) and gets no gradient work. The loss
+is a plain function of the merged params, so anything written with ``model.apply`` works here,
+and a hand-written loop with ``jax.grad`` loses nothing.
+
+Example:
+    >>> import numpy as np, optax, onnx2jax
+    >>> from onnx2jax import train
+    >>> model = onnx2jax.load(onnx2jax.example_path())
+    >>> trainable, frozen = train.split(model.params, "10.*")   # only the last Gemm trains
+    >>> sorted(trainable)
+    ['10.bias', '10.weight']
+    >>> x, y = np.ones((4, 1, 8, 8), np.float32), np.arange(4)
+    >>> def loss_fn(params, batch):
+    ...     logits = model.apply(params, batch[0])["logits"]
+    ...     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+    >>> optimizer = optax.adam(1e-2)
+    >>> state = train.init(trainable, optimizer)
+    >>> step = train.make_train_step(loss_fn, optimizer)
+    >>> state, metrics = step(state, frozen, (x, y))
+    >>> int(state.step), sorted(metrics)
+    (1, ['loss'])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from onnx2jax.errors import InputError
+from onnx2jax.graph import is_trainable_dtype
+
+if TYPE_CHECKING:
+    from onnx2jax.checkpoint import Checkpointer
+
+Params = dict[str, jax.Array]
+PyTree = Any
+Batch = Any
+# What trains: everything (None/True), a glob, a compiled regex, a predicate on (name, value),
+# or a list of these (a param trains when any of them selects it).
+Selector = (None | bool | str | re.Pattern[str] | Callable[[str, Any], bool]
+            | Sequence[str | re.Pattern[str] | Callable[[str, Any], bool]])
+LossFn = Callable[[PyTree, Batch], Any]
+
+
+# ------------------------------------------------------------------------------ selection
+def trainable_names(params: Mapping[str, Any], trainable: Selector = None) -> list[str]:
+    """Names in ``params`` chosen by ``trainable``, in ``params`` order; non-floats never train.
+
+    A string is a glob (``fnmatch``, ``*`` crosses dots and slashes), a compiled ``re`` pattern
+    is searched in the name, a callable gets ``(name, value)``. A glob or pattern that selects
+    nothing raises :class:`~onnx2jax.errors.InputError`, as that is almost always a typo.
+
+    Example:
+        >>> import re, numpy as np
+        >>> params = {"enc.0.w": np.ones(2, np.float32), "enc.0.b": np.ones(2, np.float32),
+        ...           "head.w": np.ones(2, np.float32), "ids": np.ones(2, np.int64)}
+        >>> trainable_names(params, "enc.*.w")
+        ['enc.0.w']
+        >>> trainable_names(params, re.compile(r"\\.b$"))
+        ['enc.0.b']
+        >>> trainable_names(params, lambda name, value: name.startswith("head"))
+        ['head.w']
+        >>> trainable_names(params)
+        ['enc.0.w', 'enc.0.b', 'head.w']
+    """
+    floats = [k for k, v in params.items() if is_trainable_dtype(np.dtype(v.dtype))]
+    if trainable is None or trainable is True:
+        return floats
+    if trainable is False:
+        return []
+    rules = [trainable] if isinstance(trainable, str | re.Pattern) or callable(trainable) \
+        else list(trainable)
+    chosen: set[str] = set()
+    for rule in rules:
+        if isinstance(rule, str):
+            found = {k for k in floats if fnmatch.fnmatchcase(k, rule)}
+        elif isinstance(rule, re.Pattern):
+            found = {k for k in floats if rule.search(k)}
+        elif callable(rule):
+            found = {k for k in floats if rule(k, params[k])}
+        else:
+            raise TypeError(f"cannot select params with {rule!r}: use a glob string, a compiled "
+                            "regex, or a function of (name, value)")
+        if not found and not callable(rule):
+            shown = ", ".join(repr(k) for k in floats[:5])
+            raise InputError(f"{rule!r} selects no float param; names look like {shown}")
+        chosen |= found
+    return [k for k in floats if k in chosen]
+
+
+def split(params: Mapping[str, Any], trainable: Selector = None) -> tuple[Params, Params]:
+    """Split a flat params dict into ``(trainable, frozen)`` (see :func:`trainable_names`).
+
+    Example:
+        >>> import numpy as np
+        >>> params = {"a": np.ones(2, np.float32), "b": np.ones(2, np.float32)}
+        >>> trainable, frozen = split(params, "a")
+        >>> list(trainable), list(frozen)
+        (['a'], ['b'])
+    """
+    names = set(trainable_names(params, trainable))
+    return ({k: v for k, v in params.items() if k in names},
+            {k: v for k, v in params.items() if k not in names})
+
+
+def merge(trainable: PyTree, frozen: PyTree) -> PyTree:
+    """Union of two nested dicts (``trainable`` wins); the inverse of :func:`split`.
+
+    Example:
+        >>> merge({"onnx": {"w": 1}, "head": {"k": 2}}, {"onnx": {"b": 3}})
+        {'onnx': {'b': 3, 'w': 1}, 'head': {'k': 2}}
+    """
+    if not isinstance(trainable, Mapping) or not isinstance(frozen, Mapping):
+        return trainable
+    merged = dict(frozen)
+    for key, value in trainable.items():
+        merged[key] = merge(value, merged[key]) if key in merged else value
+    return merged
+
+
+# ------------------------------------------------------------------------------ steps
+class TrainState(NamedTuple):
+    """What changes during training: the step count, trainable params, optimizer state."""
+
+    step: jax.Array
+    params: PyTree
+    opt_state: optax.OptState
+
+
+def init(trainable: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh :class:`TrainState`. The params are copied, so the train step may donate them.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> state = init({"w": jnp.ones(3)}, optax.sgd(0.1))
+        >>> int(state.step)
+        0
+    """
+    params = jax.tree.map(jnp.array, trainable)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def _metrics(result: Any, has_aux: bool) -> tuple[jax.Array, dict[str, Any]]:
+    if not has_aux:
+        return result, {}
+    loss, aux = result
+    return loss, dict(aux) if isinstance(aux, Mapping) else {"aux": aux}
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    has_aux: bool = False, donate: bool = True
+                    ) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, dict]]:
+    """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
+
+    ``loss_fn(params, batch)`` gets ``merge(state.params, frozen)`` and returns the loss, or
+    ``(loss, aux_dict)`` with ``has_aux``; ``metrics`` is ``{"loss": loss, **aux}``. Gradients are
+    taken for ``state.params`` only. With ``donate`` the old state's buffers are reused for the
+    new one (do not use ``state`` after the call).
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> opt = optax.sgd(0.5)
+        >>> step = make_train_step(lambda p, b: jnp.sum((p["w"] * p["s"] - b) ** 2), opt)
+        >>> state, metrics = step(init({"w": jnp.ones(2)}, opt), {"s": jnp.ones(2)}, jnp.zeros(2))
+        >>> state.params["w"].tolist(), float(metrics["loss"])
+        ([0.0, 0.0], 2.0)
+    """
+
+    def step(state: TrainState, frozen: PyTree, batch: Batch) -> tuple[TrainState, dict]:
+        def objective(params: PyTree) -> tuple[jax.Array, dict]:
+            return _metrics(loss_fn(merge(params, frozen), batch), has_aux)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), {"loss": loss, **aux}
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(metric_fn: LossFn, *, has_aux: bool = False
+                   ) -> Callable[[PyTree, PyTree, Batch], dict]:
+    """A jitted ``evaluate(trainable, frozen, batch) -> metrics`` (the train step's metrics).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> ev = make_eval_step(lambda p, b: jnp.mean(p["w"] * b))
+        >>> float(ev({"w": jnp.ones(2)}, {}, jnp.arange(2.0))["loss"])
+        0.5
+    """
+
+    def evaluate_batch(params: PyTree, frozen: PyTree, batch: Batch) -> dict:
+        loss, aux = _metrics(metric_fn(merge(params, frozen), batch), has_aux)
+        return {"loss": loss, **aux}
+
+    return jax.jit(evaluate_batch)
+
+
+def evaluate(eval_step: Callable[[PyTree, PyTree, Batch], dict], trainable: PyTree,
+             frozen: PyTree, batches: Iterable[Batch]) -> dict[str, float]:
+    """Mean of each metric of ``eval_step`` (from :func:`make_eval_step`) over ``batches``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> ev = make_eval_step(lambda p, b: jnp.mean(p["w"] * b))
+        >>> evaluate(ev, {"w": jnp.ones(1)}, {}, [jnp.ones(1), 3 * jnp.ones(1)])
+        {'loss': 2.0}
+    """
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in batches:
+        metrics = jax.device_get(eval_step(trainable, frozen, batch))
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        count += 1
+    if not count:
+        raise InputError("evaluate() got no batches")
+    return {k: v / count for k, v in totals.items()}
+
+
+# ------------------------------------------------------------------------------ loop
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the final state, merged params, and per-step metrics."""
+
+    state: TrainState
+    params: PyTree
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.history]
+
+
+def fit(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainable: PyTree,
+        batches: Callable[[int], Batch] | Iterable[Batch], *, steps: int,
+        frozen: PyTree | None = None, has_aux: bool = False, progress: bool = True,
+        checkpointer: Checkpointer | None = None) -> FitResult:
+    """An example loop: ``steps`` train steps with a tqdm progress bar.
+
+    ``batches`` is a function of the step number (which makes a resumed run see the same data)
+    or an iterable. With a :class:`~onnx2jax.checkpoint.Checkpointer` the loop resumes from its
+    latest checkpoint (skipping the batches already used) and saves as the manager's interval
+    says, and at the end. ``result.params`` is ``merge(trained, frozen)``.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> loss = lambda p, b: jnp.sum((p["w"] - b) ** 2)
+        >>> result = fit(loss, optax.sgd(0.25), {"w": jnp.zeros(2)}, lambda i: jnp.ones(2),
+        ...              steps=20, progress=False)
+        >>> result.losses[0] > 100 * result.losses[-1]
+        True
+    """
+    frozen = {} if frozen is None else frozen
+    step_fn = make_train_step(loss_fn, optimizer, has_aux=has_aux)
+    state = init(trainable, optimizer)
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+    start = int(state.step)
+    if callable(batches):
+        source = (batches(i) for i in itertools.count(start))
+    else:
+        source = itertools.islice(iter(batches), start, None)
+    history: list[dict[str, float]] = []
+    bar = _progress(range(start, steps), progress)
+    for _, batch in zip(bar, source, strict=False):
+        state, metrics = step_fn(state, frozen, batch)
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+        if progress:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
+        if checkpointer is not None:
+            checkpointer.save(int(state.step), state)
+    if progress:
+        bar.close()
+    if checkpointer is not None:
+        checkpointer.save(int(state.step), state, force=True)
+        checkpointer.wait()
+    return FitResult(state, merge(state.params, frozen), history)
+
+
+def _progress(steps: range, enabled: bool) -> Any:
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, initial=steps.start, total=steps.stop, desc="train")

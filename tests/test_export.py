@@ -1,0 +1,174 @@
+"""Writing params back into ONNX: same graph, original dtypes, atomic writes, external data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx2jax
+from onnx2jax import export
+from onnx2jax.errors import InputError
+
+
+def tiny_model(dtype: type = np.float32, size: int = 4) -> onnx.ModelProto:
+    """y = reshape((x * w + b) - w, [-1, 2, size // 2]); w is used by two nodes; int shape."""
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(size).astype(dtype), "w"),
+        numpy_helper.from_array(rng.standard_normal(size).astype(dtype), "b"),
+        numpy_helper.from_array(np.array([-1, 2, size // 2], np.int64), "shape"),
+        numpy_helper.from_array(np.full(size, 0.5, dtype), "scale"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["xw"], name="mul"),
+        helper.make_node("Add", ["xw", "b"], ["xwb"], name="add"),
+        helper.make_node("Sub", ["xwb", "w"], ["d"], name="sub"),
+        helper.make_node("Mul", ["d", "scale"], ["ds"], name="mul_scale"),
+        helper.make_node("Reshape", ["ds", "shape"], ["y"], name="reshape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", elem, ["n", size])],
+        [helper.make_tensor_value_info("y", elem, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
+                              producer_name="tests", doc_string="tiny test model")
+    helper.set_model_props(model, {"author": "onnx2jax tests"})
+    return model
+
+
+def ort_run(path_or_proto, feeds: dict) -> list[np.ndarray]:
+    source = path_or_proto if isinstance(path_or_proto, str) else \
+        path_or_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in model.graph.initializer}
+
+
+def test_unchanged_params_give_identical_proto():
+    proto = tiny_model()
+    model = onnx2jax.load(proto)
+    assert sorted(model.params) == ["b", "scale", "w"]
+    assert model.to_onnx().SerializeToString() == proto.SerializeToString()
+    assert model.to_onnx({}).SerializeToString() == proto.SerializeToString()
+
+
+def test_changed_params_keep_graph_and_other_bytes(tmp_path: Path):
+    proto = tiny_model()
+    model = onnx2jax.load(proto)
+    params = dict(model.params, w=model.params["w"] + 1.0)
+    path = tmp_path / "tuned.onnx"
+    report = model.save(path, params, verify=True)
+    assert report is not None and report.worst < 1e-6, report
+    saved = onnx.load(str(path))
+    assert [n.SerializeToString() for n in saved.graph.node] == \
+        [n.SerializeToString() for n in proto.graph.node]
+    assert [t.name for t in saved.graph.initializer] == [t.name for t in proto.graph.initializer]
+    assert saved.opset_import == proto.opset_import
+    assert saved.metadata_props == proto.metadata_props
+    assert (saved.producer_name, saved.doc_string, saved.ir_version) == \
+        (proto.producer_name, proto.doc_string, proto.ir_version)
+    before, after = initializer_bytes(proto), initializer_bytes(saved)
+    assert [k for k in before if before[k] != after[k]] == ["w"]
+    np.testing.assert_array_equal(numpy_helper.to_array(saved.graph.initializer[0]),
+                                  np.asarray(params["w"]))
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    (got,) = ort_run(str(path), {"x": x})
+    np.testing.assert_allclose(got, np.asarray(model.apply(params, x)["y"]), atol=1e-6)
+    # The saved file loads back in onnx2jax with the new values.
+    reloaded = onnx2jax.load(path)
+    np.testing.assert_array_equal(np.asarray(reloaded.params["w"]), np.asarray(params["w"]))
+
+
+def test_float16_stays_float16():
+    proto = tiny_model(np.float16)
+    model = onnx2jax.load(proto)
+    assert model.params["w"].dtype == jnp.float16
+    # Training in float32 and handing float32 values back still writes float16.
+    params = {k: v.astype(jnp.float32) * 3 for k, v in model.params.items()}
+    params["b"] = model.params["b"]
+    saved = model.to_onnx(params)
+    by_name = {t.name: t for t in saved.graph.initializer}
+    assert by_name["w"].data_type == TensorProto.FLOAT16
+    np.testing.assert_array_equal(numpy_helper.to_array(by_name["w"]),
+                                  np.asarray(params["w"]).astype(np.float16))
+    before, after = initializer_bytes(proto), initializer_bytes(saved)
+    assert before["b"] == after["b"] and before["shape"] == after["shape"]
+    x = np.ones((2, 4), np.float16)
+    (got,) = ort_run(saved, {"x": x})
+    assert got.dtype == np.float16
+
+
+def test_bad_params_are_rejected():
+    model = onnx2jax.load(tiny_model())
+    with pytest.raises(InputError, match="shape"):
+        model.to_onnx({"w": jnp.zeros((5,))})
+    with pytest.raises(InputError, match="not params"):
+        model.to_onnx({"shape": jnp.zeros((3,))})
+
+
+def test_external_data_reloads_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(export, "EXTERNAL_THRESHOLD", 100)
+    model = onnx2jax.load(tiny_model(size=64))
+    params = {k: v * 2 for k, v in model.params.items()}
+    path = tmp_path / "ext.onnx"
+    model.save(path, params, external_data=True)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    stored = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in stored.graph.initializer
+               if t.name != "shape")
+    x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
+    want = np.asarray(model.apply(params, x)["y"])
+    reloaded = onnx2jax.load(path)
+    np.testing.assert_array_equal(np.asarray(reloaded.apply(reloaded.params, x)["y"]), want)
+    np.testing.assert_allclose(ort_run(str(path), {"x": x})[0], want, atol=1e-6)
+    # A model read with external data saves again, inline, elsewhere.
+    again = tmp_path / "sub" / "inline.onnx"
+    assert reloaded.save(again, verify=True).worst < 1e-6
+    assert not (tmp_path / "sub" / "inline.onnx.data").exists()
+    again_model = onnx2jax.load(again)
+    np.testing.assert_array_equal(np.asarray(again_model.apply(again_model.params, x)["y"]), want)
+
+
+def test_interrupted_save_leaves_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    model = onnx2jax.load(tiny_model(size=512))
+    path = tmp_path / "model.onnx"
+    model.save(path)
+    old = path.read_bytes()
+
+    def broken(graph, handle, location):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_move_to_external", broken)
+    params = {k: v + 1 for k, v in model.params.items()}
+    with pytest.raises(KeyboardInterrupt):
+        model.save(path, params, external_data=True)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path, params)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_example_cnn_roundtrip(tmp_path: Path):
+    model = onnx2jax.load(onnx2jax.example_path())
+    original = onnx.load(str(onnx2jax.example_path()))
+    assert model.to_onnx().SerializeToString() == original.SerializeToString()
+    params = {k: v * 1.5 for k, v in model.params.items()}
+    report = model.save(tmp_path / "cnn.onnx", params, verify=True)
+    assert report.worst < 1e-4, report
