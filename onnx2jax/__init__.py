@@ -17,7 +17,9 @@ from onnx2jax.errors import (
     OpError,
     UnsupportedOpError,
 )
+from onnx2jax.hub import from_hub
 from onnx2jax.model import Model, load
+from onnx2jax.text import SentenceEncoder
 
 __version__ = "0.1.0"
 
@@ -34,7 +36,9 @@ __all__ = [
     "ModelLoadError",
     "Onnx2JaxError",
     "OpError",
+    "SentenceEncoder",
     "UnsupportedOpError",
     "example_path",
+    "from_hub",
     "load",
 ]

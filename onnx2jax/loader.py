@@ -33,7 +33,9 @@ def read_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
         raise ModelLoadError(f"model file not found: {path}")
     if path.is_dir():
         raise ModelLoadError(f"{path} is a folder; pass the path of the .onnx file inside it")
-    return _parse(path.read_bytes(), str(path)), path.resolve().parent
+    # The folder as named, not symlinks resolved: in the Hugging Face cache the model file is a
+    # link into blobs/, while its external data sits beside the link.
+    return _parse(path.read_bytes(), str(path)), Path(os.path.abspath(path)).parent
 
 
 def _parse(data: bytes, name: str) -> onnx.ModelProto:
@@ -62,8 +64,9 @@ def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
             f"tensor {tensor.name!r} is stored in external file {location!r}, but the model was "
             "given as bytes or a proto; load it from its path so the file can be found"
         )
-    root = base_dir.resolve()
-    target = (root / location).resolve()
+    # Checked on the path as written (the model controls ``location``, not the folder's links).
+    root = Path(os.path.abspath(base_dir))
+    target = Path(os.path.normpath(root / location))
     if root != target and root not in target.parents:
         raise ModelLoadError(
             f"tensor {tensor.name!r} points at external data {location!r} outside the model's "
