@@ -107,6 +107,15 @@ def swish(ctx):
     return lambda x: x * jax.nn.sigmoid(alpha * x)
 
 
+@register("SwiGLU", 28)
+def swiglu(ctx, gate, value):
+    if np.shape(gate) != np.shape(value):
+        raise ctx.error(f"A and B must have the same shape, got {np.shape(gate)} and "
+                        f"{np.shape(value)}")
+    alpha = ctx.attr("alpha", 1.0)
+    return jax_on(lambda a, b: a * jax.nn.sigmoid(alpha * a) * b, gate, value)
+
+
 @_activation("Gelu", (20,))
 def gelu(ctx):
     approximate = ctx.attr("approximate", "none")

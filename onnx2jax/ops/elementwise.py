@@ -108,11 +108,15 @@ def _is_float(dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-@register("Pow", 1)
-@register("Pow", 7)
-@register("Pow", 12)
-@register("Pow", 13)
-@register("Pow", 15)
+# The exponent is listed static so that a float initializer feeding it (the 2.0 of LayerNorm's
+# Pow) stays a constant rather than a trainable param: its gradient is NaN wherever the base is
+# negative, and a constant exponent takes the exact integer_pow path below. A computed exponent
+# still works: it is never read with ctx.static.
+@register("Pow", 1, static_inputs=(1,))
+@register("Pow", 7, static_inputs=(1,))
+@register("Pow", 12, static_inputs=(1,))
+@register("Pow", 13, static_inputs=(1,))
+@register("Pow", 15, static_inputs=(1,))
 def pow_(ctx, x, y):
     x, y = _legacy_broadcast(ctx, x, y)
     xp = ctx.xp(x, y)

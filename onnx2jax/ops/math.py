@@ -50,6 +50,15 @@ def einsum(ctx, *inputs):
 @register("CumSum", 11, static_inputs=(1,))
 @register("CumSum", 14, static_inputs=(1,))
 def cumsum(ctx, x, axis):
+    return _cumulative(ctx, x, axis, "cumsum", 0)
+
+
+@register("CumProd", 26, static_inputs=(1,))
+def cumprod(ctx, x, axis):
+    return _cumulative(ctx, x, axis, "cumprod", 1)
+
+
+def _cumulative(ctx, x, axis, function, identity):
     values = ctx.static_ints(axis, 1, "the axis")
     if len(values) != 1:
         raise ctx.error(f"axis must hold one value, got {values}")
@@ -60,13 +69,13 @@ def cumsum(ctx, x, axis):
     reverse = ctx.attr("reverse", 0)
     if reverse:
         x = xp.flip(x, axis)
-    out = xp.cumsum(x, axis=axis, dtype=x.dtype)
+    out = getattr(xp, function)(x, axis=axis, dtype=x.dtype)
     if ctx.attr("exclusive", 0) and x.shape[axis]:
         head = [slice(None)] * x.ndim
         head[axis] = slice(0, -1)
         pad = [(0, 0)] * x.ndim
         pad[axis] = (1, 0)
-        out = xp.pad(out[tuple(head)], pad)
+        out = xp.pad(out[tuple(head)], pad, constant_values=identity)
     return xp.flip(out, axis) if reverse else out
 
 

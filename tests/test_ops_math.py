@@ -1,0 +1,298 @@
+"""Element-wise, activation, math and reduction ops: the corners the ONNX node suite leaves out
+(broadcasting, empty tensors, negative axes, dtypes, legacy opsets, x64 off, gradients)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx2jax
+from tests.helpers import (
+    assert_matches_reference,
+    feeds_of,
+    run_onnx2jax,
+    run_reference,
+    single_node_model,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def f32(*shape):
+    return RNG.normal(size=shape).astype(np.float32)
+
+
+def i64(values):
+    return np.asarray(values, np.int64)
+
+
+# (id, op_type, inputs, attributes, opset, engine, initializer names)
+CASES = [
+    ("max_variadic_broadcast", "Max", {"a": f32(2, 1, 3), "b": f32(4, 1), "c": f32(3)}, {},
+     13, "onnxruntime", ()),
+    ("mean_variadic_broadcast", "Mean", {"a": f32(2, 1, 3), "b": f32(4, 1), "c": f32(3)}, {},
+     13, "onnxruntime", ()),
+    ("sum_single", "Sum", {"a": f32(2, 3)}, {}, 13, "onnxruntime", ()),
+    ("min_int32", "Min", {"a": np.array([[1, -5, 3]], np.int32),
+                          "b": np.array([[2], [-7]], np.int32)}, {}, 13, "onnxruntime", ()),
+    ("pow_float_int_exponent", "Pow", {"x": f32(2, 3), "e": np.array([2, 3, -1], np.int64)},
+     {}, 15, "onnxruntime", ()),
+    ("pow_constant_square_broadcasts", "Pow", {"x": f32(3), "e": np.full((2, 1), 2.0,
+                                                                        np.float32)},
+     {}, 15, "onnxruntime", ("e",)),
+    ("pow_int_base", "Pow", {"x": np.array([1, 2, -3], np.int32),
+                             "e": np.array([3, 2, 3], np.int32)}, {}, 15, "onnxruntime", ()),
+    ("mod_int_floor", "Mod", {"a": np.array([-7, 7, -7, 7], np.int32),
+                              "b": np.array([3, -3, -3, 3], np.int32)}, {}, 13,
+     "onnxruntime", ()),
+    ("mod_int_fmod", "Mod", {"a": np.array([-7, 7, -7, 7], np.int64),
+                             "b": np.array([3, -3, -3, 3], np.int64)}, {"fmod": 1}, 13,
+     "onnxruntime", ()),
+    ("mod_float_fmod_broadcast", "Mod", {"a": f32(2, 3) * 5, "b": np.array([1.5], np.float32)},
+     {"fmod": 1}, 13, "onnxruntime", ()),
+    ("clip_only_max_int", "Clip", {"x": np.array([-5, 0, 9], np.int32), "min": None,
+                                   "max": np.array(4, np.int32)}, {}, 13, "onnxruntime", ()),
+    ("clip_min_above_max", "Clip", {"x": f32(5), "min": np.array(1, np.float32),
+                                    "max": np.array(-1, np.float32)}, {}, 13, "reference", ()),
+    ("clip_attributes_v6", "Clip", {"x": f32(2, 4)}, {"min": -0.5, "max": 0.25}, 6,
+     "onnxruntime", ()),
+    ("where_broadcast", "Where", {"c": np.array([[True], [False]]), "x": f32(3),
+                                  "z": np.array(7.0, np.float32)}, {}, 16, "onnxruntime", ()),
+    ("erf_int", "Erf", {"x": np.array([-2, 0, 1], np.int32)}, {}, 13, "reference", ()),
+    ("round_half_even", "Round", {"x": np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 2.6],
+                                                np.float32)}, {}, 22, "onnxruntime", ()),
+    ("isinf_none", "IsInf", {"x": np.array([np.inf, -np.inf, 1.0], np.float32)},
+     {"detect_positive": 0, "detect_negative": 0}, 20, "reference", ()),
+    ("bitshift_signed_right", "BitShift", {"x": np.array([-16, 16, -1, 5, -5], np.int8),
+                                           "s": np.array([2, 2, 9, -1, 8], np.int8)},
+     {"direction": "RIGHT"}, 28, "reference", ()),
+    ("bitshift_signed_left", "BitShift", {"x": np.array([-16, 64, 1, 5], np.int16),
+                                          "s": np.array([2, 2, 16, 3], np.int16)},
+     {"direction": "LEFT"}, 28, "reference", ()),
+    ("bitshift_uint_overwide", "BitShift", {"x": np.array([1, 255, 7], np.uint8),
+                                            "s": np.array([8, 1, 3], np.uint8)},
+     {"direction": "LEFT"}, 11, "reference", ()),
+    ("shrink_int", "Shrink", {"x": np.arange(-4, 5, dtype=np.int32)}, {"lambd": 1.5,
+                                                                      "bias": 1.0},
+     9, "onnxruntime", ()),
+    ("equal_bool", "Equal", {"a": np.array([True, False, True]), "b": np.array([True])}, {},
+     19, "onnxruntime", ()),
+    ("prelu_channel_slope", "PRelu", {"x": f32(2, 3, 4), "s": f32(3, 1)}, {}, 16,
+     "onnxruntime", ()),
+    ("relu_int8", "Relu", {"x": np.array([-3, 0, 4], np.int8)}, {}, 14, "onnxruntime", ()),
+    ("gelu_tanh", "Gelu", {"x": f32(3, 4)}, {"approximate": "tanh"}, 20, "onnxruntime", ()),
+    ("celu_alpha", "Celu", {"x": f32(3, 4)}, {"alpha": 2.0}, 12, "onnxruntime", ()),
+    ("selu_float16", "Selu", {"x": f32(6).astype(np.float16)}, {}, 6, "onnxruntime", ()),
+    ("matmul_vec_mat", "MatMul", {"a": f32(4), "b": f32(2, 4, 3)}, {}, 13, "onnxruntime", ()),
+    ("matmul_mat_vec", "MatMul", {"a": f32(2, 3, 4), "b": f32(4)}, {}, 13, "onnxruntime", ()),
+    ("matmul_batch_broadcast", "MatMul", {"a": f32(2, 1, 3, 4), "b": f32(5, 4, 2)}, {}, 13,
+     "onnxruntime", ()),
+    ("matmul_int32", "MatMul", {"a": np.arange(6, dtype=np.int32).reshape(2, 3),
+                                "b": np.arange(6, dtype=np.int32).reshape(3, 2)}, {}, 13,
+     "onnxruntime", ()),
+    ("gemm_trans_both_c_row", "Gemm", {"a": f32(4, 3), "b": f32(5, 4), "c": f32(5)},
+     {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0}, 13, "onnxruntime", ()),
+    ("gemm_no_c", "Gemm", {"a": f32(3, 4), "b": f32(4, 5), "c": None}, {"alpha": 3.0}, 13,
+     "onnxruntime", ()),
+    ("gemm_legacy_broadcast", "Gemm", {"a": f32(3, 4), "b": f32(4, 5), "c": f32(1)},
+     {"broadcast": 1}, 6, "reference", ()),
+    ("gemm_int32", "Gemm", {"a": np.arange(6, dtype=np.int32).reshape(2, 3),
+                            "b": np.arange(6, dtype=np.int32).reshape(3, 2),
+                            "c": np.array([1, -1], np.int32)}, {}, 13, "reference", ()),
+    ("einsum_spaces_ellipsis", "Einsum", {"a": f32(2, 3, 4), "b": f32(2, 4, 5)},
+     {"equation": "...ij, ...jk -> ...ik"}, 12, "onnxruntime", ()),
+    ("einsum_implicit_trace", "Einsum", {"a": f32(3, 3)}, {"equation": "ii"}, 12,
+     "onnxruntime", ()),
+    ("cumsum_reverse_exclusive_negative_axis", "CumSum",
+     {"x": f32(2, 4), "axis": i64(-1)}, {"reverse": 1, "exclusive": 1}, 14, "onnxruntime",
+     ("axis",)),
+    ("cumsum_int32_exclusive", "CumSum", {"x": np.arange(1, 7, dtype=np.int32).reshape(2, 3),
+                                          "axis": np.array(0, np.int32)},
+     {"exclusive": 1}, 14, "onnxruntime", ("axis",)),
+    ("cumprod_reverse", "CumProd", {"x": f32(3, 2), "axis": i64(0)}, {"reverse": 1}, 26,
+     "reference", ("axis",)),
+    ("softmax_legacy_flattens", "Softmax", {"x": f32(2, 3, 4)}, {"axis": 1}, 11,
+     "onnxruntime", ()),
+    ("softmax_axis0", "Softmax", {"x": f32(2, 3, 4)}, {"axis": 0}, 13, "onnxruntime", ()),
+    ("logsoftmax_legacy_default", "LogSoftmax", {"x": f32(2, 3, 4)}, {}, 1, "onnxruntime", ()),
+    ("hardmax_legacy_ties", "Hardmax", {"x": np.array([[[1, 3], [3, 0]], [[2, 2], [0, 1]]],
+                                                      np.float32)}, {"axis": 1}, 11,
+     "onnxruntime", ()),
+    ("hardmax_middle_axis", "Hardmax", {"x": f32(2, 3, 4)}, {"axis": -2}, 13, "onnxruntime",
+     ()),
+    ("det_batched", "Det", {"x": f32(2, 3, 3)}, {}, 22, "onnxruntime", ()),
+    ("reduce_sum_negative_axes_input", "ReduceSum", {"x": f32(2, 3, 4), "axes": i64([-1, 0])},
+     {"keepdims": 0}, 13, "onnxruntime", ("axes",)),
+    ("reduce_sum_noop", "ReduceSum", {"x": f32(2, 3), "axes": i64([])},
+     {"noop_with_empty_axes": 1}, 13, "onnxruntime", ("axes",)),
+    ("reduce_sum_int8", "ReduceSum", {"x": np.full((4, 5), 30, np.int8), "axes": None},
+     {"keepdims": 0}, 13, "reference", ()),
+    ("reduce_mean_axes_attr", "ReduceMean", {"x": f32(2, 3, 4)}, {"axes": [1, -1]}, 13,
+     "onnxruntime", ()),
+    ("reduce_max_empty", "ReduceMax", {"x": np.zeros((2, 0, 3), np.float32),
+                                       "axes": i64([1])}, {}, 18, "onnxruntime", ("axes",)),
+    ("reduce_min_empty_int", "ReduceMin", {"x": np.zeros((0, 3), np.int32),
+                                           "axes": i64([0])}, {"keepdims": 0}, 18,
+     "onnxruntime", ("axes",)),
+    ("reduce_max_bool", "ReduceMax", {"x": np.array([[True, False], [False, False]]),
+                                      "axes": i64([1])}, {}, 20, "reference", ("axes",)),
+    ("reduce_prod_empty", "ReduceProd", {"x": np.zeros((0, 3), np.float32)}, {"axes": [0]}, 13,
+     "onnxruntime", ()),
+    ("reduce_l2_int", "ReduceL2", {"x": np.array([[3, 4], [5, 12]], np.int32)}, {"axes": [1]},
+     13, "onnxruntime", ()),
+    ("reduce_log_sum_exp_large", "ReduceLogSumExp",
+     {"x": np.array([[1000.0, 1000.0], [-np.inf, 0.0]], np.float32), "axes": i64([1])}, {},
+     18, "reference", ("axes",)),
+    ("reduce_log_sum_exp_empty", "ReduceLogSumExp", {"x": np.zeros((2, 0), np.float32),
+                                                     "axes": i64([1])},
+     {"keepdims": 0}, 18, "reference", ("axes",)),
+    ("reduce_sum_square_scalar", "ReduceSumSquare", {"x": np.array(3.0, np.float32)}, {}, 13,
+     "onnxruntime", ()),
+    ("argmax_last_index_negative_axis", "ArgMax",
+     {"x": np.array([[1, 5, 5], [7, 7, 0]], np.float32)},
+     {"axis": -1, "keepdims": 0, "select_last_index": 1}, 13, "onnxruntime", ()),
+    ("argmin_first_index", "ArgMin", {"x": np.array([[1, 0, 0], [7, 7, 9]], np.int32)},
+     {"axis": 1}, 13, "onnxruntime", ()),
+]
+
+
+@pytest.mark.parametrize(("op_type", "inputs", "attributes", "opset", "engine", "constants"),
+                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_matches_reference(op_type, inputs, attributes, opset, engine, constants):
+    initializers = {name: inputs[name] for name in constants}
+    model = single_node_model(op_type, inputs, opset=opset, initializers=initializers,
+                              **attributes)
+    half = any(v is not None and v.dtype == np.float16 for v in inputs.values())
+    assert_matches_reference(model, feeds_of(model, inputs), engine=engine,
+                             rtol=2e-3 if half else 1e-4, atol=1e-5)
+
+
+X64_OFF_CASES = ["gemm_trans_both_c_row", "cumsum_int32_exclusive", "reduce_min_empty_int",
+                 "argmax_last_index_negative_axis", "mod_int_fmod", "pow_float_int_exponent",
+                 "softmax_legacy_flattens", "reduce_sum_negative_axes_input"]
+
+
+@pytest.mark.parametrize("case_id", X64_OFF_CASES)
+def test_x64_off(case_id):
+    """With x64 off, int64 becomes int32 and float64 float32; the values must not change."""
+    _, op_type, inputs, attributes, opset, engine, constants = next(c for c in CASES
+                                                                    if c[0] == case_id)
+    model = single_node_model(op_type, inputs, opset=opset,
+                              initializers={name: inputs[name] for name in constants},
+                              **attributes)
+    feeds = feeds_of(model, inputs)
+    (want,) = run_reference(model, feeds, engine=engine)
+    (got,) = run_onnx2jax(model, feeds, x64=False)
+    assert got.dtype.itemsize <= 4
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_equal_on_static_strings_folds():
+    """String tensors only exist statically: Equal of two string constants runs in NumPy."""
+    a = helper.make_tensor("a", TensorProto.STRING, [2], [b"x", b"y"])
+    b = helper.make_tensor("b", TensorProto.STRING, [1], [b"y"])
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["ca"], value=a),
+         helper.make_node("Constant", [], ["cb"], value=b),
+         helper.make_node("Equal", ["ca", "cb"], ["eq"]),
+         helper.make_node("Neg", ["x"], ["minus_x"]),
+         helper.make_node("Where", ["eq", "x", "minus_x"], ["y"])],
+        "strings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    (got,) = run_onnx2jax(model, {"x": np.ones(2, np.float32)})
+    np.testing.assert_array_equal(got, [-1.0, 1.0])
+
+
+def test_static_values_stay_static():
+    """Softmax/Erf/ReduceMax of constants fold to NumPy at trace time (no HLO constants)."""
+    from onnx2jax.convert import OpContext
+    from onnx2jax.ops.registry import lookup
+
+    node = helper.make_node("Softmax", ["x"], ["y"], axis=0)
+
+    class FakeInterpreter:
+        opsets = {"": 13}
+        base_dir = None
+
+        @staticmethod
+        def attributes(n):
+            return {a.name: helper.get_attribute_value(a) for a in n.attribute}
+
+    ctx = OpContext(FakeInterpreter(), node, {})
+    x = np.array([1.0, 2.0], np.float32)
+    for op_type in ("Softmax", "Erf", "Relu", "Sigmoid"):
+        out = lookup("", op_type, 13).function(ctx, x)
+        assert isinstance(out, np.ndarray) and out.dtype == np.float32, op_type
+    out = lookup("", "ReduceMax", 18).function(ctx, x, np.array([0], np.int64))
+    assert isinstance(out, np.ndarray)
+
+
+def _chain_model():
+    """y = ReduceLogSumExp(Softmax(LeakyRelu(Gemm(x, w, b)) ** 2)), float64, w and b params."""
+    w = numpy_helper.from_array(f32(4, 3).astype(np.float64), "w")
+    b = numpy_helper.from_array(f32(3).astype(np.float64), "b")
+    two = numpy_helper.from_array(np.array(2.0), "two")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["g"]),
+         helper.make_node("LeakyRelu", ["g"], ["r"], alpha=0.1),
+         helper.make_node("Pow", ["r", "two"], ["p"]),
+         helper.make_node("Softmax", ["p"], ["s"], axis=-1),
+         helper.make_node("ReduceLogSumExp", ["s"], ["y"], keepdims=0)],
+        "chain", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [])],
+        initializer=[w, b, two])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_gradients_match_finite_differences():
+    x = f32(2, 4).astype(np.float64)
+    with jax.enable_x64(True):
+        model = onnx2jax.load(_chain_model())
+        # Pow's exponent initializer stays a constant (its gradient is NaN at negative bases).
+        assert set(model.params) == {"w", "b"}
+
+        def loss(params):
+            return model.apply(params, x)["y"]
+
+        params = model.params
+        grads = jax.grad(loss)(params)
+        eps = 1e-6
+        for name, value in params.items():
+            for index in np.ndindex(value.shape):
+                step = jnp.zeros_like(value).at[index].set(eps)
+                numeric = (loss({**params, name: value + step})
+                           - loss({**params, name: value - step})) / (2 * eps)
+                np.testing.assert_allclose(grads[name][index], numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_pow_square_gradient_at_negative_base():
+    model = onnx2jax.load(single_node_model(
+        "Pow", {"x": np.zeros(3, np.float32), "e": np.array(2.0, np.float32)}, opset=15,
+        initializers={"e": np.array(2.0, np.float32)}))
+    x = jnp.array([-2.0, 0.0, 3.0], jnp.float32)
+    grad = jax.grad(lambda v: model.apply(model.params, v)["y"].sum())(x)
+    np.testing.assert_allclose(grad, [-4.0, 0.0, 6.0])
+
+
+def test_relu_gradient_at_zero_is_zero():
+    model = onnx2jax.load(single_node_model("Relu", {"x": np.zeros(3, np.float32)}, opset=14))
+    grad = jax.grad(lambda v: model.apply(model.params, v)["y"].sum())(
+        jnp.array([-1.0, 0.0, 1.0]))
+    np.testing.assert_array_equal(grad, [0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize(("op_type", "attributes", "message"), [
+    ("Mod", {"fmod": 2}, "fmod"),
+    ("BitShift", {"direction": "UP"}, "direction"),
+    ("Gelu", {"approximate": "erf"}, "approximate"),
+])
+def test_bad_attributes_raise(op_type, attributes, message):
+    x = np.array([1, 2], np.uint8) if op_type == "BitShift" else np.ones(2, np.float32)
+    inputs = {"x": x} if op_type == "Gelu" else {"x": x, "b": x}
+    model = single_node_model(op_type, inputs, opset=20, **attributes)
+    with pytest.raises(onnx2jax.errors.OpError, match=message):
+        run_onnx2jax(model, inputs)
