@@ -48,7 +48,8 @@ class OnnxModule(nnx.Module):
     """``model`` as an ``nnx.Module``: calling it runs ``model.apply`` with its own weights.
 
     ``trainable`` picks the weights that become ``nnx.Param`` (see
-    :func:`onnx2jax.train.trainable_names`; default: all); the others are :class:`OnnxFrozen`.
+    :func:`onnx2jax.train.trainable_names`, node names included; default: all); the others are
+    :class:`OnnxFrozen`.
     ``weights`` maps each ONNX initializer name to its variable.
 
     Example:
@@ -62,7 +63,7 @@ class OnnxModule(nnx.Module):
 
     def __init__(self, model: Model, trainable: Selector = None):
         self.model = model
-        chosen = set(trainable_names(model.params, trainable))
+        chosen = set(trainable_names(model.params, trainable, model=model))
         self.weights = nnx.Dict({
             name: (nnx.Param if name in chosen else OnnxFrozen)(jnp.array(value))
             for name, value in model.params.items()

@@ -44,6 +44,7 @@ from onnx2jax.graph import is_trainable_dtype
 
 if TYPE_CHECKING:
     from onnx2jax.checkpoint import Checkpointer
+    from onnx2jax.model import Model
 
 Params = dict[str, jax.Array]
 PyTree = Any
@@ -56,12 +57,16 @@ LossFn = Callable[[PyTree, Batch], Any]
 
 
 # ------------------------------------------------------------------------------ selection
-def trainable_names(params: Mapping[str, Any], trainable: Selector = None) -> list[str]:
+def trainable_names(params: Mapping[str, Any], trainable: Selector = None, *,
+                    model: Model | None = None) -> list[str]:
     """Names in ``params`` chosen by ``trainable``, in ``params`` order; non-floats never train.
 
     A string is a glob (``fnmatch``, ``*`` crosses dots and slashes), a compiled ``re`` pattern
-    is searched in the name, a callable gets ``(name, value)``. A glob or pattern that selects
-    nothing raises :class:`~onnx2jax.errors.InputError`, as that is almost always a typo.
+    is searched in the name, a callable gets ``(name, value)``. With ``model``, globs and
+    patterns also match the names of the nodes that read a param (exporters name some weights
+    ``onnx::MatMul_717`` but their node ``/encoder/layer.5/attention/self/query/MatMul``). A
+    glob or pattern that selects nothing raises :class:`~onnx2jax.errors.InputError`, as that
+    is almost always a typo.
 
     Example:
         >>> import re, numpy as np
@@ -75,6 +80,10 @@ def trainable_names(params: Mapping[str, Any], trainable: Selector = None) -> li
         ['head.w']
         >>> trainable_names(params)
         ['enc.0.w', 'enc.0.b', 'head.w']
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> trainable_names(model.params, "/4/*", model=model)   # by node name
+        ['onnx::Conv_31', 'onnx::Conv_32']
     """
     floats = [k for k, v in params.items() if is_trainable_dtype(np.dtype(v.dtype))]
     if trainable is None or trainable is True:
@@ -83,12 +92,18 @@ def trainable_names(params: Mapping[str, Any], trainable: Selector = None) -> li
         return []
     rules = [trainable] if isinstance(trainable, str | re.Pattern) or callable(trainable) \
         else list(trainable)
+    names = {k: [k] for k in floats}
+    if model is not None:
+        for node in model.plan.nodes:
+            for name in node.input:
+                if name in names and node.name:
+                    names[name].append(node.name)
     chosen: set[str] = set()
     for rule in rules:
         if isinstance(rule, str):
-            found = {k for k in floats if fnmatch.fnmatchcase(k, rule)}
+            found = {k for k in floats if any(fnmatch.fnmatchcase(n, rule) for n in names[k])}
         elif isinstance(rule, re.Pattern):
-            found = {k for k in floats if rule.search(k)}
+            found = {k for k in floats if any(rule.search(n) for n in names[k])}
         elif callable(rule):
             found = {k for k in floats if rule(k, params[k])}
         else:
@@ -101,7 +116,8 @@ def trainable_names(params: Mapping[str, Any], trainable: Selector = None) -> li
     return [k for k in floats if k in chosen]
 
 
-def split(params: Mapping[str, Any], trainable: Selector = None) -> tuple[Params, Params]:
+def split(params: Mapping[str, Any], trainable: Selector = None, *,
+          model: Model | None = None) -> tuple[Params, Params]:
     """Split a flat params dict into ``(trainable, frozen)`` (see :func:`trainable_names`).
 
     Example:
@@ -111,7 +127,7 @@ def split(params: Mapping[str, Any], trainable: Selector = None) -> tuple[Params
         >>> list(trainable), list(frozen)
         (['a'], ['b'])
     """
-    names = set(trainable_names(params, trainable))
+    names = set(trainable_names(params, trainable, model=model))
     return ({k: v for k, v in params.items() if k in names},
             {k: v for k, v in params.items() if k not in names})
 
