@@ -1,3 +1,206 @@
 """Attention and RotaryEmbedding."""
 
 from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.ops.registry import register
+
+
+def _split_heads(ctx, x, heads, what):
+    """(batch, seq, heads * size) -> (batch, heads, seq, size)."""
+    if heads is None:
+        raise ctx.error(f"3-D inputs need the {what} attribute")
+    batch, seq, hidden = x.shape
+    if heads <= 0 or hidden % heads:
+        raise ctx.error(f"hidden size {hidden} does not split into {what}={heads}")
+    return jnp.transpose(jnp.reshape(x, (batch, seq, heads, hidden // heads)), (0, 2, 1, 3))
+
+
+def _masked_softmax(x):
+    """Softmax over the last axis where a row of only -inf gives zeros instead of NaN."""
+    row_max = jnp.max(x, axis=-1, keepdims=True)
+    row_max = lax.stop_gradient(jnp.where(jnp.isneginf(row_max), jnp.zeros((), x.dtype),
+                                          row_max))
+    e = jnp.exp(x - row_max)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    return e / jnp.where(total == 0, jnp.ones((), x.dtype), total)
+
+
+def _position_bias(is_causal, left, right, q_len, kv_len, offset, dtype):
+    """Additive 0/-inf bias of causal and sliding-window limits, or None without any.
+
+    Query ``i`` sits at absolute position ``i + offset`` (``offset`` is the cache length: a
+    Python int, or a per-batch array shaped (batch, 1, 1, 1)).
+    """
+    if not is_causal and left < 0 and right < 0:
+        return None
+    i = np.arange(q_len)[:, None]
+    j = np.arange(kv_len)[None, :]
+    xp = np if isinstance(offset, int) else jnp
+    distance = (i + offset) - j
+    allowed = xp.ones(np.shape(distance), dtype=bool)
+    if is_causal:
+        allowed = allowed & (distance >= 0)
+    if left >= 0:
+        allowed = allowed & (distance <= left)
+    if right >= 0:
+        allowed = allowed & (-distance <= right)
+    return xp.where(allowed, np.zeros((), dtype), np.asarray(-np.inf, dtype))
+
+
+@register("Attention", 23)
+@register("Attention", 24)
+@register("Attention", 25)
+def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
+              nonpad_kv_seqlen=None):
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if not q.ndim == k.ndim == v.ndim or q.ndim not in (3, 4):
+        raise ctx.error(f"Q, K and V must all be 3-D or all 4-D, got ranks "
+                        f"{q.ndim}, {k.ndim}, {v.ndim}")
+    if (past_key is None) != (past_value is None):
+        raise ctx.error("past_key and past_value must be given together")
+    if nonpad_kv_seqlen is not None and past_key is not None:
+        raise ctx.error("nonpad_kv_seqlen cannot be combined with past_key/past_value")
+    three_d = q.ndim == 3
+    if three_d:
+        q = _split_heads(ctx, q, ctx.attr("q_num_heads"), "q_num_heads")
+        k = _split_heads(ctx, k, ctx.attr("kv_num_heads"), "kv_num_heads")
+        v = _split_heads(ctx, v, ctx.attr("kv_num_heads"), "kv_num_heads")
+    dtype = q.dtype
+    if past_key is not None:
+        k = jnp.concatenate([jnp.asarray(past_key).astype(dtype), k], axis=2)
+        v = jnp.concatenate([jnp.asarray(past_value).astype(dtype), v], axis=2)
+    batch, q_heads, q_len, head_size = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if q_heads % kv_heads or v.shape[1] != kv_heads:
+        raise ctx.error(f"{q_heads} query heads cannot share {kv_heads} key and "
+                        f"{v.shape[1]} value heads")
+    groups = q_heads // kv_heads
+
+    scale = ctx.attr("scale")
+    scale = 1.0 / np.sqrt(head_size) if scale is None else float(scale)
+    # Q and K are each scaled by sqrt(scale), as the spec's function body does, which keeps
+    # float16 products in range.
+    root = jnp.asarray(np.sqrt(scale), dtype)
+    q_grouped = jnp.reshape(q * root, (batch, kv_heads, groups, q_len, head_size))
+    logits = jnp.einsum("bhgqd,bhkd->bhgqk", q_grouped, k * root)
+    logits = jnp.reshape(logits, (batch, q_heads, q_len, kv_len))
+
+    bias = None
+    if attn_mask is not None:
+        mask = jnp.asarray(attn_mask)
+        short = kv_len - mask.shape[-1]
+        is_bool = mask.dtype == jnp.bool_
+        if short > 0:
+            # A mask covering only the first keys leaves the rest masked out.
+            fill = jnp.asarray(False if is_bool else -np.inf, mask.dtype)
+            mask = lax.pad(mask, fill, [(0, 0, 0)] * (mask.ndim - 1) + [(0, short, 0)])
+        bias = jnp.where(mask, jnp.zeros((), dtype), jnp.asarray(-np.inf, dtype)) \
+            if is_bool else mask.astype(dtype)
+    if nonpad_kv_seqlen is not None:
+        valid = jnp.reshape(jnp.asarray(nonpad_kv_seqlen), (-1, 1, 1, 1))
+        offset = valid - q_len
+    else:
+        valid = None
+        offset = 0 if past_key is None else int(np.shape(past_key)[2])
+    positional = _position_bias(bool(ctx.attr("is_causal", 0)),
+                                int(ctx.attr("left_window_size", -1)),
+                                int(ctx.attr("right_window_size", -1)),
+                                q_len, kv_len, offset, np.dtype(dtype))
+    if positional is not None:
+        bias = positional if bias is None else bias + positional
+    if valid is not None:
+        padding = jnp.where(jnp.arange(kv_len) < valid, jnp.zeros((), dtype),
+                            jnp.asarray(-np.inf, dtype))
+        bias = padding if bias is None else bias + padding
+
+    mode = int(ctx.attr("qk_matmul_output_mode", 0))
+    if mode not in (0, 1, 2, 3):
+        raise ctx.error(f"qk_matmul_output_mode={mode} is not 0, 1, 2 or 3")
+    raw = logits
+    softcap = float(ctx.attr("softcap", 0.0))
+    if softcap > 0:
+        cap = jnp.asarray(softcap, dtype)
+        logits = cap * jnp.tanh(logits / cap)
+    capped = logits
+    if bias is not None:
+        logits = logits + bias
+    scores = logits
+    precision = ctx.attr("softmax_precision")
+    if precision is not None:
+        precision_dtype = jax.dtypes.canonicalize_dtype(numpy_dtype(int(precision)))
+        if not jnp.issubdtype(precision_dtype, jnp.floating):
+            raise ctx.error(f"softmax_precision={precision} is not a floating-point type")
+        scores = scores.astype(precision_dtype)
+    probs = _masked_softmax(scores)
+    if bias is not None:
+        # A query row that may attend no key at all yields zeros (not a uniform average).
+        blocked = jnp.all(jnp.isneginf(bias), axis=-1, keepdims=True)
+        probs = jnp.where(blocked, jnp.zeros((), probs.dtype), probs)
+    probs = probs.astype(dtype)
+
+    probs_grouped = jnp.reshape(probs, (batch, kv_heads, groups, q_len, kv_len))
+    y = jnp.einsum("bhgqk,bhkd->bhgqd", probs_grouped, v)
+    y = jnp.reshape(y, (batch, q_heads, q_len, v.shape[-1]))
+    if three_d:
+        y = jnp.reshape(jnp.transpose(y, (0, 2, 1, 3)), (batch, q_len, -1))
+    if ctx.num_outputs <= 1:
+        return y
+    outputs = [y, k, v]
+    if ctx.num_outputs > 3:
+        outputs.append((raw, capped, logits, probs)[mode].astype(dtype))
+    return tuple(outputs)
+
+
+@register("RotaryEmbedding", 23)
+def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
+    x = jnp.asarray(x)
+    if x.ndim == 4:
+        heads_last = jnp.transpose(x, (0, 2, 1, 3))
+    elif x.ndim == 3:
+        heads = ctx.attr("num_heads")
+        if not heads:
+            raise ctx.error("3-D inputs need the num_heads attribute")
+        batch, seq, hidden = x.shape
+        if hidden % int(heads):
+            raise ctx.error(f"hidden size {hidden} does not split into num_heads={heads}")
+        heads_last = jnp.reshape(x, (batch, seq, int(heads), hidden // int(heads)))
+    else:
+        raise ctx.error(f"RotaryEmbedding takes a 3-D or 4-D input, got shape {x.shape}")
+    head_size = heads_last.shape[-1]
+    dim = int(ctx.attr("rotary_embedding_dim", 0)) or head_size
+    if dim % 2 or dim > head_size:
+        raise ctx.error(f"rotary_embedding_dim={dim} must be even and at most the head size "
+                        f"{head_size}")
+    cos = jnp.asarray(cos_cache).astype(x.dtype)
+    sin = jnp.asarray(sin_cache).astype(x.dtype)
+    if position_ids is not None:
+        cos = jnp.take(cos, jnp.asarray(position_ids), axis=0)
+        sin = jnp.take(sin, jnp.asarray(position_ids), axis=0)
+    if cos.shape[-1] != dim // 2 or sin.shape[-1] != dim // 2:
+        raise ctx.error(f"cos/sin caches end in {cos.shape[-1]}/{sin.shape[-1]} values, "
+                        f"rotary_embedding_dim / 2 is {dim // 2}")
+    # (batch, seq, dim / 2) -> (batch, seq, 1, dim / 2), one rotation shared by all heads.
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    rotate, keep = heads_last[..., :dim], heads_last[..., dim:]
+    interleaved = bool(ctx.attr("interleaved", 0))
+    if interleaved:
+        x1, x2 = rotate[..., 0::2], rotate[..., 1::2]
+    else:
+        x1, x2 = rotate[..., :dim // 2], rotate[..., dim // 2:]
+    real = cos * x1 - sin * x2
+    imag = sin * x1 + cos * x2
+    if interleaved:
+        rotated = jnp.reshape(jnp.stack([real, imag], axis=-1), rotate.shape)
+    else:
+        rotated = jnp.concatenate([real, imag], axis=-1)
+    out = jnp.concatenate([rotated, keep], axis=-1)
+    if x.ndim == 4:
+        return jnp.transpose(out, (0, 2, 1, 3))
+    return jnp.reshape(out, x.shape)
