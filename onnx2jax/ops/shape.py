@@ -7,9 +7,11 @@ transposes and pads, which XLA turns into copies or nothing at all.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import onnx
 
+from onnx2jax.convert import is_static
 from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.ops.registry import register
 
@@ -353,14 +355,14 @@ def pad_v2(ctx, data):
     return _pad(ctx, data, ctx.attr("pads"), ctx.attr("value", 0.0), None)
 
 
-@register("Pad", 11, static_inputs=(1, 3))
-@register("Pad", 13, static_inputs=(1, 3))
-@register("Pad", 18, static_inputs=(1, 3))
-@register("Pad", 19, static_inputs=(1, 3))
-@register("Pad", 21, static_inputs=(1, 3))
-@register("Pad", 23, static_inputs=(1, 3))
-@register("Pad", 24, static_inputs=(1, 3))
-@register("Pad", 25, static_inputs=(1, 3))
+@register("Pad", 11, static_inputs=(1, 2, 3))
+@register("Pad", 13, static_inputs=(1, 2, 3))
+@register("Pad", 18, static_inputs=(1, 2, 3))
+@register("Pad", 19, static_inputs=(1, 2, 3))
+@register("Pad", 21, static_inputs=(1, 2, 3))
+@register("Pad", 23, static_inputs=(1, 2, 3))
+@register("Pad", 24, static_inputs=(1, 2, 3))
+@register("Pad", 25, static_inputs=(1, 2, 3))
 def pad(ctx, data, pads, constant_value=None, axes=None):
     pads = ctx.static_ints(pads, 1, "the pads")
     axes = None if axes is None else ctx.static_ints(axes, 3, "the axes")
@@ -392,9 +394,15 @@ def _pad(ctx, data, pads, value, axes):
         return xp.pad(data, widths, mode=mode)
     if value is None:
         value = 0
-    xp = ctx.xp(data, value)
-    value = xp.reshape(value, ()).astype(data.dtype) if np.ndim(value) else value
-    return xp.pad(data, widths, mode="constant", constant_values=value)
+    if is_static(value):
+        value = np.asarray(value).reshape(())
+        return xp.pad(data, widths, mode="constant", constant_values=value)
+    # A traced pad value goes in through a select: JAX cannot differentiate jnp.pad with
+    # respect to constant_values alone (lax.pad's transpose needs the operand's cotangent).
+    inside = np.zeros([n + b + e for n, (b, e) in zip(np.shape(data), widths, strict=True)],
+                      bool)
+    inside[tuple(slice(b, b + n) for n, (b, _) in zip(np.shape(data), widths, strict=True))] = True
+    return jnp.where(inside, jnp.pad(data, widths), jnp.reshape(value, ()).astype(data.dtype))
 
 
 def _blocks(ctx, x):
