@@ -120,15 +120,17 @@ def normalizer(ctx, x):
     x = _float_input(x)
     x2 = x.reshape(1, -1) if x.ndim == 1 else x
     norm = ctx.attr("norm", "MAX")
+    # As onnxruntime (and the spec's "max(X)"): MAX divides by the largest value, not |X|.
     if norm == "MAX":
-        div = xp.abs(x2).max(axis=1, keepdims=True)
+        div = x2.max(axis=1, keepdims=True)
     elif norm == "L1":
         div = xp.abs(x2).sum(axis=1, keepdims=True)
     elif norm == "L2":
         div = xp.sqrt((x2 * x2).sum(axis=1, keepdims=True))
     else:
         raise ctx.error(f"unknown norm {norm!r}")
-    return (x2 / xp.maximum(div, 1e-30)).reshape(x.shape).astype(np.float32)
+    # A zero norm leaves the row as it is.
+    return (x2 / xp.where(div == 0, 1, div)).reshape(x.shape).astype(np.float32)
 
 
 @register("Binarizer", 1, domain=ML)
