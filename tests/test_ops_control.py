@@ -331,3 +331,40 @@ def test_gru_x64_off():
     expected = run_reference(model, feeds)
     for got, want in zip(run_onnx2jax(model, feeds, x64=False), expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_exporter_style_while_loop_with_growing_state():
+    # M = INT64_MAX with a condition computed from a tensor that grows each iteration.
+    body = h.make_graph(
+        [h.make_node("Concat", ["acc_in", "x"], ["acc_out"], axis=0),
+         h.make_node("Size", ["acc_out"], ["n"]),
+         h.make_node("Less", ["n", "stop"], ["cond_out"])],
+        "body", [info("i", T.INT64, []), info("cond_in", T.BOOL, []),
+                 info("acc_in", T.FLOAT, None)],
+        [info("cond_out", T.BOOL, []), info("acc_out", T.FLOAT, None)])
+    node = h.make_node("Loop", ["M", "c0", "x"], ["acc"], body=body)
+    model = model_of([node], [info("x", T.FLOAT, [2]), info("stop", T.INT64, [])],
+                     [info("acc")], initializers=[const("M", np.int64(2**63 - 1)),
+                                                  const("c0", np.bool_(True))])
+    out = assert_matches_reference(model, {"x": rand(2), "stop": np.array(7)})
+    assert out[0].shape == (8,)
+
+
+def test_if_inside_lax_scan_loop():
+    # The iteration number is traced inside lax.scan, so the If becomes lax.cond.
+    then_g = h.make_graph([h.make_node("Mul", ["x_in", "two"], ["t"])], "then", [],
+                          [info("t")], initializer=[const("two", np.float32(2))])
+    else_g = h.make_graph([h.make_node("Neg", ["x_in"], ["e"])], "else", [], [info("e")])
+    body = h.make_graph(
+        [h.make_node("Mod", ["i", "two_i"], ["r"]),
+         h.make_node("Equal", ["r", "zero_i"], ["even"]),
+         h.make_node("If", ["even"], ["x_out"], then_branch=then_g, else_branch=else_g),
+         h.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [info("i", T.INT64, []), info("cond_in", T.BOOL, []),
+                 info("x_in", T.FLOAT, [2])],
+        [info("cond_out", T.BOOL, []), info("x_out", T.FLOAT, [2])],
+        initializer=[const("two_i", np.int64(2)), const("zero_i", np.int64(0))])
+    node = h.make_node("Loop", ["M", "", "x0"], ["x"], body=body)
+    model = model_of([node], [info("x0", T.FLOAT, [2])], [info("x")],
+                     initializers=[const("M", np.int64(21))])
+    assert_matches_reference(model, {"x0": rand(2)})

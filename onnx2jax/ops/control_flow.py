@@ -34,6 +34,10 @@ class _NeedsWhile(Exception):
     """A Loop body's condition is not statically true: lax.scan cannot express early exit."""
 
 
+# What tracing a body as a lax loop raises when only unrolling (or eager mode) can run it.
+_LAX_FAILURES = (_NotLoopable, OpError, DataDependentShapeError, TypeError)
+
+
 def _to_jax(tree):
     return jax.tree_util.tree_map(jnp.asarray, tree)
 
@@ -159,13 +163,14 @@ class _LoopRunner:
         while limit is None or i < limit:
             if self.use_cond:
                 if not is_concrete(flag):
-                    if self.n_scan:
+                    try:
+                        return self.while_loop(limit, flag, state, start=i)
+                    except _LAX_FAILURES as exc:
                         raise DataDependentShapeError(
                             f"{self.ctx.name}: the loop's condition depends on the model's "
-                            "inputs, so the length of its scan outputs is only known at run "
-                            "time. Call the model directly (model(...)), which runs such "
-                            "loops eagerly.")
-                    return self.while_loop(limit, flag, state, start=i)
+                            f"inputs, so the rest of the loop must run as lax.while_loop, "
+                            f"which it cannot: {exc}. Call the model directly (model(...)), "
+                            "which runs such loops eagerly.") from exc
                 if not _flag(flag):
                     break
             flag, state, outs = self.body(np.asarray(i, dtype=np.int64), flag, state)
@@ -198,7 +203,7 @@ class _LoopRunner:
                         raise _NotLoopable("the loop may stop early, so the length of its "
                                            "scan outputs depends on the data") from None
             return self.while_loop(limit, cond, self.initial, start=0)
-        except (OpError, DataDependentShapeError) as exc:
+        except _LAX_FAILURES as exc:
             raise _NotLoopable(str(exc)) from exc
 
     def scan(self, limit):
@@ -317,7 +322,7 @@ def _scan_core(ctx, states, xs, n_out):
 
     try:
         states, ys = lax.scan(step, _to_jax(states), xs)
-    except _NotLoopable:
+    except _LAX_FAILURES:
         return _scan_unrolled(ctx, states, xs, n_out, length)
     return list(states), list(ys)
 

@@ -72,7 +72,7 @@ def sequence_empty(ctx):
 @register("SequenceAt", 11)
 def sequence_at(ctx, seq, position):
     seq = _sequence(ctx, seq)
-    if not is_concrete(position) and len({(np.shape(v), np.result_type(v)) for v in seq}) == 1:
+    if not is_concrete(position) and len({np.shape(v) for v in seq}) == 1:
         # A traced position still works when the elements can be stacked.
         index = jnp.reshape(position, ()) % len(seq)
         return jnp.stack(seq)[index]
@@ -82,9 +82,6 @@ def sequence_at(ctx, seq, position):
 @register("SequenceInsert", 11)
 def sequence_insert(ctx, seq, tensor, position=None):
     seq = list(_sequence(ctx, seq))
-    if seq and np.result_type(seq[0]) != np.result_type(tensor):
-        raise ctx.error(f"cannot insert a {np.result_type(tensor)} tensor into a sequence of "
-                        f"{np.result_type(seq[0])}")
     if position is None:
         seq.append(tensor)
     else:
