@@ -66,8 +66,7 @@ def _cast(ctx, x, to):
     if round_mode not in _ROUND_MODES:
         raise ctx.error(f"unsupported round_mode {round_mode!r}")
     if to == TensorProto.STRING:
-        values = np.asarray(ctx.static(x, 0, "the input of a cast to string"))
-        return values if values.dtype == object else values.astype(np.str_).astype(object)
+        return _format_strings(np.asarray(ctx.static(x, 0, "the input of a cast to string")))
     try:
         dtype = numpy_dtype(to)
     except (KeyError, ValueError, TypeError):
@@ -100,6 +99,16 @@ def _wrap_bits(xp, x, bits, signed):
     wide = x.astype(np.int64 if xp is np else jax.dtypes.canonicalize_dtype(np.int64))
     mask, half = (1 << bits) - 1, 1 << (bits - 1)
     return ((wide + half) & mask) - half if signed else wide & mask
+
+
+def _format_strings(values):
+    """Numbers as text, the way NumPy writes them (shortest round-trip form for floats)."""
+    if values.dtype == object:
+        return values
+    if values.dtype.kind == "V":  # ml_dtypes types: NumPy formats them through a wide type
+        values = values.astype(np.int64 if onnx_elem_type(values.dtype) in _SUB_BYTE
+                               else np.float32)
+    return values.astype(np.str_).astype(object)
 
 
 def _parse_strings(strings, dtype):

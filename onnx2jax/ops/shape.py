@@ -207,7 +207,6 @@ def _squeeze(ctx, x, axes):
 @register("Concat", 11)
 @register("Concat", 13)
 def concat(ctx, *inputs):
-    inputs = [x for x in inputs if x is not None]
     if not inputs:
         raise ctx.error("Concat needs at least one input")
     axis = _axis(ctx, ctx.attr("axis", 1), np.ndim(inputs[0]))
