@@ -388,6 +388,14 @@ def test_cast_strings_both_ways():
     assert got.dtype == object
     assert got.tolist() == want.tolist()
 
+    x = np.array([1.5, -448.0], ml_dtypes.bfloat16)
+    got = run_onnx2jax(single_node_model("Cast", {"x": x}, to=TensorProto.STRING), {"x": x})[0]
+    assert got.tolist() == ["1.5", "-448.0"]
+    model = constant_node_model("Cast", {"s": np.array(["1000", "-0.3"])},
+                                to=TensorProto.FLOAT8E4M3FN)
+    np.testing.assert_array_equal(run_onnx2jax(model, {})[0].astype(np.float32),
+                                  [448, -0.3125])
+
 
 def test_cast_bool_int_wrap_x64_off_and_cast_like():
     x = np.array([0.0, -0.0, 0.5, np.nan, -3.0], np.float32)
