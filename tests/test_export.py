@@ -172,3 +172,18 @@ def test_example_cnn_roundtrip(tmp_path: Path):
     params = {k: v * 1.5 for k, v in model.params.items()}
     report = model.save(tmp_path / "cnn.onnx", params, verify=True)
     assert report.worst < 1e-4, report
+
+
+def test_large_models_get_external_data_automatically(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    """Over the protobuf limit (2 GB, lowered here) the tensors go to a .data file."""
+    monkeypatch.setattr(export, "PROTO_LIMIT", 1000)
+    model = onnx2jax.load(tiny_model(size=512))
+    path = tmp_path / "big.onnx"
+    model.save(path, {"w": model.params["w"] * 3})
+    assert (tmp_path / "big.onnx.data").stat().st_size >= 3 * 512 * 4
+    assert path.stat().st_size < 1000
+    x = np.ones((2, 512), np.float32)
+    reloaded = onnx2jax.load(path)
+    np.testing.assert_allclose(ort_run(str(path), {"x": x})[0],
+                               np.asarray(reloaded.apply(reloaded.params, x)["y"]), atol=1e-6)
