@@ -255,6 +255,7 @@ def test_gradients_match_finite_differences():
         # Pow's exponent initializer stays a constant (its gradient is NaN at negative bases).
         assert set(model.params) == {"w", "b"}
 
+        @jax.jit
         def loss(params):
             return model.apply(params, x)["y"]
 
