@@ -489,9 +489,10 @@ def dropout(ctx, x, ratio=None, training_mode=None):
         return (x, _ones_like(x, np.bool_)) if ctx.has_output(1) else x
     x = jnp.asarray(x)
     ratio = jnp.asarray(0.5 if ratio is None else ratio, x.dtype)
-    # Reproducible: the seed attribute picks the key; without it every run uses key 0.
+    # Reproducible: the seed attribute picks the key (key 0 without it), and float32 draws
+    # give the same mask with x64 on or off.
     key = jax.random.key(int(ctx.attr("seed", 0)))
-    keep = jax.random.uniform(key, x.shape) >= ratio
+    keep = jax.random.uniform(key, x.shape, jnp.float32) >= ratio.astype(jnp.float32)
     scale = jnp.where(ratio < 1, 1 / (1 - ratio), jnp.zeros((), x.dtype))
     y = jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
     return (y, keep) if ctx.has_output(1) else y
