@@ -310,6 +310,29 @@ def test_sklearn_gradient_boosting_regressor(sklearn_data):
                                run_reference(model, {"X": x})[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["binary_rbf", "three_poly", "three_probability",
+                                  "binary_sigmoid_probability"])
+def test_sklearn_svc(sklearn_data, kind):
+    from sklearn.svm import SVC
+
+    x, binary, three = sklearn_data
+    kernel = {"binary_rbf": "rbf", "three_poly": "poly"}.get(kind, "sigmoid")
+    svc = SVC(kernel=kernel, degree=2, probability="probability" in kind, random_state=0)
+    _check_sklearn(svc, x, binary if kind.startswith("binary") else three)
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+def test_sklearn_svr(sklearn_data, kernel):
+    from skl2onnx import to_onnx
+    from sklearn.svm import SVR
+
+    x, _, _ = sklearn_data
+    model = to_onnx(SVR(kernel=kernel).fit(x, x[:, 1] - x[:, 2]), x[:1],
+                    target_opset={"": 17, ML: 3})
+    np.testing.assert_allclose(run_onnx2jax(model, {"X": x})[0],
+                               run_reference(model, {"X": x})[0], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ training
 def test_adam_multiple_tensors_x64_off():
     inputs = {"r": np.array(0.1, np.float32), "t": np.array(3, np.int64),

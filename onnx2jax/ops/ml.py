@@ -566,3 +566,135 @@ def _membership_sets(ctx, modes):
         matrix[row, :len(members)] = members
     member_row[modes == 6] = np.arange(count)
     return matrix, member_row
+
+
+# ---------------------------------------------------------------------------- SVMs
+
+def _kernel(ctx, x, vectors):
+    """Kernel matrix [samples, vectors] for kernel_type and kernel_params (gamma, coef0, d)."""
+    kind = ctx.attr("kernel_type", "LINEAR")
+    params = list(ctx.attr("kernel_params", [])) or [0.0, 0.0, 0.0]
+    gamma, coef0, degree = params[0], params[1], int(params[2])
+    if kind == "LINEAR":
+        return x @ vectors.T
+    if kind == "POLY":
+        return (gamma * (x @ vectors.T) + coef0) ** degree
+    if kind == "SIGMOID":
+        return ctx.xp(x).tanh(gamma * (x @ vectors.T) + coef0)
+    if kind == "RBF":
+        squared = (x * x).sum(axis=1, keepdims=True) - 2 * (x @ vectors.T) + \
+            (vectors * vectors).sum(axis=1)
+        return ctx.xp(x).exp(-gamma * ctx.xp(x).maximum(squared, 0))
+    raise ctx.error(f"unknown kernel_type {kind!r}")
+
+
+@register("SVMRegressor", 1, domain=ML)
+def svm_regressor(ctx, x):
+    xp = ctx.xp(x)
+    x = _x_matrix(x)
+    coefficients = np.asarray(ctx.attr("coefficients"), x.dtype)
+    rho = np.asarray(ctx.attr("rho"), x.dtype)
+    supports = ctx.attr("n_supports", 0)
+    if supports > 0:
+        vectors = np.asarray(ctx.attr("support_vectors"), x.dtype).reshape(supports, -1)
+        scores = _kernel(ctx, x, vectors) @ coefficients + rho[0]
+    else:
+        scores = x @ coefficients + rho[0]
+    if ctx.attr("one_class", 0):
+        scores = xp.where(scores > 0, 1, -1).astype(x.dtype)
+    scores = _post_transform(ctx, xp, scores[:, None], ctx.attr("post_transform", "NONE"))
+    return scores.astype(np.float32)
+
+
+def _pairwise_coupling(probabilities, classes):
+    """libsvm's multiclass_probability on a [classes, classes] pairwise matrix (one sample)."""
+    r = probabilities
+    q = -(r.T * r)
+    q = q - jnp.diag(jnp.diag(q)) + jnp.diag((r * r).sum(axis=0) - jnp.diag(r) ** 2)
+    eps = 0.005 / classes
+
+    def sweep(state):
+        p, _, step = state
+        for t in range(classes):
+            qp = q @ p
+            pqp = p @ qp
+            diff = (-qp[t] + pqp) / q[t, t]
+            p = p.at[t].add(diff) / (1 + diff)
+        qp = q @ p
+        return p, jnp.max(jnp.abs(qp - p @ qp)), step + 1
+
+    def going(state):
+        return (state[1] >= eps) & (state[2] < max(100, classes))
+
+    start = jnp.full((classes,), 1.0 / classes, r.dtype)
+    qp = q @ start
+    p, _, _ = lax.while_loop(going, sweep, (start, jnp.max(jnp.abs(qp - start @ qp)), 0))
+    return p
+
+
+@register("SVMClassifier", 1, domain=ML)
+def svm_classifier(ctx, x):
+    xp = ctx.xp(x)
+    x = _x_matrix(x)
+    labels = _class_labels(ctx, "classlabels_ints", "classlabels_strings")
+    classes = len(labels)
+    coefficients = np.asarray(ctx.attr("coefficients"), x.dtype)
+    rho = np.asarray(ctx.attr("rho"), x.dtype)
+    per_class = np.asarray(ctx.attr("vectors_per_class", []), np.int64)
+    mode = ctx.attr("post_transform", "NONE")
+    votes = None
+    if per_class.sum() > 0:
+        total = int(per_class.sum())
+        vectors = np.asarray(ctx.attr("support_vectors"), x.dtype).reshape(total, -1)
+        kernel = _kernel(ctx, x, vectors)
+        coefs = coefficients.reshape(-1, total)
+        starts = np.concatenate([[0], np.cumsum(per_class)[:-1]])
+        pair_scores, votes = [], xp.zeros((x.shape[0], classes), x.dtype)
+        evaluation = 0
+        # One-vs-one: every pair (i, j) votes for i when its decision value is positive.
+        for i in range(classes):
+            for j in range(i + 1, classes):
+                rows_i = slice(starts[i], starts[i] + per_class[i])
+                rows_j = slice(starts[j], starts[j] + per_class[j])
+                score = rho[evaluation] + kernel[:, rows_i] @ coefs[j - 1, rows_i] + \
+                    kernel[:, rows_j] @ coefs[i, rows_j]
+                win = (score > 0).astype(x.dtype)
+                votes = votes + xp.stack([win if c == i else (1 - win) if c == j else
+                                          xp.zeros_like(win) for c in range(classes)], axis=1)
+                pair_scores.append(score)
+                evaluation += 1
+        scores = xp.stack(pair_scores, axis=1)
+    else:
+        coefs = coefficients.reshape(classes, -1)
+        offsets = rho if rho.size == classes else rho[0]
+        scores = x @ coefs.T + offsets
+    has_probability = bool(ctx.attr("prob_a")) and votes is not None
+    if has_probability:
+        prob_a = np.asarray(ctx.attr("prob_a"), x.dtype)
+        prob_b = np.asarray(ctx.attr("prob_b"), x.dtype)
+        pairwise = jnp.clip(1 - jax.nn.sigmoid(scores * prob_a + prob_b), 1e-7, 1 - 1e-7)
+        matrix = jnp.zeros((x.shape[0], classes, classes), pairwise.dtype)
+        evaluation = 0
+        for i in range(classes):
+            for j in range(i + 1, classes):
+                matrix = matrix.at[:, i, j].set(pairwise[:, evaluation])
+                matrix = matrix.at[:, j, i].set(1 - pairwise[:, evaluation])
+                evaluation += 1
+        scores = jax.vmap(lambda m: _pairwise_coupling(m, classes))(matrix)
+        xp = jnp
+    # The label comes from the one-vs-one votes even when probabilities are computed.
+    index = xp.argmax(votes if votes is not None else scores, axis=1)
+    if votes is not None and classes == 2 and not has_probability:
+        # Binary one-vs-one with decision value s: onnxruntime writes [-s, s] (NONE),
+        # [sigmoid(-s), sigmoid(s)] (LOGISTIC) or [1 - s, s] (SOFTMAX).
+        if mode == "NONE":
+            scores = xp.concatenate([-scores, scores], axis=1)
+        elif mode == "LOGISTIC":
+            scores = 1 / (1 + xp.exp(xp.concatenate([scores, -scores], axis=1)))
+        elif mode == "SOFTMAX":
+            scores = xp.concatenate([1 - scores, scores], axis=1)
+        else:
+            raise ctx.error(f"post_transform {mode} on a binary SVMClassifier is not supported")
+        return _pick_labels(ctx, labels, index), scores.astype(np.float32)
+    return _pick_labels(ctx, labels, index), _post_transform(ctx, xp, scores, mode).astype(
+        np.float32)
