@@ -107,8 +107,8 @@ def normalize(vectors: jax.Array) -> jax.Array:
 
     Example:
         >>> import numpy as np
-        >>> np.asarray(normalize(np.array([[3.0, 4.0]]))).tolist()
-        [[0.6, 0.8]]
+        >>> np.allclose(normalize(np.array([[3.0, 4.0]])), [[0.6, 0.8]])
+        True
     """
     norm = jnp.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / jnp.maximum(norm, 1e-12)

@@ -105,7 +105,6 @@ def test_external_data_files_lists_every_location(tmp_path):
 ])
 def test_hub_errors_are_explained(monkeypatch, error, expected):
     import httpx2
-
     from huggingface_hub import errors
 
     response = httpx2.Response(404, request=httpx2.Request("HEAD", "https://huggingface.co/x"))
