@@ -462,25 +462,26 @@ def affine_grid(ctx, theta, size):
 # --------------------------------------------------------------------------------- RoiAlign
 
 
-def _roi_axis_samples(start, bin_size, grid, pooled, max_grid, limit):
+def _roi_axis_samples(xp, start, bin_size, grid, pooled, max_grid, limit):
     """Bilinear taps along one axis: (low, high, w_low, w_high, valid), each (R, pooled, max_grid).
 
     ``grid`` is each roi's number of samples per bin (R,); samples past it are marked invalid.
     """
-    p = jnp.arange(pooled, dtype=start.dtype)[None, :, None]
-    i = jnp.arange(max_grid, dtype=start.dtype)[None, None, :]
-    grid_f = grid.astype(start.dtype)[:, None, None]
+    dtype = start.dtype
+    p = xp.arange(pooled, dtype=dtype)[None, :, None]
+    i = xp.arange(max_grid, dtype=dtype)[None, None, :]
+    grid_f = grid.astype(dtype)[:, None, None]
     pos = start[:, None, None] + p * bin_size[:, None, None] \
         + (i + 0.5) * bin_size[:, None, None] / grid_f
     valid = (pos >= -1.0) & (pos <= limit) & (i < grid_f)
-    pos = jnp.maximum(pos, 0)
-    low = jnp.floor(pos)
+    pos = xp.maximum(pos, 0)
+    low = xp.floor(pos)
     at_edge = low >= limit - 1
-    low = jnp.where(at_edge, limit - 1, low)
-    pos = jnp.where(at_edge, low, pos)
-    high = jnp.where(at_edge, low, low + 1)
+    low = xp.where(at_edge, limit - 1, low).astype(dtype)
+    pos = xp.where(at_edge, low, pos)
+    high = xp.where(at_edge, low, low + 1)
     frac = pos - low
-    return low.astype(jnp.int32), high.astype(jnp.int32), 1 - frac, frac, valid
+    return low.astype(np.int32), high.astype(np.int32), 1 - frac, frac, valid
 
 
 def _roi_align(ctx, x, rois, batch_indices, half_pixel):
@@ -495,57 +496,57 @@ def _roi_align(ctx, x, rois, batch_indices, half_pixel):
     num_rois = rois.shape[0]
     if num_rois == 0:
         return jnp.zeros((0, c, pooled_h, pooled_w), x.dtype)
-
-    def geometry(xp, boxes):
-        offset = 0.5 if half_pixel else 0.0
-        start_w = boxes[:, 0] * spatial_scale - offset
-        start_h = boxes[:, 1] * spatial_scale - offset
-        roi_w = boxes[:, 2] * spatial_scale - offset - start_w
-        roi_h = boxes[:, 3] * spatial_scale - offset - start_h
-        if not half_pixel:
-            roi_w = xp.maximum(roi_w, 1.0)
-            roi_h = xp.maximum(roi_h, 1.0)
-        return start_h, start_w, roi_h / pooled_h, roi_w / pooled_w
-
+    if sampling_ratio <= 0:
+        # Adaptive sampling: the number of samples per bin depends on each roi's size.
+        rois = np.asarray(ctx.static(rois, 1, "the rois (sampling_ratio=0 sizes the sampling "
+                                              "grid from them)"))
+    # With known rois (constants, or eager runs) all the geometry folds to NumPy.
+    xp = ctx.xp(rois)
+    compute = np.promote_types(rois.dtype, np.float32)
+    boxes = rois.astype(compute) if xp is np else \
+        jnp.asarray(rois, jax.dtypes.canonicalize_dtype(compute))
+    offset = 0.5 if half_pixel else 0.0
+    start_w = boxes[:, 0] * spatial_scale - offset
+    start_h = boxes[:, 1] * spatial_scale - offset
+    roi_w = boxes[:, 2] * spatial_scale - offset - start_w
+    roi_h = boxes[:, 3] * spatial_scale - offset - start_h
+    if not half_pixel:
+        roi_w = xp.maximum(roi_w, 1.0)
+        roi_h = xp.maximum(roi_h, 1.0)
+    bin_h = roi_h / pooled_h
+    bin_w = roi_w / pooled_w
     if sampling_ratio > 0:
-        grid_h = grid_w = jnp.full((num_rois,), sampling_ratio, jnp.int32)
+        grid_h = grid_w = xp.full((num_rois,), sampling_ratio, np.int32)
         max_h = max_w = sampling_ratio
     else:
-        # Adaptive sampling: the number of samples per bin depends on each roi's size.
-        boxes = np.asarray(ctx.static(rois, 1, "the rois (sampling_ratio=0 sizes the sampling "
-                                                "grid from them)"))
-        _, _, bin_h, bin_w = geometry(np, boxes)
-        grid_h_np = np.ceil(bin_h).astype(np.int32)
-        grid_w_np = np.ceil(bin_w).astype(np.int32)
-        grid_h, grid_w = jnp.asarray(grid_h_np), jnp.asarray(grid_w_np)
-        max_h, max_w = max(int(grid_h_np.max()), 1), max(int(grid_w_np.max()), 1)
-    compute = jnp.promote_types(rois.dtype, jnp.float32)
-    start_h, start_w, bin_h, bin_w = geometry(jnp, jnp.asarray(rois, compute))
-    y_low, y_high, hy, ly, valid_y = _roi_axis_samples(start_h, bin_h, grid_h, pooled_h, max_h,
-                                                       height)
-    x_low, x_high, hx, lx, valid_x = _roi_axis_samples(start_w, bin_w, grid_w, pooled_w, max_w,
-                                                       width)
+        grid_h = np.ceil(bin_h).astype(np.int32)
+        grid_w = np.ceil(bin_w).astype(np.int32)
+        max_h, max_w = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
+    y_low, y_high, hy, ly, valid_y = _roi_axis_samples(xp, start_h, bin_h, grid_h, pooled_h,
+                                                       max_h, height)
+    x_low, x_high, hx, lx, valid_x = _roi_axis_samples(xp, start_w, bin_w, grid_w, pooled_w,
+                                                       max_w, width)
     # Corner order (low/low, low/high, high/low, high/high), shapes (R, PH, GH, PW, GW, 4).
-    ys = jnp.stack([y_low, y_low, y_high, y_high], -1)[:, :, :, None, None, :]
-    xs = jnp.stack([x_low, x_high, x_low, x_high], -1)[:, None, None, :, :, :]
-    wy = jnp.stack([hy, hy, ly, ly], -1)[:, :, :, None, None, :]
-    wx = jnp.stack([hx, lx, hx, lx], -1)[:, None, None, :, :, :]
+    ys = xp.stack([y_low, y_low, y_high, y_high], -1)[:, :, :, None, None, :]
+    xs = xp.stack([x_low, x_high, x_low, x_high], -1)[:, None, None, :, :, :]
+    wy = xp.stack([hy, hy, ly, ly], -1)[:, :, :, None, None, :]
+    wx = xp.stack([hx, lx, hx, lx], -1)[:, None, None, :, :, :]
     valid = (valid_y[:, :, :, None, None] & valid_x[:, None, None, :, :])[..., None]
-    weights = jnp.where(valid, wy * wx, 0)
-    batch = jnp.asarray(batch_indices).astype(jnp.int32).reshape(num_rois, 1, 1, 1, 1, 1)
-    flat = (batch * height + ys) * width + xs
+    weights = xp.where(valid, wy * wx, 0)
+    batch = ctx.xp(batch_indices).asarray(batch_indices).astype(np.int32)
+    flat = (batch.reshape(num_rois, 1, 1, 1, 1, 1) * height + ys) * width + xs
     data_dtype = _compute_dtype(x.dtype) if np.dtype(x.dtype).itemsize < 4 else x.dtype
     rows = jnp.moveaxis(jnp.asarray(x, data_dtype), 1, -1).reshape(n * height * width, c)
     values = jnp.take(rows, flat.reshape(-1), axis=0, mode="clip").reshape(flat.shape + (c,))
-    weights = weights.astype(data_dtype)
+    weights = jnp.asarray(weights, data_dtype)
     if mode == "avg":
-        count = jnp.maximum(grid_h * grid_w, 1).astype(data_dtype)
+        count = xp.maximum(grid_h * grid_w, 1).astype(data_dtype)
         y = jnp.einsum("rpiqjkc,rpiqjk->rcpq", values, weights, precision=lax.Precision.HIGHEST)
         y = y / count[:, None, None, None]
     else:
         weighted = jnp.max(values * weights[..., None], axis=5)
-        sampled = (jnp.arange(max_h)[None, :] < grid_h[:, None])[:, None, :, None, None] & \
-            (jnp.arange(max_w)[None, :] < grid_w[:, None])[:, None, None, None, :]
+        sampled = (xp.arange(max_h)[None, :] < grid_h[:, None])[:, None, :, None, None] & \
+            (xp.arange(max_w)[None, :] < grid_w[:, None])[:, None, None, None, :]
         weighted = jnp.where(sampled[..., None], weighted, -jnp.inf)
         y = jnp.moveaxis(jnp.max(weighted, axis=(2, 4)), -1, 1)
     return y.astype(x.dtype)
