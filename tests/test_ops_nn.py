@@ -31,7 +31,7 @@ def _grad_is_finite(model, feeds, wrt):
         return sum(jnp.sum(v.astype(jnp.float32)) for v in out.values()
                    if jnp.issubdtype(v.dtype, jnp.floating))
 
-    grad = jax.grad(loss)(jnp.asarray(feeds[wrt]))
+    grad = jax.jit(jax.grad(loss))(jnp.asarray(feeds[wrt]))
     assert grad.shape == feeds[wrt].shape
     assert np.all(np.isfinite(np.asarray(grad)))
 
@@ -389,3 +389,20 @@ def test_unsupported_attribute_values_raise():
                                        auto_pad="BOGUS"), feeds)
     with pytest.raises(Exception, match="p=3"):
         run_onnx2jax(single_node_model("LpNormalization", feeds, p=3), feeds)
+
+
+@pytest.mark.parametrize("op, feeds, attrs", [
+    ("AveragePool", {"x": rand(1, 2, 5, 5)},
+     dict(kernel_shape=[3, 3], ceil_mode=1, strides=[2, 2])),
+    ("LpPool", {"x": rand(1, 2, 5, 5)}, dict(kernel_shape=[2, 2], p=2)),
+    ("LRN", {"x": rand(1, 4, 3, 3)}, dict(size=3)),
+    ("ConvTranspose", {"x": rand(1, 2, 3, 3), "w": rand(2, 3, 2, 2)}, dict(strides=[2, 2])),
+    ("MaxRoiPool", {"x": rand(1, 2, 6, 6), "rois": np.array([[0, 0, 0, 4, 3]], np.float32)},
+     dict(pooled_shape=[2, 2])),
+    ("GroupNormalization", {"x": rand(2, 4, 3), "s": rand(4), "b": rand(4)},
+     dict(num_groups=2, opset=21)),
+    ("LayerNormalization", {"x": rand(2, 5), "s": rand(5)}, dict(opset=17)),
+    ("RMSNormalization", {"x": rand(2, 5), "s": rand(5)}, dict(opset=23)),
+])
+def test_gradients_under_jit(op, feeds, attrs):
+    _grad_is_finite(single_node_model(op, feeds, **attrs), feeds, "x")

@@ -193,8 +193,10 @@ class _PoolGeometry:
         return lax.pad(x, jnp.asarray(value, x.dtype), config)
 
     def reduce(self, x, init, computation):
+        # A NumPy init value stays concrete under jit, so JAX picks its differentiable
+        # max/add window reducers rather than the generic, non-differentiable one.
         return lax.reduce_window(
-            x, jnp.asarray(init, x.dtype), computation, (1, 1) + tuple(self.kernel),
+            x, np.asarray(init, x.dtype), computation, (1, 1) + tuple(self.kernel),
             (1, 1) + tuple(self.strides), "VALID", window_dilation=(1, 1) + tuple(self.dilations))
 
     def counts(self, include_pad):
@@ -419,7 +421,7 @@ def lrn(ctx, x):
     after = size - 1 - before
     window = (1, size) + (1,) * (x.ndim - 2)
     padding = ((0, 0), (before, after)) + ((0, 0),) * (x.ndim - 2)
-    square_sum = lax.reduce_window(x * x, jnp.asarray(0, x.dtype), lax.add, window,
+    square_sum = lax.reduce_window(x * x, np.asarray(0, x.dtype), lax.add, window,
                                    (1,) * x.ndim, padding)
     scale = jnp.asarray(bias, x.dtype) + jnp.asarray(alpha / size, x.dtype) * square_sum
     return x / scale ** jnp.asarray(beta, x.dtype)
