@@ -27,6 +27,7 @@ from onnx.backend.base import Backend, BackendRep
 
 from onnx2jax.graph import TensorInfo
 from onnx2jax.model import Model
+from onnx2jax.ops.sequence import EmptyOptional
 
 
 class Onnx2JaxRep(BackendRep):
@@ -48,7 +49,7 @@ class Onnx2JaxRep(BackendRep):
 
 
 def _to_numpy(value: Any, info: TensorInfo) -> Any:
-    if value is None:
+    if value is None or isinstance(value, EmptyOptional):
         return None
     if isinstance(value, list):
         element = TensorInfo(info.name, info.elem_type, None)

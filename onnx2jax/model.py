@@ -50,7 +50,7 @@ class Model:
         self._interpreter = Interpreter(self.opsets, base_dir)
         self.params: Params = {k: jnp.asarray(v) for k, v in self.plan.param_values.items()}
         self.plan.param_values = {}
-        self._jitted = jax.jit(self._apply_bound, static_argnames=("outputs",))
+        self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",))
         self._needs_eager = False
 
     # ---------------------------------------------------------------- description
@@ -164,6 +164,16 @@ class Model:
         """
         return export.save(self, path, params, external_data=external_data, verify=verify)
 
+    def _apply_for_jit(self, params: Mapping[str, Any], bound: Mapping[str, Any],
+                       outputs: tuple[str, ...] | None) -> dict[str, Any]:
+        result = self._apply_bound(params, bound, outputs)
+        for name, value in result.items():
+            if _host_only(value):
+                # A jitted function cannot return strings; __call__ reruns outside jit.
+                raise DataDependentShapeError(
+                    f"output {name!r} holds {value.dtype} values, which XLA cannot return")
+        return result
+
     # ---------------------------------------------------------------- checks
     def _check_params(self, params: Mapping[str, Any]) -> None:
         if not isinstance(params, Mapping):
@@ -250,10 +260,23 @@ def _as_jax(value: Any) -> Any:
     return jnp.asarray(value)
 
 
+# NumPy dtypes that XLA has no type for (converting them aborts inside XLA, so never try).
+_HOST_ONLY_DTYPE_NAMES = {"float6_e2m3fn", "float6_e3m2fn"}
+
+
+def _host_only(value: Any) -> bool:
+    """True for static values JAX cannot hold: strings and types XLA lacks."""
+    if isinstance(value, list):
+        return any(_host_only(v) for v in value)
+    return isinstance(value, np.ndarray) and (
+        value.dtype == object or value.dtype.kind in "SU"
+        or value.dtype.name in _HOST_ONLY_DTYPE_NAMES)
+
+
 def _as_output(value: Any) -> Any:
     if isinstance(value, list):
         return [_as_output(v) for v in value]
-    if isinstance(value, np.ndarray) and value.dtype != object:
+    if isinstance(value, np.ndarray) and not _host_only(value):
         return jnp.asarray(value)
     return value
 
