@@ -146,6 +146,85 @@ def conv_transpose(ctx, x, w, b=None):
     return y
 
 
+@register("CausalConvWithState", 27)
+def causal_conv_with_state(ctx, x, w, b=None, past_state=None):
+    activation = ctx.attr("activation", "none")
+    if activation not in ("none", "silu", "swish"):
+        raise ctx.error(f"activation={activation!r} is not one of 'none', 'silu', 'swish'")
+    x = jnp.asarray(x)
+    if x.ndim != 3 or np.ndim(w) != 3:
+        raise ctx.error(f"input and weight must be rank 3, got {x.shape} and {np.shape(w)}")
+    batch, channels, _ = x.shape
+    k = np.shape(w)[2]
+    if past_state is None:
+        past_state = jnp.zeros((batch, channels, k - 1), x.dtype)
+    padded = jnp.concatenate([jnp.asarray(past_state).astype(x.dtype), x], axis=2)
+    y = lax.conv_general_dilated(padded, jnp.asarray(w).astype(x.dtype), [1], [(0, 0)],
+                                 dimension_numbers=_conv_layout(1),
+                                 feature_group_count=channels)
+    if b is not None:
+        y = y + _bias_shape(b, 1).astype(x.dtype)
+    if activation != "none":
+        wide = y.astype(jnp.float32)
+        y = (wide * jax.nn.sigmoid(wide)).astype(x.dtype)
+    return y, padded[:, :, padded.shape[2] - (k - 1):]
+
+
+@register("DeformConv", 19)
+@register("DeformConv", 22)
+def deform_conv(ctx, x, w, offset, b=None, mask=None):
+    x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ctx.error(f"DeformConv supports 2-D images (rank-4 input), got shape {x.shape}")
+    n, channels, height, width = x.shape
+    kh, kw = _kernel_shape(ctx, w)
+    sh, sw = _spatial_ints(ctx, "strides", 2, 1)
+    dh, dw = _spatial_ints(ctx, "dilations", 2, 1)
+    top, left = _spatial_ints(ctx, "pads", 4, 0)[:2]
+    group = int(ctx.attr("group", 1))
+    offset_groups = int(ctx.attr("offset_group", 1))
+    out_channels = np.shape(w)[0]
+    oh, ow = np.shape(offset)[2:]
+    if channels != np.shape(w)[1] * group or out_channels % group or channels % offset_groups:
+        raise ctx.error(f"input {x.shape}, weight {np.shape(w)}, group={group} and "
+                        f"offset_group={offset_groups} do not fit together")
+    if np.shape(offset)[1] != offset_groups * kh * kw * 2:
+        raise ctx.error(f"offset has {np.shape(offset)[1]} channels, expected "
+                        f"offset_group * kh * kw * 2 = {offset_groups * kh * kw * 2}")
+    offset = jnp.reshape(jnp.asarray(offset).astype(x.dtype),
+                         (n, offset_groups, kh, kw, 2, oh, ow))
+    base_y = (np.arange(oh) * sh - top)[None, :, None] + (np.arange(kh) * dh)[:, None, None]
+    base_x = (np.arange(ow) * sw - left)[None, None, :] + (np.arange(kw) * dw)[:, None, None]
+    # Sampling points, shape (n, offset_groups, kh, kw, oh, ow).
+    py = offset[:, :, :, :, 0] + base_y[:, None, :, :].astype(x.dtype)
+    px = offset[:, :, :, :, 1] + base_x[None, :, :, :].astype(x.dtype)
+    y0, x0 = jnp.floor(py), jnp.floor(px)
+    images = jnp.reshape(x, (n, offset_groups, channels // offset_groups, height * width))
+    taps = kh * kw * oh * ow
+    sampled = jnp.zeros((n, offset_groups, channels // offset_groups, taps), x.dtype)
+    # Bilinear interpolation; corners outside the image read zero.
+    for cy, cx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        yy, xx = y0 + cy, x0 + cx
+        weight = (1 - jnp.abs(py - yy)) * (1 - jnp.abs(px - xx))
+        inside = (yy >= 0) & (yy <= height - 1) & (xx >= 0) & (xx <= width - 1)
+        index = (jnp.clip(yy, 0, height - 1) * width + jnp.clip(xx, 0, width - 1)).astype(
+            jnp.int32)
+        values = jnp.take_along_axis(images, jnp.reshape(index, (n, offset_groups, 1, taps)),
+                                     axis=-1)
+        weight = jnp.where(inside, weight, jnp.zeros((), x.dtype))
+        sampled = sampled + values * jnp.reshape(weight, (n, offset_groups, 1, taps))
+    if mask is not None:
+        sampled = sampled * jnp.reshape(jnp.asarray(mask).astype(x.dtype),
+                                        (n, offset_groups, 1, taps))
+    sampled = jnp.reshape(sampled, (n, group, channels // group, kh * kw, oh * ow))
+    kernel = jnp.reshape(jnp.asarray(w).astype(x.dtype),
+                         (group, out_channels // group, channels // group, kh * kw))
+    y = jnp.reshape(jnp.einsum("ngckp,gock->ngop", sampled, kernel), (n, out_channels, oh, ow))
+    if b is not None:
+        y = y + _bias_shape(b, 2).astype(x.dtype)
+    return y
+
+
 class _PoolGeometry:
     """Output size and explicit padding of a pooling window over the spatial axes."""
 
