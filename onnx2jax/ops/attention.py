@@ -204,3 +204,77 @@ def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
     if x.ndim == 4:
         return jnp.transpose(out, (0, 2, 1, 3))
     return jnp.reshape(out, x.shape)
+
+
+_UPDATE_RULES = ("linear", "gated", "delta", "gated_delta")
+
+
+@register("LinearAttention", 27)
+def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=None):
+    rule = ctx.attr("update_rule", "gated_delta")
+    if rule not in _UPDATE_RULES:
+        raise ctx.error(f"update_rule={rule!r} is not one of {', '.join(_UPDATE_RULES)}")
+    gating = rule in ("gated", "gated_delta")
+    delta = rule in ("delta", "gated_delta")
+    if gating != (decay is not None):
+        raise ctx.error(f"update_rule={rule!r} {'needs' if gating else 'forbids'} decay")
+    if delta != (beta is not None):
+        raise ctx.error(f"update_rule={rule!r} {'needs' if delta else 'forbids'} beta")
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    if not query.ndim == key.ndim == value.ndim == 3:
+        raise ctx.error("query, key and value must be rank 3 (batch, time, heads * size)")
+    q_heads, kv_heads = ctx.attr("q_num_heads"), ctx.attr("kv_num_heads")
+    if q_heads is None or kv_heads is None or kv_heads <= 0 or q_heads % kv_heads:
+        raise ctx.error(f"q_num_heads={q_heads} must be a positive multiple of "
+                        f"kv_num_heads={kv_heads}")
+    out_dtype = query.dtype
+    batch, steps, _ = query.shape
+    # The recurrence accumulates in float32 whatever the activation type.
+    q = _split_heads(ctx, query, q_heads, "q_num_heads").astype(jnp.float32)
+    k = _split_heads(ctx, key, kv_heads, "kv_num_heads").astype(jnp.float32)
+    v = _split_heads(ctx, value, kv_heads, "kv_num_heads").astype(jnp.float32)
+    d_k, d_v = q.shape[-1], v.shape[-1]
+    groups = q_heads // kv_heads
+
+    def per_step(x, last, what):
+        """(batch, time, heads * size or heads) -> (time, batch, heads, size or 1)."""
+        x = jnp.asarray(x).astype(jnp.float32)
+        if x.ndim != 3:
+            raise ctx.error(f"{what} must be rank 3, got shape {x.shape}")
+        if x.shape[-1] not in last:
+            raise ctx.error(f"{what} ends in {x.shape[-1]}, expected one of {last}")
+        width = x.shape[-1] // (kv_heads if x.shape[-1] % kv_heads == 0 else 1)
+        heads = x.shape[-1] // width
+        return jnp.moveaxis(jnp.reshape(x, (batch, steps, heads, width)), 1, 0)
+
+    xs = {"q": jnp.moveaxis(q, 2, 0), "k": jnp.moveaxis(k, 2, 0), "v": jnp.moveaxis(v, 2, 0)}
+    if gating:
+        xs["g"] = per_step(decay, (kv_heads, kv_heads * d_k), "decay")
+    if delta:
+        xs["b"] = per_step(beta, (kv_heads, 1), "beta")
+    if past_state is None:
+        state_dtype = out_dtype
+        state = jnp.zeros((batch, kv_heads, d_k, d_v), jnp.float32)
+    else:
+        state = jnp.asarray(past_state)
+        if state.shape != (batch, kv_heads, d_k, d_v):
+            raise ctx.error(f"past_state shape {state.shape} is not "
+                            f"{(batch, kv_heads, d_k, d_v)}")
+        state_dtype = state.dtype
+        state = state.astype(jnp.float32)
+    scale = float(ctx.attr("scale", 0.0)) or 1.0 / np.sqrt(d_k)
+
+    def step(state, x):
+        k_t, v_t = x["k"], x["v"]
+        if gating:
+            state = state * jnp.exp(x["g"])[..., None]
+        if delta:
+            v_t = x["b"] * (v_t - jnp.einsum("bhdm,bhd->bhm", state, k_t))
+        state = state + k_t[..., :, None] * v_t[..., None, :]
+        q_t = jnp.reshape(x["q"], (batch, kv_heads, groups, d_k))
+        out = scale * jnp.einsum("bhgd,bhdm->bhgm", q_t, state)
+        return state, jnp.reshape(out, (batch, q_heads * d_v))
+
+    state, outputs = lax.scan(step, state, xs)
+    output = jnp.moveaxis(outputs, 0, 1).astype(out_dtype)
+    return output, state.astype(state_dtype)
