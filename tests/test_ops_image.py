@@ -248,8 +248,8 @@ def test_affine_grid_gradient_and_x64_off():
 
 FEATURES = f32(2, 3, 6, 7)
 ROIS = np.array([[0.5, 1.0, 4.0, 5.2], [1.2, 0.1, 6.9, 3.3], [-2.0, -1.0, 9.0, 8.0],
-                 [3.0, 3.0, 3.2, 3.1]], np.float32)
-BATCH = np.array([0, 1, 1, 0], np.int64)
+                 [3.0, 3.0, 3.2, 3.1], [5.0, 4.0, 2.0, 1.5]], np.float32)
+BATCH = np.array([0, 1, 1, 0, 1], np.int64)
 
 
 @pytest.mark.parametrize("mode", ["avg", "max"])

@@ -470,10 +470,10 @@ def _roi_axis_samples(xp, start, bin_size, grid, pooled, max_grid, limit):
     dtype = start.dtype
     p = xp.arange(pooled, dtype=dtype)[None, :, None]
     i = xp.arange(max_grid, dtype=dtype)[None, None, :]
-    grid_f = grid.astype(dtype)[:, None, None]
+    count = grid[:, None, None]
     pos = start[:, None, None] + p * bin_size[:, None, None] \
-        + (i + 0.5) * bin_size[:, None, None] / grid_f
-    valid = (pos >= -1.0) & (pos <= limit) & (i < grid_f)
+        + (i + 0.5) * bin_size[:, None, None] / xp.maximum(count, 1).astype(dtype)
+    valid = (pos >= -1.0) & (pos <= limit) & (i < count)
     pos = xp.maximum(pos, 0)
     low = xp.floor(pos)
     at_edge = low >= limit - 1
@@ -549,6 +549,9 @@ def _roi_align(ctx, x, rois, batch_indices, half_pixel):
             (xp.arange(max_w)[None, :] < grid_w[:, None])[:, None, None, None, :]
         weighted = jnp.where(sampled[..., None], weighted, -jnp.inf)
         y = jnp.moveaxis(jnp.max(weighted, axis=(2, 4)), -1, 1)
+        # A reversed roi under adaptive sampling has no samples; its bins read 0.
+        empty = (grid_h <= 0) | (grid_w <= 0)
+        y = jnp.where(empty[:, None, None, None], 0, y)
     return y.astype(x.dtype)
 
 
