@@ -42,8 +42,10 @@ def is_concrete(value: Any) -> bool:
 class OpContext:
     """What an op function knows about its node: attributes, opset, helpers for static values."""
 
-    def __init__(self, interpreter: Interpreter, node: onnx.NodeProto, scope: Mapping[str, Any]):
+    def __init__(self, interpreter: Interpreter, node: onnx.NodeProto, scope: Mapping[str, Any],
+                 plan: GraphPlan):
         self.interpreter = interpreter
+        self.plan = plan  # the graph being run (the training Gradient op re-runs part of it)
         self.node = node
         self.scope = scope
         self.opset = interpreter.opsets.get(canonical_domain(node.domain), 1)
@@ -150,7 +152,7 @@ class Interpreter:
                 if name not in env:
                     raise OpError(f"{node_label(node)} reads {name!r}, which nothing defines")
                 args.append(env[name])
-            ctx = OpContext(self, node, env)
+            ctx = OpContext(self, node, env, plan)
             try:
                 result = spec.function(ctx, *args)
             except (DataDependentShapeError, OpError):

@@ -116,7 +116,7 @@ class Model:
         """
         bound = self.bind_inputs(inputs, named_inputs)
         wanted = _as_tuple(outputs)
-        if not self._needs_eager:
+        if not self._needs_eager and not any(_host_only(v) for v in bound.values()):
             try:
                 return self._jitted(self.params, bound, outputs=wanted)
             except DataDependentShapeError:

@@ -63,3 +63,88 @@ def export_minilm(path: Path, dynamo: bool) -> Path:
                 output_names=MINILM_OUTPUTS, opset_version=17, dynamo=False,
                 dynamic_axes={k: {v: n for n, v in dims.items()} for k in names})
     return path
+
+
+class _Outputs:
+    """Wraps a transformers model so it takes positional tensors and returns a tuple."""
+
+    def __new__(cls, model, names: list[str], outputs: list[str]):
+        import torch
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def forward(self, *args):
+                out = self.inner(**dict(zip(names, args, strict=True)))
+                return tuple(getattr(out, name) for name in outputs)
+
+        return Wrapped().eval()
+
+
+def _tiny_transformers(kind: str):
+    """A transformers model from a small config with random weights, and sample inputs."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 99, size=(2, 12)).astype(np.int64)
+    mask = np.ones((2, 12), np.int64)
+    mask[1, 9:] = 0
+    text = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64)
+    if kind == "bert":
+        return (tf.BertModel(tf.BertConfig(**text)), {"input_ids": ids, "attention_mask": mask},
+                ["last_hidden_state"])
+    if kind == "gpt2":
+        config = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               use_cache=False)
+        return (tf.GPT2LMHeadModel(config), {"input_ids": ids, "attention_mask": mask},
+                ["logits"])
+    if kind == "t5":
+        config = tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                             num_heads=4, use_cache=False)
+        decoder = ids[:, :7].copy()
+        return (tf.T5Model(config), {"input_ids": ids, "attention_mask": mask,
+                                     "decoder_input_ids": decoder}, ["last_hidden_state"])
+    if kind == "llama":
+        config = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64,
+                                use_cache=False)
+        return (tf.LlamaModel(config), {"input_ids": ids, "attention_mask": mask},
+                ["last_hidden_state"])
+    if kind == "vit":
+        config = tf.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+        pixels = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+        return tf.ViTModel(config), {"pixel_values": pixels}, ["last_hidden_state"]
+    if kind == "resnet":
+        config = tf.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32],
+                                 depths=[1, 1], layer_type="basic")
+        pixels = rng.normal(size=(2, 3, 64, 64)).astype(np.float32)
+        return tf.ResNetModel(config), {"pixel_values": pixels}, ["pooler_output"]
+    raise ValueError(kind)
+
+
+def export_tiny_transformers(kind: str, path: Path, dynamo: bool = False
+                             ) -> dict[str, np.ndarray]:
+    """Export a small-config transformers model of ``kind``; return its sample inputs."""
+    import torch
+
+    model, inputs, outputs = _tiny_transformers(kind)
+    model.config._attn_implementation = "eager"
+    model.eval()
+    names = list(inputs)
+    wrapped = _Outputs(model, names, outputs)
+    args = tuple(torch.from_numpy(v) for v in inputs.values())
+    with torch.no_grad():
+        if dynamo:
+            torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=outputs,
+                              dynamo=True, optimize=True, external_data=False)
+        else:
+            torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=outputs,
+                              opset_version=17, dynamo=False)
+    return inputs

@@ -37,7 +37,8 @@ def main() -> None:
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     x_train, y_train = torch.from_numpy(images[train]), torch.from_numpy(labels[train])
-    for epoch in range(30):
+    epochs = 30
+    for _ in range(epochs):
         model.train()
         for batch in torch.randperm(len(train)).split(64):
             optimizer.zero_grad()
@@ -48,7 +49,7 @@ def main() -> None:
     with torch.no_grad():
         predicted = model(torch.from_numpy(images[test])).argmax(1).numpy()
     accuracy = float((predicted == labels[test]).mean())
-    print(f"held-out accuracy after {epoch + 1} epochs: {accuracy:.3f} on {len(test)} images")
+    print(f"held-out accuracy after {epochs} epochs: {accuracy:.3f} on {len(test)} images")
 
     torch.onnx.export(
         model, (x_train[:1],), str(HERE / "digits_cnn.onnx"), input_names=["image"],
