@@ -278,3 +278,37 @@ def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=N
     state, outputs = lax.scan(step, state, xs)
     output = jnp.moveaxis(outputs, 0, 1).astype(out_dtype)
     return output, state.astype(state_dtype)
+
+
+@register("FlexAttention", 1, domain="ai.onnx.preview")
+def flex_attention(ctx, q, k, v):
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if not q.ndim == k.ndim == v.ndim == 4:
+        raise ctx.error(f"Q, K and V must be rank 4, got {q.shape}, {k.shape}, {v.shape}")
+    batch, q_heads, q_len, head_size = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if q_heads % kv_heads or v.shape[1] != kv_heads or v.shape[2] != kv_len:
+        raise ctx.error(f"Q {q.shape}, K {k.shape} and V {v.shape} do not fit together")
+    groups = q_heads // kv_heads
+    precision = ctx.attr("softmax_precision")
+    if precision is not None:
+        compute = jax.dtypes.canonicalize_dtype(numpy_dtype(int(precision)))
+        if not jnp.issubdtype(compute, jnp.floating):
+            raise ctx.error(f"softmax_precision={precision} is not a floating-point type")
+    else:
+        # Half-precision inputs get a float32 softmax; float32/float64 keep their own.
+        compute = jnp.promote_types(q.dtype, jnp.float32)
+    scale = ctx.attr("scale")
+    scale = 1.0 / np.sqrt(head_size) if scale is None else float(scale)
+    root = jnp.asarray(np.sqrt(np.float32(scale)), q.dtype)
+    q_grouped = jnp.reshape(q * root, (batch, kv_heads, groups, q_len, head_size))
+    scores = jnp.einsum("bhgqd,bhkd->bhgqk", q_grouped, k * root)
+    scores = jnp.reshape(scores, (batch, q_heads, q_len, kv_len)).astype(compute)
+    if "score_mod" in ctx.attrs:
+        scores = jnp.asarray(ctx.run_subgraph("score_mod", [scores])[0]).astype(compute)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if "prob_mod" in ctx.attrs:
+        probs = jnp.asarray(ctx.run_subgraph("prob_mod", [probs])[0]).astype(compute)
+    probs = jnp.reshape(probs, (batch, kv_heads, groups, q_len, kv_len))
+    y = jnp.einsum("bhgqk,bhkd->bhgqd", probs, v.astype(compute))
+    return jnp.reshape(y, (batch, q_heads, q_len, v.shape[-1])).astype(v.dtype)
