@@ -406,3 +406,42 @@ def test_unsupported_attribute_values_raise():
 ])
 def test_gradients_under_jit(op, feeds, attrs):
     _grad_is_finite(single_node_model(op, feeds, **attrs), feeds, "x")
+
+
+def test_deform_conv_groups_offset_groups_mask():
+    n, c, h, w, oc, kh, kw = 1, 4, 5, 6, 4, 2, 3
+    oh, ow = (h + 1 - 2) // 1 + 1, (w + 2 - 3) // 2 + 1
+    feeds = {"x": rand(n, c, h, w), "w": rand(oc, c // 2, kh, kw),
+             "offset": rand(n, 2 * kh * kw * 2, oh, ow), "b": rand(oc),
+             "mask": RNG.random((n, 2 * kh * kw, oh, ow)).astype(np.float32)}
+    model = single_node_model("DeformConv", feeds, group=2, offset_group=2, pads=[1, 1, 0, 1],
+                              strides=[1, 2], opset=19)
+    assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
+    _grad_is_finite(model, feeds, "offset")
+
+
+def test_causal_conv_with_state_x64_off():
+    feeds = {"x": rand(2, 3, 4), "w": rand(3, 1, 3), "b": rand(3), "state": rand(2, 3, 2)}
+    model = single_node_model("CausalConvWithState", feeds, outputs=("y", "state_out"),
+                              activation="silu", opset=27)
+    got = run_onnx2jax(model, feeds, x64=False)
+    want = run_reference(model, feeds, "reference")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["linear", "gated_delta"])
+def test_linear_attention_gqa(rule):
+    b, t, hq, hkv, dk, dv = 2, 3, 4, 2, 3, 2
+    feeds = {"q": rand(b, t, hq * dk), "k": rand(b, t, hkv * dk), "v": rand(b, t, hkv * dv),
+             "state": rand(b, hkv, dk, dv)}
+    if rule == "gated_delta":
+        feeds["decay"] = -np.abs(rand(b, t, hkv * dk))
+        feeds["beta"] = RNG.random((b, t, 1)).astype(np.float32)
+    model = single_node_model("LinearAttention", feeds, outputs=("y", "state_out"),
+                              q_num_heads=hq, kv_num_heads=hkv, update_rule=rule, opset=27)
+    got = run_onnx2jax(model, feeds, x64=False)
+    want = run_reference(model, feeds, "reference")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    _grad_is_finite(model, feeds, "k")
