@@ -445,3 +445,14 @@ def test_linear_attention_gqa(rule):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     _grad_is_finite(model, feeds, "k")
+
+
+def test_dropout_training_mode_as_graph_input():
+    feeds = {"x": rand(4, 5), "r": np.array(0.5, np.float32), "t": np.array(False)}
+    model = single_node_model("Dropout", feeds, outputs=("y", "m"), seed=1)
+    y, mask = run_onnx2jax(model, feeds)
+    np.testing.assert_array_equal(y, feeds["x"])
+    assert mask.all()
+    y, mask = run_onnx2jax(model, {**feeds, "t": np.array(True)})
+    np.testing.assert_allclose(y, np.where(mask, feeds["x"] * 2, 0), rtol=1e-6)
+    assert not mask.all()

@@ -35,22 +35,22 @@ def _position_bias(is_causal, left, right, q_len, kv_len, offset, dtype):
     """Additive 0/-inf bias of causal and sliding-window limits, or None without any.
 
     Query ``i`` sits at absolute position ``i + offset`` (``offset`` is the cache length: a
-    Python int, or a per-batch array shaped (batch, 1, 1, 1)).
+    Python int, or a per-batch array shaped (batch, 1, 1, 1)). Built from iotas rather than
+    NumPy so that long sequences do not bake a (q_len, kv_len) constant into the program.
     """
     if not is_causal and left < 0 and right < 0:
         return None
-    i = np.arange(q_len)[:, None]
-    j = np.arange(kv_len)[None, :]
-    xp = np if isinstance(offset, int) else jnp
-    distance = (i + offset) - j
-    allowed = xp.ones(np.shape(distance), dtype=bool)
+    i = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
+    j = lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
+    distance = (i + jnp.asarray(offset).astype(jnp.int32)) - j
+    allowed = jnp.ones(distance.shape, dtype=bool)
     if is_causal:
         allowed = allowed & (distance >= 0)
     if left >= 0:
         allowed = allowed & (distance <= left)
     if right >= 0:
         allowed = allowed & (-distance <= right)
-    return xp.where(allowed, np.zeros((), dtype), np.asarray(-np.inf, dtype))
+    return jnp.where(allowed, jnp.zeros((), dtype), jnp.asarray(-np.inf, dtype))
 
 
 @register("Attention", 23)
@@ -111,11 +111,12 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
     positional = _position_bias(bool(ctx.attr("is_causal", 0)),
                                 int(ctx.attr("left_window_size", -1)),
                                 int(ctx.attr("right_window_size", -1)),
-                                q_len, kv_len, offset, np.dtype(dtype))
+                                q_len, kv_len, offset, dtype)
     if positional is not None:
         bias = positional if bias is None else bias + positional
     if valid is not None:
-        padding = jnp.where(jnp.arange(kv_len) < valid, jnp.zeros((), dtype),
+        keys = lax.broadcasted_iota(valid.dtype, (kv_len,), 0)
+        padding = jnp.where(keys < valid, jnp.zeros((), dtype),
                             jnp.asarray(-np.inf, dtype))
         bias = padding if bias is None else bias + padding
 

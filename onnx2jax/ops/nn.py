@@ -560,13 +560,12 @@ def _ones_like(x, dtype):
     return xp.ones(np.shape(x), dtype)
 
 
-@register("Dropout", 12, static_inputs=(2,))
-@register("Dropout", 13, static_inputs=(2,))
-@register("Dropout", 22, static_inputs=(2,))
+@register("Dropout", 12)
+@register("Dropout", 13)
+@register("Dropout", 22)
 def dropout(ctx, x, ratio=None, training_mode=None):
-    training = training_mode is not None and bool(
-        ctx.static(training_mode, 2, "training_mode"))
-    if not training:
+    if training_mode is None or (isinstance(training_mode, np.ndarray)
+                                 and not training_mode.any()):
         return (x, _ones_like(x, np.bool_)) if ctx.has_output(1) else x
     x = jnp.asarray(x)
     ratio = jnp.asarray(0.5 if ratio is None else ratio, x.dtype)
@@ -576,5 +575,10 @@ def dropout(ctx, x, ratio=None, training_mode=None):
     keep = jax.random.uniform(key, x.shape, jnp.float32) >= ratio.astype(jnp.float32)
     scale = jnp.where(ratio < 1, 1 / (1 - ratio), jnp.zeros((), x.dtype))
     y = jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+    if not isinstance(training_mode, np.ndarray):
+        # training_mode known only at run time: select between the two modes.
+        training = jnp.reshape(training_mode, ())
+        y = jnp.where(training, y, x)
+        keep = keep | ~training
     return (y, keep) if ctx.has_output(1) else y
 
