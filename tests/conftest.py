@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ def _cached(request: pytest.FixtureRequest, name: str, build) -> Path:
     folder = Path(request.config.cache.mkdir("onnx2jax-models"))
     path = folder / name
     if not path.exists():
-        tmp = path.with_suffix(".partial.onnx")
+        tmp = path.with_suffix(f".partial-{os.getpid()}.onnx")  # parallel workers never clash
         build(tmp)
         tmp.rename(path)
     return path

@@ -1,0 +1,112 @@
+"""README sections generated from the code: the operator coverage table and the suite count.
+
+``python -m onnx2jax.coverage`` rewrites those sections of README.md in place; a test keeps
+them equal to what this module generates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import onnx
+
+from onnx2jax import ops  # noqa: F401  (registers every op family)
+from onnx2jax.ops.registry import registered_ops
+
+
+def _onnx_schemas() -> dict[tuple[str, str], list[int]]:
+    """Every (domain, op) the installed onnx defines, with its since_versions."""
+    versions: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for schema in onnx.defs.get_all_schemas_with_history():
+        if schema.deprecated and schema.domain == "":
+            continue
+        versions[(schema.domain, schema.name)].add(schema.since_version)
+    return {k: sorted(v) for k, v in versions.items()}
+
+
+def coverage_table() -> str:
+    """A Markdown table: one row per domain and op, the versions we implement, and gaps."""
+    ours: dict[tuple[str, str], list[int]] = defaultdict(list)
+    notes: dict[tuple[str, str], str] = {}
+    for spec in registered_ops():
+        ours[(spec.domain, spec.op_type)].append(spec.since)
+        if spec.note:
+            notes[(spec.domain, spec.op_type)] = spec.note
+    schemas = _onnx_schemas()
+    standard = {"", "ai.onnx.ml", "ai.onnx.preview.training"}
+    missing = sorted(k for k in schemas if k[0] in standard and k not in ours)
+    lines = [
+        f"{len(ours)} operators implemented; "
+        f"{len(missing)} of the standard domains' operators are not: "
+        + (", ".join(f"`{d + '::' if d else ''}{op}`" for d, op in missing) or "none") + ".",
+        "",
+        "| domain | operator | implemented versions (since) | notes |",
+        "| --- | --- | --- | --- |",
+    ]
+    for (domain, op_type), since in sorted(ours.items()):
+        known = schemas.get((domain, op_type))
+        gaps = [v for v in known or [] if v > min(since) and v not in since]
+        note = notes.get((domain, op_type), "")
+        if gaps:
+            note = (note + "; " if note else "") + "same code serves " + ", ".join(map(str, gaps))
+        lines.append(f"| {domain or 'ai.onnx'} | {op_type} | {', '.join(map(str, since))} "
+                     f"| {note} |")
+    return "\n".join(lines)
+
+
+def suite_summary(test_names: list[str], expected_failures: list[str]) -> str:
+    """One line per part of the ONNX backend suite: how many of its tests pass."""
+    parts = {"node": "node tests", "other": "simple, pytorch-converted, pytorch-operator and "
+             "light model-zoo tests"}
+    node_tests = _node_test_names()
+    failing = set(expected_failures)
+    lines = []
+    for part, label in parts.items():
+        names = [n for n in test_names if (n in node_tests) == (part == "node")]
+        passed = sum(n not in failing for n in names)
+        lines.append(f"  - {passed:,} of {len(names):,} {label} pass.")
+    return "\n".join(lines)
+
+
+def _node_test_names() -> set[str]:
+    from onnx.backend.test.loader import load_model_tests
+
+    return {f"{t.name}_cpu" for t in load_model_tests(kind="node")}
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """Replace what stands between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def expected_failures(path: Path) -> list[str]:
+    lines = (line.split()[0] for line in path.read_text().splitlines() if line.strip())
+    return [name for name in lines if not name.startswith("#")]
+
+
+def render_readme(readme: str, root: Path) -> str:
+    """README text with its generated sections brought up to date."""
+    import warnings
+
+    import onnx.backend.test
+    from onnx.backend.base import Backend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runner = onnx.backend.test.BackendTest(Backend, __name__)
+    names = [n for case in runner.test_cases.values() for n in dir(case)
+             if n.startswith("test_") and n.endswith("_cpu")]
+    failing = expected_failures(root / "tests" / "expected_failures.txt")
+    readme = replace_section(readme, "suite", suite_summary(names, failing))
+    return replace_section(readme, "coverage", coverage_table())
+
+
+if __name__ == "__main__":
+    root = Path(__file__).resolve().parent.parent
+    path = root / "README.md"
+    path.write_text(render_readme(path.read_text(), root))
+    print(f"updated {path}")
