@@ -9,6 +9,7 @@ from onnx2jax.ops import (  # noqa: F401
     elementwise,
     image,
     indexing,
+    loss,
     math,
     ml,
     nn,
