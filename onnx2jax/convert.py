@@ -138,7 +138,16 @@ class Interpreter:
     def run(self, plan: GraphPlan, env: MutableMapping[str, Any], wanted: Sequence[str]
             ) -> list[Any]:
         """Evaluate the nodes ``wanted`` depends on; ``env`` holds inputs, params, constants."""
-        for index in plan.nodes_for(list(wanted)):
+        self.run_nodes(plan, env, plan.nodes_for(list(wanted)))
+        missing = [n for n in wanted if n not in env]
+        if missing:
+            raise OpError(f"no tensor named {missing[0]!r} in the graph")
+        return [env[n] for n in wanted]
+
+    def run_nodes(self, plan: GraphPlan, env: MutableMapping[str, Any],
+                  indices: Sequence[int]) -> None:
+        """Evaluate the nodes ``plan.nodes[i]`` for ``i`` in ``indices``, in that order."""
+        for index in indices:
             node = plan.nodes[index]
             spec = plan.specs[index]
             if spec is None:
@@ -155,15 +164,15 @@ class Interpreter:
             ctx = OpContext(self, node, env, plan)
             try:
                 result = spec.function(ctx, *args)
-            except (DataDependentShapeError, OpError):
+            except DataDependentShapeError as exc:
+                # Outermost plan wins: the segmented runner moves that node out of jit.
+                exc.plan, exc.node_index = plan, index
+                raise
+            except OpError:
                 raise
             except Exception as exc:
                 raise OpError(f"{node_label(node)} failed: {type(exc).__name__}: {exc}") from exc
             self._store(node, result, env)
-        missing = [n for n in wanted if n not in env]
-        if missing:
-            raise OpError(f"no tensor named {missing[0]!r} in the graph")
-        return [env[n] for n in wanted]
 
     @staticmethod
     def _store(node: onnx.NodeProto, result: Any, env: MutableMapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ from onnx2jax.graph import (
     plan_graph,
 )
 from onnx2jax.loader import ModelSource, read_model
+from onnx2jax.segments import SegmentedRunner
 
 Params = dict[str, jax.Array]
 
@@ -51,7 +52,7 @@ class Model:
         self.params: Params = {k: jnp.asarray(v) for k, v in self.plan.param_values.items()}
         self.plan.param_values = {}
         self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",))
-        self._needs_eager = False
+        self._segmented: dict[tuple[str, ...] | None, SegmentedRunner] = {}
 
     # ---------------------------------------------------------------- description
     @property
@@ -111,31 +112,45 @@ class Model:
                  **named_inputs: Any) -> dict[str, Any]:
         """Run with :attr:`params`, jit-compiled and cached per input shapes and dtypes.
 
-        A model whose graph needs values that depend on the data (NonZero, a Reshape to a
-        computed shape...) runs op by op outside jit instead.
+        A model whose graph needs values that depend on the data (NonZero, Unique, a Reshape
+        to a computed shape...) is cut into jit-compiled segments around those nodes, which run
+        outside jit; each segment is compiled once per signature and cached.
         """
         bound = self.bind_inputs(inputs, named_inputs)
         wanted = _as_tuple(outputs)
-        if not self._needs_eager and not any(_host_only(v) for v in bound.values()):
+        runner = self._segmented.get(wanted)
+        if runner is None and not any(_host_only(v) for v in bound.values()):
             try:
                 return self._jitted(self.params, bound, outputs=wanted)
             except DataDependentShapeError:
-                self._needs_eager = True
-        return self._apply_bound(self.params, bound, wanted)
+                pass
+        if runner is None:
+            names = list(wanted) if wanted else self.output_names
+            runner = self._segmented[wanted] = SegmentedRunner(
+                self.plan, self._interpreter, names)
+        env = self._environment(self.params, bound, runner.wanted)
+        values = runner.run(env)
+        return {name: _as_output(v) for name, v in zip(runner.wanted, values, strict=True)}
 
     def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
                      outputs: tuple[str, ...] | None) -> dict[str, Any]:
+        wanted = list(outputs) if outputs else self.output_names
+        env = self._environment(params, bound, wanted)
+        values = self._interpreter.run(self.plan, env, wanted)
+        return {name: _as_output(v) for name, v in zip(wanted, values, strict=True)}
+
+    def _environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
+                     wanted: Sequence[str]) -> dict[str, Any]:
+        """Constants, params and inputs by name; checks that ``wanted`` names real tensors."""
         env: dict[str, Any] = dict(self.plan.constants)
         env.update({k: jnp.asarray(v) for k, v in params.items()})
         env.update({k: _as_jax(v) for k, v in bound.items()})
-        wanted = list(outputs) if outputs else self.output_names
         unknown = [n for n in wanted if n not in env and n not in self.plan.producer]
         if unknown:
             raise InputError(
                 f"no tensor named {unknown[0]!r} in the model; model.tensor_names() lists "
                 "the names that can be read")
-        values = self._interpreter.run(self.plan, env, wanted)
-        return {name: _as_output(v) for name, v in zip(wanted, values, strict=True)}
+        return env
 
     # ---------------------------------------------------------------- export
     def to_onnx(self, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:

@@ -240,3 +240,47 @@ def test_data_dependent_shape_raises_under_jit_and_runs_eagerly():
         jax.jit(model.apply)(model.params, x, shape)
     assert model(x, shape)["y"].shape == (2, 3)
     assert model(x, np.array([3, 2], np.int64))["y"].shape == (3, 2)
+
+
+def nonzero_model() -> onnx.ModelProto:
+    """y = (x * w)[x * w != 0] * 3: a data-dependent NonZero between two traced parts."""
+    w = numpy_helper.from_array(np.array([1.0, 0.0, 2.0, -1.0, 0.0, 5.0], np.float32), "w")
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+    three = numpy_helper.from_array(np.array(3.0, np.float32), "three")
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["a"], name="scale"),
+        helper.make_node("NonZero", ["a"], ["nz"], name="nonzero"),
+        helper.make_node("Squeeze", ["nz", "axes"], ["idx"], name="squeeze"),
+        helper.make_node("Gather", ["a", "idx"], ["g"], name="gather"),
+        helper.make_node("Mul", ["g", "three"], ["y"], name="triple"),
+    ]
+    graph = helper.make_graph(
+        nodes, "nonzero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[w, axes, three])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_data_dependent_nodes_run_between_jitted_segments():
+    model = onnx2jax.load(nonzero_model())
+    x = np.array([1, 1, 1, 1, 1, 1], np.float32)
+    np.testing.assert_allclose(model(x)["y"], [3, 6, -3, 15])
+    runner = model._segmented[None]
+    assert [s.host for s in runner.segments] == [False, True, False]
+    compiled = len(runner._compiled)
+    # Same count of non-zeros: every segment is reused; another count compiles the tail anew.
+    np.testing.assert_allclose(model(2 * x)["y"], [6, 12, -6, 30])
+    assert len(runner._compiled) == compiled
+    np.testing.assert_allclose(model(np.array([0, 1, 1, 1, 1, 1], np.float32))["y"],
+                               [6, -3, 15])
+    assert len(runner._compiled) == compiled + 1
+    with pytest.raises(DataDependentShapeError, match="NonZero node 'nonzero'"):
+        jax.jit(model.apply)(model.params, x)
+
+
+def test_segments_return_intermediate_outputs():
+    model = onnx2jax.load(nonzero_model())
+    x = np.ones(6, np.float32)
+    out = model(x, outputs=["a", "y"])
+    np.testing.assert_allclose(out["a"], np.asarray(model.params["w"]))
+    assert out["y"].shape == (4,)
