@@ -1,4 +1,4 @@
-"""Cast and CastLike between every ONNX type, float8 and 4-bit types included.
+"""Cast and CastLike between every ONNX type, float8 and 4-bit types included; BitCast.
 
 A static input is cast in NumPy (ml_dtypes supplies bfloat16, float8, float4, int4 and int2),
 so the Casts that exported models put in their shape arithmetic fold at trace time. A traced
@@ -8,6 +8,7 @@ input is cast with ``astype``, which XLA lowers to a convert with the same round
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from jax import lax
@@ -25,6 +26,10 @@ _HOST_ONLY = (TensorProto.FLOAT6E2M3, TensorProto.FLOAT6E3M2)
 _SUB_BYTE = {TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False),
              TensorProto.INT2: (2, True), TensorProto.UINT2: (2, False)}
 _ROUND_MODES = ("up", "down", "nearest")
+# Bit widths where NumPy's itemsize (one byte per element) is not the ONNX width.
+_NARROW_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
+                TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.FLOAT6E2M3: 6,
+                TensorProto.FLOAT6E3M2: 6}
 
 
 @register("Cast", 1)
@@ -58,6 +63,58 @@ def cast(ctx, x):
 def cast_like(ctx, x, target_type):
     dtype = np.dtype(target_type.dtype)
     return _cast(ctx, x, TensorProto.STRING if dtype.kind == "O" else onnx_elem_type(dtype))
+
+
+@register("BitCast", 26)
+def bit_cast(ctx, x):
+    to = ctx.attr("to")
+    if to is None or to == TensorProto.UNDEFINED:
+        raise ctx.error("BitCast needs the 'to' attribute")
+    source = np.dtype(x.dtype)
+    if to == TensorProto.STRING or source.kind == "O":
+        raise ctx.error("BitCast does not take strings")
+    try:
+        dtype = numpy_dtype(to)
+    except (KeyError, ValueError, TypeError):
+        raise ctx.error(f"unsupported target type {to}") from None
+    if _bit_width(source) != _bit_width(dtype):
+        raise ctx.error(f"BitCast needs types of the same width; {source.name} has "
+                        f"{_bit_width(source)} bits and {dtype.name} {_bit_width(dtype)}")
+    if is_static(x):
+        # ml_dtypes keeps sub-byte values in the low bits of a byte, so a view is exact there too.
+        return np.asarray(x).view(dtype)
+    if to in _HOST_ONLY:
+        raise ctx.error(f"XLA has no {dtype.name} type; only a constant input can be bit-cast "
+                        "to it")
+    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise ctx.error(f"BitCast to {dtype.name} needs 64-bit types: enable jax x64 "
+                        "(jax.config.update('jax_enable_x64', True))")
+    if source == dtype:
+        return x
+    # XLA bit-casts neither bool nor complex: bool is the byte 0 or 1, complex two floats, real
+    # part first (the low bits, little endian).
+    if source == np.bool_:
+        x, source = x.astype(np.uint8), np.dtype(np.uint8)
+    if source.kind == "c":
+        parts = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+        return _bit_cast_to(parts, dtype)
+    return _bit_cast_to(x, dtype)
+
+
+def _bit_cast_to(x, dtype):
+    """``x``'s bits as ``dtype`` (for complex: the two halves; for bool: byte != 0)."""
+    if dtype == np.bool_:
+        return lax.bitcast_convert_type(x, np.uint8) != 0
+    if dtype.kind == "c":
+        half = np.dtype(f"float{dtype.itemsize * 4}")
+        parts = lax.bitcast_convert_type(x, half)
+        return lax.complex(parts[..., 0], parts[..., 1])
+    return lax.bitcast_convert_type(x, dtype)
+
+
+def _bit_width(dtype):
+    to = onnx_elem_type(dtype)
+    return _NARROW_BITS.get(to, dtype.itemsize * 8)
 
 
 def _cast(ctx, x, to):
