@@ -77,18 +77,20 @@ def bit_cast(ctx, x):
         dtype = numpy_dtype(to)
     except (KeyError, ValueError, TypeError):
         raise ctx.error(f"unsupported target type {to}") from None
+    if not is_static(x):
+        if to in _HOST_ONLY:
+            raise ctx.error(f"XLA has no {dtype.name} type; only a constant input can be "
+                            "bit-cast to it")
+        # Checked before the widths: with x64 off a 64-bit input already arrives as 32 bits.
+        if jax.dtypes.canonicalize_dtype(dtype) != dtype:
+            raise ctx.error(f"BitCast to {dtype.name} needs 64-bit types: enable jax x64 "
+                            "(jax.config.update('jax_enable_x64', True))")
     if _bit_width(source) != _bit_width(dtype):
         raise ctx.error(f"BitCast needs types of the same width; {source.name} has "
                         f"{_bit_width(source)} bits and {dtype.name} {_bit_width(dtype)}")
     if is_static(x):
         # ml_dtypes keeps sub-byte values in the low bits of a byte, so a view is exact there too.
         return np.asarray(x).view(dtype)
-    if to in _HOST_ONLY:
-        raise ctx.error(f"XLA has no {dtype.name} type; only a constant input can be bit-cast "
-                        "to it")
-    if jax.dtypes.canonicalize_dtype(dtype) != dtype:
-        raise ctx.error(f"BitCast to {dtype.name} needs 64-bit types: enable jax x64 "
-                        "(jax.config.update('jax_enable_x64', True))")
     if source == dtype:
         return x
     # XLA bit-casts neither bool nor complex: bool is the byte 0 or 1, complex two floats, real
@@ -174,13 +176,13 @@ def _parse_strings(strings, dtype):
     if np.issubdtype(dtype, np.integer) or onnx_elem_type(dtype) in _SUB_BYTE:
         # Integers keep all 64 bits; "100.5" still reads as 100, as the spec allows.
         wide = np.uint64 if dtype == np.uint64 else np.int64
-        values = np.array([_parse_int(t) for t in texts], dtype=wide)
+        values = np.array([parse_int(t) for t in texts], dtype=wide)
     else:
         values = np.array([float(t) for t in texts], dtype=np.float64)
     return values.reshape(strings.shape)
 
 
-def _parse_int(text):
+def parse_int(text):
     try:
         return int(text)
     except ValueError:

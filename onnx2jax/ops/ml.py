@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from onnx2jax.convert import is_static
+from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.ops.cast import parse_int
 from onnx2jax.ops.registry import register
 
 ML = "ai.onnx.ml"
@@ -293,6 +296,134 @@ def zip_map(ctx, x):
         raise ctx.error(f"input of shape {x.shape} does not match {len(labels)} class labels")
     keys = [int(k) for k in labels] if labels.dtype != object else [str(k) for k in labels]
     return [{key: row[j] for j, key in enumerate(keys)} for row in x]
+
+
+# ---------------------------------------------------------------------------- maps
+# An ONNX map is a Python dict. Its keys are always known at trace time; its values may be
+# traced (a ZipMap row) unless they are strings. Outputs have shape (1, n), as in onnxruntime.
+
+_CAST_TO = ("TO_FLOAT", "TO_STRING", "TO_INT64")
+# onnxruntime pads a sparse CastMap to strings with this literal; the spec leaves it open.
+_STRING_PAD = "0.f"
+
+
+def _map_input(ctx, x):
+    if not isinstance(x, dict):
+        raise ctx.error(f"expects a map (a Python dict), got {type(x).__name__}")
+    return {_map_key(k): v if isinstance(v, jax.Array) else np.asarray(v) for k, v in x.items()}
+
+
+def _map_key(key):
+    if isinstance(key, np.ndarray | np.generic):
+        key = key.item()
+    return key.decode() if isinstance(key, bytes) else key
+
+
+def _is_text(value):
+    return is_static(value) and value.dtype.kind in "OSU"
+
+
+def _declared_map_value_dtype(ctx):
+    """The value type the graph declares for the map input, if it declares one."""
+    name = ctx.input_name(0)
+    graph = ctx.plan.graph
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        if info.name == name and info.type.WhichOneof("value") == "map_type":
+            value_type = info.type.map_type.value_type
+            if value_type.WhichOneof("value") == "tensor_type":
+                return numpy_dtype(value_type.tensor_type.elem_type)
+    return None
+
+
+def _map_value_dtype(ctx, values):
+    """Declared type first; else the values' own (Python floats read as float, ints as int64)."""
+    declared = _declared_map_value_dtype(ctx)
+    if declared is not None:
+        return declared
+    for value in values:
+        if _is_text(value):
+            return np.dtype(object)
+        if value.dtype == np.float64 and not isinstance(value, jax.Array):
+            return np.dtype(np.float32)
+        return np.dtype(value.dtype)
+    return np.dtype(np.float32)
+
+
+def _row(ctx, values, dtype, pad):
+    """``values`` (``None`` for a gap, filled with ``pad``) as an array of shape (1, n)."""
+    if dtype.kind == "O":
+        texts = [pad if v is None else _map_key(v) for v in values]
+        return np.array(texts, dtype=object).reshape(1, -1)
+    if all(v is None or is_static(v) for v in values):
+        return np.array([pad if v is None else v for v in values], dtype=dtype).reshape(1, -1)
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    return jnp.stack([jnp.asarray(pad if v is None else v).astype(dtype).reshape(())
+                      for v in values]).reshape(1, -1)
+
+
+@register("DictVectorizer", 1, domain=ML)
+def dict_vectorizer(ctx, x):
+    mapping = _map_input(ctx, x)
+    ints, strings = ctx.attr("int64_vocabulary"), ctx.attr("string_vocabulary")
+    if bool(ints) == bool(strings):
+        raise ctx.error("needs exactly one of int64_vocabulary and string_vocabulary")
+    vocabulary = [int(k) for k in ints] if ints else list(strings)
+    key_type = int if ints else str
+    wrong = [k for k in mapping if not isinstance(k, key_type)]
+    if wrong:
+        raise ctx.error(f"map key {wrong[0]!r} does not match the {key_type.__name__} vocabulary")
+    dtype = _map_value_dtype(ctx, mapping.values())
+    # Keys missing from the vocabulary are dropped, as onnxruntime does.
+    return _row(ctx, [mapping.get(k) for k in vocabulary], dtype,
+                "" if dtype.kind == "O" else 0)
+
+
+@register("CastMap", 1, domain=ML)
+def cast_map(ctx, x):
+    mapping = _map_input(ctx, x)
+    cast_to = ctx.attr("cast_to", "TO_FLOAT")
+    form = ctx.attr("map_form", "DENSE")
+    if cast_to not in _CAST_TO:
+        raise ctx.error(f"unsupported cast_to {cast_to!r}")
+    if form not in ("DENSE", "SPARSE"):
+        raise ctx.error(f"unsupported map_form {form!r}")
+    if any(not isinstance(k, int) for k in mapping):
+        raise ctx.error("CastMap takes a map with int64 keys")
+    keys = sorted(mapping)
+    if form == "DENSE":
+        values = [mapping[k] for k in keys]
+    else:
+        size = ctx.attr("max_map", 1)
+        if size <= 0:
+            raise ctx.error(f"max_map must be positive for a SPARSE map, got {size}")
+        if keys and keys[0] < 0:
+            raise ctx.error(f"a SPARSE map cannot have the negative key {keys[0]}")
+        # Keys from max_map on do not fit and are dropped, as onnxruntime does.
+        values = [mapping.get(k) for k in range(size)]
+    if cast_to == "TO_STRING":
+        texts = [None if v is None else _map_value_text(ctx, v) for v in values]
+        return _row(ctx, texts, np.dtype(object), _STRING_PAD)
+    dtype = np.dtype(np.float32 if cast_to == "TO_FLOAT" else np.int64)
+    values = [None if v is None else _parse_map_value(ctx, v, dtype) if _is_text(v)
+              else v.astype(np.float32) for v in values]
+    # float32 to int64 truncates toward zero (astype), as a C++ static_cast.
+    return _row(ctx, values, dtype, 0)
+
+
+def _map_value_text(ctx, value):
+    value = ctx.static(value, 0, "the map's values (cast to strings)")
+    if _is_text(value):
+        return _map_key(value)
+    # C++ std::to_string of the float: six decimals.
+    return f"{float(value.astype(np.float32)):.6f}"
+
+
+def _parse_map_value(ctx, value, dtype):
+    text = str(value.item())
+    try:
+        return np.asarray(parse_int(text) if dtype == np.int64 else float(text), dtype)
+    except ValueError:
+        raise ctx.error(f"map value {text!r} is not a number") from None
 
 
 # ---------------------------------------------------------------------------- tree ensembles

@@ -1,0 +1,192 @@
+"""BitCast beyond the node suite (bool, complex, sub-byte and float8 types, constants, x64 off)
+and the ai.onnx.ml map ops CastMap and DictVectorizer against onnxruntime.
+
+Maps are Python dicts. The map tests drive the interpreter directly, because ``Model`` turns
+every input into a JAX array and a dict is not one.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx2jax.convert import Interpreter
+from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.errors import OpError
+from onnx2jax.graph import plan_graph
+from tests.helpers import run_onnx2jax, single_node_model
+
+RNG = np.random.default_rng(0)
+ML = "ai.onnx.ml"
+
+
+def _bits(dtype, mask=0xFF):
+    raw = RNG.integers(0, 256, size=(2, 3, np.dtype(dtype).itemsize), dtype=np.uint8) & mask
+    return raw.view(dtype).reshape(2, 3)
+
+
+@pytest.mark.parametrize("x, to", [
+    (_bits(np.complex64), TensorProto.UINT64),
+    (_bits(np.uint64), TensorProto.COMPLEX64),
+    (_bits(np.float64), TensorProto.COMPLEX64),
+    (_bits(np.uint8), TensorProto.BOOL),
+    (_bits(np.bool_, mask=1), TensorProto.INT8),
+    (_bits(ml_dtypes.int4, mask=0xF), TensorProto.UINT4),
+    (_bits(ml_dtypes.uint4, mask=0xF), TensorProto.FLOAT4E2M1),
+    (_bits(ml_dtypes.int2, mask=0x3), TensorProto.UINT2),
+    (_bits(np.float16), TensorProto.BFLOAT16),
+    (_bits(np.uint8), TensorProto.FLOAT8E4M3FN),
+    (_bits(ml_dtypes.float8_e8m0fnu), TensorProto.INT8),
+    (_bits(np.int32), TensorProto.INT32),
+], ids=lambda v: getattr(getattr(v, "dtype", None), "name", str(v)))
+def test_bitcast_keeps_the_bits(x, to):
+    model = single_node_model("BitCast", {"x": x}, opset=26, to=to)
+    want = x.view(numpy_dtype(to))
+    for jit in (True, False):
+        (got,) = run_onnx2jax(model, {"x": x}, jit=jit)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if want.dtype == np.bool_:
+            np.testing.assert_array_equal(got, want)
+        else:
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_bitcast_of_a_constant_folds_exactly():
+    x = np.array([1.0, -2.5, np.inf], np.float64)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["x"], value=numpy_helper.from_array(x)),
+         helper.make_node("BitCast", ["x"], ["bits"], to=TensorProto.INT64),
+         helper.make_node("Shape", ["bits"], ["y"])],
+        "folded", [], [helper.make_tensor_value_info("y", TensorProto.INT64, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)], ir_version=10)
+    for x64 in (True, False):
+        np.testing.assert_array_equal(run_onnx2jax(model, {}, x64=x64)[0], [3])
+
+
+def test_bitcast_x64_off():
+    x = np.array([1.0, -0.0, np.nan], np.float32)
+    model = single_node_model("BitCast", {"x": x}, opset=26, to=TensorProto.INT32)
+    np.testing.assert_array_equal(run_onnx2jax(model, {"x": x}, x64=False)[0],
+                                  x.view(np.int32))
+    wide = single_node_model("BitCast", {"x": x.astype(np.float64)}, opset=26,
+                             to=TensorProto.INT64)
+    with pytest.raises(OpError, match="x64"):
+        run_onnx2jax(wide, {"x": x.astype(np.float64)}, x64=False)
+
+
+def test_bitcast_width_mismatch_raises():
+    x = np.zeros(3, np.float32)
+    model = single_node_model("BitCast", {"x": x}, opset=26, to=TensorProto.INT64)
+    with pytest.raises(OpError, match="same width"):
+        run_onnx2jax(model, {"x": x})
+
+
+# ---------------------------------------------------------------------------- maps
+
+
+def _map_model(op, key_type, value_type, out_type, **attrs):
+    map_type = onnx.TypeProto()
+    map_type.map_type.key_type = key_type
+    map_type.map_type.value_type.tensor_type.elem_type = value_type
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], domain=ML, **attrs)], "map",
+                              [helper.make_value_info("x", map_type)],
+                              [helper.make_tensor_value_info("y", out_type, None)])
+    return helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 21), helper.make_opsetid(ML, 1)])
+
+
+def _run_map(model, mapping, jit=False):
+    opsets = {o.domain: o.version for o in model.opset_import}
+    plan = plan_graph(model.graph, opsets, None)
+    interpreter = Interpreter(opsets)
+    outputs = [o.name for o in model.graph.output]
+
+    def run(x):
+        return interpreter.run(plan, {"x": x}, outputs)
+
+    return [np.asarray(v) for v in (jax.jit(run) if jit else run)(mapping)]
+
+
+def _onnxruntime(model, mapping):
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": mapping})
+
+
+S, I, F = TensorProto.STRING, TensorProto.INT64, TensorProto.FLOAT
+
+
+@pytest.mark.parametrize("model, mapping", [
+    (_map_model("DictVectorizer", S, F, F, string_vocabulary=["a", "c", "b", "z"]),
+     {"a": 4.0, "c": 8.5, "unknown": 1.0}),
+    (_map_model("DictVectorizer", I, F, F, int64_vocabulary=[5, 3, 1]), {1: 2.5, 3: -1.0}),
+    (_map_model("CastMap", I, F, F), {3: 1.5, 0: 2.5, 1: 7.0}),
+    (_map_model("CastMap", I, F, I, cast_to="TO_INT64"), {3: 1.5, 0: -2.7, 1: 7.0}),
+    (_map_model("CastMap", I, F, S, cast_to="TO_STRING"), {3: 1 / 3, 0: 1e20, 1: -7.0}),
+    (_map_model("CastMap", I, F, F, map_form="SPARSE", max_map=6), {3: 1.5, 0: 2.5, 1: 7.0}),
+    (_map_model("CastMap", I, F, I, map_form="SPARSE", max_map=2, cast_to="TO_INT64"),
+     {3: 1.5, 0: 2.5, 1: 7.0}),
+    (_map_model("CastMap", I, F, S, map_form="SPARSE", max_map=4, cast_to="TO_STRING"),
+     {3: 1.5, 0: 2.5}),
+], ids=lambda v: v.graph.node[0].op_type if isinstance(v, onnx.ModelProto) else None)
+def test_maps_match_onnxruntime(model, mapping):
+    (want,) = _onnxruntime(model, mapping)
+    (got,) = _run_map(model, mapping)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    if want.dtype != object:
+        with jax.enable_x64(True):
+            np.testing.assert_array_equal(_run_map(model, mapping, jit=True)[0], want)
+
+
+@pytest.mark.parametrize("model, mapping, want", [
+    # onnxruntime's Python binding feeds only maps of floats, so these follow the spec.
+    (_map_model("DictVectorizer", I, S, S, int64_vocabulary=[5, 3, 1]), {1: "x", 5: "y"},
+     [["y", "", "x"]]),
+    (_map_model("DictVectorizer", S, I, I, string_vocabulary=["a", "b"]), {"b": 7}, [[0, 7]]),
+    (_map_model("DictVectorizer", S, TensorProto.DOUBLE, TensorProto.DOUBLE,
+                string_vocabulary=["a", "b"]), {"b": 0.1}, [[0, 0.1]]),
+    (_map_model("CastMap", I, S, F), {3: "1.5", 0: "2"}, [[2.0, 1.5]]),
+    (_map_model("CastMap", I, S, I, cast_to="TO_INT64"), {3: "15", 0: "2.7"}, [[2, 15]]),
+    (_map_model("CastMap", I, S, S, cast_to="TO_STRING"), {3: "a", 0: "b"}, [["b", "a"]]),
+], ids=lambda v: v.graph.node[0].op_type if isinstance(v, onnx.ModelProto) else None)
+def test_maps_of_other_types(model, mapping, want):
+    (got,) = _run_map(model, mapping)
+    want = np.asarray(want, dtype=got.dtype if got.dtype == object else None)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == numpy_dtype(model.graph.output[0].type.tensor_type.elem_type)
+
+
+@pytest.mark.parametrize("model, mapping, match", [
+    (_map_model("DictVectorizer", S, F, F, string_vocabulary=["a"]), {1: 1.0}, "does not match"),
+    (_map_model("CastMap", I, F, F, map_form="SPARSE", max_map=3), {-1: 1.0}, "negative"),
+    (_map_model("CastMap", I, F, F, cast_to="TO_BYTES"), {1: 1.0}, "cast_to"),
+    (_map_model("CastMap", I, S, F), {1: "one"}, "not a number"),
+])
+def test_map_errors(model, mapping, match):
+    with pytest.raises(OpError, match=match):
+        _run_map(model, mapping)
+
+
+def test_skl2onnx_dict_vectorizer_pipeline():
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import DictionaryType, FloatTensorType, StringTensorType
+    from sklearn.feature_extraction import DictVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    data = [{"a": 1.0, "b": 2.0}, {"b": 3.0, "c": -1.0}, {"a": 0.5, "c": 2.0}]
+    pipeline = make_pipeline(DictVectorizer(sparse=False), LogisticRegression())
+    pipeline.fit(data, [0, 1, 0])
+    map_type = DictionaryType(StringTensorType([1]), FloatTensorType([1]))
+    model = convert_sklearn(pipeline, initial_types=[("x", map_type)],
+                            options={LogisticRegression: {"zipmap": False}})
+    mapping = {"a": 1.0, "c": 2.0}
+    for got, want in zip(_run_map(model, mapping), _onnxruntime(model, mapping), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
