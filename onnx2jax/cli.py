@@ -1,4 +1,4 @@
-"""The ``onnx2jax`` command: ``info``, ``run``, ``check`` and ``bench`` an ONNX model.
+"""The ``onnx2jax`` command: ``info``, ``run``, ``check``, ``bench`` and ``compile`` an ONNX model.
 
 MODEL is a file path or ``hf://OWNER/NAME[@REVISION]/PATH/IN/REPO.onnx``. Results go to stdout
 as plain text, or as one JSON document with ``--json``; progress goes to stderr (``--quiet``
@@ -454,6 +454,27 @@ def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+# -------------------------------------------------------------------- compile
+def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
+    from onnx2jax.aot import export_model
+
+    model, _ = load_model(args.model, progress)
+    feeds = read_inputs(args, model)
+    with progress.step("tracing and exporting (jax.export)"):
+        start = time.perf_counter()
+        path = export_model(model, feeds, args.output_file, outputs=args.output or None)
+        seconds = time.perf_counter() - start
+    document = {"model": args.model, "artifact": str(path), "bytes": path.stat().st_size,
+                "seconds": seconds, "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                                               for k, v in feeds.items()}}
+    lines = [f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s for inputs "
+             + ", ".join(f"{k} {_shape_text(v)}" for k, v in document["inputs"].items()),
+             "run it with onnx2jax.aot.load_artifact(path)(**inputs): no ONNX parsing, no "
+             "tracing"]
+    emit(args, document, lines)
+    return 0
+
+
 # -------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``onnx2jax`` command."""
@@ -519,6 +540,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
     inputs(bench)
     bench.set_defaults(handler=cmd_bench)
+    compile_ = commands.add_parser(
+        "compile", help="ahead-of-time artifact (jax.export) for fixed input shapes",
+        description="Trace MODEL once for the input shapes given by --dim (and --input) and "
+                    "write FILE: the exported StableHLO and the weights. "
+                    "onnx2jax.aot.load_artifact(FILE) runs it without parsing ONNX or tracing.")
+    compile_.add_argument("model", metavar="MODEL")
+    compile_.add_argument("-o", "--output-file", required=True, metavar="FILE",
+                          help="the artifact to write")
+    compile_.add_argument("--output", action="append", default=[], metavar="NAME",
+                          help="a tensor to return (repeatable; default the graph's outputs)")
+    inputs(compile_)
+    compile_.set_defaults(handler=cmd_compile)
     return parser
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax import export, ops  # noqa: F401  (ops registers every op family)
+from onnx2jax import aot, export, ops  # noqa: F401  (ops registers every op family)
 from onnx2jax.convert import Interpreter
 from onnx2jax.errors import DataDependentShapeError, InputError
 from onnx2jax.graph import (
@@ -42,7 +42,8 @@ class Model:
         (1, 10)
     """
 
-    def __init__(self, proto: onnx.ModelProto, base_dir: Path | None = None):
+    def __init__(self, proto: onnx.ModelProto, base_dir: Path | None = None, *,
+                 cache_dir: str | os.PathLike | None = None):
         self.proto = proto
         self.base_dir = base_dir
         self.opsets = model_opsets(proto)
@@ -55,6 +56,9 @@ class Model:
         self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",),
                                compiler_options=self.compiler_options or None)
         self._segmented: dict[tuple[str, ...] | None, SegmentedRunner] = {}
+        # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
+        directory = aot.resolve_cache_dir(cache_dir)
+        self._cache = aot.ExecutableCache(directory) if directory is not None else None
 
     # ---------------------------------------------------------------- description
     @property
@@ -123,6 +127,8 @@ class Model:
         runner = self._segmented.get(wanted)
         if runner is None and not any(_host_only(v) for v in bound.values()):
             try:
+                if self._cache is not None:
+                    return aot.cached_call(self, self._cache, bound, wanted)
                 return self._jitted(self.params, bound, outputs=wanted)
             except DataDependentShapeError:
                 pass
@@ -319,8 +325,14 @@ def _as_tuple(outputs: Sequence[str] | str | None) -> tuple[str, ...] | None:
     return tuple(outputs)
 
 
-def load(source: ModelSource | os.PathLike) -> Model:
+def load(source: ModelSource | os.PathLike, *,
+         cache_dir: str | os.PathLike | None = None) -> Model:
     """Load an ONNX model from a path, bytes or ``onnx.ModelProto``.
+
+    With ``cache_dir`` (or the ``ONNX2JAX_CACHE_DIR`` environment variable) calling the model
+    keeps its compiled executables in that folder, so a later process with the same model and
+    input shapes skips tracing and compiling (see :mod:`onnx2jax.aot`). JAX's own
+    configuration is left alone.
 
     Every operator the model needs is checked at once: a model using ops onnx2jax lacks raises
     :class:`~onnx2jax.errors.UnsupportedOpError` listing them all with the nodes that use them.
@@ -332,4 +344,4 @@ def load(source: ModelSource | os.PathLike) -> Model:
         ['image']
     """
     proto, base_dir = read_model(source)
-    return Model(proto, base_dir)
+    return Model(proto, base_dir, cache_dir=cache_dir)

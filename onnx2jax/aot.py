@@ -1,0 +1,317 @@
+"""Start-up without recompiling: a persistent executable cache and ahead-of-time artifacts.
+
+Two independent tools, both opt-in, neither touching JAX's global configuration:
+
+- :class:`ExecutableCache` keeps compiled XLA executables in a folder, keyed by the model's
+  graph, the input signature, and the JAX/XLA versions and backend. A second process that runs
+  the same model on the same shapes loads the executable instead of tracing and compiling.
+  :func:`cached_call` runs a :class:`~onnx2jax.model.Model` through it; the folder comes from
+  an argument or the ``ONNX2JAX_CACHE_DIR`` environment variable.
+- :func:`export_model` writes an artifact (``onnx2jax compile MODEL -o FILE``): the model
+  traced once for fixed input shapes with :mod:`jax.export` (StableHLO) plus its weights.
+  :func:`load_artifact` runs it without parsing ONNX or tracing again; with a cache folder it
+  skips XLA compilation too.
+
+Cache entries and artifacts are pickled/zipped data: load only those you (or your own
+processes) wrote, as with any pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from onnx2jax.errors import InputError, Onnx2JaxError
+
+CACHE_ENV = "ONNX2JAX_CACHE_DIR"
+ARTIFACT_FORMAT = "onnx2jax-aot/1"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The cache folder: ``cache_dir`` if given, else ``$ONNX2JAX_CACHE_DIR``, else None (off).
+
+    Example:
+        >>> resolve_cache_dir("/tmp/o2j-cache")
+        PosixPath('/tmp/o2j-cache')
+    """
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else None
+
+
+def environment_key() -> str:
+    """What an executable depends on besides the program: versions, backend, device, x64."""
+    device = jax.devices()[0]
+    backend = jax.extend.backend.get_backend() if hasattr(jax, "extend") else None
+    parts = [jax.__version__, getattr(jax.lib, "__version__", ""),
+             device.platform, getattr(device, "device_kind", ""),
+             getattr(backend, "platform_version", ""), str(jax.config.jax_enable_x64),
+             os.environ.get("XLA_FLAGS", "")]
+    return "|".join(str(p) for p in parts)
+
+
+def signature_key(tree: Any) -> str:
+    """Structure, shapes and dtypes of a pytree of arrays (values ignored)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    specs = [(tuple(np.shape(v)), str(jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)
+                                       if not hasattr(v, "dtype") else
+                                       jax.dtypes.canonicalize_dtype(v.dtype)))
+             for v in leaves]
+    return f"{treedef}|{specs}"
+
+
+class ExecutableCache:
+    """Compiled executables on disk, one file per key, written atomically.
+
+    Example:
+        >>> import tempfile, jax, jax.numpy as jnp
+        >>> cache = ExecutableCache(tempfile.mkdtemp())
+        >>> f = jax.jit(lambda x: x * 2)
+        >>> run = cache.compiled("double", lambda: f.lower(jnp.ones(3)))
+        >>> run(jnp.ones(3)).tolist(), cache.hits, cache.misses
+        ([2.0, 2.0, 2.0], 0, 1)
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.hits = 0
+        self.misses = 0
+        self._memory: dict[str, Any] = {}
+
+    def path(self, key: str) -> Path:
+        digest = hashlib.sha256((environment_key() + "||" + key).encode()).hexdigest()
+        return self.directory / f"{digest[:40]}.jaxexec"
+
+    def compiled(self, key: str, lower: Callable[[], Any]) -> Any:
+        """The executable for ``key``: from memory, else from disk, else ``lower().compile()``.
+
+        ``lower`` returns a :class:`jax.stages.Lowered`; it is only called on a miss.
+        """
+        cached = self._memory.get(key)
+        if cached is not None:
+            return cached
+        from jax.experimental import serialize_executable
+
+        file = self.path(key)
+        compiled = None
+        if file.exists():
+            try:
+                payload, in_tree, out_tree = pickle.loads(file.read_bytes())
+                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+                self.hits += 1
+            except Exception:  # a stale or truncated entry: compile again and overwrite it
+                compiled = None
+        if compiled is None:
+            self.misses += 1
+            compiled = lower().compile()
+            try:
+                blob = pickle.dumps(serialize_executable.serialize(compiled))
+                _atomic_write(file, blob)
+            except Exception:  # a backend that cannot serialize still runs, uncached
+                pass
+        self._memory[key] = compiled
+        return compiled
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_digest(model: Any) -> str:
+    """A digest of what compilation depends on: nodes, opsets, I/O, constants, param shapes.
+
+    Float parameters enter only by name, shape and dtype (they are arguments, not constants),
+    so fine-tuned weights reuse the same executables.
+    """
+    proto = model.proto
+    h = hashlib.sha256()
+    for opset in proto.opset_import:
+        h.update(f"{opset.domain}:{opset.version};".encode())
+    graph = proto.graph
+    for value in list(graph.input) + list(graph.output):
+        h.update(value.SerializeToString())
+    for node in graph.node:
+        h.update(node.SerializeToString())
+    for tensor in graph.initializer:
+        h.update(f"{tensor.name}:{tensor.data_type}:{list(tensor.dims)}".encode())
+        if tensor.name not in model.params:
+            h.update(tensor.SerializeToString())
+    return h.hexdigest()
+
+
+def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
+                outputs: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``model`` with its params on ``inputs`` through ``cache``.
+
+    The same as ``model(**inputs)`` for models that run under jit, but the compiled executable
+    is read from (or written to) the cache folder.
+
+    Example:
+        >>> import tempfile, numpy as np, onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> cache = ExecutableCache(tempfile.mkdtemp())
+        >>> cached_call(model, cache, {"image": np.zeros((2, 1, 8, 8), np.float32)})["logits"].shape
+        (2, 10)
+    """
+    bound = model.bind_inputs((), inputs)
+    wanted = tuple(outputs) if outputs else None
+    digest = getattr(model, "_onnx2jax_digest", None)
+    if digest is None:
+        digest = model_digest(model)
+        model._onnx2jax_digest = digest
+    options = sorted(getattr(model, "compiler_options", {}).items())
+    key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|{options}"
+    compiled = cache.compiled(key, lambda: model._jitted.lower(model.params, bound,
+                                                               outputs=wanted))
+    return compiled(model.params, {k: _canonical(v) for k, v in bound.items()})
+
+
+def _canonical(value: Any) -> Any:
+    """NumPy inputs in the dtype jit would give them (int64 -> int32 without x64)."""
+    if isinstance(value, np.ndarray):
+        dtype = jax.dtypes.canonicalize_dtype(value.dtype)
+        if dtype != value.dtype:
+            return value.astype(dtype)
+    return value
+
+
+# ------------------------------------------------------------------ ahead-of-time artifacts
+def export_model(model: Any, inputs: Mapping[str, Any], path: str | os.PathLike,
+                 outputs: Sequence[str] | None = None) -> Path:
+    """Write ``model`` traced for the shapes and dtypes of ``inputs`` to an artifact at ``path``.
+
+    The artifact holds the serialized :class:`jax.export.Exported` (StableHLO; params are
+    arguments), the params, and the input and output names. Values of ``inputs`` are not stored.
+
+    Example:
+        >>> import os, tempfile, numpy as np, onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> file = os.path.join(tempfile.mkdtemp(), "digits.o2j")
+        >>> _ = export_model(model, {"image": np.zeros((2, 1, 8, 8), np.float32)}, file)
+        >>> load_artifact(file)(np.ones((2, 1, 8, 8), np.float32))["logits"].shape
+        (2, 10)
+    """
+    bound = model.bind_inputs((), inputs)
+    names = list(bound)
+    wanted = list(outputs) if outputs else model.output_names
+    param_names = list(model.params)
+
+    def run(params: list[Any], *args: Any) -> tuple[Any, ...]:
+        result = model.apply(dict(zip(param_names, params, strict=True)),
+                             **dict(zip(names, args, strict=True)), outputs=wanted)
+        return tuple(result[name] for name in wanted)
+
+    def spec(value: Any) -> jax.ShapeDtypeStruct:
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        return jax.ShapeDtypeStruct(np.shape(value), jax.dtypes.canonicalize_dtype(dtype))
+
+    params = [model.params[name] for name in param_names]
+    try:
+        exported = jax.export.export(jax.jit(run))([spec(p) for p in params],
+                                                   *[spec(bound[n]) for n in names])
+    except Exception as exc:
+        raise Onnx2JaxError(f"cannot export the model ahead of time: {exc}") from exc
+    meta = {"format": ARTIFACT_FORMAT, "inputs": names, "outputs": wanted,
+            "params": param_names, "jax": jax.__version__,
+            "input_specs": [{"shape": list(s.shape), "dtype": str(s.dtype)}
+                            for s in exported.in_avals[len(params):]]}
+    weights = io.BytesIO()
+    np.savez(weights, **{f"p{i}": np.asarray(p) for i, p in enumerate(params)})
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("meta.json", json.dumps(meta, indent=1))
+        archive.writestr("exported.bin", bytes(exported.serialize()))
+        archive.writestr("params.npz", weights.getvalue())
+    path = Path(path)
+    _atomic_write(path, buffer.getvalue())
+    return path
+
+
+class AotModel:
+    """A model loaded from an artifact of :func:`export_model`: fixed shapes, no ONNX, no trace.
+
+    Call it like a :class:`~onnx2jax.model.Model` (positional inputs in :attr:`input_names`
+    order, or by name); it returns a dict from output name to array.
+    """
+
+    def __init__(self, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+        with zipfile.ZipFile(path) as archive:
+            meta = json.loads(archive.read("meta.json"))
+            if meta.get("format") != ARTIFACT_FORMAT:
+                raise Onnx2JaxError(f"{path} is not an onnx2jax artifact "
+                                    f"(format {meta.get('format')!r})")
+            blob = archive.read("exported.bin")
+            with np.load(io.BytesIO(archive.read("params.npz"))) as weights:
+                params = [weights[f"p{i}"] for i in range(len(meta["params"]))]
+        self.meta = meta
+        self.exported = jax.export.deserialize(bytearray(blob))
+        self.input_names: list[str] = list(meta["inputs"])
+        self.output_names: list[str] = list(meta["outputs"])
+        self.param_names: list[str] = list(meta["params"])
+        self.params = jax.device_put(params)
+        self._specs = [(tuple(s["shape"]), np.dtype(s["dtype"])) for s in meta["input_specs"]]
+        self._jitted = jax.jit(self.exported.call)
+        directory = resolve_cache_dir(cache_dir)
+        self.cache = ExecutableCache(directory) if directory is not None else None
+        self._digest = hashlib.sha256(blob).hexdigest()
+
+    def __call__(self, *inputs: Any, **named: Any) -> dict[str, Any]:
+        args = self._bind(inputs, named)
+        if self.cache is not None:
+            compiled = self.cache.compiled(f"aot:{self._digest}",
+                                           lambda: self._jitted.lower(self.params, *args))
+            values = compiled(self.params, *args)
+        else:
+            values = self._jitted(self.params, *args)
+        return dict(zip(self.output_names, values, strict=True))
+
+    def _bind(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> list[Any]:
+        if len(inputs) > len(self.input_names):
+            raise InputError(f"the artifact takes {len(self.input_names)} inputs, got "
+                             f"{len(inputs)}")
+        bound = dict(zip(self.input_names, inputs, strict=False))
+        for name, value in named.items():
+            if name not in self.input_names or name in bound:
+                raise InputError(f"unexpected or repeated input {name!r}; the artifact takes "
+                                 f"{self.input_names}")
+            bound[name] = value
+        args = []
+        for name, (shape, dtype) in zip(self.input_names, self._specs, strict=True):
+            if name not in bound:
+                raise InputError(f"missing input {name!r}")
+            value = bound[name]
+            if tuple(np.shape(value)) != shape:
+                raise InputError(f"input {name!r} has shape {tuple(np.shape(value))}; the "
+                                 f"artifact was compiled for {shape}")
+            value = value if hasattr(value, "dtype") else np.asarray(value)
+            args.append(value.astype(dtype) if value.dtype != dtype else value)
+        return args
+
+
+def load_artifact(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+                  ) -> AotModel:
+    """Load an artifact written by :func:`export_model` (or ``onnx2jax compile``).
+
+    With ``cache_dir`` (or ``$ONNX2JAX_CACHE_DIR``) the XLA executable is cached too.
+    """
+    return AotModel(path, cache_dir)
