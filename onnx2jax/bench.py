@@ -1,23 +1,32 @@
 """Side-by-side latency of onnx2jax (under jit, after warm-up) and onnxruntime on the same inputs.
 
-The numbers come from one process and one set of inputs, so their ratio is meaningful on that
-machine; absolute times depend on it. ``onnx2jax bench MODEL`` prints them.
+The numbers come from one process and one set of inputs, with the two engines' calls
+interleaved (so a busy machine slows both alike), so their ratio is meaningful on that machine;
+absolute times depend on it. ``onnx2jax bench MODEL`` prints them; :func:`run_case` adds the
+first-call time, the worst error against onnxruntime, FLOP counts and peak memory, for
+``benchmarks/run.py``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from onnx2jax.errors import Onnx2JaxError
-from onnx2jax.model import Model
+from onnx2jax.model import Model, load
 
 
 @dataclass(frozen=True)
@@ -68,8 +77,20 @@ def time_calls(engine: str, call: Callable[[], Any], runs: int, warmup: int) -> 
     return Timing(engine, statistics.median(samples), min(samples), runs, first)
 
 
-def onnxruntime_session(model: Model, path: str | os.PathLike | None = None) -> Any:
+def default_threads() -> int:
+    """The thread count both engines use: the CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = None, *,
+                        threads: int | None = None) -> Any:
     """An onnxruntime CPU session of ``model``, from ``path`` when given (external data needs it).
+
+    Every graph optimization is on (``ORT_ENABLE_ALL``, onnxruntime's default); ``threads``
+    sets the intra-op thread count (default: onnxruntime's own choice).
 
     Example:
         >>> import onnx2jax
@@ -81,19 +102,48 @@ def onnxruntime_session(model: Model, path: str | os.PathLike | None = None) -> 
         import onnxruntime
     except ImportError:
         raise Onnx2JaxError("this needs onnxruntime: pip install onnxruntime") from None
+    if path is None and model is None:
+        raise Onnx2JaxError("onnxruntime_session needs a model or a path")
     source = str(path) if path is not None else model.proto.SerializeToString()
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
     try:
-        return onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
+        return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise Onnx2JaxError(f"onnxruntime cannot load the model: {exc}") from None
+
+
+def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int = 1
+                ) -> dict[str, list[float]]:
+    """Latencies in ms of each call, timed in turn (a, b, a, b, ...) after ``warmup`` rounds.
+
+    Each call must block until its result is ready.
+
+    Example:
+        >>> times = interleaved({"a": lambda: None, "b": lambda: None}, runs=3)
+        >>> sorted(times), len(times["a"])
+        (['a', 'b'], 3)
+    """
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
 
 
 def compare(model: Model, feeds: Mapping[str, np.ndarray], runs: int = 20, warmup: int = 3,
             path: str | os.PathLike | None = None) -> Comparison:
     """Median latency of ``model(**feeds)`` under jit and of onnxruntime on the same ``feeds``.
 
-    Both take host (NumPy) inputs and return results ready to use. ``path`` is the model's file,
-    for onnxruntime to find external data.
+    Both take host (NumPy) inputs and return results ready to use; their calls are interleaved.
+    ``path`` is the model's file, for onnxruntime to find external data.
 
     Example:
         >>> import numpy as np, onnx2jax
@@ -102,8 +152,160 @@ def compare(model: Model, feeds: Mapping[str, np.ndarray], runs: int = 20, warmu
         >>> result.ratio > 0
         True
     """
-    session = onnxruntime_session(model, path)
+    session = onnxruntime_session(model, path, threads=default_threads())
     feeds = {k: np.asarray(v) for k, v in feeds.items()}
-    ours = time_calls("onnx2jax", lambda: jax.block_until_ready(model(**feeds)), runs, warmup)
-    theirs = time_calls("onnxruntime", lambda: session.run(None, feeds), runs, warmup)
+    calls = {"onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
+             "onnxruntime": lambda: session.run(None, feeds)}
+    first = {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call()
+        first[name] = (time.perf_counter() - start) * 1e3
+    samples = interleaved(calls, runs, max(warmup - 1, 0))
+    ours, theirs = (Timing(name, statistics.median(samples[name]), min(samples[name]), runs,
+                           first[name]) for name in calls)
     return Comparison(ours, theirs)
+
+
+# ------------------------------------------------------------------ full benchmark cases
+def max_errors(ours: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, float]:
+    """Worst absolute error over all outputs, and worst error relative to each output's scale.
+
+    The relative figure divides each output's worst absolute error by its largest magnitude,
+    so it is meaningful for outputs near zero too.
+
+    Example:
+        >>> max_errors({"y": np.array([1.0, 2.0])}, {"y": np.array([1.0, 2.5])})
+        {'max_abs_error': 0.5, 'max_rel_error': 0.2}
+    """
+    worst_abs = worst_rel = 0.0
+    for name, want in reference.items():
+        want = np.asarray(want, np.float64)
+        diff = float(np.abs(np.asarray(ours[name], np.float64) - want).max()) if want.size else 0.0
+        scale = float(np.abs(want).max()) if want.size else 0.0
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / scale if scale else diff)
+    return {"max_abs_error": worst_abs, "max_rel_error": worst_rel}
+
+
+def _summary(samples: Sequence[float], items: int, gflop: float | None) -> dict[str, Any]:
+    median = statistics.median(samples)
+    result = {"median_ms": median, "min_ms": min(samples), "runs": len(samples),
+              "throughput_per_s": items / (median / 1e3)}
+    if gflop:
+        result["gflop_per_s"] = gflop / (median / 1e3)
+    return result
+
+
+def run_case(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: int = 10,
+             warmup: int = 2, threads: int | None = None, items: int | None = None,
+             load_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Benchmark one model on one set of inputs, both engines in this process.
+
+    Measures each engine's first call (onnx2jax: ``load`` + trace + compile + run;
+    onnxruntime: session creation + run), then ``runs`` interleaved timed calls after
+    ``warmup`` rounds, the worst output error of onnx2jax against onnxruntime, and the FLOPs
+    XLA counts for the program. ``items`` is what throughput counts (default: the batch size).
+    Returns a JSON-ready dict.
+
+    Example:
+        >>> import onnx2jax
+        >>> case = run_case(onnx2jax.example_path(),
+        ...                 {"image": np.zeros((2, 1, 8, 8), np.float32)}, runs=2, warmup=1)
+        >>> case["ratio"] > 0 and case["max_abs_error"] < 1e-4
+        True
+    """
+    threads = threads or default_threads()
+    feeds = {k: np.asarray(v) for k, v in feeds.items()}
+    items = items or int(next(iter(feeds.values())).shape[0])
+
+    start = time.perf_counter()
+    model = load(path, **dict(load_options or {}))
+    loaded = time.perf_counter()
+    ours = jax.block_until_ready(model(**feeds))
+    first_ours = time.perf_counter()
+
+    session = onnxruntime_session(None, path, threads=threads)
+    created = time.perf_counter()
+    names = [o.name for o in session.get_outputs()]
+    reference = dict(zip(names, session.run(None, feeds), strict=True))
+    first_ort = time.perf_counter()
+
+    gflop = None
+    try:
+        bound = model.bind_inputs((), feeds)
+        cost = model._jitted.lower(model.params, bound, outputs=None).cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        gflop = float(cost["flops"]) / 1e9 if cost and cost.get("flops") else None
+    except Exception:  # cost analysis is informative only
+        gflop = None
+
+    samples = interleaved({"onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
+                           "onnxruntime": lambda: session.run(None, feeds)}, runs, warmup)
+    result: dict[str, Any] = {
+        "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+        "threads": threads,
+        "gflop": gflop,
+        "onnx2jax": {**_summary(samples["onnx2jax"], items, gflop),
+                     "load_s": loaded - start, "first_call_s": first_ours - start,
+                     "samples_ms": samples["onnx2jax"]},
+        "onnxruntime": {**_summary(samples["onnxruntime"], items, gflop),
+                        "session_s": created - first_ours, "first_call_s": first_ort - first_ours,
+                        "samples_ms": samples["onnxruntime"]},
+    }
+    result["ratio"] = result["onnx2jax"]["median_ms"] / result["onnxruntime"]["median_ms"]
+    result.update(max_errors({k: np.asarray(v) for k, v in ours.items()}, reference))
+    return result
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def _memory_child(engine: str, model_path: str, feeds_path: str, runs: int) -> dict[str, float]:
+    """Run in a fresh process: load and run ``engine`` and report its peak memory."""
+    with np.load(feeds_path) as data:
+        feeds = {k: data[k] for k in data.files}
+    if engine == "onnx2jax":
+        jax.block_until_ready(jax.numpy.zeros(1) + 1)  # backend initialised before the baseline
+    else:
+        import onnxruntime  # noqa: F401
+    baseline = _rss_mb()
+    if engine == "onnx2jax":
+        model = load(model_path)
+        for _ in range(runs):
+            jax.block_until_ready(model(**feeds))
+    else:
+        session = onnxruntime_session(None, model_path, threads=default_threads())
+        for _ in range(runs):
+            session.run(None, feeds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    return {"peak_rss_mb": peak, "baseline_rss_mb": baseline, "peak_increase_mb": peak - baseline}
+
+
+def peak_memory(engine: str, path: str | os.PathLike, feeds: Mapping[str, np.ndarray],
+                runs: int = 2, env: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Peak resident memory of ``engine`` ("onnx2jax" or "onnxruntime") on ``feeds``, in MB.
+
+    Measured in a fresh process (the high-water mark of one process cannot be split between
+    two engines): ``peak_increase_mb`` is the peak over the process's size after importing the
+    engine, i.e. weights, compilation and activations.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        feeds_path = os.path.join(folder, "feeds.npz")
+        np.savez(feeds_path, **{k: np.asarray(v) for k, v in feeds.items()})
+        command = [sys.executable, "-m", "onnx2jax.bench", "--memory-child", engine,
+                   str(Path(path).resolve()), feeds_path, str(runs)]
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, **dict(env or {})}, check=False)
+    if done.returncode != 0:
+        raise Onnx2JaxError(f"memory measurement of {engine} failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":  # python -m onnx2jax.bench --memory-child ENGINE MODEL FEEDS RUNS
+    if len(sys.argv) == 6 and sys.argv[1] == "--memory-child":
+        print(json.dumps(_memory_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+    else:
+        sys.exit("usage: python -m onnx2jax.bench --memory-child ENGINE MODEL FEEDS.npz RUNS")

@@ -1,0 +1,371 @@
+"""onnx2jax and onnxruntime side by side on real-size models: ``python -m benchmarks.run``.
+
+Builds the models offline (``benchmarks/models.py``), then for every case runs both engines in
+one fresh process on the same inputs with interleaved calls (``onnx2jax.bench.run_case``),
+measures each engine's peak memory in processes of its own, and times the start-up of fresh
+processes (plain, with the executable cache, from an ahead-of-time artifact). Writes
+``benchmarks/results/<name>.json`` and the table in ``benchmarks/README.md``.
+
+``--quick`` is a smoke run (2 timed runs, no memory or start-up); ``--model FILE`` benchmarks
+one ONNX file of your own instead of the built-in cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # python benchmarks/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.models import MODELS_DIR, image_inputs, model_path, text_inputs  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS_DIR = HERE / "results"
+README = HERE / "README.md"
+TABLE_BEGIN = "<!-- results:begin (written by python -m benchmarks.run) -->"
+TABLE_END = "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: a model, its inputs, and what throughput counts."""
+
+    name: str
+    model: str  # a name in benchmarks.models.BUILDERS, or a path to an .onnx file
+    feeds: Callable[[], dict[str, np.ndarray]]
+    items: int
+    unit: str
+
+
+CASES = [
+    Case("minilm_b1_s128", "minilm", lambda: text_inputs(1, 128), 1, "seq"),
+    Case("minilm_b32_s128", "minilm", lambda: text_inputs(32, 128), 32, "seq"),
+    Case("resnet50_b1", "resnet50", lambda: image_inputs(1), 1, "img"),
+    Case("resnet50_b8", "resnet50", lambda: image_inputs(8), 8, "img"),
+    Case("gpt2_b1_s128", "gpt2",
+         lambda: text_inputs(1, 128, vocab=50257, token_types=False), 1, "seq"),
+    Case("vit_b16_b8", "vit_b16", lambda: image_inputs(8), 8, "img"),
+]
+STARTUP_CASE = "minilm_b32_s128"
+
+
+def _path_of(case: Case, models_dir: Path) -> Path:
+    return Path(case.model) if case.model.endswith(".onnx") else model_path(case.model,
+                                                                             models_dir)
+
+
+def _python(args: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python ARGS`` from the repository root; parse the JSON of its last stdout line."""
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def busy_processes() -> int:
+    """How many other pytest processes are running (the machine is noisy while any are)."""
+    done = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False)
+    return sum(1 for line in done.stdout.splitlines()
+               if "pytest" in line and "benchmarks" not in line)
+
+
+def machine() -> dict[str, Any]:
+    """The machine and the versions of everything measured."""
+    import jax
+    import onnx
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    with contextlib.suppress(ValueError, OSError):
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    versions = {"python": platform.python_version(), "jax": jax.__version__,
+                "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+                "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                "numpy": np.__version__}
+    for name in ("torch", "transformers"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": memory,
+            "os": platform.platform(), "jax_device": str(jax.devices()[0]),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions}
+
+
+def run_case_in_child(path: Path, feeds: dict[str, np.ndarray], items: int, runs: int,
+                      warmup: int) -> dict[str, Any]:
+    """``onnx2jax.bench.run_case`` in a fresh process (first-call times are then honest)."""
+    with tempfile.TemporaryDirectory() as folder:
+        feeds_path = Path(folder) / "feeds.npz"
+        np.savez(feeds_path, **feeds)
+        return _python(["-m", "benchmarks.run", "--child", str(path), str(feeds_path),
+                        "--runs", str(runs), "--warmup", str(warmup), "--items", str(items)])
+
+
+def startup(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """First-call times of fresh processes: plain, cache (cold, warm), AOT (cold, warm)."""
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        folder_path = Path(folder)
+        feeds_path = folder_path / "feeds.npz"
+        np.savez(feeds_path, **feeds)
+        results["plain"] = _python(["-m", "benchmarks.startup", "onnx", str(path),
+                                    str(feeds_path)])
+        cache = folder_path / "cache"
+        results["cache_first_process"] = _python(["-m", "benchmarks.startup", "onnx",
+                                                  str(path), str(feeds_path), str(cache)])
+        results["cache_second_process"] = _python(["-m", "benchmarks.startup", "onnx",
+                                                   str(path), str(feeds_path), str(cache)])
+        artifact = folder_path / "model.o2j"
+        dims = [f"--dim=batch={feeds['input_ids'].shape[0]}",
+                f"--dim=sequence={feeds['input_ids'].shape[1]}"] if "input_ids" in feeds else []
+        start = time.perf_counter()
+        _python(["-m", "onnx2jax", "compile", str(path), "-o", str(artifact), "--json",
+                 "--quiet", *dims])
+        results["aot_compile_s"] = time.perf_counter() - start
+        results["aot_artifact_mb"] = artifact.stat().st_size / 1e6
+        aot_cache = folder_path / "aot-cache"
+        results["aot"] = _python(["-m", "benchmarks.startup", "aot", str(artifact),
+                                  str(feeds_path)])
+        results["aot_cache_first_process"] = _python(["-m", "benchmarks.startup", "aot",
+                                                      str(artifact), str(feeds_path),
+                                                      str(aot_cache)])
+        results["aot_cache_second_process"] = _python(["-m", "benchmarks.startup", "aot",
+                                                       str(artifact), str(feeds_path),
+                                                       str(aot_cache)])
+    return results
+
+
+def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_startup: bool,
+        models_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Benchmark ``cases``; return the results document."""
+    from onnx2jax.bench import peak_memory
+
+    document: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
+        "machine": machine(),
+        "settings": {"runs": runs, "warmup": warmup, "memory": memory,
+                     "startup": with_startup},
+        "busy_pytest_processes_at_start": busy_processes(),
+        "cases": {},
+    }
+    for case in cases:
+        path = _path_of(case, models_dir)
+        feeds = case.feeds()
+        log(f"{case.name}: timing {runs} interleaved runs ...")
+        result = run_case_in_child(path, feeds, case.items, runs, warmup)
+        result.update(model=case.model, items=case.items, unit=case.unit,
+                      busy_pytest_processes=busy_processes())
+        if memory:
+            for engine in ("onnx2jax", "onnxruntime"):
+                result[engine]["memory"] = peak_memory(engine, path, feeds)
+        document["cases"][case.name] = result
+        log(f"  onnx2jax {result['onnx2jax']['median_ms']:.1f} ms, onnxruntime "
+            f"{result['onnxruntime']['median_ms']:.1f} ms, ratio {result['ratio']:.2f}, "
+            f"max rel error {result['max_rel_error']:.1e}")
+    if with_startup:
+        chosen = {c.name: c for c in cases}.get(STARTUP_CASE)
+        if chosen is not None:
+            log(f"start-up of fresh processes on {STARTUP_CASE} ...")
+            document["startup"] = {"case": STARTUP_CASE,
+                                   **startup(_path_of(chosen, models_dir), chosen.feeds())}
+    document["busy_pytest_processes_at_end"] = busy_processes()
+    return document
+
+
+# ------------------------------------------------------------------ reporting
+def _ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def table(document: dict[str, Any]) -> str:
+    """The Markdown table (and start-up table) of a results document."""
+    rows = ["| case | onnx2jax median (min) ms | onnxruntime median (min) ms | ratio | "
+            "onnx2jax / ORT throughput | GFLOP/s (o2j / ORT) | first call s (o2j / ORT) | "
+            "peak MB (o2j / ORT) | max error (abs / rel) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, case in document["cases"].items():
+        ours, theirs = case["onnx2jax"], case["onnxruntime"]
+        unit = case.get("unit", "item")
+        flops = (f"{ours['gflop_per_s']:.0f} / {theirs['gflop_per_s']:.0f}"
+                 if "gflop_per_s" in ours else "-")
+        memory = (f"{ours['memory']['peak_increase_mb']:,.0f} / "
+                  f"{theirs['memory']['peak_increase_mb']:,.0f}" if "memory" in ours else "-")
+        rows.append(
+            f"| {name} | {_ms(ours['median_ms'])} ({_ms(ours['min_ms'])}) | "
+            f"{_ms(theirs['median_ms'])} ({_ms(theirs['min_ms'])}) | "
+            f"**{case['ratio']:.2f}** | {ours['throughput_per_s']:.1f} / "
+            f"{theirs['throughput_per_s']:.1f} {unit}/s | {flops} | "
+            f"{ours['first_call_s']:.2f} / {theirs['first_call_s']:.2f} | {memory} | "
+            f"{case['max_abs_error']:.1e} / {case['max_rel_error']:.1e} |")
+    text = "\n".join(rows)
+    start = document.get("startup")
+    if start:
+        lines = ["", f"Start-up of a fresh process, {start['case']} (seconds; first call = "
+                 "load + trace + compile + first run, after imports):", "",
+                 "| process | import | load | first call | total |", "|---|---|---|---|---|"]
+        labels = {"plain": "onnx2jax.load, no cache",
+                  "cache_first_process": "cache_dir, first process (fills the cache)",
+                  "cache_second_process": "cache_dir, second process",
+                  "aot": "AOT artifact, no cache",
+                  "aot_cache_first_process": "AOT artifact + cache, first process",
+                  "aot_cache_second_process": "AOT artifact + cache, second process"}
+        for key, label in labels.items():
+            if key in start:
+                r = start[key]
+                lines.append(f"| {label} | {r['import_s']:.2f} | {r['load_s']:.2f} | "
+                             f"**{r['first_call_s']:.2f}** | {r['total_s']:.2f} |")
+        lines.append("")
+        lines.append(f"`onnx2jax compile` took {start['aot_compile_s']:.1f} s and wrote "
+                     f"{start['aot_artifact_mb']:.0f} MB.")
+        text += "\n" + "\n".join(lines)
+    info = document["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+    busy = max(document.get("busy_pytest_processes_at_start", 0),
+               document.get("busy_pytest_processes_at_end", 0),
+               *(c.get("busy_pytest_processes", 0) for c in document["cases"].values()))
+    text += (f"\n\nMachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
+             f"{info['os']}. Versions: {versions}. {document['settings']['runs']} timed runs "
+             f"per engine after {document['settings']['warmup']} warm-up rounds; "
+             f"{document['date']}. " + ("The machine was quiet (no other test processes)."
+                                         if not busy else
+                                         f"Other test processes were running (up to {busy}): "
+                                         "figures are noisy."))
+    return text
+
+
+def write_readme(document: dict[str, Any], results_file: Path) -> None:
+    """Replace the results section of benchmarks/README.md with this document's table."""
+    relative = results_file.relative_to(HERE) if results_file.is_relative_to(HERE) \
+        else results_file
+    section = (f"{TABLE_BEGIN}\n\nFrom `{relative}` (`{document['command']}`):\n\n"
+               f"{table(document)}\n\n{TABLE_END}")
+    empty = f"# Benchmarks\n\n{TABLE_BEGIN}\n{TABLE_END}\n"
+    text = README.read_text() if README.exists() else empty
+    if TABLE_BEGIN in text and TABLE_END in text:
+        text = re.sub(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END),
+                      lambda _: section, text, flags=re.S)
+    else:
+        text += "\n" + section + "\n"
+    README.write_text(text)
+
+
+# ------------------------------------------------------------------ command line
+def _child(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.run --child")
+    parser.add_argument("model")
+    parser.add_argument("feeds")
+    parser.add_argument("--runs", type=int, required=True)
+    parser.add_argument("--warmup", type=int, required=True)
+    parser.add_argument("--items", type=int, required=True)
+    args = parser.parse_args(argv)
+    from onnx2jax.bench import run_case
+
+    with np.load(args.feeds) as data:
+        feeds = {k: data[k] for k in data.files}
+    result = run_case(args.model, feeds, runs=args.runs, warmup=args.warmup, items=args.items)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m benchmarks.run``."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 timed runs, 1 warm-up, no memory or start-up")
+    parser.add_argument("--case", action="append", default=[], metavar="NAME",
+                        help=f"run only these cases (repeatable): "
+                             f"{', '.join(c.name for c in CASES)}")
+    parser.add_argument("--model", metavar="FILE.onnx",
+                        help="benchmark this file instead (random inputs; see --dim)")
+    parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                        help="with --model: size of a named input dimension (default 1)")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per engine (10)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds (2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument("--no-startup", action="store_true", help="skip start-up times")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR,
+                        help="where built models are cached (benchmarks/models)")
+    parser.add_argument("--output", type=Path,
+                        help="results file (default benchmarks/results/<date>.json, or "
+                             "quick.json with --quick)")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="do not rewrite the table in benchmarks/README.md")
+    parser.add_argument("--build-only", action="store_true",
+                        help="export the models and stop")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        return _child(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.runs, args.warmup, args.no_memory, args.no_startup = 2, 1, True, True
+    if args.model:
+        from onnx2jax.cli import make_inputs, parse_assignments
+        from onnx2jax.model import load
+
+        inputs = load(args.model).inputs
+        dims = {k: int(v) for k, v in parse_assignments(args.dim, "--dim").items()}
+        feeds = make_inputs(inputs, {}, dims)
+        first = next(iter(feeds.values()))
+        cases = [Case(Path(args.model).stem, str(Path(args.model).resolve()),
+                      lambda: feeds, int(first.shape[0]) if first.ndim else 1, "item")]
+    else:
+        known = {c.name: c for c in CASES}
+        unknown = [n for n in args.case if n not in known]
+        if unknown:
+            raise SystemExit(f"unknown case(s) {unknown}; choose from {sorted(known)}")
+        cases = [known[n] for n in args.case] if args.case else CASES
+    if args.build_only:
+        for case in cases:
+            print(_path_of(case, args.models_dir))
+        return 0
+    document = run(cases, runs=args.runs, warmup=args.warmup, memory=not args.no_memory,
+                   with_startup=not args.no_startup, models_dir=args.models_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    output = args.output or RESULTS_DIR / ("quick.json" if args.quick else f"{stamp}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=1) + "\n")
+    print(table(document))
+    print(f"\nwrote {output}")
+    if not args.no_readme and not args.quick and not args.model:
+        write_readme(document, output.resolve())
+        print(f"updated {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The benchmark harness, the executable cache and ahead-of-time artifacts (correctness only)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import onnx2jax
+from onnx2jax import aot
+from onnx2jax.bench import max_errors, run_case
+from onnx2jax.cli import main
+from onnx2jax.errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+
+
+def test_harness_quick_run_writes_every_field(tmp_path):
+    from benchmarks.run import main as bench_main
+
+    output = tmp_path / "quick.json"
+    assert bench_main(["--quick", "--model", str(onnx2jax.example_path()), "--dim", "batch=4",
+                       "--output", str(output)]) == 0
+    document = json.loads(output.read_text())
+    assert {"machine", "settings", "cases", "date", "command"} <= set(document)
+    assert {"cpu", "cores", "versions"} <= set(document["machine"])
+    assert document["machine"]["versions"]["onnxruntime"]
+    (case,) = document["cases"].values()
+    for engine in ("onnx2jax", "onnxruntime"):
+        timing = case[engine]
+        assert timing["runs"] == 2 and len(timing["samples_ms"]) == 2
+        assert 0 < timing["min_ms"] <= timing["median_ms"]
+        assert timing["throughput_per_s"] > 0 and timing["first_call_s"] > 0
+    assert case["ratio"] == pytest.approx(case["onnx2jax"]["median_ms"]
+                                          / case["onnxruntime"]["median_ms"])
+    assert case["max_abs_error"] < 1e-4 and case["max_rel_error"] < 1e-4
+    assert case["inputs"]["image"]["shape"] == [4, 1, 8, 8]
+    assert case["threads"] >= 1 and case["items"] == 4
+
+
+def test_table_lists_cases_and_startup():
+    from benchmarks.run import table
+
+    timing = {"median_ms": 2.0, "min_ms": 1.5, "runs": 3, "throughput_per_s": 500.0,
+              "first_call_s": 1.0, "gflop_per_s": 10.0,
+              "memory": {"peak_increase_mb": 12.0}}
+    startup = {"import_s": 0.5, "load_s": 0.1, "first_call_s": 0.4, "total_s": 0.9}
+    document = {"cases": {"tiny_b4": {"onnx2jax": timing, "onnxruntime": timing, "ratio": 1.0,
+                                      "unit": "img", "max_abs_error": 1e-7,
+                                      "max_rel_error": 1e-7}},
+                "startup": {"case": "tiny_b4", "plain": startup, "cache_second_process": startup,
+                            "aot": startup, "aot_compile_s": 1.0, "aot_artifact_mb": 2.0},
+                "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 8, "os": "linux",
+                            "versions": {"jax": "x"}},
+                "settings": {"runs": 3, "warmup": 1}, "date": "today"}
+    text = table(document)
+    assert "| tiny_b4 |" in text and "**1.00**" in text
+    assert "cache_dir, second process" in text and "AOT artifact, no cache" in text
+
+
+def test_run_case_reports_errors_and_flops():
+    case = run_case(onnx2jax.example_path(), {"image": IMAGES}, runs=2, warmup=1)
+    assert case["max_abs_error"] < 1e-5
+    assert case["gflop"] is None or case["gflop"] > 0
+    assert case["onnx2jax"]["load_s"] <= case["onnx2jax"]["first_call_s"]
+    assert max_errors({"y": np.ones(2)}, {"y": np.ones(2)}) == {"max_abs_error": 0.0,
+                                                                "max_rel_error": 0.0}
+
+
+def test_artifact_matches_the_model_and_checks_shapes(tmp_path):
+    model = onnx2jax.load(onnx2jax.example_path())
+    file = aot.export_model(model, {"image": IMAGES}, tmp_path / "digits.o2j")
+    loaded = aot.load_artifact(file)
+    assert loaded.input_names == ["image"] and loaded.output_names == ["logits"]
+    ours = np.asarray(loaded(IMAGES)["logits"])
+    np.testing.assert_allclose(ours, np.asarray(model(IMAGES)["logits"]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(loaded(image=IMAGES.astype(np.float64))["logits"]),
+                               ours, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InputError, match="compiled for"):
+        loaded(np.zeros((2, 1, 8, 8), np.float32))
+    with pytest.raises(InputError, match="missing"):
+        loaded()
+
+
+def test_compile_command_writes_a_runnable_artifact(tmp_path, capsys):
+    file = tmp_path / "digits.o2j"
+    assert main(["compile", str(onnx2jax.example_path()), "-o", str(file), "--dim", "batch=3",
+                 "--json", "--quiet"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["inputs"]["image"]["shape"] == [3, 1, 8, 8]
+    assert document["bytes"] == file.stat().st_size
+    model = onnx2jax.load(onnx2jax.example_path())
+    np.testing.assert_allclose(np.asarray(aot.load_artifact(file)(IMAGES)["logits"]),
+                               np.asarray(model(IMAGES)["logits"]), rtol=1e-6, atol=1e-6)
+
+
+def test_executable_cache_reuses_entries_across_instances(tmp_path):
+    model = onnx2jax.load(onnx2jax.example_path())
+    expected = np.asarray(model(IMAGES)["logits"])
+    first = aot.ExecutableCache(tmp_path)
+    np.testing.assert_allclose(np.asarray(aot.cached_call(model, first, {"image": IMAGES})
+                                          ["logits"]), expected, rtol=1e-6, atol=1e-6)
+    assert (first.hits, first.misses) == (0, 1)
+    assert len(list(tmp_path.glob("*.jaxexec"))) == 1
+    # A new cache object (as in a new process) and a new model object: read from disk.
+    second = aot.ExecutableCache(tmp_path)
+    again = onnx2jax.load(onnx2jax.example_path())
+    out = aot.cached_call(again, second, {"image": IMAGES})
+    np.testing.assert_allclose(np.asarray(out["logits"]), expected, rtol=1e-6, atol=1e-6)
+    assert (second.hits, second.misses) == (1, 0)
+    # Another shape is another entry.
+    aot.cached_call(again, second, {"image": IMAGES[:2]})
+    assert second.misses == 1 and len(list(tmp_path.glob("*.jaxexec"))) == 2
+
+
+def test_corrupt_cache_entry_is_recompiled(tmp_path):
+    model = onnx2jax.load(onnx2jax.example_path())
+    aot.cached_call(model, aot.ExecutableCache(tmp_path), {"image": IMAGES})
+    (entry,) = tmp_path.glob("*.jaxexec")
+    entry.write_bytes(b"not an executable")
+    cache = aot.ExecutableCache(tmp_path)
+    out = aot.cached_call(model, cache, {"image": IMAGES})
+    assert cache.misses == 1 and np.asarray(out["logits"]).shape == (3, 10)
+
+
+def test_artifact_with_cache_in_a_second_process(tmp_path):
+    model = onnx2jax.load(onnx2jax.example_path())
+    file = aot.export_model(model, {"image": IMAGES}, tmp_path / "digits.o2j")
+    np.savez(tmp_path / "feeds.npz", image=IMAGES)
+    script = (
+        "import json, sys, numpy as np; from onnx2jax import aot\n"
+        "m = aot.load_artifact(sys.argv[1], cache_dir=sys.argv[2])\n"
+        "y = np.asarray(m(np.load(sys.argv[3])['image'])['logits'])\n"
+        "print(json.dumps({'hits': m.cache.hits, 'y': y.tolist()}))\n")
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script, str(file), str(tmp_path / "c"),
+                               str(tmp_path / "feeds.npz")], capture_output=True, text=True,
+                              cwd=ROOT, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [r["hits"] for r in runs] == [0, 1]
+    np.testing.assert_allclose(np.array(runs[1]["y"]), np.asarray(model(IMAGES)["logits"]),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv(aot.CACHE_ENV, raising=False)
+    assert aot.resolve_cache_dir() is None
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    assert aot.resolve_cache_dir() == tmp_path
+    assert aot.resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
+    # The cache never touches JAX's own configuration.
+    assert not jax.config.jax_compilation_cache_dir
+
+
+def test_load_with_cache_dir_and_environment_variable(monkeypatch, tmp_path):
+    expected = np.asarray(onnx2jax.load(onnx2jax.example_path())(IMAGES)["logits"])
+    first = onnx2jax.load(onnx2jax.example_path(), cache_dir=tmp_path)
+    np.testing.assert_allclose(np.asarray(first(IMAGES)["logits"]), expected, rtol=1e-6,
+                               atol=1e-6)
+    assert first._cache.misses == 1 and len(list(tmp_path.glob("*.jaxexec"))) == 1
+    monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
+    second = onnx2jax.load(onnx2jax.example_path())
+    np.testing.assert_allclose(np.asarray(second(image=IMAGES)["logits"]), expected,
+                               rtol=1e-6, atol=1e-6)
+    assert (second._cache.hits, second._cache.misses) == (1, 0)
+    monkeypatch.delenv(aot.CACHE_ENV)
+    assert onnx2jax.load(onnx2jax.example_path())._cache is None
