@@ -181,9 +181,10 @@ def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
         model._onnx2jax_digest = digest
     options = sorted(getattr(model, "compiler_options", {}).items())
     key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|{options}"
-    compiled = cache.compiled(key, lambda: model._jitted.lower(model.params, bound,
-                                                               outputs=wanted))
-    return compiled(model.params, {k: _canonical(v) for k, v in bound.items()})
+    params = model._inference_params()  # what model(...) passes to its jitted function
+    key = f"{key}|{signature_key(params)}"
+    compiled = cache.compiled(key, lambda: model._fast.lower(params, bound, outputs=wanted))
+    return compiled(params, {k: _canonical(v) for k, v in bound.items()})
 
 
 def _canonical(value: Any) -> Any:

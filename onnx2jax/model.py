@@ -56,6 +56,13 @@ class Model:
         self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",),
                                compiler_options=self.compiler_options or None)
         self._segmented: dict[tuple[str, ...] | None, SegmentedRunner] = {}
+        # model(...) keeps Conv weights pre-transposed to the layout XLA's CPU convolution
+        # reads (OIHW -> HWIO); the trace transposes them back, and XLA cancels the pair, so
+        # no weight is transposed per call. Values are unchanged; apply() is unaffected.
+        self._weight_layouts = _conv_weight_layouts(self.plan.nodes, self.params)
+        self._prepared: tuple[dict[str, Any], Params] | None = None
+        self._fast = jax.jit(self._apply_prepared, static_argnames=("outputs",),
+                             compiler_options=self.compiler_options or None)
         # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
         directory = aot.resolve_cache_dir(cache_dir)
         self._cache = aot.ExecutableCache(directory) if directory is not None else None
@@ -129,7 +136,7 @@ class Model:
             try:
                 if self._cache is not None:
                     return aot.cached_call(self, self._cache, bound, wanted)
-                return self._jitted(self.params, bound, outputs=wanted)
+                return self._fast(self._inference_params(), bound, outputs=wanted)
             except DataDependentShapeError:
                 pass
         if runner is None:
@@ -197,6 +204,22 @@ class Model:
                     f"output {name!r} holds {value.dtype} values, which XLA cannot return")
         return result
 
+    def _inference_params(self) -> Params:
+        """:attr:`params` with Conv weights pre-transposed; redone when a param changes."""
+        cached = self._prepared
+        if (cached is None or cached[0].keys() != self.params.keys()
+                or any(cached[0][k] is not v for k, v in self.params.items())):
+            prepared = {k: (jnp.transpose(v, self._weight_layouts[k])
+                            if k in self._weight_layouts else v) for k, v in self.params.items()}
+            cached = self._prepared = (dict(self.params), prepared)
+        return cached[1]
+
+    def _apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
+                        outputs: tuple[str, ...] | None) -> dict[str, Any]:
+        params = {k: (jnp.transpose(v, np.argsort(self._weight_layouts[k]))
+                      if k in self._weight_layouts else v) for k, v in prepared.items()}
+        return self._apply_for_jit(params, bound, outputs)
+
     # ---------------------------------------------------------------- checks
     def _check_params(self, params: Mapping[str, Any]) -> None:
         if not isinstance(params, Mapping):
@@ -232,6 +255,18 @@ class Model:
             expected = ", ".join(i.describe() for i in infos if i.name in missing)
             raise InputError(f"missing input(s): {expected}")
         return {info.name: check_input(info, bound[info.name]) for info in infos}
+
+
+def _conv_weight_layouts(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
+                         ) -> dict[str, tuple[int, ...]]:
+    """Params used as the weight of an ai.onnx Conv, with the permutation OIHW... -> HW...IO."""
+    layouts = {}
+    for node in nodes:
+        if node.op_type == "Conv" and node.domain in ("", "ai.onnx") and len(node.input) > 1:
+            weight = params.get(node.input[1])
+            if weight is not None and weight.ndim >= 3:
+                layouts[node.input[1]] = (*range(2, weight.ndim), 1, 0)
+    return layouts
 
 
 def default_compiler_options() -> dict[str, Any]:

@@ -172,3 +172,17 @@ def test_load_with_cache_dir_and_environment_variable(monkeypatch, tmp_path):
     assert (second._cache.hits, second._cache.misses) == (1, 0)
     monkeypatch.delenv(aot.CACHE_ENV)
     assert onnx2jax.load(onnx2jax.example_path())._cache is None
+
+
+def test_prepared_conv_weights_follow_param_changes():
+    model = onnx2jax.load(onnx2jax.example_path())
+    assert model._weight_layouts  # the digits CNN has Conv weights
+    reference = np.asarray(jax.jit(model.apply)(model.params, IMAGES)["logits"])
+    np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), reference, rtol=1e-6,
+                               atol=1e-6)
+    name = next(iter(model._weight_layouts))
+    model.params[name] = model.params[name] * 0.5  # changed in place: re-prepared
+    changed = np.asarray(jax.jit(model.apply)(model.params, IMAGES)["logits"])
+    assert not np.allclose(changed, reference)
+    np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), changed, rtol=1e-6,
+                               atol=1e-6)
