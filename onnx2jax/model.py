@@ -324,7 +324,7 @@ def _dtype_kind(dtype: Any) -> str:
 def _as_jax(value: Any) -> Any:
     if isinstance(value, list):
         return [_as_jax(v) for v in value]
-    if value is None or isinstance(value, str):
+    if value is None or isinstance(value, str | dict):
         return value
     if isinstance(value, np.ndarray) and value.dtype == object:
         return value
@@ -339,6 +339,8 @@ def _host_only(value: Any) -> bool:
     """True for static values JAX cannot hold: strings and types XLA lacks."""
     if isinstance(value, list):
         return any(_host_only(v) for v in value)
+    if isinstance(value, dict):  # ONNX maps (ai.onnx.ml CastMap, DictVectorizer)
+        return True
     return isinstance(value, np.ndarray) and (
         value.dtype == object or value.dtype.kind in "SU"
         or value.dtype.name in _HOST_ONLY_DTYPE_NAMES)
