@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
 
+from onnx2jax.dtypes import onnx_elem_type
 from onnx2jax.graph import TensorInfo
 from onnx2jax.model import Model
 from onnx2jax.ops.sequence import EmptyOptional
@@ -72,7 +73,22 @@ class Onnx2JaxBackend(Backend):
     def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU",
                  outputs_info: Sequence[tuple[Any, Any]] | None = None, **kwargs: Any
                  ) -> tuple[Any, ...]:
-        raise NotImplementedError("onnx2jax runs whole models; use prepare(model).run(inputs)")
+        """Run one node on ``inputs`` (a list in the node's input order, or a dict by name)."""
+        names = [n for n in node.input if n]
+        feeds = dict(inputs) if isinstance(inputs, dict) else dict(zip(names, inputs,
+                                                                       strict=False))
+        graph = onnx.helper.make_graph(
+            [node], "run_node",
+            [onnx.helper.make_tensor_value_info(k, onnx_elem_type(np.asarray(v).dtype),
+                                                np.shape(v)) for k, v in feeds.items()],
+            [onnx.helper.make_empty_tensor_value_info(n) for n in node.output if n])
+        opsets = [onnx.helper.make_opsetid(node.domain, kwargs.get(
+            "opset_version", onnx.defs.onnx_opset_version()))]
+        if node.domain:
+            opsets.append(onnx.helper.make_opsetid("", onnx.defs.onnx_opset_version()))
+        with jax.enable_x64(True):  # output types are unknown, so skip the checker here
+            rep = Onnx2JaxRep(Model(onnx.helper.make_model(graph, opset_imports=opsets)))
+        return rep.run(feeds)
 
     @classmethod
     def supports_device(cls, device: str) -> bool:

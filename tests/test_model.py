@@ -284,3 +284,14 @@ def test_segments_return_intermediate_outputs():
     out = model(x, outputs=["a", "y"])
     np.testing.assert_allclose(out["a"], np.asarray(model.params["w"]))
     assert out["y"].shape == (4,)
+
+
+def test_backend_run_node():
+    from onnx2jax.backend import Onnx2JaxBackend
+
+    node = helper.make_node("Add", ["a", "b"], ["c"])
+    (out,) = Onnx2JaxBackend.run_node(node, [np.ones(2, np.float32), np.full(2, 2, np.float32)])
+    np.testing.assert_array_equal(out, [3.0, 3.0])
+    (out,) = Onnx2JaxBackend.run_node(helper.make_node("Relu", ["x"], ["y"]),
+                                      {"x": np.array([-1.0, 2.0], np.float32)})
+    np.testing.assert_array_equal(out, [0.0, 2.0])
