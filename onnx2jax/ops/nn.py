@@ -262,21 +262,29 @@ class _PoolGeometry:
         o = np.arange(self.out[axis])[:, None] * self.strides[axis] - self.begin[axis]
         return o + np.arange(self.kernel[axis])[None, :] * self.dilations[axis]
 
-    def padded(self, x, value):
-        """``x`` padded (or cropped) so that the windows tile it exactly, VALID-style."""
-        config = [(0, 0, 0), (0, 0, 0)]
+    def pool(self, x, pad_value, init, computation):
+        """Pad and reduce every window, channels-last inside.
+
+        XLA's CPU convolutions run channels-last; a window reduction in NCHW between two of them
+        made XLA transpose the activations out and back (ResNet-50's stem MaxPool). Pooling in
+        NHWC lets those transposes cancel. The values are the same.
+        """
+        rank = x.ndim
+        to_last = (0, *range(2, rank), 1)
+        y = jnp.transpose(x, to_last)
+        config = [(0, 0, 0)]
         for i, n in enumerate(self.in_shape):
             extent = (self.kernel[i] - 1) * self.dilations[i] + 1
             needed = (self.out[i] - 1) * self.strides[i] + extent if self.out[i] else 0
             config.append((self.begin[i], needed - n - self.begin[i], 0))
-        return lax.pad(x, jnp.asarray(value, x.dtype), config)
-
-    def reduce(self, x, init, computation):
+        config.append((0, 0, 0))
+        y = lax.pad(y, jnp.asarray(pad_value, x.dtype), config)
         # A NumPy init value stays concrete under jit, so JAX picks its differentiable
         # max/add window reducers rather than the generic, non-differentiable one.
-        return lax.reduce_window(
-            x, np.asarray(init, x.dtype), computation, (1, 1) + tuple(self.kernel),
-            (1, 1) + tuple(self.strides), "VALID", window_dilation=(1, 1) + tuple(self.dilations))
+        y = lax.reduce_window(
+            y, np.asarray(init, x.dtype), computation, (1, *self.kernel, 1),
+            (1, *self.strides, 1), "VALID", window_dilation=(1, *self.dilations, 1))
+        return jnp.transpose(y, np.argsort(to_last))
 
     def counts(self, include_pad):
         """How many positions of each window count as elements (static, shape (1, 1, *out))."""
@@ -317,7 +325,7 @@ def average_pool(ctx, x):
     geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 19,
                              ceil_mode=ctx.opset >= 10)
     include_pad = bool(ctx.attr("count_include_pad", 0)) if ctx.opset >= 7 else False
-    sums = geometry.reduce(geometry.padded(x, 0), 0, lax.add)
+    sums = geometry.pool(x, 0, 0, lax.add)
     counts = geometry.counts(include_pad)
     return (sums / np.maximum(counts, 1).astype(x.dtype)).astype(x.dtype)
 
@@ -333,7 +341,7 @@ def lp_pool(ctx, x):
     geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 18,
                              ceil_mode=ctx.opset >= 18)
     powered = jnp.abs(x) ** jnp.asarray(p, x.dtype)
-    sums = geometry.reduce(geometry.padded(powered, 0), 0, lax.add)
+    sums = geometry.pool(powered, 0, 0, lax.add)
     return sums ** jnp.asarray(1.0 / p, x.dtype)
 
 
@@ -349,7 +357,7 @@ def max_pool(ctx, x):
                              ceil_mode=ctx.opset >= 10)
     lowest = _lowest(x.dtype)
     if not ctx.has_output(1):
-        return geometry.reduce(geometry.padded(x, lowest), lowest, lax.max)
+        return geometry.pool(x, lowest, lowest, lax.max)
     storage_order = int(ctx.attr("storage_order", 0))
     return _max_pool_with_indices(x, geometry, lowest, storage_order)
 
