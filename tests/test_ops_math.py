@@ -222,7 +222,7 @@ def test_static_values_stay_static():
         def attributes(n):
             return {a.name: helper.get_attribute_value(a) for a in n.attribute}
 
-    ctx = OpContext(FakeInterpreter(), node, {})
+    ctx = OpContext(FakeInterpreter(), node, {}, plan=None)
     x = np.array([1.0, 2.0], np.float32)
     for op_type in ("Softmax", "Erf", "Relu", "Sigmoid"):
         out = lookup("", op_type, 13).function(ctx, x)
