@@ -72,13 +72,15 @@ def _path_of(case: Case, models_dir: Path) -> Path:
 
 
 def _python(args: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python ARGS`` from the repository root; parse the JSON of its last stdout line."""
+    """Run ``python ARGS`` from the repository root; parse the JSON of its last stdout line
+    (or of all of stdout, for an indented document)."""
     done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                           check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    text = done.stdout.strip()
+    return json.loads(text if text.startswith("{\n") else text.splitlines()[-1])
 
 
 def busy_processes() -> int:
@@ -195,8 +197,12 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         chosen = {c.name: c for c in cases}.get(STARTUP_CASE)
         if chosen is not None:
             log(f"start-up of fresh processes on {STARTUP_CASE} ...")
-            document["startup"] = {"case": STARTUP_CASE,
-                                   **startup(_path_of(chosen, models_dir), chosen.feeds())}
+            try:
+                document["startup"] = {"case": STARTUP_CASE,
+                                       **startup(_path_of(chosen, models_dir), chosen.feeds())}
+            except RuntimeError as exc:  # keep the timings already taken
+                document["startup_error"] = str(exc)
+                log(f"start-up measurement failed: {exc}")
     document["busy_pytest_processes_at_end"] = busy_processes()
     return document
 
