@@ -200,8 +200,9 @@ class Model:
         for name, value in result.items():
             if _host_only(value):
                 # A jitted function cannot return strings; __call__ reruns outside jit.
+                kind = getattr(value, "dtype", type(value).__name__)
                 raise DataDependentShapeError(
-                    f"output {name!r} holds {value.dtype} values, which XLA cannot return")
+                    f"output {name!r} holds {kind} values, which XLA cannot return")
         return result
 
     def _inference_params(self) -> Params:
