@@ -82,3 +82,11 @@ def assert_matches_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndar
         np.testing.assert_allclose(got.astype(np.float64) if got.dtype.kind == "f" else got,
                                    want, rtol=rtol, atol=atol)
     return actual
+
+
+_RNG = np.random.default_rng(0)
+
+
+def f32(*shape: int) -> np.ndarray:
+    """Standard-normal float32 test data of ``shape``."""
+    return _RNG.normal(size=shape).astype(np.float32)

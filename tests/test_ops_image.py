@@ -14,6 +14,7 @@ import pytest
 import onnx2jax
 from tests.helpers import (
     assert_matches_reference,
+    f32,
     feeds_of,
     run_onnx2jax,
     run_reference,
@@ -21,10 +22,6 @@ from tests.helpers import (
 )
 
 RNG = np.random.default_rng(0)
-
-
-def f32(*shape):
-    return RNG.normal(size=shape).astype(np.float32)
 
 
 def model_with_constants(op_type, inputs, constants=(), opset=19, **attrs):

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx2jax
 from tests.helpers import (
     assert_matches_reference,
+    f32,
     feeds_of,
     run_onnx2jax,
     run_reference,
@@ -19,10 +20,6 @@ from tests.helpers import (
 )
 
 RNG = np.random.default_rng(0)
-
-
-def f32(*shape):
-    return RNG.normal(size=shape).astype(np.float32)
 
 
 def i64(values):

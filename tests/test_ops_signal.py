@@ -10,13 +10,9 @@ import pytest
 from onnx import TensorProto
 
 import onnx2jax
-from tests.helpers import assert_matches_reference, feeds_of, run_onnx2jax, single_node_model
+from tests.helpers import assert_matches_reference, f32, feeds_of, run_onnx2jax, single_node_model
 
 RNG = np.random.default_rng(0)
-
-
-def f32(*shape):
-    return RNG.normal(size=shape).astype(np.float32)
 
 
 def check(op_type, inputs, constants=(), opset=20, rtol=1e-4, atol=1e-4, **attrs):
