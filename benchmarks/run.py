@@ -90,6 +90,18 @@ def busy_processes() -> int:
                if "pytest" in line and "benchmarks" not in line)
 
 
+def wait_until_quiet(limit_s: float, log: Callable[[str], None] = print) -> int:
+    """Wait up to ``limit_s`` seconds for other pytest processes to end; return how many remain."""
+    deadline = time.monotonic() + limit_s
+    busy = busy_processes()
+    if busy:
+        log(f"  waiting up to {limit_s:.0f} s for {busy} test process(es) to finish ...")
+    while busy and time.monotonic() < deadline:
+        time.sleep(5)
+        busy = busy_processes()
+    return busy
+
+
 def machine() -> dict[str, Any]:
     """The machine and the versions of everything measured."""
     import jax
@@ -166,7 +178,8 @@ def startup(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_startup: bool,
-        models_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+        models_dir: Path, quiet_wait: float = 0.0, log: Callable[[str], None] = print
+        ) -> dict[str, Any]:
     """Benchmark ``cases``; return the results document."""
     from onnx2jax.bench import peak_memory
 
@@ -183,9 +196,10 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         path = _path_of(case, models_dir)
         feeds = case.feeds()
         log(f"{case.name}: timing {runs} interleaved runs ...")
+        before = wait_until_quiet(quiet_wait, log) if quiet_wait else busy_processes()
         result = run_case_in_child(path, feeds, case.items, runs, warmup)
         result.update(model=case.model, items=case.items, unit=case.unit,
-                      busy_pytest_processes=busy_processes())
+                      busy_pytest_processes=max(before, busy_processes()))
         if memory:
             for engine in ("onnx2jax", "onnxruntime"):
                 result[engine]["memory"] = peak_memory(engine, path, feeds)
@@ -197,6 +211,8 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         chosen = {c.name: c for c in cases}.get(STARTUP_CASE)
         if chosen is not None:
             log(f"start-up of fresh processes on {STARTUP_CASE} ...")
+            if quiet_wait:
+                wait_until_quiet(quiet_wait, log)
             try:
                 document["startup"] = {"case": STARTUP_CASE,
                                        **startup(_path_of(chosen, models_dir), chosen.feeds())}
@@ -215,9 +231,10 @@ def _ms(value: float) -> str:
 def table(document: dict[str, Any]) -> str:
     """The Markdown table (and start-up table) of a results document."""
     rows = ["| case | onnx2jax median (min) ms | onnxruntime median (min) ms | ratio | "
+            "back to back: o2j / ORT ms (ratio) | "
             "onnx2jax / ORT throughput | GFLOP/s (o2j / ORT) | first call s (o2j / ORT) | "
             "peak MB (o2j / ORT) | max error (abs / rel) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, case in document["cases"].items():
         ours, theirs = case["onnx2jax"], case["onnxruntime"]
         unit = case.get("unit", "item")
@@ -225,10 +242,13 @@ def table(document: dict[str, Any]) -> str:
                  if "gflop_per_s" in ours else "-")
         memory = (f"{ours['memory']['peak_increase_mb']:,.0f} / "
                   f"{theirs['memory']['peak_increase_mb']:,.0f}" if "memory" in ours else "-")
+        b2b = (f"{_ms(ours['back_to_back_median_ms'])} / "
+               f"{_ms(theirs['back_to_back_median_ms'])} ({case['back_to_back_ratio']:.2f})"
+               if "back_to_back_ratio" in case else "-")
         rows.append(
             f"| {name} | {_ms(ours['median_ms'])} ({_ms(ours['min_ms'])}) | "
             f"{_ms(theirs['median_ms'])} ({_ms(theirs['min_ms'])}) | "
-            f"**{case['ratio']:.2f}** | {ours['throughput_per_s']:.1f} / "
+            f"**{case['ratio']:.2f}** | {b2b} | {ours['throughput_per_s']:.1f} / "
             f"{theirs['throughput_per_s']:.1f} {unit}/s | {flops} | "
             f"{ours['first_call_s']:.2f} / {theirs['first_call_s']:.2f} | {memory} | "
             f"{case['max_abs_error']:.1e} / {case['max_rel_error']:.1e} |")
@@ -317,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --model: size of a named input dimension (default 1)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per engine (10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds (2)")
+    parser.add_argument("--quiet-wait", type=float, default=120, metavar="SECONDS",
+                        help="before each case, wait up to this long for other pytest "
+                             "processes to finish (120; 0: do not wait)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--no-startup", action="store_true", help="skip start-up times")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR,
@@ -360,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_path_of(case, args.models_dir))
         return 0
     document = run(cases, runs=args.runs, warmup=args.warmup, memory=not args.no_memory,
-                   with_startup=not args.no_startup, models_dir=args.models_dir)
+                   with_startup=not args.no_startup, models_dir=args.models_dir,
+                   quiet_wait=0.0 if args.quick else args.quiet_wait)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = args.output or RESULTS_DIR / ("quick.json" if args.quick else f"{stamp}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
