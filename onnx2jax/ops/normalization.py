@@ -96,15 +96,19 @@ def instance_normalization(ctx, x, scale, bias):
         _per_channel(bias, x.ndim).astype(x.dtype)
 
 
-@register("LayerNormalization", 17)
-def layer_normalization(ctx, x, scale, bias=None):
-    x = jnp.asarray(x)
+def _trailing_axes_setup(ctx, x):
+    """Axes from ``axis`` to the last, epsilon and the stash dtype of Layer/RMS normalization."""
     axis = int(ctx.attr("axis", -1))
     if not -x.ndim <= axis < x.ndim:
         raise ctx.error(f"axis={axis} is out of range for rank {x.ndim}")
-    axes = tuple(range(axis % x.ndim, x.ndim))
-    epsilon = float(ctx.attr("epsilon", 1e-5))
-    stash = _stash_dtype(ctx, x)
+    return tuple(range(axis % x.ndim, x.ndim)), float(ctx.attr("epsilon", 1e-5)), \
+        _stash_dtype(ctx, x)
+
+
+@register("LayerNormalization", 17)
+def layer_normalization(ctx, x, scale, bias=None):
+    x = jnp.asarray(x)
+    axes, epsilon, stash = _trailing_axes_setup(ctx, x)
     mean, centered, var = _moments(x.astype(stash), axes)
     inv_std = lax.rsqrt(var + jnp.asarray(epsilon, stash))
     y = (centered * inv_std).astype(x.dtype) * jnp.asarray(scale).astype(x.dtype)
@@ -118,12 +122,7 @@ def layer_normalization(ctx, x, scale, bias=None):
 @register("RMSNormalization", 23)
 def rms_normalization(ctx, x, scale):
     x = jnp.asarray(x)
-    axis = int(ctx.attr("axis", -1))
-    if not -x.ndim <= axis < x.ndim:
-        raise ctx.error(f"axis={axis} is out of range for rank {x.ndim}")
-    axes = tuple(range(axis % x.ndim, x.ndim))
-    epsilon = float(ctx.attr("epsilon", 1e-5))
-    stash = _stash_dtype(ctx, x)
+    axes, epsilon, stash = _trailing_axes_setup(ctx, x)
     xs = x.astype(stash)
     mean_square = jnp.mean(xs * xs, axis=axes, keepdims=True)
     normalized = xs * lax.rsqrt(mean_square + jnp.asarray(epsilon, stash))
