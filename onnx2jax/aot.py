@@ -179,11 +179,12 @@ def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
     if digest is None:
         digest = model_digest(model)
         model._onnx2jax_digest = digest
-    options = sorted(getattr(model, "compiler_options", {}).items())
-    key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|{options}"
+    function, options = model.inference_function(bound)
+    key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|"
+    key += str(sorted(options.items()))
     params = model._inference_params()  # what model(...) passes to its jitted function
     key = f"{key}|{signature_key(params)}"
-    compiled = cache.compiled(key, lambda: model._fast.lower(params, bound, outputs=wanted))
+    compiled = cache.compiled(key, lambda: function.lower(params, bound, outputs=wanted))
     return compiled(params, {k: _canonical(v) for k, v in bound.items()})
 
 

@@ -61,8 +61,7 @@ class Model:
         # no weight is transposed per call. Values are unchanged; apply() is unaffected.
         self._weight_layouts = _conv_weight_layouts(self.plan.nodes, self.params)
         self._prepared: tuple[dict[str, Any], Params] | None = None
-        self._fast = jax.jit(self._apply_prepared, static_argnames=("outputs",),
-                             compiler_options=self.compiler_options or None)
+        self._inference_jits: dict[tuple, Any] = {}
         # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
         directory = aot.resolve_cache_dir(cache_dir)
         self._cache = aot.ExecutableCache(directory) if directory is not None else None
@@ -136,7 +135,8 @@ class Model:
             try:
                 if self._cache is not None:
                     return aot.cached_call(self, self._cache, bound, wanted)
-                return self._fast(self._inference_params(), bound, outputs=wanted)
+                function, _ = self.inference_function(bound)
+                return function(self._inference_params(), bound, outputs=wanted)
             except DataDependentShapeError:
                 pass
         if runner is None:
@@ -215,6 +215,17 @@ class Model:
             cached = self._prepared = (dict(self.params), prepared)
         return cached[1]
 
+    def inference_function(self, bound: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """The jitted function ``model(...)`` uses for these inputs, and its XLA options."""
+        options = inference_compiler_options(bound, self.compiler_options)
+        key = tuple(sorted(options.items()))
+        function = self._inference_jits.get(key)
+        if function is None:
+            function = self._inference_jits[key] = jax.jit(
+                self._apply_prepared, static_argnames=("outputs",),
+                compiler_options=options or None)
+        return function, options
+
     def _apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
                         outputs: tuple[str, ...] | None) -> dict[str, Any]:
         params = {k: (jnp.transpose(v, np.argsort(self._weight_layouts[k]))
@@ -281,6 +292,25 @@ def default_compiler_options() -> dict[str, Any]:
     if os.environ.get("ONNX2JAX_XLA_DEFAULTS", "1") == "0" or jax.default_backend() != "cpu":
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+# Inputs with at most this many rows (all dims but the last, of the largest input) run their
+# matmuls through YNNPACK: measured faster for few rows (MiniLM b1 s128, GPT-2 b1 s128) and
+# slower for many (MiniLM b32 s128), see benchmarks/README.md.
+FEW_ROWS = 1024
+
+
+def inference_compiler_options(bound: Mapping[str, Any], options: dict[str, Any]
+                               ) -> dict[str, Any]:
+    """``options``, with YNNPACK dots switched on when the inputs have few rows."""
+    if options.get("xla_cpu_experimental_ynn_fusion_type") != "":
+        return options
+    shapes = [np.shape(v) for v in bound.values() if hasattr(v, "shape")]
+    largest = max(shapes, key=lambda shape: int(np.prod(shape)), default=())
+    if int(np.prod(largest[:-1])) <= FEW_ROWS:
+        return {**options,
+                "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return options
 
 
 def check_input(info: TensorInfo, value: Any) -> Any:

@@ -297,3 +297,18 @@ def test_backend_run_node():
     (out,) = Onnx2JaxBackend.run_node(helper.make_node("Relu", ["x"], ["y"]),
                                       {"x": np.array([-1.0, 2.0], np.float32)})
     np.testing.assert_array_equal(out, [0.0, 2.0])
+
+
+def test_few_rows_choose_ynnpack_dots_and_many_rows_do_not():
+    from onnx2jax.model import inference_compiler_options
+
+    off = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    few = inference_compiler_options({"ids": np.zeros((1, 128), np.int64)}, off)
+    many = inference_compiler_options({"ids": np.zeros((32, 128), np.int64)}, off)
+    assert few == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    assert many == off
+    # With XLA's defaults (ONNX2JAX_XLA_DEFAULTS=0, or not on CPU) nothing is chosen.
+    assert inference_compiler_options({"ids": np.zeros((1, 128), np.int64)}, {}) == {}
+    model = onnx2jax.load(affine_model())
+    x = np.ones((1, 2, 3), np.float32)
+    np.testing.assert_allclose(model(x)["y"], model.apply(model.params, x)["y"], rtol=1e-6)
