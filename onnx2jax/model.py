@@ -294,9 +294,9 @@ def default_compiler_options() -> dict[str, Any]:
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-# Inputs with at most this many rows (all dims but the last, of the largest input) run their
-# matmuls through YNNPACK: measured faster for few rows (MiniLM b1 s128, GPT-2 b1 s128) and
-# slower for many (MiniLM b32 s128), see benchmarks/README.md.
+# Inputs with at most this many rows run their matmuls through YNNPACK: measured faster for
+# few rows (GPT-2 b1 s128) and slower for many (MiniLM b32 s128), see benchmarks/README.md.
+# Rows: the tokens of integer inputs (every element), else all dims but the last.
 FEW_ROWS = 1024
 
 
@@ -305,9 +305,9 @@ def inference_compiler_options(bound: Mapping[str, Any], options: dict[str, Any]
     """``options``, with YNNPACK dots switched on when the inputs have few rows."""
     if options.get("xla_cpu_experimental_ynn_fusion_type") != "":
         return options
-    shapes = [np.shape(v) for v in bound.values() if hasattr(v, "shape")]
-    largest = max(shapes, key=lambda shape: int(np.prod(shape)), default=())
-    if int(np.prod(largest[:-1])) <= FEW_ROWS:
+    rows = [int(np.prod(v.shape if np.issubdtype(v.dtype, np.integer) else v.shape[:-1]))
+            for v in bound.values() if hasattr(v, "shape") and hasattr(v, "dtype")]
+    if max(rows, default=0) <= FEW_ROWS:
         return {**options,
                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     return options
