@@ -245,6 +245,15 @@ class _LoopRunner:
 
 
 # -------------------------------------------------------------------------------------- Scan
+def _scan_counts(ctx, inputs):
+    """Scan's scan inputs, loop-carried states and scan outputs, counted from its attributes."""
+    n_in = ctx.attr("num_scan_inputs")
+    if n_in is None or not 0 < n_in <= len(inputs):
+        raise ctx.error(f"num_scan_inputs={n_in} does not fit {len(inputs)} inputs")
+    n_state = len(inputs) - n_in
+    return n_in, n_state, len(ctx.attr("body").output) - n_state
+
+
 @register("Scan", 9)
 @register("Scan", 11)
 @register("Scan", 16)
@@ -254,11 +263,7 @@ class _LoopRunner:
 @register("Scan", 24)
 @register("Scan", 25)
 def scan(ctx, *inputs):
-    n_in = ctx.attr("num_scan_inputs")
-    if n_in is None or not 0 < n_in <= len(inputs):
-        raise ctx.error(f"num_scan_inputs={n_in} does not fit {len(inputs)} inputs")
-    n_state = len(inputs) - n_in
-    n_out = len(ctx.attr("body").output) - n_state
+    n_in, n_state, n_out = _scan_counts(ctx, inputs)
     in_axes = ctx.attr("scan_input_axes", [0] * n_in)
     in_dirs = ctx.attr("scan_input_directions", [0] * n_in)
     out_axes = ctx.attr("scan_output_axes", [0] * n_out)
@@ -281,11 +286,7 @@ def scan(ctx, *inputs):
 
 @register("Scan", 8)
 def scan_v8(ctx, sequence_lens, *inputs):
-    n_in = ctx.attr("num_scan_inputs")
-    if n_in is None or not 0 < n_in <= len(inputs):
-        raise ctx.error(f"num_scan_inputs={n_in} does not fit {len(inputs)} inputs")
-    n_state = len(inputs) - n_in
-    n_out = len(ctx.attr("body").output) - n_state
+    n_in, n_state, n_out = _scan_counts(ctx, inputs)
     dirs = ctx.attr("directions", [0] * n_in)
     batch, length = np.shape(inputs[n_state])[:2]
     lens = [length] * batch
