@@ -104,7 +104,7 @@ def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = No
         raise Onnx2JaxError("this needs onnxruntime: pip install onnxruntime") from None
     if path is None and model is None:
         raise Onnx2JaxError("onnxruntime_session needs a model or a path")
-    source = str(path) if path is not None else model.proto.SerializeToString()
+    source = str(path) if path is not None else model.to_onnx().SerializeToString()
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:

@@ -59,6 +59,7 @@ def to_onnx(model: Model, params: Mapping[str, Any] | None = None) -> onnx.Model
                          f"(first: {unknown[:3]}); model.params lists the valid names")
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
+    _restore_released(proto.graph, model.released_weights)
     _inline_external_data(proto.graph, model.base_dir)
     remaining = dict(params)
     graph = proto.graph
@@ -72,6 +73,47 @@ def to_onnx(model: Model, params: Mapping[str, Any] | None = None) -> onnx.Model
         if sparse.values.name in remaining:
             _update_sparse(graph, index, remaining.pop(sparse.values.name), model.base_dir)
     return proto
+
+
+def release_weight_bytes(proto: onnx.ModelProto, params: Mapping[str, Any]
+                         ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A copy of ``proto`` without the bytes of the initializers that ``params`` holds exactly.
+
+    A loaded model would otherwise hold every weight twice: as a device array and as bytes in
+    its proto. Only inline ``raw_data`` tensors whose param has the initializer's own dtype are
+    dropped, so :func:`to_onnx` rebuilds their bytes exactly from the returned params. The copy
+    is parsed anew (protobuf frees a message's memory only with the whole message), and
+    ``proto`` is left cleared of those bytes.
+    """
+    released = {}
+    for tensor in proto.graph.initializer:
+        value = params.get(tensor.name)
+        if (value is None or tensor.data_location == onnx.TensorProto.EXTERNAL
+                or not tensor.HasField("raw_data")
+                or np.dtype(value.dtype) != numpy_dtype(tensor.data_type)):
+            continue
+        tensor.ClearField("raw_data")
+        released[tensor.name] = value
+    if not released:
+        return proto, released
+    compact = onnx.ModelProto()
+    compact.ParseFromString(proto.SerializeToString())
+    return compact, released
+
+
+def _restore_released(graph: onnx.GraphProto, released: Mapping[str, Any]) -> None:
+    """Put back the bytes :func:`release_weight_bytes` dropped, from the params it kept."""
+    if not released:
+        return
+    for tensor in graph.initializer:
+        value = released.get(tensor.name)
+        if value is not None:
+            tensor.raw_data = _little_endian_bytes(np.asarray(value))
+
+
+def _little_endian_bytes(value: np.ndarray) -> bytes:
+    value = np.ascontiguousarray(value)
+    return value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 @dataclass(frozen=True)
@@ -219,7 +261,7 @@ def _updated_tensor(original: onnx.TensorProto, value: Any, base_dir: Path | Non
                  "string_data", "external_data"):
         tensor.ClearField(name)
     tensor.data_location = onnx.TensorProto.DEFAULT
-    tensor.raw_data = new.astype(new.dtype.newbyteorder("<"), copy=False).tobytes()
+    tensor.raw_data = _little_endian_bytes(new)
     return tensor
 
 

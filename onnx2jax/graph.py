@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -132,12 +134,16 @@ def plan_graph(
     opsets: dict[str, int],
     base_dir: Path | None,
     trainable: bool = True,
+    decoded: Mapping[str, Any] | None = None,
 ) -> GraphPlan:
     """Order ``graph`` and sort its initializers into trainable params and static constants.
 
-    With ``trainable`` false (subgraphs) every initializer is a constant.
+    With ``trainable`` false (subgraphs) every initializer is a constant. ``decoded`` gives the
+    values of initializers whose bytes the graph no longer holds.
     """
-    initializers = {t.name: tensor_to_numpy(t, base_dir) for t in graph.initializer}
+    decoded = decoded or {}
+    initializers = {t.name: decoded[t.name] if t.name in decoded else tensor_to_numpy(t, base_dir)
+                    for t in graph.initializer}
     for sparse in graph.sparse_initializer:
         initializers[sparse.values.name] = _sparse_to_dense(sparse, base_dir)
     nodes = _topological_order(graph, set(initializers) | {v.name for v in graph.input})

@@ -43,15 +43,26 @@ class Model:
     """
 
     def __init__(self, proto: onnx.ModelProto, base_dir: Path | None = None, *,
-                 cache_dir: str | os.PathLike | None = None):
-        self.proto = proto
+                 cache_dir: str | os.PathLike | None = None, owns_proto: bool = False):
         self.base_dir = base_dir
         self.opsets = model_opsets(proto)
         find_unsupported(proto.graph, self.opsets)
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
         self._interpreter = Interpreter(self.opsets, base_dir)
-        self.params: Params = {k: jnp.asarray(v) for k, v in self.plan.param_values.items()}
-        self.plan.param_values = {}
+        # Host copies go one by one as the device copies are made (peak: one tensor more).
+        host = self.plan.param_values
+        self.params: Params = {k: jnp.asarray(host.pop(k)) for k in list(host)}
+        # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
+        # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
+        # caller passed in is theirs and stays untouched.
+        self.released_weights: Params = {}
+        if owns_proto:
+            proto, self.released_weights = export.release_weight_bytes(proto, self.params)
+            if self.released_weights:
+                self.plan = plan_graph(proto.graph, self.opsets, base_dir,
+                                       decoded=self.released_weights)
+                self.plan.param_values = {}
+        self.proto = proto
         self.compiler_options = default_compiler_options()
         self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",),
                                compiler_options=self.compiler_options or None)
@@ -412,4 +423,5 @@ def load(source: ModelSource | os.PathLike, *,
         ['image']
     """
     proto, base_dir = read_model(source)
-    return Model(proto, base_dir, cache_dir=cache_dir)
+    return Model(proto, base_dir, cache_dir=cache_dir,
+                 owns_proto=not isinstance(source, onnx.ModelProto))

@@ -58,6 +58,38 @@ def test_unchanged_params_give_identical_proto():
     model = onnx2jax.load(proto)
     assert sorted(model.params) == ["b", "scale", "w"]
     assert model.to_onnx().SerializeToString() == proto.SerializeToString()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_loaded_file_keeps_weights_once_and_exports_them_byte_for_byte(tmp_path, dtype):
+    proto = tiny_model(dtype)
+    path = tmp_path / "tiny.onnx"
+    path.write_bytes(proto.SerializeToString())
+    for source in (path, proto.SerializeToString()):
+        model = onnx2jax.load(source)
+        stored = {t.name: t for t in model.proto.graph.initializer}
+        # float64 params compute as float32 under x64 off: their bytes stay in the proto.
+        exact = np.dtype(dtype) == np.dtype(model.params["w"].dtype)
+        assert sorted(model.released_weights) == (["b", "scale", "w"] if exact else [])
+        assert all(stored[k].HasField("raw_data") != exact for k in ("b", "scale", "w"))
+        assert stored["shape"].HasField("raw_data")  # constants keep their bytes
+        if exact:
+            assert model.to_onnx().SerializeToString() == proto.SerializeToString()
+        tuned = {k: v + 1 for k, v in model.params.items()}
+        np.testing.assert_allclose(
+            numpy_helper.to_array(model.to_onnx(tuned).graph.initializer[0]),
+            numpy_helper.to_array(proto.graph.initializer[0]) + 1, rtol=1e-3)
+        x = np.ones((3, 4), dtype)
+        np.testing.assert_allclose(np.asarray(model(x)["y"]),
+                                   ort_run(model.to_onnx(), {"x": x})[0], rtol=1e-3)
+
+
+def test_a_proto_passed_in_is_left_untouched():
+    proto = tiny_model()
+    before = proto.SerializeToString()
+    model = onnx2jax.load(proto)
+    assert model.released_weights == {} and model.proto is proto
+    assert proto.SerializeToString() == before
     assert model.to_onnx({}).SerializeToString() == proto.SerializeToString()
 
 
