@@ -9,7 +9,12 @@ Example:
 
 from pathlib import Path
 
-from onnx2jax.errors import (
+from onnx2jax.hostmem import keep_call_buffers
+
+# Before any JAX computation starts XLA's threads: see onnx2jax/hostmem.py.
+keep_call_buffers()
+
+from onnx2jax.errors import (  # noqa: E402
     DataDependentShapeError,
     InputError,
     ModelLoadError,
@@ -17,9 +22,9 @@ from onnx2jax.errors import (
     OpError,
     UnsupportedOpError,
 )
-from onnx2jax.hub import from_hub
-from onnx2jax.model import Model, load
-from onnx2jax.text import SentenceEncoder
+from onnx2jax.hub import from_hub  # noqa: E402
+from onnx2jax.model import Model, load  # noqa: E402
+from onnx2jax.text import SentenceEncoder  # noqa: E402
 
 __version__ = "0.1.0"
 

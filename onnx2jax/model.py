@@ -22,6 +22,7 @@ from onnx2jax.graph import (
     model_opsets,
     plan_graph,
 )
+from onnx2jax.hostmem import release_free_memory
 from onnx2jax.loader import ModelSource, read_model
 from onnx2jax.segments import SegmentedRunner
 
@@ -423,5 +424,9 @@ def load(source: ModelSource | os.PathLike, *,
         ['image']
     """
     proto, base_dir = read_model(source)
-    return Model(proto, base_dir, cache_dir=cache_dir,
-                 owns_proto=not isinstance(source, onnx.ModelProto))
+    model = Model(proto, base_dir, cache_dir=cache_dir,
+                  owns_proto=not isinstance(source, onnx.ModelProto))
+    # The file's bytes and the full proto are garbage now: hand their pages back.
+    del proto
+    release_free_memory()
+    return model

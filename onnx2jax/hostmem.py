@@ -1,0 +1,72 @@
+"""Host memory settings that keep XLA:CPU's per-call buffers mapped between calls.
+
+XLA:CPU allocates every call's intermediate buffers with the C library's ``malloc`` and frees
+them when the call ends. With glibc's defaults, buffers of more than 32 MB (and any buffer
+above 64 MB allocated on a worker thread, whose arenas are capped at 64 MB) are ``mmap``-ed and
+given back to the kernel on ``free``, so the next call touches fresh pages and pays a page fault
+for every 4 KB of them: ResNet-50 at batch 8 took 31,000 faults and 70-80 ms of kernel time per
+call on 2 cores (measured in benchmarks/README.md). onnxruntime keeps its own arena instead.
+
+:func:`keep_call_buffers` sets glibc's allocator so that buffers of up to 1 GiB come from one
+heap, which keeps up to 1 GiB of freed memory for reuse; ``load`` hands its parsing garbage
+back with :func:`release_free_memory`. ``import onnx2jax`` calls it before anything starts
+XLA's threads, since a thread keeps the malloc arena it first used. It changes the allocator
+of the whole process (freed memory stays resident for reuse, as with onnxruntime's arena);
+``ONNX2JAX_KEEP_CALL_BUFFERS=0`` leaves glibc's defaults. Other C libraries are left alone.
+
+Example:
+    >>> import onnx2jax.hostmem as hostmem
+    >>> hostmem.keep_call_buffers() in (True, False)
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+# mallopt parameters, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+
+KEPT_BYTES = 1 << 30
+
+_applied: bool | None = None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return None
+        return ctypes.CDLL("libc.so.6")
+    except (OSError, ValueError):
+        return None
+
+
+def keep_call_buffers() -> bool:
+    """Make glibc keep large freed buffers for reuse; True where the settings are in force.
+
+    Applied once per process; False on other C libraries, or when
+    ``ONNX2JAX_KEEP_CALL_BUFFERS=0``.
+    """
+    global _applied
+    if _applied is None:
+        libc = _glibc()
+        _applied = (os.environ.get("ONNX2JAX_KEEP_CALL_BUFFERS", "1") != "0"
+                    and libc is not None
+                    # One arena: the main one grows without the 64 MB cap of thread arenas.
+                    and bool(libc.mallopt(_M_ARENA_MAX, 1))
+                    and bool(libc.mallopt(_M_MMAP_THRESHOLD, KEPT_BYTES))
+                    and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEPT_BYTES)))
+    return _applied
+
+
+def release_free_memory() -> None:
+    """Give the kernel back the free memory the allocator keeps (after a load, say)."""
+    libc = _glibc() if _applied else None
+    if libc is not None:
+        libc.malloc_trim(0)
