@@ -80,8 +80,10 @@ def release_weight_bytes(proto: onnx.ModelProto, params: Mapping[str, Any]
     """A copy of ``proto`` without the bytes of the initializers that ``params`` holds exactly.
 
     A loaded model would otherwise hold every weight twice: as a device array and as bytes in
-    its proto. Only inline ``raw_data`` tensors whose param has the initializer's own dtype are
-    dropped, so :func:`to_onnx` rebuilds their bytes exactly from the returned params. The copy
+    its proto. ``params`` gives each param's array, or its shape and dtype as it will be held
+    (``jax.ShapeDtypeStruct``). Only inline ``raw_data`` tensors whose param has the
+    initializer's own dtype are dropped, so :func:`to_onnx` rebuilds their bytes exactly from
+    the params; the returned dict holds the entries of ``params`` that were dropped. The copy
     is parsed anew (protobuf frees a message's memory only with the whole message), and
     ``proto`` is left cleared of those bytes.
     """

@@ -43,26 +43,32 @@ class Model:
         (1, 10)
     """
 
-    def __init__(self, proto: onnx.ModelProto, base_dir: Path | None = None, *,
-                 cache_dir: str | os.PathLike | None = None, owns_proto: bool = False):
+    def __init__(self, proto: onnx.ModelProto | OwnedProto, base_dir: Path | None = None, *,
+                 cache_dir: str | os.PathLike | None = None):
+        owns_proto = isinstance(proto, OwnedProto)
+        if owns_proto:
+            proto = proto.take()
         self.base_dir = base_dir
         self.opsets = model_opsets(proto)
         find_unsupported(proto.graph, self.opsets)
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
         self._interpreter = Interpreter(self.opsets, base_dir)
+        # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
+        # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
+        # caller passed in is theirs and stays untouched. This comes before the device copies
+        # so that the full proto (and the plan whose nodes belong to it) is freed first.
+        released: Mapping[str, Any] = {}
+        if owns_proto:
+            as_params = {k: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype))
+                         for k, v in self.plan.param_values.items()}
+            proto, released = export.release_weight_bytes(proto, as_params)
+            if released:
+                self.plan = plan_graph(proto.graph, self.opsets, base_dir,
+                                       decoded=self.plan.param_values)
         # Host copies go one by one as the device copies are made (peak: one tensor more).
         host = self.plan.param_values
         self.params: Params = {k: jnp.asarray(host.pop(k)) for k in list(host)}
-        # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
-        # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
-        # caller passed in is theirs and stays untouched.
-        self.released_weights: Params = {}
-        if owns_proto:
-            proto, self.released_weights = export.release_weight_bytes(proto, self.params)
-            if self.released_weights:
-                self.plan = plan_graph(proto.graph, self.opsets, base_dir,
-                                       decoded=self.released_weights)
-                self.plan.param_values = {}
+        self.released_weights: Params = {k: self.params[k] for k in released}
         self.proto = proto
         self.compiler_options = default_compiler_options()
         self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",),
@@ -424,9 +430,28 @@ def load(source: ModelSource | os.PathLike, *,
         ['image']
     """
     proto, base_dir = read_model(source)
-    model = Model(proto, base_dir, cache_dir=cache_dir,
-                  owns_proto=not isinstance(source, onnx.ModelProto))
-    # The file's bytes and the full proto are garbage now: hand their pages back.
+    if isinstance(source, onnx.ModelProto):
+        return Model(proto, base_dir, cache_dir=cache_dir)
+    owned = OwnedProto(proto)
     del proto
+    model = Model(owned, base_dir, cache_dir=cache_dir)
+    # The file's bytes and the full proto are garbage now: hand their pages back.
     release_free_memory()
     return model
+
+
+class OwnedProto:
+    """A proto parsed by onnx2jax itself, handed to :class:`Model` as its only reference.
+
+    Model frees it (its weight bytes most of all) as soon as the params are decoded, before
+    their device copies are made; any reference left in the caller's frame would keep it.
+    """
+
+    def __init__(self, proto: onnx.ModelProto):
+        self._proto: onnx.ModelProto | None = proto
+
+    def take(self) -> onnx.ModelProto:
+        proto, self._proto = self._proto, None
+        if proto is None:
+            raise ValueError("this OwnedProto was already taken by a Model")
+        return proto

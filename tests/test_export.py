@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -82,6 +85,44 @@ def test_loaded_file_keeps_weights_once_and_exports_them_byte_for_byte(tmp_path,
         x = np.ones((3, 4), dtype)
         np.testing.assert_allclose(np.asarray(model(x)["y"]),
                                    ort_run(model.to_onnx(), {"x": x})[0], rtol=1e-3)
+
+
+# The peak of this process's own memory (VmHWM; getrusage's maxrss would carry over the size
+# of the pytest process that started it).
+PEAK_OF_LOAD = """
+import json, sys
+import jax.numpy as jnp
+import onnx2jax
+jnp.zeros(1).block_until_ready()
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+before = status_mb("VmRSS")
+model = onnx2jax.load(sys.argv[1])
+peak = status_mb("VmHWM")
+print(json.dumps({"peak_mb": peak - before, "params": sorted(model.released_weights)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_load_frees_the_parsed_file_before_copying_weights_to_the_device(tmp_path):
+    # One 192 MiB weight. Parsing needs the file's bytes and the proto (2x), decoding the proto
+    # and the array (2x), copying to the device the array and its copy (2x); holding the proto
+    # until the device copy exists would take 3x.
+    weight = np.ones((6144, 8192), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8192])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(weight, "w")])
+    path = tmp_path / "big.onnx"
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    done = subprocess.run([sys.executable, "-c", PEAK_OF_LOAD, str(path)], capture_output=True,
+                          text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["params"] == ["w"]
+    assert result["peak_mb"] < 2.5 * weight.nbytes / 2**20, result
 
 
 def test_a_proto_passed_in_is_left_untouched():
