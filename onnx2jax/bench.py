@@ -274,6 +274,22 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
+def _peak_rss_mb() -> float:
+    """This process's own high-water resident size, in MB.
+
+    Linux's VmHWM: getrusage's maxrss would carry over the size of the process that started
+    this one (it is kept across exec).
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
+
+
 def _memory_child(engine: str, model_path: str, feeds_path: str, runs: int) -> dict[str, float]:
     """Run in a fresh process: load and run ``engine`` and report its peak memory."""
     with np.load(feeds_path) as data:
@@ -291,7 +307,7 @@ def _memory_child(engine: str, model_path: str, feeds_path: str, runs: int) -> d
         session = onnxruntime_session(None, model_path, threads=default_threads())
         for _ in range(runs):
             session.run(None, feeds)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    peak = _peak_rss_mb()
     return {"peak_rss_mb": peak, "baseline_rss_mb": baseline, "peak_increase_mb": peak - baseline}
 
 
