@@ -14,9 +14,12 @@ XLA's threads, since a thread keeps the malloc arena it first used. It changes t
 of the whole process (freed memory stays resident for reuse, as with onnxruntime's arena);
 ``ONNX2JAX_KEEP_CALL_BUFFERS=0`` leaves glibc's defaults. Other C libraries are left alone.
 
-Example:
+Example (in force after ``import onnx2jax`` wherever the C library is glibc):
+    >>> import os, sys
     >>> import onnx2jax.hostmem as hostmem
-    >>> hostmem.keep_call_buffers() in (True, False)
+    >>> glibc = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    >>> wanted = os.environ.get("ONNX2JAX_KEEP_CALL_BUFFERS", "1") != "0"
+    >>> hostmem.keep_call_buffers() == (glibc and wanted)
     True
 """
 
