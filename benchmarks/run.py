@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.models import MODELS_DIR, image_inputs, model_path, text_inputs  # noqa: E402
+from onnx2jax.model import PRECISIONS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -134,13 +135,14 @@ def machine() -> dict[str, Any]:
 
 
 def run_case_in_child(path: Path, feeds: dict[str, np.ndarray], items: int, runs: int,
-                      warmup: int) -> dict[str, Any]:
+                      warmup: int, precision: str = "float32") -> dict[str, Any]:
     """``onnx2jax.bench.run_case`` in a fresh process (first-call times are then honest)."""
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = Path(folder) / "feeds.npz"
         np.savez(feeds_path, **feeds)
         return _python(["-m", "benchmarks.run", "--child", str(path), str(feeds_path),
-                        "--runs", str(runs), "--warmup", str(warmup), "--items", str(items)])
+                        "--runs", str(runs), "--warmup", str(warmup), "--items", str(items),
+                        "--precision", precision])
 
 
 def startup(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -178,8 +180,8 @@ def startup(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_startup: bool,
-        models_dir: Path, quiet_wait: float = 0.0, log: Callable[[str], None] = print
-        ) -> dict[str, Any]:
+        models_dir: Path, quiet_wait: float = 0.0, log: Callable[[str], None] = print,
+        precision: str = "float32") -> dict[str, Any]:
     """Benchmark ``cases``; return the results document."""
     from onnx2jax.bench import peak_memory
 
@@ -188,7 +190,7 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         "command": " ".join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
         "machine": machine(),
         "settings": {"runs": runs, "warmup": warmup, "memory": memory,
-                     "startup": with_startup},
+                     "startup": with_startup, "precision": precision},
         "busy_pytest_processes_at_start": busy_processes(),
         "cases": {},
     }
@@ -197,7 +199,7 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         feeds = case.feeds()
         log(f"{case.name}: timing {runs} interleaved runs ...")
         before = wait_until_quiet(quiet_wait, log) if quiet_wait else busy_processes()
-        result = run_case_in_child(path, feeds, case.items, runs, warmup)
+        result = run_case_in_child(path, feeds, case.items, runs, warmup, precision)
         result.update(model=case.model, items=case.items, unit=case.unit,
                       busy_pytest_processes=max(before, busy_processes()))
         if memory:
@@ -312,12 +314,14 @@ def _child(argv: Sequence[str]) -> int:
     parser.add_argument("--runs", type=int, required=True)
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--items", type=int, required=True)
+    parser.add_argument("--precision", default="float32")
     args = parser.parse_args(argv)
     from onnx2jax.bench import run_case
 
     with np.load(args.feeds) as data:
         feeds = {k: data[k] for k in data.files}
-    result = run_case(args.model, feeds, runs=args.runs, warmup=args.warmup, items=args.items)
+    result = run_case(args.model, feeds, runs=args.runs, warmup=args.warmup, items=args.items,
+                      load_options={"precision": args.precision})
     print(json.dumps(result))
     return 0
 
@@ -349,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "quick.json with --quick)")
     parser.add_argument("--no-readme", action="store_true",
                         help="do not rewrite the table in benchmarks/README.md")
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                        help="onnx2jax's precision policy for the timed calls (float32); any "
+                             "other is an opt-in figure: no memory, no start-up, and the "
+                             "table in benchmarks/README.md is left alone")
     parser.add_argument("--build-only", action="store_true",
                         help="export the models and stop")
     return parser
@@ -362,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.runs, args.warmup, args.no_memory, args.no_startup = 2, 1, True, True
+    opt_in = args.precision != PRECISIONS[0]
+    if opt_in:  # the default figures stay the default policy's
+        args.no_memory, args.no_startup, args.no_readme = True, True, True
     if args.model:
         from onnx2jax.cli import make_inputs, parse_assignments
         from onnx2jax.model import load
@@ -384,8 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     document = run(cases, runs=args.runs, warmup=args.warmup, memory=not args.no_memory,
                    with_startup=not args.no_startup, models_dir=args.models_dir,
-                   quiet_wait=0.0 if args.quick else args.quiet_wait)
+                   quiet_wait=0.0 if args.quick else args.quiet_wait, precision=args.precision)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if opt_in:
+        stamp += f"-{args.precision}"
     output = args.output or RESULTS_DIR / ("quick.json" if args.quick else f"{stamp}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=1) + "\n")

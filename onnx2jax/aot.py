@@ -147,6 +147,7 @@ def model_digest(model: Any) -> str:
     h = hashlib.sha256()
     for opset in proto.opset_import:
         h.update(f"{opset.domain}:{opset.version};".encode())
+    h.update(f"precision:{getattr(model, 'precision', 'float32')};".encode())
     graph = proto.graph
     for value in list(graph.input) + list(graph.output):
         h.update(value.SerializeToString())

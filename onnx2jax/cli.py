@@ -26,7 +26,7 @@ from onnx2jax.errors import InputError, Onnx2JaxError, UnsupportedOpError
 from onnx2jax.graph import TensorInfo, find_unsupported, model_opsets, subgraphs, tensor_info
 from onnx2jax.hub import HUB_PREFIX, describe, download_model, parse_hub_uri
 from onnx2jax.loader import read_model
-from onnx2jax.model import Model, load
+from onnx2jax.model import PRECISIONS, Model, load
 
 EXAMPLE_SAMPLES = Path(__file__).parent / "examples" / "digits_samples.npz"
 
@@ -71,10 +71,11 @@ def model_file(ref: str, progress: Progress) -> Path:
         return download_model(repo_id, filename, revision)
 
 
-def load_model(ref: str, progress: Progress) -> tuple[Model, Path]:
+def load_model(ref: str, progress: Progress, precision: str = "float32"
+               ) -> tuple[Model, Path]:
     path = model_file(ref, progress)
     with progress.step(f"converting {path.name}"):
-        return load(path), path
+        return load(path, precision=precision), path
 
 
 def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:
@@ -317,7 +318,7 @@ def run_example(args: argparse.Namespace, progress: Progress) -> int:
     samples = np.load(EXAMPLE_SAMPLES)
     images, labels = samples["images"], samples["labels"]
     with progress.step("converting the example digits CNN"):
-        model = load(example_path())
+        model = load(example_path(), precision=args.precision)
     with progress.step("compiling and running"):
         logits = np.asarray(model(image=images)["logits"])
     predicted = logits.argmax(axis=1)
@@ -342,7 +343,7 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
         if args.input or args.dim or args.output:
             raise InputError("--input, --dim and --output need a MODEL")
         return run_example(args, progress)
-    model, _ = load_model(args.model, progress)
+    model, _ = load_model(args.model, progress, args.precision)
     feeds = read_inputs(args, model)
     with progress.step("compiling and running"):
         outputs = {k: np.asarray(v) for k, v in model(**feeds).items()}
@@ -406,7 +407,7 @@ def compare_outputs(ours: Mapping[str, Any], reference: Mapping[str, Any], rtol:
 def cmd_check(args: argparse.Namespace, progress: Progress) -> int:
     from onnx2jax.bench import onnxruntime_session
 
-    model, path = load_model(args.model, progress)
+    model, path = load_model(args.model, progress, args.precision)
     feeds = read_inputs(args, model)
     with progress.step("compiling and running onnx2jax"):
         ours = {k: np.asarray(v) for k, v in model(**feeds).items()}
@@ -439,7 +440,7 @@ def cmd_check(args: argparse.Namespace, progress: Progress) -> int:
 def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     from onnx2jax.bench import compare
 
-    model, path = load_model(args.model, progress)
+    model, path = load_model(args.model, progress, args.precision)
     feeds = read_inputs(args, model)
     with progress.step(f"timing {args.runs} runs each (after warm-up and compilation)"):
         result = compare(model, feeds, runs=args.runs, warmup=args.warmup, path=path)
@@ -490,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", "-q", action="store_true",
                          help="no progress messages on stderr")
 
+    def precision(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                         help="how matrix products compute: float32 (default) or bfloat16 "
+                              "(opt-in: rounded operands, float32 accumulation, faster)")
+
     def inputs(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                          help="an input from a .npy file (repeatable); inputs not given are "
@@ -518,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", metavar="MODEL", nargs="?")
     run.add_argument("--output", metavar="FILE.npz", help="save all outputs to FILE.npz")
     inputs(run)
+    precision(run)
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser(
@@ -529,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (1e-4)")
     check.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (1e-5)")
     inputs(check)
+    precision(check)
     check.set_defaults(handler=cmd_check)
 
     bench = commands.add_parser(
@@ -539,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=20, help="timed runs per engine (20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
     inputs(bench)
+    precision(bench)
     bench.set_defaults(handler=cmd_bench)
     compile_ = commands.add_parser(
         "compile", help="ahead-of-time artifact (jax.export) for fixed input shapes",

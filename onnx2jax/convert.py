@@ -107,9 +107,11 @@ class OpContext:
 class Interpreter:
     """Evaluates planned graphs. One instance per model; subgraph plans are cached."""
 
-    def __init__(self, opsets: Mapping[str, int], base_dir: Path | None = None):
+    def __init__(self, opsets: Mapping[str, int], base_dir: Path | None = None,
+                 precision: str = "float32"):
         self.opsets = dict(opsets)
         self.base_dir = base_dir
+        self.precision = precision  # see PRECISIONS in onnx2jax/model.py
         # Keyed by id(); each entry keeps its key object alive so ids are never reused.
         self._subplans: dict[int, tuple[onnx.GraphProto, GraphPlan]] = {}
         self._attrs: dict[int, tuple[onnx.NodeProto, dict[str, Any]]] = {}

@@ -44,7 +44,11 @@ class Model:
     """
 
     def __init__(self, proto: onnx.ModelProto | OwnedProto, base_dir: Path | None = None, *,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, precision: str = "float32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, "
+                             f"got {precision!r}")
+        self._precision = precision
         owns_proto = isinstance(proto, OwnedProto)
         if owns_proto:
             proto = proto.take()
@@ -52,7 +56,7 @@ class Model:
         self.opsets = model_opsets(proto)
         find_unsupported(proto.graph, self.opsets)
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
-        self._interpreter = Interpreter(self.opsets, base_dir)
+        self._interpreter = Interpreter(self.opsets, base_dir, precision)
         # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
         # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
         # caller passed in is theirs and stays untouched. This comes before the device copies
@@ -85,6 +89,16 @@ class Model:
         self._cache = aot.ExecutableCache(directory) if directory is not None else None
 
     # ---------------------------------------------------------------- description
+    @property
+    def precision(self) -> str:
+        """How matrix products compute: ``"float32"`` (exact) or ``"bfloat16"`` (opt-in).
+
+        Under ``"bfloat16"`` the float32 operands of MatMul, Gemm and Einsum are rounded to
+        bfloat16 and their products accumulate in float32; every other op, convolutions
+        included, stays float32. Fixed at load: ``onnx2jax.load(path, precision="bfloat16")``.
+        """
+        return self._precision
+
     @property
     def inputs(self) -> list[TensorInfo]:
         return list(self.plan.inputs)
@@ -235,7 +249,7 @@ class Model:
 
     def inference_function(self, bound: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The jitted function ``model(...)`` uses for these inputs, and its XLA options."""
-        options = inference_compiler_options(bound, self.compiler_options)
+        options = inference_compiler_options(bound, self.compiler_options, self.precision)
         key = tuple(sorted(options.items()))
         function = self._inference_jits.get(key)
         if function is None:
@@ -312,20 +326,27 @@ def default_compiler_options() -> dict[str, Any]:
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+# How matrix products may compute (Model.precision); the first is the default.
+PRECISIONS = ("float32", "bfloat16")
+
 # Inputs with at most this many rows run their matmuls through YNNPACK: measured faster for
 # few rows (GPT-2 b1 s128) and slower for many (MiniLM b32 s128), see benchmarks/README.md.
 # Rows: the tokens of integer inputs (every element), else all dims but the last.
 FEW_ROWS = 1024
 
 
-def inference_compiler_options(bound: Mapping[str, Any], options: dict[str, Any]
-                               ) -> dict[str, Any]:
-    """``options``, with YNNPACK dots switched on when the inputs have few rows."""
+def inference_compiler_options(bound: Mapping[str, Any], options: dict[str, Any],
+                               precision: str = "float32") -> dict[str, Any]:
+    """``options``, with YNNPACK dots switched on for few rows or bfloat16 products.
+
+    XLA's own (Eigen) dots compute bfloat16 no faster than float32; YNNPACK's run it at about
+    twice the speed (measured in benchmarks/README.md).
+    """
     if options.get("xla_cpu_experimental_ynn_fusion_type") != "":
         return options
     rows = [int(np.prod(v.shape if np.issubdtype(v.dtype, np.integer) else v.shape[:-1]))
             for v in bound.values() if hasattr(v, "shape") and hasattr(v, "dtype")]
-    if max(rows, default=0) <= FEW_ROWS:
+    if precision == "bfloat16" or max(rows, default=0) <= FEW_ROWS:
         return {**options,
                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     return options
@@ -412,7 +433,7 @@ def _as_tuple(outputs: Sequence[str] | str | None) -> tuple[str, ...] | None:
 
 
 def load(source: ModelSource | os.PathLike, *,
-         cache_dir: str | os.PathLike | None = None) -> Model:
+         cache_dir: str | os.PathLike | None = None, precision: str = "float32") -> Model:
     """Load an ONNX model from a path, bytes or ``onnx.ModelProto``.
 
     With ``cache_dir`` (or the ``ONNX2JAX_CACHE_DIR`` environment variable) calling the model
@@ -423,18 +444,25 @@ def load(source: ModelSource | os.PathLike, *,
     Every operator the model needs is checked at once: a model using ops onnx2jax lacks raises
     :class:`~onnx2jax.errors.UnsupportedOpError` listing them all with the nodes that use them.
 
+    ``precision="bfloat16"`` is an opt-in trade of accuracy for speed: matrix products (MatMul,
+    Gemm, Einsum) round their float32 operands to bfloat16 and accumulate in float32, which
+    XLA's CPU runs at about twice the speed (see :attr:`Model.precision`). The default,
+    ``"float32"``, computes every op in the model's own dtypes.
+
     Example:
         >>> import onnx2jax
         >>> model = onnx2jax.load(onnx2jax.example_path())
         >>> model.input_names
         ['image']
+        >>> onnx2jax.load(onnx2jax.example_path(), precision="bfloat16").precision
+        'bfloat16'
     """
     proto, base_dir = read_model(source)
     if isinstance(source, onnx.ModelProto):
-        return Model(proto, base_dir, cache_dir=cache_dir)
+        return Model(proto, base_dir, cache_dir=cache_dir, precision=precision)
     owned = OwnedProto(proto)
     del proto
-    model = Model(owned, base_dir, cache_dir=cache_dir)
+    model = Model(owned, base_dir, cache_dir=cache_dir, precision=precision)
     # The file's bytes and the full proto are garbage now: hand their pages back.
     release_free_memory()
     return model

@@ -44,6 +44,22 @@ def test_harness_quick_run_writes_every_field(tmp_path):
     assert case["threads"] >= 1 and case["items"] == 4
 
 
+def test_harness_times_an_opt_in_precision_apart(tmp_path):
+    from benchmarks.run import main as bench_main
+
+    output = tmp_path / "bf16.json"
+    assert bench_main(["--quick", "--precision", "bfloat16", "--model",
+                       str(onnx2jax.example_path()), "--dim", "batch=4",
+                       "--output", str(output)]) == 0
+    document = json.loads(output.read_text())
+    assert document["settings"]["precision"] == "bfloat16"
+    assert not document["settings"]["memory"] and not document["settings"]["startup"]
+    (case,) = document["cases"].values()
+    # The example's Gemm and MatMul products round to bfloat16: off float32's onnxruntime,
+    # but by bfloat16's few significant bits only.
+    assert 1e-5 < case["max_rel_error"] < 0.05
+
+
 def test_table_lists_cases_and_startup():
     from benchmarks.run import table
 

@@ -192,3 +192,15 @@ def test_bench_times_both_engines(affine):
         document["onnx2jax"]["median_ms"] / document["onnxruntime"]["median_ms"])
     text = onnx2jax_command("bench", str(affine), "--runs", "3", "--quiet").stdout
     assert "onnx2jax / onnxruntime =" in text and "median" in text
+
+
+def test_check_with_bfloat16_products_reports_their_error():
+    example = str(onnx2jax.example_path())
+    exact = json.loads(onnx2jax_command("check", example, "--json", "--quiet").stdout)
+    result = onnx2jax_command("check", example, "--precision", "bfloat16", "--json", "--quiet",
+                              "--rtol", "0.1", "--atol", "0.1")
+    assert result.returncode == 0, result.stderr
+    rounded = json.loads(result.stdout)
+    error = rounded["outputs"]["logits"]["max_abs_error"]
+    assert exact["outputs"]["logits"]["max_abs_error"] < 1e-4 < error < 0.1
+    assert onnx2jax_command("run", "--precision", "float16").returncode == 2

@@ -312,3 +312,50 @@ def test_few_rows_choose_ynnpack_dots_and_many_rows_do_not():
     model = onnx2jax.load(affine_model())
     x = np.ones((1, 2, 3), np.float32)
     np.testing.assert_allclose(model(x)["y"], model.apply(model.params, x)["y"], rtol=1e-6)
+
+
+def products_model() -> onnx.ModelProto:
+    """y = Einsum(Gemm(MatMul(x, w1), w2, c), w3): one of each matrix product."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in [("w1", (16, 32)), ("w2", (32, 8)), ("c", (8,)), ("w3", (8, 4))]]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="matmul"),
+        helper.make_node("Gemm", ["h1", "w2", "c"], ["h2"], name="gemm"),
+        helper.make_node("Einsum", ["h2", "w3"], ["y"], name="einsum", equation="nk,kj->nj"),
+    ]
+    graph = helper.make_graph(
+        nodes, "products", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bfloat16_precision_rounds_product_operands_and_keeps_float32_results():
+    proto = products_model()
+    x = np.random.default_rng(1).normal(size=(5, 16)).astype(np.float32)
+    exact = onnx2jax.load(proto)
+    fast = onnx2jax.load(proto, precision="bfloat16")
+    assert (exact.precision, fast.precision) == ("float32", "bfloat16")
+    y_exact, y_fast = (np.asarray(m(x)["y"]) for m in (exact, fast))
+    assert y_fast.dtype == np.float32
+    # bfloat16 keeps 8 significant bits: close to float32, but not the same numbers.
+    np.testing.assert_allclose(y_fast, y_exact, rtol=0.05, atol=0.05 * np.abs(y_exact).max())
+    assert not np.array_equal(y_fast, y_exact)
+    # The rounding is the whole difference: the products of bfloat16-rounded operands.
+    w1, w2, c, w3 = (np.asarray(fast.params[k], np.float32) for k in ("w1", "w2", "c", "w3"))
+    bf16 = lambda v: np.asarray(jnp.asarray(v).astype(jnp.bfloat16), np.float32)  # noqa: E731
+    expected = bf16(bf16(bf16(x) @ bf16(w1)) @ bf16(w2) + c) @ bf16(w3)
+    np.testing.assert_allclose(y_fast, expected, rtol=1e-4, atol=1e-4)
+    jaxpr = str(jax.make_jaxpr(fast.apply)(fast.params, x))
+    assert jaxpr.count("preferred_element_type=float32") == 3 and "bf16" in jaxpr
+    assert "bf16" not in str(jax.make_jaxpr(exact.apply)(exact.params, x))
+
+
+def test_bfloat16_precision_trains_and_rejects_unknown_policies():
+    model = onnx2jax.load(products_model(), precision="bfloat16")
+    x = np.ones((2, 16), np.float32)
+    grads = jax.grad(lambda p: jnp.sum(model.apply(p, x)["y"] ** 2))(model.params)
+    assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
+    assert float(jnp.abs(grads["w1"]).sum()) > 0
+    with pytest.raises(ValueError, match="precision must be one of 'float32', 'bfloat16'"):
+        onnx2jax.load(products_model(), precision="float16")

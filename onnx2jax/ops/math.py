@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onnx2jax.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import register
 
@@ -16,7 +17,23 @@ from onnx2jax.ops.registry import register
 def matmul(ctx, a, b):
     # jnp.matmul contracts without materialising broadcast batch dimensions (a 3-D activation
     # times a 2-D weight is one dot_general), so XLA sees a single fused GEMM.
-    return ctx.xp(a, b).matmul(a, b)
+    (a, b), accumulate = product_operands(ctx, a, b)
+    if accumulate is None:
+        return ctx.xp(a, b).matmul(a, b)
+    return jnp.matmul(a, b, preferred_element_type=accumulate)
+
+
+def product_operands(ctx, *values):
+    """The operands of a matrix product under the model's precision, and the result's dtype.
+
+    With ``precision="bfloat16"`` traced float32 operands are rounded to bfloat16 and the
+    product accumulates and returns float32 (None: the plain product). Static values (shape
+    arithmetic) always stay exact.
+    """
+    if ctx.interpreter.precision == "bfloat16" and all(
+            v is not None and not is_static(v) and v.dtype == jnp.float32 for v in values):
+        return [v.astype(jnp.bfloat16) for v in values], jnp.float32
+    return list(values), None
 
 
 @register("Gemm", 1)
@@ -27,9 +44,12 @@ def matmul(ctx, a, b):
 @register("Gemm", 13)
 def gemm(ctx, a, b, c=None):
     xp = ctx.xp(a, b, c)
+    dtype = a.dtype
+    (a, b), accumulate = product_operands(ctx, a, b)
+    axes = (0 if ctx.attr("transA", 0) else 1, 1 if ctx.attr("transB", 0) else 0)
     # tensordot contracts the right axes directly (a dot_general with no transpose copies).
-    y = xp.tensordot(a, b, axes=(0 if ctx.attr("transA", 0) else 1,
-                                 1 if ctx.attr("transB", 0) else 0))
+    y = (xp.tensordot(a, b, axes=axes) if accumulate is None
+         else jnp.tensordot(a, b, axes=axes, preferred_element_type=accumulate))
     alpha = ctx.attr("alpha", 1.0)
     beta = ctx.attr("beta", 1.0)
     if alpha != 1.0:
@@ -37,14 +57,17 @@ def gemm(ctx, a, b, c=None):
     # Before opset 7, C broadcasts only with broadcast=1, where NumPy rules give the same result.
     if c is not None and beta != 0.0:
         y = y + (c * beta if beta != 1.0 else c)
-    return y.astype(a.dtype)
+    return y.astype(dtype)
 
 
 @register("Einsum", 12)
 @register("Einsum", 28)
 def einsum(ctx, *inputs):
     equation = "".join(ctx.attr("equation", "").split())
-    return ctx.xp(*inputs).einsum(equation, *inputs)
+    operands, accumulate = product_operands(ctx, *inputs)
+    if accumulate is None:
+        return ctx.xp(*inputs).einsum(equation, *inputs)
+    return jnp.einsum(equation, *operands, preferred_element_type=accumulate)
 
 
 @register("CumSum", 11, static_inputs=(1,))
