@@ -212,11 +212,12 @@ class SentenceEncoder:
     @classmethod
     def from_hub(cls, repo_id: str, filename: str = "onnx/model.onnx",
                  revision: str | None = None, *, cache_dir: str | os.PathLike | None = None,
-                 token: str | bool | None = None, **options: Any) -> SentenceEncoder:
+                 token: str | bool | None = None, precision: str = "float32",
+                 **options: Any) -> SentenceEncoder:
         """Load a sentence-transformers repo from the hub (or the cache, offline).
 
         ``options`` (``pooling``, ``normalize``, ``batch_size``, ``buckets``...) override what
-        the repo's configuration says.
+        the repo's configuration says; ``precision`` is the model's (see ``onnx2jax.load``).
 
         Example (needs the hub, or the files in the cache):
             >>> encoder = SentenceEncoder.from_hub(
@@ -231,12 +232,14 @@ class SentenceEncoder:
 
         model_path = download_model(repo_id, filename, revision, cache_dir=cache_dir,
                                     token=token)
-        return cls._from_files(load(model_path), fetch, options)
+        return cls._from_files(load(model_path, precision=precision), fetch, options)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, filename: str = "onnx/model.onnx",
-                    **options: Any) -> SentenceEncoder:
+    def from_folder(cls, folder: str | os.PathLike, filename: str = "onnx/model.onnx", *,
+                    precision: str = "float32", **options: Any) -> SentenceEncoder:
         """Load a sentence-transformers folder that holds an ONNX export of the model.
+
+        ``options`` are those of :meth:`from_hub`; ``precision`` is the model's.
 
         Example:
             >>> SentenceEncoder.from_folder("/no/such/folder")  # doctest: +ELLIPSIS
@@ -254,7 +257,7 @@ class SentenceEncoder:
                 raise ModelLoadError(f"{path} is missing")
             return None
 
-        return cls._from_files(load(root / filename), fetch, options)
+        return cls._from_files(load(root / filename, precision=precision), fetch, options)
 
     @classmethod
     def _from_files(cls, model: Model, fetch: Callable[[str, bool], Path | None],

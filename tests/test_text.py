@@ -92,6 +92,15 @@ def test_minilm_embeddings_equal_sentence_transformers(tmp_path, offline, minilm
     assert encoder.compilations == before
     np.testing.assert_allclose(single, expected[6], rtol=0, atol=1e-5)
 
+    # The opt-in bfloat16 products: other numbers, the same embeddings to 3 decimals.
+    rounded = onnx2jax.SentenceEncoder.from_hub("sentence-transformers/all-MiniLM-L6-v2",
+                                                cache_dir=tmp_path / "cache",
+                                                precision="bfloat16")
+    assert rounded.model.precision == "bfloat16"
+    approx = rounded.encode(SENTENCES[:4])
+    cosine = np.sum(approx * expected[:4], axis=1)  # both normalised
+    assert np.all(cosine > 0.999) and not np.allclose(approx, expected[:4], rtol=0, atol=1e-5)
+
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # its import path moved in v6
 @pytest.mark.parametrize("mode", ["cls", "mean", "max", "mean_sqrt_len_tokens",
