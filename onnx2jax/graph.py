@@ -138,8 +138,8 @@ def plan_graph(
 ) -> GraphPlan:
     """Order ``graph`` and sort its initializers into trainable params and static constants.
 
-    With ``trainable`` false (subgraphs) every initializer is a constant. ``decoded`` gives the
-    values of initializers whose bytes the graph no longer holds.
+    With ``trainable`` false (subgraphs) every initializer is a constant. ``decoded`` gives
+    initializers' values decoded already (some of whose bytes the graph no longer holds).
     """
     decoded = decoded or {}
     initializers = {t.name: decoded[t.name] if t.name in decoded else tensor_to_numpy(t, base_dir)

@@ -26,6 +26,7 @@ Example (in force after ``import onnx2jax`` wherever the C library is glibc):
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import sys
@@ -40,6 +41,7 @@ KEPT_BYTES = 1 << 30
 _applied: bool | None = None
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None

@@ -67,8 +67,9 @@ class Model:
                          for k, v in self.plan.param_values.items()}
             proto, released = export.release_weight_bytes(proto, as_params)
             if released:
+                # Re-planned on the compact proto, reusing every value decoded already.
                 self.plan = plan_graph(proto.graph, self.opsets, base_dir,
-                                       decoded=self.plan.param_values)
+                                       decoded={**self.plan.constants, **self.plan.param_values})
         # Host copies go one by one as the device copies are made (peak: one tensor more).
         host = self.plan.param_values
         self.params: Params = {k: jnp.asarray(host.pop(k)) for k in list(host)}

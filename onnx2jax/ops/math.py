@@ -31,7 +31,7 @@ def product_operands(ctx, *values):
     arithmetic) always stay exact.
     """
     if ctx.interpreter.precision == "bfloat16" and all(
-            v is not None and not is_static(v) and v.dtype == jnp.float32 for v in values):
+            not is_static(v) and v.dtype == jnp.float32 for v in values):
         return [v.astype(jnp.bfloat16) for v in values], jnp.float32
     return list(values), None
 
