@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from onnx2jax.cputhreads import pin_xla_workers
 from onnx2jax.errors import InputError, Onnx2JaxError
 
 CACHE_ENV = "ONNX2JAX_CACHE_DIR"
@@ -272,6 +273,7 @@ class AotModel:
         self.output_names: list[str] = list(meta["outputs"])
         self.param_names: list[str] = list(meta["params"])
         self.params = jax.device_put(params)
+        pin_xla_workers()  # see onnx2jax/cputhreads.py
         self._specs = [(tuple(s["shape"]), np.dtype(s["dtype"])) for s in meta["input_specs"]]
         self._jitted = jax.jit(self.exported.call)
         directory = resolve_cache_dir(cache_dir)

@@ -14,6 +14,7 @@ import onnx
 
 from onnx2jax import aot, export, ops  # noqa: F401  (ops registers every op family)
 from onnx2jax.convert import Interpreter
+from onnx2jax.cputhreads import pin_xla_workers
 from onnx2jax.errors import DataDependentShapeError, InputError
 from onnx2jax.graph import (
     GraphPlan,
@@ -74,6 +75,7 @@ class Model:
         host = self.plan.param_values
         self.params: Params = {k: jnp.asarray(host.pop(k)) for k in list(host)}
         self.released_weights: Params = {k: self.params[k] for k in released}
+        pin_xla_workers()  # see onnx2jax/cputhreads.py
         self.proto = proto
         self.compiler_options = default_compiler_options()
         self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",),
