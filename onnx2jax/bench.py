@@ -1,8 +1,9 @@
 """Side-by-side latency of onnx2jax (under jit, after warm-up) and onnxruntime on the same inputs.
 
 The numbers come from one process and one set of inputs, with the two engines' calls
-interleaved (so a busy machine slows both alike), so their ratio is meaningful on that machine;
-absolute times depend on it. ``onnx2jax bench MODEL`` prints them; :func:`run_case` adds the
+interleaved (so a busy machine slows both alike; each call waits until the other engine's
+threads have gone quiet), so their ratio is meaningful on that machine; absolute times depend
+on it. ``onnx2jax bench MODEL`` prints them; :func:`run_case` adds the
 first-call time, the worst error against onnxruntime, FLOP counts and peak memory, for
 ``benchmarks/run.py``.
 """
@@ -115,11 +116,36 @@ def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = No
         raise Onnx2JaxError(f"onnxruntime cannot load the model: {exc}") from None
 
 
-def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int = 1
-                ) -> dict[str, list[float]]:
+def wait_until_quiet(window_s: float = 0.02, busy: float = 0.1, limit_s: float = 1.0) -> float:
+    """Sleep until this process's threads use under ``busy`` of one CPU; returns seconds waited.
+
+    onnxruntime's workers spin for about 40 ms after a call returns (measured on 2 cores: one
+    CPU fully busy), so an onnx2jax call made right after one ran with a CPU short. Linux
+    accounts a running thread's CPU time at each scheduler tick (4-10 ms), so the process is
+    quiet when a ``window_s`` spanning several ticks used less than ``busy`` of it. Gives up
+    after ``limit_s``.
+
+    Example:
+        >>> wait_until_quiet() < 1.0
+        True
+    """
+    start = time.perf_counter()
+    while True:
+        cpu, begun = time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        now = time.perf_counter()
+        if time.process_time() - cpu < busy * (now - begun) or now - start > limit_s:
+            return now - start
+
+
+def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int = 1, *,
+                settle: bool = True) -> dict[str, list[float]]:
     """Latencies in ms of each call, timed in turn (a, b, a, b, ...) after ``warmup`` rounds.
 
-    Each call must block until its result is ready.
+    Each call must block until its result is ready. With ``settle`` every timed call waits
+    until the previous one's threads have gone quiet (:func:`wait_until_quiet`), so that no
+    engine is timed while another's threads still run; ``settle=False`` times the calls back
+    to back.
 
     Example:
         >>> times = interleaved({"a": lambda: None, "b": lambda: None}, runs=3)
@@ -132,6 +158,8 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int =
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
         for name, call in calls.items():
+            if settle:
+                wait_until_quiet()
             start = time.perf_counter()
             call()
             samples[name].append((time.perf_counter() - start) * 1e3)
@@ -244,9 +272,10 @@ def run_case(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: 
     calls = {"onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
              "onnxruntime": lambda: session.run(None, feeds)}
     samples = interleaved(calls, runs, warmup)
-    # Each engine alone, calls back to back: what a busy server sees. Interleaved calls find
-    # the other engine's data in the caches and its threads just finished.
-    alone = {name: interleaved({name: call}, runs, 1)[name] for name, call in calls.items()}
+    # Each engine alone, calls back to back: what a busy server sees. Interleaved calls start
+    # on a machine idle for 20 ms or more, with the other engine's data in the caches.
+    alone = {name: interleaved({name: call}, runs, 1, settle=False)[name]
+             for name, call in calls.items()}
     result: dict[str, Any] = {
         "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
         "threads": threads,

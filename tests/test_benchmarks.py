@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -13,7 +15,7 @@ import pytest
 
 import onnx2jax
 from onnx2jax import aot
-from onnx2jax.bench import max_errors, run_case
+from onnx2jax.bench import interleaved, max_errors, run_case
 from onnx2jax.cli import main
 from onnx2jax.errors import InputError
 
@@ -87,6 +89,30 @@ def test_run_case_reports_errors_and_flops():
     assert case["onnx2jax"]["load_s"] <= case["onnx2jax"]["first_call_s"]
     assert max_errors({"y": np.ones(2)}, {"y": np.ones(2)}) == {"max_abs_error": 0.0,
                                                                 "max_rel_error": 0.0}
+
+
+def _spin_after_return(seconds: float) -> threading.Thread:
+    """A thread that keeps a CPU busy after its call returned, as onnxruntime's workers do."""
+    def spin():
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    thread = threading.Thread(target=spin)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("settle", [True, False])
+def test_interleaved_calls_wait_for_the_other_engines_threads(settle):
+    spinners: list[threading.Thread] = []
+    overlapped = []
+    calls = {"spins": lambda: spinners.append(_spin_after_return(0.1)),
+             "next": lambda: overlapped.append(any(t.is_alive() for t in spinners))}
+    interleaved(calls, runs=3, warmup=0, settle=settle)
+    for thread in spinners:
+        thread.join()
+    # Settled, no call ever starts while the other's thread still runs; back to back, each does.
+    assert overlapped == [not settle] * 3
 
 
 def test_artifact_matches_the_model_and_checks_shapes(tmp_path):
