@@ -473,7 +473,8 @@ def load(source: ModelSource | os.PathLike, *,
     owned = OwnedProto(proto)
     del proto
     model = Model(owned, base_dir, cache_dir=cache_dir, precision=precision)
-    # The file's bytes and the full proto are garbage now: hand their pages back.
+    # The weights' host copies are garbage now, and so are the file's bytes and the full
+    # proto where Model did not trim them already: hand their pages back.
     release_free_memory()
     return model
 
