@@ -114,6 +114,13 @@ CASES = [
     ("softmax_legacy_flattens", "Softmax", {"x": f32(2, 3, 4)}, {"axis": 1}, 11,
      "onnxruntime", ()),
     ("softmax_axis0", "Softmax", {"x": f32(2, 3, 4)}, {"axis": 0}, 13, "onnxruntime", ()),
+    # Rows over 32 wide reduce in two steps on the CPU (a row of 128; trailing axes of 6x8).
+    ("softmax_wide_rows", "Softmax", {"x": f32(2, 3, 128) * 8}, {}, 13, "onnxruntime", ()),
+    ("softmax_legacy_wide_trailing_axes", "Softmax", {"x": f32(2, 6, 8) * 8}, {"axis": 1}, 11,
+     "onnxruntime", ()),
+    ("softmax_wide_rows_masked", "Softmax",
+     {"x": np.where(RNG.random((4, 64)) < 0.5, -np.inf, f32(4, 64)).astype(np.float32)},
+     {}, 13, "onnxruntime", ()),
     ("logsoftmax_legacy_default", "LogSoftmax", {"x": f32(2, 3, 4)}, {}, 1, "onnxruntime", ()),
     ("hardmax_legacy_ties", "Hardmax", {"x": np.array([[[1, 3], [3, 0]], [[2, 2], [0, 1]]],
                                                       np.float32)}, {"axis": 1}, 11,
@@ -169,7 +176,7 @@ def test_matches_reference(op_type, inputs, attributes, opset, engine, constants
 
 X64_OFF_CASES = ["gemm_trans_both_c_row", "cumsum_int32_exclusive", "reduce_min_empty_int",
                  "argmax_last_index_negative_axis", "mod_int_fmod", "pow_float_int_exponent",
-                 "softmax_legacy_flattens", "reduce_sum_negative_axes_input"]
+                 "softmax_legacy_flattens", "reduce_sum_negative_axes_input", "softmax_wide_rows"]
 
 
 @pytest.mark.parametrize("case_id", X64_OFF_CASES)
@@ -226,6 +233,52 @@ def test_static_values_stay_static():
         assert isinstance(out, np.ndarray) and out.dtype == np.float32, op_type
     out = lookup("", "ReduceMax", 18).function(ctx, x, np.array([0], np.int64))
     assert isinstance(out, np.ndarray)
+
+
+def _softmax_model(shape, dtype=TensorProto.FLOAT):
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+         helper.make_node("Softmax", ["scaled"], ["y"], axis=-1)],
+        "softmax", [helper.make_tensor_value_info("x", dtype, shape)],
+        [helper.make_tensor_value_info("y", dtype, shape)],
+        initializer=[numpy_helper.from_array(
+            np.array(0.5, helper.tensor_dtype_to_np_dtype(dtype)), "scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_wide_softmax_fuses_its_input_on_cpu():
+    """A softmax over 128 scores compiles to two-step reductions that read the scaled input
+    directly: XLA:CPU's reduce-window split (which wrote the input out first) is gone."""
+    model = onnx2jax.load(_softmax_model([4, 128]))
+    x = f32(4, 128)
+    bound = model.bind_inputs((x,), {})
+    function, _ = model.inference_function(bound)
+    text = function.lower(model._inference_params(), bound, outputs=None).compile().as_text()
+    assert "reduce-window" not in text
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), jax.nn.softmax(x * 0.5, axis=-1),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_wide_softmax_gradient_vmap_and_float64():
+    x = f32(3, 96) * 4
+    w = f32(3, 96)
+    model = onnx2jax.load(_softmax_model(["rows", 96]))
+
+    def loss(v, softmax):
+        return jnp.sum(softmax(v) * w)
+
+    ours = jax.grad(loss)(x, lambda v: model.apply(model.params, v)["y"])
+    want = jax.grad(loss)(x, lambda v: jax.nn.softmax(v * 0.5, axis=-1))
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-7)
+    batched = jax.vmap(lambda v: model.apply(model.params, v[None])["y"][0])(x)
+    np.testing.assert_allclose(batched, jax.nn.softmax(x * 0.5, axis=-1), rtol=1e-6, atol=1e-7)
+    with jax.enable_x64(True):
+        model64 = onnx2jax.load(_softmax_model(["rows", 96], TensorProto.DOUBLE))
+        x64 = x.astype(np.float64)
+        got = np.asarray(model64(x64)["y"])
+        assert got.dtype == np.float64
+        want64 = np.exp(x64 * 0.5 - (x64 * 0.5).max(-1, keepdims=True))
+        np.testing.assert_allclose(got, want64 / want64.sum(-1, keepdims=True), rtol=1e-13)
 
 
 def _chain_model():

@@ -8,6 +8,7 @@ import numpy as np
 from jax import lax
 
 from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.ops.math import softmax_over
 from onnx2jax.ops.registry import register
 
 
@@ -307,7 +308,7 @@ def flex_attention(ctx, q, k, v):
     scores = jnp.reshape(scores, (batch, q_heads, q_len, kv_len)).astype(compute)
     if "score_mod" in ctx.attrs:
         scores = jnp.asarray(ctx.run_subgraph("score_mod", [scores])[0]).astype(compute)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = softmax_over(scores, (scores.ndim - 1,))
     if "prob_mod" in ctx.attrs:
         probs = jnp.asarray(ctx.run_subgraph("prob_mod", [probs])[0]).astype(compute)
     probs = jnp.reshape(probs, (batch, kv_heads, groups, q_len, kv_len))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onnx2jax.ops.math import softmax_over
 from onnx2jax.ops.registry import register
 
 MS = "com.microsoft"
@@ -161,7 +162,7 @@ def _attend(ctx, q, k, v, num_heads, key_mask, causal, extra_bias=None):
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     if extra_bias is not None:
         scores = scores + jnp.asarray(extra_bias).astype(jnp.float32)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    weights = softmax_over(scores, (scores.ndim - 1,)).astype(v.dtype)
     out = jnp.einsum("bhsl,bhld->bhsd", weights, vh)
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from onnx2jax.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
@@ -119,7 +120,48 @@ def _softmax_axes(ctx, x):
 @register("Softmax", 13)
 def softmax(ctx, x):
     axes = _softmax_axes(ctx, x)
-    return jax_on(lambda v: jax.nn.softmax(v, axis=axes), x)
+    return jax_on(lambda v: softmax_over(v, axes), x)
+
+
+def softmax_over(v, axes: tuple[int, ...]):
+    """Softmax over ``axes``; over trailing axes on the CPU, in the fewest passes XLA fuses."""
+    lead = v.ndim - len(axes)
+    size = int(np.prod(v.shape[lead:]))
+    groups = _row_groups(size) if axes == tuple(range(lead, v.ndim)) else None
+    if (groups is None or v.dtype not in (jnp.float32, jnp.float64)
+            or jax.default_backend() != "cpu"):
+        return jax.nn.softmax(v, axis=axes)
+    rows = v.reshape(*v.shape[:lead], size)
+    peak = lax.stop_gradient(_reduce_in_two_steps(rows, jnp.max, groups))
+    total = _reduce_in_two_steps(jnp.exp(rows - peak), jnp.sum, groups)
+    # -(peak - rows) is rows - peak bit for bit; spelled apart, XLA recomputes exp here
+    # rather than writing the exponentials out and reading them back.
+    return (jnp.exp(-(peak - rows)) / total).reshape(v.shape)
+
+
+# XLA:CPU splits a reduction over more than 32 elements into a reduce-window and a reduce and
+# fuses neither with the ops producing their input, so a softmax over 128 attention scores
+# wrote the scaled and masked scores and their exponentials out and read them back: 8 passes
+# over the scores. Reduced in two steps of at most 32, the max and the sum each fuse the
+# producers and read the input once, and the output pass recomputes exp: 4 passes
+# (MiniLM b32's scaled and masked 32x12x128x128 scores: 8.9-9.8 -> 6.0-6.5 ms per softmax).
+_STEP = 32
+
+
+def _row_groups(size: int) -> int | None:
+    """Groups to reduce a row of ``size`` in two steps of at most 32, or None."""
+    if size <= _STEP:
+        return None
+    # The most groups is fastest: rows of 128 as 32 x 4 took 5.9 ms, 16 x 8 6.5-7.3, 8 x 16
+    # 7.7-7.9, 4 x 32 9.9 (XLA's own reduction 8.0-8.8).
+    groups = [g for g in range(2, _STEP + 1) if size % g == 0 and size // g <= _STEP]
+    return max(groups) if groups else None
+
+
+def _reduce_in_two_steps(rows, reduce, groups):
+    partial = reduce(rows.reshape(*rows.shape[:-1], groups, -1), axis=-1)
+    # The barrier keeps XLA from merging the two steps back into one reduction.
+    return reduce(lax.optimization_barrier(partial), axis=-1, keepdims=True)
 
 
 @register("LogSoftmax", 1)
