@@ -46,6 +46,25 @@ def test_harness_quick_run_writes_every_field(tmp_path):
     assert case["threads"] >= 1 and case["items"] == 4
 
 
+def test_kernel_groups_check_outputs_and_time_both_engines(tmp_path, capsys):
+    from benchmarks.kernels import GROUPS
+    from benchmarks.kernels import main as kernels_main
+
+    output = tmp_path / "kernels.json"
+    assert kernels_main(["--runs", "2", "--output", str(output)]) == 0
+    groups = json.loads(output.read_text())["groups"]
+    assert [g["group"] for g in groups] == list(GROUPS)
+    for group in groups:
+        assert group["rows"]
+        for row in group["rows"]:
+            assert row["onnx2jax_ms"] > 0 and row["onnxruntime_ms"] > 0
+            assert row["rel_error"] < 1e-4 and row["count"] >= 1
+        assert group["total_onnx2jax_ms"] == pytest.approx(
+            sum(r["onnx2jax_ms"] * r["count"] for r in group["rows"]))
+    printed = capsys.readouterr().out
+    assert printed.count("| total (x count) |") == len(GROUPS)
+
+
 def test_harness_times_an_opt_in_precision_apart(tmp_path):
     from benchmarks.run import main as bench_main
 

@@ -1,0 +1,207 @@
+"""Kernel-level timings behind benchmarks/README.md: the operations where onnx2jax is slower.
+
+    python -m benchmarks.kernels                    # every group: about 20 s on 2 cores
+    python -m benchmarks.kernels --group conv3x3_b1 --runs 50
+
+Each group times one kind of operation at the shapes of a benchmark model. Every row is a
+small ONNX model (the operation with its bias, activation or mask) run by onnx2jax (the program
+``model(...)`` compiles, on inputs already on the device) and by onnxruntime (CPU, every
+optimization, the same thread count), back to back in turns of blocks (``in_blocks``); the
+outputs must agree first. A row's ``count`` is how often the shape occurs in the model, and
+the total weighs by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx2jax
+from onnx2jax.bench import default_threads, onnxruntime_session, wait_until_quiet
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Row:
+    """One shape of a group: its ONNX model, inputs, and how often the model uses it."""
+
+    label: str
+    model: onnx.ModelProto
+    feeds: dict[str, np.ndarray]
+    count: int = 1
+
+
+def _model(nodes: Sequence[onnx.NodeProto], inputs: dict[str, np.ndarray],
+           weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        list(nodes), "kernel",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape)
+         for name, value in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def _random(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def softmax_rows(batch: int = 32) -> list[Row]:
+    """MiniLM's attention scores (b32 s128): scaled, masked, Softmax over the keys."""
+    rng = np.random.default_rng(0)
+    scores = _random(rng, batch, 12, 128, 128, scale=4.0)
+    mask = np.where(rng.random((batch, 1, 1, 128)) < 0.1, -1e4, 0).astype(np.float32)
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "mask"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["y"], axis=-1)]
+    model = _model(nodes, {"x": scores, "mask": mask},
+                   {"scale": np.array(0.1767767, np.float32)})
+    return [Row(f"{batch}x12x128x128", model, {"x": scores, "mask": mask}, 6)]
+
+
+def attention_matmul_rows(batch: int = 32) -> list[Row]:
+    """MiniLM's attention products (b32 s128): Q K^T and scores times V, batched over heads."""
+    rng = np.random.default_rng(0)
+    q, kt = _random(rng, batch, 12, 128, 32), _random(rng, batch, 12, 32, 128)
+    probs, v = _random(rng, batch, 12, 128, 128), _random(rng, batch, 12, 128, 32)
+    node = [helper.make_node("MatMul", ["a", "b"], ["y"])]
+    return [Row(f"QK^T {batch}x12 of 128x32x128", _model(node, {"a": q, "b": kt}, {}),
+                {"a": q, "b": kt}, 6),
+            Row(f"PV {batch}x12 of 128x128x32", _model(node, {"a": probs, "b": v}, {}),
+                {"a": probs, "b": v}, 6)]
+
+
+def matmul_b1_rows() -> list[Row]:
+    """MiniLM b1's dense layers: 128 tokens times a weight, plus the bias."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, n, count in ((384, 384, 24), (384, 1536, 6), (1536, 384, 6)):
+        x = _random(rng, 128, k)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
+                 helper.make_node("Add", ["xw", "b"], ["y"])]
+        model = _model(nodes, {"x": x}, {"w": _random(rng, k, n, scale=k ** -0.5),
+                                         "b": _random(rng, n)})
+        rows.append(Row(f"128x{k}x{n}", model, {"x": x}, count))
+    return rows
+
+
+def conv3x3_b1_rows(batch: int = 1) -> list[Row]:
+    """ResNet-50's 3x3 convolutions (b1, 224x224 input) with their bias and ReLU."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for channels, size, stride, count in ((64, 56, 1, 3), (128, 56, 2, 1), (128, 28, 1, 3),
+                                          (256, 28, 2, 1), (256, 14, 1, 5), (512, 14, 2, 1),
+                                          (512, 7, 1, 2)):
+        x = _random(rng, batch, channels, size, size)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3],
+                                  pads=[1, 1, 1, 1], strides=[stride, stride]),
+                 helper.make_node("Relu", ["c"], ["y"])]
+        weights = {"w": _random(rng, channels, channels, 3, 3, scale=(9 * channels) ** -0.5),
+                   "b": _random(rng, channels)}
+        label = f"{channels}ch {size}x{size}" + (" stride 2" if stride == 2 else "")
+        rows.append(Row(label, _model(nodes, {"x": x}, weights), {"x": x}, count))
+    return rows
+
+
+GROUPS: dict[str, Callable[[], list[Row]]] = {
+    "softmax": softmax_rows,
+    "attention_matmul": attention_matmul_rows,
+    "matmul_b1": matmul_b1_rows,
+    "conv3x3_b1": conv3x3_b1_rows,
+}
+
+
+def time_row(row: Row, runs: int) -> dict[str, float]:
+    """Median ms of both engines on ``row`` and the worst relative error between them."""
+    model = onnx2jax.load(row.model)
+    session = onnxruntime_session(model, threads=default_threads())
+    ours = np.asarray(model(**row.feeds)["y"])
+    (theirs,) = session.run(None, row.feeds)
+    error = float(np.max(np.abs(ours - theirs)) / max(float(np.max(np.abs(theirs))), 1e-30))
+    if not error < 1e-4:
+        raise AssertionError(f"{row.label}: onnx2jax differs from onnxruntime by {error:.1e}")
+    # The compiled program model(...) runs, on inputs already on the device: the kernel, without
+    # model(...)'s input checks (about 0.1 ms, which would swamp the smallest rows).
+    function, _ = model.inference_function(model.bind_inputs((), row.feeds))
+    params = model._inference_params()
+    inputs = {name: jax.device_put(value) for name, value in row.feeds.items()}
+    samples = in_blocks({
+        "onnx2jax": lambda: jax.block_until_ready(function(params, inputs, outputs=None)),
+        "onnxruntime": lambda: session.run(None, row.feeds)}, runs)
+    return {**{f"{engine}_ms": statistics.median(times) for engine, times in samples.items()},
+            "rel_error": error}
+
+
+def in_blocks(calls: dict[str, Callable[[], object]], runs: int, blocks: int = 5
+              ) -> dict[str, list[float]]:
+    """Latencies in ms of each call, timed back to back in ``blocks`` turns per engine.
+
+    Kernels of a millisecond or less are timed as a busy server runs them, one call after
+    another (after an idle wait, as in ``benchmarks.run``, both engines took up to twice as
+    long); taking turns in blocks spreads the machine's drift over both. Each block starts
+    once the other engine's threads are quiet (onnxruntime's spin about 40 ms after a call),
+    with an untimed call.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(blocks):
+        for name, call in calls.items():
+            wait_until_quiet()
+            call()
+            for _ in range(max(runs // blocks, 1)):
+                start = time.perf_counter()
+                call()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def run_group(name: str, rows: Sequence[Row], runs: int) -> dict[str, object]:
+    timed = [{"shape": row.label, "count": row.count, **time_row(row, runs)} for row in rows]
+    totals = {engine: sum(r[f"{engine}_ms"] * r["count"] for r in timed)
+              for engine in ("onnx2jax", "onnxruntime")}
+    return {"group": name, "rows": timed, "total_onnx2jax_ms": totals["onnx2jax"],
+            "total_onnxruntime_ms": totals["onnxruntime"]}
+
+
+def table(result: dict[str, object]) -> str:
+    lines = [f"{result['group']}:", "",
+             "| shape | count | onnx2jax ms | onnxruntime ms | ratio |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['shape']} | {r['count']} | {r['onnx2jax_ms']:.2f} | "
+                     f"{r['onnxruntime_ms']:.2f} | {r['onnx2jax_ms'] / r['onnxruntime_ms']:.2f} |")
+    ours, theirs = result["total_onnx2jax_ms"], result["total_onnxruntime_ms"]
+    lines.append(f"| total (x count) | | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--group", action="append", choices=sorted(GROUPS), default=[],
+                        help="a group to time (repeatable; default: all)")
+    parser.add_argument("--runs", type=int, default=50, help="timed calls per engine (50)")
+    parser.add_argument("--output", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    results = []
+    for name in args.group or list(GROUPS):
+        results.append(run_group(name, GROUPS[name](), args.runs))
+        print(table(results[-1]) + "\n", flush=True)
+    if args.output:
+        args.output.write_text(json.dumps({"threads": default_threads(), "groups": results},
+                                          indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
