@@ -6,9 +6,9 @@
 Each group times one kind of operation at the shapes of a benchmark model. Every row is a
 small ONNX model (the operation with its bias, activation or mask) run by onnx2jax (the program
 ``model(...)`` compiles, on inputs already on the device) and by onnxruntime (CPU, every
-optimization, the same thread count), back to back in turns of blocks (``in_blocks``); the
-outputs must agree first. A row's ``count`` is how often the shape occurs in the model, and
-the total weighs by it.
+optimization, the same thread count), in five turns of back-to-back calls per engine
+(``onnx2jax.bench.interleaved`` with ``block``); the outputs must agree first. A row's
+``count`` is how often the shape occurs in the model, and the total weighs by it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.bench import default_threads, onnxruntime_session, wait_until_quiet
+from onnx2jax.bench import default_threads, interleaved, onnxruntime_session
 
 OPSET = 17
 
@@ -137,33 +136,13 @@ def time_row(row: Row, runs: int) -> dict[str, float]:
     function, _ = model.inference_function(model.bind_inputs((), row.feeds))
     params = model._inference_params()
     inputs = {name: jax.device_put(value) for name, value in row.feeds.items()}
-    samples = in_blocks({
+    # Five turns per engine, each of back-to-back calls (see interleaved's ``block``).
+    samples = interleaved({
         "onnx2jax": lambda: jax.block_until_ready(function(params, inputs, outputs=None)),
-        "onnxruntime": lambda: session.run(None, row.feeds)}, runs)
+        "onnxruntime": lambda: session.run(None, row.feeds)}, runs, warmup=0,
+        block=max(runs // 5, 1))
     return {**{f"{engine}_ms": statistics.median(times) for engine, times in samples.items()},
             "rel_error": error}
-
-
-def in_blocks(calls: dict[str, Callable[[], object]], runs: int, blocks: int = 5
-              ) -> dict[str, list[float]]:
-    """Latencies in ms of each call, timed back to back in ``blocks`` turns per engine.
-
-    Kernels of a millisecond or less are timed as a busy server runs them, one call after
-    another (after an idle wait, as in ``benchmarks.run``, both engines took up to twice as
-    long); taking turns in blocks spreads the machine's drift over both. Each block starts
-    once the other engine's threads are quiet (onnxruntime's spin about 40 ms after a call),
-    with an untimed call.
-    """
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(blocks):
-        for name, call in calls.items():
-            wait_until_quiet()
-            call()
-            for _ in range(max(runs // blocks, 1)):
-                start = time.perf_counter()
-                call()
-                samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
 
 
 def run_group(name: str, rows: Sequence[Row], runs: int) -> dict[str, object]:

@@ -139,30 +139,38 @@ def wait_until_quiet(window_s: float = 0.02, busy: float = 0.1, limit_s: float =
 
 
 def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int = 1, *,
-                settle: bool = True) -> dict[str, list[float]]:
+                settle: bool = True, block: int = 1) -> dict[str, list[float]]:
     """Latencies in ms of each call, timed in turn (a, b, a, b, ...) after ``warmup`` rounds.
 
-    Each call must block until its result is ready. With ``settle`` every timed call waits
-    until the previous one's threads have gone quiet (:func:`wait_until_quiet`), so that no
-    engine is timed while another's threads still run; ``settle=False`` times the calls back
-    to back.
+    Each call must block until its result is ready. With ``settle`` every turn waits until the
+    previous one's threads have gone quiet (:func:`wait_until_quiet`), so that no engine is
+    timed while another's threads still run; ``settle=False`` times the calls back to back.
+    With ``block`` > 1 each turn times ``block`` calls in a row (``runs`` rounded up to whole
+    turns), after an untimed call that pays for waking up from the quiet wait: calls of a
+    millisecond or less are then timed as a busy server runs them (after an idle wait, both
+    engines' small kernels took up to twice as long).
 
     Example:
         >>> times = interleaved({"a": lambda: None, "b": lambda: None}, runs=3)
         >>> sorted(times), len(times["a"])
         (['a', 'b'], 3)
+        >>> len(interleaved({"a": lambda: None}, runs=5, warmup=0, block=2)["a"])
+        6
     """
     for _ in range(warmup):
         for call in calls.values():
             call()
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(runs):
+    for _ in range(-(-runs // block)):
         for name, call in calls.items():
             if settle:
                 wait_until_quiet()
-            start = time.perf_counter()
-            call()
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            if block > 1:
+                call()
+            for _ in range(block):
+                start = time.perf_counter()
+                call()
+                samples[name].append((time.perf_counter() - start) * 1e3)
     return samples
 
 
