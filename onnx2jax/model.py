@@ -35,6 +35,9 @@ class Model:
 
     ``params`` holds the trainable float initializers; ``apply`` is a pure function of them and
     the inputs; calling the model runs ``apply`` with ``params`` under ``jax.jit``.
+    ``compiler_options`` are the XLA options that jit compiles with (on the CPU, XLA's YNNPACK
+    fusion off); pass them to your own ``jax.jit`` for the same speed:
+    ``jax.jit(model.apply, compiler_options=model.compiler_options)``.
 
     Example:
         >>> import numpy as np, onnx2jax
@@ -260,12 +263,8 @@ class Model:
     def inference_function(self, bound: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The jitted function ``model(...)`` uses for these inputs, and its XLA options."""
         options = inference_compiler_options(bound, self.compiler_options, self.precision)
-        key = tuple(sorted(options.items()))
-        function = self._inference_jits.get(key)
-        if function is None:
-            function = self._inference_jits[key] = jax.jit(
-                self._apply_prepared, static_argnames=("outputs",),
-                compiler_options=options or None)
+        function = jit_with_options(self._inference_jits, self._apply_prepared, options,
+                                    static_argnames=("outputs",))
         return function, options
 
     def _apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
@@ -360,6 +359,23 @@ def inference_compiler_options(bound: Mapping[str, Any], options: dict[str, Any]
         return {**options,
                 "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     return options
+
+
+def jit_with_options(cache: dict[tuple, Any], function: Any, options: Mapping[str, Any],
+                     **jit_kwargs: Any) -> Any:
+    """``jax.jit(function)`` compiled with ``options``: one per distinct set, kept in ``cache``."""
+    key = tuple(sorted(options.items()))
+    jitted = cache.get(key)
+    if jitted is None:
+        jitted = cache[key] = jax.jit(function, compiler_options=dict(options) or None,
+                                      **jit_kwargs)
+    return jitted
+
+
+def is_traced(*trees: Any) -> bool:
+    """Whether any leaf is a tracer: the call is inside someone's jit, grad or vmap, where JAX
+    refuses a nested jit with ``compiler_options``."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def check_input(info: TensorInfo, value: Any) -> Any:

@@ -23,7 +23,13 @@ import numpy as np
 
 from onnx2jax.errors import InputError, ModelLoadError
 from onnx2jax.hub import download_model, hub_file, optional_hub_file
-from onnx2jax.model import Model, load
+from onnx2jax.model import (
+    Model,
+    inference_compiler_options,
+    is_traced,
+    jit_with_options,
+    load,
+)
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 # The legacy boolean keys of sentence-transformers' Pooling config, in its order.
@@ -206,7 +212,7 @@ class SentenceEncoder:
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=max_length)
         self.compilations = 0
-        self._embed = jax.jit(self._embed_batch)
+        self._embed_jits: dict[tuple, Any] = {}
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -326,6 +332,14 @@ class SentenceEncoder:
             (1, 384)
         """
         return self._embed(params, dict(tokens))
+
+    def _embed(self, params: Mapping[str, Any], tokens: dict[str, Any]) -> jax.Array:
+        # Compiled with the XLA options model(...) would choose for these tokens, unless the
+        # call is part of the caller's own trace (JAX takes options on top-level jits only).
+        model = self.model
+        options = ({} if is_traced(params, tokens) else
+                   inference_compiler_options(tokens, model.compiler_options, model.precision))
+        return jit_with_options(self._embed_jits, self._embed_batch, options)(params, tokens)
 
     def encode(self, sentences: str | Sequence[str]) -> np.ndarray:
         """Embed sentences: float32 array [n, dim] (or [dim] for a single string).

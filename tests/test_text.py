@@ -11,6 +11,7 @@ import torch
 
 import onnx2jax
 from onnx2jax.errors import InputError, ModelLoadError
+from onnx2jax.model import inference_compiler_options
 from onnx2jax.text import length_buckets, pad_tokens, pool, pooling_modes
 from tests.hub_cache import WORDS, put_in_cache, tiny_text_repo
 from tests.models import minilm_dir
@@ -165,3 +166,10 @@ def test_embed_is_pure_and_differentiable(tmp_path):
     grads = jax.grad(similarity)(encoder.params)
     assert set(grads) == set(encoder.params)
     assert float(np.abs(grads["words"]).sum()) > 0
+    # Called directly, embed compiles with the XLA options model(...) picks for the tokens
+    # (JAX refuses them on a jit inside someone's trace, as under grad above).
+    plain = np.asarray(encoder.embed(encoder.params, tokens))
+    options = inference_compiler_options(tokens, encoder.model.compiler_options)
+    assert tuple(sorted(options.items())) in encoder._embed_jits
+    np.testing.assert_allclose(plain, np.asarray(jax.jit(encoder.embed)(encoder.params, tokens)),
+                               rtol=1e-5, atol=1e-6)
