@@ -206,6 +206,8 @@ def export_model(model: Any, inputs: Mapping[str, Any], path: str | os.PathLike,
 
     The artifact holds the serialized :class:`jax.export.Exported` (StableHLO; params are
     arguments), the params, and the input and output names. Values of ``inputs`` are not stored.
+    It is the program ``model(...)`` runs: Conv weights are stored pre-transposed to the layout
+    XLA's CPU convolution reads, so no weight is transposed per call.
 
     Example:
         >>> import os, tempfile, numpy as np, onnx2jax
@@ -218,25 +220,26 @@ def export_model(model: Any, inputs: Mapping[str, Any], path: str | os.PathLike,
     bound = model.bind_inputs((), inputs)
     names = list(bound)
     wanted = list(outputs) if outputs else model.output_names
-    param_names = list(model.params)
+    prepared = model._inference_params()  # what model(...) passes to its jitted function
+    param_names = list(prepared)
 
     def run(params: list[Any], *args: Any) -> tuple[Any, ...]:
-        result = model.apply(dict(zip(param_names, params, strict=True)),
-                             **dict(zip(names, args, strict=True)), outputs=wanted)
+        result = model._apply_prepared(dict(zip(param_names, params, strict=True)),
+                                       dict(zip(names, args, strict=True)), tuple(wanted))
         return tuple(result[name] for name in wanted)
 
     def spec(value: Any) -> jax.ShapeDtypeStruct:
         dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
         return jax.ShapeDtypeStruct(np.shape(value), jax.dtypes.canonicalize_dtype(dtype))
 
-    params = [model.params[name] for name in param_names]
+    params = [prepared[name] for name in param_names]
     try:
         exported = jax.export.export(jax.jit(run))([spec(p) for p in params],
                                                    *[spec(bound[n]) for n in names])
     except Exception as exc:
         raise Onnx2JaxError(f"cannot export the model ahead of time: {exc}") from exc
     meta = {"format": ARTIFACT_FORMAT, "inputs": names, "outputs": wanted,
-            "params": param_names, "jax": jax.__version__,
+            "params": param_names, "jax": jax.__version__, "precision": model.precision,
             "input_specs": [{"shape": list(s.shape), "dtype": str(s.dtype)}
                             for s in exported.in_avals[len(params):]]}
     weights = io.BytesIO()
@@ -275,7 +278,16 @@ class AotModel:
         self.params = jax.device_put(params)
         pin_xla_workers()  # see onnx2jax/cputhreads.py
         self._specs = [(tuple(s["shape"]), np.dtype(s["dtype"])) for s in meta["input_specs"]]
-        self._jitted = jax.jit(self.exported.call)
+        # Imported here: onnx2jax.model imports this module.
+        from onnx2jax.model import default_compiler_options, inference_compiler_options
+
+        # The XLA options model(...) would compile these inputs with.
+        self.compiler_options = inference_compiler_options(
+            {name: jax.ShapeDtypeStruct(shape, dtype)
+             for name, (shape, dtype) in zip(self.input_names, self._specs, strict=True)},
+            default_compiler_options(), meta.get("precision", "float32"))
+        self._jitted = jax.jit(self.exported.call,
+                               compiler_options=self.compiler_options or None)
         directory = resolve_cache_dir(cache_dir)
         self.cache = ExecutableCache(directory) if directory is not None else None
         self._digest = hashlib.sha256(blob).hexdigest()
@@ -283,8 +295,8 @@ class AotModel:
     def __call__(self, *inputs: Any, **named: Any) -> dict[str, Any]:
         args = self._bind(inputs, named)
         if self.cache is not None:
-            compiled = self.cache.compiled(f"aot:{self._digest}",
-                                           lambda: self._jitted.lower(self.params, *args))
+            key = f"aot:{self._digest}|{sorted(self.compiler_options.items())}"
+            compiled = self.cache.compiled(key, lambda: self._jitted.lower(self.params, *args))
             values = compiled(self.params, *args)
         else:
             values = self._jitted(self.params, *args)
