@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -181,6 +184,28 @@ def test_resumed_training_equals_uninterrupted(tmp_path: Path):
     for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert full.losses[3:] == resumed.losses
+
+
+def test_xla_flags_give_every_jit_in_a_process_the_models_options():
+    """The README's way to give jits that take no options (``nnx.jit``) model(...)'s: XLA_FLAGS
+    with the option the model passes to its own jit."""
+    from onnx2jax.model import default_compiler_options
+
+    options = default_compiler_options()
+    if not options:
+        pytest.skip("no options off the CPU or with ONNX2JAX_XLA_DEFAULTS=0")
+    ((name, value),) = options.items()
+    script = (
+        "import jax, jax.numpy as jnp\n"
+        "f = jax.jit(lambda w, x: jnp.tanh(x @ w))\n"
+        "print('ynn' in f.lower(jnp.ones((64, 64)), jnp.ones((8, 64))).compile().as_text())\n")
+    found = {}
+    for flags in ("", f"--{name}={value}"):
+        env = {**os.environ, "XLA_FLAGS": flags}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, check=True)
+        found[flags] = done.stdout.strip().splitlines()[-1]
+    assert list(found.values()) == ["True", "False"]
 
 
 # ------------------------------------------------------------------------------ Flax NNX
