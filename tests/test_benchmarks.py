@@ -261,8 +261,14 @@ def test_prepared_conv_weights_follow_param_changes():
     np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), reference, rtol=1e-6,
                                atol=1e-6)
     name = next(iter(model._weight_layouts))
+    before = model._inference_params()
     model.params[name] = model.params[name] * 0.5  # changed in place: re-prepared
     changed = np.asarray(jax.jit(model.apply)(model.params, IMAGES)["logits"])
     assert not np.allclose(changed, reference)
     np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), changed, rtol=1e-6,
                                atol=1e-6)
+    # Only the changed weight is transposed again; it is the param in the layout XLA reads.
+    after = model._inference_params()
+    assert all(after[k] is v for k, v in before.items() if k != name)
+    np.testing.assert_array_equal(
+        after[name], np.transpose(np.asarray(model.params[name]), model._weight_layouts[name]))
