@@ -187,9 +187,11 @@ class Model:
         if runner is None:
             names = list(wanted) if wanted else self.output_names
             runner = self._segmented[wanted] = SegmentedRunner(
-                self.plan, self._interpreter, names)
-        env = self._environment(self.params, bound, runner.wanted)
-        values = runner.run(env)
+                self.plan, self._interpreter, names, restore=self._restore_layouts)
+        # The segments run the program model(...) would: prepared params, the same options.
+        env = self._environment(self._inference_params(), bound, runner.wanted)
+        options = inference_compiler_options(bound, self.compiler_options, self.precision)
+        values = runner.run(env, options)
         return {name: _as_output(v) for name, v in zip(runner.wanted, values, strict=True)}
 
     def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
@@ -271,9 +273,13 @@ class Model:
 
     def _apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
                         outputs: tuple[str, ...] | None) -> dict[str, Any]:
-        params = {k: (jnp.transpose(v, np.argsort(self._weight_layouts[k]))
-                      if k in self._weight_layouts else v) for k, v in prepared.items()}
-        return self._apply_for_jit(params, bound, outputs)
+        return self._apply_for_jit(self._restore_layouts(prepared), bound, outputs)
+
+    def _restore_layouts(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` with prepared Conv weights transposed back to ONNX's layout (under jit,
+        XLA cancels the pair with the preparation)."""
+        return {k: (jnp.transpose(v, np.argsort(self._weight_layouts[k]))
+                    if k in self._weight_layouts else v) for k, v in values.items()}
 
     # ---------------------------------------------------------------- checks
     def _check_params(self, params: Mapping[str, Any]) -> None:

@@ -9,7 +9,7 @@ maximal run of other nodes between them as one ``jax.jit`` function, cached per 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +34,14 @@ class Segment:
 class SegmentedRunner:
     """Runs ``wanted`` of a plan with host nodes outside jit and the rest in jitted segments."""
 
-    def __init__(self, plan: GraphPlan, interpreter: Interpreter, wanted: Sequence[str]):
+    def __init__(self, plan: GraphPlan, interpreter: Interpreter, wanted: Sequence[str], *,
+                 restore: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
         self.plan = plan
         self.interpreter = interpreter
         self.wanted = list(wanted)
+        # Maps values read from the environment back to what the nodes expect (params that
+        # model(...) keeps in another layout); identity by default.
+        self.restore = restore or (lambda values: values)
         self.host_nodes: set[int] = set()
         self._segments: list[Segment] | None = None
         # (segment position, signature) -> (jitted function, static outputs recorded at trace)
@@ -49,13 +53,18 @@ class SegmentedRunner:
             self._segments = self._split()
         return self._segments
 
-    def run(self, env: dict[str, Any]) -> list[Any]:
-        """Evaluate ``wanted`` from ``env`` (inputs, params, constants), learning host nodes."""
+    def run(self, env: dict[str, Any], compiler_options: Mapping[str, Any] | None = None
+            ) -> list[Any]:
+        """Evaluate ``wanted`` from ``env`` (inputs, params, constants), learning host nodes.
+
+        Jitted segments compile with the XLA ``compiler_options``.
+        """
+        options = dict(compiler_options or {})
         while True:
             try:
                 scope = dict(env)
                 for position, segment in enumerate(self.segments):
-                    self._run_segment(position, segment, scope)
+                    self._run_segment(position, segment, scope, options)
                 return [scope[n] for n in self.wanted]
             except DataDependentShapeError as exc:
                 index = getattr(exc, "node_index", None)
@@ -85,19 +94,22 @@ class SegmentedRunner:
                                     tuple(sorted(writes))))
         return segments[::-1]
 
-    def _run_segment(self, position: int, segment: Segment, scope: dict[str, Any]) -> None:
+    def _run_segment(self, position: int, segment: Segment, scope: dict[str, Any],
+                     options: dict[str, Any]) -> None:
         if segment.host:
-            local = {n: scope[n] for n in segment.reads if n in scope}
+            local = self.restore({n: scope[n] for n in segment.reads if n in scope})
             self.interpreter.run_nodes(self.plan, local, segment.indices)
             scope.update({n: local[n] for n in segment.writes})
             return
         static = {n: scope[n] for n in segment.reads if n in scope and _is_host_value(scope[n])}
         dynamic = {n: scope[n] for n in segment.reads if n in scope and n not in static}
-        key = (position, _signature(dynamic), _static_key(static, self.plan.constants))
+        key = (position, _signature(dynamic), _static_key(static, self.plan.constants),
+               tuple(sorted(options.items())))
         compiled = self._compiled.get(key)
         if compiled is None:
             recorded: dict[str, Any] = {}
-            function = jax.jit(self._segment_function(segment, static, recorded))
+            function = jax.jit(self._segment_function(segment, static, recorded),
+                               compiler_options=options or None)
             compiled = self._compiled[key] = (function, recorded)
         function, recorded = compiled
         scope.update(function(dynamic))
@@ -106,7 +118,7 @@ class SegmentedRunner:
     def _segment_function(self, segment: Segment, static: Mapping[str, Any],
                           recorded: dict[str, Any]):
         def run(dynamic: dict[str, Any]) -> dict[str, Any]:
-            local = {**static, **dynamic}
+            local = {**static, **self.restore(dynamic)}
             self.interpreter.run_nodes(self.plan, local, segment.indices)
             out = {}
             for name in segment.writes:
