@@ -44,7 +44,8 @@ class SegmentedRunner:
         self.restore = restore or (lambda values: values)
         self.host_nodes: set[int] = set()
         self._segments: list[Segment] | None = None
-        # (segment position, signature) -> (jitted function, static outputs recorded at trace)
+        # (segment position, signature, static inputs, XLA options) -> (jitted function, static
+        # outputs recorded at trace)
         self._compiled: dict[tuple, tuple[Any, dict[str, Any]]] = {}
 
     @property
