@@ -393,10 +393,11 @@ def jit_with_options(cache: dict[tuple, Any], function: Any, options: Mapping[st
     return jitted
 
 
-def is_traced(*trees: Any) -> bool:
-    """Whether any leaf is a tracer: the call is inside someone's jit, grad or vmap, where JAX
-    refuses a nested jit with ``compiler_options``."""
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+def options_outside_traces(options: Mapping[str, Any], *arguments: Any) -> dict[str, Any]:
+    """``options``, or none when an argument is a tracer: the call is then inside someone's jit,
+    grad or vmap, where JAX refuses a nested jit with ``compiler_options``."""
+    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments))
+    return {} if traced else dict(options)
 
 
 def check_input(info: TensorInfo, value: Any) -> Any:

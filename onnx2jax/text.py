@@ -26,9 +26,9 @@ from onnx2jax.hub import download_model, hub_file, optional_hub_file
 from onnx2jax.model import (
     Model,
     inference_compiler_options,
-    is_traced,
     jit_with_options,
     load,
+    options_outside_traces,
 )
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -337,8 +337,9 @@ class SentenceEncoder:
         # Compiled with the XLA options model(...) would choose for these tokens, unless the
         # call is part of the caller's own trace (JAX takes options on top-level jits only).
         model = self.model
-        options = ({} if is_traced(params, tokens) else
-                   inference_compiler_options(tokens, model.compiler_options, model.precision))
+        options = options_outside_traces(
+            inference_compiler_options(tokens, model.compiler_options, model.precision),
+            params, tokens)
         return jit_with_options(self._embed_jits, self._embed_batch, options)(params, tokens)
 
     def encode(self, sentences: str | Sequence[str]) -> np.ndarray:

@@ -42,7 +42,7 @@ import optax
 
 from onnx2jax.errors import InputError
 from onnx2jax.graph import is_trainable_dtype
-from onnx2jax.model import default_compiler_options, is_traced
+from onnx2jax.model import default_compiler_options, jit_with_options, options_outside_traces
 
 if TYPE_CHECKING:
     from onnx2jax.checkpoint import Checkpointer
@@ -186,15 +186,14 @@ def _jit(function: Callable, compiler_options: Mapping[str, Any] | None, **kwarg
     refuses a nested jit with options, it is a plain ``jax.jit``.
     """
     options = default_compiler_options() if compiler_options is None else dict(compiler_options)
-    plain = jax.jit(function, **kwargs)
-    if not options:
-        return plain
-    outermost = jax.jit(function, compiler_options=options, **kwargs)
+    jits: dict[tuple, Any] = {}
 
     @functools.wraps(function)
     def call(*args: Any) -> Any:
-        return (plain if is_traced(args) else outermost)(*args)
+        return jit_with_options(jits, function, options_outside_traces(options, args),
+                                **kwargs)(*args)
 
+    outermost = jit_with_options(jits, function, options, **kwargs)
     call.lower = outermost.lower  # type: ignore[attr-defined]
     return call
 
