@@ -102,6 +102,28 @@ def test_table_lists_cases_and_startup():
     assert "cache_dir, second process" in text and "AOT artifact, no cache" in text
 
 
+def test_startup_figures_are_medians_of_fresh_processes():
+    from benchmarks.run import _medians, table
+
+    processes = [{"import_s": 0.5, "load_s": 0.1, "first_call_s": f, "total_s": f + 0.5}
+                 for f in (5.4, 1.2, 1.3)]
+    median = _medians(processes)
+    assert median["first_call_s"] == 1.3 and median["total_s"] == 1.8
+    assert median["processes"] == processes
+    timing = {"median_ms": 2.0, "min_ms": 1.5, "runs": 3, "throughput_per_s": 500.0,
+              "first_call_s": 1.0}
+    document = {"cases": {"tiny_b4": {"onnx2jax": timing, "onnxruntime": timing, "ratio": 1.0,
+                                      "max_abs_error": 0.0, "max_rel_error": 0.0}},
+                "startup": {"case": "tiny_b4", "plain": median, "aot_compile_s": 1.0,
+                            "aot_artifact_mb": 2.0},
+                "machine": {"cpu": "cpu", "cores": 2, "memory_gib": 8, "os": "linux",
+                            "versions": {}},
+                "settings": {"runs": 3, "warmup": 1}, "date": "today"}
+    text = table(document)
+    assert "medians of 3 processes" in text
+    assert "| onnx2jax.load, no cache | 0.50 | 0.10 | **1.30** (1.20-5.40) | 1.80 |" in text
+
+
 def test_run_case_reports_errors_and_flops():
     case = run_case(onnx2jax.example_path(), {"image": IMAGES}, runs=2, warmup=1)
     assert case["max_abs_error"] < 1e-5
