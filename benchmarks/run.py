@@ -135,14 +135,16 @@ def machine() -> dict[str, Any]:
 
 
 def run_case_in_child(path: Path, feeds: dict[str, np.ndarray], items: int, runs: int,
-                      warmup: int, precision: str = "float32") -> dict[str, Any]:
-    """``onnx2jax.bench.run_case`` in a fresh process (first-call times are then honest)."""
+                      warmup: int, precision: str = "float32",
+                      env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``onnx2jax.bench.run_case`` in a fresh process (first-call times are then honest),
+    with ``env`` added to its environment."""
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = Path(folder) / "feeds.npz"
         np.savez(feeds_path, **feeds)
         return _python(["-m", "benchmarks.run", "--child", str(path), str(feeds_path),
                         "--runs", str(runs), "--warmup", str(warmup), "--items", str(items),
-                        "--precision", precision])
+                        "--precision", precision], env)
 
 
 def _medians(processes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -190,7 +192,8 @@ def startup(path: Path, feeds: dict[str, np.ndarray], repeats: int = 3) -> dict[
 
 def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_startup: bool,
         models_dir: Path, quiet_wait: float = 0.0, log: Callable[[str], None] = print,
-        precision: str = "float32", startup_repeats: int = 3) -> dict[str, Any]:
+        precision: str = "float32", startup_repeats: int = 3,
+        cpu_devices: int | None = None) -> dict[str, Any]:
     """Benchmark ``cases``; return the results document."""
     from onnx2jax.bench import peak_memory
 
@@ -200,21 +203,23 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         "machine": machine(),
         "settings": {"runs": runs, "warmup": warmup, "memory": memory,
                      "startup": with_startup, "startup_repeats": startup_repeats,
-                     "precision": precision},
+                     "precision": precision, "cpu_devices": cpu_devices},
         "busy_pytest_processes_at_start": busy_processes(),
         "cases": {},
     }
+    # The child processes (cases, memory) get JAX's CPU devices; JAX fixes them at its start.
+    env = {"JAX_NUM_CPU_DEVICES": str(cpu_devices)} if cpu_devices else {}
     for case in cases:
         path = _path_of(case, models_dir)
         feeds = case.feeds()
         log(f"{case.name}: timing {runs} interleaved runs ...")
         before = wait_until_quiet(quiet_wait, log) if quiet_wait else busy_processes()
-        result = run_case_in_child(path, feeds, case.items, runs, warmup, precision)
+        result = run_case_in_child(path, feeds, case.items, runs, warmup, precision, env)
         result.update(model=case.model, items=case.items, unit=case.unit,
                       busy_pytest_processes=max(before, busy_processes()))
         if memory:
             for engine in ("onnx2jax", "onnxruntime"):
-                result[engine]["memory"] = peak_memory(engine, path, feeds)
+                result[engine]["memory"] = peak_memory(engine, path, feeds, env=env)
         document["cases"][case.name] = result
         log(f"  onnx2jax {result['onnx2jax']['median_ms']:.1f} ms, onnxruntime "
             f"{result['onnxruntime']['median_ms']:.1f} ms, ratio {result['ratio']:.2f}, "
@@ -300,6 +305,8 @@ def table(document: dict[str, Any]) -> str:
     text += (f"\n\nMachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
              f"{info['os']}. Versions: {versions}. {document['settings']['runs']} timed runs "
              f"per engine after {document['settings']['warmup']} warm-up rounds; "
+             + (f"JAX with {devices} CPU devices, the batch split over them; "
+                if (devices := document["settings"].get("cpu_devices")) else "") +
              f"{document['date']}. " + ("The machine was quiet (no other test processes)."
                                          if not busy else
                                          f"Other test processes were running (up to {busy}): "
@@ -339,6 +346,9 @@ def _child(argv: Sequence[str]) -> int:
         feeds = {k: data[k] for k in data.files}
     result = run_case(args.model, feeds, runs=args.runs, warmup=args.warmup, items=args.items,
                       load_options={"precision": args.precision})
+    import jax
+
+    result["jax_devices"] = len(jax.local_devices())
     print(json.dumps(result))
     return 0
 
@@ -376,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnx2jax's precision policy for the timed calls (float32); any "
                              "other is an opt-in figure: no memory, no start-up, and the "
                              "table in benchmarks/README.md is left alone")
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="give JAX N CPU devices (JAX_NUM_CPU_DEVICES), over which "
+                             "model(...) splits a batch: an opt-in figure, no start-up, and "
+                             "the table in benchmarks/README.md is left alone")
     parser.add_argument("--build-only", action="store_true",
                         help="export the models and stop")
     return parser
@@ -392,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     opt_in = args.precision != PRECISIONS[0]
     if opt_in:  # the default figures stay the default policy's
         args.no_memory, args.no_startup, args.no_readme = True, True, True
+    if args.cpu_devices:
+        args.no_startup, args.no_readme = True, True
     if args.model:
         from onnx2jax.cli import make_inputs, parse_assignments
         from onnx2jax.model import load
@@ -415,10 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     document = run(cases, runs=args.runs, warmup=args.warmup, memory=not args.no_memory,
                    with_startup=not args.no_startup, models_dir=args.models_dir,
                    quiet_wait=0.0 if args.quick else args.quiet_wait, precision=args.precision,
-                   startup_repeats=args.startup_repeats)
+                   startup_repeats=args.startup_repeats, cpu_devices=args.cpu_devices)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if opt_in:
         stamp += f"-{args.precision}"
+    if args.cpu_devices:
+        stamp += f"-cpu{args.cpu_devices}"
     output = args.output or RESULTS_DIR / ("quick.json" if args.quick else f"{stamp}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(document, indent=1) + "\n")

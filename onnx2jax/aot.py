@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from onnx2jax.cputhreads import pin_xla_workers
+from onnx2jax.devices import canonical_input
 from onnx2jax.errors import InputError, Onnx2JaxError
 
 CACHE_ENV = "ONNX2JAX_CACHE_DIR"
@@ -95,10 +96,13 @@ class ExecutableCache:
         digest = hashlib.sha256((environment_key() + "||" + key).encode()).hexdigest()
         return self.directory / f"{digest[:40]}.jaxexec"
 
-    def compiled(self, key: str, lower: Callable[[], Any]) -> Any:
+    def compiled(self, key: str, lower: Callable[[], Any],
+                 devices: Sequence[jax.Device] | None = None) -> Any:
         """The executable for ``key``: from memory, else from disk, else ``lower().compile()``.
 
         ``lower`` returns a :class:`jax.stages.Lowered`; it is only called on a miss.
+        ``devices`` are those the program runs on, in its order (default: JAX's first device);
+        JAX would load an executable from disk onto all of a process's devices.
         """
         cached = self._memory.get(key)
         if cached is not None:
@@ -110,7 +114,9 @@ class ExecutableCache:
         if file.exists():
             try:
                 payload, in_tree, out_tree = pickle.loads(file.read_bytes())
-                compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+                compiled = serialize_executable.deserialize_and_load(
+                    payload, in_tree, out_tree,
+                    execution_devices=list(devices or jax.devices()[:1]))
                 self.hits += 1
             except Exception:  # a stale or truncated entry: compile again and overwrite it
                 compiled = None
@@ -182,21 +188,14 @@ def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
         digest = model_digest(model)
         model._onnx2jax_digest = digest
     function, options = model.inference_function(bound)
+    params, placed = model._placed(bound)  # what model(...) passes to its jitted function
+    devices = model.split_devices(bound)  # a batch split over them is a program of its own
     key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|"
     key += str(sorted(options.items()))
-    params = model._inference_params()  # what model(...) passes to its jitted function
-    key = f"{key}|{signature_key(params)}"
-    compiled = cache.compiled(key, lambda: function.lower(params, bound, outputs=wanted))
-    return compiled(params, {k: _canonical(v) for k, v in bound.items()})
-
-
-def _canonical(value: Any) -> Any:
-    """NumPy inputs in the dtype jit would give them (int64 -> int32 without x64)."""
-    if isinstance(value, np.ndarray):
-        dtype = jax.dtypes.canonicalize_dtype(value.dtype)
-        if dtype != value.dtype:
-            return value.astype(dtype)
-    return value
+    key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}" if devices else "")
+    compiled = cache.compiled(key, lambda: function.lower(params, placed, outputs=wanted),
+                              devices or None)
+    return compiled(params, {k: canonical_input(v) for k, v in placed.items()})
 
 
 # ------------------------------------------------------------------ ahead-of-time artifacts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -66,20 +67,35 @@ def test_kernel_groups_check_outputs_and_time_both_engines(tmp_path, capsys):
     assert printed.count("| total (x count) |") == len(GROUPS)
 
 
-def test_harness_times_an_opt_in_precision_apart(tmp_path):
+def _quick_example_run(tmp_path: Path, *options: str) -> dict:
+    """The results document of a --quick harness run of the example model at batch 4."""
     from benchmarks.run import main as bench_main
 
-    output = tmp_path / "bf16.json"
-    assert bench_main(["--quick", "--precision", "bfloat16", "--model",
-                       str(onnx2jax.example_path()), "--dim", "batch=4",
-                       "--output", str(output)]) == 0
-    document = json.loads(output.read_text())
+    output = tmp_path / "quick.json"
+    assert bench_main(["--quick", *options, "--model", str(onnx2jax.example_path()),
+                       "--dim", "batch=4", "--output", str(output)]) == 0
+    return json.loads(output.read_text())
+
+
+def test_harness_times_an_opt_in_precision_apart(tmp_path):
+    document = _quick_example_run(tmp_path, "--precision", "bfloat16")
     assert document["settings"]["precision"] == "bfloat16"
     assert not document["settings"]["memory"] and not document["settings"]["startup"]
     (case,) = document["cases"].values()
     # The example's Gemm and MatMul products round to bfloat16: off float32's onnxruntime,
     # but by bfloat16's few significant bits only.
     assert 1e-5 < case["max_rel_error"] < 0.05
+
+
+def test_harness_gives_the_children_cpu_devices(tmp_path):
+    from benchmarks.run import table
+
+    document = _quick_example_run(tmp_path, "--cpu-devices", "2")
+    assert document["settings"]["cpu_devices"] == 2 and not document["settings"]["startup"]
+    (case,) = document["cases"].values()
+    assert case["jax_devices"] == 2 and case["max_rel_error"] < 1e-5
+    assert "JAX with 2 CPU devices, the batch split over them" in table(document)
+    assert "JAX_NUM_CPU_DEVICES" not in os.environ
 
 
 def test_table_lists_cases_and_startup():

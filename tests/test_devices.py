@@ -1,0 +1,96 @@
+"""model(...) splits a batch over several CPU devices; model.apply takes the user's sharding."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import onnx2jax
+from onnx2jax.devices import split_devices
+
+# Runs in a process with two CPU devices: JAX fixes its device count when it starts.
+TWO_DEVICES = r"""
+import tempfile
+import jax, numpy as np, onnx2jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+assert len(jax.devices()) == 2, jax.devices()
+# 256 images of 8 rows: more rows than model(...) runs on one device (model.FEW_ROWS).
+images = np.random.default_rng(0).normal(size=(256, 1, 8, 8)).astype(np.float32)
+model = onnx2jax.load(onnx2jax.example_path())
+reference = np.asarray(jax.jit(model.apply)(model.params, images)["logits"])
+
+logits = model(images)["logits"]
+assert len(logits.sharding.device_set) == 2, logits.sharding
+np.testing.assert_allclose(np.asarray(logits), reference, rtol=1e-5, atol=1e-5)
+# A batch no device count divides, of few rows, or of one stays on one device.
+for batch in (255, 4, 1):
+    part = model(images[:batch])["logits"]
+    assert len(part.sharding.device_set) == 1, (batch, part.sharding)
+    np.testing.assert_allclose(np.asarray(part), reference[:batch], rtol=1e-5, atol=1e-5)
+
+# The weights are copied to the devices once; a changed weight alone is copied again.
+(key,) = model._replicated
+copies = model._replicated[key][1]
+model(images)
+assert model._replicated[key][1] is copies
+name = next(iter(model.params))
+model.params[name] = model.params[name] * 0.5
+changed = np.asarray(model(images)["logits"])
+assert not np.allclose(changed, reference)
+np.testing.assert_allclose(
+    changed, np.asarray(jax.jit(model.apply)(model.params, images)["logits"]),
+    rtol=1e-5, atol=1e-5)
+again = model._replicated[key][1]
+assert again[name] is not copies[name]
+assert all(again[k] is v for k, v in copies.items() if k != name)
+
+# The user's own sharding of model.apply.
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
+model = onnx2jax.load(onnx2jax.example_path())
+mine = jax.jit(model.apply)(model.params, sharded)["logits"]
+assert len(mine.sharding.device_set) == 2
+np.testing.assert_allclose(np.asarray(mine), reference, rtol=1e-5, atol=1e-5)
+
+# The executable cache keeps the split program apart from the one-device one.
+with tempfile.TemporaryDirectory() as folder:
+    for _ in range(2):
+        cached = onnx2jax.load(onnx2jax.example_path(), cache_dir=folder)
+        for batch in (256, 255):
+            out = cached(images[:batch])["logits"]
+            np.testing.assert_allclose(np.asarray(out), reference[:batch], rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def _run_with_devices(script: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, check=False)
+
+
+def test_model_call_splits_the_batch_over_cpu_devices():
+    done = _run_with_devices(TWO_DEVICES, JAX_NUM_CPU_DEVICES="2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_split_batch_can_be_turned_off():
+    script = ("import jax, numpy as np, onnx2jax\n"
+              "model = onnx2jax.load(onnx2jax.example_path())\n"
+              "out = model(np.zeros((256, 1, 8, 8), np.float32))['logits']\n"
+              "print(len(jax.devices()), len(out.sharding.device_set))\n")
+    done = _run_with_devices(script, JAX_NUM_CPU_DEVICES="2", ONNX2JAX_SPLIT_BATCH="0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2", "1"]
+
+
+@pytest.mark.skipif(len(jax.devices()) > 1, reason="the test process has several devices")
+def test_one_device_runs_the_batch_whole():
+    assert split_devices({"x": np.zeros((8, 3), np.float32)}) == []
+    model = onnx2jax.load(onnx2jax.example_path())
+    out = model(np.zeros((256, 1, 8, 8), np.float32))["logits"]
+    assert len(out.sharding.device_set) == 1 and not model._replicated
