@@ -188,8 +188,9 @@ def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
         digest = model_digest(model)
         model._onnx2jax_digest = digest
     function, options = model.inference_function(bound)
-    params, placed = model._placed(bound)  # what model(...) passes to its jitted function
-    devices = model.split_devices(bound)  # a batch split over them is a program of its own
+    # What model(...) passes to its jitted function; a batch split over devices is a program
+    # of its own.
+    params, placed, devices = model._placed(bound)
     key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|"
     key += str(sorted(options.items()))
     key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}" if devices else "")

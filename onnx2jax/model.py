@@ -184,7 +184,8 @@ class Model:
                 if self._cache is not None:
                     return aot.cached_call(self, self._cache, bound, wanted)
                 function, _ = self.inference_function(bound)
-                return function(*self._placed(bound), outputs=wanted)
+                params, placed, _ = self._placed(bound)
+                return function(params, placed, outputs=wanted)
             except DataDependentShapeError:
                 pass
         if runner is None:
@@ -276,18 +277,20 @@ class Model:
         """
         return split_devices(bound) if input_rows(bound) > FEW_ROWS else []
 
-    def _placed(self, bound: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
-        """The params and inputs ``model(...)`` passes to its jitted function: on one device,
-        or split over several CPU devices along the batch (onnx2jax.devices)."""
+    def _placed(self, bound: Mapping[str, Any]
+                ) -> tuple[Params, dict[str, Any], list[jax.Device]]:
+        """The params and inputs ``model(...)`` passes to its jitted function, and the devices
+        they are on: one device ([]), or several CPU devices splitting the batch
+        (onnx2jax.devices)."""
         params = self._inference_params()
         devices = self.split_devices(bound)
         if not devices:
-            return params, dict(bound)
+            return params, dict(bound), []
         cached = self._replicated.get(tuple(devices))
         if cached is None or cached[0] is not params:
             copies = replicate(params, devices, *(cached or ()))
             cached = self._replicated[tuple(devices)] = (params, copies)
-        return cached[1], place_inputs(bound, devices)
+        return cached[1], place_inputs(bound, devices), devices
 
     def inference_function(self, bound: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         """The jitted function ``model(...)`` uses for these inputs, and its XLA options."""
