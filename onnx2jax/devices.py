@@ -9,7 +9,7 @@ the devices before its first computation, with ``jax.config.update("jax_num_cpu_
 or ``XLA_FLAGS=--xla_force_host_platform_device_count=2``.
 
 On this project's 2-core machine that took MiniLM b32 s128 from 0.98-1.03x onnxruntime's
-latency to 0.87-0.95x, and ResNet-50 b8 from 1.23-1.31x to 1.21-1.23x (benchmarks/README.md).
+latency to 0.87-0.95x, and ResNet-50 b8 from 1.23-1.31x to 1.21-1.24x (benchmarks/README.md).
 The weights are copied to every device the batch uses, once: N devices hold N copies in host
 memory. Inputs whose leading dimension is the batch are split along it; the rest, and the
 weights, are replicated. XLA partitions the program from those placements, so it computes
