@@ -187,12 +187,12 @@ def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
     if digest is None:
         digest = model_digest(model)
         model._onnx2jax_digest = digest
-    function, options = model.inference_function(bound)
+    function, options, kernels = model.inference_function(bound)
     # What model(...) passes to its jitted function; a batch split over devices is a program
     # of its own.
-    params, placed, devices = model._placed(bound)
+    params, placed, devices = model._placed(bound, kernels)
     key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|"
-    key += str(sorted(options.items()))
+    key += str(sorted(options.items())) + ("|native kernels" if kernels else "")
     key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}" if devices else "")
     compiled = cache.compiled(key, lambda: function.lower(params, placed, outputs=wanted),
                               devices or None)

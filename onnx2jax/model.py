@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax import aot, export, ops  # noqa: F401  (ops registers every op family)
+from onnx2jax import aot, export, native, ops  # noqa: F401  (ops registers every op family)
 from onnx2jax.convert import Interpreter
 from onnx2jax.cputhreads import pin_xla_workers
 from onnx2jax.devices import place_inputs, replicate, split_devices
@@ -96,8 +97,12 @@ class Model:
         # reads (OIHW -> HWIO); the trace transposes them back, and XLA cancels the pair, so
         # no weight is transposed per call. Values are unchanged; apply() is unaffected.
         self._weight_layouts = _conv_weight_layouts(self.plan.nodes, self.params)
-        self._prepared: tuple[dict[str, Any], Params] | None = None
-        self._inference_jits: dict[tuple, Any] = {}
+        # With native kernels, those of them the kernel reads are kept in its blocked layout.
+        self._native_weights = _native_conv_weights(self.plan.nodes, self.params)
+        # Native kernels on or off -> (the params prepared from, the prepared params).
+        self._prepared: dict[bool, tuple[dict[str, Any], Params]] = {}
+        # Native kernels on or off -> options -> jitted function (see inference_function).
+        self._inference_jits: dict[bool, dict[tuple, Any]] = {}
         # Devices -> (prepared params, their copies on those devices) for split batches.
         self._replicated: dict[tuple, tuple[Params, Params]] = {}
         # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
@@ -183,8 +188,8 @@ class Model:
             try:
                 if self._cache is not None:
                     return aot.cached_call(self, self._cache, bound, wanted)
-                function, _ = self.inference_function(bound)
-                params, placed, _ = self._placed(bound)
+                function, _, kernels = self.inference_function(bound)
+                params, placed, _ = self._placed(bound, kernels)
                 return function(params, placed, outputs=wanted)
             except DataDependentShapeError:
                 pass
@@ -256,17 +261,27 @@ class Model:
                     f"output {name!r} holds {kind} values, which XLA cannot return")
         return result
 
-    def _inference_params(self) -> Params:
-        """:attr:`params` with Conv weights pre-transposed; redone when a param changes."""
-        cached = self._prepared
+    def _inference_params(self, kernels: bool = False) -> Params:
+        """:attr:`params` with Conv weights in the layout ``model(...)``'s program reads (with
+        native ``kernels`` or without); redone for the params that change."""
+        cached = self._prepared.get(kernels)
         if (cached is None or cached[0].keys() != self.params.keys()
                 or any(cached[0][k] is not v for k, v in self.params.items())):
             before, done = cached or ({}, {})
-            prepared = {k: (done[k] if before.get(k) is v else
-                            _transposed(v, self._weight_layouts[k]))
-                        if k in self._weight_layouts else v for k, v in self.params.items()}
-            cached = self._prepared = (dict(self.params), prepared)
+            layouts = self._layouts(kernels)
+            prepared = {k: (done[k] if before.get(k) is v else _prepared_weight(v, layouts[k]))
+                        if k in layouts else v for k, v in self.params.items()}
+            cached = self._prepared[kernels] = (dict(self.params), prepared)
         return cached[1]
+
+    def _layouts(self, kernels: bool) -> dict[str, tuple[int, ...] | int]:
+        """Conv weight -> its prepared layout: a permutation of OIHW, or (native kernels) the
+        block width of onnx2jax.native's blocked layout."""
+        if not kernels:
+            return self._weight_layouts
+        return {k: (k in self._native_weights and native.weight_block(
+                        int(np.shape(self.params[k])[0]))) or permutation
+                for k, permutation in self._weight_layouts.items()}
 
     def split_devices(self, bound: Mapping[str, Any]) -> list[jax.Device]:
         """The CPU devices ``model(...)`` splits these inputs' batch over ([]: one device).
@@ -277,12 +292,12 @@ class Model:
         """
         return split_devices(bound) if input_rows(bound) > FEW_ROWS else []
 
-    def _placed(self, bound: Mapping[str, Any]
+    def _placed(self, bound: Mapping[str, Any], kernels: bool = False
                 ) -> tuple[Params, dict[str, Any], list[jax.Device]]:
-        """The params and inputs ``model(...)`` passes to its jitted function, and the devices
-        they are on: one device ([]), or several CPU devices splitting the batch
-        (onnx2jax.devices)."""
-        params = self._inference_params()
+        """The params and inputs ``model(...)`` passes to its jitted function (with native
+        ``kernels`` or without), and the devices they are on: one device ([]), or several CPU
+        devices splitting the batch (onnx2jax.devices)."""
+        params = self._inference_params(kernels)
         devices = self.split_devices(bound)
         if not devices:
             return params, dict(bound), []
@@ -292,22 +307,37 @@ class Model:
             cached = self._replicated[tuple(devices)] = (params, copies)
         return cached[1], place_inputs(bound, devices), devices
 
-    def inference_function(self, bound: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """The jitted function ``model(...)`` uses for these inputs, and its XLA options."""
+    def inference_function(self, bound: Mapping[str, Any]) -> tuple[Any, dict[str, Any], bool]:
+        """The jitted function ``model(...)`` uses for these inputs, its XLA options, and
+        whether it calls native kernels (onnx2jax/native.py)."""
         options = inference_compiler_options(bound, self.compiler_options, self.precision)
-        function = jit_with_options(self._inference_jits, self._apply_prepared, options,
-                                    static_argnames=("outputs",))
-        return function, options
+        # The native convolution measured faster for few rows (ResNet-50 b1: 1.23x onnxruntime
+        # against 1.5-1.9x), not for many (b8: as fast back to back, slower after an idle
+        # spell). It has no gradient or batching rule: inside someone's trace, the convs are
+        # XLA's.
+        kernels = (bool(self._weight_layouts) and input_rows(bound) <= FEW_ROWS
+                   and native.available()
+                   and not any(isinstance(v, jax.core.Tracer) for v in bound.values()))
+        function = jit_with_options(
+            self._inference_jits.setdefault(kernels, {}),
+            functools.partial(self._apply_prepared, native_kernels=kernels), options,
+            static_argnames=("outputs",))
+        return function, options, kernels
 
     def _apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
-                        outputs: tuple[str, ...] | None) -> dict[str, Any]:
-        return self._apply_for_jit(self._restore_layouts(prepared), bound, outputs)
+                        outputs: tuple[str, ...] | None, native_kernels: bool = False
+                        ) -> dict[str, Any]:
+        with native.kernels(native_kernels):
+            return self._apply_for_jit(self._restore_layouts(prepared, native_kernels), bound,
+                                       outputs)
 
-    def _restore_layouts(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """``values`` with prepared Conv weights transposed back to ONNX's layout (under jit,
-        XLA cancels the pair with the preparation)."""
-        return {k: (jnp.transpose(v, np.argsort(self._weight_layouts[k]))
-                    if k in self._weight_layouts else v) for k, v in values.items()}
+    def _restore_layouts(self, values: Mapping[str, Any], kernels: bool = False
+                         ) -> dict[str, Any]:
+        """``values`` with prepared Conv weights back in ONNX's layout (under jit, XLA cancels
+        the pair with the preparation)."""
+        layouts = self._layouts(kernels)
+        return {k: _restored_weight(v, layouts[k]) if k in layouts else v
+                for k, v in values.items()}
 
     # ---------------------------------------------------------------- checks
     def _check_params(self, params: Mapping[str, Any]) -> None:
@@ -346,17 +376,27 @@ class Model:
         return {info.name: check_input(info, bound[info.name]) for info in infos}
 
 
-def _transposed(value: Any, permutation: tuple[int, ...]) -> Any:
-    """``value`` transposed; by NumPy when it is in host memory. An XLA transpose per weight
-    shape is a compilation each: ResNet-50's 53 Conv weights took 1.22 s on its first call,
-    NumPy 0.16 s."""
+def _prepared_weight(value: Any, layout: tuple[int, ...] | int) -> Any:
+    """``value`` in ``layout`` (see Model._layouts); by NumPy when it is in host memory. An XLA
+    transpose per weight shape is a compilation each: ResNet-50's 53 Conv weights took 1.22 s
+    on its first call, NumPy 0.16 s."""
+    def arrange(array: Any) -> Any:
+        if isinstance(layout, int):
+            return native.blocked_weights(array, layout)
+        return array.transpose(layout)
+
     if not isinstance(value, jax.Array):
-        return jnp.asarray(np.transpose(value, permutation))
+        return jnp.asarray(np.ascontiguousarray(arrange(np.asarray(value))))
     (device, *others) = value.devices()
     if device.platform == "cpu" and not others:
-        host = np.ascontiguousarray(np.transpose(np.asarray(value), permutation))
-        return jax.device_put(host, device)
-    return jnp.transpose(value, permutation)
+        return jax.device_put(np.ascontiguousarray(arrange(np.asarray(value))), device)
+    return arrange(value)
+
+
+def _restored_weight(value: Any, layout: tuple[int, ...] | int) -> Any:
+    if isinstance(layout, int):
+        return native.unblocked_weights(value)
+    return jnp.transpose(value, np.argsort(layout))
 
 
 def _conv_weight_layouts(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
@@ -369,6 +409,25 @@ def _conv_weight_layouts(nodes: Sequence[onnx.NodeProto], params: Mapping[str, A
             if weight is not None and weight.ndim >= 3:
                 layouts[node.input[1]] = (*range(2, weight.ndim), 1, 0)
     return layouts
+
+
+def _native_conv_weights(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
+                         ) -> set[str]:
+    """Params that only 2-D, one-group Convs use as float32 weights: those onnx2jax.native's
+    kernel reads (any other use would relayout a blocked weight on every call)."""
+    eligible, other = set(), set()
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name not in params:
+                continue
+            weight = params[name]
+            if (index == 1 and node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+                    and weight.ndim == 4 and weight.dtype == np.float32
+                    and not any(a.name == "group" and a.i != 1 for a in node.attribute)):
+                eligible.add(name)
+            else:
+                other.add(name)
+    return eligible - other
 
 
 def default_compiler_options() -> dict[str, Any]:

@@ -179,23 +179,25 @@ def test_artifact_matches_the_model_and_checks_shapes(tmp_path):
     loaded = aot.load_artifact(file)
     assert loaded.input_names == ["image"] and loaded.output_names == ["logits"]
     ours = np.asarray(loaded(IMAGES)["logits"])
-    np.testing.assert_allclose(ours, np.asarray(model(IMAGES)["logits"]), rtol=1e-6, atol=1e-6)
+    # The artifact runs XLA's convolutions, model(...) the native kernel: rounding differs.
+    np.testing.assert_allclose(ours, np.asarray(model(IMAGES)["logits"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(loaded(image=IMAGES.astype(np.float64))["logits"]),
-                               ours, rtol=1e-6, atol=1e-6)
+                               ours, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="compiled for"):
         loaded(np.zeros((2, 1, 8, 8), np.float32))
     with pytest.raises(InputError, match="missing"):
         loaded()
 
 
-def test_artifact_runs_the_program_model_call_runs(tmp_path):
+def test_artifact_runs_the_program_model_call_runs(tmp_path, monkeypatch):
     """Pre-transposed Conv weights and model(...)'s XLA options: before, the artifact
     transposed its weights on every call and compiled with XLA's defaults (ResNet-50 b1
-    122 ms against model(...)'s 62)."""
+    122 ms against model(...)'s 62). Artifacts keep XLA's convolutions (no native kernels)."""
+    monkeypatch.setenv("ONNX2JAX_NATIVE", "0")
     model = onnx2jax.load(onnx2jax.example_path())
     loaded = aot.load_artifact(aot.export_model(model, {"image": IMAGES}, tmp_path / "d.o2j"))
     bound = model.bind_inputs((), {"image": IMAGES})
-    function, options = model.inference_function(bound)
+    function, options, _ = model.inference_function(bound)
     assert loaded.compiler_options == options
 
     def layout_changes(compiled_text: str) -> int:
@@ -215,7 +217,7 @@ def test_compile_command_writes_a_runnable_artifact(tmp_path, capsys):
     assert document["bytes"] == file.stat().st_size
     model = onnx2jax.load(onnx2jax.example_path())
     np.testing.assert_allclose(np.asarray(aot.load_artifact(file)(IMAGES)["logits"]),
-                               np.asarray(model(IMAGES)["logits"]), rtol=1e-6, atol=1e-6)
+                               np.asarray(model(IMAGES)["logits"]), rtol=1e-5, atol=1e-5)
 
 
 def test_executable_cache_reuses_entries_across_instances(tmp_path):
@@ -223,14 +225,14 @@ def test_executable_cache_reuses_entries_across_instances(tmp_path):
     expected = np.asarray(model(IMAGES)["logits"])
     first = aot.ExecutableCache(tmp_path)
     np.testing.assert_allclose(np.asarray(aot.cached_call(model, first, {"image": IMAGES})
-                                          ["logits"]), expected, rtol=1e-6, atol=1e-6)
+                                          ["logits"]), expected, rtol=1e-5, atol=1e-5)
     assert (first.hits, first.misses) == (0, 1)
     assert len(list(tmp_path.glob("*.jaxexec"))) == 1
     # A new cache object (as in a new process) and a new model object: read from disk.
     second = aot.ExecutableCache(tmp_path)
     again = onnx2jax.load(onnx2jax.example_path())
     out = aot.cached_call(again, second, {"image": IMAGES})
-    np.testing.assert_allclose(np.asarray(out["logits"]), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["logits"]), expected, rtol=1e-5, atol=1e-5)
     assert (second.hits, second.misses) == (1, 0)
     # Another shape is another entry.
     aot.cached_call(again, second, {"image": IMAGES[:2]})
@@ -264,7 +266,7 @@ def test_artifact_with_cache_in_a_second_process(tmp_path):
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert [r["hits"] for r in runs] == [0, 1]
     np.testing.assert_allclose(np.array(runs[1]["y"]), np.asarray(model(IMAGES)["logits"]),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_cache_dir_resolution(monkeypatch, tmp_path):
@@ -280,13 +282,13 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 def test_load_with_cache_dir_and_environment_variable(monkeypatch, tmp_path):
     expected = np.asarray(onnx2jax.load(onnx2jax.example_path())(IMAGES)["logits"])
     first = onnx2jax.load(onnx2jax.example_path(), cache_dir=tmp_path)
-    np.testing.assert_allclose(np.asarray(first(IMAGES)["logits"]), expected, rtol=1e-6,
+    np.testing.assert_allclose(np.asarray(first(IMAGES)["logits"]), expected, rtol=1e-5,
                                atol=1e-6)
     assert first._cache.misses == 1 and len(list(tmp_path.glob("*.jaxexec"))) == 1
     monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
     second = onnx2jax.load(onnx2jax.example_path())
     np.testing.assert_allclose(np.asarray(second(image=IMAGES)["logits"]), expected,
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
     assert (second._cache.hits, second._cache.misses) == (1, 0)
     monkeypatch.delenv(aot.CACHE_ENV)
     assert onnx2jax.load(onnx2jax.example_path())._cache is None
@@ -296,17 +298,19 @@ def test_prepared_conv_weights_follow_param_changes():
     model = onnx2jax.load(onnx2jax.example_path())
     assert model._weight_layouts  # the digits CNN has Conv weights
     reference = np.asarray(jax.jit(model.apply)(model.params, IMAGES)["logits"])
-    np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), reference, rtol=1e-6,
+    np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), reference, rtol=1e-5,
                                atol=1e-6)
     name = next(iter(model._weight_layouts))
-    before = model._inference_params()
+    kernels = model.inference_function(model.bind_inputs((IMAGES,), {}))[2]
+    before = model._inference_params(kernels)
     model.params[name] = model.params[name] * 0.5  # changed in place: re-prepared
     changed = np.asarray(jax.jit(model.apply)(model.params, IMAGES)["logits"])
     assert not np.allclose(changed, reference)
-    np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), changed, rtol=1e-6,
+    np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), changed, rtol=1e-5,
                                atol=1e-6)
-    # Only the changed weight is transposed again; it is the param in the layout XLA reads.
-    after = model._inference_params()
+    # Only the changed weight is prepared again; it is the param in the layout the program
+    # reads, which gives the param back.
+    after = model._inference_params(kernels)
     assert all(after[k] is v for k, v in before.items() if k != name)
     np.testing.assert_array_equal(
-        after[name], np.transpose(np.asarray(model.params[name]), model._weight_layouts[name]))
+        model._restore_layouts(after, kernels)[name], np.asarray(model.params[name]))

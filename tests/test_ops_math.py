@@ -252,7 +252,7 @@ def test_wide_softmax_fuses_its_input_on_cpu():
     model = onnx2jax.load(_softmax_model([4, 128]))
     x = f32(4, 128)
     bound = model.bind_inputs((x,), {})
-    function, _ = model.inference_function(bound)
+    function, _, _ = model.inference_function(bound)
     text = function.lower(model._inference_params(), bound, outputs=None).compile().as_text()
     assert "reduce-window" not in text
     np.testing.assert_allclose(np.asarray(model(x)["y"]), jax.nn.softmax(x * 0.5, axis=-1),

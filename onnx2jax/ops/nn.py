@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from onnx2jax import native
 from onnx2jax.ops.registry import register
 
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
@@ -84,6 +85,8 @@ def conv(ctx, x, w, b=None):
     if np.shape(x)[1] != np.shape(w)[1] * group:
         raise ctx.error(f"input channels {np.shape(x)[1]} != weight channels "
                         f"{np.shape(w)[1]} x group {group}")
+    if native.active() and native.conv2d_applies(x, w, group):
+        return native.conv2d(x, w, b, strides, padding, dilations)
     y = lax.conv_general_dilated(
         jnp.asarray(x), jnp.asarray(w).astype(x.dtype), window_strides=strides, padding=padding,
         rhs_dilation=dilations, dimension_numbers=_conv_layout(rank), feature_group_count=group)

@@ -1,0 +1,223 @@
+"""Native CPU kernels for ``model(...)``: compiled on first use, called through JAX's FFI.
+
+XLA:CPU's convolutions (Eigen) reach about 60% of onnxruntime's speed on ResNet's shapes, and
+no XLA option in jaxlib changes that (benchmarks/README.md). ``onnx2jax/kernels/conv2d.cc``
+is a direct convolution that keeps its output tile in vector registers; it is compiled here,
+once per machine, with the machine's C++ compiler and ``-march=native`` (the result is cached,
+see :func:`library_path`), and registered with XLA as the custom call ``onnx2jax_conv2d``.
+
+Only the program ``model(...)`` compiles on the CPU uses it (one device; a batch split over
+several keeps XLA's convolution). :meth:`Model.apply` stays pure JAX, so gradients, ``vmap``,
+other backends and :func:`onnx2jax.aot.export_model` artifacts are unaffected.
+Without a compiler, on a CPU without AVX2, or with ``ONNX2JAX_NATIVE=0``, convolutions are
+XLA's; :func:`status` says which and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("onnx2jax")
+
+SOURCE = Path(__file__).parent / "kernels" / "conv2d.cc"
+TARGET = "onnx2jax_conv2d"
+MIN_LANES = 8  # AVX2: narrower vectors are slower than XLA's own convolution
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "lanes" once registered, or "reason" why not
+_active = threading.local()
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("ONNX2JAX_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$ONNX2JAX_NATIVE_DIR``, else the user's cache."""
+    configured = os.environ.get("ONNX2JAX_NATIVE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "onnx2jax" / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    """This CPU's feature flags: a kernel built with -march=native is only valid for them."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(compiler: str) -> Path:
+    """The cached library for this source, jaxlib, compiler and CPU."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), jax.__version__.encode(), compiler.encode(),
+                 _cpu_flags().encode(), platform.machine().encode()):
+        key.update(part)
+    return cache_dir() / f"conv2d-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile the kernel to ``target`` (written to a temporary file, then renamed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    command = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared",
+               "-fPIC", f"-I{jax.ffi.include_dir()}", str(SOURCE),
+               "-o", temporary]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _register() -> dict[str, Any]:
+    if not enabled_by_env():
+        return {"reason": "turned off by ONNX2JAX_NATIVE=0"}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {"reason": f"no native kernels for {platform.machine()} CPUs"}
+    compiler = _compiler()
+    if compiler is None:
+        return {"reason": "no C++ compiler found (c++, g++ or clang++; or set $CXX)"}
+    path = library_path(compiler)
+    try:
+        if not path.exists():
+            _build(compiler, path)
+        library = ctypes.CDLL(str(path))
+        lanes = int(library.onnx2jax_conv2d_lanes())
+        block = int(library.onnx2jax_conv2d_block())
+        handler = library.Onnx2jaxConv2d
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
+        return {"reason": f"the kernels did not build or load: {exc}"}
+    if lanes < MIN_LANES:
+        return {"reason": f"this CPU has {lanes}-lane vectors; the kernels need AVX2 or better"}
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler),
+                                platform="cpu")
+    return {"lanes": lanes, "block": block, "library": library, "path": path}
+
+
+def status() -> dict[str, Any]:
+    """Whether the native kernels are in use: ``{"lanes": 16, "path": ...}`` (the vector
+    width in floats and the compiled library) or ``{"reason": ...}`` (why not). Builds them
+    on the first call.
+
+    Example:
+        >>> import onnx2jax.native
+        >>> state = onnx2jax.native.status()
+        >>> "lanes" in state or "reason" in state
+        True
+    """
+    with _lock:
+        if not _state:
+            _state.update(_register())
+            if "reason" in _state:
+                log.info("onnx2jax: XLA's convolutions are used: %s", _state["reason"])
+        return {k: v for k, v in _state.items() if k != "library"}
+
+
+def available() -> bool:
+    """Whether ``model(...)`` can use the native kernels on this machine (CPU backend)."""
+    return jax.default_backend() == "cpu" and enabled_by_env() and "lanes" in status()
+
+
+@contextlib.contextmanager
+def kernels(enabled: bool) -> Iterator[None]:
+    """Ops traced inside use the native kernels where they apply (see :func:`active`)."""
+    before = getattr(_active, "on", False)
+    _active.on = enabled
+    try:
+        yield
+    finally:
+        _active.on = before
+
+
+def active() -> bool:
+    """Whether the trace in progress is ``model(...)``'s with native kernels."""
+    return getattr(_active, "on", False)
+
+
+def weight_block(out_channels: int) -> int | None:
+    """B when :func:`conv2d` takes this Conv's weights blocked ([O / B, KH, KW, I, B]): when
+    B divides the output channels. Otherwise it takes them HWIO."""
+    block = _state.get("block")
+    return block if block and out_channels % block == 0 else None
+
+
+def blocked_weights(w: Any, block: int) -> Any:
+    """OIHW weights in the blocked layout ``[O / block, KH, KW, I, block]`` (NumPy or JAX)."""
+    o, i, kh, kw = np.shape(w)
+    return w.reshape(o // block, block, i, kh, kw).transpose(0, 3, 4, 2, 1)
+
+
+def unblocked_weights(w: Any) -> Any:
+    """The inverse of :func:`blocked_weights`: OIHW."""
+    blocks, kh, kw, i, block = np.shape(w)
+    return w.transpose(0, 4, 3, 1, 2).reshape(blocks * block, i, kh, kw)
+
+
+def conv2d_applies(x: Any, w: Any, group: int) -> bool:
+    """Whether :func:`conv2d` computes this Conv: float32, 2-D, one group, output channels a
+    multiple of the vector width."""
+    lanes = _state.get("lanes")
+    return (lanes is not None and group == 1 and np.ndim(x) == 4 and np.ndim(w) == 4
+            and x.dtype == np.float32 and w.dtype == np.float32
+            and np.shape(w)[0] % lanes == 0)
+
+
+def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
+           padding: Sequence[tuple[int, int]], dilations: Sequence[int]) -> jax.Array:
+    """ONNX Conv (NCHW input, OIHW weights, optional bias) by the native kernel.
+
+    The kernel reads NHWC and blocked (or HWIO) weights: the transposes here cancel against
+    XLA's layout of the neighbouring ops and the weights ``model(...)`` keeps in that layout
+    (:func:`weight_block`).
+    """
+    n, _, h, width = np.shape(x)
+    out_channels, _, kh, kw = np.shape(w)
+    (top, bottom), (left, right) = padding
+    oh = (h + top + bottom - (kh - 1) * dilations[0] - 1) // strides[0] + 1
+    ow = (width + left + right - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    bias = jnp.zeros((out_channels,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32))
+    block = weight_block(out_channels)
+    w = jnp.asarray(w)
+    weights = blocked_weights(w, block) if block else jnp.transpose(w, (2, 3, 1, 0))
+    padded = jnp.pad(jnp.transpose(x, (0, 2, 3, 1)), ((0, 0), (top, bottom), (left, right),
+                                                      (0, 0)))
+    y = call(padded, weights, bias,
+             stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+             dilation_h=np.int64(dilations[0]), dilation_w=np.int64(dilations[1]),
+             blocked=block is not None)
+    return jnp.transpose(y, (0, 3, 1, 2))

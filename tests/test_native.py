@@ -1,0 +1,191 @@
+"""The native convolution kernel of model(...) (onnx2jax/native.py, onnx2jax/kernels/conv2d.cc)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import onnx2jax
+from onnx2jax import native
+from tests.helpers import f32, single_node_model
+
+needs_kernels = pytest.mark.skipif(
+    not native.available(), reason=f"native kernels unavailable: {native.status()}")
+
+
+def _compiled_text(model: onnx2jax.Model, feeds: dict) -> str:
+    bound = model.bind_inputs((), feeds)
+    function, _, kernels = model.inference_function(bound)
+    params, placed, _ = model._placed(bound, kernels)
+    return function.lower(params, placed, outputs=None).compile().as_text()
+
+
+def test_status_says_what_is_used():
+    state = native.status()
+    assert ("lanes" in state) != ("reason" in state)
+    if "lanes" in state:
+        assert state["lanes"] >= native.MIN_LANES and state["path"].exists()
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_channels", [16, 64, 80, 128])  # HWIO and blocked weights
+@pytest.mark.parametrize("kernel, stride, dilation, pads, width", [
+    (3, 1, 1, ((1, 1), (1, 1)), 13),
+    (3, 2, 1, ((1, 1), (1, 1)), 17),
+    (1, 1, 1, ((0, 0), (0, 0)), 9),
+    (1, 2, 1, ((0, 0), (0, 0)), 14),
+    (7, 2, 1, ((3, 3), (3, 3)), 20),
+    (3, 1, 2, ((2, 2), (2, 2)), 11),
+    (3, 1, 1, ((0, 2), (1, 0)), 6),  # uneven padding
+    (2, 3, 1, ((0, 0), (0, 0)), 8),  # windows that skip input columns
+])
+def test_conv2d_matches_xla(out_channels, kernel, stride, dilation, pads, width):
+    if out_channels % native.status()["lanes"]:
+        pytest.skip("output channels not a multiple of this CPU's vector width")
+    x, w, b = f32(2, 5, 10, width), f32(out_channels, 5, kernel, kernel), f32(out_channels)
+    want = lax.conv_general_dilated(x, w, (stride, stride), pads, rhs_dilation=(dilation,) * 2)
+    want = want + b[None, :, None, None]
+    got = jax.jit(lambda x, w, b: native.conv2d(x, w, b, (stride,) * 2, pads, (dilation,) * 2))(
+        x, w, b)
+    # Sums of up to 245 products of standard-normal values, in another order than XLA's.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    without_bias = native.conv2d(x, w, None, (stride,) * 2, pads, (dilation,) * 2)
+    np.testing.assert_allclose(np.asarray(without_bias), np.asarray(want - b[None, :, None, None]),
+                               rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_model_call_runs_the_kernel_and_matches_onnxruntime():
+    import onnxruntime
+
+    weights = {"w": f32(64, 8, 3, 3), "b": f32(64)}
+    proto = single_node_model("Conv", {"x": f32(2, 8, 15, 15), **weights}, initializers=weights,
+                              strides=[2, 2], pads=[1, 0, 1, 2])
+    x = f32(2, 8, 15, 15)
+    model = onnx2jax.load(proto)
+    assert "onnx2jax_conv2d" in _compiled_text(model, {"x": x})
+    (want,) = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), want, rtol=1e-5, atol=1e-5)
+    # apply() stays pure JAX: differentiable, and the same numbers.
+    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(model.params, x)["y"]), want,
+                               rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda p: model.apply(p, x)["y"].sum())(model.params)
+    assert np.isfinite(np.asarray(grad["w"])).all()
+
+
+@needs_kernels
+def test_example_cnn_uses_the_kernel_and_follows_param_changes():
+    model = onnx2jax.load(onnx2jax.example_path())
+    images = f32(4, 1, 8, 8)
+    assert _compiled_text(model, {"image": images}).count("onnx2jax_conv2d") >= 2
+    # 32 output channels: HWIO weights where a block is 64 channels (AVX-512), blocked at 16.
+    name = "onnx::Conv_31"
+    for scale in (1.0, 0.5):
+        model.params[name] = model.params[name] * scale
+        want = jax.jit(model.apply)(model.params, images)["logits"]
+        np.testing.assert_allclose(np.asarray(model(images)["logits"]), np.asarray(want),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_kernels_are_off_for_many_rows_under_vmap_and_by_environment(monkeypatch):
+    model = onnx2jax.load(onnx2jax.example_path())
+    images = f32(3, 1, 8, 8)
+    want = np.asarray(model(images)["logits"])
+    # Under the user's vmap the convolutions are XLA's (the kernel has no batching rule).
+    batched = jax.vmap(lambda x: model(x[None])["logits"][0])(images)
+    np.testing.assert_allclose(np.asarray(batched), want, rtol=1e-5, atol=1e-5)
+    # Many rows keep XLA's convolutions (the kernel measured no faster there).
+    assert "onnx2jax_conv2d" not in _compiled_text(model, {"image": f32(200, 1, 8, 8)})
+    monkeypatch.setenv("ONNX2JAX_NATIVE", "0")
+    assert "onnx2jax_conv2d" not in _compiled_text(model, {"image": images})
+    np.testing.assert_allclose(np.asarray(model(images)["logits"]), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_executable_cache_keeps_native_and_xla_programs_apart(tmp_path, monkeypatch):
+    model = onnx2jax.load(onnx2jax.example_path(), cache_dir=tmp_path)
+    images = f32(2, 1, 8, 8)
+    first = np.asarray(model(images)["logits"])
+    monkeypatch.setenv("ONNX2JAX_NATIVE", "0")
+    np.testing.assert_allclose(np.asarray(model(images)["logits"]), first, rtol=1e-5, atol=1e-5)
+    expected = 2 if native.status().get("lanes") else 1
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) >= expected
+
+
+BUILD_FAILS = r"""
+import numpy as np, onnx2jax
+from onnx2jax import native
+state = native.status()
+assert "did not build" in state["reason"], state
+model = onnx2jax.load(onnx2jax.example_path())
+images = np.ones((2, 1, 8, 8), np.float32)
+out = model(images)["logits"]
+np.testing.assert_allclose(np.asarray(out), np.asarray(model.apply(model.params, images)["logits"]),
+                           rtol=1e-5, atol=1e-5)
+print("xla convolutions")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernels build on Linux x86-64")
+def test_a_failed_build_leaves_xla_convolutions(tmp_path):
+    if not native.status().get("lanes"):
+        pytest.skip("no kernels on this machine in the first place")
+    env = {**os.environ, "CXX": "false", "ONNX2JAX_NATIVE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", BUILD_FAILS], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "xla convolutions" in done.stdout
+    assert not list(tmp_path.iterdir())  # the failed build left no file behind
+
+
+@needs_kernels
+def test_the_built_library_is_reused(tmp_path):
+    env = {**os.environ, "ONNX2JAX_NATIVE_DIR": str(tmp_path)}
+    script = "from onnx2jax import native; print(native.status()['path'])"
+    paths = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300, check=True).stdout.strip()
+             for _ in range(2)]
+    assert paths[0] == paths[1] and [p.name for p in tmp_path.iterdir()] == [
+        os.path.basename(paths[0])]
+    modified = os.stat(paths[0]).st_mtime_ns
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    assert os.stat(paths[0]).st_mtime_ns == modified
+
+
+def test_conv2d_applies_to_float32_single_group_2d_only():
+    lanes = native.status().get("lanes")
+    x, w = jnp.zeros((1, 4, 8, 8)), jnp.zeros((64, 4, 3, 3))
+    assert native.conv2d_applies(x, w, 1) == (lanes is not None)
+    assert not native.conv2d_applies(x, w, 2)
+    assert not native.conv2d_applies(x.astype(jnp.float16), w, 1)
+    assert not native.conv2d_applies(jnp.zeros((1, 4, 8)), jnp.zeros((64, 4, 3)), 1)
+    assert not native.conv2d_applies(x, jnp.zeros((60, 4, 3, 3)), 1)
+
+
+def test_grouped_and_1d_convolutions_keep_their_weights_for_xla():
+    """Only weights the kernel reads take its blocked layout: a grouped or 1-D Conv's weight
+    would otherwise be laid out again on every call (or not fit the layout at all)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {"grouped": f32(64, 1, 3, 3), "one_d": f32(64, 4, 3), "plain": f32(64, 4, 3, 3)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "grouped"], ["y"], group=4, pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["z", "one_d"], ["u"]),
+         helper.make_node("Conv", ["x", "plain"], ["v"])], "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 9])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yuv"],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model._native_weights == {"plain"}
+    x, z = f32(1, 4, 8, 8), f32(1, 4, 9)
+    got, want = model(x, z), jax.jit(model.apply)(model.params, x, z)
+    for name in "yuv":
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5,
+                                   atol=1e-5)
