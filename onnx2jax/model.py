@@ -97,8 +97,9 @@ class Model:
         # reads (OIHW -> HWIO); the trace transposes them back, and XLA cancels the pair, so
         # no weight is transposed per call. Values are unchanged; apply() is unaffected.
         self._weight_layouts = _conv_weight_layouts(self.plan.nodes, self.params)
-        # With native kernels, those of them the kernel reads are kept in its blocked layout.
-        self._native_weights = _native_conv_weights(self.plan.nodes, self.params)
+        # With native kernels, the weights they read (these Conv weights and MatMul matrices)
+        # are kept in their blocked layout.
+        self._native_weights = _native_weights(self.plan.nodes, self.params)
         # Native kernels on or off -> (the params prepared from, the prepared params).
         self._prepared: dict[bool, tuple[dict[str, Any], Params]] = {}
         # Native kernels on or off -> options -> jitted function (see inference_function).
@@ -274,14 +275,17 @@ class Model:
             cached = self._prepared[kernels] = (dict(self.params), prepared)
         return cached[1]
 
-    def _layouts(self, kernels: bool) -> dict[str, tuple[int, ...] | int]:
-        """Conv weight -> its prepared layout: a permutation of OIHW, or (native kernels) the
-        block width of onnx2jax.native's blocked layout."""
+    def _layouts(self, kernels: bool) -> dict[str, tuple[int, ...] | str]:
+        """Weight -> its prepared layout: a permutation of a Conv's OIHW, or (native kernels)
+        "conv" or "matrix", onnx2jax.native's blocked layouts."""
         if not kernels:
             return self._weight_layouts
-        return {k: (k in self._native_weights and native.weight_block(
-                        int(np.shape(self.params[k])[0]))) or permutation
-                for k, permutation in self._weight_layouts.items()}
+        layouts: dict[str, tuple[int, ...] | str] = dict(self._weight_layouts)
+        for name, kind in self._native_weights.items():
+            columns = np.shape(self.params[name])[0 if kind == "conv" else 1]
+            if native.weight_block(int(columns)):
+                layouts[name] = kind
+        return layouts
 
     def split_devices(self, bound: Mapping[str, Any]) -> list[jax.Device]:
         """The CPU devices ``model(...)`` splits these inputs' batch over ([]: one device).
@@ -315,7 +319,7 @@ class Model:
         # against 1.5-1.9x), not for many (b8: as fast back to back, slower after an idle
         # spell). It has no gradient or batching rule: inside someone's trace, the convs are
         # XLA's.
-        kernels = (bool(self._weight_layouts) and input_rows(bound) <= FEW_ROWS
+        kernels = (bool(self._native_weights) and input_rows(bound) <= FEW_ROWS
                    and native.available()
                    and not any(isinstance(v, jax.core.Tracer) for v in bound.values()))
         function = jit_with_options(
@@ -376,13 +380,15 @@ class Model:
         return {info.name: check_input(info, bound[info.name]) for info in infos}
 
 
-def _prepared_weight(value: Any, layout: tuple[int, ...] | int) -> Any:
+def _prepared_weight(value: Any, layout: tuple[int, ...] | str) -> Any:
     """``value`` in ``layout`` (see Model._layouts); by NumPy when it is in host memory. An XLA
     transpose per weight shape is a compilation each: ResNet-50's 53 Conv weights took 1.22 s
     on its first call, NumPy 0.16 s."""
     def arrange(array: Any) -> Any:
-        if isinstance(layout, int):
-            return native.blocked_weights(array, layout)
+        if layout == "conv":
+            return native.blocked_weights(array)
+        if layout == "matrix":
+            return native.blocked_matrix(array)
         return array.transpose(layout)
 
     if not isinstance(value, jax.Array):
@@ -393,9 +399,11 @@ def _prepared_weight(value: Any, layout: tuple[int, ...] | int) -> Any:
     return arrange(value)
 
 
-def _restored_weight(value: Any, layout: tuple[int, ...] | int) -> Any:
-    if isinstance(layout, int):
+def _restored_weight(value: Any, layout: tuple[int, ...] | str) -> Any:
+    if layout == "conv":
         return native.unblocked_weights(value)
+    if layout == "matrix":
+        return native.unblocked_matrix(value)
     return jnp.transpose(value, np.argsort(layout))
 
 
@@ -411,23 +419,36 @@ def _conv_weight_layouts(nodes: Sequence[onnx.NodeProto], params: Mapping[str, A
     return layouts
 
 
-def _native_conv_weights(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
-                         ) -> set[str]:
-    """Params that only 2-D, one-group Convs use as float32 weights: those onnx2jax.native's
-    kernel reads (any other use would relayout a blocked weight on every call)."""
-    eligible, other = set(), set()
+def _native_weights(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
+                    ) -> dict[str, str]:
+    """Float32 params that native kernels read, and how: "conv" (the weights of 2-D, one-group
+    Convs) or "matrix" (the right operand of MatMul, or of Gemm without transposes or alpha).
+    A param with any other use is left out: a blocked weight would be laid out again on every
+    call."""
+    kinds: dict[str, str] = {}
+    other = set()
     for node in nodes:
+        attributes = {a.name: a for a in node.attribute}
         for index, name in enumerate(node.input):
             if name not in params:
                 continue
             weight = params[name]
-            if (index == 1 and node.op_type == "Conv" and node.domain in ("", "ai.onnx")
-                    and weight.ndim == 4 and weight.dtype == np.float32
-                    and not any(a.name == "group" and a.i != 1 for a in node.attribute)):
-                eligible.add(name)
-            else:
+            kind = None
+            if index == 1 and node.domain in ("", "ai.onnx") and weight.dtype == np.float32:
+                if (node.op_type == "Conv" and weight.ndim == 4
+                        and attributes.get("group", onnx.AttributeProto(i=1)).i == 1):
+                    kind = "conv"
+                elif weight.ndim == 2 and (node.op_type == "MatMul" or (
+                        node.op_type == "Gemm"
+                        and not any(attributes[a].i for a in ("transA", "transB")
+                                    if a in attributes)
+                        and attributes.get("alpha", onnx.AttributeProto(f=1.0)).f == 1.0)):
+                    kind = "matrix"
+            if kind is None or kinds.get(name, kind) != kind:
                 other.add(name)
-    return eligible - other
+            else:
+                kinds[name] = kind
+    return {name: kind for name, kind in kinds.items() if name not in other}
 
 
 def default_compiler_options() -> dict[str, Any]:

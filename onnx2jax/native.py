@@ -1,16 +1,19 @@
 """Native CPU kernels for ``model(...)``: compiled on first use, called through JAX's FFI.
 
 XLA:CPU's convolutions (Eigen) reach about 60% of onnxruntime's speed on ResNet's shapes, and
-no XLA option in jaxlib changes that (benchmarks/README.md). ``onnx2jax/kernels/conv2d.cc``
-is a direct convolution that keeps its output tile in vector registers; it is compiled here,
-once per machine, with the machine's C++ compiler and ``-march=native`` (the result is cached,
-see :func:`library_path`), and registered with XLA as the custom call ``onnx2jax_conv2d``.
+its dots of few rows (YNNPACK, Eigen) 45-90% on MiniLM's and GPT-2's; no XLA option in jaxlib
+changes that (benchmarks/README.md). ``onnx2jax/kernels/conv2d.cc`` is a direct convolution
+that keeps its output tile in vector registers; a matrix product is its 1x1 case. It is
+compiled here, once per machine, with the machine's C++ compiler and ``-march=native`` (the
+result is cached, see :func:`library_path`), and registered with XLA as the custom call
+``onnx2jax_conv2d``.
 
-Only the program ``model(...)`` compiles on the CPU uses it (one device; a batch split over
-several keeps XLA's convolution). :meth:`Model.apply` stays pure JAX, so gradients, ``vmap``,
-other backends and :func:`onnx2jax.aot.export_model` artifacts are unaffected.
-Without a compiler, on a CPU without AVX2, or with ``ONNX2JAX_NATIVE=0``, convolutions are
-XLA's; :func:`status` says which and why.
+Only the program ``model(...)`` compiles on the CPU for inputs of few rows uses it: 2-D
+float32 Convs of one group, and MatMul and Gemm by a float32 weight matrix. Many rows keep
+XLA's kernels (measured no faster there), as do :meth:`Model.apply` (so gradients, ``vmap`` and
+other backends are unaffected) and :func:`onnx2jax.aot.export_model` artifacts.
+Without a compiler, on a CPU without AVX2, or with ``ONNX2JAX_NATIVE=0``, XLA's kernels are
+used; :func:`status` says which and why.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def status() -> dict[str, Any]:
         if not _state:
             _state.update(_register())
             if "reason" in _state:
-                log.info("onnx2jax: XLA's convolutions are used: %s", _state["reason"])
+                log.info("onnx2jax: no native kernels, XLA's are used: %s", _state["reason"])
         return {k: v for k, v in _state.items() if k != "library"}
 
 
@@ -169,15 +172,16 @@ def active() -> bool:
 
 
 def weight_block(out_channels: int) -> int | None:
-    """B when :func:`conv2d` takes this Conv's weights blocked ([O / B, KH, KW, I, B]): when
-    B divides the output channels. Otherwise it takes them HWIO."""
+    """B when the kernel takes weights of this many output channels (columns of a matrix)
+    blocked, ``[O / B, KH, KW, I, B]``: when B divides them. Otherwise it takes them HWIO."""
     block = _state.get("block")
     return block if block and out_channels % block == 0 else None
 
 
-def blocked_weights(w: Any, block: int) -> Any:
-    """OIHW weights in the blocked layout ``[O / block, KH, KW, I, block]`` (NumPy or JAX)."""
+def blocked_weights(w: Any) -> Any:
+    """OIHW Conv weights in the kernel's blocked layout (NumPy or JAX; see weight_block)."""
     o, i, kh, kw = np.shape(w)
+    block = _state["block"]
     return w.reshape(o // block, block, i, kh, kw).transpose(0, 3, 4, 2, 1)
 
 
@@ -187,6 +191,19 @@ def unblocked_weights(w: Any) -> Any:
     return w.transpose(0, 4, 3, 1, 2).reshape(blocks * block, i, kh, kw)
 
 
+def blocked_matrix(b: Any) -> Any:
+    """A [K, N] matrix in the blocked layout of a 1x1 convolution's weights."""
+    k, n = np.shape(b)
+    block = _state["block"]
+    return b.reshape(k, n // block, block).transpose(1, 0, 2).reshape(n // block, 1, 1, k, block)
+
+
+def unblocked_matrix(w: Any) -> Any:
+    """The inverse of :func:`blocked_matrix`: [K, N]."""
+    blocks, _, _, k, block = np.shape(w)
+    return w.reshape(blocks, k, block).transpose(1, 0, 2).reshape(k, blocks * block)
+
+
 def conv2d_applies(x: Any, w: Any, group: int) -> bool:
     """Whether :func:`conv2d` computes this Conv: float32, 2-D, one group, output channels a
     multiple of the vector width."""
@@ -194,6 +211,35 @@ def conv2d_applies(x: Any, w: Any, group: int) -> bool:
     return (lanes is not None and group == 1 and np.ndim(x) == 4 and np.ndim(w) == 4
             and x.dtype == np.float32 and w.dtype == np.float32
             and np.shape(w)[0] % lanes == 0)
+
+
+def matmul_applies(a: Any, b: Any) -> bool:
+    """Whether :func:`matmul` computes ``a @ b``: float32, ``b`` a matrix of a multiple of the
+    vector width columns, ``a`` of at least 2 dimensions."""
+    lanes = _state.get("lanes")
+    return (lanes is not None and np.ndim(a) >= 2 and np.ndim(b) == 2
+            and a.dtype == np.float32 and b.dtype == np.float32
+            and np.shape(b)[1] % lanes == 0 and np.shape(a)[-1] == np.shape(b)[0])
+
+
+def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
+    """``a @ b (+ bias)`` for a matrix ``b`` [K, N] by the convolution kernel, as a 1x1
+    convolution of one row of ``a``'s rows. For the few rows ``model(...)`` uses it on, it ran
+    at 1.07-1.15x onnxruntime's time against 1.2-2.3x for XLA's YNNPACK and Eigen dots
+    (benchmarks/README.md)."""
+    *lead, k = np.shape(a)
+    rows, n = int(np.prod(lead)), np.shape(b)[1]
+    if rows == 0:
+        return jnp.zeros((*lead, n), jnp.float32) + (0 if bias is None else bias)
+    bias = jnp.zeros((n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((1, 1, rows, n), jnp.float32))
+    block = weight_block(n)
+    b = jnp.asarray(b)
+    y = call(jnp.reshape(a, (1, 1, rows, k)),
+             blocked_matrix(b) if block else jnp.reshape(b, (1, 1, k, n)), bias,
+             stride_h=np.int64(1), stride_w=np.int64(1), dilation_h=np.int64(1),
+             dilation_w=np.int64(1), blocked=block is not None)
+    return jnp.reshape(y, (*lead, n))
 
 
 def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
@@ -213,7 +259,7 @@ def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32))
     block = weight_block(out_channels)
     w = jnp.asarray(w)
-    weights = blocked_weights(w, block) if block else jnp.transpose(w, (2, 3, 1, 0))
+    weights = blocked_weights(w) if block else jnp.transpose(w, (2, 3, 1, 0))
     padded = jnp.pad(jnp.transpose(x, (0, 2, 3, 1)), ((0, 0), (top, bottom), (left, right),
                                                       (0, 0)))
     y = call(padded, weights, bias,

@@ -183,9 +183,82 @@ def test_grouped_and_1d_convolutions_keep_their_weights_for_xla():
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yuv"],
         initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
     model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert model._native_weights == {"plain"}
+    assert model._native_weights == {"plain": "conv"}
     x, z = f32(1, 4, 8, 8), f32(1, 4, 9)
     got, want = model(x, z), jax.jit(model.apply)(model.params, x, z)
     for name in "yuv":
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-5,
                                    atol=1e-5)
+
+
+def _matmul_model(b_uses_gemm: bool, c_shape: tuple = (128,), **gemm_attributes) -> tuple:
+    """x [2, 5, 24] @ w [24, 128] (+ c): a MatMul, or a Gemm on the flattened rows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w, c = f32(24, 128), f32(*c_shape)
+    if b_uses_gemm:
+        nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], **gemm_attributes)]
+        x = f32(10, 24)
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]),
+                 helper.make_node("Add", ["m", "c"], ["y"])]
+        x = f32(2, 5, 24)
+    graph = helper.make_graph(
+        nodes, "product", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), x
+
+
+@needs_kernels
+@pytest.mark.parametrize("gemm, attributes, native_kind", [
+    (False, {}, "matrix"),
+    (True, {}, "matrix"),
+    (True, {"beta": 0.5}, "matrix"),
+    (True, {"transB": 0, "beta": 0.0}, "matrix"),
+    (True, {"c_shape": (10, 1)}, "matrix"),  # C broadcast along columns: added after
+    (True, {"c_shape": (1, 128)}, "matrix"),
+    (True, {"alpha": 2.0}, None),  # the kernel has no alpha: XLA's dot
+])
+def test_matrix_products_run_the_kernel_and_match_onnxruntime(gemm, attributes, native_kind):
+    import onnxruntime
+
+    proto, x = _matmul_model(gemm, **attributes)
+    model = onnx2jax.load(proto)
+    assert model._native_weights.get("w") == native_kind
+    assert ("onnx2jax_conv2d" in _compiled_text(model, {"x": x})) == (native_kind is not None)
+    (want,) = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), want, rtol=1e-5, atol=1e-5)
+    # A changed weight is laid out again, and the program reads it.
+    model.params["w"] = model.params["w"] * 2.0
+    np.testing.assert_allclose(np.asarray(model(x)["y"]),
+                               np.asarray(jax.jit(model.apply)(model.params, x)["y"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_layouts_invert_exactly():
+    if not native.status().get("block"):
+        pytest.skip("no kernels on this machine")
+    block = native.status()["block"]
+    w, b = f32(2 * block, 3, 3, 5), f32(7, 3 * block)
+    np.testing.assert_array_equal(native.unblocked_weights(native.blocked_weights(w)), w)
+    np.testing.assert_array_equal(native.unblocked_matrix(native.blocked_matrix(b)), b)
+    # A block holds `block` consecutive output channels (columns) at each input position.
+    np.testing.assert_array_equal(native.blocked_matrix(b)[1, 0, 0, 4], b[4, block:2 * block])
+
+
+def test_a_weight_with_another_use_keeps_its_layout():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = f32(16, 64)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("Transpose", ["w"], ["t"])], "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yt"],
+        initializer=[numpy_helper.from_array(w, "w")])
+    model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model._native_weights == {}
+    x = f32(3, 16)
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), x @ w, rtol=1e-5, atol=1e-5)

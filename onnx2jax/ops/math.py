@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from onnx2jax import native
 from onnx2jax.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import register
@@ -20,6 +21,8 @@ def matmul(ctx, a, b):
     # times a 2-D weight is one dot_general), so XLA sees a single fused GEMM.
     (a, b), accumulate = product_operands(ctx, a, b)
     if accumulate is None:
+        if native.active() and not is_static(a) and native.matmul_applies(a, b):
+            return native.matmul(a, b)
         return ctx.xp(a, b).matmul(a, b)
     return jnp.matmul(a, b, preferred_element_type=accumulate)
 
@@ -47,12 +50,21 @@ def gemm(ctx, a, b, c=None):
     xp = ctx.xp(a, b, c)
     dtype = a.dtype
     (a, b), accumulate = product_operands(ctx, a, b)
+    alpha = ctx.attr("alpha", 1.0)
+    beta = ctx.attr("beta", 1.0)
+    transposed = ctx.attr("transA", 0) or ctx.attr("transB", 0)
+    if (accumulate is None and native.active() and not transposed and alpha == 1.0
+            and not is_static(a) and native.matmul_applies(a, b)):
+        columns = np.shape(b)[1]
+        row_bias = c is not None and beta == 1.0 and np.shape(c) in ((columns,), (1, columns))
+        y = native.matmul(a, b, jnp.reshape(c, (-1,)) if row_bias else None)
+        if c is not None and beta != 0.0 and not row_bias:
+            y = y + (c * beta if beta != 1.0 else c)
+        return y.astype(dtype)
     axes = (0 if ctx.attr("transA", 0) else 1, 1 if ctx.attr("transB", 0) else 0)
     # tensordot contracts the right axes directly (a dot_general with no transpose copies).
     y = (xp.tensordot(a, b, axes=axes) if accumulate is None
          else jnp.tensordot(a, b, axes=axes, preferred_element_type=accumulate))
-    alpha = ctx.attr("alpha", 1.0)
-    beta = ctx.attr("beta", 1.0)
     if alpha != 1.0:
         y = y * alpha
     # Before opset 7, C broadcasts only with broadcast=1, where NumPy rules give the same result.
