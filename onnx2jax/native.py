@@ -12,7 +12,7 @@ Only the program ``model(...)`` compiles on the CPU for inputs of few rows uses 
 float32 Convs of one group, and MatMul and Gemm by a float32 weight matrix. Many rows keep
 XLA's kernels (measured no faster there), as do :meth:`Model.apply` (so gradients, ``vmap`` and
 other backends are unaffected) and :func:`onnx2jax.aot.export_model` artifacts.
-Without a compiler, on a CPU without AVX2, or with ``ONNX2JAX_NATIVE=0``, XLA's kernels are
+Without a compiler, on a CPU without AVX-512, or with ``ONNX2JAX_NATIVE=0``, XLA's kernels are
 used; :func:`status` says which and why.
 """
 
@@ -40,7 +40,7 @@ log = logging.getLogger("onnx2jax")
 
 SOURCE = Path(__file__).parent / "kernels" / "conv2d.cc"
 TARGET = "onnx2jax_conv2d"
-MIN_LANES = 8  # AVX2: narrower vectors are slower than XLA's own convolution
+MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.cc)
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lanes" once registered, or "reason" why not
@@ -125,7 +125,7 @@ def _register() -> dict[str, Any]:
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
         return {"reason": f"the kernels did not build or load: {exc}"}
     if lanes < MIN_LANES:
-        return {"reason": f"this CPU has {lanes}-lane vectors; the kernels need AVX2 or better"}
+        return {"reason": f"this CPU has {lanes}-lane vectors; the kernels need AVX-512"}
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler),
                                 platform="cpu")
     return {"lanes": lanes, "block": block, "library": library, "path": path}

@@ -84,7 +84,7 @@ def test_example_cnn_uses_the_kernel_and_follows_param_changes():
     model = onnx2jax.load(onnx2jax.example_path())
     images = f32(4, 1, 8, 8)
     assert _compiled_text(model, {"image": images}).count("onnx2jax_conv2d") >= 2
-    # 32 output channels: HWIO weights where a block is 64 channels (AVX-512), blocked at 16.
+    # 32 output channels: HWIO weights (a block is 64 channels).
     name = "onnx::Conv_31"
     for scale in (1.0, 0.5):
         model.params[name] = model.params[name] * scale
@@ -262,3 +262,18 @@ def test_a_weight_with_another_use_keeps_its_layout():
     assert model._native_weights == {}
     x = f32(3, 16)
     np.testing.assert_allclose(np.asarray(model(x)["y"]), x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernels build on Linux x86-64")
+def test_a_build_without_avx512_is_not_used(tmp_path):
+    if not native.status().get("lanes"):
+        pytest.skip("no kernels on this machine in the first place")
+    compiler = tmp_path / "cxx-without-avx512"
+    compiler.write_text('#!/bin/sh\nexec g++ "$@" -mno-avx512f\n')
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler), "ONNX2JAX_NATIVE_DIR": str(tmp_path / "built")}
+    script = "from onnx2jax import native; print(native.status()['reason'])"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "need AVX-512" in done.stdout
