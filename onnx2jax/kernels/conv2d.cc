@@ -134,18 +134,21 @@ struct Work {
   Shape shape;
   const float *x, *w, *b;
   float* y;
-  int64_t items;
+  int64_t items, claim;  // items claimed at a time
   std::atomic<int64_t> next{0}, done{0};
 
   void Run() {
     const int64_t block = kMaxVectors * kLanes;
     const int64_t rows = shape.n * shape.oh;
-    for (int64_t item; (item = next.fetch_add(1)) < items;) {
-      // Consecutive items share a channel block: its weights stay in cache.
-      const int64_t ob = (item / rows) * block, row = item % rows;
-      OutputRow(shape, x, w, b, y, row / shape.oh, row % shape.oh, ob,
-                std::min(block, shape.o - ob));
-      done.fetch_add(1);
+    for (int64_t first; (first = next.fetch_add(claim)) < items;) {
+      const int64_t last = std::min(items, first + claim);
+      for (int64_t item = first; item < last; ++item) {
+        // Consecutive items share a channel block: its weights stay in cache.
+        const int64_t ob = (item / rows) * block, row = item % rows;
+        OutputRow(shape, x, w, b, y, row / shape.oh, row % shape.oh, ob,
+                  std::min(block, shape.o - ob));
+      }
+      done.fetch_add(last - first);
     }
   }
 };
@@ -177,8 +180,13 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   work->w = w.typed_data();
   work->b = b.typed_data();
   work->y = y->typed_data();
-  work->items = (yd[3] + kBlock - 1) / kBlock * xd[0] * yd[1];
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items) - 1;
+  const int64_t blocks = (yd[3] + kBlock - 1) / kBlock;
+  work->items = blocks * xd[0] * yd[1];
+  // With blocks enough to share evenly, a thread claims all rows of a block: that block's
+  // weights are then read into one CPU's cache only (ResNet-50 b1: 1-7% faster).
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->claim = blocks >= 2 * threads && blocks % threads == 0 ? xd[0] * yd[1] : 1;
+  const int64_t helpers = std::min(threads, work->items) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
   work->Run();
   while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
