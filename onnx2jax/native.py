@@ -1,7 +1,7 @@
 """Native CPU kernels for ``model(...)``: compiled on first use, called through JAX's FFI.
 
 XLA:CPU's convolutions (Eigen) reach about 60% of onnxruntime's speed on ResNet's shapes, and
-its dots of few rows (YNNPACK, Eigen) 45-90% on MiniLM's and GPT-2's; no XLA option in jaxlib
+its dots of few rows (YNNPACK, Eigen) 44-88% on MiniLM's and GPT-2's; no XLA option in jaxlib
 changes that (benchmarks/README.md). ``onnx2jax/kernels/conv2d.cc`` is a direct convolution
 that keeps its output tile in vector registers; a matrix product is its 1x1 case. It is
 compiled here, once per machine, with the machine's C++ compiler and ``-march=native`` (the
@@ -94,8 +94,7 @@ def _build(compiler: str, target: Path) -> None:
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     command = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared",
-               "-fPIC", f"-I{jax.ffi.include_dir()}", str(SOURCE),
-               "-o", temporary]
+               "-fPIC", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", temporary]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
@@ -126,15 +125,14 @@ def _register() -> dict[str, Any]:
         return {"reason": f"the kernels did not build or load: {exc}"}
     if lanes < MIN_LANES:
         return {"reason": f"this CPU has {lanes}-lane vectors; the kernels need AVX-512"}
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler),
-                                platform="cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
     return {"lanes": lanes, "block": block, "library": library, "path": path}
 
 
 def status() -> dict[str, Any]:
-    """Whether the native kernels are in use: ``{"lanes": 16, "path": ...}`` (the vector
-    width in floats and the compiled library) or ``{"reason": ...}`` (why not). Builds them
-    on the first call.
+    """Whether the native kernels are in use: ``{"lanes": 16, "block": 64, "path": ...}``
+    (the vector width in floats, the weight block's output channels and the compiled library)
+    or ``{"reason": ...}`` (why not). Builds them on the first call.
 
     Example:
         >>> import onnx2jax.native
@@ -224,21 +222,18 @@ def matmul_applies(a: Any, b: Any) -> bool:
 
 def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
     """``a @ b (+ bias)`` for a matrix ``b`` [K, N] by the convolution kernel, as a 1x1
-    convolution of one row of ``a``'s rows. For the few rows ``model(...)`` uses it on, it ran
-    at 1.07-1.15x onnxruntime's time against 1.2-2.3x for XLA's YNNPACK and Eigen dots
-    (benchmarks/README.md)."""
+    convolution of one row of ``a``'s rows. For the 128 rows of MiniLM's and GPT-2's products
+    it ran at 1.07-1.15x onnxruntime's time, XLA's Eigen dots at 1.13-1.45x and its YNNPACK
+    dots at 1.14-2.29x (benchmarks/README.md)."""
     *lead, k = np.shape(a)
     rows, n = int(np.prod(lead)), np.shape(b)[1]
     if rows == 0:
         return jnp.zeros((*lead, n), jnp.float32) + (0 if bias is None else bias)
-    bias = jnp.zeros((n,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((1, 1, rows, n), jnp.float32))
     block = weight_block(n)
     b = jnp.asarray(b)
-    y = call(jnp.reshape(a, (1, 1, rows, k)),
-             blocked_matrix(b) if block else jnp.reshape(b, (1, 1, k, n)), bias,
-             stride_h=np.int64(1), stride_w=np.int64(1), dilation_h=np.int64(1),
-             dilation_w=np.int64(1), blocked=block is not None)
+    weights = blocked_matrix(b) if block else jnp.reshape(b, (1, 1, k, n))
+    y = _kernel(jnp.reshape(a, (1, 1, rows, k)), weights, block is not None, bias,
+                (1, 1, rows, n))
     return jnp.reshape(y, (*lead, n))
 
 
@@ -255,15 +250,23 @@ def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
     (top, bottom), (left, right) = padding
     oh = (h + top + bottom - (kh - 1) * dilations[0] - 1) // strides[0] + 1
     ow = (width + left + right - (kw - 1) * dilations[1] - 1) // strides[1] + 1
-    bias = jnp.zeros((out_channels,), jnp.float32) if b is None else jnp.asarray(b, jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32))
     block = weight_block(out_channels)
     w = jnp.asarray(w)
     weights = blocked_weights(w) if block else jnp.transpose(w, (2, 3, 1, 0))
     padded = jnp.pad(jnp.transpose(x, (0, 2, 3, 1)), ((0, 0), (top, bottom), (left, right),
                                                       (0, 0)))
-    y = call(padded, weights, bias,
-             stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-             dilation_h=np.int64(dilations[0]), dilation_w=np.int64(dilations[1]),
-             blocked=block is not None)
+    y = _kernel(padded, weights, block is not None, b, (n, oh, ow, out_channels), strides,
+                dilations)
     return jnp.transpose(y, (0, 3, 1, 2))
+
+
+def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[int, ...],
+            strides: Sequence[int] = (1, 1), dilations: Sequence[int] = (1, 1)) -> jax.Array:
+    """The custom call: padded NHWC ``x``, weights HWIO or blocked, an NHWC result of
+    ``shape``."""
+    bias = (jnp.zeros((shape[-1],), jnp.float32) if bias is None
+            else jnp.asarray(bias, jnp.float32))
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return call(x, weights, bias, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
+                dilation_h=np.int64(dilations[0]), dilation_w=np.int64(dilations[1]),
+                blocked=blocked)
