@@ -59,7 +59,8 @@ struct Shape {
   int64_t oh, ow, o;        // output
   int64_t kh, kw;           // kernel
   int64_t sh, sw, dh, dw;   // strides, dilations
-  int64_t wo;  // weights per (kh, kw, input channel): O in HWIO, B when blocked
+  bool blocked;  // weights [O / B][KH][KW][I][B] rather than HWIO
+  int64_t wo;    // weights per (kh, kw, input channel): O in HWIO, B when blocked
 };
 
 // One tile: RW output pixels of one row from column ow0, NV * kLanes output channels.
@@ -116,7 +117,7 @@ void OutputRow(const Shape& s, const float* x, const float* weights, const float
   const int64_t row_stride = s.w * s.c;
   const float* rows = x + (n * s.h + oh * s.sh) * row_stride;
   float* out = y + ((n * s.oh + oh) * s.ow) * s.o + ob;
-  const float* w = s.wo == s.o ? weights + ob : weights + ob * s.kh * s.kw * s.c;
+  const float* w = s.blocked ? weights + ob * s.kh * s.kw * s.c : weights + ob;
   const float* b = bias + ob;
   switch (width / kLanes) {
     case 4: if constexpr (kMaxVectors >= 4) RowOfTiles<4>(s, rows, row_stride, w, b, out); break;
@@ -175,7 +176,7 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("onnx2jax_conv2d: the output reads past the input");
   auto work = std::make_shared<Work>();
   work->shape = {xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
-                 stride_h, stride_w, dilation_h, dilation_w, blocked ? kBlock : yd[3]};
+                 stride_h, stride_w, dilation_h, dilation_w, blocked, blocked ? kBlock : yd[3]};
   work->x = x.typed_data();
   work->w = w.typed_data();
   work->b = b.typed_data();
@@ -209,7 +210,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Onnx2jaxConv2d, Conv2dImpl,
                                   .Attr<bool>("blocked"));
 
 // The number of float32 lanes the kernel was compiled for: onnx2jax/native.py uses it only
-// with output channels a multiple of this, and only at 8 lanes (AVX2) or more.
+// with output channels a multiple of this, and only at 16 lanes (AVX-512).
 extern "C" int onnx2jax_conv2d_lanes() { return kLanes; }
 
 // B, the output channels of a block of blocked weights.
