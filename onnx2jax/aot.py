@@ -192,7 +192,7 @@ def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
     # of its own.
     params, placed, devices = model._placed(bound, kernels)
     key = f"model:{digest}|{signature_key((model.params, bound))}|{wanted}|"
-    key += str(sorted(options.items())) + ("|native kernels" if kernels else "")
+    key += str(sorted(options.items())) + "".join(f"|native {kind}" for kind in sorted(kernels))
     key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}" if devices else "")
     compiled = cache.compiled(key, lambda: function.lower(params, placed, outputs=wanted),
                               devices or None)

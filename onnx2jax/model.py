@@ -18,6 +18,7 @@ from onnx2jax.convert import Interpreter
 from onnx2jax.cputhreads import pin_xla_workers
 from onnx2jax.devices import place_inputs, replicate, split_devices
 from onnx2jax.errors import DataDependentShapeError, InputError
+from onnx2jax.fusion import fuse_conv_epilogues
 from onnx2jax.graph import (
     GraphPlan,
     TensorInfo,
@@ -100,10 +101,12 @@ class Model:
         # With native kernels, the weights they read (these Conv weights and MatMul matrices)
         # are kept in their blocked layout.
         self._native_weights = _native_weights(self.plan.nodes, self.params)
-        # Native kernels on or off -> (the params prepared from, the prepared params).
-        self._prepared: dict[bool, tuple[dict[str, Any], Params]] = {}
-        # Native kernels on or off -> options -> jitted function (see inference_function).
-        self._inference_jits: dict[bool, dict[tuple, Any]] = {}
+        self._fused_plans: dict[tuple[str, ...], GraphPlan] = {}
+        # The kinds of native kernels used ("conv", "matrix"; none: XLA's) -> (the params
+        # prepared from, the prepared params).
+        self._prepared: dict[frozenset[str], tuple[dict[str, Any], Params]] = {}
+        # Kinds of native kernels -> options -> jitted function (see inference_function).
+        self._inference_jits: dict[frozenset[str], dict[tuple, Any]] = {}
         # Devices -> (prepared params, their copies on those devices) for split batches.
         self._replicated: dict[tuple, tuple[Params, Params]] = {}
         # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
@@ -205,10 +208,11 @@ class Model:
         return {name: _as_output(v) for name, v in zip(runner.wanted, values, strict=True)}
 
     def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
-                     outputs: tuple[str, ...] | None) -> dict[str, Any]:
+                     outputs: tuple[str, ...] | None, fused: bool = False) -> dict[str, Any]:
         wanted = list(outputs) if outputs else self.output_names
         env = self._environment(params, bound, wanted)
-        values = self._interpreter.run(self.plan, env, wanted)
+        plan = self._fused_plan(tuple(wanted)) if fused else self.plan
+        values = self._interpreter.run(plan, env, wanted)
         return {name: _as_output(v) for name, v in zip(wanted, values, strict=True)}
 
     def _environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
@@ -251,9 +255,16 @@ class Model:
         """
         return export.save(self, path, params, external_data=external_data, verify=verify)
 
+    def _fused_plan(self, wanted: tuple[str, ...]) -> GraphPlan:
+        """The plan with Conv epilogues fused (onnx2jax.fusion), keeping ``wanted``."""
+        plan = self._fused_plans.get(wanted)
+        if plan is None:
+            plan = self._fused_plans[wanted] = fuse_conv_epilogues(self.plan, wanted)
+        return plan
+
     def _apply_for_jit(self, params: Mapping[str, Any], bound: Mapping[str, Any],
-                       outputs: tuple[str, ...] | None) -> dict[str, Any]:
-        result = self._apply_bound(params, bound, outputs)
+                       outputs: tuple[str, ...] | None, fused: bool = False) -> dict[str, Any]:
+        result = self._apply_bound(params, bound, outputs, fused)
         for name, value in result.items():
             if _host_only(value):
                 # A jitted function cannot return strings; __call__ reruns outside jit.
@@ -262,9 +273,9 @@ class Model:
                     f"output {name!r} holds {kind} values, which XLA cannot return")
         return result
 
-    def _inference_params(self, kernels: bool = False) -> Params:
+    def _inference_params(self, kernels: frozenset[str] = frozenset()) -> Params:
         """:attr:`params` with Conv weights in the layout ``model(...)``'s program reads (with
-        native ``kernels`` or without); redone for the params that change."""
+        these kinds of native ``kernels``); redone for the params that change."""
         cached = self._prepared.get(kernels)
         if (cached is None or cached[0].keys() != self.params.keys()
                 or any(cached[0][k] is not v for k, v in self.params.items())):
@@ -275,13 +286,15 @@ class Model:
             cached = self._prepared[kernels] = (dict(self.params), prepared)
         return cached[1]
 
-    def _layouts(self, kernels: bool) -> dict[str, tuple[int, ...] | str]:
-        """Weight -> its prepared layout: a permutation of a Conv's OIHW, or (native kernels)
-        "conv" or "matrix", onnx2jax.native's blocked layouts."""
+    def _layouts(self, kernels: frozenset[str]) -> dict[str, tuple[int, ...] | str]:
+        """Weight -> its prepared layout: a permutation of a Conv's OIHW, or (for the kinds of
+        native ``kernels`` used) "conv" or "matrix", onnx2jax.native's blocked layouts."""
         if not kernels:
             return self._weight_layouts
         layouts: dict[str, tuple[int, ...] | str] = dict(self._weight_layouts)
         for name, kind in self._native_weights.items():
+            if kind not in kernels:
+                continue
             columns = np.shape(self.params[name])[0 if kind == "conv" else 1]
             if native.weight_block(int(columns)):
                 layouts[name] = kind
@@ -296,10 +309,10 @@ class Model:
         """
         return split_devices(bound) if input_rows(bound) > FEW_ROWS else []
 
-    def _placed(self, bound: Mapping[str, Any], kernels: bool = False
+    def _placed(self, bound: Mapping[str, Any], kernels: frozenset[str] = frozenset()
                 ) -> tuple[Params, dict[str, Any], list[jax.Device]]:
-        """The params and inputs ``model(...)`` passes to its jitted function (with native
-        ``kernels`` or without), and the devices they are on: one device ([]), or several CPU
+        """The params and inputs ``model(...)`` passes to its jitted function (with these kinds
+        of native ``kernels``), and the devices they are on: one device ([]), or several CPU
         devices splitting the batch (onnx2jax.devices)."""
         params = self._inference_params(kernels)
         devices = self.split_devices(bound)
@@ -311,17 +324,22 @@ class Model:
             cached = self._replicated[tuple(devices)] = (params, copies)
         return cached[1], place_inputs(bound, devices), devices
 
-    def inference_function(self, bound: Mapping[str, Any]) -> tuple[Any, dict[str, Any], bool]:
-        """The jitted function ``model(...)`` uses for these inputs, its XLA options, and
-        whether it calls native kernels (onnx2jax/native.py)."""
+    def inference_function(self, bound: Mapping[str, Any]
+                           ) -> tuple[Any, dict[str, Any], frozenset[str]]:
+        """The jitted function ``model(...)`` uses for these inputs, its XLA options, and the
+        kinds of native kernels it calls (onnx2jax/native.py): "conv", "matrix", or none."""
         options = inference_compiler_options(bound, self.compiler_options, self.precision)
-        # The native convolution measured faster for few rows (ResNet-50 b1: 1.23x onnxruntime
-        # against 1.5-1.9x), not for many (b8: as fast back to back, slower after an idle
-        # spell). It has no gradient or batching rule: inside someone's trace, the convs are
-        # XLA's.
-        kernels = (bool(self._native_weights) and input_rows(bound) <= FEW_ROWS
-                   and native.available()
-                   and not any(isinstance(v, jax.core.Tracer) for v in bound.values()))
+        kernels: frozenset[str] = frozenset()
+        # The kernels have no gradient, batching or sharding rule: inside someone's trace, or
+        # for a batch split over devices, the program is XLA's alone.
+        if (native.available() and not self.split_devices(bound)
+                and not any(isinstance(v, jax.core.Tracer) for v in bound.values())):
+            # Native convolutions with their epilogues fused measured faster at every batch
+            # (paired with onnxruntime: ResNet-50 b1 1.27x against XLA's 1.61x, b8 1.31x
+            # against 1.43x); native matrix products only for few rows (MiniLM and GPT-2 b1).
+            used = set(self._native_weights.values())
+            kernels = frozenset(kind for kind in used
+                                if kind == "conv" or input_rows(bound) <= FEW_ROWS)
         function = jit_with_options(
             self._inference_jits.setdefault(kernels, {}),
             functools.partial(self._apply_prepared, native_kernels=kernels), options,
@@ -329,14 +347,14 @@ class Model:
         return function, options, kernels
 
     def _apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
-                        outputs: tuple[str, ...] | None, native_kernels: bool = False
-                        ) -> dict[str, Any]:
+                        outputs: tuple[str, ...] | None,
+                        native_kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
         with native.kernels(native_kernels):
             return self._apply_for_jit(self._restore_layouts(prepared, native_kernels), bound,
-                                       outputs)
+                                       outputs, fused="conv" in native_kernels)
 
-    def _restore_layouts(self, values: Mapping[str, Any], kernels: bool = False
-                         ) -> dict[str, Any]:
+    def _restore_layouts(self, values: Mapping[str, Any],
+                         kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
         """``values`` with prepared Conv weights back in ONNX's layout (under jit, XLA cancels
         the pair with the preparation)."""
         layouts = self._layouts(kernels)
@@ -434,8 +452,11 @@ def _native_weights(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
                 continue
             weight = params[name]
             kind = None
-            if index == 1 and node.domain in ("", "ai.onnx") and weight.dtype == np.float32:
-                if (node.op_type == "Conv" and weight.ndim == 4
+            conv = ((node.op_type == "Conv" and node.domain in ("", "ai.onnx"))
+                    or (node.op_type == "FusedConv" and node.domain == "com.microsoft"))
+            if index == 1 and weight.dtype == np.float32 and (
+                    conv or node.domain in ("", "ai.onnx")):
+                if (conv and weight.ndim == 4
                         and attributes.get("group", onnx.AttributeProto(i=1)).i == 1):
                     kind = "conv"
                 elif weight.ndim == 2 and (node.op_type == "MatMul" or (

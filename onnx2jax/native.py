@@ -8,10 +8,12 @@ compiled here, once per machine, with the machine's C++ compiler and ``-march=na
 result is cached, see :func:`library_path`), and registered with XLA as the custom call
 ``onnx2jax_conv2d``.
 
-Only the program ``model(...)`` compiles on the CPU for inputs of few rows uses it: 2-D
-float32 Convs of one group, and MatMul and Gemm by a float32 weight matrix. Many rows keep
-XLA's kernels (measured no faster there), as do :meth:`Model.apply` (so gradients, ``vmap`` and
-other backends are unaffected) and :func:`onnx2jax.aot.export_model` artifacts.
+Only the program ``model(...)`` compiles on the CPU uses it: for 2-D float32 Convs of one
+group, with a residual Add and a ReLU after them fused in (onnx2jax/fusion.py), and, for inputs
+of few rows, for MatMul and Gemm by a float32 weight matrix (many rows keep XLA's dots,
+measured faster there). :meth:`Model.apply` (so gradients, ``vmap`` and other backends are
+unaffected), a batch split over devices and :func:`onnx2jax.aot.export_model` artifacts keep
+XLA's kernels.
 Without a compiler, on a CPU without AVX-512, or with ``ONNX2JAX_NATIVE=0``, XLA's kernels are
 used; :func:`status` says which and why.
 """
@@ -28,7 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,20 +155,26 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and enabled_by_env() and "lanes" in status()
 
 
+KINDS = ("conv", "matrix")  # 2-D Convs; MatMul and Gemm by a weight matrix
+
+
 @contextlib.contextmanager
-def kernels(enabled: bool) -> Iterator[None]:
-    """Ops traced inside use the native kernels where they apply (see :func:`active`)."""
-    before = getattr(_active, "on", False)
-    _active.on = enabled
+def kernels(kinds: Collection[str]) -> Iterator[None]:
+    """Ops traced inside use these kinds of native kernels where they apply (:func:`active`)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown kinds of native kernels {sorted(unknown)}; known: {KINDS}")
+    before = getattr(_active, "kinds", frozenset())
+    _active.kinds = frozenset(kinds)
     try:
         yield
     finally:
-        _active.on = before
+        _active.kinds = before
 
 
-def active() -> bool:
-    """Whether the trace in progress is ``model(...)``'s with native kernels."""
-    return getattr(_active, "on", False)
+def active(kind: str) -> bool:
+    """Whether the trace in progress is ``model(...)``'s with native kernels of this kind."""
+    return kind in getattr(_active, "kinds", frozenset())
 
 
 def weight_block(out_channels: int) -> int | None:
@@ -211,6 +219,26 @@ def conv2d_applies(x: Any, w: Any, group: int) -> bool:
             and np.shape(w)[0] % lanes == 0)
 
 
+def conv2d_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
+                 padding: Sequence[tuple[int, int]], dilations: Sequence[int]
+                 ) -> tuple[int, int, int, int]:
+    """The NCHW shape of a 2-D Conv's output."""
+    n, _, h, width = x_shape
+    out_channels, _, kh, kw = w_shape
+    (top, bottom), (left, right) = padding
+    oh = (h + top + bottom - (kh - 1) * dilations[0] - 1) // strides[0] + 1
+    ow = (width + left + right - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    return n, out_channels, oh, ow
+
+
+def addend_applies(addend: Any | None, shape: Sequence[int]) -> bool:
+    """Whether the kernel can add ``addend`` to its result of ``shape``: none, or float32
+    and broadcasting to that shape."""
+    return addend is None or (
+        getattr(addend, "dtype", None) == np.float32
+        and np.broadcast_shapes(np.shape(addend), tuple(shape)) == tuple(shape))
+
+
 def matmul_applies(a: Any, b: Any) -> bool:
     """Whether :func:`matmul` computes ``a @ b``: float32, ``b`` a matrix of a multiple of the
     vector width columns, ``a`` of at least 2 dimensions."""
@@ -238,35 +266,43 @@ def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
 
 
 def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
-           padding: Sequence[tuple[int, int]], dilations: Sequence[int]) -> jax.Array:
-    """ONNX Conv (NCHW input, OIHW weights, optional bias) by the native kernel.
+           padding: Sequence[tuple[int, int]], dilations: Sequence[int], *,
+           residual: Any | None = None, relu: bool = False) -> jax.Array:
+    """ONNX Conv (NCHW input, OIHW weights, optional bias) by the native kernel, optionally
+    followed by ``+ residual`` (the output's shape) and a ReLU, in the kernel's registers.
 
     The kernel reads NHWC and blocked (or HWIO) weights: the transposes here cancel against
     XLA's layout of the neighbouring ops and the weights ``model(...)`` keeps in that layout
     (:func:`weight_block`).
     """
-    n, _, h, width = np.shape(x)
-    out_channels, _, kh, kw = np.shape(w)
-    (top, bottom), (left, right) = padding
-    oh = (h + top + bottom - (kh - 1) * dilations[0] - 1) // strides[0] + 1
-    ow = (width + left + right - (kw - 1) * dilations[1] - 1) // strides[1] + 1
+    n, out_channels, oh, ow = conv2d_shape(np.shape(x), np.shape(w), strides, padding,
+                                           dilations)
+    (top, _), (left, _) = padding
     block = weight_block(out_channels)
     w = jnp.asarray(w)
     weights = blocked_weights(w) if block else jnp.transpose(w, (2, 3, 1, 0))
-    padded = jnp.pad(jnp.transpose(x, (0, 2, 3, 1)), ((0, 0), (top, bottom), (left, right),
-                                                      (0, 0)))
-    y = _kernel(padded, weights, block is not None, b, (n, oh, ow, out_channels), strides,
-                dilations)
+    if residual is not None:
+        residual = jnp.transpose(jnp.broadcast_to(residual, (n, out_channels, oh, ow)),
+                                 (0, 2, 3, 1))
+    y = _kernel(jnp.transpose(x, (0, 2, 3, 1)), weights, block is not None, b,
+                (n, oh, ow, out_channels), strides, dilations, (top, left), residual, relu)
     return jnp.transpose(y, (0, 3, 1, 2))
 
 
 def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[int, ...],
-            strides: Sequence[int] = (1, 1), dilations: Sequence[int] = (1, 1)) -> jax.Array:
-    """The custom call: padded NHWC ``x``, weights HWIO or blocked, an NHWC result of
-    ``shape``."""
+            strides: Sequence[int] = (1, 1), dilations: Sequence[int] = (1, 1),
+            pads: Sequence[int] = (0, 0), residual: Any | None = None, relu: bool = False
+            ) -> jax.Array:
+    """The custom call: NHWC ``x`` (``pads`` = zero rows above it, zero columns left of it),
+    weights HWIO or blocked, an NHWC result of ``shape``, plus ``residual`` (NHWC) and a ReLU
+    if asked."""
     bias = (jnp.zeros((shape[-1],), jnp.float32) if bias is None
             else jnp.asarray(bias, jnp.float32))
+    addend = (jnp.zeros((0,), jnp.float32) if residual is None
+              else jnp.asarray(residual, jnp.float32))
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
-    return call(x, weights, bias, stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]),
-                dilation_h=np.int64(dilations[0]), dilation_w=np.int64(dilations[1]),
-                blocked=blocked)
+    return call(x, weights, bias, addend, stride_h=np.int64(strides[0]),
+                stride_w=np.int64(strides[1]), dilation_h=np.int64(dilations[0]),
+                dilation_w=np.int64(dilations[1]), pad_h=np.int64(pads[0]),
+                pad_w=np.int64(pads[1]), blocked=blocked, relu=relu,
+                add_residual=residual is not None)

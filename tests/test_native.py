@@ -94,15 +94,13 @@ def test_example_cnn_uses_the_kernel_and_follows_param_changes():
 
 
 @needs_kernels
-def test_kernels_are_off_for_many_rows_under_vmap_and_by_environment(monkeypatch):
+def test_kernels_are_off_under_vmap_and_by_environment(monkeypatch):
     model = onnx2jax.load(onnx2jax.example_path())
     images = f32(3, 1, 8, 8)
     want = np.asarray(model(images)["logits"])
     # Under the user's vmap the convolutions are XLA's (the kernel has no batching rule).
     batched = jax.vmap(lambda x: model(x[None])["logits"][0])(images)
     np.testing.assert_allclose(np.asarray(batched), want, rtol=1e-5, atol=1e-5)
-    # Many rows keep XLA's convolutions (the kernel measured no faster there).
-    assert "onnx2jax_conv2d" not in _compiled_text(model, {"image": f32(200, 1, 8, 8)})
     monkeypatch.setenv("ONNX2JAX_NATIVE", "0")
     assert "onnx2jax_conv2d" not in _compiled_text(model, {"image": images})
     np.testing.assert_allclose(np.asarray(model(images)["logits"]), want, rtol=1e-5, atol=1e-5)
@@ -234,6 +232,91 @@ def test_matrix_products_run_the_kernel_and_match_onnxruntime(gemm, attributes, 
     model.params["w"] = model.params["w"] * 2.0
     np.testing.assert_allclose(np.asarray(model(x)["y"]),
                                np.asarray(jax.jit(model.apply)(model.params, x)["y"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_many_rows_keep_native_convolutions_and_xla_matrix_products():
+    cnn = onnx2jax.load(onnx2jax.example_path())
+    images = f32(200, 1, 8, 8)
+    assert "onnx2jax_conv2d" in _compiled_text(cnn, {"image": images})
+    np.testing.assert_allclose(np.asarray(cnn(images)["logits"]),
+                               np.asarray(jax.jit(cnn.apply)(cnn.params, images)["logits"]),
+                               rtol=1e-5, atol=1e-5)
+    proto, _ = _matmul_model(False)
+    for dim, name in zip(proto.graph.input[0].type.tensor_type.shape.dim, "bs", strict=False):
+        dim.dim_param = name
+    product = onnx2jax.load(proto)
+    rows = f32(40, 50, 24)  # 2,000 rows: XLA's dots measured faster there
+    assert "onnx2jax_conv2d" not in _compiled_text(product, {"x": rows})
+    # ... and so its weight keeps XLA's layout in that program.
+    bound = product.bind_inputs((), {"x": rows})
+    _, _, kernels = product.inference_function(bound)
+    assert kernels == frozenset() and product._inference_params(kernels)["w"].shape == (24, 128)
+
+
+def _resnet_block(x_shape=(2, 16, 9, 9), channels=64, outputs=("y",)):
+    """A ResNet bottleneck with a projection shortcut: Conv -> Relu -> Conv (3x3) -> Relu ->
+    Conv, plus Conv(x), Add, Relu."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = x_shape[1]
+    weights = {"w1": f32(channels, c, 1, 1), "b1": f32(channels),
+               "w2": f32(channels, channels, 3, 3) / 8, "b2": f32(channels),
+               "w3": f32(channels, channels, 1, 1) / 8, "b3": f32(channels),
+               "ws": f32(channels, c, 1, 1), "bs": f32(channels)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"]),
+             helper.make_node("Conv", ["x", "ws", "bs"], ["shortcut"]),
+             helper.make_node("Add", ["c3", "shortcut"], ["sum"]),
+             helper.make_node("Relu", ["sum"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv_epilogues_fuse_where_nothing_else_reads_the_intermediates():
+    from onnx2jax.fusion import fuse_conv_epilogues
+
+    model = onnx2jax.load(_resnet_block())
+    fused = fuse_conv_epilogues(model.plan)
+    assert [n.op_type for n in fused.nodes] == ["FusedConv", "FusedConv", "Conv", "FusedConv"]
+    last = fused.nodes[-1]
+    assert list(last.input) == ["r2", "w3", "b3", "shortcut"] and list(last.output) == ["y"]
+    assert [a.s for a in last.attribute if a.name == "activation"] == [b"Relu"]
+    # A tensor asked for by name, or a graph output, stays.
+    kept = fuse_conv_epilogues(model.plan, keep=("c2", "sum"))
+    assert [n.op_type for n in kept.nodes] == ["FusedConv", "Conv", "Relu", "Conv", "FusedConv",
+                                               "Relu"]
+    assert list(kept.nodes[4].output) == ["sum"] and not kept.nodes[4].attribute
+    assert fuse_conv_epilogues(onnx2jax.load(_resnet_block(outputs=("y", "c1"))).plan
+                               ).nodes[0].op_type == "Conv"
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_shape", [(2, 16, 9, 9), (1, 8, 7, 20)])
+def test_fused_resnet_block_matches_onnxruntime(x_shape):
+    import onnxruntime
+
+    proto = _resnet_block(x_shape)
+    model = onnx2jax.load(proto)
+    x = f32(*x_shape)
+    compiled = _compiled_text(model, {"x": x})
+    assert compiled.count("onnx2jax_conv2d") == 4 and "relu = true" in compiled
+    assert "maximum" not in compiled  # every ReLU in a kernel
+    (want,) = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), want, rtol=1e-5, atol=1e-5)
+    # An intermediate asked for by name comes out right, and so does the rest.
+    got = model(x, outputs=["c2", "y"])
+    np.testing.assert_allclose(np.asarray(got["y"]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["c2"]),
+                               np.asarray(model.apply(model.params, x, outputs=["c2"])["c2"]),
                                rtol=1e-5, atol=1e-5)
 
 

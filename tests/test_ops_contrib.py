@@ -97,3 +97,28 @@ def test_unsupported_attention_past_is_a_clear_error():
     model.graph.node[0].output.append("present")
     with pytest.raises(OpError, match="past"):
         run_onnx2jax(model, {k: v for k, v in feeds.items() if v is not None})
+
+
+@pytest.mark.parametrize("activation, params", [
+    ("", None), ("Relu", None), ("Tanh", None), ("Sigmoid", None), ("LeakyRelu", [0.2]),
+    ("Clip", [-0.5, 0.7]), ("HardSigmoid", [0.3, 0.4])])
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_fused_conv(activation, params, with_sum):
+    # Weights of 64 output channels: model(...) runs the native kernel where this CPU has one.
+    feeds = {"x": _f32(2, 5, 9, 9), "w": _f32(64, 5, 3, 3), "b": _f32(64)}
+    if with_sum:
+        feeds["z"] = _f32(2, 64, 5, 5)
+    attrs = {"activation": activation} if activation else {}
+    if params:
+        attrs["activation_params"] = params
+    weights = {"w": feeds.pop("w"), "b": feeds.pop("b")}
+    model = single_node_model("FusedConv", {"x": feeds["x"], **weights, **feeds}, ("y",),
+                              opset=17, domain=MS, initializers=weights, strides=[2, 2],
+                              pads=[1, 1, 1, 1], **attrs)
+    assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_conv_rejects_an_unknown_activation():
+    feeds = {"x": _f32(1, 2, 4, 4), "w": _f32(4, 2, 1, 1)}
+    with pytest.raises(OpError, match="activation 'Gelu'"):
+        run_onnx2jax(_ms_model("FusedConv", feeds, activation="Gelu"), feeds)

@@ -5,7 +5,11 @@
 // output channels in registers and, for every (kh, kw, input channel), broadcasts one input
 // value per pixel against NV weight vectors: NV fused multiply-adds per input value loaded.
 //
-// Layouts: input NHWC (padded), output NHWC, bias O; weights HWIO, or blocked: [O / B][KH][KW]
+// The bias, and optionally a residual addend and a ReLU, are applied to the tile in registers:
+// as separate XLA ops they read and wrote ResNet-50's activations again (b8: about 90 ms of
+// its 240). So is the padding: no padded copy of the input is made.
+//
+// Layouts: input NHWC, output NHWC, bias O; weights HWIO, or blocked: [O / B][KH][KW]
 // [I][B] for B = kMaxVectors * kLanes output channels, so that a tile reads its weights as one
 // stream (HWIO strides them O floats apart: 1.2-1.3x slower at O = 512 with weights not in
 // cache). Compiled on the machine that runs it (-march=native), so the vector width is the
@@ -17,6 +21,8 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -59,71 +65,95 @@ struct Shape {
   int64_t oh, ow, o;        // output
   int64_t kh, kw;           // kernel
   int64_t sh, sw, dh, dw;   // strides, dilations
+  int64_t pad_h, pad_w;     // zero rows above the input, zero columns left of it
   bool blocked;  // weights [O / B][KH][KW][I][B] rather than HWIO
   int64_t wo;    // weights per (kh, kw, input channel): O in HWIO, B when blocked
+  bool relu;     // max(0, .) after the bias (and the residual)
 };
 
-// One tile: RW output pixels of one row from column ow0, NV * kLanes output channels.
-// `rows` points at the first input row that the output row reads.
+// One tile: RW output pixels of output row `oh` from column ow0, NV * kLanes output channels.
+// Padding is not stored: kernel rows above or below the input are skipped, and a pixel whose
+// kernel column falls outside reads `zeros` (c floats) instead. `residual`, when given, is
+// added before the ReLU, at the same offsets as `out`.
 template <int RW, int NV>
-inline void Tile(const Shape& s, const float* rows, int64_t row_stride, int64_t ow0,
-                 const float* weights, const float* bias, float* out) {
+inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t oh,
+                 int64_t ow0, const float* weights, const float* bias, const float* residual,
+                 float* out) {
   Vec acc[RW][NV];
   for (int v = 0; v < NV; ++v) {
     Vec b = Load(bias + v * kLanes);
     for (int r = 0; r < RW; ++r) acc[r][v] = b;
   }
-  const int64_t pixel_step = s.sw * s.c;
-  for (int64_t i = 0; i < s.kh; ++i) {
+  const int64_t top = oh * s.sh - s.pad_h, left = ow0 * s.sw - s.pad_w;
+  const int64_t first = top >= 0 ? 0 : (s.dh - 1 - top) / s.dh;
+  const int64_t last = top >= s.h ? 0 : std::min(s.kh, (s.h - top + s.dh - 1) / s.dh);
+  for (int64_t i = first; i < last; ++i) {
+    const float* row = image + (top + i * s.dh) * s.w * s.c;
     for (int64_t j = 0; j < s.kw; ++j) {
-      const float* in = rows + i * s.dh * row_stride + (ow0 * s.sw + j * s.dw) * s.c;
+      const float* pixel[RW];
+      for (int r = 0; r < RW; ++r) {
+        const int64_t column = left + r * s.sw + j * s.dw;
+        pixel[r] = column >= 0 && column < s.w ? row + column * s.c : zeros;
+      }
       const float* w = weights + (i * s.kw + j) * s.c * s.wo;
       for (int64_t c = 0; c < s.c; ++c) {
         Vec wv[NV];
         for (int v = 0; v < NV; ++v) wv[v] = Load(w + c * s.wo + v * kLanes);
         for (int r = 0; r < RW; ++r) {
-          const float x = in[r * pixel_step + c];
+          const float x = pixel[r][c];
           for (int v = 0; v < NV; ++v) acc[r][v] += x * wv[v];
         }
       }
     }
+  }
+  if (residual)
+    for (int r = 0; r < RW; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += Load(residual + r * s.o + v * kLanes);
+  if (s.relu) {
+    const Vec zero = {};
+    for (int r = 0; r < RW; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] > zero ? acc[r][v] : zero;
   }
   for (int r = 0; r < RW; ++r)
     for (int v = 0; v < NV; ++v) Store(out + r * s.o + v * kLanes, acc[r][v]);
 }
 
 template <int NV>
-void RowOfTiles(const Shape& s, const float* rows, int64_t row_stride, const float* weights,
-                const float* bias, float* out) {
+void RowOfTiles(const Shape& s, const float* image, const float* zeros, int64_t oh,
+                const float* weights, const float* bias, const float* residual, float* out) {
   int64_t ow = 0;
+  auto at = [&](int64_t column) { return residual ? residual + column * s.o : nullptr; };
   for (; ow + kTileWidth <= s.ow; ow += kTileWidth)
-    Tile<kTileWidth, NV>(s, rows, row_stride, ow, weights, bias, out + ow * s.o);
-  float* rest = out + ow * s.o;
+    Tile<kTileWidth, NV>(s, image, zeros, oh, ow, weights, bias, at(ow), out + ow * s.o);
+  // The row's last RW < kTileWidth pixels.
+  auto rest = [&](auto rw) {
+    Tile<decltype(rw)::value, NV>(s, image, zeros, oh, ow, weights, bias, at(ow), out + ow * s.o);
+  };
   switch (s.ow - ow) {
-    case 6: if constexpr (kTileWidth > 6) Tile<6, NV>(s, rows, row_stride, ow, weights, bias, rest); break;
-    case 5: Tile<5, NV>(s, rows, row_stride, ow, weights, bias, rest); break;
-    case 4: Tile<4, NV>(s, rows, row_stride, ow, weights, bias, rest); break;
-    case 3: Tile<3, NV>(s, rows, row_stride, ow, weights, bias, rest); break;
-    case 2: Tile<2, NV>(s, rows, row_stride, ow, weights, bias, rest); break;
-    case 1: Tile<1, NV>(s, rows, row_stride, ow, weights, bias, rest); break;
+    case 6: if constexpr (kTileWidth > 6) rest(std::integral_constant<int, 6>{}); break;
+    case 5: rest(std::integral_constant<int, 5>{}); break;
+    case 4: rest(std::integral_constant<int, 4>{}); break;
+    case 3: rest(std::integral_constant<int, 3>{}); break;
+    case 2: rest(std::integral_constant<int, 2>{}); break;
+    case 1: rest(std::integral_constant<int, 1>{}); break;
     default: break;
   }
 }
 
-// Output row `oh` of image `n`, channels [ob, ob + width). The input is padded already (by
-// XLA, which fuses the padding into the op that produces it): every read is inside it.
-void OutputRow(const Shape& s, const float* x, const float* weights, const float* bias, float* y,
-               int64_t n, int64_t oh, int64_t ob, int64_t width) {
-  const int64_t row_stride = s.w * s.c;
-  const float* rows = x + (n * s.h + oh * s.sh) * row_stride;
-  float* out = y + ((n * s.oh + oh) * s.ow) * s.o + ob;
+// Output row `oh` of image `n`, channels [ob, ob + width).
+void OutputRow(const Shape& s, const float* x, const float* zeros, const float* weights,
+               const float* bias, const float* residual, float* y, int64_t n, int64_t oh,
+               int64_t ob, int64_t width) {
+  const float* image = x + n * s.h * s.w * s.c;
+  const int64_t offset = ((n * s.oh + oh) * s.ow) * s.o + ob;
+  const float* r = residual ? residual + offset : nullptr;
   const float* w = s.blocked ? weights + ob * s.kh * s.kw * s.c : weights + ob;
   const float* b = bias + ob;
   switch (width / kLanes) {
-    case 4: if constexpr (kMaxVectors >= 4) RowOfTiles<4>(s, rows, row_stride, w, b, out); break;
-    case 3: if constexpr (kMaxVectors >= 3) RowOfTiles<3>(s, rows, row_stride, w, b, out); break;
-    case 2: RowOfTiles<2>(s, rows, row_stride, w, b, out); break;
-    default: RowOfTiles<1>(s, rows, row_stride, w, b, out); break;
+    case 4: if constexpr (kMaxVectors >= 4) RowOfTiles<4>(s, image, zeros, oh, w, b, r, y + offset); break;
+    case 3: if constexpr (kMaxVectors >= 3) RowOfTiles<3>(s, image, zeros, oh, w, b, r, y + offset); break;
+    case 2: RowOfTiles<2>(s, image, zeros, oh, w, b, r, y + offset); break;
+    default: RowOfTiles<1>(s, image, zeros, oh, w, b, r, y + offset); break;
   }
 }
 
@@ -133,9 +163,10 @@ void OutputRow(const Shape& s, const float* x, const float* weights, const float
 // thread is itself busy in such a call).
 struct Work {
   Shape shape;
-  const float *x, *w, *b;
+  const float *x, *w, *b, *residual;  // residual: null, or an output-shaped addend
   float* y;
-  int64_t items, claim;  // items claimed at a time
+  std::vector<float> zeros;           // what a pixel in the padding reads: c floats
+  int64_t items, claim;               // items claimed at a time
   std::atomic<int64_t> next{0}, done{0};
 
   void Run() {
@@ -146,7 +177,7 @@ struct Work {
       for (int64_t item = first; item < last; ++item) {
         // Consecutive items share a channel block: its weights stay in cache.
         const int64_t ob = (item / rows) * block, row = item % rows;
-        OutputRow(shape, x, w, b, y, row / shape.oh, row % shape.oh, ob,
+        OutputRow(shape, x, zeros.data(), w, b, residual, y, row / shape.oh, row % shape.oh, ob,
                   std::min(block, shape.o - ob));
       }
       done.fetch_add(last - first);
@@ -154,10 +185,13 @@ struct Work {
   }
 };
 
+// y = relu?(conv(x, w) + b + residual?), x NHWC unpadded: the padding above and left is
+// given, below and right it is what the output's size implies.
 ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
-                      int64_t stride_h, int64_t stride_w, int64_t dilation_h,
-                      int64_t dilation_w, bool blocked) {
+                      ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> residual,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t stride_h, int64_t stride_w,
+                      int64_t dilation_h, int64_t dilation_w, int64_t pad_h, int64_t pad_w,
+                      bool blocked, bool relu, bool add_residual) {
   constexpr int64_t kBlock = kMaxVectors * kLanes;
   auto xd = x.dimensions(), yd = y->dimensions(), given = w.dimensions();
   if (given.size() != (blocked ? 5 : 4))
@@ -168,19 +202,20 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if ((blocked && given[4] != kBlock) || xd.size() != 4 || yd.size() != 4 || wd[2] != xd[3] ||
       yd[3] != wd[3] || yd[0] != xd[0] || b.dimensions().size() != 1 ||
       b.dimensions()[0] != wd[3] || wd[3] % kLanes != 0 || stride_h < 1 || stride_w < 1 ||
-      dilation_h < 1 || dilation_w < 1)
+      dilation_h < 1 || dilation_w < 1 || pad_h < 0 || pad_w < 0 ||
+      (add_residual && !std::equal(yd.begin(), yd.end(), residual.dimensions().begin(),
+                                   residual.dimensions().end())))
     return ffi::Error::InvalidArgument("onnx2jax_conv2d: inconsistent shapes");
-  if (yd[1] > 0 && yd[2] > 0 &&
-      ((yd[1] - 1) * stride_h + (wd[0] - 1) * dilation_h >= xd[1] ||
-       (yd[2] - 1) * stride_w + (wd[1] - 1) * dilation_w >= xd[2]))
-    return ffi::Error::InvalidArgument("onnx2jax_conv2d: the output reads past the input");
   auto work = std::make_shared<Work>();
   work->shape = {xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
-                 stride_h, stride_w, dilation_h, dilation_w, blocked, blocked ? kBlock : yd[3]};
+                 stride_h, stride_w, dilation_h, dilation_w, pad_h, pad_w,
+                 blocked, blocked ? kBlock : yd[3], relu};
   work->x = x.typed_data();
   work->w = w.typed_data();
   work->b = b.typed_data();
+  work->residual = add_residual ? residual.typed_data() : nullptr;
   work->y = y->typed_data();
+  work->zeros.assign(xd[3], 0.0f);
   const int64_t blocks = (yd[3] + kBlock - 1) / kBlock;
   work->items = blocks * xd[0] * yd[1];
   // With blocks enough to share evenly, a thread claims all rows of a block: that block's
@@ -202,12 +237,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Onnx2jaxConv2d, Conv2dImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
                                   .Attr<int64_t>("dilation_h")
                                   .Attr<int64_t>("dilation_w")
-                                  .Attr<bool>("blocked"));
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<bool>("blocked")
+                                  .Attr<bool>("relu")
+                                  .Attr<bool>("add_residual"));
 
 // The number of float32 lanes the kernel was compiled for: onnx2jax/native.py uses it only
 // with output channels a multiple of this, and only at 16 lanes (AVX-512).

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onnx2jax.ops.math import softmax_over
+from onnx2jax.ops.nn import convolve
 from onnx2jax.ops.registry import register
 
 MS = "com.microsoft"
@@ -63,6 +64,34 @@ def fused_matmul(ctx, a, b):
     out = xp.matmul(a, b)
     alpha = ctx.attr("alpha", 1.0)
     return out if alpha == 1.0 else (out * alpha).astype(out.dtype)
+
+
+# FusedConv's activations, from their activation_params (onnxruntime's fused_activation.cc).
+_CONV_ACTIVATIONS = {
+    "Tanh": lambda y, params: jnp.tanh(y),
+    "Sigmoid": lambda y, params: jax.nn.sigmoid(y),
+    "LeakyRelu": lambda y, params: jnp.where(y >= 0, y, y * params[0]),
+    "Clip": lambda y, params: jnp.clip(y, params[0], params[1]),
+    "HardSigmoid": lambda y, params: jnp.clip(params[0] * y + params[1], 0, 1),
+}
+_CONV_ACTIVATION_PARAMS = {"LeakyRelu": 1, "Clip": 2, "HardSigmoid": 2}
+
+
+@register("FusedConv", 1, domain=MS)
+def fused_conv(ctx, x, w, b=None, z=None):
+    """activation(Conv(x, w, b) + z): onnxruntime's fusion, and onnx2jax's own for the native
+    kernels (onnx2jax/fusion.py)."""
+    activation = ctx.attr("activation", "")
+    params = list(ctx.attr("activation_params", []))
+    if activation in ("", "Relu"):
+        return convolve(ctx, x, w, b, residual=z, relu=activation == "Relu")
+    if activation not in _CONV_ACTIVATIONS:
+        raise ctx.error(f"activation {activation!r} is not one of Relu, "
+                        f"{', '.join(_CONV_ACTIVATIONS)}")
+    if len(params) < _CONV_ACTIVATION_PARAMS.get(activation, 0):
+        raise ctx.error(f"activation {activation} needs {_CONV_ACTIVATION_PARAMS[activation]} "
+                        f"activation_params, got {params}")
+    return _CONV_ACTIVATIONS[activation](convolve(ctx, x, w, b, residual=z), params)
 
 
 def _layer_norm(x, gamma, beta, epsilon, simplified):

@@ -21,7 +21,7 @@ def matmul(ctx, a, b):
     # times a 2-D weight is one dot_general), so XLA sees a single fused GEMM.
     (a, b), accumulate = product_operands(ctx, a, b)
     if accumulate is None:
-        if native.active() and not is_static(a) and native.matmul_applies(a, b):
+        if native.active("matrix") and not is_static(a) and native.matmul_applies(a, b):
             return native.matmul(a, b)
         return ctx.xp(a, b).matmul(a, b)
     return jnp.matmul(a, b, preferred_element_type=accumulate)
@@ -53,7 +53,7 @@ def gemm(ctx, a, b, c=None):
     alpha = ctx.attr("alpha", 1.0)
     beta = ctx.attr("beta", 1.0)
     transposed = ctx.attr("transA", 0) or ctx.attr("transB", 0)
-    if (accumulate is None and native.active() and not transposed and alpha == 1.0
+    if (accumulate is None and native.active("matrix") and not transposed and alpha == 1.0
             and not is_static(a) and native.matmul_applies(a, b)):
         columns = np.shape(b)[1]
         row_bias = c is not None and beta == 1.0 and np.shape(c) in ((columns,), (1, columns))

@@ -74,6 +74,12 @@ def _bias_shape(b, rank):
 @register("Conv", 11)
 @register("Conv", 22)
 def conv(ctx, x, w, b=None):
+    return convolve(ctx, x, w, b)
+
+
+def convolve(ctx, x, w, b=None, residual=None, relu=False):
+    """The node's Conv of ``x`` by ``w`` (+ ``b``), then ``+ residual`` and a ReLU if asked
+    (com.microsoft FusedConv): one native kernel call where it applies (onnx2jax/native.py)."""
     rank = np.ndim(x) - 2
     if rank < 1:
         raise ctx.error(f"Conv needs an input of rank 3 or more, got shape {np.shape(x)}")
@@ -85,14 +91,19 @@ def conv(ctx, x, w, b=None):
     if np.shape(x)[1] != np.shape(w)[1] * group:
         raise ctx.error(f"input channels {np.shape(x)[1]} != weight channels "
                         f"{np.shape(w)[1]} x group {group}")
-    if native.active() and native.conv2d_applies(x, w, group):
-        return native.conv2d(x, w, b, strides, padding, dilations)
+    if (native.active("conv") and native.conv2d_applies(x, w, group)
+            and native.addend_applies(residual, native.conv2d_shape(
+                np.shape(x), np.shape(w), strides, padding, dilations))):
+        return native.conv2d(x, w, b, strides, padding, dilations, residual=residual,
+                             relu=relu)
     y = lax.conv_general_dilated(
         jnp.asarray(x), jnp.asarray(w).astype(x.dtype), window_strides=strides, padding=padding,
         rhs_dilation=dilations, dimension_numbers=_conv_layout(rank), feature_group_count=group)
     if b is not None:
         y = y + _bias_shape(b, rank).astype(y.dtype)
-    return y
+    if residual is not None:
+        y = y + residual
+    return jax.nn.relu(y) if relu else y
 
 
 @register("ConvTranspose", 1)
