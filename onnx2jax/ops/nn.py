@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -239,6 +241,10 @@ def deform_conv(ctx, x, w, offset, b=None, mask=None):
     return y
 
 
+# Windows of at most this many positions are reduced as strided slices (_PoolGeometry._sliced).
+SLICED_WINDOW = 27
+
+
 class _PoolGeometry:
     """Output size and explicit padding of a pooling window over the spatial axes."""
 
@@ -293,12 +299,29 @@ class _PoolGeometry:
             config.append((self.begin[i], needed - n - self.begin[i], 0))
         config.append((0, 0, 0))
         y = lax.pad(y, jnp.asarray(pad_value, x.dtype), config)
-        # A NumPy init value stays concrete under jit, so JAX picks its differentiable
-        # max/add window reducers rather than the generic, non-differentiable one.
-        y = lax.reduce_window(
-            y, np.asarray(init, x.dtype), computation, (1, *self.kernel, 1),
-            (1, *self.strides, 1), "VALID", window_dilation=(1, *self.dilations, 1))
+        if 0 < np.prod(self.kernel) <= SLICED_WINDOW and all(self.out):
+            y = self._sliced(y, computation)
+        else:
+            # A NumPy init value stays concrete under jit, so JAX picks its differentiable
+            # max/add window reducers rather than the generic, non-differentiable one.
+            y = lax.reduce_window(
+                y, np.asarray(init, x.dtype), computation, (1, *self.kernel, 1),
+                (1, *self.strides, 1), "VALID", window_dilation=(1, *self.dilations, 1))
         return jnp.transpose(y, np.argsort(to_last))
+
+    def _sliced(self, y, computation):
+        """The windows of padded channels-last ``y`` reduced as one strided slice per window
+        position: XLA:CPU fuses them into one loop, 4-5x faster than its reduce-window
+        (ResNet-50's 3x3/2 MaxPool at b8: 11.5-12.2 ms -> 2.4-3.4)."""
+        result = None
+        for offsets in itertools.product(*(range(k) for k in self.kernel)):
+            start = [o * d for o, d in zip(offsets, self.dilations, strict=True)]
+            limit = [begin + (n - 1) * s + 1
+                     for begin, n, s in zip(start, self.out, self.strides, strict=True)]
+            piece = lax.slice(y, (0, *start, 0), (y.shape[0], *limit, y.shape[-1]),
+                              (1, *self.strides, 1))
+            result = piece if result is None else computation(result, piece)
+        return result
 
     def counts(self, include_pad):
         """How many positions of each window count as elements (static, shape (1, 1, *out))."""
