@@ -91,6 +91,18 @@ def busy_processes() -> int:
                if "pytest" in line and "benchmarks" not in line)
 
 
+def cpu_steal_s() -> float | None:
+    """CPU time this virtual machine's CPUs waited for the hypervisor since boot, in seconds
+    (``/proc/stat``), or None where it is not reported. Other guests' load shows up here: it
+    slows both engines, unevenly."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def wait_until_quiet(limit_s: float, log: Callable[[str], None] = print) -> int:
     """Wait up to ``limit_s`` seconds for other pytest processes to end; return how many remain."""
     deadline = time.monotonic() + limit_s
@@ -214,9 +226,15 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         feeds = case.feeds()
         log(f"{case.name}: timing {runs} interleaved runs ...")
         before = wait_until_quiet(quiet_wait, log) if quiet_wait else busy_processes()
+        steal, start = cpu_steal_s(), time.monotonic()
         result = run_case_in_child(path, feeds, case.items, runs, warmup, precision, env)
+        stolen = cpu_steal_s()
         result.update(model=case.model, items=case.items, unit=case.unit,
                       busy_pytest_processes=max(before, busy_processes()))
+        if steal is not None and stolen is not None:
+            cpus = os.cpu_count() or 1
+            result["steal_percent"] = 100 * (stolen - steal) / (
+                (time.monotonic() - start) * cpus)
         if memory:
             for engine in ("onnx2jax", "onnxruntime"):
                 result[engine]["memory"] = peak_memory(engine, path, feeds, env=env)
@@ -311,6 +329,10 @@ def table(document: dict[str, Any]) -> str:
                                          if not busy else
                                          f"Other test processes were running (up to {busy}): "
                                          "figures are noisy."))
+    steals = [c["steal_percent"] for c in document["cases"].values() if "steal_percent" in c]
+    if steals:
+        text += (f" The hypervisor took {min(steals):.1f}-{max(steals):.1f}% of the CPUs' time "
+                 "during the cases (steal time: other guests' load, which makes figures noisy).")
     return text
 
 

@@ -46,6 +46,8 @@ def test_harness_quick_run_writes_every_field(tmp_path):
     assert case["max_abs_error"] < 1e-4 and case["max_rel_error"] < 1e-4
     assert case["inputs"]["image"]["shape"] == [4, 1, 8, 8]
     assert case["threads"] >= 1 and case["items"] == 4
+    if os.path.exists("/proc/stat"):
+        assert 0 <= case["steal_percent"] <= 100
 
 
 def test_kernel_groups_check_outputs_and_time_both_engines(tmp_path, capsys):
@@ -116,6 +118,17 @@ def test_table_lists_cases_and_startup():
     text = table(document)
     assert "| tiny_b4 |" in text and "**1.00**" in text
     assert "cache_dir, second process" in text and "AOT artifact, no cache" in text
+    assert "steal time" not in text
+    document["cases"]["tiny_b4"]["steal_percent"] = 3.25
+    assert "The hypervisor took 3.2-3.2% of the CPUs' time" in table(document)
+
+
+def test_steal_time_is_read_where_linux_reports_it():
+    from benchmarks.run import cpu_steal_s
+
+    steal = cpu_steal_s()
+    assert (steal is None) == (not os.path.exists("/proc/stat"))
+    assert steal is None or steal >= 0
 
 
 def test_startup_figures_are_medians_of_fresh_processes():

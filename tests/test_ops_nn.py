@@ -121,6 +121,23 @@ def test_max_pool_int8_3d_and_gradient():
     _grad_is_finite(single_node_model("MaxPool", feeds, kernel_shape=[2, 2]), feeds, "x")
 
 
+@pytest.mark.parametrize("op_type", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),  # ResNet's stem
+    dict(kernel_shape=[2, 3], strides=[1, 2], dilations=[2, 1], ceil_mode=1),
+    dict(kernel_shape=[6, 5]),  # 30 positions: XLA's reduce-window
+])
+def test_pooling_by_slices_matches_reduce_window(op_type, attrs, monkeypatch):
+    from onnx2jax.ops import nn
+
+    feeds = {"x": rand(2, 3, 11, 10)}
+    model = single_node_model(op_type, feeds, opset=19, **attrs)
+    sliced = run_onnx2jax(model, feeds)[0]
+    monkeypatch.setattr(nn, "SLICED_WINDOW", 0)
+    np.testing.assert_allclose(sliced, run_onnx2jax(model, feeds)[0], rtol=1e-6, atol=1e-6)
+    assert_matches_reference(model, feeds, rtol=1e-5, atol=1e-6)
+
+
 def test_lp_pools():
     feeds = {"x": rand(1, 2, 6, 5)}
     assert_matches_reference(single_node_model("LpPool", feeds, kernel_shape=[2, 3], p=3,
