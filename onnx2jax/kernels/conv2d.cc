@@ -108,7 +108,7 @@ inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t
   const int64_t last = top >= s.h ? 0 : std::min(s.kh, (s.h - top + s.dh - 1) / s.dh);
   // Every kernel column of every pixel inside the input, undilated: a kernel row's input
   // values are then one run of kw * c floats per pixel, as are its weights (in both layouts),
-  // and one loop covers them (the stem's 7x7 convolution of 3 channels at b8: 10.5 -> 7.5 ms).
+  // and one loop covers them (per kernel column, the stem's 3 channels left a loop of 3).
   const bool inside = s.dw == 1 && left >= 0 && left + (RW - 1) * s.sw + s.kw <= s.w;
   for (int64_t i = first; i < last; ++i) {
     const float* row = image + (top + i * s.dh) * s.w * s.c;
