@@ -98,6 +98,13 @@ template <int RW, int NV>
 inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t oh,
                  int64_t ow0, const float* weights, const float* bias, const float* residual,
                  float* out) {
+  // The residual and the output are read and written once, after the products: ask for their
+  // cache lines now, so that memory works while the products are computed.
+  for (int r = 0; r < RW; ++r)
+    for (int v = 0; v < NV; ++v) {
+      if (residual) __builtin_prefetch(residual + r * s.o + v * kLanes, 0, 0);
+      __builtin_prefetch(out + r * s.o + v * kLanes, 1, 3);
+    }
   Vec acc[RW][NV];
   for (int v = 0; v < NV; ++v) {
     Vec b = Load(bias + v * kLanes);
@@ -251,10 +258,11 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   work->claim = blocks >= 2 * threads && blocks % threads == 0 ? xd[0] * yd[1] : 1;
   // XLA runs a call on one of its pool's workers, each pinned to a CPU of its own
   // (onnx2jax/cputhreads.py), or on a thread of its own. A worker computes its share and waits
-  // for the others by spinning. Any other thread shares a CPU with a worker: computing or
-  // spinning there halved that worker's speed (ResNet-50 b1 back to back after onnxruntime:
-  // 1.86x onnxruntime's time against 1.33x), so it sleeps while the workers compute. If no
-  // worker has started within a millisecond (each busy elsewhere), it computes too.
+  // for the others by spinning. Any other thread shares a CPU with a worker, so it sleeps
+  // while the workers compute (ResNet-50 b8, paired with onnxruntime: 1.26x its time against
+  // 1.29x when that thread computed too; batch 1 within noise; spinning instead of sleeping
+  // was slower). If no worker has started within a millisecond (each busy elsewhere), it
+  // computes too.
   char name[16] = {};
   pthread_getname_np(pthread_self(), name, sizeof name);
   const bool worker = std::strncmp(name, "tf_XLAEigen", 11) == 0;
