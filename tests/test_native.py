@@ -60,6 +60,18 @@ def test_conv2d_matches_xla(out_channels, kernel, stride, dilation, pads, width)
 
 
 @needs_kernels
+def test_a_large_output_with_residual_and_relu_matches_xla():
+    """Outputs over 16 MB are written with streaming stores (conv2d.cc, kStreamBytes)."""
+    x, w, b = f32(1, 3, 260, 260), f32(64, 3, 3, 3), f32(64)
+    residual = f32(1, 64, 260, 260)
+    want = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1))) + b[None, :, None, None]
+    want = jax.nn.relu(want + residual)
+    got = jax.jit(lambda x, w, b, r: native.conv2d(x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1),
+                                                   residual=r, relu=True))(x, w, b, residual)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_model_call_runs_the_kernel_and_matches_onnxruntime():
     import onnxruntime
 

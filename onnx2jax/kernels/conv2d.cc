@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <immintrin.h>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -64,6 +65,21 @@ inline Vec Load(const float* p) {
 
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 
+// A store that bypasses the caches (p 64-byte aligned): for outputs too large to stay in
+// them, it saves reading each line before writing it.
+inline void StreamStore(float* p, Vec v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+#else
+  Store(p, v);
+#endif
+}
+
+// Outputs larger than this are written with StreamStore. Measured on ResNet-50 b8 (2-core AMD
+// EPYC, 32 MB L3): its 25.7 MB outputs (the stem, the 1x1 expansions at 56x56) streamed took
+// the whole model from 1.38-1.40x onnxruntime's time to 1.20-1.29x.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
 struct Shape {
   int64_t n, h, w, c;       // input
   int64_t oh, ow, o;        // output
@@ -73,6 +89,7 @@ struct Shape {
   bool blocked;  // weights [O / B][KH][KW][I][B] rather than HWIO
   int64_t wo;    // weights per (kh, kw, input channel): O in HWIO, B when blocked
   bool relu;     // max(0, .) after the bias (and the residual)
+  bool stream;   // the output written with StreamStore
 };
 
 // acc[r] += sum over t < count of pixel[r][t] * weights[t * stride, ...]: the products of
@@ -103,7 +120,7 @@ inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t
   for (int r = 0; r < RW; ++r)
     for (int v = 0; v < NV; ++v) {
       if (residual) __builtin_prefetch(residual + r * s.o + v * kLanes, 0, 0);
-      __builtin_prefetch(out + r * s.o + v * kLanes, 1, 3);
+      if (!s.stream) __builtin_prefetch(out + r * s.o + v * kLanes, 1, 3);
     }
   Vec acc[RW][NV];
   for (int v = 0; v < NV; ++v) {
@@ -144,7 +161,12 @@ inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t
       for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] > zero ? acc[r][v] : zero;
   }
   for (int r = 0; r < RW; ++r)
-    for (int v = 0; v < NV; ++v) Store(out + r * s.o + v * kLanes, acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      if (s.stream)
+        StreamStore(out + r * s.o + v * kLanes, acc[r][v]);
+      else
+        Store(out + r * s.o + v * kLanes, acc[r][v]);
+    }
 }
 
 template <int NV>
@@ -211,6 +233,7 @@ struct Work {
         OutputRow(shape, x, zeros.data(), w, b, residual, y, row / shape.oh, row % shape.oh, ob,
                   std::min(block, shape.o - ob));
       }
+      if (shape.stream) _mm_sfence();  // streamed stores visible before they are counted
       if (done.fetch_add(last - first) + (last - first) == items) {
         std::lock_guard<std::mutex> lock(mutex);
         finished.notify_all();
@@ -243,7 +266,9 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   auto work = std::make_shared<Work>();
   work->shape = {xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
                  stride_h, stride_w, dilation_h, dilation_w, pad_h, pad_w,
-                 blocked, blocked ? kBlock : yd[3], relu};
+                 blocked, blocked ? kBlock : yd[3], relu,
+                 yd[0] * yd[1] * yd[2] * yd[3] * int64_t{4} > kStreamBytes &&
+                     reinterpret_cast<uintptr_t>(y->typed_data()) % 64 == 0};
   work->x = x.typed_data();
   work->w = w.typed_data();
   work->b = b.typed_data();
