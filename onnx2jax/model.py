@@ -102,6 +102,10 @@ class Model:
         # are kept in their blocked layout.
         self._native_weights = _native_weights(self.plan.nodes, self.params)
         self._fused_plans: dict[tuple[str, ...], GraphPlan] = {}
+        # More of the weights native kernels read are Conv weights than matrices.
+        sizes = {kind: sum(int(np.size(self.params[k])) for k, v in self._native_weights.items()
+                           if v == kind) for kind in native.KINDS}
+        self._convolutional = sizes["conv"] > sizes["matrix"]
         # The kinds of native kernels used ("conv", "matrix"; none: XLA's) -> (the params
         # prepared from, the prepared params).
         self._prepared: dict[frozenset[str], tuple[dict[str, Any], Params]] = {}
@@ -305,9 +309,13 @@ class Model:
 
         Only inputs of many rows are split: few rows are little work, which a split program's
         dispatch to several devices costs more than it saves (the 8x8 example CNN at batch
-        8: 0.99 ms a call on one device, 1.25 split over two).
+        8: 0.99 ms a call on one device, 1.25 split over two). Nor is a convolutional network
+        where the native convolutions run, which a split program cannot call: ResNet-50 b8
+        took 1.20x onnxruntime's time on one device, 1.31x split over two.
         """
-        return split_devices(bound) if input_rows(bound) > FEW_ROWS else []
+        if input_rows(bound) <= FEW_ROWS or (self._convolutional and native.available()):
+            return []
+        return split_devices(bound)
 
     def _placed(self, bound: Mapping[str, Any], kernels: frozenset[str] = frozenset()
                 ) -> tuple[Params, dict[str, Any], list[jax.Device]]:

@@ -17,10 +17,29 @@ import tempfile
 import jax, numpy as np, onnx2jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from onnx import TensorProto, helper, numpy_helper
+
 assert len(jax.devices()) == 2, jax.devices()
-# 256 images of 8 rows: more rows than model(...) runs on one device (model.FEW_ROWS).
-images = np.random.default_rng(0).normal(size=(256, 1, 8, 8)).astype(np.float32)
-model = onnx2jax.load(onnx2jax.example_path())
+# A two-layer perceptron: matrix products, which a split program runs with XLA's dots.
+rng = np.random.default_rng(0)
+weights = {"w1": rng.normal(size=(64, 32)) / 8, "b1": rng.normal(size=32),
+           "w2": rng.normal(size=(32, 10)) / 6, "b2": rng.normal(size=10)}
+graph = helper.make_graph(
+    [helper.make_node("MatMul", ["image", "w1"], ["m1"]),
+     helper.make_node("Add", ["m1", "b1"], ["a1"]), helper.make_node("Relu", ["a1"], ["r1"]),
+     helper.make_node("MatMul", ["r1", "w2"], ["m2"]),
+     helper.make_node("Add", ["m2", "b2"], ["logits"])], "mlp",
+    [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 8, 64])],
+    [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+    initializer=[numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+folder = tempfile.mkdtemp()
+path = folder + "/mlp.onnx"
+with open(path, "wb") as file:
+    file.write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+               .SerializeToString())
+# 256 inputs of 8 rows: more rows than model(...) runs on one device (model.FEW_ROWS).
+images = rng.normal(size=(256, 8, 64)).astype(np.float32)
+model = onnx2jax.load(path)
 reference = np.asarray(jax.jit(model.apply)(model.params, images)["logits"])
 
 logits = model(images)["logits"]
@@ -51,7 +70,7 @@ assert all(again[k] is v for k, v in copies.items() if k != name)
 # The user's own sharding of model.apply.
 mesh = Mesh(np.array(jax.devices()), ("data",))
 sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
-model = onnx2jax.load(onnx2jax.example_path())
+model = onnx2jax.load(path)
 mine = jax.jit(model.apply)(model.params, sharded)["logits"]
 assert len(mine.sharding.device_set) == 2
 np.testing.assert_allclose(np.asarray(mine), reference, rtol=1e-5, atol=1e-5)
@@ -59,10 +78,20 @@ np.testing.assert_allclose(np.asarray(mine), reference, rtol=1e-5, atol=1e-5)
 # The executable cache keeps the split program apart from the one-device one.
 with tempfile.TemporaryDirectory() as folder:
     for _ in range(2):
-        cached = onnx2jax.load(onnx2jax.example_path(), cache_dir=folder)
+        cached = onnx2jax.load(path, cache_dir=folder)
         for batch in (256, 255):
             out = cached(images[:batch])["logits"]
             np.testing.assert_allclose(np.asarray(out), reference[:batch], rtol=1e-5, atol=1e-5)
+
+# A convolutional network stays on one device where the native convolutions run.
+cnn = onnx2jax.load(onnx2jax.example_path())
+digits = np.random.default_rng(1).normal(size=(256, 1, 8, 8)).astype(np.float32)
+out = cnn(digits)["logits"]
+assert len(out.sharding.device_set) == (1 if onnx2jax.native.available() else 2), out.sharding
+# The native kernel sums in another order than XLA's convolution.
+np.testing.assert_allclose(np.asarray(out),
+                           np.asarray(jax.jit(cnn.apply)(cnn.params, digits)["logits"]),
+                           rtol=1e-4, atol=1e-4)
 print("ok")
 """
 
