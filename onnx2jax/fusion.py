@@ -15,9 +15,8 @@ from collections.abc import Collection
 import onnx
 
 from onnx2jax.graph import GraphPlan
+from onnx2jax.ops.contrib import MS
 from onnx2jax.ops.registry import canonical_domain, lookup
-
-FUSED_DOMAIN = "com.microsoft"
 
 
 def _is(node: onnx.NodeProto, op_type: str) -> bool:
@@ -73,7 +72,7 @@ def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPla
             continue
         fused = onnx.NodeProto()
         fused.CopyFrom(node)
-        fused.op_type, fused.domain = "FusedConv", FUSED_DOMAIN
+        fused.op_type, fused.domain = "FusedConv", MS
         inputs = list(node.input) + [""] * (3 - len(node.input))
         fused.ClearField("input")
         fused.input.extend(inputs + [residual] if residual else inputs)
@@ -86,7 +85,7 @@ def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPla
     if not fused_at:
         return plan
 
-    spec = lookup(FUSED_DOMAIN, "FusedConv", 1)
+    spec = lookup(MS, "FusedConv", 1)
     nodes, specs, node_reads = [], [], []
     for index, node in enumerate(plan.nodes):
         if index in absorbed:
