@@ -4,6 +4,10 @@ A Conv followed by a residual Add and a ReLU (ResNet's blocks), or by one of the
 com.microsoft FusedConv node, which the native kernel computes in one pass
 (onnx2jax/native.py). Run as separate XLA ops, the Add and the ReLU each read and wrote the
 whole activation again: at ResNet-50 b8 that was about 90 ms of XLA's 240 ms of thread time.
+
+Attention as exported (MatMul, scale, mask, Softmax, MatMul) becomes one onnx2jax
+SoftmaxAttention node, which the native kernel computes a few query rows at a time without
+writing the scores out (onnx2jax/kernels/attention.cc).
 """
 
 from __future__ import annotations
@@ -15,12 +19,74 @@ from collections.abc import Collection
 import onnx
 
 from onnx2jax.graph import GraphPlan
+from onnx2jax.ops.attention import ONNX2JAX
 from onnx2jax.ops.contrib import MS
 from onnx2jax.ops.registry import canonical_domain, lookup
 
 
 def _is(node: onnx.NodeProto, op_type: str) -> bool:
     return node.op_type == op_type and canonical_domain(node.domain) == ""
+
+
+class _Rewrite:
+    """Chains of a plan's nodes, each to be replaced by one node."""
+
+    def __init__(self, plan: GraphPlan, keep: Collection[str]):
+        self.plan = plan
+        self.readers: dict[str, list[int]] = defaultdict(list)
+        for index, reads in enumerate(plan.node_reads):
+            for name in reads:
+                self.readers[name].append(index)
+        self.kept = set(keep) | {v.name for v in plan.outputs}
+        self.fused_at: dict[int, onnx.NodeProto] = {}  # a chain's last node -> its replacement
+        self.absorbed: set[int] = set()
+
+    def sole_reader(self, name: str) -> int | None:
+        """The node that alone reads ``name``, unless it is in a chain already or ``name``
+        must be kept."""
+        found = self.readers.get(name, [])
+        free = len(found) == 1 and found[0] not in self.absorbed and found[0] not in self.fused_at
+        return found[0] if free and name not in self.kept else None
+
+    def next_if(self, name: str, op_type: str) -> int | None:
+        """The sole reader of ``name`` if it is an ``op_type`` node."""
+        reader = self.sole_reader(name)
+        return reader if reader is not None and _is(self.plan.nodes[reader], op_type) else None
+
+    def replace(self, chain: list[int], node: onnx.NodeProto) -> None:
+        self.fused_at[chain[-1]] = node
+        self.absorbed.update(chain[:-1])
+
+    def result(self) -> GraphPlan:
+        plan = self.plan
+        if not self.fused_at:
+            return plan
+        nodes, specs, node_reads = [], [], []
+        for index, node in enumerate(plan.nodes):
+            if index in self.absorbed:
+                continue
+            if index in self.fused_at:
+                node = self.fused_at[index]
+                nodes.append(node)
+                specs.append(lookup(node.domain, node.op_type, 1))
+                node_reads.append([n for n in node.input if n])
+            else:
+                nodes.append(node)
+                specs.append(plan.specs[index])
+                node_reads.append(plan.node_reads[index])
+        producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+        return dataclasses.replace(plan, nodes=nodes, specs=specs, node_reads=node_reads,
+                                   producer=producer)
+
+
+def fuse(plan: GraphPlan, kinds: Collection[str], keep: Collection[str] = ()) -> GraphPlan:
+    """``plan`` rewritten for these kinds of native kernels (onnx2jax.native.KINDS): Conv
+    epilogues for "conv", attention for "attention"."""
+    if "conv" in kinds:
+        plan = fuse_conv_epilogues(plan, keep)
+    if "attention" in kinds:
+        plan = fuse_attention(plan, keep)
+    return plan
 
 
 def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
@@ -37,36 +103,20 @@ def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPla
         >>> [n.op_type for n in fuse_conv_epilogues(model.plan).nodes][:2]
         ['FusedConv', 'MaxPool']
     """
-    readers: dict[str, list[int]] = defaultdict(list)
-    for index, reads in enumerate(plan.node_reads):
-        for name in reads:
-            readers[name].append(index)
-    kept = set(keep) | {v.name for v in plan.outputs}
-
-    fused_at: dict[int, onnx.NodeProto] = {}  # index of a chain's last node -> its FusedConv
-    absorbed: set[int] = set()
-
-    def sole_reader(name: str) -> int | None:
-        """The node that alone reads ``name``, unless it is in a chain already."""
-        found = readers.get(name, [])
-        free = len(found) == 1 and found[0] not in absorbed and found[0] not in fused_at
-        return found[0] if free and name not in kept else None
-
+    rewrite = _Rewrite(plan, keep)
     for index, node in enumerate(plan.nodes):
         if not _is(node, "Conv") or len(node.output) != 1:
             continue
         chain, residual, relu = [index], None, False
-        reader = sole_reader(node.output[0])
-        if reader is not None and _is(plan.nodes[reader], "Add"):
-            others = [n for n in plan.nodes[reader].input if n != node.output[0]]
+        add = rewrite.next_if(node.output[0], "Add")
+        if add is not None:
+            others = [n for n in plan.nodes[add].input if n != node.output[0]]
             if len(others) == 1 and others[0]:
                 residual = others[0]
-                chain.append(reader)
-                reader = sole_reader(plan.nodes[reader].output[0])
-            else:
-                reader = None
-        if reader is not None and _is(plan.nodes[reader], "Relu"):
-            chain.append(reader)
+                chain.append(add)
+        relu_at = rewrite.next_if(plan.nodes[chain[-1]].output[0], "Relu")
+        if relu_at is not None:
+            chain.append(relu_at)
             relu = True
         if len(chain) == 1:
             continue
@@ -80,25 +130,79 @@ def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPla
         fused.output.append(plan.nodes[chain[-1]].output[0])
         if relu:
             fused.attribute.append(onnx.helper.make_attribute("activation", "Relu"))
-        fused_at[chain[-1]] = fused
-        absorbed.update(chain[:-1])
-    if not fused_at:
-        return plan
+        rewrite.replace(chain, fused)
+    return rewrite.result()
 
-    spec = lookup(MS, "FusedConv", 1)
-    nodes, specs, node_reads = [], [], []
+
+def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
+    """``plan`` with every MatMul -> [Mul or Div by a scale] -> [Add a mask] -> Softmax over
+    the last axis -> [Casts to float] -> MatMul chain (attention as torch.onnx exports it) as
+    one onnx2jax SoftmaxAttention node, where the intermediate tensors are read by the chain
+    alone and are neither graph outputs nor in ``keep``.
+
+    Example:
+        >>> import numpy as np, onnx
+        >>> from onnx import helper, TensorProto
+        >>> import onnx2jax
+        >>> from onnx2jax.fusion import fuse_attention
+        >>> f = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        >>> nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        ...          helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+        ...          helper.make_node("MatMul", ["p", "v"], ["out"])]
+        >>> graph = helper.make_graph(nodes, "g", [f("q"), f("kt"), f("v")], [f("out")])
+        >>> model = onnx2jax.load(helper.make_model(graph))
+        >>> [n.op_type for n in fuse_attention(model.plan).nodes]
+        ['SoftmaxAttention']
+    """
+    rewrite = _Rewrite(plan, keep)
     for index, node in enumerate(plan.nodes):
-        if index in absorbed:
+        if not _is(node, "MatMul") or len(node.input) != 2:
             continue
-        if index in fused_at:
-            node = fused_at[index]
-            nodes.append(node)
-            specs.append(spec)
-            node_reads.append([n for n in node.input if n])
-        else:
-            nodes.append(node)
-            specs.append(plan.specs[index])
-            node_reads.append(plan.node_reads[index])
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-    return dataclasses.replace(plan, nodes=nodes, specs=specs, node_reads=node_reads,
-                               producer=producer)
+        chain, scale, divide, mask, cast_to = [index], "", 0, "", 0
+        at = node.output[0]
+        scaled = rewrite.sole_reader(at)
+        if scaled is not None and (_is(plan.nodes[scaled], "Mul") or
+                                   _is(plan.nodes[scaled], "Div")):
+            inputs = list(plan.nodes[scaled].input)
+            divide = int(plan.nodes[scaled].op_type == "Div")
+            if inputs.count(at) == 1 and (not divide or inputs[0] == at):
+                scale = inputs[1 - inputs.index(at)]
+                chain.append(scaled)
+                at = plan.nodes[scaled].output[0]
+        add = rewrite.next_if(at, "Add")
+        if add is not None and list(plan.nodes[add].input).count(at) == 1:
+            inputs = list(plan.nodes[add].input)
+            mask = inputs[1 - inputs.index(at)]
+            chain.append(add)
+            at = plan.nodes[add].output[0]
+        softmax = rewrite.next_if(at, "Softmax")
+        # Softmax before opset 13 flattens at `axis` (default 1): the same over the last one.
+        legacy = softmax is not None and plan.specs[softmax].since < 13
+        if softmax is None or _attribute(plan.nodes[softmax], "axis", 1 if legacy else -1) != -1:
+            continue
+        chain.append(softmax)
+        at = plan.nodes[softmax].output[0]
+        # ViT's export casts twice: a second Cast to the same type changes nothing.
+        while (cast := rewrite.next_if(at, "Cast")) is not None and \
+                _attribute(plan.nodes[cast], "to", 0) == onnx.TensorProto.FLOAT:
+            chain.append(cast)
+            at = plan.nodes[cast].output[0]
+            cast_to = onnx.TensorProto.FLOAT
+        product = rewrite.next_if(at, "MatMul")
+        if product is None or list(plan.nodes[product].input)[0] != at:
+            continue
+        chain.append(product)
+        fused = onnx.helper.make_node(
+            "SoftmaxAttention", [node.input[0], node.input[1], plan.nodes[product].input[1],
+                                 mask, scale],
+            [plan.nodes[product].output[0]], name=f"{node.name or 'MatMul'}/SoftmaxAttention",
+            domain=ONNX2JAX, divide=divide, cast_to=cast_to)
+        rewrite.replace(chain, fused)
+    return rewrite.result()
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: object) -> object:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default

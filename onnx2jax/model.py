@@ -18,7 +18,7 @@ from onnx2jax.convert import Interpreter
 from onnx2jax.cputhreads import pin_xla_workers
 from onnx2jax.devices import place_inputs, replicate, split_devices
 from onnx2jax.errors import DataDependentShapeError, InputError
-from onnx2jax.fusion import fuse_conv_epilogues
+from onnx2jax.fusion import fuse, fuse_attention
 from onnx2jax.graph import (
     GraphPlan,
     TensorInfo,
@@ -101,7 +101,10 @@ class Model:
         # With native kernels, the weights they read (these Conv weights and MatMul matrices)
         # are kept in their blocked layout.
         self._native_weights = _native_weights(self.plan.nodes, self.params)
-        self._fused_plans: dict[tuple[str, ...], GraphPlan] = {}
+        # (kinds of native kernels, outputs kept) -> the plan rewritten for them (fusion.py).
+        self._fused_plans: dict[tuple[frozenset[str], tuple[str, ...]], GraphPlan] = {}
+        # Attention chains that the native attention kernel computes as one node.
+        self._has_attention = fuse_attention(self.plan) is not self.plan
         # More of the weights native kernels read are Conv weights than matrices.
         sizes = {kind: sum(int(np.size(self.params[k])) for k, v in self._native_weights.items()
                            if v == kind) for kind in native.KINDS}
@@ -212,10 +215,11 @@ class Model:
         return {name: _as_output(v) for name, v in zip(runner.wanted, values, strict=True)}
 
     def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
-                     outputs: tuple[str, ...] | None, fused: bool = False) -> dict[str, Any]:
+                     outputs: tuple[str, ...] | None,
+                     kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
         wanted = list(outputs) if outputs else self.output_names
         env = self._environment(params, bound, wanted)
-        plan = self._fused_plan(tuple(wanted)) if fused else self.plan
+        plan = self._fused_plan(kernels, tuple(wanted)) if kernels else self.plan
         values = self._interpreter.run(plan, env, wanted)
         return {name: _as_output(v) for name, v in zip(wanted, values, strict=True)}
 
@@ -259,16 +263,18 @@ class Model:
         """
         return export.save(self, path, params, external_data=external_data, verify=verify)
 
-    def _fused_plan(self, wanted: tuple[str, ...]) -> GraphPlan:
-        """The plan with Conv epilogues fused (onnx2jax.fusion), keeping ``wanted``."""
-        plan = self._fused_plans.get(wanted)
+    def _fused_plan(self, kernels: frozenset[str], wanted: tuple[str, ...]) -> GraphPlan:
+        """The plan rewritten for these kinds of native kernels (onnx2jax.fusion), keeping
+        ``wanted``."""
+        plan = self._fused_plans.get((kernels, wanted))
         if plan is None:
-            plan = self._fused_plans[wanted] = fuse_conv_epilogues(self.plan, wanted)
+            plan = self._fused_plans[kernels, wanted] = fuse(self.plan, kernels, wanted)
         return plan
 
     def _apply_for_jit(self, params: Mapping[str, Any], bound: Mapping[str, Any],
-                       outputs: tuple[str, ...] | None, fused: bool = False) -> dict[str, Any]:
-        result = self._apply_bound(params, bound, outputs, fused)
+                       outputs: tuple[str, ...] | None,
+                       kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
+        result = self._apply_bound(params, bound, outputs, kernels)
         for name, value in result.items():
             if _host_only(value):
                 # A jitted function cannot return strings; __call__ reruns outside jit.
@@ -335,7 +341,7 @@ class Model:
     def inference_function(self, bound: Mapping[str, Any]
                            ) -> tuple[Any, dict[str, Any], frozenset[str]]:
         """The jitted function ``model(...)`` uses for these inputs, its XLA options, and the
-        kinds of native kernels it calls (onnx2jax/native.py): "conv", "matrix", or none."""
+        kinds of native kernels it calls (onnx2jax/native.py): "conv", "matrix", "attention"."""
         options = inference_compiler_options(bound, self.compiler_options, self.precision)
         kernels: frozenset[str] = frozenset()
         # The kernels have no gradient, batching or sharding rule: inside someone's trace, or
@@ -345,9 +351,10 @@ class Model:
             # Native convolutions with their epilogues fused measured faster at every batch
             # (paired with onnxruntime: ResNet-50 b1 1.27x against XLA's 1.61x, b8 1.31x
             # against 1.43x); native matrix products only for few rows (MiniLM and GPT-2 b1).
-            used = set(self._native_weights.values())
+            used = set(self._native_weights.values()) | ({"attention"} if self._has_attention
+                                                          else set())
             kernels = frozenset(kind for kind in used
-                                if kind == "conv" or input_rows(bound) <= FEW_ROWS)
+                                if kind != "matrix" or input_rows(bound) <= FEW_ROWS)
         function = jit_with_options(
             self._inference_jits.setdefault(kernels, {}),
             functools.partial(self._apply_prepared, native_kernels=kernels), options,
@@ -359,7 +366,7 @@ class Model:
                         native_kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
         with native.kernels(native_kernels):
             return self._apply_for_jit(self._restore_layouts(prepared, native_kernels), bound,
-                                       outputs, fused="conv" in native_kernels)
+                                       outputs, native_kernels)
 
     def _restore_layouts(self, values: Mapping[str, Any],
                          kernels: frozenset[str] = frozenset()) -> dict[str, Any]:

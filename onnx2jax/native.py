@@ -20,6 +20,7 @@ used; :func:`status` says which and why.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
@@ -40,8 +41,11 @@ import numpy as np
 
 log = logging.getLogger("onnx2jax")
 
-SOURCE = Path(__file__).parent / "kernels" / "conv2d.cc"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = (KERNELS / "conv2d.cc", KERNELS / "attention.cc")
+HEADERS = (KERNELS / "parallel.h",)
 TARGET = "onnx2jax_conv2d"
+ATTENTION_TARGET = "onnx2jax_attention"
 MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.cc)
 
 _lock = threading.Lock()
@@ -82,29 +86,34 @@ def _cpu_flags() -> str:
 
 
 def library_path(compiler: str) -> Path:
-    """The cached library for this source, jaxlib, compiler and CPU."""
+    """The cached library for these sources, jaxlib, compiler and CPU."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jax.__version__.encode(), compiler.encode(),
-                 _cpu_flags().encode(), platform.machine().encode()):
+    for part in (*(path.read_bytes() for path in (*SOURCES, *HEADERS)),
+                 jax.__version__.encode(), compiler.encode(), _cpu_flags().encode(),
+                 platform.machine().encode()):
         key.update(part)
-    return cache_dir() / f"conv2d-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile the kernel to ``target`` (written to a temporary file, then renamed)."""
+    """Compile the kernels to ``target`` (written to a temporary file, then renamed). The
+    sources compile side by side (one CPU each), then link."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(handle)
-    command = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared",
-               "-fPIC", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", temporary]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-2000:]}")
-        os.replace(temporary, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
+    flags = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-fPIC"]
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+        objects = [str(Path(folder) / f"{source.stem}.o") for source in SOURCES]
+        with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
+            list(pool.map(_run, [[*flags, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o",
+                                  obj] for source, obj in zip(SOURCES, objects, strict=True)]))
+        linked = str(Path(folder) / target.name)
+        _run([*flags, "-shared", *objects, "-o", linked])
+        os.replace(linked, target)
 
 
 def _register() -> dict[str, Any]:
@@ -122,12 +131,13 @@ def _register() -> dict[str, Any]:
         library = ctypes.CDLL(str(path))
         lanes = int(library.onnx2jax_conv2d_lanes())
         block = int(library.onnx2jax_conv2d_block())
-        handler = library.Onnx2jaxConv2d
+        handlers = {TARGET: library.Onnx2jaxConv2d, ATTENTION_TARGET: library.Onnx2jaxAttention}
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
         return {"reason": f"the kernels did not build or load: {exc}"}
     if lanes < MIN_LANES:
         return {"reason": f"this CPU has {lanes}-lane vectors; the kernels need AVX-512"}
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return {"lanes": lanes, "block": block, "library": library, "path": path}
 
 
@@ -155,7 +165,8 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and enabled_by_env() and "lanes" in status()
 
 
-KINDS = ("conv", "matrix")  # 2-D Convs; MatMul and Gemm by a weight matrix
+# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (onnx2jax/fusion.py)
+KINDS = ("conv", "matrix", "attention")
 
 
 @contextlib.contextmanager
@@ -306,3 +317,51 @@ def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[
                 dilation_w=np.int64(dilations[1]), pad_h=np.int64(pads[0]),
                 pad_w=np.int64(pads[1]), blocked=blocked, relu=relu,
                 add_residual=residual is not None)
+
+
+def attention_applies(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> bool:
+    """Whether :func:`attention` computes ``softmax(scale * (q @ kt) + mask) @ v``: float32
+    operands of 3 or 4 dimensions with the same leading ones (no broadcasting between them),
+    values a multiple of the vector width wide, a scalar scale and a mask that broadcasts to
+    the scores along whole dimensions."""
+    lanes = _state.get("lanes")
+    operands = (q, kt, v) if mask is None else (q, kt, v, mask)
+    if (lanes is None or np.ndim(q) not in (3, 4) or not np.ndim(q) == np.ndim(kt) == np.ndim(v)
+            or any(getattr(x, "dtype", None) != np.float32 for x in operands)
+            or np.size(scale) != 1):
+        return False
+    *lead, s, d = np.shape(q)
+    *kt_lead, kt_d, t = np.shape(kt)
+    *v_lead, v_t, e = np.shape(v)
+    if lead != kt_lead or lead != v_lead or kt_d != d or v_t != t or e % lanes or e == 0:
+        return False
+    if mask is None:
+        return True
+    scores = (*lead, s, t)
+    try:
+        return np.broadcast_shapes(np.shape(mask), scores) == scores
+    except ValueError:
+        return False
+
+
+def attention(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> jax.Array:
+    """``softmax(scale * (q @ kt) + mask, axis=-1) @ v`` by the native kernel, which keeps each
+    query row's scores in cache (onnx2jax/kernels/attention.cc); see :func:`attention_applies`.
+    ``q`` [..., S, D], ``kt`` the keys transposed [..., D, T], ``v`` [..., T, E]."""
+    q, kt, v = jnp.asarray(q), jnp.asarray(kt), jnp.asarray(v)
+    three_d = q.ndim == 3
+    if three_d:
+        q, kt, v = q[None], kt[None], v[None]
+    b, h, s, _ = q.shape
+    t, e = v.shape[-2:]
+    if mask is None:
+        addend = jnp.zeros((0, 0, 0, 0), jnp.float32)
+    else:
+        addend = jnp.asarray(mask)
+        addend = jnp.reshape(addend, (1,) * (4 - addend.ndim) + addend.shape)
+        if addend.shape[-1] != t:  # a mask constant along the keys
+            addend = jnp.broadcast_to(addend, (*addend.shape[:3], t))
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, s, e), jnp.float32))
+    out = call(q, kt, v, addend, jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)),
+               masked=mask is not None)
+    return out[0] if three_d else out

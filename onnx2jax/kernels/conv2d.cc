@@ -16,19 +16,14 @@
 // machine's own.
 
 #include <algorithm>
-#include <atomic>
 #include <immintrin.h>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <pthread.h>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -209,40 +204,6 @@ void OutputRow(const Shape& s, const float* x, const float* zeros, const float* 
   }
 }
 
-// Work shared between the calling thread and XLA's intra-op pool. Items are claimed from a
-// counter, so a pool task that starts late finds nothing left and returns: the caller never
-// waits for a task to start, only for claimed items to finish (no deadlock when every pool
-// thread is itself busy in such a call).
-struct Work {
-  Shape shape;
-  const float *x, *w, *b, *residual;  // residual: null, or an output-shaped addend
-  float* y;
-  std::vector<float> zeros;           // what a pixel in the padding reads: c floats
-  int64_t items, claim;               // items claimed at a time
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mutex;                   // with `finished`: a caller that sleeps until done
-  std::condition_variable finished;
-
-  void Run() {
-    const int64_t block = kMaxVectors * kLanes;
-    const int64_t rows = shape.n * shape.oh;
-    for (int64_t first; (first = next.fetch_add(claim)) < items;) {
-      const int64_t last = std::min(items, first + claim);
-      for (int64_t item = first; item < last; ++item) {
-        // Consecutive items share a channel block: its weights stay in cache.
-        const int64_t ob = (item / rows) * block, row = item % rows;
-        OutputRow(shape, x, zeros.data(), w, b, residual, y, row / shape.oh, row % shape.oh, ob,
-                  std::min(block, shape.o - ob));
-      }
-      if (shape.stream) _mm_sfence();  // streamed stores visible before they are counted
-      if (done.fetch_add(last - first) + (last - first) == items) {
-        std::lock_guard<std::mutex> lock(mutex);
-        finished.notify_all();
-      }
-    }
-  }
-};
-
 // y = relu?(conv(x, w) + b + residual?), x NHWC unpadded: the padding above and left is
 // given, below and right it is what the output's size implies.
 ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -264,45 +225,33 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       (add_residual && !std::equal(yd.begin(), yd.end(), residual.dimensions().begin(),
                                    residual.dimensions().end())))
     return ffi::Error::InvalidArgument("onnx2jax_conv2d: inconsistent shapes");
-  auto work = std::make_shared<Work>();
-  work->shape = {xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
+  Shape shape = {xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
                  stride_h, stride_w, dilation_h, dilation_w, pad_h, pad_w,
                  blocked, blocked ? kBlock : yd[3], relu,
                  yd[0] * yd[1] * yd[2] * yd[3] * int64_t{4} > kStreamBytes &&
                      reinterpret_cast<uintptr_t>(y->typed_data()) % 64 == 0};
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->b = b.typed_data();
-  work->residual = add_residual ? residual.typed_data() : nullptr;
-  work->y = y->typed_data();
-  work->zeros.assign(xd[3], 0.0f);
+  const float *xp = x.typed_data(), *wp = w.typed_data(), *bp = b.typed_data();
+  const float* rp = add_residual ? residual.typed_data() : nullptr;
+  float* yp = y->typed_data();
+  // What a pixel in the padding reads: c floats (shared by the pool tasks, which may outlive
+  // this call's frame when they start late and find nothing left).
+  auto zeros = std::make_shared<std::vector<float>>(xd[3], 0.0f);
   const int64_t blocks = (yd[3] + kBlock - 1) / kBlock;
-  work->items = blocks * xd[0] * yd[1];
+  const int64_t rows = xd[0] * yd[1], items = blocks * rows;
   // With blocks enough to share evenly, a thread claims all rows of a block: that block's
   // weights are then read into one CPU's cache only (ResNet-50 b1: 1-7% faster).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->claim = blocks >= 2 * threads && blocks % threads == 0 ? xd[0] * yd[1] : 1;
-  // XLA runs a call on one of its pool's workers, each pinned to a CPU of its own
-  // (onnx2jax/cputhreads.py), or on a thread of its own. A worker computes its share and waits
-  // for the others by spinning. Any other thread shares a CPU with a worker, so it sleeps
-  // while the workers compute (ResNet-50 b8, paired with onnxruntime: 1.26x its time against
-  // 1.29x when that thread computed too; batch 1 within noise; spinning instead of sleeping
-  // was slower). If no worker has started within a millisecond (each busy elsewhere), it
-  // computes too.
-  char name[16] = {};
-  pthread_getname_np(pthread_self(), name, sizeof name);
-  const bool worker = std::strncmp(name, "tf_XLAEigen", 11) == 0;
-  const int64_t helpers = std::min(threads, work->items) - (worker ? 1 : 0);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  auto finished = [&] { return work->done.load(std::memory_order_acquire) == work->items; };
-  if (!worker) {
-    std::unique_lock<std::mutex> lock(work->mutex);
-    while (!work->finished.wait_for(lock, std::chrono::milliseconds(1), finished))
-      if (work->next.load() == 0) break;
-  }
-  // Every item is claimed once this returns, and claimed items are being computed.
-  work->Run();
-  while (!finished()) std::this_thread::yield();
+  const int64_t claim = blocks >= 2 * threads && blocks % threads == 0 ? rows : 1;
+  auto body = [=](int64_t first, int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      // Consecutive items share a channel block: its weights stay in cache.
+      const int64_t ob = (item / rows) * kBlock, row = item % rows;
+      OutputRow(shape, xp, zeros->data(), wp, bp, rp, yp, row / shape.oh, row % shape.oh, ob,
+                std::min(kBlock, shape.o - ob));
+    }
+    if (shape.stream) _mm_sfence();  // streamed stores visible before they are counted
+  };
+  onnx2jax::SharedWork::RunOn(pool, std::make_shared<onnx2jax::SharedWork>(items, claim, body));
   return ffi::Error::Success();
 }
 

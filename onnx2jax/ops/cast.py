@@ -51,7 +51,7 @@ def cast(ctx, x):
             raise ctx.error(f"unknown type name {to!r}") from None
     if to is None or to == TensorProto.UNDEFINED:
         raise ctx.error("Cast needs the 'to' attribute")
-    return _cast(ctx, x, int(to))
+    return cast_to_type(ctx, x, int(to))
 
 
 @register("CastLike", 15)
@@ -62,7 +62,8 @@ def cast(ctx, x):
 @register("CastLike", 25)
 def cast_like(ctx, x, target_type):
     dtype = np.dtype(target_type.dtype)
-    return _cast(ctx, x, TensorProto.STRING if dtype.kind == "O" else onnx_elem_type(dtype))
+    to = TensorProto.STRING if dtype.kind == "O" else onnx_elem_type(dtype)
+    return cast_to_type(ctx, x, to)
 
 
 @register("BitCast", 26)
@@ -119,7 +120,8 @@ def _bit_width(dtype):
     return _NARROW_BITS.get(to, dtype.itemsize * 8)
 
 
-def _cast(ctx, x, to):
+def cast_to_type(ctx, x, to):
+    """``x`` cast to the ONNX type ``to``, with the node's saturate and round_mode."""
     saturate = bool(ctx.attr("saturate", 1)) if ctx.opset >= 19 else True
     round_mode = ctx.attr("round_mode", "up")
     if round_mode not in _ROUND_MODES:
