@@ -60,10 +60,12 @@ def test_conv2d_matches_xla(out_channels, kernel, stride, dilation, pads, width)
 
 
 @needs_kernels
-def test_a_large_output_with_residual_and_relu_matches_xla():
-    """Outputs over 16 MB are written with streaming stores (conv2d.cc, kStreamBytes)."""
-    x, w, b = f32(1, 3, 260, 260), f32(64, 3, 3, 3), f32(64)
-    residual = f32(1, 64, 260, 260)
+@pytest.mark.parametrize("channels, size", [(64, 260), (128, 184)])  # one block, two
+def test_a_large_output_with_residual_and_relu_matches_xla(channels, size):
+    """Outputs over 16 MB are written with streaming stores (conv2d.cc, kStreamBytes), block
+    by block or every block of a pixel tile in turn (kTileMajorWeightBytes)."""
+    x, w, b = f32(1, 3, size, size), f32(channels, 3, 3, 3), f32(channels)
+    residual = f32(1, channels, size, size)
     want = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1))) + b[None, :, None, None]
     want = jax.nn.relu(want + residual)
     got = jax.jit(lambda x, w, b, r: native.conv2d(x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1),
@@ -311,11 +313,12 @@ def test_conv_epilogues_fuse_where_nothing_else_reads_the_intermediates():
 
 
 @needs_kernels
-@pytest.mark.parametrize("x_shape", [(2, 16, 9, 9), (1, 8, 7, 20)])
-def test_fused_resnet_block_matches_onnxruntime(x_shape):
+@pytest.mark.parametrize("x_shape, channels", [((2, 16, 9, 9), 64), ((1, 8, 7, 20), 64),
+                                               ((2, 16, 9, 9), 192)])  # three blocks
+def test_fused_resnet_block_matches_onnxruntime(x_shape, channels):
     import onnxruntime
 
-    proto = _resnet_block(x_shape)
+    proto = _resnet_block(x_shape, channels)
     model = onnx2jax.load(proto)
     x = f32(*x_shape)
     compiled = _compiled_text(model, {"x": x})
@@ -323,13 +326,16 @@ def test_fused_resnet_block_matches_onnxruntime(x_shape):
     assert "maximum" not in compiled  # every ReLU in a kernel
     (want,) = onnxruntime.InferenceSession(proto.SerializeToString(),
                                            providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    np.testing.assert_allclose(np.asarray(model(x)["y"]), want, rtol=1e-5, atol=1e-5)
+    # Sums of up to 1,728 products per 3x3 output, in another order than onnxruntime's (whose
+    # own XLA counterpart differs by 5e-7 of the largest output at 192 channels).
+    tolerance = 2e-6 * float(np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), want, rtol=1e-5, atol=tolerance)
     # An intermediate asked for by name comes out right, and so does the rest.
     got = model(x, outputs=["c2", "y"])
-    np.testing.assert_allclose(np.asarray(got["y"]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["y"]), want, rtol=1e-5, atol=tolerance)
     np.testing.assert_allclose(np.asarray(got["c2"]),
                                np.asarray(model.apply(model.params, x, outputs=["c2"])["c2"]),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-5, atol=tolerance)
 
 
 def test_blocked_layouts_invert_exactly():

@@ -76,6 +76,15 @@ inline void StreamStore(float* p, Vec v) {
 // process); 8 MB, which also streams its 12.8 MB outputs at 28x28, measured the same.
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
+// Convolutions whose weights take at most this many bytes compute every channel block of a
+// pixel tile before the next tile (OutputRowAllBlocks), the others one block over all rows
+// before the next. Measured on ResNet-50's shapes at b8, each alone, the two orders in turns:
+// the 1x1 ones with weights of 128-512 KB took 0.80-0.91x the time (from 256 to 128 channels
+// at 56x56: 7.4-7.9 -> 6.2-6.3 ms, its 25.7 MB input read once instead of twice), 3x3 ones of
+// 576 KB 0.93-1.08x, and larger weights up to 1.07x (they no longer stay in L2). The whole
+// model, paired with onnxruntime: 1.146x against 1.172x, and 1.119x against 1.120x.
+constexpr int64_t kTileMajorWeightBytes = int64_t{512} << 10;
+
 struct Shape {
   int64_t n, h, w, c;       // input
   int64_t oh, ow, o;        // output
@@ -204,6 +213,36 @@ void OutputRow(const Shape& s, const float* x, const float* zeros, const float* 
   }
 }
 
+// Output row `oh` of image `n`, every channel block of a pixel tile before the next tile (all
+// output channels in full blocks, weights blocked): the tile's input is read from memory for
+// the first block and from cache for the others.
+void OutputRowAllBlocks(const Shape& s, const float* x, const float* zeros,
+                        const float* weights, const float* bias, const float* residual,
+                        float* y, int64_t n, int64_t oh) {
+  constexpr int64_t kBlock = kMaxVectors * kLanes;
+  const float* image = x + n * s.h * s.w * s.c;
+  const int64_t offset = ((n * s.oh + oh) * s.ow) * s.o;
+  for (int64_t ow = 0; ow < s.ow; ow += kTileWidth) {
+    for (int64_t ob = 0; ob < s.o; ob += kBlock) {
+      const float* w = weights + ob * s.kh * s.kw * s.c;
+      const float* r = residual ? residual + offset + ow * s.o + ob : nullptr;
+      float* out = y + offset + ow * s.o + ob;
+      auto tile = [&](auto rw) {
+        Tile<decltype(rw)::value, kMaxVectors>(s, image, zeros, oh, ow, w, bias + ob, r, out);
+      };
+      switch (std::min<int64_t>(kTileWidth, s.ow - ow)) {
+        case 7: if constexpr (kTileWidth >= 7) tile(std::integral_constant<int, 7>{}); break;
+        case 6: tile(std::integral_constant<int, 6>{}); break;
+        case 5: tile(std::integral_constant<int, 5>{}); break;
+        case 4: tile(std::integral_constant<int, 4>{}); break;
+        case 3: tile(std::integral_constant<int, 3>{}); break;
+        case 2: tile(std::integral_constant<int, 2>{}); break;
+        default: tile(std::integral_constant<int, 1>{}); break;
+      }
+    }
+  }
+}
+
 // y = relu?(conv(x, w) + b + residual?), x NHWC unpadded: the padding above and left is
 // given, below and right it is what the output's size implies.
 ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -242,6 +281,17 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // weights are then read into one CPU's cache only (ResNet-50 b1: 1-7% faster).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t claim = blocks >= 2 * threads && blocks % threads == 0 ? rows : 1;
+  if (blocked && yd[3] % kBlock == 0 && blocks >= 2 &&
+      wd[0] * wd[1] * wd[2] * yd[3] * int64_t{4} <= kTileMajorWeightBytes) {
+    auto by_rows = [=](int64_t first, int64_t last) {
+      for (int64_t row = first; row < last; ++row)
+        OutputRowAllBlocks(shape, xp, zeros->data(), wp, bp, rp, yp, row / shape.oh,
+                           row % shape.oh);
+      if (shape.stream) _mm_sfence();
+    };
+    onnx2jax::SharedWork::RunOn(pool, std::make_shared<onnx2jax::SharedWork>(rows, 1, by_rows));
+    return ffi::Error::Success();
+  }
   auto body = [=](int64_t first, int64_t last) {
     for (int64_t item = first; item < last; ++item) {
       // Consecutive items share a channel block: its weights stay in cache.
