@@ -109,7 +109,7 @@ class Model:
         sizes = {kind: sum(int(np.size(self.params[k])) for k, v in self._native_weights.items()
                            if v == kind) for kind in native.KINDS}
         self._convolutional = sizes["conv"] > sizes["matrix"]
-        # The kinds of native kernels used ("conv", "matrix"; none: XLA's) -> (the params
+        # The kinds of native kernels used (native.KINDS; none: XLA's) -> (the params
         # prepared from, the prepared params).
         self._prepared: dict[frozenset[str], tuple[dict[str, Any], Params]] = {}
         # Kinds of native kernels -> options -> jitted function (see inference_function).
@@ -350,9 +350,12 @@ class Model:
                 and not any(isinstance(v, jax.core.Tracer) for v in bound.values())):
             # Native convolutions with their epilogues fused measured faster at every batch
             # (paired with onnxruntime: ResNet-50 b1 1.27x against XLA's 1.61x, b8 1.31x
-            # against 1.43x); native matrix products only for few rows (MiniLM and GPT-2 b1).
-            used = set(self._native_weights.values()) | ({"attention"} if self._has_attention
-                                                          else set())
+            # against 1.43x), and so did native attention (MiniLM b32 0.92x against 1.05x, b1
+            # 1.14x against 1.19x); native matrix products only for few rows (MiniLM and GPT-2
+            # b1).
+            used = set(self._native_weights.values())
+            if self._has_attention:
+                used.add("attention")
             kernels = frozenset(kind for kind in used
                                 if kind != "matrix" or input_rows(bound) <= FEW_ROWS)
         function = jit_with_options(

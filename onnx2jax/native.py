@@ -3,17 +3,20 @@
 XLA:CPU's convolutions (Eigen) reach about 60% of onnxruntime's speed on ResNet's shapes, and
 its dots of few rows (YNNPACK, Eigen) 44-88% on MiniLM's and GPT-2's; no XLA option in jaxlib
 changes that (benchmarks/README.md). ``onnx2jax/kernels/conv2d.cc`` is a direct convolution
-that keeps its output tile in vector registers; a matrix product is its 1x1 case. It is
-compiled here, once per machine, with the machine's C++ compiler and ``-march=native`` (the
-result is cached, see :func:`library_path`), and registered with XLA as the custom call
-``onnx2jax_conv2d``.
+that keeps its output tile in vector registers; a matrix product is its 1x1 case.
+``onnx2jax/kernels/attention.cc`` computes softmax attention a few query rows at a time with
+their scores in cache (XLA wrote the scores out between its ops and ran the batched products
+on one thread). They are compiled here, once per machine, with the machine's C++ compiler and
+``-march=native`` (the result is cached, see :func:`library_path`), and registered with XLA as
+the custom calls ``onnx2jax_conv2d`` and ``onnx2jax_attention``.
 
-Only the program ``model(...)`` compiles on the CPU uses it: for 2-D float32 Convs of one
-group, with a residual Add and a ReLU after them fused in (onnx2jax/fusion.py), and, for inputs
-of few rows, for MatMul and Gemm by a float32 weight matrix (many rows keep XLA's dots,
-measured faster there). :meth:`Model.apply` (so gradients, ``vmap`` and other backends are
-unaffected), a batch split over devices and :func:`onnx2jax.aot.export_model` artifacts keep
-XLA's kernels.
+Only the program ``model(...)`` compiles on the CPU uses them: for 2-D float32 Convs of one
+group, with a residual Add and a ReLU after them fused in (onnx2jax/fusion.py); for attention
+chains (MatMul, scale, mask, Softmax, MatMul) rewritten into one node (onnx2jax/fusion.py);
+and, for inputs of few rows, for MatMul and Gemm by a float32 weight matrix (many rows keep
+XLA's dots, measured faster there). :meth:`Model.apply` (so gradients, ``vmap`` and other
+backends are unaffected), a batch split over devices and :func:`onnx2jax.aot.export_model`
+artifacts keep XLA's kernels.
 Without a compiler, on a CPU without AVX-512, or with ``ONNX2JAX_NATIVE=0``, XLA's kernels are
 used; :func:`status` says which and why.
 """
