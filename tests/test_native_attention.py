@@ -75,6 +75,7 @@ def test_attention_applies_only_where_the_kernel_can():
     assert not native.attention_applies(q, kt, v, f32(2, 3, 8, 11), one)
     assert not native.attention_applies(q[0, 0], kt[0, 0], v[0, 0], None, one)  # 2-D
     assert native.attention_applies(q, kt, v, f32(8, 1), one)  # constant along the keys
+    assert not native.attention_applies(q, kt[..., :0], v[..., :0, :], None, one)  # no keys
 
 
 def _attention_model(*, scale_op="Div", mask=True, casts=1, e=32, outputs=("out",),
