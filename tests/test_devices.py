@@ -92,6 +92,25 @@ assert len(out.sharding.device_set) == (1 if onnx2jax.native.available() else 2)
 np.testing.assert_allclose(np.asarray(out),
                            np.asarray(jax.jit(cnn.apply)(cnn.params, digits)["logits"]),
                            rtol=1e-4, atol=1e-4)
+
+# So does a model with attention where the native attention kernel runs.
+rng = np.random.default_rng(2)
+nodes = [helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+         helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+         helper.make_node("MatMul", ["p", "v"], ["out"])]
+shapes = {"q": (256, 2, 8, 16), "kt": (256, 2, 16, 8), "v": (256, 2, 8, 16)}
+graph = helper.make_graph(
+    nodes, "attention",
+    [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *s[1:]])
+     for n, s in shapes.items()],
+    [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+attention = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+feeds = {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()}
+out = attention(**feeds)["out"]
+assert len(out.sharding.device_set) == (1 if onnx2jax.native.available() else 2), out.sharding
+np.testing.assert_allclose(np.asarray(out),
+                           np.asarray(jax.jit(attention.apply)(attention.params, **feeds)["out"]),
+                           rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
