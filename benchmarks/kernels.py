@@ -82,6 +82,35 @@ def attention_matmul_rows(batch: int = 32) -> list[Row]:
                 {"a": probs, "b": v}, 6)]
 
 
+def attention_rows() -> list[Row]:
+    """Whole attention blocks as exported (MatMul, scale, mask, Softmax, MatMul), which
+    ``model(...)`` runs as one native kernel: MiniLM b32 and b1 (12 heads of 128x32, a padding
+    mask), GPT-2 b1 (12 heads of 128x64, a causal mask), ViT-B/16 b8 (12 heads of 197x64)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, batch, seq, size, mask_kind, count in (
+            ("MiniLM b32", 32, 128, 32, "padding", 6), ("MiniLM b1", 1, 128, 32, "padding", 6),
+            ("GPT-2 b1", 1, 128, 64, "causal", 12), ("ViT-B/16 b8", 8, 197, 64, None, 12)):
+        feeds = {"q": _random(rng, batch, 12, seq, size), "kt": _random(rng, batch, 12, size, seq),
+                 "v": _random(rng, batch, 12, seq, size)}
+        nodes = [helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+                 helper.make_node("Mul", ["scores", "scale"], ["scaled"])]
+        probabilities = "scaled"
+        if mask_kind == "padding":
+            feeds["mask"] = np.where(rng.random((batch, 1, 1, seq)) < 0.1, -3.4e38, 0
+                                     ).astype(np.float32)
+        elif mask_kind == "causal":
+            feeds["mask"] = np.triu(np.full((seq, seq), -3.4e38, np.float32), 1)[None, None]
+        if mask_kind:
+            nodes.append(helper.make_node("Add", ["scaled", "mask"], ["masked"]))
+            probabilities = "masked"
+        nodes += [helper.make_node("Softmax", [probabilities], ["p"], axis=-1),
+                  helper.make_node("MatMul", ["p", "v"], ["y"])]
+        model = _model(nodes, feeds, {"scale": np.array(size ** -0.5, np.float32)})
+        rows.append(Row(f"{label}: {batch}x12 of {seq}x{size}", model, feeds, count))
+    return rows
+
+
 def matmul_b1_rows() -> list[Row]:
     """MiniLM b1's dense layers: 128 tokens times a weight, plus the bias."""
     rng = np.random.default_rng(0)
@@ -115,6 +144,7 @@ def conv3x3_b1_rows(batch: int = 1) -> list[Row]:
 
 
 GROUPS: dict[str, Callable[[], list[Row]]] = {
+    "attention": attention_rows,
     "softmax": softmax_rows,
     "attention_matmul": attention_matmul_rows,
     "matmul_b1": matmul_b1_rows,
