@@ -30,8 +30,8 @@ def test_minilm_matches_onnxruntime_at_two_shapes(exporter, request):
     model = onnx2jax.load(path)
     for batch, seq in ((2, 16), (3, 41)):
         feeds = minilm_inputs(batch, seq, seed=seq)
-        if exporter == "legacy" and native.available():
-            # The export's six attention blocks are recognised for the native kernel.
+        if native.available():
+            # Both exports' attention blocks are recognised for the native kernel.
             assert "attention" in model.inference_function(model.bind_inputs((), feeds))[2]
         got = model(**feeds)["last_hidden_state"]
         want = ort_run(path, feeds)["last_hidden_state"]
