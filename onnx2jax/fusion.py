@@ -141,7 +141,6 @@ def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
     alone and are neither graph outputs nor in ``keep``.
 
     Example:
-        >>> import numpy as np, onnx
         >>> from onnx import helper, TensorProto
         >>> import onnx2jax
         >>> from onnx2jax.fusion import fuse_attention
