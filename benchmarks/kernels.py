@@ -1,4 +1,5 @@
-"""Kernel-level timings behind benchmarks/README.md: the operations where onnx2jax is slower.
+"""Kernel-level timings behind benchmarks/README.md: whole attention blocks, and the operations
+where onnx2jax was or is slower.
 
     python -m benchmarks.kernels                    # every group: about 20 s on 2 cores
     python -m benchmarks.kernels --group conv3x3_b1 --runs 50
