@@ -77,6 +77,25 @@ inline __m512 Exp(__m512 x) {
   return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
+// acc[r][v] = sum over k < count of a[r * lda + k] * b[k * ldb + v * 16, ...] (lanes[v] of
+// each row of b, zeros elsewhere): the register tile of both products, q kt and p v.
+template <int R, int NV>
+inline void Products(__m512 (&acc)[R][NV], const float* a, int64_t lda, const float* b,
+                     int64_t ldb, int64_t count, const __mmask16 (&lanes)[NV]) {
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < count; ++k) {
+    __m512 row[NV];
+    UNROLL for (int v = 0; v < NV; ++v)
+      row[v] = _mm512_maskz_loadu_ps(lanes[v], b + k * ldb + v * kLanes);
+    UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 broadcast = _mm512_set1_ps(a[r * lda + k]);
+      UNROLL for (int v = 0; v < NV; ++v)
+        acc[r][v] = _mm512_fmadd_ps(broadcast, row[v], acc[r][v]);
+    }
+  }
+}
+
 // scores[r][j0, j0 + NV * 16) = scale * q[r] . kt[:, j] + mask[r][j], for R query rows.
 template <int R, int NV>
 inline void ScoreTile(const Shape& s, const float* q, const float* kt, int64_t j0,
@@ -84,18 +103,7 @@ inline void ScoreTile(const Shape& s, const float* q, const float* kt, int64_t j
   __mmask16 lanes[NV];
   UNROLL for (int v = 0; v < NV; ++v) lanes[v] = LaneMask(s.t - j0 - v * kLanes);
   __m512 acc[R][NV];
-  UNROLL for (int r = 0; r < R; ++r)
-    UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < s.d; ++c) {
-    __m512 key[NV];
-    UNROLL for (int v = 0; v < NV; ++v)
-      key[v] = _mm512_maskz_loadu_ps(lanes[v], kt + c * s.t + j0 + v * kLanes);
-    UNROLL for (int r = 0; r < R; ++r) {
-      const __m512 query = _mm512_set1_ps(q[r * s.d + c]);
-      UNROLL for (int v = 0; v < NV; ++v)
-        acc[r][v] = _mm512_fmadd_ps(query, key[v], acc[r][v]);
-    }
-  }
+  Products<R, NV>(acc, q, s.d, kt + j0, s.t, s.d, lanes);
   UNROLL for (int r = 0; r < R; ++r)
     UNROLL for (int v = 0; v < NV; ++v) {
       __m512 score = _mm512_mul_ps(acc[r][v], scale);
@@ -125,19 +133,10 @@ inline float SoftmaxNumerators(const Shape& s, float* scores) {
 template <int R, int NV>
 inline void OutputTile(const Shape& s, const float* p, const float* v, int64_t e0,
                        const float (&inverse)[R], float* out) {
+  __mmask16 lanes[NV];
+  UNROLL for (int u = 0; u < NV; ++u) lanes[u] = 0xFFFF;  // e is a multiple of 16
   __m512 acc[R][NV];
-  UNROLL for (int r = 0; r < R; ++r)
-    UNROLL for (int u = 0; u < NV; ++u) acc[r][u] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < s.t; ++j) {
-    __m512 value[NV];
-    UNROLL for (int u = 0; u < NV; ++u)
-      value[u] = _mm512_loadu_ps(v + j * s.e + e0 + u * kLanes);
-    UNROLL for (int r = 0; r < R; ++r) {
-      const __m512 weight = _mm512_set1_ps(p[r * s.padded_t + j]);
-      UNROLL for (int u = 0; u < NV; ++u)
-        acc[r][u] = _mm512_fmadd_ps(weight, value[u], acc[r][u]);
-    }
-  }
+  Products<R, NV>(acc, p, s.padded_t, v + e0, s.e, s.t, lanes);
   UNROLL for (int r = 0; r < R; ++r)
     UNROLL for (int u = 0; u < NV; ++u)
       _mm512_storeu_ps(out + r * s.e + e0 + u * kLanes,
