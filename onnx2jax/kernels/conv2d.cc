@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <unistd.h>
 #include <vector>
 
 #include "parallel.h"
@@ -76,14 +77,23 @@ inline void StreamStore(float* p, Vec v) {
 // process); 8 MB, which also streams its 12.8 MB outputs at 28x28, measured the same.
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
-// Convolutions whose weights take at most this many bytes compute every channel block of a
-// pixel tile before the next tile (OutputRowAllBlocks), the others one block over all rows
-// before the next. Measured on ResNet-50's shapes at b8, each alone, the two orders in turns:
-// the 1x1 ones with weights of 128-512 KB took 0.80-0.91x the time (from 256 to 128 channels
-// at 56x56: 7.4-7.9 -> 6.2-6.3 ms, its 25.7 MB input read once instead of twice), 3x3 ones of
-// 576 KB 0.93-1.08x, and larger weights up to 1.07x (they no longer stay in L2). The whole
-// model, paired with onnxruntime: 1.146x against 1.172x, and 1.119x against 1.120x.
-constexpr int64_t kTileMajorWeightBytes = int64_t{512} << 10;
+// Convolutions whose weights take at most half this CPU's L2 cache compute every channel block
+// of a pixel tile before the next tile (OutputRowAllBlocks), the others one block over all rows
+// before the next. Measured on ResNet-50's shapes at b8 on a 2-core AMD EPYC (1 MB of L2 per
+// core), each alone, the two orders in turns: the 1x1 ones with weights of 128-512 KB took
+// 0.80-0.91x the time (from 256 to 128 channels at 56x56: 7.4-7.9 -> 6.2-6.3 ms, its 25.7 MB
+// input read once instead of twice), 3x3 ones of 576 KB 0.93-1.08x, and larger weights up to
+// 1.07x (they no longer stay in L2). On an Intel Xeon with 2 MB of L2 per core, the 1x1 ones
+// of 1 MB (from 256 to 1024 channels at 14x14, with a residual) took 9.4 against 13.1 ms on
+// one thread, and the whole model, paired with onnxruntime, 1.114x its time against 1.143x
+// for a fixed 512 KB (with the prefetches to L2 in Tile).
+int64_t TileMajorWeightBytes() {
+  static const int64_t bytes = [] {
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return l2 > 0 ? int64_t{l2} / 2 : int64_t{512} << 10;
+  }();
+  return bytes;
+}
 
 struct Shape {
   int64_t n, h, w, c;       // input
@@ -121,11 +131,15 @@ inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t
                  int64_t ow0, const float* weights, const float* bias, const float* residual,
                  float* out) {
   // The residual and the output are read and written once, after the products: ask for their
-  // cache lines now, so that memory works while the products are computed.
+  // cache lines now, so that memory works while the products are computed. Into L2 only
+  // (locality 1): they are used a tile's products later, and the weights and input the
+  // products stream through L1 would evict them (ResNet-50 b8 on an Intel Xeon, each
+  // convolution timed inside the model: those with a residual took 0.80-0.84x the time of
+  // prefetches into L1 at 56x56 to 14x14; the whole model with TileMajorWeightBytes above).
   for (int r = 0; r < RW; ++r)
     for (int v = 0; v < NV; ++v) {
-      if (residual) __builtin_prefetch(residual + r * s.o + v * kLanes, 0, 0);
-      if (!s.stream) __builtin_prefetch(out + r * s.o + v * kLanes, 1, 3);
+      if (residual) __builtin_prefetch(residual + r * s.o + v * kLanes, 0, 1);
+      if (!s.stream) __builtin_prefetch(out + r * s.o + v * kLanes, 1, 1);
     }
   Vec acc[RW][NV];
   for (int v = 0; v < NV; ++v) {
@@ -282,7 +296,7 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t claim = blocks >= 2 * threads && blocks % threads == 0 ? rows : 1;
   if (blocked && yd[3] % kBlock == 0 && blocks >= 2 &&
-      wd[0] * wd[1] * wd[2] * yd[3] * int64_t{4} <= kTileMajorWeightBytes) {
+      wd[0] * wd[1] * wd[2] * yd[3] * int64_t{4} <= TileMajorWeightBytes()) {
     auto by_rows = [=](int64_t first, int64_t last) {
       for (int64_t row = first; row < last; ++row)
         OutputRowAllBlocks(shape, xp, zeros->data(), wp, bp, rp, yp, row / shape.oh,
