@@ -101,6 +101,9 @@ class Model:
         # With native kernels, the weights they read (these Conv weights and MatMul matrices)
         # are kept in their blocked layout.
         self._native_weights = _native_weights(self.plan.nodes, self.params)
+        # Of those, the weights of 3x3 Convs of stride and dilation 1 only, which the native
+        # Winograd kernel may compute (native.winograd_applies) from weights kept transformed.
+        self._winograd_candidates = _winograd_candidates(self.plan.nodes, self._native_weights)
         # (kinds of native kernels, outputs kept) -> the plan rewritten for them (fusion.py).
         self._fused_plans: dict[tuple[frozenset[str], tuple[str, ...]], GraphPlan] = {}
         # Attention chains that the native attention kernel computes as one node.
@@ -298,15 +301,19 @@ class Model:
 
     def _layouts(self, kernels: frozenset[str]) -> dict[str, tuple[int, ...] | str]:
         """Weight -> its prepared layout: a permutation of a Conv's OIHW, or (for the kinds of
-        native ``kernels`` used) "conv" or "matrix", onnx2jax.native's blocked layouts."""
+        native ``kernels`` used) "conv" or "matrix", onnx2jax.native's blocked layouts, or
+        "winograd", its transformed 3x3 weights."""
         if not kernels:
             return self._weight_layouts
         layouts: dict[str, tuple[int, ...] | str] = dict(self._weight_layouts)
         for name, kind in self._native_weights.items():
             if kind not in kernels:
                 continue
-            columns = np.shape(self.params[name])[0 if kind == "conv" else 1]
-            if native.weight_block(int(columns)):
+            shape = np.shape(self.params[name])
+            if name in self._winograd_candidates and native.winograd_applies(
+                    shape, (1, 1), (1, 1)):
+                layouts[name] = "winograd"
+            elif native.weight_block(int(shape[0 if kind == "conv" else 1])):
                 layouts[name] = kind
         return layouts
 
@@ -427,6 +434,8 @@ def _prepared_weight(value: Any, layout: tuple[int, ...] | str) -> Any:
             return native.blocked_weights(array)
         if layout == "matrix":
             return native.blocked_matrix(array)
+        if layout == "winograd":
+            return native.winograd_weights(array)
         return array.transpose(layout)
 
     if not isinstance(value, jax.Array):
@@ -442,6 +451,8 @@ def _restored_weight(value: Any, layout: tuple[int, ...] | str) -> Any:
         return native.unblocked_weights(value)
     if layout == "matrix":
         return native.unblocked_matrix(value)
+    if layout == "winograd":
+        return native.restored_winograd_weights(value)
     return jnp.transpose(value, np.argsort(layout))
 
 
@@ -490,6 +501,23 @@ def _native_weights(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
             else:
                 kinds[name] = kind
     return {name: kind for name, kind in kinds.items() if name not in other}
+
+
+def _winograd_candidates(nodes: Sequence[onnx.NodeProto], native_weights: Mapping[str, str]
+                         ) -> set[str]:
+    """The "conv" ``native_weights`` that only 3x3 Convs of stride and dilation 1 read."""
+    candidates, other = set(), set()
+    for node in nodes:
+        if len(node.input) < 2 or native_weights.get(node.input[1]) != "conv":
+            continue
+        attributes = {a.name: list(a.ints) for a in node.attribute}
+        if (list(attributes.get("kernel_shape", [3, 3])) == [3, 3]
+                and all(v == 1 for v in attributes.get("strides", []))
+                and all(v == 1 for v in attributes.get("dilations", []))):
+            candidates.add(node.input[1])
+        else:
+            other.add(node.input[1])
+    return candidates - other
 
 
 def default_compiler_options() -> dict[str, Any]:

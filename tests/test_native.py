@@ -74,6 +74,89 @@ def test_a_large_output_with_residual_and_relu_matches_xla(channels, size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("x_shape, out_channels, pads, residual, relu", [
+    ((2, 16, 9, 9), 64, ((1, 1), (1, 1)), False, False),  # odd sizes: half tiles at the edge
+    ((1, 32, 7, 10), 128, ((1, 1), (1, 1)), True, True),  # two channel blocks
+    ((2, 64, 6, 5), 64, ((0, 2), (1, 0)), True, False),  # uneven padding
+    ((3, 48, 1, 1), 64, ((1, 1), (1, 1)), False, True),  # tile chunks that span images
+    ((1, 256, 14, 14), 64, ((1, 1), (1, 1)), False, False),  # the most input channels
+    ((9, 16, 4, 4), 64, ((0, 0), (0, 0)), True, True),  # no padding
+])
+def test_winograd_matches_xla(x_shape, out_channels, pads, residual, relu):
+    c = x_shape[1]
+    x, w, b = f32(*x_shape), f32(out_channels, c, 3, 3) / np.sqrt(9 * c), f32(out_channels)
+    assert native.winograd_applies(w.shape, (1, 1), (1, 1))
+    want = lax.conv_general_dilated(x, w, (1, 1), pads) + b[None, :, None, None]
+    addend = f32(*want.shape) if residual else None
+    if residual:
+        want = want + addend
+    if relu:
+        want = jax.nn.relu(want)
+    got = jax.jit(lambda x, w, b, r: native.conv2d(x, w, b, (1, 1), pads, (1, 1), residual=r,
+                                                   relu=relu))(x, w, b, addend)
+    assert "onnx2jax_winograd" in jax.jit(
+        lambda x, w: native.conv2d(x, w, None, (1, 1), pads, (1, 1))).lower(x, w).as_text()
+    # The transforms add and subtract up to 16 values (F(2x2, 3x3)'s error is a few ulps).
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_applies_to_3x3_convolutions_of_stride_1_up_to_256_channels():
+    if not native.status().get("block"):
+        pytest.skip("no kernels on this machine")
+    assert native.winograd_applies((64, 64, 3, 3), (1, 1), (1, 1))
+    assert native.winograd_applies((128, 256, 3, 3), (1, 1), (1, 1))
+    assert not native.winograd_applies((512, 512, 3, 3), (1, 1), (1, 1))  # slower there
+    assert not native.winograd_applies((64, 64, 3, 3), (2, 2), (1, 1))
+    assert not native.winograd_applies((64, 64, 3, 3), (1, 1), (2, 2))
+    assert not native.winograd_applies((64, 64, 1, 1), (1, 1), (1, 1))
+    assert not native.winograd_applies((64, 8, 3, 3), (1, 1), (1, 1))  # under a vector wide
+    assert not native.winograd_applies((48, 64, 3, 3), (1, 1), (1, 1))  # under a block
+
+
+def test_winograd_weights_invert():
+    if not native.status().get("block"):
+        pytest.skip("no kernels on this machine")
+    w = f32(128, 32, 3, 3)
+    u = native.winograd_weights(w)
+    assert u.shape == (2, 16, 32, 64)
+    np.testing.assert_allclose(np.asarray(native.restored_winograd_weights(jnp.asarray(u))), w,
+                               rtol=1e-6, atol=1e-6)
+    # NumPy (at load) and JAX (inside a trace) give the same layout.
+    np.testing.assert_allclose(np.asarray(native.winograd_weights(jnp.asarray(w))), u,
+                               rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_winograd_weights_are_kept_transformed_and_follow_param_changes():
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    # w3 is read by a Conv of stride 1 and one of stride 2: it keeps the blocked layout.
+    weights = {"w3": f32(64, 32, 3, 3) / 16, "w1": f32(64, 32, 3, 3) / 16, "b": f32(64)}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b"], ["y"], pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["x", "w3"], ["z"], pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["x", "w3"], ["s"], pads=[1, 1, 1, 1], strides=[2, 2])],
+        "convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 10, 10])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yzs"],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = onnx2jax.load(proto)
+    layouts = model._layouts(frozenset({"conv"}))
+    assert layouts["w1"] == "winograd" and layouts["w3"] == "conv"
+    x = f32(2, 32, 10, 10)
+    want = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                        providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = model(x)
+    for name, value in zip("yzs", want, strict=True):
+        np.testing.assert_allclose(np.asarray(got[name]), value, rtol=1e-5, atol=1e-5)
+    model.params["w1"] = model.params["w1"] * 0.5
+    np.testing.assert_allclose(np.asarray(model(x)["y"]),
+                               np.asarray(jax.jit(model.apply)(model.params, x)["y"]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
 def test_model_call_runs_the_kernel_and_matches_onnxruntime():
     import onnxruntime
 
@@ -322,7 +405,9 @@ def test_fused_resnet_block_matches_onnxruntime(x_shape, channels):
     model = onnx2jax.load(proto)
     x = f32(*x_shape)
     compiled = _compiled_text(model, {"x": x})
-    assert compiled.count("onnx2jax_conv2d") == 4 and "relu = true" in compiled
+    # The 3x3 Conv by Winograd, from weights kept transformed: no product of weights per call.
+    assert compiled.count("onnx2jax_conv2d") == 3 and compiled.count("onnx2jax_winograd") == 1
+    assert "relu = true" in compiled and " dot(" not in compiled
     assert "maximum" not in compiled  # every ReLU in a kernel
     (want,) = onnxruntime.InferenceSession(proto.SerializeToString(),
                                            providers=["CPUExecutionProvider"]).run(None, {"x": x})
