@@ -78,6 +78,7 @@ def test_a_large_output_with_residual_and_relu_matches_xla(channels, size):
     ((2, 16, 9, 9), 64, ((1, 1), (1, 1)), False, False),  # odd sizes: half tiles at the edge
     ((1, 32, 7, 10), 128, ((1, 1), (1, 1)), True, True),  # two channel blocks
     ((2, 64, 6, 5), 64, ((0, 2), (1, 0)), True, False),  # uneven padding
+    ((1, 16, 5, 6), 64, ((0, 4), (3, 0)), False, True),  # more below than above
     ((3, 48, 1, 1), 64, ((1, 1), (1, 1)), False, True),  # tile chunks that span images
     ((1, 256, 14, 14), 64, ((1, 1), (1, 1)), False, False),  # the most input channels
     ((9, 16, 4, 4), 64, ((0, 0), (0, 0)), True, True),  # no padding

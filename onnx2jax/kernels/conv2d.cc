@@ -458,7 +458,6 @@ ffi::Error WinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (xd.size() != 4 || yd.size() != 4 || ud.size() != 4 || ud[1] != 16 || ud[3] != kBlock ||
       ud[2] != xd[3] || xd[3] % kLanes != 0 || ud[0] * kBlock != yd[3] || yd[0] != xd[0] ||
       b.dimensions().size() != 1 || b.dimensions()[0] != yd[3] || pad_h < 0 || pad_w < 0 ||
-      yd[1] > xd[1] + 2 * pad_h || yd[2] > xd[2] + 2 * pad_w ||
       (add_residual && !std::equal(yd.begin(), yd.end(), residual.dimensions().begin(),
                                    residual.dimensions().end())))
     return ffi::Error::InvalidArgument("onnx2jax_winograd: inconsistent shapes");
