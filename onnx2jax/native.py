@@ -352,9 +352,7 @@ def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
         prepared = getattr(_active, "winograd", {}).get(id(w))
         u = prepared[1] if prepared is not None and prepared[0] is w else winograd_weights(
             jnp.asarray(w))
-        bias = (jnp.zeros((out_channels,), jnp.float32) if b is None
-                else jnp.asarray(b, jnp.float32))
-        addend = jnp.zeros((0,), jnp.float32) if residual is None else residual
+        bias, addend = _bias_and_addend(b, residual, out_channels)
         call = jax.ffi.ffi_call(WINOGRAD_TARGET,
                                 jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32))
         y = call(jnp.transpose(x, (0, 2, 3, 1)), u, bias, addend, pad_h=np.int64(top),
@@ -368,6 +366,16 @@ def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
     return jnp.transpose(y, (0, 3, 1, 2))
 
 
+def _bias_and_addend(bias: Any | None, residual: Any | None, channels: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """The convolution kernels' bias (zeros when none) and residual (empty when none)."""
+    bias = (jnp.zeros((channels,), jnp.float32) if bias is None
+            else jnp.asarray(bias, jnp.float32))
+    addend = (jnp.zeros((0,), jnp.float32) if residual is None
+              else jnp.asarray(residual, jnp.float32))
+    return bias, addend
+
+
 def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[int, ...],
             strides: Sequence[int] = (1, 1), dilations: Sequence[int] = (1, 1),
             pads: Sequence[int] = (0, 0), residual: Any | None = None, relu: bool = False
@@ -375,10 +383,7 @@ def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[
     """The custom call: NHWC ``x`` (``pads`` = zero rows above it, zero columns left of it),
     weights HWIO or blocked, an NHWC result of ``shape``, plus ``residual`` (NHWC) and a ReLU
     if asked."""
-    bias = (jnp.zeros((shape[-1],), jnp.float32) if bias is None
-            else jnp.asarray(bias, jnp.float32))
-    addend = (jnp.zeros((0,), jnp.float32) if residual is None
-              else jnp.asarray(residual, jnp.float32))
+    bias, addend = _bias_and_addend(bias, residual, shape[-1])
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
     return call(x, weights, bias, addend, stride_h=np.int64(strides[0]),
                 stride_w=np.int64(strides[1]), dilation_h=np.int64(dilations[0]),

@@ -230,6 +230,21 @@ void OutputRow(const Shape& s, const float* x, const float* zeros, const float* 
   }
 }
 
+// f(std::integral_constant<int, RW>) for RW = min(kTileWidth, width), width >= 1: a tile
+// function instantiated for each width a row's or a chunk's last tile can have.
+template <typename F>
+inline void WithTileWidth(int64_t width, F&& f) {
+  switch (std::min<int64_t>(kTileWidth, width)) {
+    case 7: if constexpr (kTileWidth >= 7) f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // Output row `oh` of image `n`, every channel block of a pixel tile before the next tile (all
 // output channels in full blocks, weights blocked): the tile's input is read from memory for
 // the first block and from cache for the others.
@@ -244,18 +259,9 @@ void OutputRowAllBlocks(const Shape& s, const float* x, const float* zeros,
       const float* w = weights + ob * s.kh * s.kw * s.c;
       const float* r = residual ? residual + offset + ow * s.o + ob : nullptr;
       float* out = y + offset + ow * s.o + ob;
-      auto tile = [&](auto rw) {
+      WithTileWidth(s.ow - ow, [&](auto rw) {
         Tile<decltype(rw)::value, kMaxVectors>(s, image, zeros, oh, ow, w, bias + ob, r, out);
-      };
-      switch (std::min<int64_t>(kTileWidth, s.ow - ow)) {
-        case 7: if constexpr (kTileWidth >= 7) tile(std::integral_constant<int, 7>{}); break;
-        case 6: tile(std::integral_constant<int, 6>{}); break;
-        case 5: tile(std::integral_constant<int, 5>{}); break;
-        case 4: tile(std::integral_constant<int, 4>{}); break;
-        case 3: tile(std::integral_constant<int, 3>{}); break;
-        case 2: tile(std::integral_constant<int, 2>{}); break;
-        default: tile(std::integral_constant<int, 1>{}); break;
-      }
+      });
     }
   }
 }
@@ -432,18 +438,9 @@ void WinogradItem(const WinogradShape& s, const float* x, const float* u, const 
   const float* block = u + ob * 16 * s.c;
   for (int xi = 0; xi < 16; ++xi)
     for (int64_t i0 = 0; i0 < count; i0 += kTileWidth) {
-      auto product = [&](auto rw) {
+      WithTileWidth(count - i0, [&](auto rw) {
         WinogradProduct<decltype(rw)::value>(s, v, block, count, xi, i0, m);
-      };
-      switch (std::min<int64_t>(kTileWidth, count - i0)) {
-        case 7: if constexpr (kTileWidth >= 7) product(std::integral_constant<int, 7>{}); break;
-        case 6: product(std::integral_constant<int, 6>{}); break;
-        case 5: product(std::integral_constant<int, 5>{}); break;
-        case 4: product(std::integral_constant<int, 4>{}); break;
-        case 3: product(std::integral_constant<int, 3>{}); break;
-        case 2: product(std::integral_constant<int, 2>{}); break;
-        default: product(std::integral_constant<int, 1>{}); break;
-      }
+      });
     }
   WinogradOutput(s, m, bias, residual, y, t0, count, ob);
 }
@@ -489,14 +486,19 @@ ffi::Error WinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 }  // namespace
 
+// Both convolutions take (x, weights, bias, residual) and return y.
+auto ConvolutionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Onnx2jaxConv2d, Conv2dImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              ConvolutionBinding()
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
                                   .Attr<int64_t>("dilation_h")
@@ -508,13 +510,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Onnx2jaxConv2d, Conv2dImpl,
                                   .Attr<bool>("add_residual"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Onnx2jaxWinograd, WinogradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              ConvolutionBinding()
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w")
                                   .Attr<bool>("relu")
