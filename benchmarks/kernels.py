@@ -112,18 +112,30 @@ def attention_rows() -> list[Row]:
     return rows
 
 
-def matmul_b1_rows() -> list[Row]:
-    """MiniLM b1's dense layers: 128 tokens times a weight, plus the bias."""
+def _dense_rows(tokens: int, shapes: Sequence[tuple[int, int, int, bool]]) -> list[Row]:
+    """``tokens`` rows times each (k, n) weight, plus the bias where the layer has one."""
     rng = np.random.default_rng(0)
     rows = []
-    for k, n, count in ((384, 384, 24), (384, 1536, 6), (1536, 384, 6)):
-        x = _random(rng, 128, k)
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]),
-                 helper.make_node("Add", ["xw", "b"], ["y"])]
-        model = _model(nodes, {"x": x}, {"w": _random(rng, k, n, scale=k ** -0.5),
-                                         "b": _random(rng, n)})
-        rows.append(Row(f"128x{k}x{n}", model, {"x": x}, count))
+    for k, n, count, bias in shapes:
+        x = _random(rng, tokens, k)
+        weights = {"w": _random(rng, k, n, scale=k ** -0.5)}
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["xw" if bias else "y"])]
+        if bias:
+            weights["b"] = _random(rng, n)
+            nodes.append(helper.make_node("Add", ["xw", "b"], ["y"]))
+        rows.append(Row(f"{tokens}x{k}x{n}", _model(nodes, {"x": x}, weights), {"x": x}, count))
     return rows
+
+
+def matmul_b1_rows() -> list[Row]:
+    """MiniLM b1's dense layers: 128 tokens times a weight, plus the bias."""
+    return _dense_rows(128, ((384, 384, 24, True), (384, 1536, 6, True), (1536, 384, 6, True)))
+
+
+def matmul_gpt2_rows() -> list[Row]:
+    """GPT-2 b1 s128's dense layers (with their bias) and its LM head over the vocabulary."""
+    return _dense_rows(128, ((768, 2304, 12, True), (768, 768, 12, True), (768, 3072, 12, True),
+                             (3072, 768, 12, True), (768, 50257, 1, False)))
 
 
 def conv3x3_b1_rows(batch: int = 1) -> list[Row]:
@@ -149,6 +161,7 @@ GROUPS: dict[str, Callable[[], list[Row]]] = {
     "softmax": softmax_rows,
     "attention_matmul": attention_matmul_rows,
     "matmul_b1": matmul_b1_rows,
+    "matmul_gpt2": matmul_gpt2_rows,
     "conv3x3_b1": conv3x3_b1_rows,
 }
 
