@@ -313,7 +313,8 @@ class Model:
             if name in self._winograd_candidates and native.winograd_applies(
                     shape, (1, 1), (1, 1)):
                 layouts[name] = "winograd"
-            elif native.weight_block(int(shape[0 if kind == "conv" else 1])):
+            elif (native.weight_block(int(shape[0])) if kind == "conv"
+                  else native.matrix_blocked(int(shape[1]))):
                 layouts[name] = kind
         return layouts
 
@@ -385,8 +386,8 @@ class Model:
         """``values`` with prepared Conv weights back in ONNX's layout (under jit, XLA cancels
         the pair with the preparation)."""
         layouts = self._layouts(kernels)
-        return {k: _restored_weight(v, layouts[k]) if k in layouts else v
-                for k, v in values.items()}
+        return {k: _restored_weight(v, layouts[k], np.shape(self.params[k])) if k in layouts
+                else v for k, v in values.items()}
 
     # ---------------------------------------------------------------- checks
     def _check_params(self, params: Mapping[str, Any]) -> None:
@@ -446,11 +447,12 @@ def _prepared_weight(value: Any, layout: tuple[int, ...] | str) -> Any:
     return arrange(value)
 
 
-def _restored_weight(value: Any, layout: tuple[int, ...] | str) -> Any:
+def _restored_weight(value: Any, layout: tuple[int, ...] | str, shape: Sequence[int]) -> Any:
+    """``value`` of ``layout`` (_prepared_weight's) back as the param of ``shape``."""
     if layout == "conv":
         return native.unblocked_weights(value)
     if layout == "matrix":
-        return native.unblocked_matrix(value)
+        return native.restored_matrix(value, shape[1])
     if layout == "winograd":
         return native.restored_winograd_weights(value)
     return jnp.transpose(value, np.argsort(layout))

@@ -189,12 +189,12 @@ def kernels(kinds: Collection[str]) -> Iterator[None]:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown kinds of native kernels {sorted(unknown)}; known: {KINDS}")
-    before = getattr(_active, "kinds", frozenset()), getattr(_active, "winograd", {})
-    _active.kinds, _active.winograd = frozenset(kinds), {}
+    before = getattr(_active, "kinds", frozenset()), getattr(_active, "prepared", {})
+    _active.kinds, _active.prepared = frozenset(kinds), {}
     try:
         yield
     finally:
-        _active.kinds, _active.winograd = before
+        _active.kinds, _active.prepared = before
 
 
 def active(kind: str) -> bool:
@@ -256,23 +256,57 @@ def restored_winograd_weights(u: Any) -> Any:
     w = jnp.einsum("ka,oiab,lb->oikl", _WINOGRAD_G_INVERSE,
                    jnp.transpose(u, (0, 3, 2, 1)).reshape(blocks * block, i, 4, 4),
                    _WINOGRAD_G_INVERSE)
-    prepared = getattr(_active, "winograd", None)
-    if prepared is not None and active("conv"):
-        prepared[id(w)] = (w, u)
+    _remember(w, u, "conv")
     return w
 
 
+def _remember(weight: Any, prepared: Any, kind: str) -> None:
+    """Inside ``model(...)``'s trace with ``kind`` kernels: ``weight``, restored from the
+    ``prepared`` weights ``model(...)`` keeps, is computed from ``prepared`` (_prepared_for)."""
+    remembered = getattr(_active, "prepared", None)
+    if remembered is not None and active(kind):
+        remembered[id(weight)] = (weight, prepared)
+
+
+def _prepared_for(weight: Any) -> Any | None:
+    """The prepared weights ``weight`` was restored from in this trace (_remember), if any."""
+    found = getattr(_active, "prepared", {}).get(id(weight))
+    return found[1] if found is not None and found[0] is weight else None
+
+
+def matrix_blocked(columns: int) -> bool:
+    """Whether the kernel reads a [K, N] matrix of this many columns blocked (by blocked_matrix):
+    when the block divides them, or when the vector width does not, the last block then padded
+    with zero columns (GPT-2's LM head of 50,257). Otherwise it reads the matrix as it is."""
+    lanes = _state.get("lanes")
+    return weight_block(columns) is not None or (lanes is not None and columns % lanes != 0)
+
+
 def blocked_matrix(b: Any) -> Any:
-    """A [K, N] matrix in the blocked layout of a 1x1 convolution's weights."""
+    """A [K, N] matrix in the blocked layout of a 1x1 convolution's weights, its columns padded
+    with zeros to whole blocks (NumPy or JAX)."""
     k, n = np.shape(b)
     block = _state["block"]
-    return b.reshape(k, n // block, block).transpose(1, 0, 2).reshape(n // block, 1, 1, k, block)
+    blocks = -(-n // block)
+    if blocks * block != n:
+        xp = jnp if isinstance(b, jax.Array) else np
+        b = xp.pad(b, ((0, 0), (0, blocks * block - n)))
+    return b.reshape(k, blocks, block).transpose(1, 0, 2).reshape(blocks, 1, 1, k, block)
 
 
-def unblocked_matrix(w: Any) -> Any:
-    """The inverse of :func:`blocked_matrix`: [K, N]."""
+def unblocked_matrix(w: Any, columns: int | None = None) -> Any:
+    """The inverse of :func:`blocked_matrix`: [K, N], the first ``columns`` (default all)."""
     blocks, _, _, k, block = np.shape(w)
-    return w.reshape(blocks, k, block).transpose(1, 0, 2).reshape(k, blocks * block)
+    return w.reshape(blocks, k, block).transpose(1, 0, 2).reshape(k, blocks * block)[:, :columns]
+
+
+def restored_matrix(w: Any, columns: int) -> Any:
+    """:func:`unblocked_matrix`, remembered inside ``model(...)``'s trace with ``w``, so that
+    :func:`matmul` reads ``w`` itself (XLA cancels the transposes of a round trip, but not the
+    slice and padding of a padded one)."""
+    b = unblocked_matrix(w, columns)
+    _remember(b, w, "matrix")
+    return b
 
 
 def conv2d_applies(x: Any, w: Any, group: int) -> bool:
@@ -305,12 +339,11 @@ def addend_applies(addend: Any | None, shape: Sequence[int]) -> bool:
 
 
 def matmul_applies(a: Any, b: Any) -> bool:
-    """Whether :func:`matmul` computes ``a @ b``: float32, ``b`` a matrix of a multiple of the
-    vector width columns, ``a`` of at least 2 dimensions."""
-    lanes = _state.get("lanes")
-    return (lanes is not None and np.ndim(a) >= 2 and np.ndim(b) == 2
+    """Whether :func:`matmul` computes ``a @ b``: float32, ``b`` a matrix, ``a`` of at least 2
+    dimensions."""
+    return (_state.get("lanes") is not None and np.ndim(a) >= 2 and np.ndim(b) == 2
             and a.dtype == np.float32 and b.dtype == np.float32
-            and np.shape(b)[1] % lanes == 0 and np.shape(a)[-1] == np.shape(b)[0])
+            and np.shape(a)[-1] == np.shape(b)[0])
 
 
 def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
@@ -322,11 +355,12 @@ def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
     rows, n = int(np.prod(lead)), np.shape(b)[1]
     if rows == 0:
         return jnp.zeros((*lead, n), jnp.float32) + (0 if bias is None else bias)
-    block = weight_block(n)
-    b = jnp.asarray(b)
-    weights = blocked_matrix(b) if block else jnp.reshape(b, (1, 1, k, n))
-    y = _kernel(jnp.reshape(a, (1, 1, rows, k)), weights, block is not None, bias,
-                (1, 1, rows, n))
+    weights = _prepared_for(b)
+    blocked = weights is not None or matrix_blocked(n)
+    if weights is None:
+        b = jnp.asarray(b)
+        weights = blocked_matrix(b) if blocked else jnp.reshape(b, (1, 1, k, n))
+    y = _kernel(jnp.reshape(a, (1, 1, rows, k)), weights, blocked, bias, (1, 1, rows, n))
     return jnp.reshape(y, (*lead, n))
 
 
@@ -349,9 +383,9 @@ def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
     if winograd_applies(np.shape(w), strides, dilations):
         # Weights prepared by model(...) (restored_winograd_weights) are read as they are;
         # any others are transformed here, on every call.
-        prepared = getattr(_active, "winograd", {}).get(id(w))
-        u = prepared[1] if prepared is not None and prepared[0] is w else winograd_weights(
-            jnp.asarray(w))
+        u = _prepared_for(w)
+        if u is None:
+            u = winograd_weights(jnp.asarray(w))
         bias, addend = _bias_and_addend(b, residual, out_channels)
         call = jax.ffi.ffi_call(WINOGRAD_TARGET,
                                 jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32))
@@ -382,8 +416,12 @@ def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[
             ) -> jax.Array:
     """The custom call: NHWC ``x`` (``pads`` = zero rows above it, zero columns left of it),
     weights HWIO or blocked, an NHWC result of ``shape``, plus ``residual`` (NHWC) and a ReLU
-    if asked."""
-    bias, addend = _bias_and_addend(bias, residual, shape[-1])
+    if asked. Blocked weights may have more columns than the result (a padded matrix): the
+    bias is padded to them."""
+    columns = np.shape(weights)[0] * np.shape(weights)[-1] if blocked else shape[-1]
+    if bias is not None and np.shape(bias)[0] < columns:
+        bias = jnp.pad(jnp.asarray(bias, jnp.float32), (0, columns - np.shape(bias)[0]))
+    bias, addend = _bias_and_addend(bias, residual, columns)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
     return call(x, weights, bias, addend, stride_h=np.int64(strides[0]),
                 stride_w=np.int64(strides[1]), dilation_h=np.int64(dilations[0]),

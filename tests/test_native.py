@@ -287,11 +287,12 @@ def test_grouped_and_1d_convolutions_keep_their_weights_for_xla():
                                    atol=1e-5)
 
 
-def _matmul_model(b_uses_gemm: bool, c_shape: tuple = (128,), **gemm_attributes) -> tuple:
-    """x [2, 5, 24] @ w [24, 128] (+ c): a MatMul, or a Gemm on the flattened rows."""
+def _matmul_model(b_uses_gemm: bool, c_shape: tuple | None = None, columns: int = 128,
+                  **gemm_attributes) -> tuple:
+    """x [2, 5, 24] @ w [24, columns] (+ c): a MatMul, or a Gemm on the flattened rows."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w, c = f32(24, 128), f32(*c_shape)
+    w, c = f32(24, columns), f32(*(c_shape or (columns,)))
     if b_uses_gemm:
         nodes = [helper.make_node("Gemm", ["x", "w", "c"], ["y"], **gemm_attributes)]
         x = f32(10, 24)
@@ -315,6 +316,10 @@ def _matmul_model(b_uses_gemm: bool, c_shape: tuple = (128,), **gemm_attributes)
     (True, {"c_shape": (10, 1)}, "matrix"),  # C broadcast along columns: added after
     (True, {"c_shape": (1, 128)}, "matrix"),
     (True, {"alpha": 2.0}, None),  # the kernel has no alpha: XLA's dot
+    # Columns not a multiple of the vector width: the weights padded to whole blocks.
+    (False, {"columns": 150}, "matrix"),
+    (True, {"columns": 150}, "matrix"),
+    (True, {"columns": 5, "beta": 0.0}, "matrix"),
 ])
 def test_matrix_products_run_the_kernel_and_match_onnxruntime(gemm, attributes, native_kind):
     import onnxruntime
@@ -431,6 +436,11 @@ def test_blocked_layouts_invert_exactly():
     w, b = f32(2 * block, 3, 3, 5), f32(7, 3 * block)
     np.testing.assert_array_equal(native.unblocked_weights(native.blocked_weights(w)), w)
     np.testing.assert_array_equal(native.unblocked_matrix(native.blocked_matrix(b)), b)
+    # Columns that are not whole blocks are padded with zeros, and the padding dropped again.
+    ragged = f32(7, 2 * block + 3)
+    padded = native.blocked_matrix(ragged)
+    assert padded.shape == (3, 1, 1, 7, block) and not padded[2, 0, 0, :, 3:].any()
+    np.testing.assert_array_equal(native.unblocked_matrix(padded, 2 * block + 3), ragged)
     # A block holds `block` consecutive output channels (columns) at each input position.
     np.testing.assert_array_equal(native.blocked_matrix(b)[1, 0, 0, 4], b[4, block:2 * block])
 

@@ -245,6 +245,29 @@ inline void WithTileWidth(int64_t width, F&& f) {
   }
 }
 
+// Output row `oh` of image `n`, the last `width` channels when they are not whole vectors (a
+// matrix product of N columns, its weights and bias padded with zeros to whole blocks): each
+// tile is computed in whole vectors into a buffer, and its `width` columns copied out.
+void RaggedOutputRow(const Shape& s, const float* x, const float* zeros, const float* weights,
+                     const float* bias, float* y, int64_t n, int64_t oh, int64_t ob,
+                     int64_t width) {
+  constexpr int64_t kBlock = kMaxVectors * kLanes;
+  Shape whole = s;
+  whole.o = kBlock;
+  whole.stream = false;
+  alignas(64) float buffer[kTileWidth * kBlock];
+  const float* image = x + n * s.h * s.w * s.c;
+  const float* w = weights + ob * s.kh * s.kw * s.c;
+  float* out = y + ((n * s.oh + oh) * s.ow) * s.o + ob;
+  for (int64_t ow = 0; ow < s.ow; ow += kTileWidth)
+    WithTileWidth(s.ow - ow, [&](auto rw) {
+      constexpr int RW = decltype(rw)::value;
+      Tile<RW, kMaxVectors>(whole, image, zeros, oh, ow, w, bias + ob, nullptr, buffer);
+      for (int r = 0; r < RW; ++r)
+        std::memcpy(out + (ow + r) * s.o, buffer + r * kBlock, width * sizeof(float));
+    });
+}
+
 // Output row `oh` of image `n`, every channel block of a pixel tile before the next tile (all
 // output channels in full blocks, weights blocked): the tile's input is read from memory for
 // the first block and from cache for the others.
@@ -280,8 +303,12 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // Kernel rows, columns, input and output channels.
   const int64_t wd[4] = {given[blocked], given[blocked + 1], given[blocked + 2],
                          blocked ? given[0] * given[4] : given[3]};
+  // Fewer output channels than the blocked weights have: their last block is padded (a matrix
+  // of any number of columns); the padding's products are computed and not written.
+  const bool ragged = blocked && yd.size() == 4 && yd[3] < wd[3] && yd[3] > wd[3] - kBlock;
   if ((blocked && given[4] != kBlock) || xd.size() != 4 || yd.size() != 4 || wd[2] != xd[3] ||
-      yd[3] != wd[3] || yd[0] != xd[0] || b.dimensions().size() != 1 ||
+      (yd[3] != wd[3] && !ragged) || (ragged && add_residual) || yd[0] != xd[0] ||
+      b.dimensions().size() != 1 ||
       b.dimensions()[0] != wd[3] || wd[3] % kLanes != 0 || stride_h < 1 || stride_w < 1 ||
       dilation_h < 1 || dilation_w < 1 || pad_h < 0 || pad_w < 0 ||
       (add_residual && !std::equal(yd.begin(), yd.end(), residual.dimensions().begin(),
@@ -290,7 +317,7 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   Shape shape = {xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], wd[0], wd[1],
                  stride_h, stride_w, dilation_h, dilation_w, pad_h, pad_w,
                  blocked, blocked ? kBlock : yd[3], relu,
-                 yd[0] * yd[1] * yd[2] * yd[3] * int64_t{4} > kStreamBytes &&
+                 !ragged && yd[0] * yd[1] * yd[2] * yd[3] * int64_t{4} > kStreamBytes &&
                      reinterpret_cast<uintptr_t>(y->typed_data()) % 64 == 0};
   const float *xp = x.typed_data(), *wp = w.typed_data(), *bp = b.typed_data();
   const float* rp = add_residual ? residual.typed_data() : nullptr;
@@ -323,8 +350,13 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     for (int64_t item = first; item < last; ++item) {
       // Consecutive items share a channel block: its weights stay in cache.
       const int64_t ob = (item / rows) * kBlock, row = item % rows;
-      OutputRow(shape, xp, zeros->data(), wp, bp, rp, yp, row / shape.oh, row % shape.oh, ob,
-                std::min(kBlock, shape.o - ob));
+      const int64_t width = std::min(kBlock, shape.o - ob);
+      if (width % kLanes != 0)
+        RaggedOutputRow(shape, xp, zeros->data(), wp, bp, yp, row / shape.oh, row % shape.oh, ob,
+                        width);
+      else
+        OutputRow(shape, xp, zeros->data(), wp, bp, rp, yp, row / shape.oh, row % shape.oh, ob,
+                  width);
     }
     if (shape.stream) _mm_sfence();  // streamed stores visible before they are counted
   };
