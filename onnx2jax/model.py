@@ -383,8 +383,9 @@ class Model:
 
     def _restore_layouts(self, values: Mapping[str, Any],
                          kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
-        """``values`` with prepared Conv weights back in ONNX's layout (under jit, XLA cancels
-        the pair with the preparation)."""
+        """``values`` with prepared weights back in ONNX's layout (under jit, XLA cancels the
+        pair with the preparation, or the native kernel reads the prepared weights itself:
+        onnx2jax.native._remember)."""
         layouts = self._layouts(kernels)
         return {k: _restored_weight(v, layouts[k], np.shape(self.params[k])) if k in layouts
                 else v for k, v in values.items()}

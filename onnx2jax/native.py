@@ -261,8 +261,9 @@ def restored_winograd_weights(u: Any) -> Any:
 
 
 def _remember(weight: Any, prepared: Any, kind: str) -> None:
-    """Inside ``model(...)``'s trace with ``kind`` kernels: ``weight``, restored from the
-    ``prepared`` weights ``model(...)`` keeps, is computed from ``prepared`` (_prepared_for)."""
+    """Inside ``model(...)``'s trace with ``kind`` kernels, notes that ``weight`` was restored
+    from the ``prepared`` weights ``model(...)`` keeps, so that the kernel reads ``prepared``
+    itself (_prepared_for)."""
     remembered = getattr(_active, "prepared", None)
     if remembered is not None and active(kind):
         remembered[id(weight)] = (weight, prepared)

@@ -339,6 +339,16 @@ def test_matrix_products_run_the_kernel_and_match_onnxruntime(gemm, attributes, 
 
 
 @needs_kernels
+def test_a_padded_matrix_is_read_as_model_call_keeps_it():
+    proto, x = _matmul_model(False, columns=150)
+    model = onnx2jax.load(proto)
+    text = _compiled_text(model, {"x": x})
+    # No per-call round trip through the unpadded weights (XLA would not cancel it).
+    assert "onnx2jax_conv2d" in text
+    assert not any(op in text for op in (" pad(", " slice(", " transpose("))
+
+
+@needs_kernels
 def test_many_rows_keep_native_convolutions_and_xla_matrix_products():
     cnn = onnx2jax.load(onnx2jax.example_path())
     images = f32(200, 1, 8, 8)
