@@ -349,9 +349,10 @@ def matmul_applies(a: Any, b: Any) -> bool:
 
 def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
     """``a @ b (+ bias)`` for a matrix ``b`` [K, N] by the convolution kernel, as a 1x1
-    convolution of one row of ``a``'s rows. For the 128 rows of MiniLM's and GPT-2's products
-    it ran at 1.07-1.15x onnxruntime's time, XLA's Eigen dots at 1.13-1.45x and its YNNPACK
-    dots at 1.14-2.29x (benchmarks/README.md)."""
+    convolution of one row of ``a``'s rows, ``b`` read blocked where :func:`matrix_blocked`
+    says so (the blocked copy ``model(...)`` keeps of its params, else laid out here). For
+    the 128 rows of MiniLM's and GPT-2's products it ran at 1.07-1.15x onnxruntime's time,
+    XLA's Eigen dots at 1.13-1.45x and its YNNPACK dots at 1.14-2.29x (benchmarks/README.md)."""
     *lead, k = np.shape(a)
     rows, n = int(np.prod(lead)), np.shape(b)[1]
     if rows == 0:
