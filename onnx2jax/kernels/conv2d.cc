@@ -118,8 +118,8 @@ struct Shape {
 // pointers in mask registers, whose moves back take the FMA ports. One thread of an Intel Xeon,
 // in cache, alternating builds: the 1x1 convolutions of ResNet-50 went from 70-93 to 84-111
 // GFLOP/s, the 3x3 ones at 56x56 and 28x28 from 94-114 to 116-128 (the peak FMA loop: 131-143);
-// the whole model at b8, paired with onnxruntime, 1.02-1.18x its time (median 1.11x) against
-// 1.10-1.22x (median 1.15x), eleven processes each, ten of the pairs in this one's favour.
+// the whole model at b8, paired with onnxruntime, 0.99-1.18x its time (median 1.10x) against
+// 1.01-1.22x (median 1.13x), seventeen processes each, twelve of the pairs in this one's favour.
 // The copies keep the sums in registers: `acc` may alias the floats the loop reads, so
 // updating it in place would store every step (0.4-0.5x as fast).
 template <int RW, int NV>
