@@ -87,11 +87,13 @@ def default_threads() -> int:
 
 
 def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = None, *,
-                        threads: int | None = None) -> Any:
+                        threads: int | None = None, profile_prefix: str | None = None) -> Any:
     """An onnxruntime CPU session of ``model``, from ``path`` when given (external data needs it).
 
     Every graph optimization is on (``ORT_ENABLE_ALL``, onnxruntime's default); ``threads``
-    sets the intra-op thread count (default: onnxruntime's own choice).
+    sets the intra-op thread count (default: onnxruntime's own choice). With
+    ``profile_prefix``, onnxruntime profiles every call into a JSON file whose name starts with
+    it; ``session.end_profiling()`` returns that name.
 
     Example:
         >>> import onnx2jax
@@ -110,6 +112,9 @@ def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = No
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         return onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types

@@ -126,11 +126,16 @@ def test_max_pool_int8_3d_and_gradient():
     dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),  # ResNet's stem
     dict(kernel_shape=[2, 3], strides=[1, 2], dilations=[2, 1], ceil_mode=1),
     dict(kernel_shape=[6, 5]),  # 30 positions: XLA's reduce-window
+    # One row: the first and last rows of every window lie in the padding.
+    dict(kernel_shape=[3, 3], pads=[1, 2, 1, 2], count_include_pad=1, size=(1, 2)),
 ])
 def test_pooling_by_slices_matches_reduce_window(op_type, attrs, monkeypatch):
     from onnx2jax.ops import nn
 
-    feeds = {"x": rand(2, 3, 11, 10)}
+    attrs = dict(attrs)
+    if op_type == "MaxPool":
+        attrs.pop("count_include_pad", None)
+    feeds = {"x": rand(2, 3, *attrs.pop("size", (11, 10)))}
     model = single_node_model(op_type, feeds, opset=19, **attrs)
     sliced = run_onnx2jax(model, feeds)[0]
     monkeypatch.setattr(nn, "SLICED_WINDOW", 0)
