@@ -30,7 +30,7 @@ import numpy as np
 
 import onnx2jax
 from onnx2jax import native
-from onnx2jax.bench import default_threads, onnxruntime_session
+from onnx2jax.bench import default_threads, onnxruntime_session, wait_until_quiet
 from onnx2jax.cli import make_inputs, parse_assignments
 
 # A custom call or fusion of the compiled program: its name, output shape and operand shapes.
@@ -118,7 +118,10 @@ def compare_layers(path: str, feeds: Mapping[str, np.ndarray], runs: int) -> lis
         session.run(None, dict(feeds))
         with jax.profiler.trace(work):
             for _ in range(runs):
+                # onnxruntime's workers spin on after a call: each engine starts on idle CPUs.
+                wait_until_quiet()
                 jax.block_until_ready(model(**feeds))
+                wait_until_quiet()
                 session.run(None, dict(feeds))
         ours = time_onnx2jax(labels, work)
         theirs, their_runs = time_onnxruntime(session.end_profiling())

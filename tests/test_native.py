@@ -74,6 +74,21 @@ def test_a_large_output_with_residual_and_relu_matches_xla(channels, size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("in_channels, out_channels", [(256, 1024), (1024, 256)])
+def test_large_weights_split_between_threads_match_xla(in_channels, out_channels):
+    """ResNet-50's 1x1 convolutions with 1 MB of weights at b8: large enough activations for
+    the threads to split the channel blocks between them where the L2 is 2 MB or less
+    (conv2d.cc, the tile-major order)."""
+    x, w, b = f32(8, in_channels, 14, 14), f32(out_channels, in_channels, 1, 1), f32(out_channels)
+    residual = f32(8, out_channels, 14, 14)
+    want = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0))) + b[None, :, None, None]
+    want = jax.nn.relu(want + residual)
+    got = jax.jit(lambda x, w, b, r: native.conv2d(x, w, b, (1, 1), ((0, 0), (0, 0)), (1, 1),
+                                                   residual=r, relu=True))(x, w, b, residual)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("x_shape, out_channels, pads, residual, relu", [
     ((2, 16, 9, 9), 64, ((1, 1), (1, 1)), False, False),  # odd sizes: half tiles at the edge
     ((1, 32, 7, 10), 128, ((1, 1), (1, 1)), True, True),  # two channel blocks
