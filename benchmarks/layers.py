@@ -33,8 +33,8 @@ from onnx2jax import native
 from onnx2jax.bench import default_threads, onnxruntime_session, wait_until_quiet
 from onnx2jax.cli import make_inputs, parse_assignments
 
-# A custom call or fusion of the compiled program: its name, output shape and operand shapes.
-_HLO_OP = re.compile(r"\s*(?:ROOT )?%?(\S+) = f32\[([\d,]*)\]\S* (custom-call|fusion)\(")
+# An instruction of the compiled program: its name and its first (output) shape.
+_HLO_OP = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \(?\w+\[([\d,]*)\]")
 _SHAPE = re.compile(r"f32\[([\d,]*)\]")
 
 
@@ -48,9 +48,10 @@ def _conv_key(kernel: Sequence[int], x: Sequence[int], y: Sequence[int]) -> str:
 
 
 def onnx2jax_operations(hlo: str) -> dict[str, str]:
-    """A label for every custom call and fusion in the compiled program's text: native
-    convolutions by their shapes (their operands are NHWC, their weights blocked or, for
-    Winograd, transformed), everything else by its HLO name without the number."""
+    """A label for every instruction in the compiled program's text (JAX's profiler names
+    each operation it runs after one): native convolutions by their shapes (their operands
+    are NHWC, their weights blocked or, for Winograd, transformed), everything else by its
+    HLO name without the number."""
     labels = {}
     for line in hlo.splitlines():
         match = _HLO_OP.match(line)
@@ -71,22 +72,28 @@ def onnx2jax_operations(hlo: str) -> dict[str, str]:
     return labels
 
 
-def time_onnx2jax(labels: Mapping[str, str], trace_dir: str) -> dict[str, float]:
-    """Total ms per label over the calls in JAX's trace in ``trace_dir``."""
+def time_onnx2jax(labels: Mapping[str, str], trace_dir: str
+                  ) -> tuple[dict[str, float], dict[str, int]]:
+    """Total ms per label over the calls in JAX's trace in ``trace_dir``, and the operations
+    per label."""
     files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
     profile = jax.profiler.ProfileData.from_file(str(files[-1]))
     totals: dict[str, float] = collections.defaultdict(float)
+    names: dict[str, set[str]] = collections.defaultdict(set)
     for plane in profile.planes:
         for line in plane.lines:
             for event in line.events:
                 if event.name in labels:
                     totals[labels[event.name]] += event.duration_ns / 1e6
-    return totals
+                    names[labels[event.name]].add(event.name)
+    return totals, {label: len(operations) for label, operations in names.items()}
 
 
-def time_onnxruntime(trace_file: str) -> tuple[dict[str, float], int]:
-    """Total ms per label in onnxruntime's profile, and how many calls it covers."""
+def time_onnxruntime(trace_file: str) -> tuple[dict[str, float], dict[str, int], int]:
+    """Total ms per label in onnxruntime's profile, its kernels per label, and how many calls
+    the profile covers."""
     totals: dict[str, float] = collections.defaultdict(float)
+    nodes: dict[str, set[str]] = collections.defaultdict(set)
     per_node: collections.Counter[str] = collections.Counter()
     for event in json.loads(Path(trace_file).read_text()):
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
@@ -97,19 +104,21 @@ def time_onnxruntime(trace_file: str) -> tuple[dict[str, float], int]:
         label = (_conv_key(shapes[1][2:], shapes[0], out) if args["op_name"] == "Conv"
                  else args["op_name"])
         totals[label] += event["dur"] / 1e3
+        nodes[label].add(event["name"])
         per_node[event["name"]] += 1
-    return totals, max(per_node.values(), default=1)
+    return (totals, {label: len(names) for label, names in nodes.items()},
+            max(per_node.values(), default=1))
 
 
 def compare_layers(path: str, feeds: Mapping[str, np.ndarray], runs: int) -> list[dict[str, Any]]:
-    """Per-label ms per call of both engines, with how many operations each label covers."""
+    """Per-label ms per call of both engines, with how many operations of each the label
+    covers."""
     model = onnx2jax.load(path)
     bound = model.bind_inputs((), feeds)
     function, _, kernels = model.inference_function(bound)
     params, placed, _ = model._placed(bound, kernels)
     compiled_text = function.lower(params, placed, outputs=None).compile().as_text()
     labels = onnx2jax_operations(compiled_text)
-    counts = collections.Counter(labels.values())
     for _ in range(3):
         jax.block_until_ready(model(**feeds))
     with tempfile.TemporaryDirectory() as work:
@@ -123,21 +132,23 @@ def compare_layers(path: str, feeds: Mapping[str, np.ndarray], runs: int) -> lis
                 jax.block_until_ready(model(**feeds))
                 wait_until_quiet()
                 session.run(None, dict(feeds))
-        ours = time_onnx2jax(labels, work)
-        theirs, their_runs = time_onnxruntime(session.end_profiling())
+        ours, counts = time_onnx2jax(labels, work)
+        theirs, their_counts, their_runs = time_onnxruntime(session.end_profiling())
     rows = []
     for label in set(ours) | set(theirs):
         a, b = ours.get(label, 0.0) / runs, theirs.get(label, 0.0) / their_runs
-        rows.append({"layer": label, "count": counts.get(label, 0), "onnx2jax_ms": a,
+        rows.append({"layer": label, "onnx2jax_count": counts.get(label, 0),
+                     "onnxruntime_count": their_counts.get(label, 0), "onnx2jax_ms": a,
                      "onnxruntime_ms": b})
     return sorted(rows, key=lambda r: r["onnxruntime_ms"] - r["onnx2jax_ms"])
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| layer | count | onnx2jax ms | onnxruntime ms | difference |",
-             "|---|---|---|---|---|"]
+    lines = ["| layer | count (onnx2jax / onnxruntime) | onnx2jax ms | onnxruntime ms | "
+             "difference |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['count']} | {r['onnx2jax_ms']:.2f} | "
+        lines.append(f"| {r['layer']} | {r['onnx2jax_count']} / {r['onnxruntime_count']} | "
+                     f"{r['onnx2jax_ms']:.2f} | "
                      f"{r['onnxruntime_ms']:.2f} | {r['onnx2jax_ms'] - r['onnxruntime_ms']:+.2f} |")
     ours, theirs = (sum(r[k] for r in rows) for k in ("onnx2jax_ms", "onnxruntime_ms"))
     lines.append(f"| total | | {ours:.1f} | {theirs:.1f} | {ours - theirs:+.1f} |")

@@ -69,6 +69,23 @@ def test_kernel_groups_check_outputs_and_time_both_engines(tmp_path, capsys):
     assert printed.count("| total (x count) |") == len(GROUPS)
 
 
+def test_layers_match_convolutions_across_the_engines(tmp_path, capsys):
+    from benchmarks.layers import main as layers_main
+
+    output = tmp_path / "layers.json"
+    assert layers_main([str(onnx2jax.example_path()), "--dim", "batch=4", "--runs", "2",
+                        "--output", str(output)]) == 0
+    rows = {r["layer"]: r for r in json.loads(output.read_text())["rows"]}
+    convolutions = [r for label, r in rows.items() if label.startswith("conv 3x3 ")]
+    assert convolutions, rows
+    # The example CNN's two convolutions, read from both profilers under the same label.
+    for row in convolutions:
+        assert row["onnxruntime_ms"] > 0 and row["onnxruntime_count"] == 1
+        if onnx2jax.native.available():
+            assert row["onnx2jax_ms"] > 0 and row["onnx2jax_count"] == 1
+    assert "| total |" in capsys.readouterr().out
+
+
 def _quick_example_run(tmp_path: Path, *options: str) -> dict:
     """The results document of a --quick harness run of the example model at batch 4."""
     from benchmarks.run import main as bench_main
