@@ -44,7 +44,11 @@ def _dims(text: str) -> list[int]:
 
 def _conv_key(kernel: Sequence[int], x: Sequence[int], y: Sequence[int]) -> str:
     """``conv KHxKW CxHxW -> OxOHxOW`` for NCHW shapes ``x`` and ``y``."""
-    return (f"conv {kernel[0]}x{kernel[1]} {x[1]}x{x[2]}x{x[3]} -> {y[1]}x{y[2]}x{y[3]}")
+    return f"conv {kernel[0]}x{kernel[1]} {x[1]}x{x[2]}x{x[3]} -> {y[1]}x{y[2]}x{y[3]}"
+
+
+def _nchw(nhwc: Sequence[int]) -> tuple[int, ...]:
+    return (nhwc[0], nhwc[3], nhwc[1], nhwc[2])
 
 
 def onnx2jax_operations(hlo: str) -> dict[str, str]:
@@ -65,8 +69,7 @@ def onnx2jax_operations(hlo: str) -> dict[str, str]:
             # Weights blocked [O/B, KH, KW, I, B] or HWIO [KH, KW, I, O]; Winograd's are 3x3.
             kernel = ((3, 3) if target.group(1) == native.WINOGRAD_TARGET
                       else (w[1], w[2]) if len(w) == 5 else (w[0], w[1]))
-            nchw = lambda s: (s[0], s[3], s[1], s[2])  # noqa: E731
-            labels[name] = _conv_key(kernel, nchw(x), nchw(out))
+            labels[name] = _conv_key(kernel, _nchw(x), _nchw(out))
         else:
             labels[name] = name.split(".")[0]
     return labels
