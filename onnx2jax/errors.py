@@ -43,3 +43,10 @@ class DataDependentShapeError(Onnx2JaxError):
 
 class OpError(Onnx2JaxError):
     """An operator cannot run with the attributes or inputs it was given."""
+
+
+class UnsafeCacheWarning(UserWarning):
+    """A cache folder or file others could write (or one not owned by this user) was refused.
+
+    Nothing is read from or written to it; the model still runs, compiled in this process.
+    """
