@@ -99,13 +99,75 @@ def test_dequantize_gradient_wrt_scale():
 
 
 def test_dynamic_quantize_all_zero_and_empty():
+    # onnxruntime gives an all-zero input scale 1 (the reference evaluator 1/255); we follow it.
     x = np.zeros((3,), np.float32)
     model = single_node_model("DynamicQuantizeLinear", {"x": x}, ("y", "s", "z"))
-    assert_matches_reference(model, {"x": x}, engine="reference")
+    y, scale, zero = assert_matches_reference(model, {"x": x})
+    assert scale == 1 and zero == 0
     x = np.zeros((0, 2), np.float32)
     model = single_node_model("DynamicQuantizeLinear", {"x": x}, ("y", "s", "z"))
     y, scale, zero = run_onnx2jax(model, {"x": x})
-    assert y.shape == (0, 2) and y.dtype == np.uint8 and scale == 1 / 255 and zero == 0
+    assert y.shape == (0, 2) and y.dtype == np.uint8 and scale == 1 and zero == 0
+
+
+def _quantize_model(x, scale, zero, how):
+    """QuantizeLinear with the scale as a graph input, an initializer or a Constant node."""
+    feeds = {"x": x, "s": scale, "z": zero}
+    if how == "input":
+        return single_node_model("QuantizeLinear", feeds), feeds
+    model = single_node_model("QuantizeLinear", feeds, initializers={"s": scale, "z": zero})
+    if how == "constant":
+        del model.graph.initializer[:]
+        for name, value in (("s", scale), ("z", zero)):
+            model.graph.node.insert(0, helper.make_node(
+                "Constant", [], [name], value=onnx.numpy_helper.from_array(value)))
+    return model, {"x": x}
+
+
+@pytest.mark.parametrize("how", ["input", "initializer", "constant"])
+@pytest.mark.parametrize("per_axis", [False, True])
+def test_quantize_linear_divides_like_onnxruntime(how, per_axis):
+    # XLA turns x / scale into x * (1 / scale); onnxruntime divides, and values near a half
+    # step then land on different integers. Many values make such near-ties certain.
+    # x near (k + 1/2) * scale and its float neighbours puts many quotients by a near-tie.
+    rng = np.random.default_rng(7)
+    if per_axis:
+        scale = rng.uniform(0.001, 0.2, 4).astype(np.float32)
+        zero = rng.integers(-10, 10, 4).astype(np.int8)
+    else:
+        scale = np.array(rng.uniform(0.001, 0.2), np.float32)
+        zero = np.array(128, np.uint8)
+    half = rng.integers(-130, 130, (8, 4, 1024)) + np.float32(0.5)
+    x = (half * scale.reshape(-1, 1)).astype(np.float32)
+    x = np.concatenate([x, np.nextafter(x, np.float32(np.inf)),
+                        np.nextafter(x, np.float32(-np.inf)), -x], axis=-1)
+    model, feeds = _quantize_model(x, scale, zero, how)
+    want = run_reference(model, feeds)[0]
+    got = run_onnx2jax(model, feeds, x64=False)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dynamic_quantize_linear_scale_like_onnxruntime(seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((64, 1024)) * rng.uniform(0.01, 10)).astype(np.float32)
+    x[3, 5] = np.nan  # left out of the range, quantized to 0, as onnxruntime does
+    model = single_node_model("DynamicQuantizeLinear", {"x": x}, ("y", "s", "z"))
+    for got, want in zip(run_onnx2jax(model, {"x": x}, x64=False),
+                         run_reference(model, {"x": x}), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("zero", [np.array(3, np.uint8), np.array(3, np.int8),
+                                  np.array(-5, np.int16), np.array(7, np.uint16)])
+def test_quantize_nan_and_infinity(zero):
+    # The spec leaves NaN open; onnxruntime gives the type's minimum whatever the zero point.
+    x = np.array([np.nan, np.inf, -np.inf, 1.0, -np.nan] * 5, np.float32)
+    feeds = {"x": x, "s": np.array(0.5, np.float32), "z": zero}
+    model = single_node_model("QuantizeLinear", feeds)
+    got = assert_matches_reference(model, feeds)[0]
+    assert got[0] == np.iinfo(zero.dtype).min
 
 
 def test_matmul_integer_per_row_zero_point():

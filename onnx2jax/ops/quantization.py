@@ -66,6 +66,20 @@ def _quant_param(ctx, xp, value, x_shape, axis, block_size):
     return xp.take(value, xp.arange(x_shape[axis]), axis=axis)
 
 
+def divide_exact(xp, x, divisor):
+    """``x / divisor`` correctly rounded, as onnxruntime's quantization kernels divide.
+
+    XLA rewrites a division by a constant or by a broadcast value into a multiplication by the
+    reciprocal, which can land an ulp off and move a quantized value one step. Dividing by a
+    divisor materialized behind an optimization barrier keeps a true division.
+    """
+    if xp is np:
+        return x / divisor
+    shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(divisor))
+    divisor = lax.optimization_barrier(jnp.broadcast_to(divisor, shape))
+    return x / divisor
+
+
 def _check_host_only(ctx, xp, elem_type):
     if elem_type in _HOST_ONLY_TYPES and xp is not np:
         raise ctx.error(f"{numpy_dtype(elem_type).name} tensors are not supported by XLA; "
@@ -77,7 +91,9 @@ def _saturate_to(xp, y, elem_type, saturate):
     dtype = numpy_dtype(elem_type)
     if elem_type in _INTEGER_TYPES:
         low, high = _integer_range(dtype)
-        return xp.clip(xp.round(y), low, high).astype(dtype)
+        # NaN becomes the type's minimum, as in onnxruntime (its clamp keeps the bound).
+        y = xp.where(xp.isnan(y), low, xp.clip(xp.round(y), low, high))
+        return y.astype(dtype)
     if elem_type in _FLOAT8_TYPES and saturate or elem_type in _SMALL_FLOAT_TYPES:
         # Clip finite overflow to the largest value; NaN stays NaN.
         largest = float(ml_dtypes.finfo(dtype).max)
@@ -118,7 +134,7 @@ def quantize_linear(ctx, x, scale, zero_point=None):
     else:
         compute = jnp.promote_types(x.dtype, scale.dtype)
     scale = _quant_param(ctx, xp, scale, x.shape, axis, block_size)
-    y = x.astype(compute) / scale.astype(compute)
+    y = divide_exact(xp, x.astype(compute), scale.astype(compute))
     if zero_point is not None and elem_type not in _FLOAT8_TYPES:
         zero_point = _quant_param(ctx, xp, zero_point, x.shape, axis, block_size)
         if elem_type in _INTEGER_TYPES:
@@ -156,14 +172,30 @@ def dequantize_linear(ctx, x, scale, zero_point=None):
 @register("DynamicQuantizeLinear", 11)
 def dynamic_quantize_linear(ctx, x):
     xp = ctx.xp(x)
+    y, scale, zero_point = dynamic_quantize_uint8(xp, x)
+    return y, scale.astype(x.dtype), zero_point
+
+
+def dynamic_quantize_uint8(xp, x):
+    """uint8 ``(y, scale, zero_point)`` of ``x`` as onnxruntime's DynamicQuantizeLinear.
+
+    NaN is left out of the range; an all-zero (or empty) input gets scale 1, not the spec's 0
+    or the reference evaluator's 1/255, because onnxruntime's kernel says so.
+    """
     low, high = 0.0, 255.0
-    x_max = xp.maximum(xp.max(x), 0).astype(np.float32) if x.size else np.float32(0)
-    x_min = xp.minimum(xp.min(x), 0).astype(np.float32) if x.size else np.float32(0)
+    x = x.astype(np.float32)
+    if x.size:
+        x_max = xp.maximum(xp.nanmax(x), np.float32(0))
+        x_min = xp.minimum(xp.nanmin(x), np.float32(0))
+    else:
+        x_max = x_min = np.float32(0)
     span = x_max - x_min
-    scale = xp.where(span == 0, np.float32(1), span) / np.float32(high - low)
-    zero_point = xp.round(xp.clip(low - x_min / scale, low, high))
-    y = xp.clip(xp.round(x.astype(np.float32) / scale) + zero_point, low, high)
-    return y.astype(np.uint8), scale.astype(x.dtype), zero_point.astype(np.uint8)
+    scale = xp.where(span == 0, np.float32(1),
+                     divide_exact(xp, span, np.float32(high - low))).astype(np.float32)
+    zero_point = xp.round(xp.clip(low - divide_exact(xp, x_min, scale), low, high))
+    y = xp.round(divide_exact(xp, x, scale)) + zero_point
+    y = xp.where(xp.isnan(y), low, xp.clip(y, low, high))
+    return y.astype(np.uint8), scale, zero_point.astype(np.uint8)
 
 
 def _as_int32(xp, value, zero_point, zero_point_shape=None):
@@ -226,7 +258,7 @@ def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_sc
     nd = acc.ndim
     a_scale = _per_axis(a_scale, nd, nd - 2)
     b_scale = _per_axis(b_scale, nd, nd - 1)
-    multiplier = a_scale * b_scale / y_scale
+    multiplier = divide_exact(xp, a_scale * b_scale, y_scale)
     return _requantize(xp, acc, multiplier, y_zero_point, out_dtype)
 
 
@@ -288,5 +320,5 @@ def qlinear_conv(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scal
     if bias is not None:
         acc = acc + jnp.asarray(bias, jnp.int32).reshape((-1,) + (1,) * (acc.ndim - 2))
     w_scale = _per_axis(w_scale, acc.ndim, 1)
-    multiplier = x_scale * w_scale / y_scale
+    multiplier = divide_exact(xp, x_scale * w_scale, y_scale)
     return _requantize(jnp, acc, multiplier, y_zero_point, out_dtype)
