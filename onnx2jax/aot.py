@@ -359,6 +359,78 @@ def export_model(model: Any, inputs: Mapping[str, Any], path: str | os.PathLike,
     return path
 
 
+def _read_artifact(path: Path) -> tuple[dict[str, Any], bytes, list[np.ndarray]]:
+    """The checked metadata, the serialized program and the params of an artifact.
+
+    Nothing here can run code: the metadata is JSON, the params an ``.npz`` read with
+    ``allow_pickle=False``, and only stored (uncompressed) members are read, so a member
+    cannot expand beyond the file's own size.
+    """
+    def bad(why: str) -> Onnx2JaxError:
+        return Onnx2JaxError(f"{path} is not a valid onnx2jax artifact: {why}")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            for name in ("meta.json", "exported.bin", "params.npz"):
+                if name not in members:
+                    raise bad(f"it has no {name}")
+                if members[name].compress_type != zipfile.ZIP_STORED:
+                    raise bad(f"{name} is compressed; artifacts store their members")
+            meta = json.loads(archive.read("meta.json"))
+            if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+                found = meta.get("format") if isinstance(meta, dict) else None
+                raise Onnx2JaxError(f"{path} is not an onnx2jax artifact (format {found!r})")
+            _check_meta(meta, bad)
+            blob = archive.read("exported.bin")
+            with np.load(io.BytesIO(archive.read("params.npz")), allow_pickle=False) as weights:
+                params = [weights[f"p{i}"] for i in range(len(meta["params"]))]
+    except (zipfile.BadZipFile, KeyError, ValueError, EOFError) as exc:
+        raise bad(str(exc)) from None
+    return meta, blob, params
+
+
+def _check_meta(meta: dict[str, Any], bad: Callable[[str], Exception]) -> None:
+    """The fields of an artifact's meta.json have the types the loader relies on."""
+    for field in ("inputs", "outputs", "params"):
+        value = meta.get(field)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(f"meta.json's {field!r} is not a list of names")
+    specs = meta.get("input_specs")
+    if not isinstance(specs, list) or len(specs) != len(meta["inputs"]):
+        raise bad("meta.json's 'input_specs' do not match its inputs")
+    for spec in specs:
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        dtype = spec.get("dtype") if isinstance(spec, dict) else None
+        if (not isinstance(shape, list)
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                           for d in shape)
+                or not isinstance(dtype, str) or np.dtype(dtype).kind not in "biufc"):
+            raise bad(f"meta.json has an invalid input spec {spec!r}")
+
+
+def _check_custom_calls(exported: Any, path: str | os.PathLike) -> None:
+    """Refuse a program that calls a custom call target outside those JAX guarantees stable.
+
+    A custom call runs native code with the operands and attributes the program gives it; a
+    crafted artifact could point one (e.g. our kernels, registered once model(...) used them)
+    at memory it does not own. export_model never emits others.
+    """
+    import re
+
+    from jax._src.export import _export  # the list jax.export itself checks at export
+
+    allowed = getattr(_export, "_CUSTOM_CALL_TARGETS_GUARANTEED_STABLE", None)
+    text = exported.mlir_module()
+    targets = set(re.findall(r"custom_call\s+@([^\s(]+)", text))
+    targets |= set(re.findall(r'call_target_name\s*=\s*"([^"]*)"', text))
+    refused = sorted(t for t in targets
+                     if (t not in allowed if allowed is not None else t.startswith("onnx2jax")))
+    if refused:
+        raise Onnx2JaxError(f"{path} calls native code outside JAX's stable set "
+                            f"({', '.join(refused)}); refusing to load it")
+
+
 class AotModel:
     """A model loaded from an artifact of :func:`export_model`: fixed shapes, no ONNX, no trace.
 
@@ -367,16 +439,14 @@ class AotModel:
     """
 
     def __init__(self, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
-        with zipfile.ZipFile(path) as archive:
-            meta = json.loads(archive.read("meta.json"))
-            if meta.get("format") != ARTIFACT_FORMAT:
-                raise Onnx2JaxError(f"{path} is not an onnx2jax artifact "
-                                    f"(format {meta.get('format')!r})")
-            blob = archive.read("exported.bin")
-            with np.load(io.BytesIO(archive.read("params.npz"))) as weights:
-                params = [weights[f"p{i}"] for i in range(len(meta["params"]))]
+        meta, blob, params = _read_artifact(Path(path))
         self.meta = meta
-        self.exported = jax.export.deserialize(bytearray(blob))
+        try:
+            self.exported = jax.export.deserialize(bytearray(blob))
+        except Exception as exc:  # the flatbuffer's reader raises several types
+            raise Onnx2JaxError(f"{path} is not a valid onnx2jax artifact: its program "
+                                f"cannot be read ({exc})") from None
+        _check_custom_calls(self.exported, path)
         self.input_names: list[str] = list(meta["inputs"])
         self.output_names: list[str] = list(meta["outputs"])
         self.param_names: list[str] = list(meta["params"])
