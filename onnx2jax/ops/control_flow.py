@@ -95,6 +95,14 @@ def if_(ctx, cond):
             f"{ctx.name}: the condition depends on the model's inputs, so both branches run as "
             "lax.cond, which needs outputs of the same shapes, dtypes and structure; call the "
             f"model directly (model(...)) to run it eagerly. {exc}") from exc
+    except (OpError, ValueError) as exc:
+        # lax.cond traces the branch not taken too, on values it was never meant for (silero-vad
+        # feeds its 8 kHz branch a 16 kHz frame, whose shape-dependent Squeeze then leaves the
+        # LSTM input of rank 4). Eager mode runs only the taken branch.
+        raise DataDependentShapeError(
+            f"{ctx.name}: the condition depends on the model's inputs, so both branches run as "
+            "lax.cond, and one of them cannot run on these inputs; call the model directly "
+            f"(model(...)), which runs only the branch taken. {exc}") from exc
     return tuple(outputs)
 
 
