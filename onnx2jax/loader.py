@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from pathlib import Path
 
@@ -11,8 +13,11 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnx2jax.errors import ModelLoadError
+from onnx2jax.safety import within
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
+# Folders of repos in a Hugging Face hub cache (see checked_link).
+HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
 
 
 def read_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
@@ -35,7 +40,9 @@ def read_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
         raise ModelLoadError(f"{path} is a folder; pass the path of the .onnx file inside it")
     # The folder as named, not symlinks resolved: in the Hugging Face cache the model file is a
     # link into blobs/, while its external data sits beside the link.
-    return _parse(path.read_bytes(), str(path)), Path(os.path.abspath(path)).parent
+    named = Path(os.path.abspath(path))
+    real = checked_link(named, named.parent, f"the model file {path}")
+    return _parse(real.read_bytes(), str(path)), named.parent
 
 
 def _parse(data: bytes, name: str) -> onnx.ModelProto:
@@ -54,7 +61,11 @@ def _parse(data: bytes, name: str) -> onnx.ModelProto:
 
 
 def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
-    """Where the bytes of an external-data tensor live; never outside ``base_dir``."""
+    """Where the bytes of an external-data tensor live; never outside ``base_dir``.
+
+    Symlinks are resolved and must stay inside the folder too, except in the Hugging Face
+    cache layout (see :func:`checked_link`).
+    """
     info = {entry.key: entry.value for entry in tensor.external_data}
     location = info.get("location")
     if not location:
@@ -64,7 +75,7 @@ def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
             f"tensor {tensor.name!r} is stored in external file {location!r}, but the model was "
             "given as bytes or a proto; load it from its path so the file can be found"
         )
-    # Checked on the path as written (the model controls ``location``, not the folder's links).
+    # First on the path as written (the model controls ``location``), then its links.
     root = Path(os.path.abspath(base_dir))
     target = Path(os.path.normpath(root / location))
     if root != target and root not in target.parents:
@@ -76,31 +87,129 @@ def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
         raise ModelLoadError(
             f"external data file {target} of tensor {tensor.name!r} is missing"
         )
-    return target
+    return checked_link(target, root, f"external data {location!r} of tensor {tensor.name!r}")
+
+
+def checked_link(path: Path, root: Path, what: str) -> Path:
+    """The real path of ``path`` (absolute, inside the folder ``root`` as written), refusing
+    symlinks that lead out of ``root``.
+
+    One layout may leave it: the Hugging Face cache's, where ``<repo>/snapshots/<rev>/...``
+    holds links to ``<repo>/blobs/<hash>``. When ``root`` lies inside a snapshot folder of a
+    ``models--``/``datasets--``/``spaces--`` repo folder, a link that resolves to a file
+    directly inside that same repo's ``blobs/`` is allowed.
+    """
+    real = Path(os.path.realpath(path))
+    if within(real, Path(os.path.realpath(root))):
+        return real
+    blobs = _hub_blobs(root)
+    if blobs is not None and real.parent == Path(os.path.realpath(blobs)):
+        return real
+    raise ModelLoadError(
+        f"{what} is a symlink (or inside a linked folder) that leads to {real}, outside the "
+        f"model's folder {root}; refusing to read it"
+    )
+
+
+def _hub_blobs(root: Path) -> Path | None:
+    """``<repo>/blobs`` when ``root`` is ``<repo>/snapshots/<rev>`` or a folder inside it."""
+    parts = root.parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith(HUB_REPO_PREFIXES):
+            return Path(*parts[:i]) / "blobs"
+    return None
 
 
 def tensor_to_numpy(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     """Decode an initializer or Constant tensor, reading external data from inside ``base_dir``."""
+    if any(d < 0 for d in tensor.dims):
+        raise ModelLoadError(
+            f"tensor {tensor.name!r} has a negative dimension in its shape {list(tensor.dims)}"
+        )
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = {entry.key: entry.value for entry in tensor.external_data}
         path = external_data_path(tensor, base_dir)
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else -1
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            raw = handle.read(length)
-        if length >= 0 and len(raw) != length:
-            raise ModelLoadError(
-                f"external data file {path} is truncated: tensor {tensor.name!r} needs {length} "
-                f"bytes at offset {offset}, found {len(raw)}"
-            )
+        offset, length = external_data_extent(tensor, path)
+        dtype = _PLAIN_DTYPES.get(tensor.data_type)
+        if dtype is not None:
+            return _mapped_array(tensor, path, offset, length, dtype)
         inline = onnx.TensorProto()
         inline.CopyFrom(tensor)
         del inline.external_data[:]
         inline.data_location = onnx.TensorProto.DEFAULT
-        inline.raw_data = raw
+        inline.raw_data = _read_range(path, offset, length)
         tensor = inline
     try:
         return numpy_helper.to_array(tensor)
     except Exception as exc:  # onnx raises several types for corrupt tensors
         raise ModelLoadError(f"tensor {tensor.name!r} cannot be decoded: {exc}") from None
+
+
+def external_data_extent(tensor: onnx.TensorProto, path: Path) -> tuple[int, int]:
+    """(offset, length) of ``tensor``'s bytes in its external file ``path``, checked against
+    the file's size before anything is allocated or read."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+
+    def number(key: str) -> int | None:
+        text = info.get(key)
+        if text is None:
+            return None
+        if not text.strip().isdecimal():  # "-8", "1e3", "0x10": a clear error, not int()'s
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} has external data {key} {text!r}, which is not a "
+                "non-negative whole number"
+            )
+        return int(text)
+
+    offset = number("offset") or 0
+    length = number("length")
+    size = os.path.getsize(path)
+    if offset > size or (length is not None and length > size - offset):
+        wanted = "the rest" if length is None else f"{length} bytes"
+        raise ModelLoadError(
+            f"external data file {path} is truncated or the model is corrupt: tensor "
+            f"{tensor.name!r} needs {wanted} at offset {offset}, but the file has {size} bytes"
+        )
+    return offset, size - offset if length is None else length
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``path`` from ``offset`` (a range already checked against its size),
+    through a memory map so nothing is read that is not asked for."""
+    if length == 0:
+        return b""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
+                                                access=mmap.ACCESS_READ) as mapped:
+        return mapped[offset:offset + length]
+
+
+def _mapped_array(tensor: onnx.TensorProto, path: Path, offset: int, length: int,
+                  dtype: np.dtype) -> np.ndarray:
+    """The tensor's raw little-endian bytes decoded straight from a memory map, copied once."""
+    shape = tuple(int(d) for d in tensor.dims)
+    count = math.prod(shape)
+    if count * dtype.itemsize != length:
+        raise ModelLoadError(
+            f"tensor {tensor.name!r} of shape {list(shape)} and dtype {dtype} needs "
+            f"{count * dtype.itemsize} bytes, but its external data holds {length}"
+        )
+    if count == 0:
+        return np.zeros(shape, dtype.newbyteorder("="))
+    mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    try:
+        return np.array(mapped, dtype=dtype.newbyteorder("="))
+    finally:
+        del mapped  # close the map now, not when the garbage collector gets to it
+
+
+# ONNX types whose raw bytes are little-endian NumPy arrays as they are; the rest (strings,
+# 4-bit and 8-bit float types, bfloat16) go through onnx's own decoder.
+_PLAIN_DTYPES = {
+    code: np.dtype(name).newbyteorder("<") for code, name in (
+        (onnx.TensorProto.FLOAT, "float32"), (onnx.TensorProto.DOUBLE, "float64"),
+        (onnx.TensorProto.FLOAT16, "float16"), (onnx.TensorProto.INT8, "int8"),
+        (onnx.TensorProto.INT16, "int16"), (onnx.TensorProto.INT32, "int32"),
+        (onnx.TensorProto.INT64, "int64"), (onnx.TensorProto.UINT8, "uint8"),
+        (onnx.TensorProto.UINT16, "uint16"), (onnx.TensorProto.UINT32, "uint32"),
+        (onnx.TensorProto.UINT64, "uint64"), (onnx.TensorProto.BOOL, "bool"),
+        (onnx.TensorProto.COMPLEX64, "complex64"), (onnx.TensorProto.COMPLEX128, "complex128"))
+}
