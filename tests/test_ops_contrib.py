@@ -75,28 +75,124 @@ def test_embed_layer_normalization():
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
 
 
+# Every mask_index form of com.microsoft Attention (batch 2, sequence 4, past 3 where used);
+# the cases where a row's keys are all masked check which value fills them.
+_MASKS = {
+    "none": lambda past: None,
+    "lengths": lambda past: np.array([3 + past, 0], np.int32),
+    "ends_and_starts": lambda past: np.array([3 + past, 4 + past, 1, 9], np.int32),
+    "raw_2d": lambda past: RNG.integers(-1, 3, (2, 4 + past)).astype(np.int32),
+    "raw_2d_one_column": lambda past: np.array([[0], [1]], np.int32),
+    "raw_3d": lambda past: RNG.integers(0, 2, (2, 4, 4 + past)).astype(np.int32),
+}
+
+
+def _attention_feeds(mask, past=0, q=8, v=8):
+    feeds = {"x": _f32(2, 4, 8), "w": _f32(8, 2 * q + v), "b": _f32(2 * q + v), "mask": mask}
+    if past:
+        feeds["past"] = _f32(2, 2, 2, past, v // 2)
+    return feeds
+
+
 @pytest.mark.parametrize("unidirectional", [0, 1])
-def test_attention_with_mask(unidirectional):
-    feeds = {"x": _f32(2, 4, 8), "w": _f32(8, 24), "b": _f32(24),
-             "mask": np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)}
+@pytest.mark.parametrize("mask", sorted(_MASKS))
+def test_attention_mask_forms(mask, unidirectional):
+    feeds = _attention_feeds(_MASKS[mask](0))
     model = _ms_model("Attention", feeds, num_heads=2, unidirectional=unidirectional)
-    assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-4)
+    assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
+                             rtol=1e-4, atol=1e-5)
 
 
-def test_multi_head_attention_bias_and_padding_mask():
+@pytest.mark.parametrize("unidirectional", [0, 1])
+@pytest.mark.parametrize("mask", ["none", "lengths", "raw_2d", "raw_3d"])
+def test_attention_past_and_present(mask, unidirectional):
+    feeds = _attention_feeds(_MASKS[mask](3), past=3)
+    model = _ms_model("Attention", feeds, ("y", "present"), num_heads=2,
+                      unidirectional=unidirectional)
+    got = assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
+                                   rtol=1e-4, atol=1e-5)
+    assert got[1].shape == (2, 2, 2, 7, 4)
+
+
+def test_attention_one_decoding_step_with_past():
+    feeds = {"x": _f32(2, 1, 8), "w": _f32(8, 24), "b": _f32(24),
+             "mask": np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int32), "past": _f32(2, 2, 2, 3, 4)}
+    model = _ms_model("Attention", feeds, ("y", "present"), num_heads=2, unidirectional=1)
+    assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_qkv_hidden_sizes_bias_scale_and_filter_value():
+    # V's head size (6) differs from Q/K's (4); attention_bias broadcasts over the batch.
+    feeds = _attention_feeds(np.array([[1, 1, 0, 0], [0, 0, 0, 0]], np.int32), v=12)
+    feeds.update(past=None, bias=_f32(1, 2, 4, 4))
+    model = _ms_model("Attention", feeds, num_heads=2, qkv_hidden_sizes=[8, 8, 12], scale=0.3,
+                      mask_filter_value=-7.0, unidirectional=1)
+    got = assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
+                                   rtol=1e-4, atol=1e-5)
+    assert got[0].shape == (2, 4, 12)
+
+
+def test_attention_without_bias_input():
+    feeds = {"x": _f32(2, 4, 8), "w": _f32(8, 24), "b": None,
+             "mask": np.array([2, 4], np.int32)}
+    model = _ms_model("Attention", feeds, num_heads=2)
+    assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_attention_4d_megatron_mask():
+    # onnxruntime's CPU kernel refuses the 4-D form (its CUDA kernel reads row past + s of the
+    # [batch, 1, max, max] mask for query s); compared with NumPy instead.
+    past, max_length = 2, 8
+    feeds = _attention_feeds(RNG.integers(0, 2, (2, 1, max_length, max_length)).astype(
+        np.int32), past=past)
+    model = _ms_model("Attention", feeds, ("y", "present"), num_heads=2)
+    got, present = run_onnx2jax(model, feeds)
+    x, w, b, mask = feeds["x"], feeds["w"], feeds["b"], feeds["mask"]
+    q, k, v = np.split(x @ w + b, 3, axis=-1)
+
+    def heads(t):
+        return t.reshape(2, -1, 2, 4).transpose(0, 2, 1, 3)
+
+    k = np.concatenate([feeds["past"][0], heads(k)], axis=2)
+    v = np.concatenate([feeds["past"][1], heads(v)], axis=2)
+    rows = mask[:, 0, past:past + 4, :past + 4]
+    scores = heads(q) @ k.transpose(0, 1, 3, 2) / 2 + np.where(rows > 0, 0, -10000.0)[:, None]
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    want = (weights @ v).transpose(0, 2, 1, 3).reshape(2, 4, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(present, np.stack([k, v]))
+
+
+@pytest.mark.parametrize("mask", [
+    np.array([4, 2], np.int32),
+    np.array([[1, 1, 1, 0, 0], [0, 1, 0, 1, 0]], np.int32),
+    RNG.integers(0, 2, (2, 3, 5)).astype(np.int32)], ids=["lengths", "raw_2d", "raw_3d"])
+def test_multi_head_attention_key_padding_mask_forms(mask):
     feeds = {"q": _f32(2, 3, 8), "k": _f32(2, 5, 8), "v": _f32(2, 5, 8), "b": _f32(24),
-             "mask": np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], np.int32)}
+             "mask": mask}
     model = _ms_model("MultiHeadAttention", feeds, num_heads=2)
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-4)
 
 
-def test_unsupported_attention_past_is_a_clear_error():
-    feeds = {"x": _f32(1, 2, 4), "w": _f32(4, 12), "b": _f32(12), "m": None,
-             "past": _f32(2, 1, 2, 1, 2)}
-    model = _ms_model("Attention", feeds, num_heads=2)
-    model.graph.node[0].output.append("present")
-    with pytest.raises(OpError, match="past"):
-        run_onnx2jax(model, {k: v for k, v in feeds.items() if v is not None})
+@pytest.mark.parametrize("unidirectional", [0, 1])
+def test_multi_head_attention_past_key_value(unidirectional):
+    feeds = {"q": _f32(2, 3, 8), "k": _f32(2, 3, 8), "v": _f32(2, 3, 8), "b": _f32(24),
+             "mask": np.array([6, 7], np.int32), "bias": _f32(1, 2, 3, 7),
+             "past_k": _f32(2, 2, 4, 4), "past_v": _f32(2, 2, 4, 4)}
+    model = _ms_model("MultiHeadAttention", feeds, ("y", "present_k", "present_v"),
+                      num_heads=2, unidirectional=unidirectional)
+    assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_rotary_and_bad_masks_are_clear_errors():
+    feeds = {"x": _f32(1, 2, 4), "w": _f32(4, 12), "b": _f32(12)}
+    with pytest.raises(OpError, match="do_rotary"):
+        run_onnx2jax(_ms_model("Attention", feeds, num_heads=2, do_rotary=1), feeds)
+    feeds["mask"] = np.ones((3,), np.int32)
+    with pytest.raises(OpError, match=r"mask of shape \(3,\)"):
+        run_onnx2jax(_ms_model("Attention", feeds, num_heads=2), feeds)
 
 
 @pytest.mark.parametrize("activation, params", [

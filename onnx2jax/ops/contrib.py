@@ -168,63 +168,150 @@ def embed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embed
     return y, mask_index, total
 
 
-def _attend(ctx, q, k, v, num_heads, key_mask, causal, extra_bias=None):
-    """Scaled dot-product attention of [B, S, D] q with [B, L, D] k / [B, L, Dv] v."""
-    batch, length, _ = q.shape
-    total = k.shape[1]
+def _heads(t, num_heads):
+    """[B, L, N*H] -> [B, N, L, H]."""
+    return t.reshape(t.shape[0], t.shape[1], num_heads, -1).transpose(0, 2, 1, 3)
 
-    def heads(t):
-        return t.reshape(t.shape[0], t.shape[1], num_heads, -1).transpose(0, 2, 1, 3)
 
-    qh, kh, vh = heads(q), heads(k), heads(v)
-    scale = ctx.attr("scale", 0.0) or 1 / np.sqrt(qh.shape[-1])
-    scores = jnp.einsum("bhsd,bhld->bhsl", qh, kh).astype(jnp.float32) * scale
-    fill = ctx.attr("mask_filter_value", -10000.0)
-    if key_mask is not None:
-        key_mask = jnp.asarray(key_mask)
-        if key_mask.shape != (batch, total):
-            raise ctx.error(f"only a [batch, total_length] mask is supported, got "
-                            f"{key_mask.shape}")
-        scores = scores + jnp.where(key_mask[:, None, None, :] != 0, 0.0, fill)
-    if causal:
-        allowed = jnp.arange(total)[None, :] <= jnp.arange(length)[:, None] + (total - length)
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+def _key_mask(ctx, mask, batch, length, total, past_length, fill):
+    """onnxruntime's mask_index / key_padding_mask forms as an additive float32 mask that
+    broadcasts to [B, S, T] for S = ``length`` queries and T = ``total`` keys (past ones
+    included), or None.
+
+    1-D [B]: keys at or after the row's end position are masked; 1-D [2B]: also those before
+    its start position (the second half); 2-D [B, T] and 3-D [B, S, T]: raw 0/1 masks; 4-D
+    [B, 1, M, M] (Megatron): query s reads row past_length + s of the row's M x M mask.
+    """
+    if mask is None:
+        return None
+    if ctx.xp(mask) is np:
+        mask = np.asarray(mask)
+    shape = tuple(mask.shape)
+    keys = jnp.arange(total)
+    if len(shape) == 1 and shape[0] in (batch, 2 * batch):
+        masked = keys[None, :] >= jnp.asarray(mask[:batch])[:, None]
+        if shape[0] == 2 * batch:
+            start = jnp.minimum(jnp.asarray(mask[batch:]), total)
+            masked = masked | (keys[None, :] < start[:, None])
+        keep = ~masked[:, None, :]
+    elif len(shape) == 2 and shape == (batch, total):
+        keep = jnp.asarray(mask)[:, None, :] > 0
+    elif len(shape) == 2 and shape[1] == 1 and shape[0] in (1, batch):
+        # The same value for every key: no effect on the softmax (onnxruntime drops it).
+        return None
+    elif len(shape) == 3 and shape == (batch, length, total):
+        keep = jnp.asarray(mask) > 0
+    elif (len(shape) == 4 and shape[0] == batch and shape[1] == 1 and shape[2] == shape[3]
+          and shape[2] >= total):
+        rows = past_length + jnp.arange(length)
+        keep = jnp.asarray(mask)[:, 0][:, rows, :total] > 0
+    else:
+        raise ctx.error(f"mask of shape {shape} is none of onnxruntime's forms for batch "
+                        f"{batch}, sequence {length}, total {total}: [batch], [2*batch], "
+                        "[batch, total], [batch, sequence, total], [batch, 1, max, max]")
+    return jnp.where(keep, jnp.float32(0), jnp.float32(fill))
+
+
+def _attend(ctx, q, k, v, key_mask=None, causal=False, extra_bias=None, past_length=0):
+    """onnxruntime's CPU attention of [B, N, S, H] q with [B, N, T, H] k and [B, N, T, Hv] v.
+
+    Scores are scale * q.k + mask (+ attention_bias) in float32 (fp16 inputs included), the
+    softmax in float32; returns [B, S, N*Hv] in v's dtype. ``key_mask`` is an additive
+    [B, S or 1, T] float32 mask from :func:`_key_mask`; ``causal`` hides keys after
+    past_length + s from query s.
+    """
+    batch, heads, length, head_size = q.shape
+    total = k.shape[2]
+    scale = ctx.attr("scale", 0.0) or np.float32(1) / np.sqrt(np.float32(head_size))
+    scores = jnp.einsum("bhsd,bhld->bhsl", q, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(scale)
+    additive = None if key_mask is None else key_mask[:, None]
     if extra_bias is not None:
-        scores = scores + jnp.asarray(extra_bias).astype(jnp.float32)
+        bias = jnp.asarray(extra_bias).astype(jnp.float32)
+        additive = bias if additive is None else bias + additive
+    if additive is not None:
+        scores = scores + additive
+    if causal and length > 1:
+        # onnxruntime sets future keys to the lowest float (not mask_filter_value): a row
+        # whose keys are all padding still attends to its past, never to its future.
+        # Query s sees the past and the new keys up to s.
+        future = jnp.arange(total)[None, :] > jnp.arange(length)[:, None] + past_length
+        scores = jnp.where(future, jnp.finfo(jnp.float32).min, scores)
     weights = softmax_over(scores, (scores.ndim - 1,)).astype(v.dtype)
-    out = jnp.einsum("bhsl,bhld->bhsd", weights, vh)
-    return out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+    out = jnp.einsum("bhsl,bhld->bhsd", weights, v,
+                     preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
+    return out.astype(v.dtype).transpose(0, 2, 1, 3).reshape(batch, length, -1)
 
 
 @register("Attention", 1, domain=MS)
 def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_bias=None,
               past_sequence_length=None):
-    if past is not None or past_sequence_length is not None:
-        raise ctx.error("the past state inputs are not supported")
+    """Self-attention with the q/k/v projection packed in ``weights``; optional ``present``
+    output is [2, B, N, past + S, H], the past keys and values with this step's appended."""
     num_heads = ctx.attr("num_heads")
     if num_heads is None:
         raise ctx.error("needs the num_heads attribute")
+    if ctx.attr("do_rotary", 0):
+        raise ctx.error("do_rotary=1 is not supported (onnxruntime's CPU kernel lacks it too); "
+                        "export the rotary embedding as separate nodes")
+    if ctx.attr("past_present_share_buffer", 0) or past_sequence_length is not None:
+        raise ctx.error("past_present_share_buffer / past_sequence_length (a preallocated "
+                        "key-value buffer, a CUDA-only form) are not supported; pass past "
+                        "with its real length")
     x = jnp.asarray(x)
-    proj = x @ weights
+    if x.ndim != 3 or np.ndim(weights) != 2 or weights.shape[0] != x.shape[2]:
+        raise ctx.error(f"input must be [batch, sequence, hidden] and weights [hidden, "
+                        f"q+k+v], got {x.shape} and {np.shape(weights)}")
+    sizes = [int(s) for s in ctx.attr("qkv_hidden_sizes", [])] or [weights.shape[1] // 3] * 3
+    if len(sizes) != 3 or sum(sizes) != weights.shape[1] or sizes[0] != sizes[1] or any(
+            s % num_heads for s in sizes):
+        raise ctx.error(f"qkv_hidden_sizes {sizes} must be three sizes (q equal to k, each "
+                        f"divisible by num_heads={num_heads}) summing to the weights' "
+                        f"{weights.shape[1]} columns")
+    proj = jnp.matmul(x, weights, preferred_element_type=jnp.promote_types(
+        x.dtype, jnp.float32))
     if bias is not None:
-        proj = proj + bias
-    sizes = ctx.attr("qkv_hidden_sizes") or [weights.shape[1] // 3] * 3
-    q, k, v = jnp.split(proj, np.cumsum(sizes)[:2], axis=-1)
-    out = _attend(ctx, q, k, v, num_heads, mask_index, ctx.attr("unidirectional", 0),
-                  attention_bias)
+        proj = proj + jnp.asarray(bias).astype(proj.dtype)
+    proj = proj.astype(x.dtype)
+    q, k, v = (_heads(t, num_heads) for t in jnp.split(proj, np.cumsum(sizes)[:2], axis=-1))
+    past_length = 0
+    if past is not None:
+        past = jnp.asarray(past)
+        if (past.ndim != 5 or past.shape[:3] != (2, x.shape[0], num_heads)
+                or past.shape[4] != k.shape[3] or k.shape[3] != v.shape[3]):
+            raise ctx.error(f"past must be [2, batch, num_heads, past_length, head_size] "
+                            f"with equal k and v head sizes, got {past.shape}")
+        past_length = past.shape[3]
+        k = jnp.concatenate([past[0].astype(k.dtype), k], axis=2)
+        v = jnp.concatenate([past[1].astype(v.dtype), v], axis=2)
+    unidirectional = bool(ctx.attr("unidirectional", 0))
+    if mask_index is not None and np.ndim(mask_index) == 4 and unidirectional:
+        raise ctx.error("a 4-D mask_index needs unidirectional=0")
+    key_mask = _key_mask(ctx, mask_index, x.shape[0], x.shape[1], k.shape[2], past_length,
+                         ctx.attr("mask_filter_value", -10000.0))
+    out = _attend(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
     if ctx.has_output(1):
-        raise ctx.error("the present output is not supported")
+        if k.shape[3] != v.shape[3]:
+            raise ctx.error("the present output needs equal k and v head sizes")
+        return out, jnp.stack([k, v])
     return out
 
 
 @register("MultiHeadAttention", 1, domain=MS)
 def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_padding_mask=None,
                          attention_bias=None, past_key=None, past_value=None, *rest):
-    if past_key is not None or past_value is not None or any(r is not None for r in rest):
-        raise ctx.error("past state and cache inputs are not supported")
-    if key is None or value is None or query.ndim != 3 or key.ndim != 3:
+    """Attention of separate query, key and value [B, L, D] (optional past_key/past_value
+    [B, N, P, H] are prepended; present_key/present_value return the concatenation)."""
+    if any(r is not None for r in rest):
+        raise ctx.error("past_sequence_length and cache_indirection (decoder-masked "
+                        "attention's inputs) are not supported")
+    if key is None or value is None or query.ndim != 3 or key.ndim != 3 or value.ndim != 3:
         raise ctx.error("only 3-D query, key and value ([batch, length, hidden]) are "
                         "supported")
+    if (past_key is None) != (past_value is None):
+        raise ctx.error("past_key and past_value come together")
+    if ctx.has_output(3):
+        raise ctx.error("the qk output is not supported")
     num_heads = ctx.attr("num_heads")
     if num_heads is None:
         raise ctx.error("needs the num_heads attribute")
@@ -234,11 +321,21 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
         query = query + bias[:dq]
         key = key + bias[dq:dq + dk]
         value = value + bias[dq + dk:]
-    out = _attend(ctx, query, key, value, num_heads, key_padding_mask,
-                  ctx.attr("unidirectional", 0), attention_bias)
+    q, k, v = _heads(query, num_heads), _heads(key, num_heads), _heads(value, num_heads)
+    past_length = 0
+    if past_key is not None:
+        past_length = past_key.shape[2]
+        k = jnp.concatenate([jnp.asarray(past_key).astype(k.dtype), k], axis=2)
+        v = jnp.concatenate([jnp.asarray(past_value).astype(v.dtype), v], axis=2)
+    # The key padding mask covers the past and the new keys.
+    key_mask = _key_mask(ctx, key_padding_mask, query.shape[0], query.shape[1], k.shape[2],
+                         past_length, ctx.attr("mask_filter_value", -10000.0))
+    unidirectional = bool(ctx.attr("unidirectional", 0))
+    if unidirectional and key.shape[1] != query.shape[1]:
+        # onnxruntime's CPU kernel gives no consistent causal alignment for this case.
+        raise ctx.error(f"unidirectional=1 needs as many new keys as queries, got "
+                        f"{key.shape[1]} keys for {query.shape[1]} queries")
+    out = _attend(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
     if ctx.has_output(1) or ctx.has_output(2):
-        present_k = key.reshape(key.shape[0], key.shape[1], num_heads, -1).transpose(0, 2, 1, 3)
-        present_v = value.reshape(value.shape[0], value.shape[1], num_heads, -1).transpose(
-            0, 2, 1, 3)
-        return out, present_k, present_v
+        return out, k, v
     return out
