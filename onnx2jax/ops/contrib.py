@@ -212,7 +212,7 @@ def _key_mask(ctx, mask, batch, length, total, past_length, fill):
     return jnp.where(keep, jnp.float32(0), jnp.float32(fill))
 
 
-def _attend(ctx, q, k, v, key_mask=None, causal=False, extra_bias=None, past_length=0):
+def _attend_heads(ctx, q, k, v, key_mask=None, causal=False, extra_bias=None, past_length=0):
     """onnxruntime's CPU attention of [B, N, S, H] q with [B, N, T, H] k and [B, N, T, Hv] v.
 
     Scores are scale * q.k + mask (+ attention_bias) in float32 (fp16 inputs included), the
@@ -241,6 +241,16 @@ def _attend(ctx, q, k, v, key_mask=None, causal=False, extra_bias=None, past_len
     out = jnp.einsum("bhsl,bhld->bhsd", weights, v,
                      preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
     return out.astype(v.dtype).transpose(0, 2, 1, 3).reshape(batch, length, -1)
+
+
+def _attend(ctx, q, k, v, num_heads, mask=None, causal=False, extra_bias=None):
+    """Attention of [B, S, D] q with [B, L, D] k / [B, L, Dv] v (no past), ``mask`` in any
+    of :func:`_key_mask`'s forms; returns [B, S, Dv]. For ops that project q, k, v themselves
+    (quantized attention)."""
+    q, k, v = (_heads(jnp.asarray(t), num_heads) for t in (q, k, v))
+    key_mask = _key_mask(ctx, mask, q.shape[0], q.shape[2], k.shape[2], 0,
+                         ctx.attr("mask_filter_value", -10000.0))
+    return _attend_heads(ctx, q, k, v, key_mask, causal, extra_bias)
 
 
 @register("Attention", 1, domain=MS)
@@ -289,7 +299,7 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
         raise ctx.error("a 4-D mask_index needs unidirectional=0")
     key_mask = _key_mask(ctx, mask_index, x.shape[0], x.shape[1], k.shape[2], past_length,
                          ctx.attr("mask_filter_value", -10000.0))
-    out = _attend(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
+    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
     if ctx.has_output(1):
         if k.shape[3] != v.shape[3]:
             raise ctx.error("the present output needs equal k and v head sizes")
@@ -335,7 +345,7 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
         # onnxruntime's CPU kernel gives no consistent causal alignment for this case.
         raise ctx.error(f"unidirectional=1 needs as many new keys as queries, got "
                         f"{key.shape[1]} keys for {query.shape[1]} queries")
-    out = _attend(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
+    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
     if ctx.has_output(1) or ctx.has_output(2):
         return out, k, v
     return out
