@@ -218,3 +218,16 @@ def test_fused_conv_rejects_an_unknown_activation():
     feeds = {"x": _f32(1, 2, 4, 4), "w": _f32(4, 2, 1, 1)}
     with pytest.raises(OpError, match="activation 'Gelu'"):
         run_onnx2jax(_ms_model("FusedConv", feeds, activation="Gelu"), feeds)
+
+
+@pytest.mark.parametrize("opset", [11, 14])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_layer_normalization_below_opset_17(opset, dtype):
+    # onnxruntime's transformer optimizer leaves LayerNormalization in the default domain of
+    # models below opset 17; onnxruntime runs it (its kernel is registered from opset 1).
+    feeds = {"x": _f32(2, 3, 8).astype(dtype), "scale": _f32(8).astype(dtype),
+             "bias": _f32(8).astype(dtype)}
+    model = single_node_model("LayerNormalization", feeds, ("y", "mean", "inv_std"),
+                              opset=opset, axis=-1, epsilon=1e-5)
+    tolerance = 1e-5 if dtype == np.float32 else 2e-3
+    assert_matches_reference(model, feeds, rtol=tolerance, atol=tolerance)

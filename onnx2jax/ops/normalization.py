@@ -105,6 +105,9 @@ def _trailing_axes_setup(ctx, x):
         _stash_dtype(ctx, x)
 
 
+# onnxruntime registers LayerNormalization in the ONNX domain from opset 1 (its contrib kernel,
+# the same semantics), and its transformer optimizer emits it into models of opset < 17.
+@register("LayerNormalization", 1)
 @register("LayerNormalization", 17)
 def layer_normalization(ctx, x, scale, bias=None):
     x = jnp.asarray(x)
