@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ class Model:
 
     @property
     def output_names(self) -> list[str]:
-        return [v.name for v in self.plan.outputs]
+        """The graph's outputs in their declared order, each name once (the results are dicts,
+        so a name the graph declares twice is one entry, at its first place)."""
+        return list(dict.fromkeys(v.name for v in self.plan.outputs))
 
     def tensor_names(self) -> list[str]:
         """Every tensor a node produces, in execution order: valid names for ``outputs=``."""
@@ -174,7 +177,8 @@ class Model:
 
         Inputs are given by position (in :attr:`input_names` order) or by name. ``outputs``
         may name any tensor of the graph, intermediate ones included; by default the graph's
-        outputs. Returns a dict from output name to array.
+        outputs. Returns an ordered dict from output name to array, in the order of
+        ``outputs`` (by default :attr:`output_names`), which ``jax.jit`` keeps.
 
         Example:
             >>> import jax, numpy as np, onnx2jax
@@ -215,7 +219,8 @@ class Model:
         env = self._environment(self._inference_params(), bound, runner.wanted)
         options = inference_compiler_options(bound, self.compiler_options, self.precision)
         values = runner.run(env, options)
-        return {name: _as_output(v) for name, v in zip(runner.wanted, values, strict=True)}
+        return OrderedDict((name, _as_output(v))
+                           for name, v in zip(runner.wanted, values, strict=True))
 
     def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
                      outputs: tuple[str, ...] | None,
@@ -224,7 +229,9 @@ class Model:
         env = self._environment(params, bound, wanted)
         plan = self._fused_plan(kernels, tuple(wanted)) if kernels else self.plan
         values = self._interpreter.run(plan, env, wanted)
-        return {name: _as_output(v) for name, v in zip(wanted, values, strict=True)}
+        # An OrderedDict, since jax.jit rebuilds a plain dict with its keys sorted: outputs
+        # keep the declared (or asked) order through model(...) and the user's own jit.
+        return OrderedDict((name, _as_output(v)) for name, v in zip(wanted, values, strict=True))
 
     def _environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
                      wanted: Sequence[str]) -> dict[str, Any]:

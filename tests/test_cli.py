@@ -204,3 +204,22 @@ def test_check_with_bfloat16_products_reports_their_error():
     error = rounded["outputs"]["logits"]["max_abs_error"]
     assert exact["outputs"]["logits"]["max_abs_error"] < 1e-4 < error < 0.1
     assert onnx2jax_command("run", "--precision", "float16").returncode == 2
+
+
+def test_run_prints_outputs_in_the_declared_order(tmp_path, capsys):
+    # jax.jit returns dicts with sorted keys; the outputs here are declared unsorted.
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["b_early"]), helper.make_node("Relu", ["b_early"], ["z"]),
+         helper.make_node("Shape", ["x"], ["a_shape"])],
+        "order", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_value_info(n, onnx.TypeProto()) for n in ("z", "x", "a_shape", "b_early")])
+    path = tmp_path / "order.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=10), path)
+    declared = ["z", "x", "a_shape", "b_early"]
+    assert main(["run", str(path), "--json", "--quiet"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["outputs"]) == declared
+    assert main(["run", str(path), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    printed = [line.split()[0] for line in text.split("outputs\n", 1)[1].splitlines()]
+    assert printed == declared

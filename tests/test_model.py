@@ -380,3 +380,51 @@ def test_bfloat16_precision_trains_and_rejects_unknown_policies():
     assert float(jnp.abs(grads["w1"]).sum()) > 0
     with pytest.raises(ValueError, match="precision must be one of 'float32', 'bfloat16'"):
         onnx2jax.load(products_model(), precision="float16")
+
+
+def mixed_outputs_model(data_dependent: bool) -> onnx.ModelProto:
+    """Outputs in no sorted order: a late node's, a graph input, a static Shape, a float param,
+    an integer constant, an early node's, a name declared twice (and a NonZero's, whose
+    data-dependent shape sends model(...) through the segmented runner)."""
+    nodes = [helper.make_node("Add", ["x", "w"], ["early"]),
+             helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Neg", ["early"], ["mid"]),
+             helper.make_node("Relu", ["mid"], ["late"])]
+    names = ["late", "x", "shape", "w", "k", "early", "late"]
+    if data_dependent:
+        nodes.append(helper.make_node("NonZero", ["mid"], ["nz"]))
+        names.insert(2, "nz")
+    graph = helper.make_graph(
+        nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_value_info(n, onnx.TypeProto()) for n in names],
+        initializer=[numpy_helper.from_array(np.array([1, -1, 2, -3], np.float32), "w"),
+                     numpy_helper.from_array(np.arange(3, dtype=np.int64), "k")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                             ir_version=10)
+
+
+@pytest.mark.parametrize("data_dependent", [False, True])
+def test_outputs_keep_the_declared_order(tmp_path, data_dependent):
+    import onnxruntime
+
+    proto = mixed_outputs_model(data_dependent)
+    declared = [v.name for v in proto.graph.output]
+    x = np.array([0.5, 2.0, -4.0, 1.0], np.float32)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    expected = dict(zip(declared, session.run(None, {"x": x}), strict=True))
+    model = onnx2jax.load(proto)
+    assert model.output_names == list(dict.fromkeys(declared))
+    runs = {"call": lambda: model(x), "apply": lambda: model.apply(model.params, x),
+            "cached": lambda: onnx2jax.load(proto, cache_dir=tmp_path)(x)}
+    if not data_dependent:
+        runs["jit(apply)"] = lambda: jax.jit(model.apply)(model.params, x)
+    for how, run in runs.items():
+        out = run()
+        assert list(out) == model.output_names, how
+        for name, value in zip(model.output_names, out.values(), strict=True):
+            np.testing.assert_array_equal(np.asarray(value), expected[name], err_msg=how)
+    asked = ["shape", "late", "x", "early", "k"]
+    assert list(model(x, outputs=asked)) == asked
+    assert list(jax.jit(model.apply, static_argnames="outputs")(
+        model.params, x, outputs=tuple(asked[::-1]))) == asked[::-1]
