@@ -11,7 +11,10 @@ written file with onnxruntime.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import secrets
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +28,11 @@ from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.errors import InputError
 from onnx2jax.loader import external_data_path, tensor_to_numpy
 
+try:
+    import fcntl
+except ImportError:  # Windows: killed saves' temporaries are not cleaned up there
+    fcntl = None
+
 if TYPE_CHECKING:
     from onnx2jax.model import Model
 
@@ -33,6 +41,7 @@ PROTO_LIMIT = 2**31 - 2**26
 # Tensors smaller than this stay inside the .onnx file when external data is written.
 EXTERNAL_THRESHOLD = 1024
 _ALIGNMENT = 4096
+_TEMPORARY_SUFFIX = ".onnx2jax-tmp"
 
 
 def to_onnx(model: Model, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:
@@ -144,10 +153,13 @@ def save(model: Model, path: str | os.PathLike, params: Mapping[str, Any] | None
 
     The file is written to a temporary name and renamed into place, so a failed save leaves
     any existing file untouched. With ``external_data`` (forced for models over 2 GB) the
-    tensor bytes go to ``<name>.data`` next to the file. ``verify`` runs the saved file in
-    onnxruntime (when installed) and returns a :class:`Verification` comparing it with
-    ``model.apply``; pass a dict of inputs to choose them, else random ones with each free
-    dimension set to 2 are used (zeros for integer inputs).
+    tensor bytes go to ``<name>.<8 hex digits>.data`` next to the file, a new name each save:
+    the new ``.onnx`` replaces the old one last, so a reader sees either the old model or the
+    new one, never one's graph with the other's weights; the old data file is then removed.
+    Temporaries that a killed save left are removed by the next save of that path. ``verify``
+    runs the saved file in onnxruntime (when installed) and returns a :class:`Verification`
+    comparing it with ``model.apply``; pass a dict of inputs to choose them, else random
+    ones with each free dimension set to 2 are used (zeros for integer inputs).
 
     Example:
         >>> import os, tempfile, onnx2jax
@@ -161,23 +173,37 @@ def save(model: Model, path: str | os.PathLike, params: Mapping[str, Any] | None
     proto = to_onnx(model, params)
     folder = path.resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
-    data_name = path.name + ".data"
     if not external_data and _tensor_bytes(proto.graph) >= PROTO_LIMIT:
         external_data = True
+    _remove_abandoned_temporaries(folder, path.name)
+    # Data files the file being replaced points at, removed once nothing reads them.
+    superseded = _own_data_files(path)
+    saved = False
     with contextlib.ExitStack() as cleanup:
-        data_tmp = None
+        written = None
         if external_data:
+            # A name of its own, so the old .onnx keeps reading its old data until the new
+            # .onnx replaces it: a reader never sees one file's graph with another's weights.
+            data_name = f"{path.name}.{secrets.token_hex(4)}.data"
             data_tmp = _temporary(folder, data_name, cleanup)
-            with open(data_tmp, "wb") as handle:
+            with open(data_tmp, "r+b") as handle:
                 _move_to_external(proto.graph, handle, data_name)
+            written = folder / data_name
+            os.replace(data_tmp, written)
+            cleanup.callback(lambda: saved or written.unlink(missing_ok=True))
         model_tmp = _temporary(folder, path.name, cleanup)
-        with open(model_tmp, "wb") as handle:
+        with open(model_tmp, "r+b") as handle:
             handle.write(proto.SerializeToString())
             handle.flush()
             os.fsync(handle.fileno())
-        if data_tmp is not None:
-            os.replace(data_tmp, folder / data_name)
+        _fsync_folder(folder)
         os.replace(model_tmp, path)
+        saved = True
+        _fsync_folder(folder)
+    still_read = _files_read_by(model)
+    for old in superseded:
+        if old != written and old.resolve() not in still_read:
+            old.unlink(missing_ok=True)
     if verify is False:
         return None
     return verify_file(model, path, params, None if verify is True else verify)
@@ -337,9 +363,76 @@ def _move_to_external(graph: onnx.GraphProto, handle: Any, location: str) -> Non
 
 
 def _temporary(folder: Path, name: str, cleanup: contextlib.ExitStack) -> Path:
-    """A fresh temporary file next to the target, removed on exit unless renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    """A fresh temporary file next to the target, removed on exit unless renamed into place.
+
+    It stays locked while this process lives, so a later save can tell the temporaries of a
+    killed save (unlocked) from those of one still writing (locked).
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_TEMPORARY_SUFFIX, dir=folder)
     tmp_path = Path(tmp)
+    handle = os.fdopen(fd, "r+b")
+    cleanup.callback(handle.close)
+    if fcntl is not None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
     cleanup.callback(lambda: tmp_path.unlink(missing_ok=True))
     return tmp_path
+
+
+def _remove_abandoned_temporaries(folder: Path, name: str) -> None:
+    """Delete what killed saves of ``name`` left behind (their locks died with them)."""
+    if fcntl is None:
+        return
+    for stale in folder.glob(f".{glob.escape(name)}.*{_TEMPORARY_SUFFIX}"):
+        try:
+            with open(stale, "rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                stale.unlink(missing_ok=True)
+        except OSError:  # locked: another save is writing it
+            continue
+
+
+def _own_data_files(path: Path) -> list[Path]:
+    """The external-data files of the .onnx at ``path`` that a save of ``path`` wrote itself.
+
+    Only files named like our own (``NAME.data`` or ``NAME.<hex>.data``, beside the file) are
+    ever removed: a data file the user shares between models is theirs.
+    """
+    if not path.is_file():
+        return []
+    try:
+        old = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a model we can read: leave whatever is beside it alone
+        return []
+    own = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
+    found = set()
+    for tensor in _graph_tensors(old.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and own.fullmatch(entry.value):
+                found.add(path.parent / entry.value)
+    return sorted(found)
+
+
+def _files_read_by(model: Model) -> set[Path]:
+    """External-data files the model in memory may still read (its constants, to_onnx)."""
+    if model.base_dir is None:
+        return set()
+    files = set()
+    for tensor in _graph_tensors(model.proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add((model.base_dir / entry.value).resolve())
+    return files
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

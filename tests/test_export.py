@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,13 +190,18 @@ def test_bad_params_are_rejected():
         model.to_onnx({"shape": jnp.zeros((3,))})
 
 
+def data_files(folder: Path, name: str) -> list[Path]:
+    """The external-data files save() wrote for ``name`` in ``folder``."""
+    return sorted(folder.glob(f"{name}.*.data"))
+
+
 def test_external_data_reloads_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(export, "EXTERNAL_THRESHOLD", 100)
     model = onnx2jax.load(tiny_model(size=64))
     params = {k: v * 2 for k, v in model.params.items()}
     path = tmp_path / "ext.onnx"
     model.save(path, params, external_data=True)
-    assert (tmp_path / "ext.onnx.data").is_file()
+    assert len(data_files(tmp_path, "ext.onnx")) == 1
     stored = onnx.load(str(path), load_external_data=False)
     assert all(t.data_location == TensorProto.EXTERNAL for t in stored.graph.initializer
                if t.name != "shape")
@@ -206,7 +213,7 @@ def test_external_data_reloads_everywhere(tmp_path: Path, monkeypatch: pytest.Mo
     # A model read with external data saves again, inline, elsewhere.
     again = tmp_path / "sub" / "inline.onnx"
     assert reloaded.save(again, verify=True).worst < 1e-6
-    assert not (tmp_path / "sub" / "inline.onnx.data").exists()
+    assert not data_files(tmp_path / "sub", "inline.onnx")
     again_model = onnx2jax.load(again)
     np.testing.assert_array_equal(np.asarray(again_model.apply(again_model.params, x)["y"]), want)
 
@@ -238,6 +245,67 @@ def test_interrupted_save_leaves_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_saving_again_never_mixes_graph_and_weights(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """A save killed between writing the new data and replacing the .onnx leaves the old .onnx
+    reading the old weights; a finished save removes the data file it superseded."""
+    monkeypatch.setattr(export, "EXTERNAL_THRESHOLD", 100)
+    model = onnx2jax.load(tiny_model(size=64))
+    path = tmp_path / "model.onnx"
+    model.save(path, external_data=True)
+    x = np.ones((2, 64), np.float32)
+    want_old = np.asarray(model.apply(model.params, x)["y"])
+    params = {k: v * 3 for k, v in model.params.items()}
+    real_replace = os.replace
+
+    def killed_before_onnx(src, dst):
+        if str(dst).endswith(".onnx"):
+            raise KeyboardInterrupt  # the process dies between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export.os, "replace", killed_before_onnx)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(path, params, external_data=True)
+    monkeypatch.setattr(export.os, "replace", real_replace)
+    old = onnx2jax.load(path)
+    np.testing.assert_array_equal(np.asarray(old.apply(old.params, x)["y"]), want_old)
+    assert len(data_files(tmp_path, "model.onnx")) == 1
+
+    model.save(path, params, external_data=True)
+    new = onnx2jax.load(path)
+    np.testing.assert_array_equal(np.asarray(new.apply(new.params, x)["y"]),
+                                  np.asarray(model.apply(params, x)["y"]))
+    assert len(data_files(tmp_path, "model.onnx")) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_killed_saves_temporaries_are_removed_by_the_next_save(tmp_path: Path):
+    """A save killed with SIGKILL leaves a temporary the size of the model; the next save of the
+    same path deletes it, while a temporary another process still writes (locked) stays."""
+    model = onnx2jax.load(tiny_model(size=64))
+    path = tmp_path / "model.onnx"
+    child = subprocess.run([sys.executable, "-c", f"""
+import os, signal, onnx2jax
+from onnx2jax import export
+from tests.test_export import tiny_model
+model = onnx2jax.load(tiny_model(size=64))
+def die(graph, handle, location):
+    handle.write(b"x" * 4096)
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+export._move_to_external = die
+model.save({str(path)!r}, external_data=True)
+"""], cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers, "the killed save should have left its temporary"
+    busy = tmp_path / ".model.onnx.busy.onnx2jax-tmp"
+    with open(busy, "wb") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        model.save(path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "model.onnx"]
+
+
 def test_example_cnn_roundtrip(tmp_path: Path):
     model = onnx2jax.load(onnx2jax.example_path())
     original = onnx.load(str(onnx2jax.example_path()))
@@ -254,7 +322,8 @@ def test_large_models_get_external_data_automatically(tmp_path: Path,
     model = onnx2jax.load(tiny_model(size=512))
     path = tmp_path / "big.onnx"
     model.save(path, {"w": model.params["w"] * 3})
-    assert (tmp_path / "big.onnx.data").stat().st_size >= 3 * 512 * 4
+    [data] = data_files(tmp_path, "big.onnx")
+    assert data.stat().st_size >= 3 * 512 * 4
     assert path.stat().st_size < 1000
     x = np.ones((2, 512), np.float32)
     reloaded = onnx2jax.load(path)
