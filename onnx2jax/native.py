@@ -19,8 +19,11 @@ and, for inputs of few rows, for MatMul and Gemm by a float32 weight matrix (man
 XLA's dots, measured faster there). :meth:`Model.apply` (so gradients, ``vmap`` and other
 backends are unaffected), a batch split over devices and :func:`onnx2jax.aot.export_model`
 artifacts keep XLA's kernels.
-Without a compiler, on a CPU without AVX-512, or with ``ONNX2JAX_NATIVE=0``, XLA's kernels are
-used; :func:`status` says which and why.
+Without a compiler, on a CPU without AVX-512 (decided before anything is built or loaded), or
+with ``ONNX2JAX_NATIVE=0``, XLA's kernels are used; :func:`status` says which and why. The
+library is only loaded from a folder no other user can write, and only when the manifest its
+build wrote beside it matches these sources, this compiler and CPU and the library's sha256
+(SECURITY.md).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -43,6 +47,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from onnx2jax import safety
 
 log = logging.getLogger("onnx2jax")
 
@@ -98,6 +104,54 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def cpu_problem() -> str | None:
+    """Why this CPU cannot run the kernels, or None; decided before anything is built or loaded.
+
+    The kernels use 16-lane vectors only when ``-march=native`` defines ``__AVX512F__``
+    (conv2d.cc's kLanes), which GCC and Clang do exactly when the CPU reports ``avx512f`` and
+    the OS saves its registers, which is when Linux lists the flag in /proc/cpuinfo. Elsewhere
+    (no /proc/cpuinfo) :func:`_compiler_problem` decides before a build.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"no native kernels for {platform.machine()} CPUs"
+    line = _cpu_flags()
+    if line.startswith("flags") and "avx512f" not in line.split(":", 1)[-1].split():
+        return "this CPU has no AVX-512 (avx512f); the kernels need AVX-512"
+    return None
+
+
+def _compiler_problem(compiler: str) -> str | None:
+    """Why ``compiler -march=native`` would build kernels without AVX-512 here, or None.
+
+    Raises RuntimeError when the compiler does not run at all (a failed build, as before).
+    """
+    try:
+        done = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"the compiler {compiler} cannot run: {exc}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"{compiler} -march=native -dM -E failed: "
+                           f"{done.stderr.strip()[-500:]}")
+    if "__AVX512F__" not in done.stdout:
+        return (f"{compiler} -march=native does not enable AVX-512 on this machine; the "
+                "kernels need AVX-512")
+    return None
+
+
+def _flags(compiler: str) -> list[str]:
+    return [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-fPIC"]
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        data = path.read_bytes()
+        digest.update(f"{path.name}:{len(data)}:".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def library_path(compiler: str) -> Path:
     """The cached library for these sources, jaxlib, compiler and CPU."""
     key = hashlib.sha256()
@@ -108,6 +162,19 @@ def library_path(compiler: str) -> Path:
     return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
 
+def manifest_path(library: Path) -> Path:
+    """The manifest the build writes beside ``library`` (see :func:`_expected_manifest`)."""
+    return library.with_suffix(".json")
+
+
+def _expected_manifest(compiler: str) -> dict[str, Any]:
+    """What a library built here for these sources must record, less its own sha256."""
+    return {"format": "onnx2jax-kernels/1", "sources_sha256": _sources_digest(),
+            "compiler": compiler, "flags": _flags(compiler)[1:], "jax": jax.__version__,
+            "cpu_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest(),
+            "machine": platform.machine()}
+
+
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
@@ -115,37 +182,142 @@ def _run(command: list[str]) -> None:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile the kernels to ``target`` (written to a temporary file, then renamed). The
-    sources compile side by side (one CPU each), then link."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    flags = [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-fPIC"]
+    """Compile the kernels to ``target`` (written to a temporary file, then renamed) and write
+    its manifest. The sources compile side by side (one CPU each), then link."""
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    flags = _flags(compiler)
     with tempfile.TemporaryDirectory(dir=target.parent) as folder:
         objects = [str(Path(folder) / f"{source.stem}.o") for source in SOURCES]
         with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
             list(pool.map(_run, [[*flags, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o",
                                   obj] for source, obj in zip(SOURCES, objects, strict=True)]))
-        linked = str(Path(folder) / target.name)
-        _run([*flags, "-shared", *objects, "-o", linked])
+        linked = Path(folder) / target.name
+        _run([*flags, "-shared", *objects, "-o", str(linked)])
+        os.chmod(linked, 0o755)
+        manifest = {**_expected_manifest(compiler),
+                    "library_sha256": hashlib.sha256(linked.read_bytes()).hexdigest()}
+        written = Path(folder) / manifest_path(target).name
+        written.write_text(json.dumps(manifest, indent=1))
+        # The library first: a manifest never names a library that is not there yet.
         os.replace(linked, target)
+        os.replace(written, manifest_path(target))
+
+
+def _verified_library(compiler: str, path: Path) -> tuple[int | None, str | None]:
+    """An open descriptor of ``path`` when it is the library this build recorded (its manifest
+    matches the sources, compiler, flags and CPU, and its sha256 the file's), else (None, why).
+
+    Both files are opened without following symlinks and must pass the ownership rules; the
+    library is hashed from the descriptor that is then loaded, so it cannot change in between.
+    """
+    try:
+        manifest = json.loads(safety.read_owned_file(manifest_path(path)))
+    except FileNotFoundError:
+        return None, "it has no manifest"
+    except (OSError, ValueError) as exc:
+        return None, f"its manifest is unusable ({exc})"
+    if not isinstance(manifest, dict):
+        return None, "its manifest is unusable"
+    recorded = {k: v for k, v in manifest.items() if k != "library_sha256"}
+    if recorded != _expected_manifest(compiler):
+        return None, "its manifest records other sources, compiler, flags or CPU"
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None, "it is missing"
+    except OSError as exc:
+        return None, f"it cannot be opened ({exc.strerror}; a symlink?)"
+    try:
+        problem = safety.file_problem(os.fstat(fd), path)
+        if problem is None:
+            digest = hashlib.sha256()
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != manifest.get("library_sha256"):
+                problem = "its sha256 differs from the one its build recorded"
+    except BaseException:
+        os.close(fd)
+        raise
+    if problem is not None:
+        os.close(fd)
+        return None, problem
+    return fd, None
+
+
+def _load(compiler: str, path: Path) -> ctypes.CDLL:
+    """The verified library at ``path``, rebuilt once when missing or not the one we built."""
+    fd, problem = _verified_library(compiler, path)
+    if fd is None:
+        # Another process may be building the same library: wait for it, then look again.
+        with _folder_lock(path.parent):
+            fd, problem = _verified_library(compiler, path)
+            if fd is None:
+                if path.exists():
+                    log.info("onnx2jax: rebuilding the native kernels at %s: %s", path, problem)
+                compiler_problem = _compiler_problem(compiler)
+                if compiler_problem is not None:
+                    raise _NotSupported(compiler_problem)
+                _build(compiler, path)
+                fd, problem = _verified_library(compiler, path)
+                if fd is None:
+                    raise RuntimeError(f"the library just built at {path} does not verify: "
+                                       f"{problem}")
+    try:
+        # Loaded through the descriptor that was hashed (Linux); the folder rules keep others
+        # from replacing the file anyway where /proc/self/fd is absent.
+        proc = f"/proc/self/fd/{fd}"
+        return ctypes.CDLL(proc if os.path.exists(proc) else str(path))
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` itself (no lock file left behind), where flock exists."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: builds may race; the loser's library fails to verify
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _NotSupported(Exception):
+    """The compiler or CPU cannot give AVX-512 kernels; the message says why."""
 
 
 def _register() -> dict[str, Any]:
     if not enabled_by_env():
         return {"reason": "turned off by ONNX2JAX_NATIVE=0"}
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return {"reason": f"no native kernels for {platform.machine()} CPUs"}
+    problem = cpu_problem()
+    if problem is not None:
+        return {"reason": problem}
     compiler = _compiler()
     if compiler is None:
         return {"reason": "no C++ compiler found (c++, g++ or clang++; or set $CXX)"}
+    folder = cache_dir()
+    problem = safety.private_folder(folder)
+    if problem is not None:
+        safety.warn_once(f"the native kernel folder {folder} is not used: {problem}. XLA's "
+                         "kernels are used instead (or set ONNX2JAX_NATIVE_DIR to a folder of "
+                         "your own).")
+        return {"reason": f"the kernel folder is unsafe: {problem}"}
     path = library_path(compiler)
     try:
-        if not path.exists():
-            _build(compiler, path)
-        library = ctypes.CDLL(str(path))
+        library = _load(compiler, path)
         lanes = int(library.onnx2jax_conv2d_lanes())
         block = int(library.onnx2jax_conv2d_block())
         handlers = {TARGET: library.Onnx2jaxConv2d, ATTENTION_TARGET: library.Onnx2jaxAttention,
                     WINOGRAD_TARGET: library.Onnx2jaxWinograd}
+    except _NotSupported as exc:
+        return {"reason": str(exc)}
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
         return {"reason": f"the kernels did not build or load: {exc}"}
     if lanes < MIN_LANES:
