@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 import onnx2jax
 from tests.helpers import (
     assert_matches_reference,
+    feeds_of,
     run_onnx2jax,
     run_reference,
     single_node_model,
@@ -220,6 +221,218 @@ def test_qlinear_matmul_x64_off():
     model = single_node_model("QLinearMatMul", feeds)
     np.testing.assert_array_equal(run_onnx2jax(model, feeds, x64=False)[0],
                                   run_reference(model, feeds)[0])
+
+
+# ------------------------------------------------------------------------------ com.microsoft
+MS = "com.microsoft"
+
+
+def _ms_model(op_type, feeds, outputs=("y",), initializers=None, **attrs):
+    return single_node_model(op_type, feeds, outputs, opset=17, domain=MS,
+                             initializers=initializers, **attrs)
+
+
+def _q(dtype, *shape, rng=RNG):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, size=shape).astype(dtype)
+
+
+def _assert_quantized_close(got, want, steps=0):
+    """Same dtype and shape; at most ``steps`` quantization steps apart."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape,
+                                                                  want.dtype, want.shape)
+    diff = np.abs(got.astype(np.int64) - want.astype(np.int64))
+    assert diff.max(initial=0) <= steps, (diff.max(), np.argwhere(diff > steps)[:5])
+
+
+def _compare_ms(model, feeds, steps=0, jit_feeds=None):
+    want = run_reference(model, feeds)
+    got = run_onnx2jax(model, jit_feeds if jit_feeds is not None else feeds, x64=False)
+    for g, w in zip(got, want, strict=True):
+        _assert_quantized_close(g, np.asarray(w), steps)
+    return got
+
+
+@pytest.mark.parametrize("op", ["QLinearAdd", "QLinearMul"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_qlinear_add_mul(op, dtype):
+    a, b = _q(dtype, 2, 3, 16), _q(dtype, 3, 1)
+    zero = np.array(5, dtype)
+    feeds = {"a": a, "as": np.array(0.05, np.float32), "az": zero, "b": b,
+             "bs": np.array(0.07, np.float32), "bz": np.array(-3 if dtype == np.int8 else 200,
+                                                               dtype),
+             "cs": np.array(0.3 if op == "QLinearMul" else 0.09, np.float32),
+             "cz": np.array(10, dtype)}
+    _compare_ms(_ms_model(op, feeds), feeds)
+
+
+@pytest.mark.parametrize("op,attrs", [("QLinearSigmoid", {}),
+                                      ("QLinearLeakyRelu", {"alpha": 0.1})])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_qlinear_lookup_activations(op, attrs, dtype):
+    # Every input value, so the whole 256-entry table onnxruntime builds is compared. Its
+    # sigmoid is MLAS's polynomial, which can put a value a hair off a half step: one step.
+    x = np.arange(np.iinfo(dtype).min, np.iinfo(dtype).max + 1).astype(dtype).reshape(4, 64)
+    feeds = {"x": x, "xs": np.array(0.06, np.float32), "xz": np.array(3, dtype),
+             "ys": np.array(1 / 256 if op == "QLinearSigmoid" else 0.05, np.float32),
+             "yz": np.array(0 if op == "QLinearSigmoid" else 7, dtype)}
+    _compare_ms(_ms_model(op, feeds, **attrs), feeds, steps=1 if op == "QLinearSigmoid" else 0)
+
+
+def test_qlinear_concat_requantizes_each_input():
+    x1, x2 = _q(np.uint8, 1, 2, 3), _q(np.uint8, 1, 3, 3)
+    feeds = {"ys": np.array(0.1, np.float32), "yz": np.array(120, np.uint8),
+             "x1": x1, "s1": np.array(0.1, np.float32), "z1": np.array(120, np.uint8),
+             "x2": x2, "s2": np.array(0.037, np.float32), "z2": np.array(14, np.uint8)}
+    _compare_ms(_ms_model("QLinearConcat", feeds, axis=1), feeds)
+
+
+def test_qlinear_where():
+    cond = RNG.random((2, 5)) > 0.5
+    x, y = _q(np.int8, 2, 5), _q(np.int8, 1, 5)
+    feeds = {"c": cond, "x": x, "xs": np.array(0.02, np.float32), "xz": np.array(1, np.int8),
+             "y2": y, "ys": np.array(0.05, np.float32), "yz": np.array(-4, np.int8),
+             "zs": np.array(0.03, np.float32), "zz": np.array(2, np.int8)}
+    _compare_ms(_ms_model("QLinearWhere", feeds, ("z",)), feeds)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("opset,axis", [(13, -1), (13, 1), (12, 1)])
+def test_qlinear_softmax(dtype, opset, axis):
+    # onnxruntime's int8 kernel wraps an output of 128 around to -128; we saturate at 127
+    # (y_scale 1/256, zero point -128, as its quantizer writes, reaches 128 only for a row
+    # with one dominant value, which these inputs avoid).
+    x = _q(dtype, 2, 4, 12)
+    zero = np.array(0 if dtype == np.uint8 else -128, dtype)
+    feeds = {"x": x, "xs": np.array(0.08, np.float32), "xz": np.array(3, dtype),
+             "ys": np.array(1 / 256, np.float32), "yz": zero}
+    model = _ms_model("QLinearSoftmax", feeds, axis=axis)
+    model.graph.node[0].attribute.append(helper.make_attribute("opset", opset))
+    # The row sum's order is onnxruntime's loop against XLA's tree: a tie may land one off.
+    _compare_ms(model, feeds, steps=1)
+
+
+@pytest.mark.parametrize("channels_last", [0, 1])
+def test_qlinear_global_average_pool(channels_last):
+    x = _q(np.uint8, 2, 3, 5, 7)
+    feeds = {"x": x, "xs": np.array(0.03, np.float32), "xz": np.array(128, np.uint8),
+             "ys": np.array(0.011, np.float32), "yz": np.array(120, np.uint8)}
+    _compare_ms(_ms_model("QLinearGlobalAveragePool", feeds, channels_last=channels_last),
+                feeds)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+    {"kernel_shape": [2, 3], "strides": [2, 2], "ceil_mode": 1, "channels_last": 1},
+])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_qlinear_average_pool(attrs, dtype):
+    x = _q(dtype, 2, 3, 7, 6)
+    feeds = {"x": x, "xs": np.array(0.05, np.float32), "xz": np.array(7, dtype),
+             "ys": np.array(0.03, np.float32), "yz": np.array(-2 if dtype == np.int8 else 90,
+                                                              dtype)}
+    # Window sums add in a different order than onnxruntime's loop: a tie may land one off.
+    _compare_ms(_ms_model("QLinearAveragePool", feeds, **attrs), feeds, steps=1)
+
+
+def test_qlinear_reduce_mean_exact():
+    # onnxruntime's CPU provider has no QLinearReduceMean kernel: exact arithmetic instead.
+    x = _q(np.uint8, 2, 3, 4)
+    feeds = {"x": x, "xs": np.array(0.1, np.float32), "xz": np.array(100, np.uint8),
+             "ys": np.array(0.07, np.float32), "yz": np.array(130, np.uint8)}
+    model = _ms_model("QLinearReduceMean", feeds, axes=[-1, 1], keepdims=0)
+    got = run_onnx2jax(model, feeds)[0]
+    mean = (x.astype(np.float64) - 100).mean(axis=(1, 2)) * np.float64(np.float32(0.1))
+    want = np.clip(np.round(mean / np.float64(np.float32(0.07))) + 130, 0, 255)
+    _assert_quantized_close(got, want.astype(np.uint8))
+
+
+@pytest.mark.parametrize("quantized_output", [False, True])
+@pytest.mark.parametrize("per_column,trans_b", [(False, 0), (True, 1)])
+def test_qgemm(quantized_output, per_column, trans_b):
+    a, b = _q(np.uint8, 4, 6), _q(np.int8, 5, 6) if trans_b else _q(np.int8, 6, 5)
+    b_scale = (RNG.uniform(0.01, 0.05, 5) if per_column else np.array(0.02)).astype(np.float32)
+    b_zero = np.zeros(b_scale.shape, np.int8)
+    feeds = {"a": a, "as": np.array(0.03, np.float32), "az": np.array(128, np.uint8), "b": b,
+             "bs": b_scale, "bz": b_zero, "c": RNG.integers(-500, 500, 5).astype(np.int32),
+             "ys": np.array(0.5, np.float32) if quantized_output else None,
+             "yz": np.array(120, np.uint8) if quantized_output else None}
+    model = _ms_model("QGemm", feeds, alpha=0.75, transB=trans_b)
+    feeds = {k: v for k, v in feeds.items() if v is not None}
+    if quantized_output:
+        _compare_ms(model, feeds)
+    else:
+        assert_matches_reference(model, feeds)
+
+
+@pytest.mark.parametrize("b_dtype", [np.uint8, np.int8])
+def test_matmul_integer_to_float_and_dynamic_quantize_matmul(b_dtype):
+    a, b = _q(np.uint8, 2, 3, 8), _q(b_dtype, 8, 4)
+    b_scale = RNG.uniform(0.01, 0.05, 4).astype(np.float32)
+    b_zero = _q(b_dtype, 4)
+    bias = RNG.normal(size=4).astype(np.float32)
+    feeds = {"a": a, "b": b, "as": np.array(0.04, np.float32), "bs": b_scale,
+             "az": np.array(9, np.uint8), "bz": b_zero, "bias": bias}
+    assert_matches_reference(_ms_model("MatMulIntegerToFloat", feeds), feeds)
+    x = RNG.normal(size=(2, 3, 8)).astype(np.float32)
+    feeds = {"x": x, "b": b, "bs": b_scale, "bz": b_zero, "bias": bias}
+    assert_matches_reference(_ms_model("DynamicQuantizeMatMul", feeds), feeds)
+
+
+def test_ms_quantize_dequantize_linear_int16():
+    x = RNG.normal(scale=50, size=(3, 4)).astype(np.float32)
+    feeds = {"x": x, "s": np.array([0.01, 0.02, 0.03], np.float32),
+             "z": np.array([-5, 0, 7], np.int16)}
+    q = _compare_ms(_ms_model("QuantizeLinear", feeds, axis=0), feeds)[0]
+    feeds = {"q": q, "s": feeds["s"], "z": feeds["z"]}
+    assert_matches_reference(_ms_model("DequantizeLinear", feeds, axis=0), feeds)
+
+
+@pytest.mark.parametrize("channels_last", [0, 1])
+def test_ms_qlinear_conv_channels_last(channels_last):
+    x = _q(np.uint8, 1, 2, 5, 5)
+    w = RNG.integers(-20, 20, size=(3, 2, 3, 3)).astype(np.int8)
+    feeds = {"x": x.transpose(0, 2, 3, 1) if channels_last else x,
+             "xs": np.array(0.02, np.float32), "xz": np.array(128, np.uint8), "w": w,
+             "ws": np.array([0.01, 0.03, 0.02], np.float32), "wz": np.zeros(3, np.int8),
+             "ys": np.array(0.05, np.float32), "yz": np.array(100, np.uint8)}
+    model = _ms_model("QLinearConv", feeds, pads=[1, 1, 1, 1], channels_last=channels_last)
+    got = run_onnx2jax(model, feeds)[0]
+    reference = single_node_model("QLinearConv", {**feeds, "x": x}, pads=[1, 1, 1, 1])
+    want = run_reference(reference, {**feeds, "x": x}, engine="reference")[0]
+    _assert_quantized_close(got, want.transpose(0, 2, 3, 1) if channels_last else want, 1)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_qattention(with_mask):
+    batch, length, hidden, heads = 2, 5, 8, 2
+    x = _q(np.uint8, batch, length, hidden)
+    w = _q(np.int8, hidden, 3 * hidden)
+    feeds = {"x": x, "w": w, "bias": RNG.normal(size=3 * hidden).astype(np.float32),
+             "xs": np.array(0.02, np.float32), "ws": np.array(0.01, np.float32),
+             "mask": np.array([5, 3], np.int32) if with_mask else None,
+             "xz": np.array(128, np.uint8), "wz": np.array(0, np.int8)}
+    model = _ms_model("QAttention", feeds, num_heads=heads)
+    assert_matches_reference(model, feeds_of(model, feeds), rtol=1e-4, atol=1e-5)
+
+
+def test_qembed_layer_norm():
+    batch, length, hidden, vocab = 2, 4, 8, 11
+    word, pos, seg = _q(np.uint8, vocab, hidden), _q(np.uint8, 6, hidden), _q(np.uint8, 2,
+                                                                                   hidden)
+    feeds = {"ids": RNG.integers(0, vocab, (batch, length)).astype(np.int32),
+             "segs": RNG.integers(0, 2, (batch, length)).astype(np.int32),
+             "word": word, "pos": pos, "seg": seg, "gamma": _q(np.uint8, hidden),
+             "beta": _q(np.uint8, hidden),
+             "mask": np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32),
+             "ws": np.array(0.01, np.float32), "ps": np.array(0.02, np.float32),
+             "ss": np.array(0.03, np.float32), "gs": np.array(0.004, np.float32),
+             "bs": np.array(0.002, np.float32), "wz": np.array(128, np.uint8),
+             "pz": np.array(120, np.uint8), "sz": np.array(130, np.uint8),
+             "gz": np.array(0, np.uint8), "bz": np.array(128, np.uint8)}
+    model = _ms_model("QEmbedLayerNormalization", feeds, ("y", "mask_index"), epsilon=1e-5)
+    assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ ai.onnx.ml

@@ -14,6 +14,7 @@ from onnx2jax.ops import (  # noqa: F401
     ml,
     nn,
     normalization,
+    qlinear,
     quantization,
     random,
     reduce,
