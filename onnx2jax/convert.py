@@ -22,6 +22,7 @@ from onnx2jax.errors import DataDependentShapeError, OpError
 from onnx2jax.graph import GraphPlan, node_label, plan_graph
 from onnx2jax.loader import tensor_to_numpy
 from onnx2jax.ops.registry import canonical_domain
+from onnx2jax.settings import max_static_bytes
 
 
 def is_static(value: Any) -> bool:
@@ -37,6 +38,24 @@ def is_concrete(value: Any) -> bool:
     """True when the value can be read on the host (static, or an eager JAX array)."""
     return is_static(value) or (isinstance(value, jax.Array)
                                 and not isinstance(value, jax.core.Tracer))
+
+
+def _folded_bytes(value: Any) -> int:
+    """The bytes a static array would take materialized (a broadcast view counts in full)."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
+        return value.size * value.itemsize
+    return 0
+
+
+def _to_xla(value: np.ndarray) -> jax.Array:
+    """A static value too large to fold on the host, as a JAX value XLA computes with.
+
+    Broadcast views (zero strides, as Expand and ConstantOfShape leave them) go over as their
+    one stored element per broadcast axis plus a broadcast, never materialized on the host.
+    """
+    stored = value[tuple(slice(0, 1) if stride == 0 else slice(None)
+                         for stride in value.strides)]
+    return jnp.broadcast_to(jnp.asarray(np.ascontiguousarray(stored)), value.shape)
 
 
 class OpContext:
@@ -163,6 +182,8 @@ class Interpreter:
                 if name not in env:
                     raise OpError(f"{node_label(node)} reads {name!r}, which nothing defines")
                 args.append(env[name])
+            limit = max_static_bytes()
+            args = [_to_xla(arg) if _folded_bytes(arg) > limit else arg for arg in args]
             ctx = OpContext(self, node, env, plan)
             try:
                 result = spec.function(ctx, *args)

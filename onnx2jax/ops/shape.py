@@ -7,6 +7,8 @@ transposes and pads, which XLA turns into copies or nothing at all.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 import onnx
@@ -14,6 +16,7 @@ import onnx
 from onnx2jax.convert import is_static
 from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.ops.registry import register
+from onnx2jax.settings import max_static_bytes
 
 
 def _axis(ctx, axis, rank, what="axis"):
@@ -274,6 +277,9 @@ def constant_of_shape(ctx, shape):
     value = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
     if value.size != 1:
         raise ctx.error(f"value must hold one element, got {value.size}")
+    if math.prod(dims) * value.itemsize > max_static_bytes():
+        # A read-only view: the interpreter hands it to XLA without materializing it.
+        return np.broadcast_to(value[0], dims)
     return np.full(dims, value[0], dtype=value.dtype)
 
 
