@@ -143,6 +143,7 @@ def plan_graph(
     initializers' values decoded already (some of whose bytes the graph no longer holds).
     """
     decoded = decoded or {}
+    _check_names(graph)
     initializers = {t.name: decoded[t.name] if t.name in decoded else tensor_to_numpy(t, base_dir)
                     for t in graph.initializer}
     for sparse in graph.sparse_initializer:
@@ -173,6 +174,10 @@ def plan_graph(
     value_info = {v.name: tensor_info(v) for v in (*graph.value_info, *graph.output)}
     producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     graph_inputs = [tensor_info(v) for v in graph.input if v.name not in initializers]
+    for info in graph_inputs:
+        if info.elem_type not in _KNOWN_ELEM_TYPES:
+            raise ModelLoadError(f"graph input {info.name!r} has element type {info.elem_type}, "
+                                 "which is not an ONNX tensor type")
     return GraphPlan(
         graph=graph,
         nodes=nodes,
@@ -186,6 +191,28 @@ def plan_graph(
         value_info=value_info,
         producer=producer,
     )
+
+
+_KNOWN_ELEM_TYPES = {None, *onnx.helper.get_all_tensor_dtypes()}
+
+
+def _check_names(graph: onnx.GraphProto) -> None:
+    """Refuse names that are not valid UTF-8 (protobuf hands them over as bytes)."""
+    def bad(where: str, value: Any) -> ModelLoadError:
+        return ModelLoadError(f"graph {graph.name!r}: {where} {value!r} is not valid UTF-8; "
+                              "the file is corrupt or was not written by an ONNX exporter")
+
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if not isinstance(value.name, str):
+            raise bad("the name", value.name)
+    for node in graph.node:
+        for what, text in (("the op type", node.op_type), ("the domain", node.domain),
+                           ("the node name", node.name)):
+            if not isinstance(text, str):
+                raise bad(what, text)
+        for name in (*node.input, *node.output):
+            if not isinstance(name, str):
+                raise bad(f"a tensor name of node {node.name!r}", name)
 
 
 def _sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
@@ -256,6 +283,7 @@ def find_unsupported(graph: onnx.GraphProto, opsets: dict[str, int]) -> None:
     missing: dict[tuple[str, str, int], list[str]] = {}
 
     def visit(g: onnx.GraphProto) -> None:
+        _check_names(g)
         for node in g.node:
             domain = canonical_domain(node.domain)
             opset = opsets.get(domain, 1)

@@ -125,7 +125,7 @@ def _fetch(repo_id: str, filename: str, revision: str | None,
             f"cannot get {what}: the repo has no such file at that revision; ONNX files often "
             "live in a subfolder, e.g. filename='onnx/model.onnx'"
         ) from None
-    except HFValidationError as exc:
+    except (HFValidationError, ValueError) as exc:  # bad repo ids, filenames with ".."
         raise ModelLoadError(f"cannot get {what}: {exc}") from None
     except OSError as exc:  # network failures, HTTP errors, a cache that cannot be written
         raise ModelLoadError(f"cannot get {what}: {exc}") from None

@@ -136,3 +136,32 @@ def test_static_size_limit_is_a_setting(monkeypatch):
         initializer=[onnx.numpy_helper.from_array(np.int64(0), "axis")])
     small = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     np.testing.assert_array_equal(small(x=np.zeros(4, np.float32))["y"], [2.5, 5, 7.5, 10])
+
+
+def relu_model() -> onnx.ModelProto:
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", 1, [2])],
+                              [helper.make_tensor_value_info("y", 1, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("old, new", [(b"Relu", b"R\xffu\xfe"), (b"\x01x", b"\x01\xff")])
+def test_names_that_are_not_utf8_are_refused(old, new):
+    data = relu_model().SerializeToString()
+    assert old in data
+    with pytest.raises(ModelLoadError, match="not valid UTF-8"):
+        onnx2jax.load(data.replace(old, new))
+
+
+def test_graph_input_of_unknown_element_type_is_refused():
+    model = relu_model()
+    model.graph.input[0].type.tensor_type.elem_type = 999
+    with pytest.raises(ModelLoadError, match="element type 999"):
+        onnx2jax.load(model)
+
+
+@pytest.mark.parametrize("repo, filename", [("../etc", "model.onnx"), ("a/b", "../../x.onnx")])
+def test_hub_addresses_with_dot_dot_are_refused(repo, filename, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot get"):
+        onnx2jax.from_hub(repo, filename=filename, cache_dir=tmp_path)
