@@ -22,8 +22,8 @@ artifacts keep XLA's kernels.
 Without a compiler, on a CPU without AVX-512 (decided before anything is built or loaded), or
 with ``ONNX2JAX_NATIVE=0``, XLA's kernels are used; :func:`status` says which and why. The
 library is only loaded from a folder no other user can write, and only when the manifest its
-build wrote beside it matches these sources, this compiler and CPU and the library's sha256
-(SECURITY.md).
+build wrote beside it matches these sources, this compiler and CPU and the library's sha256,
+signed with this user's key (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -175,6 +176,13 @@ def _expected_manifest(compiler: str) -> dict[str, Any]:
             "machine": platform.machine()}
 
 
+def _manifest_signature(manifest: dict[str, Any], library_sha256: str) -> str:
+    """The HMAC, with this user's secret key (onnx2jax/safety.py), of a manifest: someone who
+    could write into the folder still could not make a library of theirs verify."""
+    return safety.sign(safety.cache_secret(), json.dumps(manifest, sort_keys=True).encode(),
+                       library_sha256.encode())
+
+
 def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
@@ -194,8 +202,9 @@ def _build(compiler: str, target: Path) -> None:
         linked = Path(folder) / target.name
         _run([*flags, "-shared", *objects, "-o", str(linked)])
         os.chmod(linked, 0o755)
-        manifest = {**_expected_manifest(compiler),
-                    "library_sha256": hashlib.sha256(linked.read_bytes()).hexdigest()}
+        library_sha256 = hashlib.sha256(linked.read_bytes()).hexdigest()
+        manifest = {**_expected_manifest(compiler), "library_sha256": library_sha256,
+                    "hmac": _manifest_signature(_expected_manifest(compiler), library_sha256)}
         written = Path(folder) / manifest_path(target).name
         written.write_text(json.dumps(manifest, indent=1))
         # The library first: a manifest never names a library that is not there yet.
@@ -218,9 +227,15 @@ def _verified_library(compiler: str, path: Path) -> tuple[int | None, str | None
         return None, f"its manifest is unusable ({exc})"
     if not isinstance(manifest, dict):
         return None, "its manifest is unusable"
-    recorded = {k: v for k, v in manifest.items() if k != "library_sha256"}
-    if recorded != _expected_manifest(compiler):
+    recorded = {k: v for k, v in manifest.items() if k not in ("library_sha256", "hmac")}
+    expected = _expected_manifest(compiler)
+    if recorded != expected:
         return None, "its manifest records other sources, compiler, flags or CPU"
+    signature = manifest.get("hmac")
+    library_sha256 = manifest.get("library_sha256")
+    if not (isinstance(signature, str) and isinstance(library_sha256, str)
+            and hmac.compare_digest(signature, _manifest_signature(expected, library_sha256))):
+        return None, "its manifest is not signed with your key (not built by you?)"
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)
@@ -304,11 +319,16 @@ def _register() -> dict[str, Any]:
         return {"reason": "no C++ compiler found (c++, g++ or clang++; or set $CXX)"}
     folder = cache_dir()
     problem = safety.private_folder(folder)
+    if problem is None:
+        try:
+            safety.cache_secret()  # signs the manifests
+        except OSError as exc:
+            problem = str(exc)
     if problem is not None:
-        safety.warn_once(f"the native kernel folder {folder} is not used: {problem}. XLA's "
+        safety.warn_once(f"the native kernels in {folder} are not used: {problem}. XLA's "
                          "kernels are used instead (or set ONNX2JAX_NATIVE_DIR to a folder of "
                          "your own).")
-        return {"reason": f"the kernel folder is unsafe: {problem}"}
+        return {"reason": f"the kernel folder or key is unsafe: {problem}"}
     path = library_path(compiler)
     try:
         library = _load(compiler, path)
