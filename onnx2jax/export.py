@@ -279,6 +279,9 @@ def _updated_tensor(original: onnx.TensorProto, value: Any, base_dir: Path | Non
     if tuple(new.shape) != tuple(original.dims):
         raise InputError(f"param {original.name!r} has shape {tuple(new.shape)}, but the "
                          f"model's initializer has shape {tuple(original.dims)}")
+    if new.dtype.kind in "OSU":
+        raise InputError(f"param {original.name!r} holds {new.dtype} values; the model's "
+                         f"initializer stores {dtype.name} numbers")
     new = np.ascontiguousarray(new.astype(dtype, copy=False))
     old = tensor_to_numpy(original, base_dir)
     if old.dtype == new.dtype and old.tobytes() == new.tobytes():

@@ -188,6 +188,8 @@ def test_bad_params_are_rejected():
         model.to_onnx({"w": jnp.zeros((5,))})
     with pytest.raises(InputError, match="not params"):
         model.to_onnx({"shape": jnp.zeros((3,))})
+    with pytest.raises(InputError, match="holds <U1 values"):
+        model.to_onnx({"w": np.array(["a", "b", "c", "d"])})
 
 
 def data_files(folder: Path, name: str) -> list[Path]:
