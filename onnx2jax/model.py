@@ -198,6 +198,9 @@ class Model:
         A model whose graph needs values that depend on the data (NonZero, Unique, a Reshape
         to a computed shape...) is cut into jit-compiled segments around those nodes, which run
         outside jit; each segment is compiled once per signature and cached.
+
+        Map outputs (ZipMap's list of dicts) hold Python ints, strings and floats, as in
+        onnxruntime; :meth:`apply` keeps them JAX arrays, so it stays differentiable.
         """
         bound = self.bind_inputs(inputs, named_inputs)
         wanted = _as_tuple(outputs)
@@ -205,10 +208,10 @@ class Model:
         if runner is None and not any(_host_only(v) for v in bound.values()):
             try:
                 if self._cache is not None:
-                    return aot.cached_call(self, self._cache, bound, wanted)
+                    return _runtime_types(aot.cached_call(self, self._cache, bound, wanted))
                 function, _, kernels = self.inference_function(bound)
                 params, placed, _ = self._placed(bound, kernels)
-                return function(params, placed, outputs=wanted)
+                return _runtime_types(function(params, placed, outputs=wanted))
             except DataDependentShapeError:
                 pass
         if runner is None:
@@ -219,8 +222,8 @@ class Model:
         env = self._environment(self._inference_params(), bound, runner.wanted)
         options = inference_compiler_options(bound, self.compiler_options, self.precision)
         values = runner.run(env, options)
-        return OrderedDict((name, _as_output(v))
-                           for name, v in zip(runner.wanted, values, strict=True))
+        return _runtime_types(OrderedDict((name, _as_output(v))
+                                          for name, v in zip(runner.wanted, values, strict=True)))
 
     def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
                      outputs: tuple[str, ...] | None,
@@ -663,6 +666,28 @@ def _as_output(value: Any) -> Any:
     if isinstance(value, np.ndarray) and not _host_only(value):
         return jnp.asarray(value)
     return value
+
+
+def _runtime_types(outputs: dict[str, Any]) -> dict[str, Any]:
+    """``outputs`` with the map values onnxruntime gives: a map (a ZipMap row, in a list) holds
+    Python ints and strings as keys and Python scalars as values, not 0-d arrays. Tensors, and
+    sequences of them (lists), stay arrays."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {_python_scalar(k): _python_scalar(v) for k, v in value.items()}
+        return value
+
+    if not any(isinstance(v, list | dict) for v in outputs.values()):
+        return outputs
+    return OrderedDict((name, convert(value)) for name, value in outputs.items())
+
+
+def _python_scalar(value: Any) -> Any:
+    if isinstance(value, np.ndarray | np.generic | jax.Array) and np.ndim(value) == 0:
+        value = np.asarray(value).item()
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _as_tuple(outputs: Sequence[str] | str | None) -> tuple[str, ...] | None:

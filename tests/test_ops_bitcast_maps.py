@@ -15,6 +15,7 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnx2jax
 from onnx2jax.convert import Interpreter
 from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.errors import OpError
@@ -190,3 +191,57 @@ def test_skl2onnx_dict_vectorizer_pipeline():
     mapping = {"a": 1.0, "c": 2.0}
     for got, want in zip(_run_map(model, mapping), _onnxruntime(model, mapping), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _assert_same_python_values(got, want):
+    """Equal structure, with the Python types onnxruntime gives (lists, dicts, int/str keys,
+    float values); tensors compared as arrays."""
+    if isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _assert_same_python_values(g, w)
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want)
+        for key, value in want.items():
+            assert [type(k) for k in got if k == key] == [type(key)]
+            assert type(got[key]) is type(value), (key, type(got[key]), type(value))
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7)
+    else:
+        want = np.asarray(want)
+        got = np.asarray(got)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "forest"])
+def test_skl2onnx_zipmap_outputs_have_onnxruntime_python_types(kind):
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    x = RNG.normal(size=(40, 4)).astype(np.float32)
+    classes = (x[:, 0] + x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 0.5)
+    if kind == "logistic":
+        classifier = LogisticRegression(max_iter=500).fit(x, classes)  # int64 labels
+    else:
+        classifier = RandomForestClassifier(n_estimators=3, max_depth=3, random_state=0).fit(
+            x, np.array(["low", "mid", "high"])[classes])  # string labels
+    proto = convert_sklearn(classifier, initial_types=[("X", FloatTensorType([None, 4]))],
+                            target_opset={"": 17, ML: 3})
+    want = _onnxruntime_session(proto).run(None, {"X": x[:5]})
+    with jax.enable_x64(True):  # int64 labels stay int64
+        model = onnx2jax.load(proto)
+        got = model(X=x[:5])
+    assert list(got) == model.output_names == ["output_label", "output_probability"]
+    for name, expected in zip(model.output_names, want, strict=True):
+        _assert_same_python_values(got[name], expected)
+
+
+def _onnxruntime_session(proto):
+    return onnxruntime.InferenceSession(proto.SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
