@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.ops.math import softmax_over
+from onnx2jax.ops.math import in_float32, softmax_over
 from onnx2jax.ops.nn import convolve
 from onnx2jax.ops.registry import register
 
@@ -27,24 +27,28 @@ def _tanh_gelu(x):
 
 @register("Gelu", 1, domain=MS)
 def gelu(ctx, x):
-    return _gelu(jnp.asarray(x))
+    # fp16 in float32, rounded once, as onnxruntime runs these (its CPU kernels are float32).
+    return in_float32(_gelu, jnp.asarray(x))
 
 
 @register("BiasGelu", 1, domain=MS)
 def bias_gelu(ctx, x, bias):
-    return _gelu(jnp.asarray(x) + bias)
+    x = jnp.asarray(x)
+    return in_float32(lambda v: _gelu(v + jnp.asarray(bias).astype(v.dtype)), x)
 
 
 @register("FastGelu", 1, domain=MS)
 def fast_gelu(ctx, x, bias=None):
     x = jnp.asarray(x)
-    return _tanh_gelu(x if bias is None else x + bias)
+    if bias is None:
+        return in_float32(_tanh_gelu, x)
+    return in_float32(lambda v: _tanh_gelu(v + jnp.asarray(bias).astype(v.dtype)), x)
 
 
 @register("QuickGelu", 1, domain=MS)
 def quick_gelu(ctx, x):
-    x = jnp.asarray(x)
-    return x * jax.nn.sigmoid(ctx.attr("alpha", 1.702) * x)
+    alpha = ctx.attr("alpha", 1.702)
+    return in_float32(lambda v: v * jax.nn.sigmoid(alpha * v), jnp.asarray(x))
 
 
 @register("BiasAdd", 1, domain=MS)

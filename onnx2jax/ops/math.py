@@ -132,7 +132,15 @@ def _softmax_axes(ctx, x):
 @register("Softmax", 13)
 def softmax(ctx, x):
     axes = _softmax_axes(ctx, x)
-    return jax_on(lambda v: softmax_over(v, axes), x)
+    return jax_on(lambda v: in_float32(softmax_over, v, axes), x)
+
+
+def in_float32(function, v, *args):
+    """``function(v, *args)`` of a 16-bit float ``v`` computed in float32 and rounded once, as
+    onnxruntime computes fp16 softmax (XLA would round every intermediate to 16 bits)."""
+    if v.dtype in (jnp.float16, jnp.bfloat16):
+        return function(v.astype(jnp.float32), *args).astype(v.dtype)
+    return function(v, *args)
 
 
 def softmax_over(v, axes: tuple[int, ...]):
@@ -181,7 +189,7 @@ def _reduce_in_two_steps(rows, reduce, groups):
 @register("LogSoftmax", 13)
 def log_softmax(ctx, x):
     axes = _softmax_axes(ctx, x)
-    return jax_on(lambda v: jax.nn.log_softmax(v, axis=axes), x)
+    return jax_on(lambda v: in_float32(jax.nn.log_softmax, v, axes), x)
 
 
 @register("Hardmax", 1)
