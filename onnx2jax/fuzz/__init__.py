@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnx2jax.fuzz.judge import Outcome, check, shrink
 from onnx2jax.fuzz.generate import CORE_OPS, GENERATORS, Reject, random_case
+from onnx2jax.fuzz.judge import Outcome, check, shrink
 
 
 @dataclass

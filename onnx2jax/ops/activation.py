@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onnx2jax.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import register
 
@@ -18,7 +19,12 @@ def _activation(op_type: str, versions: tuple[int, ...]):
 
     def decorate(make):
         def op(ctx, x):
-            return jax_on(make(ctx), x)
+            if is_static(x):
+                # A static input stays static under the caller's jit: without this, jax ops
+                # on it would be staged into the trace and jax_on could not read them back.
+                with jax.ensure_compile_time_eval():
+                    return jax_on(make(ctx), x)
+            return make(ctx)(x)
 
         op.__name__ = op.__qualname__ = make.__name__
         for since in versions:

@@ -93,7 +93,9 @@ def _reduce(ctx, reduction, x, axes):
     rank = np.ndim(x)
     if not axes:
         if ctx.attr("noop_with_empty_axes", 0):
-            return x
+            # Reducing over no axis still applies the elementwise part (abs, square, log, exp),
+            # as onnxruntime and the reference implementation do.
+            return reduction(ctx.xp(x), x, (), True)
         axes = range(rank)
     for axis in axes:
         if not -rank <= axis < max(rank, 1):
