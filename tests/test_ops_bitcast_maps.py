@@ -1,5 +1,6 @@
 """BitCast beyond the node suite (bool, complex, sub-byte and float8 types, constants, x64 off)
-and the ai.onnx.ml map ops CastMap and DictVectorizer against onnxruntime.
+and the ai.onnx.ml map ops CastMap and DictVectorizer against onnxruntime; skl2onnx
+classifiers' ZipMap outputs, com.microsoft Tokenizer and skl2onnx text pipelines.
 
 Maps are Python dicts. The map tests drive the interpreter directly, because ``Model`` turns
 every input into a JAX array and a dict is not one.
@@ -245,3 +246,100 @@ def test_skl2onnx_zipmap_outputs_have_onnxruntime_python_types(kind):
 def _onnxruntime_session(proto):
     return onnxruntime.InferenceSession(proto.SerializeToString(),
                                         providers=["CPUExecutionProvider"])
+
+
+def _tokenizer_model(**attributes):
+    node = helper.make_node("Tokenizer", ["x"], ["y"], domain="com.microsoft",
+                            **{"mark": 0, "mincharnum": 1, "pad_value": "#", **attributes})
+    graph = helper.make_graph([node], "tokenizer",
+                              [helper.make_tensor_value_info("x", TensorProto.STRING, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.STRING, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                   helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
+
+
+_TEXTS = [
+    np.array([["Hello, world! a bb", "x-y  zz"], ["", "\u00e9 caf\u00e9 \u00f1"]], dtype=object),
+    np.array(["abcab ab", "a\nb c"], dtype=object),
+    np.array(["", ""], dtype=object),
+    np.array(["aXXbXc"], dtype=object),
+]
+
+
+@pytest.mark.parametrize("attributes", [
+    {"tokenexp": "[a-zA-Z0-9_]+"},
+    {"tokenexp": "[a-zA-Z0-9_]+", "mincharnum": 2},
+    {"tokenexp": r"\w+", "mark": 1},  # RE2's \w is ASCII: "caf\u00e9" gives "caf"
+    {"tokenexp": "a|ab|abc"},  # leftmost-longest, not leftmost-first
+    {"tokenexp": r"\w+?"},
+    {"tokenexp": "x*"},  # empty matches are no tokens
+    {"tokenexp": ".", "mark": 1},  # characters
+    {"separators": [""]},  # characters
+    {"separators": [" ", ","], "mark": 1},
+    {"separators": [r"\s+", "[,!]"], "mincharnum": 2},  # one after the other
+    {"separators": ["X", "XX"]},
+    {"separators": ["x*"]},
+], ids=str)
+def test_tokenizer_matches_onnxruntime(attributes):
+    model = _tokenizer_model(**attributes)
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    compiled = onnx2jax.load(model)
+    for text in _TEXTS:
+        want = session.run(None, {"x": text})[0]
+        got = compiled(x=text)["y"]
+        assert got.shape == want.shape and got.tolist() == want.tolist(), (text, got, want)
+
+
+def test_tokenizer_tokenexpsplit_splits_like_a_separator():
+    # onnxruntime 1.32's schema lacks tokenexpsplit (newer docs list it): compare with the
+    # same expression given as the one separator, which onnxruntime runs.
+    split = onnx2jax.load(_tokenizer_model(tokenexp="[ ,!-]+", tokenexpsplit=1, mincharnum=2))
+    separator = _tokenizer_model(separators=["[ ,!-]+"], mincharnum=2)
+    session = onnxruntime.InferenceSession(separator.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    for text in _TEXTS:
+        assert split(x=text)["y"].tolist() == session.run(None, {"x": text})[0].tolist()
+
+
+@pytest.mark.parametrize("attributes, match", [
+    ({"tokenexp": "("}, "invalid tokenexp"),
+    ({}, "separators or a non-empty tokenexp"),
+    ({"separators": [""], "mincharnum": 2}, "too big for character"),
+])
+def test_tokenizer_errors(attributes, match):
+    with pytest.raises(OpError, match=match):
+        onnx2jax.load(_tokenizer_model(**attributes))(x=np.array(["a b"], dtype=object))
+
+
+@pytest.mark.parametrize("options", [
+    {},  # tokenexp "[a-zA-Z0-9_]+", skl2onnx's stand-in for scikit-learn's default
+    {"tokenexp": "[a-z]+"},
+    {"separators": [r"\s+", "[,.!:']"]},
+], ids=str)
+def test_skl2onnx_tfidf_pipeline_matches_onnxruntime(options):
+    pytest.importorskip("skl2onnx")
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import StringTensorType
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    docs = ["the cat sat on the mat", "dogs bark, cats meow!", "A dog and a cat",
+            "the mat is red", "Bark bark: the dog's mat", "cats, dogs and mats"]
+    pipeline = make_pipeline(TfidfVectorizer(ngram_range=(1, 2)), LogisticRegression())
+    pipeline.fit(docs, [0, 1, 1, 0, 1, 0])
+    # onnxruntime's StringNormalizer needs an installed locale; C.UTF-8 always is.
+    proto = convert_sklearn(
+        pipeline, initial_types=[("text", StringTensorType([None, 1]))],
+        options={TfidfVectorizer: {"locale": "C.UTF-8", **options}},
+        target_opset={"": 17, ML: 3})
+    assert "Tokenizer" in [node.op_type for node in proto.graph.node]
+    text = np.array(docs + ["unknown words only", "The the THE cat", ""],
+                    dtype=object).reshape(-1, 1)
+    want = _onnxruntime_session(proto).run(None, {"text": text})
+    with jax.enable_x64(True):
+        got = onnx2jax.load(proto)(text=text)
+    for name, expected in zip(["output_label", "output_probability"], want, strict=True):
+        _assert_same_python_values(got[name], expected)

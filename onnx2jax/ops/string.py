@@ -98,12 +98,15 @@ def tfidf_vectorizer(ctx, x):
     min_n, max_n = ctx.attr("min_gram_length"), ctx.attr("max_gram_length")
     max_skip = ctx.attr("max_skip_count", 0)
     if ctx.attr("pool_strings"):
-        # Strings become their position in the pool (-1 when absent) and run the integer path.
+        # Strings become ids (-1 when absent from the pool) and run the integer path. A word
+        # of several n-grams appears in the pool once per n-gram: one id per distinct string.
         pool_strings = list(ctx.attr("pool_strings"))
-        position = {s: i for i, s in enumerate(pool_strings)}
+        ids: dict[str, int] = {}
+        for word in pool_strings:
+            ids.setdefault(word, len(ids))
         x = _strings(ctx, x)
-        x = np.asarray([position.get(s, -1) for s in x.reshape(-1)], np.int64).reshape(x.shape)
-        pool = np.arange(len(pool_strings), dtype=np.int64)
+        x = np.asarray([ids.get(s, -1) for s in x.reshape(-1)], np.int64).reshape(x.shape)
+        pool = np.asarray([ids[word] for word in pool_strings], dtype=np.int64)
     else:
         pool = np.asarray(ctx.attr("pool_int64s", []), np.int64)
         if x.dtype.kind not in "iu":
@@ -139,3 +142,117 @@ def tfidf_vectorizer(ctx, x):
         counts = counts * weights
     counts = counts.astype(np.float32)
     return counts.reshape(size) if x.ndim < 2 else counts
+
+
+# ------------------------------------------------------------------- com.microsoft Tokenizer
+# onnxruntime's kernel matches with RE2 in leftmost-longest mode, where \w, \d, \s and \b are
+# ASCII. The `regex` package's POSIX mode matches leftmost-longest; Python's `re` matches
+# leftmost-first, which gives the same tokens only for patterns without alternatives or lazy
+# quantifiers (skl2onnx's default "[a-zA-Z0-9_]+" among them).
+try:
+    import regex as _posix_re
+except ImportError:  # pragma: no cover - regex comes with transformers and tokenizers
+    _posix_re = None
+
+_START_TEXT, _END_TEXT = "\x02", "\x03"
+
+
+def _compile_longest(ctx, pattern, what):
+    """``pattern`` compiled to match leftmost-longest, as RE2 does in onnxruntime."""
+    try:
+        if _posix_re is not None:
+            return _posix_re.compile(pattern, _posix_re.POSIX | _posix_re.ASCII)
+        if "|" in pattern or "?" in pattern:
+            raise ctx.error(f"{what} {pattern!r} needs leftmost-longest matching, which needs "
+                            "the `regex` package (pip install regex)")
+        return re.compile(pattern, re.ASCII)
+    except (re.error, getattr(_posix_re, "error", re.error)) as exc:
+        raise ctx.error(f"invalid {what} {pattern!r}: {exc}") from None
+
+
+def _split_by(pattern, text, mincharnum):
+    """``text`` split around the matches of ``pattern``; pieces shorter than ``mincharnum``
+    characters are dropped. An empty match also drops the character it stands on."""
+    pieces, start, end = [], 0, len(text)
+    while start <= end:
+        found = pattern.search(text, start)
+        if found is None:
+            if end - start >= mincharnum:
+                pieces.append(text[start:])
+            break
+        if found.start() - start >= mincharnum:
+            pieces.append(text[start:found.start()])
+        start = found.end() if found.end() > found.start() else found.start() + 1
+    return pieces
+
+
+def _matches_of(pattern, text, mincharnum):
+    """The matches of ``pattern`` in ``text`` of at least ``mincharnum`` characters; after a
+    shorter one the search resumes one character after where it began."""
+    tokens, start = [], 0
+    while start <= len(text):
+        found = pattern.search(text, start)
+        if found is None:
+            break
+        if found.end() - found.start() >= mincharnum:
+            tokens.append(found.group())
+            start = found.end()
+        else:
+            start = found.start() + 1
+    return tokens
+
+
+@register("Tokenizer", 1, domain="com.microsoft")
+def tokenizer(ctx, x):
+    """Split each string into tokens: by the ``separators`` expressions, applied one after the
+    other, or as the matches of ``tokenexp`` (its split points with ``tokenexpsplit``), or into
+    characters (separators ``[""]`` or tokenexp ``"."``). Rows are padded with ``pad_value`` to
+    the longest; ``mark`` frames each row's tokens with STX/ETX."""
+    x = _strings(ctx, x)
+    if x.ndim not in (1, 2):
+        raise ctx.error(f"input must have shape [C] or [N, C], got {x.shape}")
+    for name in ("mark", "pad_value", "mincharnum"):
+        if ctx.attr(name) is None:
+            raise ctx.error(f"attribute {name!r} is required")
+    mark, pad, mincharnum = bool(ctx.attr("mark")), ctx.attr("pad_value"), ctx.attr("mincharnum")
+    if mincharnum < 1:
+        raise ctx.error(f"mincharnum must be positive, got {mincharnum}")
+    separators, tokenexp = ctx.attr("separators"), ctx.attr("tokenexp")
+    if separators is None and not tokenexp:
+        raise ctx.error("either separators or a non-empty tokenexp is required")
+    if separators is not None and not separators:
+        raise ctx.error("separators must not be empty")
+    by_char = separators == [""] if separators is not None else tokenexp == "."
+    if by_char and mincharnum > 1:
+        raise ctx.error(f"mincharnum {mincharnum} is too big for character tokenization")
+
+    if by_char:
+        def split(text):
+            return list(text)
+    elif separators is not None:
+        patterns = [_compile_longest(ctx, s, "separator") for s in separators]
+
+        def split(text):
+            pieces = [text]
+            for pattern in patterns:
+                pieces = [p for piece in pieces for p in _split_by(pattern, piece, mincharnum)]
+            return pieces
+    else:
+        pattern = _compile_longest(ctx, tokenexp, "tokenexp")
+        if ctx.attr("tokenexpsplit", 0):
+            def split(text):
+                return _split_by(pattern, text, mincharnum)
+        else:
+            def split(text):
+                return _matches_of(pattern, text, mincharnum)
+
+    rows = [split(str(s)) for s in x.reshape(-1)]
+    width = max((len(r) for r in rows), default=0)
+    if width == 0:
+        return np.empty((*x.shape, 0), dtype=object)
+    width += 2 * mark
+    out = np.full((len(rows), width), pad, dtype=object)
+    for i, row in enumerate(rows):
+        framed = [_START_TEXT, *row, _END_TEXT] if mark else row
+        out[i, :len(framed)] = framed
+    return out.reshape(*x.shape, width)
