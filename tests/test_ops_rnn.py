@@ -14,7 +14,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 import onnx2jax
-from onnx2jax.errors import DataDependentShapeError
+from onnx2jax.errors import DataDependentShapeError, OpError
 from tests.helpers import run_onnx2jax, run_reference
 
 RNG = np.random.default_rng(7)
@@ -222,3 +222,18 @@ def test_gru_in_loop_body_with_traced_trip_count():
     model = model_of(nodes, inputs, [unknown("hN")], inits)
     feeds = {"n": np.array(5, np.int64), "h": rand(2, hidden), "x": rand(4, 2, size)}
     compare(model, feeds)
+
+
+@pytest.mark.parametrize("layout", [0, 1])
+def test_recurrent_inputs_of_the_wrong_rank_are_clear_errors(layout):
+    hidden = 3
+    node = h.make_node("LSTM", ["X", "W", "R", "", "", "h0"], ["Y"], hidden_size=hidden,
+                       layout=layout, name="lstm")
+    inputs = [info(n, T.FLOAT, None) for n in ("X", "W", "R", "h0")]
+    model = onnx2jax.load(model_of([node], inputs, [unknown("Y")]))
+    w, r = rand(1, 4 * hidden, 2), rand(1, 4 * hidden, hidden)
+    with pytest.raises(OpError, match="LSTM node 'lstm'.*X has shape .*rank 3"):
+        model(X=rand(1, 4, 2, 2), W=w, R=r, h0=rand(1, 2, hidden))
+    order = r"\[2, 1, 3\]" if layout else r"\[1, 2, 3\]"
+    with pytest.raises(OpError, match=f"initial_h has shape .*expected {order}"):
+        model(X=rand(4, 2, 2) if not layout else rand(2, 4, 2), W=w, R=r, h0=rand(2, 3))

@@ -65,6 +65,11 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
     x = jnp.asarray(x)
     dtype = x.dtype
     layout = ctx.attr("layout", 0)
+    order = "[batch, seq, input]" if layout else "[seq, batch, input]"
+    if x.ndim != 3:
+        raise ctx.error(f"X has shape {x.shape}, expected rank 3 {order}")
+    if np.ndim(w) != 3 or np.ndim(r) != 3:
+        raise ctx.error(f"W and R must have rank 3, got shapes {np.shape(w)} and {np.shape(r)}")
     if layout:
         x = jnp.swapaxes(x, 0, 1)
     seq, batch = x.shape[:2]
@@ -80,14 +85,18 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
     clip = ctx.attr("clip")
     acts = _activations(ctx, kind, num_dir)
 
-    def state(value):
+    def state(value, name):
         if value is None:
             return jnp.zeros((num_dir, batch, hidden), dtype)
-        value = jnp.asarray(value, dtype)
-        return jnp.swapaxes(value, 0, 1) if layout else value
+        given = jnp.asarray(value, dtype)
+        value = jnp.swapaxes(given, 0, 1) if given.ndim == 3 and layout else given
+        if value.shape != (num_dir, batch, hidden):
+            expected = [batch, num_dir, hidden] if layout else [num_dir, batch, hidden]
+            raise ctx.error(f"{name} has shape {given.shape}, expected {expected}")
+        return value
 
-    init_h = state(init_h)
-    init_c = state(init_c) if kind == "LSTM" else None
+    init_h = state(init_h, "initial_h")
+    init_c = state(init_c, "initial_c") if kind == "LSTM" else None
     mask = None
     if seq_lens is not None:
         lens = jnp.asarray(seq_lens)
