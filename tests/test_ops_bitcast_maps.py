@@ -343,3 +343,16 @@ def test_skl2onnx_tfidf_pipeline_matches_onnxruntime(options):
         got = onnx2jax.load(proto)(text=text)
     for name, expected in zip(["output_label", "output_probability"], want, strict=True):
         _assert_same_python_values(got[name], expected)
+
+
+def test_tokenizer_without_the_regex_package(monkeypatch):
+    # Python's re matches leftmost-first: fine for patterns without alternatives or lazy
+    # quantifiers, a clear error for the others.
+    import onnx2jax.ops.string as string_ops
+
+    monkeypatch.setattr(string_ops, "_posix_re", None)
+    text = np.array(["Hello, world! a bb"], dtype=object)
+    got = onnx2jax.load(_tokenizer_model(tokenexp="[a-z]+"))(x=text)["y"]
+    assert got.tolist() == [["ello", "world", "a", "bb"]]
+    with pytest.raises(OpError, match="needs the `regex` package"):
+        onnx2jax.load(_tokenizer_model(tokenexp="a|ab"))(x=text)
