@@ -150,3 +150,30 @@ def test_quantize_static(exported, name, quant_format, activation_type, per_chan
     # float arithmetic (two steps on the attention block's output). Unoptimized, it runs the
     # graph as written, which is what the QDQ format means.
     _compare(target, x, optimize=quant_format != "QDQ")
+
+
+@pytest.mark.parametrize("name", sorted(_MODELS))
+@pytest.mark.parametrize("how", ["dynamic", "QDQ"])
+def test_onnxruntime_optimized_model(exported, name, how):
+    """The model onnxruntime's optimizer saves: its QDQ groups and dynamic MatMuls fused into
+    com.microsoft ops (QLinearAdd, QGemm, QLinearSoftmax, DynamicQuantizeMatMul, ...)."""
+    import onnxruntime
+
+    folder, models = exported
+    path, calibration, x = models[name]
+    quantized = folder / f"{name}_{how}_to_optimize.onnx"
+    if how == "dynamic":
+        quantization.quantize_dynamic(str(path), str(quantized))
+    else:
+        quantization.quantize_static(str(path), str(quantized), _Reader(calibration),
+                                     quant_format=quantization.QuantFormat.QDQ,
+                                     activation_type=quantization.QuantType.QUInt8)
+    optimized = folder / f"{name}_{how}_optimized.onnx"
+    options = onnxruntime.SessionOptions()
+    # Extended, not all: the highest level adds layout ops of onnxruntime's own CPU kernels.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(optimized)
+    onnxruntime.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
+    fused = {n.op_type for n in onnx.load(str(optimized)).graph.node if n.domain}
+    assert fused & {"DynamicQuantizeMatMul", "QLinearAdd", "QGemm"}, fused
+    _compare(optimized, x)
