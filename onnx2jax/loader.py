@@ -172,6 +172,14 @@ def external_data_extent(tensor: onnx.TensorProto, path: Path) -> tuple[int, int
     return offset, size - offset if length is None else length
 
 
+def external_data_bytes(tensor: onnx.TensorProto, base_dir: Path | None) -> bytes:
+    """The raw bytes of an external-data tensor: its file found and its extent checked as
+    :func:`tensor_to_numpy` does (for code that re-inlines tensors, e.g. saving)."""
+    path = external_data_path(tensor, base_dir)
+    offset, length = external_data_extent(tensor, path)
+    return _read_range(path, offset, length)
+
+
 def _read_range(path: Path, offset: int, length: int) -> bytes:
     """``length`` bytes of ``path`` from ``offset`` (a range already checked against its size),
     through a memory map so nothing is read that is not asked for."""

@@ -23,7 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax import aot, native, safety
+from onnx2jax import aot, loader, native, safety
 from onnx2jax.errors import ModelLoadError, Onnx2JaxError, UnsafeCacheWarning
 from tests.hub_cache import put_in_cache
 
@@ -525,6 +525,10 @@ def test_bad_external_data_extents_are_clear_errors(tmp_path, entries, message):
     set_external(model, **entries)
     with pytest.raises(ModelLoadError, match=message):
         onnx2jax.load(model)
+    if "needs" not in message:  # the extent alone is wrong: re-inlining (saving) refuses too
+        (tensor,) = onnx.load(str(model), load_external_data=False).graph.initializer
+        with pytest.raises(ModelLoadError, match=message):
+            loader.external_data_bytes(tensor, model.parent)
 
 
 HUGE = r"""
