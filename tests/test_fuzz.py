@@ -91,22 +91,34 @@ def test_reduce_over_no_axes_applies_the_elementwise_part(op):
 
 @pytest.mark.parametrize("op", ["Softplus", "Elu", "Sigmoid", "Gelu"])
 def test_activation_of_a_static_value_under_jit(op):
-    # An activation of a value computed from initializers alone stays static; under jit it
+    # An activation of a value computed from constants alone stays static; under jit it
     # raised TracerArrayConversionError (seed 1, graphs 60 and 88).
     c = np.array([3.0, -0.5], np.float32)
-    nodes = [helper.make_node("Neg", ["c"], ["n"]), helper.make_node(op, ["n"], ["y"]),
-             helper.make_node("Add", ["y", "x"], ["z"])]
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c)),
+             helper.make_node("Neg", ["c"], ["n"]), helper.make_node(op, ["n"], ["a"]),
+             helper.make_node("Add", ["a", "x"], ["y"])]
     graph = helper.make_graph(
         nodes, "static_activation", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
                                                                    [2])],
-        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2])],
-        initializer=[numpy_helper.from_array(np.array([1, 1], np.int64), "unused"),
-                     numpy_helper.from_array(c, "c")])
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    # A float initializer is a param (traced); make it static by building it from a Constant.
-    model.graph.initializer.pop()
-    model.graph.node.insert(0, helper.make_node("Constant", [], ["c"],
-                                                value=numpy_helper.from_array(c)))
     feeds = {"x": np.array([0.5, 1.0], np.float32)}
+    assert_matches_reference(model, feeds)
+    assert_matches_reference(model, feeds, jit=False)
+
+
+def test_reduce_log_sum_exp_of_a_static_value_under_jit():
+    # ReduceLogSumExp of a Constant-only value raised TracerArrayConversionError under jit
+    # (seed 7, graph 52).
+    c = np.array([[1.0, 2.5], [-1.0, 0.5]], np.float32)
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c)),
+             helper.make_node("ReduceLogSumExp", ["c"], ["r"], keepdims=0),
+             helper.make_node("Add", ["r", "x"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "static_logsumexp",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    feeds = {"x": np.array(0.5, np.float32)}
     assert_matches_reference(model, feeds)
     assert_matches_reference(model, feeds, jit=False)

@@ -82,21 +82,20 @@ def run_reference_evaluator(model: onnx.ModelProto, feeds: Mapping[str, np.ndarr
         return [np.asarray(v) for v in ReferenceEvaluator(model).run(None, dict(feeds))]
 
 
-def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
-                  ) -> tuple[list[np.ndarray], str]:
-    """Outputs of onnxruntime, or of the reference evaluator where onnxruntime lacks a kernel."""
-    try:
-        return run_onnxruntime(model, feeds), "onnxruntime"
-    except Exception as exc:
-        text = str(exc)
-        if "NOT_IMPLEMENTED" not in text and "Could not find an implementation" not in text:
-            raise Skip(f"onnxruntime: {text.splitlines()[0][:200]}") from exc
+def _lacks_kernel(exc: Exception) -> bool:
+    text = str(exc)
+    return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text
+
+
+def _checked_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+                       ) -> list[np.ndarray]:
+    """The reference evaluator's outputs, where they agree with the model's declared types."""
     try:
         outputs = run_reference_evaluator(model, feeds)
     except Exception as exc:
         raise Skip(f"no engine runs it: {type(exc).__name__}: {str(exc)[:200]}") from exc
-    # The reference evaluator has bugs of its own: trust it only where its shapes agree with
-    # ONNX shape inference.
+    # The reference evaluator has bugs of its own: trust it only where its dtypes and shapes
+    # agree with ONNX shape inference.
     for info, value in zip(model.graph.output, outputs, strict=False):
         declared = info.type.tensor_type.elem_type
         if declared and np.asarray(value).dtype != helper.tensor_dtype_to_np_dtype(declared):
@@ -108,8 +107,33 @@ def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
                 or any(d.HasField("dim_value") and d.dim_value != n
                        for d, n in zip(dims, np.shape(value), strict=False))):
             raise Skip(f"reference evaluator's shape {np.shape(value)} for {info.name!r} "
-                           "contradicts shape inference")
-    return outputs, "reference"
+                       "contradicts shape inference")
+    return outputs
+
+
+def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+                  ) -> tuple[list[np.ndarray], str]:
+    """Outputs of onnxruntime; where it lacks a kernel for a node, the graph runs node by node,
+    each node in onnxruntime when it can and in the reference evaluator otherwise."""
+    try:
+        return run_onnxruntime(model, feeds), "onnxruntime"
+    except Exception as exc:
+        if not _lacks_kernel(exc):
+            raise Skip(f"onnxruntime: {str(exc).splitlines()[0][:200]}") from exc
+    values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
+                                     for t in model.graph.initializer}
+    values.update(feeds)
+    static = static_names(model)
+    for node in model.graph.node:
+        single, single_feeds = submodel(model, [node], values, static)
+        try:
+            outputs = run_onnxruntime(single, single_feeds)
+        except Exception as exc:
+            if not _lacks_kernel(exc):
+                raise Skip(f"onnxruntime: {str(exc).splitlines()[0][:200]}") from exc
+            outputs = _checked_reference(single, single_feeds)
+        values.update(zip((o for o in node.output if o), outputs, strict=True))
+    return [values[o.name] for o in model.graph.output], "onnxruntime+reference"
 
 
 def run_onnx2jax(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
@@ -226,15 +250,14 @@ def _check(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> Outcome:
     if not problems:
         return Outcome("ok", engine=engine)
     message = "; ".join(f"{mode} vs {engine}: {p}" for mode, p in problems.items())
-    if engine == "onnxruntime":
-        try:
-            spec = run_reference_evaluator(model, feeds)
-        except Exception:
-            spec = None
-        if spec is not None and all(_first_difference(values, spec, names, skip) is None
-                                    for values in results.values() if values is not None):
-            return Outcome("departure", f"onnx2jax equals onnx.reference, onnxruntime differs: "
-                           f"{message}", engine=engine)
+    try:
+        spec = run_reference_evaluator(model, feeds)
+    except Exception:
+        spec = None
+    if spec is not None and all(_first_difference(values, spec, names, skip) is None
+                                for values in results.values() if values is not None):
+        return Outcome("departure", f"onnx2jax equals onnx.reference, onnxruntime differs: "
+                       f"{message}", engine=engine)
     return Outcome("fail", message, "mismatch", engine)
 
 
@@ -263,8 +286,15 @@ def node_reads(node: onnx.NodeProto) -> set[str]:
 
 
 def static_names(model: onnx.ModelProto) -> set[str]:
-    """Tensors computed from initializers alone (onnx2jax folds them at trace time)."""
-    static = {t.name for t in model.graph.initializer}
+    """Tensors onnx2jax knows at trace time: initializers that are not params (float ones
+    are, unless an op needs them static) and what nodes compute from those alone."""
+    try:
+        with jax.enable_x64(True):
+            params = set(onnx2jax.load(model).params)
+    except Exception:
+        params = {t.name for t in model.graph.initializer
+                  if np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).kind == "f"}
+    static = {t.name for t in model.graph.initializer if t.name not in params}
     for node in model.graph.node:
         reads = node_reads(node)
         if reads <= static and node.op_type not in ("If", "Loop", "Scan"):
@@ -284,20 +314,26 @@ def submodel(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto],
             if name not in produced and name not in external:
                 external.append(name)
         produced |= {o for o in node.output if o}
-    inputs, initializers, feeds = [], [], {}
+    inputs, initializers, feeds, constants = [], [], {}, []
+    original = {t.name for t in model.graph.initializer}
     for name in external:
         array = np.asarray(values[name])
-        if name in static:
+        if name in original and name not in static:
             initializers.append(numpy_helper.from_array(array, name))
+        elif name in static:  # a Constant node keeps it static (a float initializer would not)
+            constants.append(helper.make_node("Constant", [], [name],
+                                              value=numpy_helper.from_array(array)))
         else:
             inputs.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
             feeds[name] = array
-    outputs = [helper.make_tensor_value_info(
+    declared = {v.name: v for v in model.graph.output}
+    outputs = [declared[o] if o in declared else helper.make_tensor_value_info(
         o, helper.np_dtype_to_tensor_dtype(np.asarray(values[o]).dtype), None)
         if o in values else helper.make_value_info(o, onnx.TypeProto())
         for n in nodes for o in n.output if o]
-    graph = helper.make_graph(list(nodes), "repro", inputs, outputs, initializer=initializers)
+    graph = helper.make_graph(constants + list(nodes), "repro", inputs, outputs,
+                              initializer=initializers)
     small = helper.make_model(graph, opset_imports=list(model.opset_import),
                               ir_version=model.ir_version)
     return small, feeds

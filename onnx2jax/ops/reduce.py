@@ -57,7 +57,11 @@ def _log_sum_exp(xp, x, axes, keepdims):
         floating = v if jnp.issubdtype(v.dtype, jnp.floating) else v.astype(float)
         return jax.nn.logsumexp(floating, axis=axes, keepdims=keepdims).astype(v.dtype)
 
-    return jax_on(logsumexp, x)
+    if xp is np:
+        # A static input stays static under the caller's jit (jax ops would be staged out).
+        with jax.ensure_compile_time_eval():
+            return jax_on(logsumexp, x)
+    return logsumexp(x)
 
 
 _REDUCTIONS = {
