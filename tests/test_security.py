@@ -136,19 +136,20 @@ def test_a_planted_pickle_in_the_cache_does_not_run(tmp_path):
 @pytest.mark.skipif(not POSIX, reason="POSIX permissions")
 def test_a_world_writable_cache_folder_is_refused_and_the_model_still_runs(tmp_path):
     folder = private(tmp_path / "shared")
-    os.chmod(folder, 0o777)
+    run_cached(folder)
+    (entry,) = entry_files(folder)
     marker = tmp_path / "ran"
-    cache = aot.ExecutableCache(folder)
-    # Even an entry with the right name is never opened there.
+    payload = live_payload(marker, tmp_path)
+    entry.write_bytes(payload)  # planted under the very name the next call looks for
+    os.chmod(folder, 0o777)
     model = onnx2jax.load(add_model(), cache_dir=folder)
-    planted = folder / "planted.jaxexec"
-    planted.write_bytes(live_payload(marker, tmp_path))
     with pytest.warns(UnsafeCacheWarning, match="writable by other users.*chmod go-w"):
         out = np.asarray(model(x_of(2))["y"])
     np.testing.assert_array_equal(out, x_of(2) + W)
     assert model._cache._refused and (model._cache.hits, model._cache.misses) == (0, 1)
-    assert [p.name for p in folder.iterdir()] == ["planted.jaxexec"]  # nothing written
-    assert not marker.exists() and not cache.hits
+    # Nothing read (no marker) and nothing written (the planted bytes are still there, alone).
+    assert not marker.exists()
+    assert entry_files(folder) == [entry] and entry.read_bytes() == payload
 
 
 @pytest.mark.skipif(not POSIX, reason="POSIX permissions")
@@ -372,14 +373,14 @@ print(json.dumps({"reason": native.status().get("reason"), "exists": path.exists
 """
 
 
-def compile_planted(tmp_path: Path) -> Path:
+def compile_planted(tmp_path: Path, marker: Path) -> Path:
+    """A shared library whose constructor creates ``marker`` when it is loaded."""
     compiler = shutil.which("cc")
     if compiler is None or sys.platform != "linux":
         pytest.skip("needs a C compiler on Linux")
-    marker = tmp_path / "constructor-ran"
     source = tmp_path / "planted.c"
     source.write_text(PLANTED_SO)
-    library = tmp_path / "planted.so"
+    library = tmp_path / f"{marker.name}.so"
     subprocess.run([compiler, "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o",
                     str(library)], check=True, capture_output=True, timeout=120)
     return library
@@ -387,16 +388,22 @@ def compile_planted(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["no-manifest", "forged-manifest", "world-writable"])
 def test_a_planted_library_at_the_kernel_path_is_not_loaded(tmp_path, case):
-    library = compile_planted(tmp_path)
     if native.cpu_problem() is not None:
         pytest.skip("the kernels are never loaded on this CPU in the first place")
+    marker = tmp_path / "constructor-ran"
+    library = compile_planted(tmp_path, marker)
+    # The same library does run its constructor when loaded (in a child, with its own marker).
+    probe = tmp_path / "probe-ran"
+    subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])",
+                    str(compile_planted(tmp_path, probe))], check=True, timeout=60)
+    assert probe.exists()
     folder = tmp_path / "kernels"
     env = {**os.environ, "ONNX2JAX_NATIVE_DIR": str(folder), "ONNX2JAX_NATIVE": "1"}
     done = subprocess.run([sys.executable, "-c", NATIVE_CHILD, str(library), case], env=env,
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not (tmp_path / "constructor-ran").exists()
+    assert not marker.exists()
     expected = "writable by other users" if case == "world-writable" else "builds nothing"
     assert expected in state["reason"]
 
