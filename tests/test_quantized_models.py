@@ -177,3 +177,36 @@ def test_onnxruntime_optimized_model(exported, name, how):
     fused = {n.op_type for n in onnx.load(str(optimized)).graph.node if n.domain}
     assert fused & {"DynamicQuantizeMatMul", "QLinearAdd", "QGemm"}, fused
     _compare(optimized, x)
+
+
+class _SmallLstm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(6, 8, batch_first=True, bidirectional=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantize_dynamic_lstm(tmp_path, per_channel):
+    """quantize_dynamic turns LSTM into com.microsoft DynamicQuantizeLSTM."""
+    import onnxruntime
+
+    torch.manual_seed(0)
+    path, target = tmp_path / "lstm.onnx", tmp_path / "lstm_dynamic.onnx"
+    torch.onnx.export(_SmallLstm().eval(), (torch.randn(3, 5, 6),), str(path), opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamo=False)
+    quantization.quantize_dynamic(str(path), str(target), per_channel=per_channel)
+    model = onnx.load(str(target))
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in model.graph.node}
+    x = RNG.normal(size=(3, 5, 6)).astype(np.float32)
+    # With several threads onnxruntime splits the batch and quantizes each part's hidden state
+    # on its own, so its result depends on the thread count; one thread quantizes the whole
+    # batch's state at every step, as onnx2jax does.
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    want = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = run_onnx2jax(model, {"x": x}, x64=False)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))

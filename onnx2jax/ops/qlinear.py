@@ -31,6 +31,7 @@ from onnx2jax.ops.quantization import (
     quantize_linear,
 )
 from onnx2jax.ops.registry import register
+from onnx2jax.ops.rnn import _activations, _reverse, _step
 
 MS = "com.microsoft"
 
@@ -362,3 +363,102 @@ def qembed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embe
     out, mask_index, _ = contrib.embed_layer_norm(ctx, input_ids, segment_ids, word, position,
                                                   segment, gamma, beta, mask)
     return out, mask_index
+
+
+# ------------------------------------------------------------------------- recurrent
+def _dynamic_matmul(a, w, w_scale, w_zero_point):
+    """onnxruntime's quantized-weight GEMM in its RNNs: all of ``a`` quantized to uint8 as
+    DynamicQuantizeLinear does, an int32 product, then float (per column scales allowed)."""
+    a_q, a_scale, a_zero_point = dynamic_quantize_uint8(jnp, a)
+    return _matmul_to_float(a_q, w, a_scale, w_scale, a_zero_point, w_zero_point, None)
+
+
+@register("DynamicQuantizeLSTM", 1, domain=MS)
+def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None,
+                          initial_c=None, p=None, w_scale=None, w_zero_point=None,
+                          r_scale=None, r_zero_point=None):
+    """LSTM with quantized W [D, input, 4H] and R [D, H, 4H] (transposed from LSTM's, gates
+    i, o, f, c), scales and zero points per direction or per direction and column.
+
+    As onnxruntime's kernel: the whole input sequence is quantized once for X @ W, the hidden
+    state at every step for h @ R.
+    """
+    if w_scale is None or w_zero_point is None or r_scale is None or r_zero_point is None:
+        raise ctx.error("needs W_scale, W_zero_point, R_scale and R_zero_point")
+    x = jnp.asarray(x).astype(jnp.float32)
+    if x.ndim != 3 or np.ndim(w) != 3 or np.ndim(r) != 3:
+        raise ctx.error(f"X, W and R must have rank 3, got {x.shape}, {np.shape(w)}, "
+                        f"{np.shape(r)}")
+    seq, batch = x.shape[:2]
+    direction = ctx.attr("direction", "forward")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise ctx.error(f"unknown direction {direction!r}")
+    num_dir = 2 if direction == "bidirectional" else 1
+    hidden = ctx.attr("hidden_size", np.shape(r)[1])
+    if np.shape(w)[0] != num_dir or np.shape(w)[2] != 4 * hidden or np.shape(r)[1:] != (
+            hidden, 4 * hidden):
+        raise ctx.error(f"W {np.shape(w)} and R {np.shape(r)} must be [{num_dir}, input, "
+                        f"{4 * hidden}] and [{num_dir}, {hidden}, {4 * hidden}]")
+    clip = ctx.attr("clip")
+    input_forget = ctx.attr("input_forget", 0)
+    acts = _activations(ctx, "LSTM", num_dir)
+
+    def state(value, name):
+        if value is None:
+            return jnp.zeros((num_dir, batch, hidden), jnp.float32)
+        value = jnp.asarray(value).astype(jnp.float32)
+        if value.shape != (num_dir, batch, hidden):
+            raise ctx.error(f"{name} has shape {value.shape}, expected "
+                            f"[{num_dir}, {batch}, {hidden}]")
+        return value
+
+    init_h, init_c = state(initial_h, "initial_h"), state(initial_c, "initial_c")
+    mask = None
+    if sequence_lens is not None:
+        lens = jnp.asarray(sequence_lens)
+        mask = (jnp.arange(seq)[:, None] < lens[None, :])[:, :, None]
+
+    def per_direction(value, d):
+        value = jnp.asarray(value)
+        return value[d] if value.ndim and value.shape[0] == num_dir else value
+
+    def pre(v):
+        return v if clip is None else jnp.clip(v, -clip, clip)
+
+    ys, hs, cs = [], [], []
+    for d in range(num_dir):
+        reverse = direction == "reverse" or d == 1
+        f, g, act_h = acts[d]
+        if b is None:
+            wb = rb = jnp.zeros((4 * hidden,), jnp.float32)
+        else:
+            wb, rb = jnp.split(jnp.asarray(b[d]).astype(jnp.float32), 2)
+        peep = None if p is None else jnp.split(jnp.asarray(p[d]).astype(jnp.float32), 3)
+        r_d, rs, rz = jnp.asarray(r[d]), per_direction(r_scale, d), per_direction(
+            r_zero_point, d)
+        xw = _dynamic_matmul(x, jnp.asarray(w[d]), per_direction(w_scale, d),
+                             per_direction(w_zero_point, d)) + wb
+        if reverse:
+            xw = _reverse(xw, sequence_lens)
+
+        def cell(xw_t, h, c, r_d=r_d, rs=rs, rz=rz, rb=rb, peep=peep, f=f, g=g, act_h=act_h):
+            x_i, x_o, x_f, x_c = jnp.split(xw_t + _dynamic_matmul(h, r_d, rs, rz) + rb, 4,
+                                           axis=-1)
+            if peep is not None:
+                x_i = x_i + peep[0] * c
+                x_f = x_f + peep[2] * c
+            i = f(pre(x_i))
+            forget = 1 - i if input_forget else f(pre(x_f))
+            c_new = forget * c + i * g(pre(x_c))
+            if peep is not None:
+                x_o = x_o + peep[1] * c_new
+            return f(pre(x_o)) * act_h(c_new), c_new
+
+        (h, c), y = lax.scan(lambda carry, inputs, cell=cell: _step(cell, carry, inputs),
+                             (init_h[d], init_c[d]), (xw, mask))
+        if reverse:
+            y = _reverse(y, sequence_lens)
+        ys.append(y)
+        hs.append(h)
+        cs.append(c)
+    return jnp.stack(ys, axis=1), jnp.stack(hs), jnp.stack(cs)
