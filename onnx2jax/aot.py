@@ -418,9 +418,12 @@ def _check_custom_calls(exported: Any, path: str | os.PathLike) -> None:
     """
     import re
 
-    from jax._src.export import _export  # the list jax.export itself checks at export
+    try:  # the list jax.export itself checks at export time (private, so it may move)
+        from jax._src.export import _export
 
-    allowed = getattr(_export, "_CUSTOM_CALL_TARGETS_GUARANTEED_STABLE", None)
+        allowed = getattr(_export, "_CUSTOM_CALL_TARGETS_GUARANTEED_STABLE", None)
+    except ImportError:
+        allowed = None  # then at least our own kernels, which trust their operands, are refused
     text = exported.mlir_module()
     targets = set(re.findall(r"custom_call\s+@([^\s(]+)", text))
     targets |= set(re.findall(r'call_target_name\s*=\s*"([^"]*)"', text))
