@@ -420,3 +420,18 @@ def test_float16_softmax_as_accurate_as_onnxruntime(op_type):
     assert int(np.sum(got != exact)) <= allowed
     np.testing.assert_allclose(got.astype(np.float32), ort.astype(np.float32), rtol=2e-3,
                                atol=1e-4)
+
+
+def test_float16_gemm_rounds_once_like_onnxruntime():
+    # alpha * A.B + beta * C in float32, rounded once: onnxruntime's values but for the odd
+    # last bit where the two sum the products in another order.
+    feeds = {"a": RNG.normal(size=(16, 32)).astype(np.float16),
+             "b": RNG.normal(size=(24, 32)).astype(np.float16),
+             "c": RNG.normal(size=(24,)).astype(np.float16)}
+    model = single_node_model("Gemm", feeds, opset=13, transB=1, alpha=0.5, beta=2.0)
+    (want,) = run_reference(model, feeds)
+    (got,) = run_onnx2jax(model, feeds)
+    assert got.dtype == np.float16
+    assert np.mean(got != want) <= 0.01
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3,
+                               atol=1e-3)

@@ -117,12 +117,14 @@ def _layer_norm(x, gamma, beta, epsilon, simplified):
 
 def _skip_norm(ctx, x, skip, gamma, beta, bias, simplified):
     x = jnp.asarray(x)
-    total = x + skip
+    # The sum of 16-bit inputs stays float32 into the normalization, as in onnxruntime.
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    total = x.astype(compute) + jnp.asarray(skip).astype(compute)
     if bias is not None:
-        total = total + bias
+        total = total + jnp.asarray(bias).astype(compute)
     y, mean, inv_std = _layer_norm(total, gamma, beta, ctx.attr("epsilon", 1e-12), simplified)
     # ORT's optional outputs: mean, inv_std_var, then the pre-normalization sum.
-    return y, mean, inv_std, total
+    return y.astype(x.dtype), mean, inv_std, total.astype(x.dtype)
 
 
 @register("SkipLayerNormalization", 1, domain=MS)
@@ -160,13 +162,19 @@ def embed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embed
         position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
     else:
         position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (batch, length))
-    total = jnp.asarray(word_embedding)[input_ids] + jnp.asarray(position_embedding)[
-        position_ids]
+    dtype = jnp.asarray(word_embedding).dtype
+    # 16-bit embeddings are summed in float32 into the normalization, as in onnxruntime.
+    compute = jnp.promote_types(dtype, jnp.float32)
+    total = (jnp.asarray(word_embedding)[input_ids].astype(compute)
+             + jnp.asarray(position_embedding)[position_ids].astype(compute))
     if segment_ids is not None and segment_embedding is not None:
-        total = total + jnp.asarray(segment_embedding)[jnp.asarray(segment_ids)]
+        total = total + jnp.asarray(segment_embedding)[jnp.asarray(segment_ids)].astype(compute)
     y, _, _ = _layer_norm(total, gamma, beta, ctx.attr("epsilon", 1e-12), simplified=False)
+    y, total = y.astype(dtype), total.astype(dtype)
     if mask is None:
-        mask_index = jnp.full((batch,), length, jnp.int32)
+        # onnxruntime gives zeros here: Attention then masks every key alike, which leaves
+        # the softmax as if unmasked.
+        mask_index = jnp.zeros((batch,), jnp.int32)
     else:
         mask_index = jnp.sum(jnp.asarray(mask) != 0, axis=1).astype(jnp.int32)
     return y, mask_index, total
@@ -273,6 +281,7 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
                         "key-value buffer, a CUDA-only form) are not supported; pass past "
                         "with its real length")
     x = jnp.asarray(x)
+    dtype = x.dtype
     if x.ndim != 3 or np.ndim(weights) != 2 or weights.shape[0] != x.shape[2]:
         raise ctx.error(f"input must be [batch, sequence, hidden] and weights [hidden, "
                         f"q+k+v], got {x.shape} and {np.shape(weights)}")
@@ -282,11 +291,12 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
         raise ctx.error(f"qkv_hidden_sizes {sizes} must be three sizes (q equal to k, each "
                         f"divisible by num_heads={num_heads}) summing to the weights' "
                         f"{weights.shape[1]} columns")
-    proj = jnp.matmul(x, weights, preferred_element_type=jnp.promote_types(
-        x.dtype, jnp.float32))
+    # 16-bit models run in float32 from the projection to the output, rounded once at the
+    # end, as onnxruntime runs this op (its CPU kernel is float32 only).
+    compute = jnp.promote_types(dtype, jnp.float32)
+    proj = jnp.matmul(x.astype(compute), jnp.asarray(weights).astype(compute))
     if bias is not None:
-        proj = proj + jnp.asarray(bias).astype(proj.dtype)
-    proj = proj.astype(x.dtype)
+        proj = proj + jnp.asarray(bias).astype(compute)
     q, k, v = (_heads(t, num_heads) for t in jnp.split(proj, np.cumsum(sizes)[:2], axis=-1))
     past_length = 0
     if past is not None:
@@ -296,18 +306,19 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
             raise ctx.error(f"past must be [2, batch, num_heads, past_length, head_size] "
                             f"with equal k and v head sizes, got {past.shape}")
         past_length = past.shape[3]
-        k = jnp.concatenate([past[0].astype(k.dtype), k], axis=2)
-        v = jnp.concatenate([past[1].astype(v.dtype), v], axis=2)
+        k = jnp.concatenate([past[0].astype(compute), k], axis=2)
+        v = jnp.concatenate([past[1].astype(compute), v], axis=2)
     unidirectional = bool(ctx.attr("unidirectional", 0))
     if mask_index is not None and np.ndim(mask_index) == 4 and unidirectional:
         raise ctx.error("a 4-D mask_index needs unidirectional=0")
     key_mask = _key_mask(ctx, mask_index, x.shape[0], x.shape[1], k.shape[2], past_length,
                          ctx.attr("mask_filter_value", -10000.0))
-    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
+    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias,
+                        past_length).astype(dtype)
     if ctx.has_output(1):
         if k.shape[3] != v.shape[3]:
             raise ctx.error("the present output needs equal k and v head sizes")
-        return out, jnp.stack([k, v])
+        return out, jnp.stack([k, v]).astype(dtype)
     return out
 
 
@@ -329,8 +340,12 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
     num_heads = ctx.attr("num_heads")
     if num_heads is None:
         raise ctx.error("needs the num_heads attribute")
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    dtype = jnp.asarray(query).dtype
+    # 16-bit inputs in float32 throughout, rounded once, as for Attention.
+    compute = jnp.promote_types(dtype, jnp.float32)
+    query, key, value = (jnp.asarray(t).astype(compute) for t in (query, key, value))
     if bias is not None:
+        bias = jnp.asarray(bias).astype(compute)
         dq, dk = query.shape[-1], key.shape[-1]
         query = query + bias[:dq]
         key = key + bias[dq:dq + dk]
@@ -339,8 +354,8 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
     past_length = 0
     if past_key is not None:
         past_length = past_key.shape[2]
-        k = jnp.concatenate([jnp.asarray(past_key).astype(k.dtype), k], axis=2)
-        v = jnp.concatenate([jnp.asarray(past_value).astype(v.dtype), v], axis=2)
+        k = jnp.concatenate([jnp.asarray(past_key).astype(compute), k], axis=2)
+        v = jnp.concatenate([jnp.asarray(past_value).astype(compute), v], axis=2)
     # The key padding mask covers the past and the new keys.
     key_mask = _key_mask(ctx, key_padding_mask, query.shape[0], query.shape[1], k.shape[2],
                          past_length, ctx.attr("mask_filter_value", -10000.0))
@@ -349,7 +364,8 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
         # onnxruntime's CPU kernel gives no consistent causal alignment for this case.
         raise ctx.error(f"unidirectional=1 needs as many new keys as queries, got "
                         f"{key.shape[1]} keys for {query.shape[1]} queries")
-    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length)
+    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias,
+                        past_length).astype(dtype)
     if ctx.has_output(1) or ctx.has_output(2):
-        return out, k, v
+        return out, k.astype(dtype), v.astype(dtype)
     return out

@@ -61,6 +61,10 @@ def gemm(ctx, a, b, c=None):
         if c is not None and beta != 0.0 and not row_bias:
             y = y + (c * beta if beta != 1.0 else c)
         return y.astype(dtype)
+    if accumulate is None and xp is jnp and dtype in (jnp.float16, jnp.bfloat16):
+        # alpha * A.B + beta * C of 16-bit floats in float32, rounded once, as onnxruntime
+        # computes it (not the product rounded, then the sum rounded again).
+        accumulate = jnp.float32
     axes = (0 if ctx.attr("transA", 0) else 1, 1 if ctx.attr("transB", 0) else 0)
     # tensordot contracts the right axes directly (a dot_general with no transpose copies).
     y = (xp.tensordot(a, b, axes=axes) if accumulate is None

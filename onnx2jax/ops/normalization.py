@@ -114,9 +114,13 @@ def layer_normalization(ctx, x, scale, bias=None):
     axes, epsilon, stash = _trailing_axes_setup(ctx, x)
     mean, centered, var = _moments(x.astype(stash), axes)
     inv_std = lax.rsqrt(var + jnp.asarray(epsilon, stash))
-    y = (centered * inv_std).astype(x.dtype) * jnp.asarray(scale).astype(x.dtype)
+    # A 16-bit input is scaled and shifted in the float32 stash and rounded once, as
+    # onnxruntime computes it; a float64 input still scales in float64.
+    compute = jnp.promote_types(x.dtype, stash)
+    y = (centered * inv_std).astype(compute) * jnp.asarray(scale).astype(compute)
     if bias is not None:
-        y = y + jnp.asarray(bias).astype(x.dtype)
+        y = y + jnp.asarray(bias).astype(compute)
+    y = y.astype(x.dtype)
     if ctx.num_outputs == 1:
         return y
     return y, mean, inv_std
