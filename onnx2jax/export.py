@@ -26,7 +26,7 @@ import onnx
 
 from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.errors import InputError
-from onnx2jax.loader import external_data_path, tensor_to_numpy
+from onnx2jax.loader import external_data_bytes, tensor_to_numpy
 
 try:
     import fcntl
@@ -331,10 +331,7 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def _inline_external_data(graph: onnx.GraphProto, base_dir: Path | None) -> None:
     for tensor in _graph_tensors(graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            with open(external_data_path(tensor, base_dir), "rb") as handle:
-                handle.seek(int(info.get("offset", 0)))
-                raw = handle.read(int(info["length"]) if "length" in info else -1)
+            raw = external_data_bytes(tensor, base_dir)
             tensor.ClearField("external_data")
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = raw
