@@ -39,10 +39,10 @@ def read_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
     if path.is_dir():
         raise ModelLoadError(f"{path} is a folder; pass the path of the .onnx file inside it")
     # The folder as named, not symlinks resolved: in the Hugging Face cache the model file is a
-    # link into blobs/, while its external data sits beside the link.
+    # link into blobs/, while its external data sits beside the link. The file itself is the
+    # one the caller named, link or not; what it points at from inside is checked.
     named = Path(os.path.abspath(path))
-    real = checked_link(named, named.parent, f"the model file {path}")
-    return _parse(real.read_bytes(), str(path)), named.parent
+    return _parse(named.read_bytes(), str(path)), named.parent
 
 
 def _parse(data: bytes, name: str) -> onnx.ModelProto:

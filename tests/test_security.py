@@ -477,12 +477,17 @@ def test_a_symlinked_subfolder_out_of_the_folder_is_refused(tmp_path):
         onnx2jax.load(model)
 
 
-def test_a_model_file_symlinked_out_of_its_folder_is_refused(tmp_path):
+def test_a_linked_model_file_reads_its_external_data_beside_the_link(tmp_path):
+    """The model file is the one the caller named (links followed); the data it points at
+    is looked up beside the link, inside that folder, never beside the link's target."""
     real = save_external(tmp_path / "elsewhere")
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model.onnx").symlink_to(real)
-    with pytest.raises(ModelLoadError, match="model file.*outside"):
+    with pytest.raises(ModelLoadError, match="weights.bin.*missing"):
+        onnx2jax.load(folder / "model.onnx")
+    (folder / "weights.bin").symlink_to(real.parent / "weights.bin")
+    with pytest.raises(ModelLoadError, match="symlink.*outside the model's folder"):
         onnx2jax.load(folder / "model.onnx")
 
 
@@ -513,7 +518,8 @@ def test_the_hugging_face_cache_layout_loads_and_other_repos_blobs_do_not(tmp_pa
     plain = tmp_path / "hub" / "models--org--tiny" / "plain"
     plain.mkdir()
     (plain / "model.onnx").symlink_to((snapshot / "onnx" / "model.onnx").resolve())
-    with pytest.raises(ModelLoadError, match="model file.*outside"):
+    (plain / "weights.bin").symlink_to((snapshot / "onnx" / "weights.bin").resolve())
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
         onnx2jax.load(plain / "model.onnx")
 
 
