@@ -685,7 +685,9 @@ def _runtime_types(outputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _python_scalar(value: Any) -> Any:
-    if isinstance(value, np.ndarray | np.generic | jax.Array) and np.ndim(value) == 0:
+    # A tracer (model(...) called inside someone's jit) has no Python value: it stays.
+    if (isinstance(value, np.ndarray | np.generic | jax.Array) and np.ndim(value) == 0
+            and not isinstance(value, jax.core.Tracer)):
         value = np.asarray(value).item()
     return value.decode() if isinstance(value, bytes) else value
 
