@@ -293,8 +293,8 @@ def test_tokenizer_matches_onnxruntime(attributes):
 
 
 def test_tokenizer_tokenexpsplit_splits_like_a_separator():
-    # onnxruntime 1.32's schema lacks tokenexpsplit (newer docs list it): compare with the
-    # same expression given as the one separator, which onnxruntime runs.
+    # onnxruntime's Tokenizer schema has no tokenexpsplit (mlprodict's Python runtime adds it:
+    # split at the matches): compare with the expression given as the one separator.
     split = onnx2jax.load(_tokenizer_model(tokenexp="[ ,!-]+", tokenexpsplit=1, mincharnum=2))
     separator = _tokenizer_model(separators=["[ ,!-]+"], mincharnum=2)
     session = onnxruntime.InferenceSession(separator.SerializeToString(),

@@ -205,9 +205,10 @@ def _matches_of(pattern, text, mincharnum):
 @register("Tokenizer", 1, domain="com.microsoft")
 def tokenizer(ctx, x):
     """Split each string into tokens: by the ``separators`` expressions, applied one after the
-    other, or as the matches of ``tokenexp`` (its split points with ``tokenexpsplit``), or into
-    characters (separators ``[""]`` or tokenexp ``"."``). Rows are padded with ``pad_value`` to
-    the longest; ``mark`` frames each row's tokens with STX/ETX."""
+    other, or as the matches of ``tokenexp`` (its split points with ``tokenexpsplit``, an
+    attribute of mlprodict's runtime that onnxruntime lacks), or into characters (separators
+    ``[""]`` or tokenexp ``"."``). Rows are padded with ``pad_value`` to the longest; ``mark``
+    frames each row's tokens with STX/ETX."""
     x = _strings(ctx, x)
     if x.ndim not in (1, 2):
         raise ctx.error(f"input must have shape [C] or [N, C], got {x.shape}")
