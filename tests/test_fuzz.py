@@ -89,13 +89,14 @@ def test_reduce_over_no_axes_applies_the_elementwise_part(op):
     assert_matches_reference(model, {"x": x})
 
 
-@pytest.mark.parametrize("op", ["Softplus", "Elu", "Sigmoid", "Gelu"])
+@pytest.mark.parametrize("op", ["Softplus", "Elu", "Sigmoid", "Gelu", "PRelu"])
 def test_activation_of_a_static_value_under_jit(op):
     # An activation of a value computed from constants alone stays static; under jit it
-    # raised TracerArrayConversionError (seed 1, graphs 60 and 88).
+    # raised TracerArrayConversionError (seed 1, graphs 60 and 88; PRelu: seed 2026, graph 11).
     c = np.array([3.0, -0.5], np.float32)
+    inputs = ["n", "c"] if op == "PRelu" else ["n"]
     nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c)),
-             helper.make_node("Neg", ["c"], ["n"]), helper.make_node(op, ["n"], ["a"]),
+             helper.make_node("Neg", ["c"], ["n"]), helper.make_node(op, inputs, ["a"]),
              helper.make_node("Add", ["a", "x"], ["y"])]
     graph = helper.make_graph(
         nodes, "static_activation", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,

@@ -10,6 +10,7 @@ See docs/fuzzing.md.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -122,23 +123,27 @@ def fuzz(seed: int, count: int, out: Path | None = None, ops: Sequence[str] | No
         if outcome.kind == "ok":
             report.passed += 1
         elif outcome.kind == "skip":
-            report.skipped[outcome.message.split(":")[0]] += 1
+            report.skipped[re.split(r"[:(']", outcome.message)[0].strip()] += 1
         elif outcome.kind == "departure":
             report.departures.append(f"graph {index} ({', '.join(_ops_of(model))}): "
                                      f"{outcome.message}")
         else:
+            small, small_feeds, small_outcome = shrink(model, feeds, outcome)
+            if small_outcome.kind == "departure":
+                report.departures.append(f"graph {index} ({', '.join(_ops_of(small))}): "
+                                         f"{small_outcome.message}")
+                continue
             failure = Failure(index, outcome.message, _ops_of(model))
             if out is not None:
                 stem = f"seed{seed}_graph{index}"
                 write_repro(out, f"{stem}_full", model, feeds, outcome.message)
-                small, small_feeds, small_outcome = shrink(model, feeds, outcome)
                 failure.path = write_repro(
                     out, stem, small, small_feeds,
                     f"{small_outcome.message}\nops: {', '.join(_ops_of(small))}\n"
                     f"reproduce: python -m onnx2jax.fuzz --seed {seed} --first {index} "
                     "--count 1")
-                failure.ops = _ops_of(small)
-                failure.message = small_outcome.message
+            failure.ops = _ops_of(small)
+            failure.message = small_outcome.message
             report.failures.append(failure)
     report.seconds = time.monotonic() - start
     return report

@@ -14,17 +14,22 @@ from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import register
 
 
+def _apply(function, *values):
+    """``function`` (written with jax) on ``values``; static when they all are."""
+    if all(is_static(v) for v in values):
+        # Under the caller's jit, jax ops on static values would be staged into the trace
+        # and jax_on could not read the result back: evaluate them now.
+        with jax.ensure_compile_time_eval():
+            return jax_on(function, *values)
+    return function(*values)
+
+
 def _activation(op_type: str, versions: tuple[int, ...]):
     """Register ``make(ctx) -> (x -> y)`` as the unary activation ``op_type``."""
 
     def decorate(make):
         def op(ctx, x):
-            if is_static(x):
-                # A static input stays static under the caller's jit: without this, jax ops
-                # on it would be staged into the trace and jax_on could not read them back.
-                with jax.ensure_compile_time_eval():
-                    return jax_on(make(ctx), x)
-            return make(ctx)(x)
+            return _apply(make(ctx), x)
 
         op.__name__ = op.__qualname__ = make.__name__
         for since in versions:
@@ -119,7 +124,7 @@ def swiglu(ctx, gate, value):
         raise ctx.error(f"A and B must have the same shape, got {np.shape(gate)} and "
                         f"{np.shape(value)}")
     alpha = ctx.attr("alpha", 1.0)
-    return jax_on(lambda a, b: a * jax.nn.sigmoid(alpha * a) * b, gate, value)
+    return _apply(lambda a, b: a * jax.nn.sigmoid(alpha * a) * b, gate, value)
 
 
 @_activation("Gelu", (20,))
@@ -141,4 +146,4 @@ def prelu(ctx, x, slope):
     if ctx.opset < 7 and np.ndim(slope) == 1 and np.ndim(x) > 2 and np.shape(slope)[0] > 1:
         # Before opset 7 a 1-D slope holds one value per channel (axis 1), not per last axis.
         slope = slope.reshape(slope.shape + (1,) * (np.ndim(x) - 2))
-    return jax_on(lambda v, s: jnp.where(v >= 0, v, v * s).astype(v.dtype), x, slope)
+    return _apply(lambda v, s: jnp.where(v >= 0, v, v * s).astype(v.dtype), x, slope)
