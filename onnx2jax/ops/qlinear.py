@@ -205,38 +205,56 @@ def _channels_first(ctx, x):
     return jnp.transpose(x, to_first), tuple(np.argsort(to_first))
 
 
-@register("QLinearGlobalAveragePool", 1, domain=MS)
-def qlinear_global_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
-    """MlasQLinearGlobalAveragePool: the exact int32 sum minus ``x_zero_point * count``,
-    times ``x_scale / (y_scale * count)``, rounded, plus ``y_zero_point``."""
-    dtype = _out_dtype(y_zero_point, x)
-    _check_integer(ctx, dtype)
-    x, back = _channels_first(ctx, x)
-    if x.ndim < 3:
-        raise ctx.error(f"needs an input of rank 3 or more, got {x.shape}")
+def _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype):
+    """MlasQLinearGlobalAveragePool on NCHW ``x``: the exact int32 sum minus
+    ``x_zero_point * count``, times ``x_scale / (y_scale * count)``, rounded, plus
+    ``y_zero_point``."""
     count = int(np.prod(x.shape[2:]))
     spatial = tuple(range(2, x.ndim))
     acc = jnp.sum(_as_int32(jnp, x, _scalar(x_zero_point)), axis=spatial, keepdims=True)
     denominator = jnp.asarray(_scalar(y_scale)).astype(jnp.float32) * jnp.float32(count)
     multiplier = divide_exact(jnp, jnp.asarray(_scalar(x_scale)).astype(jnp.float32),
                               denominator)
-    y = _requantize(jnp, acc, multiplier, _scalar(y_zero_point), dtype)
+    return _requantize(jnp, acc, multiplier, _scalar(y_zero_point), dtype)
+
+
+@register("QLinearGlobalAveragePool", 1, domain=MS)
+def qlinear_global_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
+    dtype = _out_dtype(y_zero_point, x)
+    _check_integer(ctx, dtype)
+    x, back = _channels_first(ctx, x)
+    if x.ndim < 3:
+        raise ctx.error(f"needs an input of rank 3 or more, got {x.shape}")
+    y = _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype)
     return y if back is None else jnp.transpose(y, back)
 
 
 @register("QLinearAveragePool", 1, domain=MS)
 def qlinear_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=None):
     """onnxruntime's QLinearAveragePool: the float average of the dequantized window,
-    quantized (``count_include_pad`` and ``ceil_mode`` as AveragePool, no dilations)."""
+    quantized (``count_include_pad`` and ``ceil_mode`` as AveragePool, no dilations).
+
+    onnxruntime rounds each dequantized value before it adds it to the window's sum; XLA:CPU
+    fuses the multiply into the sum (fused multiply-adds), so a value within an ulp of a half
+    step can land one step apart.
+    """
     dtype = _out_dtype(y_zero_point, x)
     _check_integer(ctx, dtype)
     x, back = _channels_first(ctx, x)
     x, kernel = _pool_input(ctx, x)
     geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=False, ceil_mode=True)
+    if list(x.shape[2:]) == kernel and not any(geometry.begin + geometry.end):
+        # onnxruntime runs a window as large as the unpadded input as a global average pool.
+        y = _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype)
+        return y if back is None else jnp.transpose(y, back)
     sums = geometry.pool(_dequantize(x, x_scale, x_zero_point), 0, 0, lax.add)
     counts = np.maximum(geometry.counts(bool(ctx.attr("count_include_pad", 0))), 1)
-    y = _quantize(divide_exact(jnp, sums, counts.astype(np.float32)), y_scale, y_zero_point,
-                  dtype)
+    y = divide_exact(jnp, divide_exact(jnp, sums, counts.astype(np.float32)),
+                     jnp.asarray(_scalar(y_scale)).astype(jnp.float32))
+    # onnxruntime adds the zero point before it rounds (in float32), not after.
+    if y_zero_point is not None:
+        y = y + jnp.asarray(_scalar(y_zero_point)).astype(jnp.float32)
+    y = _saturate(y, dtype)
     return y if back is None else jnp.transpose(y, back)
 
 

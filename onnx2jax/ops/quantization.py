@@ -70,13 +70,14 @@ def divide_exact(xp, x, divisor):
     """``x / divisor`` correctly rounded, as onnxruntime's quantization kernels divide.
 
     XLA rewrites a division by a constant or by a broadcast value into a multiplication by the
-    reciprocal, which can land an ulp off and move a quantized value one step. Dividing by a
-    divisor materialized behind an optimization barrier keeps a true division.
+    reciprocal, and ``(a / b) / c`` into ``a / (b * c)``; either can land an ulp off and move a
+    quantized value one step. Both operands behind an optimization barrier, the divisor
+    materialized at full size, keep a true division.
     """
     if xp is np:
         return x / divisor
     shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(divisor))
-    divisor = lax.optimization_barrier(jnp.broadcast_to(divisor, shape))
+    x, divisor = lax.optimization_barrier((x, jnp.broadcast_to(divisor, shape)))
     return x / divisor
 
 
