@@ -162,15 +162,16 @@ def qlinear_where(ctx, condition, x, x_scale, x_zero_point, y, y_scale, y_zero_p
 
 
 # ------------------------------------------------------------------------- softmax
-@register("QLinearSoftmax", 1, domain=MS)
+# x_scale static: an initializer stays a constant, so the table is built in double precision.
+@register("QLinearSoftmax", 1, domain=MS, static_inputs=(1,))
 def qlinear_softmax(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
     """onnxruntime's QLinearSoftmax, which is not the exact softmax of the dequantized input.
 
     Its exponentials come from a table ``exp((x - max + shift) * x_scale)`` (in double,
-    stored as float32, ``shift`` keeping the row's sum in range); each output is
-    ``round(e * floor(1 / y_scale) / sum(e)) + y_zero_point``. The input zero point cancels.
-    ``opset`` < 13 normalizes over all axes from ``axis`` on (default 1), >= 13 over ``axis``
-    (default -1).
+    stored as float32, ``shift`` keeping the row's sum in range), summed in float32 in order;
+    each output is ``round(e * floor(1 / y_scale) / sum) + y_zero_point``. The input zero point
+    cancels. ``opset`` < 13 normalizes over all axes from ``axis`` on (default 1), >= 13 over
+    ``axis`` (default -1).
     """
     dtype = _out_dtype(y_zero_point, x)
     _check_integer(ctx, dtype)
@@ -180,19 +181,32 @@ def qlinear_softmax(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
     x = jnp.asarray(x)
     axis = ctx.attr("axis", 1 if opset < 13 else -1)
     axis = axis + x.ndim if axis < 0 else axis
-    axes = tuple(range(axis, x.ndim)) if opset < 13 else (axis,)
-    size = int(np.prod([x.shape[a] for a in axes]))
-    wide = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
-    x_scale = jnp.asarray(_scalar(x_scale)).astype(wide)
-    shift = np.maximum(0.0, np.log(np.finfo(np.float32).max / max(size, 1)) - 5)
-    distance = (x.astype(jnp.int32) - jnp.max(x, axis=axes, keepdims=True).astype(jnp.int32))
-    exps = jnp.exp((distance.astype(wide) + shift / x_scale) * x_scale).astype(jnp.float32)
-    total = jnp.sum(exps, axis=axes, keepdims=True)
+    # Rows of the normalized elements in onnxruntime's order: the trailing axes flattened
+    # (opset < 13) or ``axis`` moved last (>= 13).
+    moved = x if opset < 13 else jnp.moveaxis(x, axis, -1)
+    size = int(np.prod(moved.shape[axis:] if opset < 13 else moved.shape[-1:]))
+    rows = moved.reshape(-1, size).astype(jnp.int32)
+    shift = np.maximum(0.0, np.log(np.float32(np.finfo(np.float32).max)
+                                   / np.float32(max(size, 1))).astype(np.float64) - 5)
+    distance = rows - jnp.max(rows, axis=1, keepdims=True)
+    if ctx.xp(x_scale) is np:
+        # onnxruntime's table, in double as it builds it, indexed by distance + 255.
+        scale = np.float64(np.asarray(x_scale, np.float32).reshape(()))
+        table = np.exp((np.arange(-255, 1, dtype=np.float64) + shift / scale) * scale)
+        exps = jnp.asarray(table.astype(np.float32))[distance + 255]
+    else:
+        wide = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+        scale = jnp.asarray(_scalar(x_scale)).astype(wide)
+        exps = jnp.exp((distance.astype(wide) + shift / scale) * scale).astype(jnp.float32)
+    # onnxruntime adds a row's exponentials one after the other; a tree sum rounds otherwise.
+    total, _ = lax.scan(lambda acc, column: (acc + column, None),
+                        jnp.zeros(exps.shape[:1], jnp.float32), exps.T)
     out_scale = jnp.floor(divide_exact(jnp, jnp.float32(1),
                                        jnp.asarray(_scalar(y_scale)).astype(jnp.float32)))
-    y = jnp.round(divide_exact(jnp, exps * out_scale, total))
-    y = y + jnp.asarray(_scalar(y_zero_point)).astype(jnp.float32)
-    return _saturate(y, dtype)
+    y = jnp.round(divide_exact(jnp, exps * out_scale, total[:, None]))
+    y = _saturate(y + jnp.asarray(_scalar(y_zero_point)).astype(jnp.float32), dtype)
+    y = y.reshape(moved.shape)
+    return y if opset < 13 else jnp.moveaxis(y, -1, axis)
 
 
 # ------------------------------------------------------------------------- pooling
