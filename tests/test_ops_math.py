@@ -435,3 +435,21 @@ def test_float16_gemm_rounds_once_like_onnxruntime():
     assert np.mean(got != want) <= 0.01
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3,
                                atol=1e-3)
+
+
+@pytest.mark.parametrize("op_type", ["Mean", "Sum"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_variadic_sum_and_mean_bit_for_bit_with_onnxruntime(op_type, dtype):
+    # onnxruntime's Mean multiplies the sum by 1/n; fp16 inputs are summed in float32 and
+    # rounded once (rounding after every addition missed about half of the results).
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    feeds = {f"x{i}": RNG.normal(size=(64, 64)).astype(dtype) for i in range(3)}
+    graph = helper.make_graph(
+        [helper.make_node(op_type, list(feeds), ["y"])], "variadic",
+        [helper.make_tensor_value_info(name, elem, [64, 64]) for name in feeds],
+        [helper.make_tensor_value_info("y", elem, [64, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    (want,) = run_reference(model, feeds)
+    (got,) = run_onnx2jax(model, feeds, x64=False)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)

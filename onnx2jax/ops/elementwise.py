@@ -176,10 +176,16 @@ def _register_variadic(op_type: str, function: str, versions: tuple[int, ...],
                        mean: bool = False) -> None:
     def op(ctx, *inputs):
         xp = ctx.xp(*inputs)
+        dtype = np.result_type(*inputs)
+        if xp is jnp and dtype in (jnp.float16, jnp.bfloat16):
+            # 16-bit floats summed in float32 and rounded once, as onnxruntime computes them.
+            inputs = [jnp.asarray(x).astype(jnp.float32) for x in inputs]
         result = inputs[0]
         for x in inputs[1:]:
             result = getattr(xp, function)(result, x)
-        return result / len(inputs) if mean else result
+        # Mean multiplies by 1/n, as onnxruntime does (and XLA would rewrite the division).
+        result = result * (1 / len(inputs)) if mean else result
+        return result.astype(dtype) if xp is jnp else result
 
     op.__name__ = op.__qualname__ = op_type.lower()
     for since in versions:
