@@ -160,6 +160,16 @@ def test_dynamic_quantize_linear_scale_like_onnxruntime(seed):
         np.testing.assert_array_equal(got, want)
 
 
+def test_quantize_float16_divides_in_float32():
+    # onnxruntime divides float16 inputs by a float16 scale in float32; a float16 quotient
+    # would move hundreds of these values a step.
+    x = (np.random.default_rng(3).normal(size=20000) * 30).astype(np.float16)
+    feeds = {"x": x, "s": np.array(0.0371, np.float16), "z": np.array(128, np.uint8)}
+    model = single_node_model("QuantizeLinear", feeds)
+    np.testing.assert_array_equal(run_onnx2jax(model, feeds, x64=False)[0],
+                                  run_reference(model, feeds)[0])
+
+
 @pytest.mark.parametrize("zero", [np.array(3, np.uint8), np.array(3, np.int8),
                                   np.array(-5, np.int16), np.array(7, np.uint16)])
 def test_quantize_nan_and_infinity(zero):

@@ -127,13 +127,14 @@ def quantize_linear(ctx, x, scale, zero_point=None):
         raise ctx.error(f"cannot quantize to {numpy_dtype(elem_type).name}")
     _check_host_only(ctx, xp, elem_type)
     precision = ctx.attr("precision", 0)
-    # The scale's type sets the division's precision unless ``precision`` overrides it.
+    # ``precision`` sets the division's type; without it onnxruntime divides 16-bit floats in
+    # float32 (the spec would use the scale's type, whose rounding moves values a step).
     if precision:
         compute = numpy_dtype(precision)
     elif np.issubdtype(x.dtype, np.integer):
-        compute = scale.dtype
+        compute = jnp.promote_types(scale.dtype, np.float32)
     else:
-        compute = jnp.promote_types(x.dtype, scale.dtype)
+        compute = jnp.promote_types(jnp.promote_types(x.dtype, scale.dtype), np.float32)
     scale = _quant_param(ctx, xp, scale, x.shape, axis, block_size)
     y = divide_exact(xp, x.astype(compute), scale.astype(compute))
     if zero_point is not None and elem_type not in _FLOAT8_TYPES:
