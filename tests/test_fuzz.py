@@ -123,3 +123,31 @@ def test_reduce_log_sum_exp_of_a_static_value_under_jit():
     feeds = {"x": np.array(0.5, np.float32)}
     assert_matches_reference(model, feeds)
     assert_matches_reference(model, feeds, jit=False)
+
+
+def test_gather_nd_of_static_data_with_traced_indices():
+    # Constant data, indices from the graph's input: NumPy indexing met a tracer under jit
+    # (seed 11, graph 24).
+    data = np.array([[-1, 6], [3, 4]], np.int32)
+    nodes = [helper.make_node("Constant", [], ["d"], value=numpy_helper.from_array(data)),
+             helper.make_node("GatherND", ["d", "i"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "gather_nd_static_data",
+        [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, [2, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
+    feeds = {"i": np.array([[1, 0], [-2, 1]], np.int64)}
+    assert_matches_reference(model, feeds)
+    assert_matches_reference(model, feeds, jit=False)
+
+
+@pytest.mark.parametrize("reduction", ["add", "mul"])
+def test_scatter_elements_reduces_bools(reduction):
+    # Bool data with reduction add/mul (logical or/and in onnxruntime) raised a TypeError in
+    # JAX's scatter (seed 12, graph 111).
+    data = np.array([[True, False], [False, True], [True, True]])
+    indices = np.array([[0, 1], [0, 0], [2, 1]], np.int64)
+    updates = np.array([[False, True], [True, False], [False, False]])
+    inputs = {"d": data, "i": indices, "u": updates}
+    model = single_node_model("ScatterElements", inputs, axis=0, reduction=reduction, opset=18)
+    assert_matches_reference(model, inputs)

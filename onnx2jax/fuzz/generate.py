@@ -213,6 +213,9 @@ class Case:
                 raise Reject("no type inferred")
             tt = t.tensor_type
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).type
+            if not tt.HasField("shape"):
+                self.nodes.pop()
+                raise Reject("no shape inferred")  # the checker wants graph outputs shaped
             shape: tuple[int, ...] | None = None
             if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
                 shape = tuple(int(d.dim_value) for d in tt.shape.dim)
@@ -820,6 +823,171 @@ def _instancenorm(c: Case, op: str) -> tuple[list[str], dict, int]:
 def _lpnorm(c: Case, op: str) -> tuple[list[str], dict, int]:
     x = c.pick(schema_dtypes(op, 0, c.opset), min_rank=1)
     return [x], {"axis": _rank_axis(c, len(c.shape(x))), "p": int(c.rng.integers(1, 3))}, 1
+
+
+# ---------------------------------------------------------------- more indexing and tensor ops
+@gen("GatherND")
+def _gather_nd(c: Case, op: str) -> tuple[list[str], dict, int]:
+    a = c.pick(schema_dtypes(op, 0, c.opset), min_rank=1, min_dim=1)
+    shape = c.shape(a)
+    batch = int(c.rng.integers(0, len(shape)))
+    depth = int(c.rng.integers(1, len(shape) - batch + 1))
+    lead = c.dims(int(c.rng.integers(0, 2)), min_dim=1)
+    ishape = (*shape[:batch], *lead, depth)
+    idx = np.stack([c.rng.integers(-shape[batch + k], shape[batch + k], size=ishape[:-1])
+                    for k in range(depth)], axis=-1).astype(np.int64)
+    name = c.name("i")
+    (c.initializers if c.rng.random() < 0.3 else c.inputs)[name] = idx
+    c.values[name] = Value(np.int64, idx.shape, name in c.initializers)
+    return [a, name], {"batch_dims": batch}, 1
+
+
+@gen("ScatterElements")
+def _scatter_elements(c: Case, op: str) -> tuple[list[str], dict, int]:
+    a = c.pick(schema_dtypes(op, 0, c.opset), min_rank=1, min_dim=1)
+    shape = c.shape(a)
+    axis = _rank_axis(c, len(shape))
+    reduction = str(c.rng.choice(["none", "none", "add", "mul", "max", "min"]))
+    ushape = tuple(int(c.rng.integers(1, d + 1)) for d in shape)
+    n = shape[axis]
+    if reduction == "none":
+        # Distinct targets per line: with duplicates the winner is unspecified.
+        along = ushape[axis % len(shape)]
+        perm = np.stack([c.rng.permutation(n)[:along] for _ in range(int(np.prod(ushape))
+                                                                      // along)])
+        idx = np.moveaxis(perm.reshape(*[d for i, d in enumerate(ushape)
+                                         if i != axis % len(shape)], along), -1,
+                          axis % len(shape))
+    else:
+        idx = c.rng.integers(0, n, size=ushape)
+    idx = np.where(c.rng.random(idx.shape) < 0.3, idx - n, idx).astype(np.int64)
+    name = c.name("i")
+    c.inputs[name] = idx
+    c.values[name] = Value(np.int64, idx.shape, False)
+    updates = c.fresh(c.dtype(a), idx.shape)
+    return [a, name, updates], {"axis": axis, "reduction": reduction}, 1
+
+
+@gen("OneHot")
+def _one_hot(c: Case, op: str) -> tuple[list[str], dict, int]:
+    depth_value = int(c.rng.integers(1, 5))
+    # Integer indices: onnxruntime has no kernel for float ones and the reference evaluator
+    # mishandles them.
+    idx = c.fresh(c.rng.choice([np.int64, np.int32]),
+                  c.dims(int(c.rng.integers(0, 3))), low=-depth_value, high=depth_value - 1)
+    depth = c.const(np.array(depth_value, np.int64))
+    values = c.fresh(c.rng.choice([np.float32, np.int64, np.int32]), (2,), init=True,
+                     finite=True)
+    rank = len(c.shape(idx)) + 1
+    return [idx, depth, values], {"axis": int(c.rng.integers(-rank, rank))}, 1
+
+
+@gen("Einsum")
+def _einsum(c: Case, op: str) -> tuple[list[str], dict, int]:
+    equation, shapes = [
+        ("ij,jk->ik", ["ij", "jk"]), ("bij,bjk->bik", ["bij", "bjk"]), ("ij->ji", ["ij"]),
+        ("ii->i", ["ii"]), ("ij,ij->i", ["ij", "ij"]), ("i,j->ij", ["i", "j"]),
+        ("bhqd,bhkd->bhqk", ["bhqd", "bhkd"]), ("ij->", ["ij"]), ("...ij,...jk->...ik",
+                                                                   ["xij", "xjk"]),
+    ][int(c.rng.integers(9))]
+    sizes = {letter: int(c.rng.integers(1, 4)) for letter in "ijkbhqdx"}
+    dtype = c.rng.choice([np.float32, np.float64, np.int32, np.int64])
+    return [c.fresh(dtype, tuple(sizes[x] for x in spec)) for spec in shapes], \
+        {"equation": equation}, 1
+
+
+@gen("Compress")
+def _compress(c: Case, op: str) -> tuple[list[str], dict, int]:
+    a = c.pick(schema_dtypes(op, 0, c.opset), min_rank=1)
+    shape = c.shape(a)
+    attrs = {}
+    if c.rng.random() < 0.7:
+        attrs["axis"] = _rank_axis(c, len(shape))
+        n = shape[attrs["axis"]]
+    else:
+        n = int(np.prod(shape))
+    cond = c.const(c.rng.random(int(c.rng.integers(0, n + 1))) < 0.5)
+    return [a, cond], attrs, 1
+
+
+@gen("NonZero")
+def _nonzero(c: Case, op: str) -> tuple[list[str], dict, int]:
+    return [c.pick(schema_dtypes(op, 0, c.opset), min_rank=1)], {}, 1
+
+
+@gen("EyeLike")
+def _eye_like(c: Case, op: str) -> tuple[list[str], dict, int]:
+    a = c.fresh(c.rng.choice(schema_dtypes(op, 0, c.opset)), c.dims(2))
+    attrs: dict = {"k": int(c.rng.integers(-2, 3))}
+    if c.rng.random() < 0.5:
+        attrs["dtype"] = int(helper.np_dtype_to_tensor_dtype(np.dtype(
+            c.rng.choice([np.float32, np.int64, np.int32, np.float64]))))
+    return [a], attrs, 1
+
+
+@gen("ReverseSequence")
+def _reverse_sequence(c: Case, op: str) -> tuple[list[str], dict, int]:
+    a = c.pick(schema_dtypes(op, 0, c.opset), min_rank=2, min_dim=1)
+    shape = c.shape(a)
+    batch_axis = int(c.rng.integers(2))
+    time_axis = 1 - batch_axis
+    lengths = c.rng.integers(0, shape[time_axis] + 1, size=shape[batch_axis]).astype(np.int64)
+    name = c.name("x")
+    c.inputs[name] = lengths
+    c.values[name] = Value(np.int64, lengths.shape, False)
+    return [a, name], {"batch_axis": batch_axis, "time_axis": time_axis}, 1
+
+
+@gen("Dropout")
+def _dropout(c: Case, op: str) -> tuple[list[str], dict, int]:
+    # Inference (no training_mode): the identity, and a mask of ones when asked for.
+    a = c.pick(schema_dtypes(op, 0, c.opset))
+    return [a], {}, int(c.rng.integers(1, 3))
+
+
+@gen("Det")
+def _det(c: Case, op: str) -> tuple[list[str], dict, int]:
+    n = int(c.rng.integers(1, 4))
+    batch = c.dims(int(c.rng.integers(0, 2)), min_dim=1)
+    return [c.fresh(c.rng.choice(schema_dtypes(op, 0, c.opset)), (*batch, n, n),
+                    finite=True)], {}, 1
+
+
+@gen("CastLike")
+def _cast_like(c: Case, op: str) -> tuple[list[str], dict, int]:
+    to = c.rng.choice([np.float32, np.float64, np.float16, np.int32, np.int64, np.bool_])
+    if np.dtype(to).kind in "ib":
+        a = c.fresh(c.rng.choice([np.float32, np.float64]), c.dims(int(c.rng.integers(0, 3))),
+                    low=-50, high=50, finite=True)
+    else:
+        a = c.pick(schema_dtypes(op, 0, c.opset))
+    return [a, c.fresh(to, (1,))], {}, 1
+
+
+@gen("Resize")
+def _resize(c: Case, op: str) -> tuple[list[str], dict, int]:
+    n, ch = c.dims(2, min_dim=1)
+    mode = str(c.rng.choice(["nearest", "linear", "cubic"]))
+    # onnxruntime: linear and cubic resize 2 spatial axes only; no float64 kernel (and the
+    # reference evaluator's float64 Resize rounds differently).
+    spatial = c.dims(2 if mode != "nearest" else int(c.rng.integers(1, 3)), min_dim=1)
+    x = c.fresh(np.float32, (n, ch, *spatial))
+    attrs: dict = {"mode": mode}
+    if mode == "nearest":
+        attrs["nearest_mode"] = str(c.rng.choice(["round_prefer_floor", "round_prefer_ceil",
+                                                  "floor", "ceil"]))
+    attrs["coordinate_transformation_mode"] = str(c.rng.choice(
+        ["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"]))
+    if mode == "cubic":
+        attrs["cubic_coeff_a"] = -0.75 if c.rng.random() < 0.5 else -0.5
+    inputs = [x, ""]
+    if c.rng.random() < 0.5:
+        scales = [1.0, 1.0] + [float(c.rng.choice([0.5, 1.0, 1.5, 2.0, 3.0])) for _ in spatial]
+        inputs.append(c.const(np.array(scales, np.float32)))
+    else:
+        sizes = [n, ch] + [int(c.rng.integers(1, 2 * d + 2)) for d in spatial]
+        inputs += ["", c.const(np.array(sizes, np.int64))]
+    return inputs, attrs, 1
 
 
 # The ops graphs are built from by default.

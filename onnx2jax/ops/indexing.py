@@ -105,7 +105,8 @@ def gather_nd(ctx, data, indices):
     indices = _wrap(ctx, indices, dims[batch_dims:batch_dims + depth])
     batch = int(np.prod(dims[:batch_dims], dtype=np.int64))
     count = int(np.prod(index_dims[batch_dims:-1], dtype=np.int64))
-    data = xp.reshape(data, (batch,) + dims[batch_dims:])
+    # asarray: static data with traced indices must become a jax array before the indexing.
+    data = xp.reshape(xp.asarray(data), (batch,) + dims[batch_dims:])
     indices = ctx.xp(indices).reshape(indices, (batch, count, depth))
     picked = data[(np.arange(batch).reshape(batch, 1),)
                   + tuple(indices[..., i] for i in range(depth))]
@@ -133,7 +134,14 @@ def _scatter(ctx, data, index, updates, reduction):
         else:
             _SCATTER_UFUNCS[reduction].at(out, index, updates)
         return out
-    ref = jnp.asarray(data).at[index]
+    data = jnp.asarray(data)
+    if data.dtype == jnp.bool_ and reduction != "none":
+        # Bool add/max are a logical or and mul/min a logical and (as in onnxruntime); JAX
+        # scatters numbers only, so through uint8.
+        reduction = {"add": "max", "mul": "min"}.get(reduction, reduction)
+        return _scatter(ctx, data.astype(jnp.uint8), index,
+                        jnp.asarray(updates).astype(jnp.uint8), reduction).astype(jnp.bool_)
+    ref = data.at[index]
     if reduction == "none":
         return ref.set(updates)
     return {"add": ref.add, "mul": ref.multiply, "max": ref.max, "min": ref.min}[reduction](
