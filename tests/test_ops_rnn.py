@@ -237,3 +237,33 @@ def test_recurrent_inputs_of_the_wrong_rank_are_clear_errors(layout):
     order = r"\[2, 1, 3\]" if layout else r"\[1, 2, 3\]"
     with pytest.raises(OpError, match=f"initial_h has shape .*expected {order}"):
         model(X=rand(4, 2, 2) if not layout else rand(2, 4, 2), W=w, R=r, h0=rand(2, 3))
+
+
+def test_eager_branch_is_compiled_once_per_signature():
+    # model(...) runs the silero-like If outside jit; its branch is jitted, not run op by op
+    # (which traced and compiled the LSTM's lax.scan anew on every call).
+    from onnx2jax.ops.control_flow import _EagerBranch
+
+    model, hidden = _silero_like()
+    compiled = onnx2jax.load(model)
+    feeds = {"input": rand(1, 8), "state": rand(2, 1, hidden), "sr": np.array(16000, np.int64)}
+    first = compiled(**feeds)
+    second = compiled(**feeds)
+    for a, b in zip(first.values(), second.values(), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    branches = list(_EagerBranch._cache[compiled._interpreter].values())
+    assert [len(b._compiled) for b in branches if b.graph.name == "s16"] == [1]
+    compiled(**{**feeds, "input": rand(1, 8)})
+    assert [len(b._compiled) for b in branches if b.graph.name == "s16"] == [1]
+
+
+def test_eager_branch_that_needs_data_values_runs_op_by_op():
+    then_g = h.make_graph([h.make_node("NonZero", ["x"], ["nz"])], "then", [], [unknown("nz")])
+    else_g = h.make_graph([h.make_node("Neg", ["x"], ["nx"]),
+                           h.make_node("NonZero", ["nx"], ["nz2"])], "else", [],
+                          [unknown("nz2")])
+    nodes = [h.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    model = model_of(nodes, [info("c", T.BOOL, []), info("x", T.FLOAT, [5])], [unknown("y")])
+    x = np.array([0, 1, -2, 0, 3], np.float32)
+    for flag in (True, False, True):
+        compare(model, {"c": np.array(flag), "x": x})

@@ -9,13 +9,20 @@ termination; forward-differentiable only), whose loop state must keep its shapes
 
 from __future__ import annotations
 
+import hashlib
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 from jax import lax
 
-from onnx2jax.convert import is_concrete, is_static
+from onnx2jax.convert import Interpreter, OpContext, is_concrete, is_static
 from onnx2jax.errors import DataDependentShapeError, OpError
+from onnx2jax.graph import outer_names
 from onnx2jax.ops.registry import register
 
 # Static trip counts up to this many iterations are unrolled in Python; longer loops are traced
@@ -82,6 +89,9 @@ def _stack(values):
 def if_(ctx, cond):
     if is_concrete(cond):
         branch = "then_branch" if _flag(cond) else "else_branch"
+        compiled = _EagerBranch.of(ctx, branch)
+        if compiled.applies(ctx.scope):
+            return tuple(compiled.run(ctx))
         return tuple(ctx.run_subgraph(branch, []))
     if np.size(cond) != 1:
         raise ctx.error(f"the condition must hold one element, got shape {np.shape(cond)}")
@@ -104,6 +114,99 @@ def if_(ctx, cond):
             "lax.cond, and one of them cannot run on these inputs; call the model directly "
             f"(model(...)), which runs only the branch taken. {exc}") from exc
     return tuple(outputs)
+
+
+class _EagerBranch:
+    """An If branch taken outside any trace (model(...) runs a data-dependent If eagerly),
+    compiled once per signature of the outer values it reads. Run op by op, each call would
+    trace and compile again whatever the branch holds (an LSTM's lax.scan every time).
+
+    A branch that needs data values at trace time keeps running op by op.
+    """
+
+    # Interpreter -> id(branch graph) -> its _EagerBranch (the graph kept alive with it).
+    _cache: weakref.WeakKeyDictionary[Interpreter, dict[int, _EagerBranch]] = \
+        weakref.WeakKeyDictionary()
+
+    def __init__(self, interpreter: Interpreter, graph: onnx.GraphProto):
+        # A weak reference: the cache's values must not keep its key alive.
+        self._interpreter = weakref.ref(interpreter)
+        self.graph = graph
+        self.reads = sorted(outer_names(graph))
+        self.op_by_op = False
+        # (signature of traced reads, content of static reads) -> (jitted run, static outputs)
+        self._compiled: dict[tuple, tuple[Callable[..., Any], dict[int, Any]]] = {}
+
+    @classmethod
+    def of(cls, ctx: OpContext, branch: str) -> _EagerBranch:
+        graph = ctx.attrs[branch]
+        per_graph = cls._cache.setdefault(ctx.interpreter, {})
+        found = per_graph.get(id(graph))
+        if found is None or found.graph is not graph:
+            found = per_graph[id(graph)] = cls(ctx.interpreter, graph)
+        return found
+
+    def applies(self, scope: Mapping[str, Any]) -> bool:
+        """True when the branch reads a concrete JAX array and no tracer: eager mode. Static
+        reads alone stay op by op, so that the branch's shape arithmetic stays static."""
+        if self.op_by_op:
+            return False
+        leaves = jax.tree_util.tree_leaves([scope[n] for n in self.reads if n in scope])
+        if any(isinstance(v, jax.core.Tracer) for v in leaves):
+            return False
+        return any(isinstance(v, jax.Array) for v in leaves)
+
+    def run(self, ctx: OpContext) -> list[Any]:
+        scope = ctx.scope
+        reads = {n: scope[n] for n in self.reads if n in scope}
+        static = {n: v for n, v in reads.items() if is_static(v) or isinstance(v, str)}
+        dynamic = {n: v for n, v in reads.items() if n not in static}
+        key = (_signature(dynamic), _content_key(static))
+        entry = self._compiled.get(key)
+        if entry is None:
+            entry = self._compiled[key] = self._compile(static)
+        function, recorded = entry
+        try:
+            traced = function(dynamic)
+        except (DataDependentShapeError, TypeError):
+            self.op_by_op = True
+            del self._compiled[key]
+            return ctx.interpreter.run_subgraph(self.graph, [], scope)
+        return [recorded[i] if i in recorded else traced[i]
+                for i in range(len(self.graph.output))]
+
+    def _compile(self, static: dict[str, Any]) -> tuple[Callable[..., Any], dict[int, Any]]:
+        recorded: dict[int, Any] = {}
+        interpreter, graph = self._interpreter, self.graph
+
+        def run(dynamic: dict[str, Any]) -> dict[int, Any]:
+            outs = interpreter().run_subgraph(graph, [], {**static, **dynamic})
+            traced = {}
+            for index, value in enumerate(outs):
+                # Static outputs depend only on the static reads and the shapes, both in the
+                # cache key: recorded once at trace time.
+                if is_static(value) or isinstance(value, str):
+                    recorded[index] = value
+                else:
+                    traced[index] = value
+            return traced
+
+        return jax.jit(run), recorded
+
+
+def _signature(values: Mapping[str, Any]) -> tuple:
+    leaves, tree = jax.tree_util.tree_flatten(dict(values))
+    return tree, tuple((np.shape(v), str(getattr(v, "dtype", type(v)))) for v in leaves)
+
+
+def _content_key(values: Mapping[str, Any]) -> tuple:
+    leaves, tree = jax.tree_util.tree_flatten(dict(values))
+    digest = hashlib.sha1()
+    for leaf in leaves:
+        array = np.asarray(leaf)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes() if array.dtype != object else repr(array).encode())
+    return tree, digest.hexdigest()
 
 
 # -------------------------------------------------------------------------------------- Loop
