@@ -1,7 +1,8 @@
-"""README sections generated from the code: the operator coverage table and the suite count.
+"""Doc sections generated from the code: the operator table and the backend-suite count.
 
-``python -m onnx2jax.coverage`` rewrites those sections of README.md in place; a test keeps
-them equal to what this module generates.
+``python -m onnx2jax.coverage`` rewrites the operator table in docs/operators.md and the suite
+count in README.md in place; tests/test_readme.py keeps both equal to what this module
+generates.
 """
 
 from __future__ import annotations
@@ -85,13 +86,8 @@ def replace_section(text: str, name: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def expected_failures(path: Path) -> list[str]:
-    lines = (line.split()[0] for line in path.read_text().splitlines() if line.strip())
-    return [name for name in lines if not name.startswith("#")]
-
-
 def render_readme(readme: str, root: Path) -> str:
-    """README text with its generated sections brought up to date."""
+    """README text with its generated section (the backend-suite count) brought up to date."""
     import warnings
 
     import onnx.backend.test
@@ -103,12 +99,23 @@ def render_readme(readme: str, root: Path) -> str:
     names = [n for case in runner.test_cases.values() for n in dir(case)
              if n.startswith("test_") and n.endswith("_cpu")]
     failing = expected_failures(root / "tests" / "expected_failures.txt")
-    readme = replace_section(readme, "suite", suite_summary(names, failing))
-    return replace_section(readme, "coverage", coverage_table())
+    return replace_section(readme, "suite", suite_summary(names, failing))
+
+
+def render_operators(text: str) -> str:
+    """docs/operators.md text with its generated operator table brought up to date."""
+    return replace_section(text, "coverage", coverage_table())
+
+
+def expected_failures(path: Path) -> list[str]:
+    """The test names of tests/expected_failures.txt (its first column, comments skipped)."""
+    lines = (line.split()[0] for line in path.read_text().splitlines() if line.strip())
+    return [name for name in lines if not name.startswith("#")]
 
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent
-    path = root / "README.md"
-    path.write_text(render_readme(path.read_text(), root))
-    print(f"updated {path}")
+    for path, render in ((root / "README.md", lambda text: render_readme(text, root)),
+                         (root / "docs" / "operators.md", render_operators)):
+        path.write_text(render(path.read_text()))
+        print(f"updated {path}")

@@ -1,10 +1,10 @@
-"""README's generated sections (operator table, suite count) match the code."""
+"""The docs' generated sections (operator table, suite count) match the code."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from onnx2jax.coverage import render_readme
+from onnx2jax.coverage import render_operators, render_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -13,6 +13,13 @@ def test_readme_generated_sections_are_current():
     readme = (ROOT / "README.md").read_text()
     assert render_readme(readme, ROOT) == readme, (
         "README.md is out of date: run `python -m onnx2jax.coverage`")
+
+
+def test_operator_table_is_current():
+    text = (ROOT / "docs" / "operators.md").read_text()
+    assert "<!-- coverage:start -->" in text and "<!-- coverage:end -->" in text
+    assert render_operators(text) == text, (
+        "docs/operators.md is out of date: run `python -m onnx2jax.coverage`")
 
 
 def test_readme_has_the_two_setup_commands():
