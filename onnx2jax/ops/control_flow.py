@@ -5,6 +5,8 @@ branch, and a short Loop is unrolled, so shape arithmetic inside the body stays 
 state may change shape or be a growing sequence. Otherwise control flow becomes ``lax.cond``,
 ``lax.scan`` (static trip count; reverse-differentiable) or ``lax.while_loop`` (data-dependent
 termination; forward-differentiable only), whose loop state must keep its shapes and dtypes.
+An If whose condition is only known when the model runs (model(...) runs it outside jit) runs
+its taken branch as one jitted function, compiled once per signature of what it reads.
 """
 
 from __future__ import annotations
