@@ -163,7 +163,11 @@ class _EagerBranch:
         reads = {n: scope[n] for n in self.reads if n in scope}
         static = {n: v for n, v in reads.items() if is_static(v) or isinstance(v, str)}
         dynamic = {n: v for n, v in reads.items() if n not in static}
-        key = (_signature(dynamic), _content_key(static))
+        # The enclosing graph's constants never change: known by name, not hashed per call.
+        constants = ctx.plan.constants
+        fixed = tuple(sorted(n for n, v in static.items() if constants.get(n) is v))
+        key = (_signature(dynamic), fixed,
+               _content_key({n: v for n, v in static.items() if n not in fixed}))
         entry = self._compiled.get(key)
         if entry is None:
             entry = self._compiled[key] = self._compile(static)
