@@ -148,3 +148,82 @@ def export_tiny_transformers(kind: str, path: Path, dynamo: bool = False
             torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=outputs,
                               opset_version=17, dynamo=False)
     return inputs
+
+
+def tiny_whisper():
+    """A WhisperModel (encoder-decoder) from a small config, its sample inputs and outputs."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    config = tf.WhisperConfig(vocab_size=100, num_mel_bins=16, d_model=32, encoder_layers=2,
+                              encoder_attention_heads=4, decoder_layers=2,
+                              decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                              max_source_positions=16, max_target_positions=32,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              decoder_start_token_id=1, use_cache=False)
+    # The encoder's convolutions halve the time axis: 2 * max_source_positions mel frames.
+    features = rng.normal(size=(2, 16, 32)).astype(np.float32)
+    decoder = rng.integers(3, 99, size=(2, 5)).astype(np.int64)
+    # With no decoder mask, transformers traces a packed-sequence check (aten::diff) that the
+    # TorchScript exporter cannot convert; an all-ones mask is what generation passes anyway.
+    return (tf.WhisperModel(config),
+            {"input_features": features, "decoder_input_ids": decoder,
+             "decoder_attention_mask": np.ones_like(decoder)}, ["last_hidden_state"])
+
+
+def export_transformers_variant(kind: str, path: Path, opset: int = 17,
+                                attn_implementation: str = "eager") -> dict[str, np.ndarray]:
+    """Export a small-config transformers model with the TorchScript exporter.
+
+    ``kind`` is one of :func:`_tiny_transformers`'s kinds or ``"whisper"``; the opset and the
+    attention implementation (``"eager"`` or ``"sdpa"``) are the exporter settings people vary.
+    Returns the sample inputs; batch and sequence axes are dynamic.
+    """
+    import torch
+
+    model, inputs, outputs = tiny_whisper() if kind == "whisper" else _tiny_transformers(kind)
+    model.config._attn_implementation = attn_implementation
+    model.eval()
+    names = list(inputs)
+    wrapped = _Outputs(model, names, outputs)
+    args = tuple(torch.from_numpy(v) for v in inputs.values())
+    axes = {name: {0: "batch"} if value.dtype.kind == "f" and value.ndim == 4
+            else {0: "batch", 1: f"{name}_length"} if value.dtype.kind == "i"
+            else {0: "batch"} for name, value in inputs.items()}
+    with torch.no_grad():
+        torch.onnx.export(wrapped, args, str(path), input_names=names, output_names=outputs,
+                          opset_version=opset, dynamo=False, dynamic_axes=axes)
+    return inputs
+
+
+def sklearn_pipelines(path: Path, kind: str) -> dict[str, np.ndarray]:
+    """A fitted scikit-learn pipeline converted by skl2onnx with its default options.
+
+    ``"logistic"``: StandardScaler, PCA and LogisticRegression (label and a ZipMap of
+    probabilities, as skl2onnx ships classifiers); ``"mlp"``: StandardScaler and an
+    MLPClassifier (MatMul layers, what dynamic quantization rewrites). Returns sample inputs.
+    """
+    from skl2onnx import to_onnx
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 10)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] * x[:, 2] > 0).astype(np.int64) + (x[:, 3] > 1)
+    if kind == "logistic":
+        pipe = make_pipeline(StandardScaler(), PCA(n_components=6), LogisticRegression())
+    elif kind == "mlp":
+        pipe = make_pipeline(StandardScaler(),
+                             MLPClassifier(hidden_layer_sizes=(32, 16), max_iter=300,
+                                           random_state=0))
+    else:
+        raise ValueError(kind)
+    pipe.fit(x, y)
+    onx = to_onnx(pipe, x[:1], target_opset={"": 17, "ai.onnx.ml": 3})
+    path.write_bytes(onx.SerializeToString())
+    return {"X": rng.normal(size=(7, 10)).astype(np.float32)}
