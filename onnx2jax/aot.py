@@ -260,6 +260,7 @@ def model_digest(model: Any) -> str:
     for opset in proto.opset_import:
         h.update(f"{opset.domain}:{opset.version};".encode())
     h.update(f"precision:{getattr(model, 'precision', 'float32')};".encode())
+    h.update(f"float16:{getattr(model, 'float16_compute', 'float16')};".encode())
     graph = proto.graph
     for value in list(graph.input) + list(graph.output):
         h.update(value.SerializeToString())

@@ -127,10 +127,12 @@ class Interpreter:
     """Evaluates planned graphs. One instance per model; subgraph plans are cached."""
 
     def __init__(self, opsets: Mapping[str, int], base_dir: Path | None = None,
-                 precision: str = "float32"):
+                 precision: str = "float32", widen_float16: bool = False):
         self.opsets = dict(opsets)
         self.base_dir = base_dir
         self.precision = precision  # see PRECISIONS in onnx2jax/model.py
+        # float16 values held in float32 between ops (Model.float16_compute).
+        self.widen_float16 = widen_float16
         # Keyed by id(); each entry keeps its key object alive so ids are never reused.
         self._subplans: dict[int, tuple[onnx.GraphProto, GraphPlan]] = {}
         self._attrs: dict[int, tuple[onnx.NodeProto, dict[str, Any]]] = {}
@@ -197,14 +199,23 @@ class Interpreter:
                 raise OpError(f"{node_label(node)} failed: {type(exc).__name__}: {exc}") from exc
             self._store(node, result, env)
 
-    @staticmethod
-    def _store(node: onnx.NodeProto, result: Any, env: MutableMapping[str, Any]) -> None:
+    def _store(self, node: onnx.NodeProto, result: Any, env: MutableMapping[str, Any]) -> None:
         results = result if isinstance(result, tuple) else (result,)
         for name, value in zip(node.output, results, strict=False):
             if name:
                 if isinstance(value, np.generic | int | float | bool):
                     value = np.asarray(value)
-                env[name] = value
+                env[name] = self.widen(value)
+
+    def widen(self, value: Any) -> Any:
+        """``value`` in float32 if it is float16 and float16 values are held widened."""
+        if not self.widen_float16:
+            return value
+        if isinstance(value, list):
+            return [self.widen(v) for v in value]
+        if getattr(value, "dtype", None) == np.float16:
+            return value.astype(np.float32)
+        return value
 
     def run_subgraph(self, graph: onnx.GraphProto, inputs: Sequence[Any],
                      outer: Mapping[str, Any]) -> list[Any]:
@@ -213,7 +224,7 @@ class Interpreter:
             cached = (graph, plan_graph(graph, self.opsets, self.base_dir, trainable=False))
             self._subplans[id(graph)] = cached
         plan = cached[1]
-        local: dict[str, Any] = dict(plan.constants)
+        local: dict[str, Any] = {k: self.widen(v) for k, v in plan.constants.items()}
         names = [v.name for v in graph.input]
         if len(inputs) > len(names):
             raise OpError(f"subgraph {graph.name!r} takes {len(names)} inputs, got {len(inputs)}")

@@ -52,11 +52,18 @@ class Model:
     """
 
     def __init__(self, proto: onnx.ModelProto | OwnedProto, base_dir: Path | None = None, *,
-                 cache_dir: str | os.PathLike | None = None, precision: str = "float32"):
+                 cache_dir: str | os.PathLike | None = None, precision: str = "float32",
+                 float16_compute: str | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, "
                              f"got {precision!r}")
+        if float16_compute is None:
+            float16_compute = "float32" if jax.default_backend() == "cpu" else "float16"
+        if float16_compute not in FLOAT16_COMPUTES:
+            raise ValueError(f"float16_compute must be one of "
+                             f"{', '.join(map(repr, FLOAT16_COMPUTES))}, got {float16_compute!r}")
         self._precision = precision
+        self._float16_compute = float16_compute
         owns_proto = isinstance(proto, OwnedProto)
         if owns_proto:
             proto = proto.take()
@@ -64,7 +71,10 @@ class Model:
         self.opsets = model_opsets(proto)
         find_unsupported(proto.graph, self.opsets)
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
-        self._interpreter = Interpreter(self.opsets, base_dir, precision)
+        self._interpreter = Interpreter(self.opsets, base_dir, precision,
+                                        widen_float16=float16_compute == "float32")
+        # Names whose ONNX type is float16 (outputs leave in it); None until first needed.
+        self._float16_names: set[str] | None = None
         # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
         # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
         # caller passed in is theirs and stays untouched. This comes before the device copies
@@ -134,6 +144,19 @@ class Model:
         included, stays float32. Fixed at load: ``onnx2jax.load(path, precision="bfloat16")``.
         """
         return self._precision
+
+    @property
+    def float16_compute(self) -> str:
+        """How float16 graphs compute: ``"float32"`` or ``"float16"``.
+
+        Under ``"float32"`` (the default on the CPU) every float16 value (weights, inputs,
+        each op's result) is held in float32 between ops, as onnxruntime's CPU provider runs
+        float16 models: its kernels are float32 and it removes the casts between them. Only
+        the graph's own ``Cast`` nodes round, and outputs leave as float16. Under ``"float16"``
+        (the default on GPUs and TPUs, as their runtimes do) each op rounds its result to
+        float16. Fixed at load: ``onnx2jax.load(path, float16_compute="float16")``.
+        """
+        return self._float16_compute
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -222,8 +245,9 @@ class Model:
         env = self._environment(self._inference_params(), bound, runner.wanted)
         options = inference_compiler_options(bound, self.compiler_options, self.precision)
         values = runner.run(env, options)
-        return _runtime_types(OrderedDict((name, _as_output(v))
-                                          for name, v in zip(runner.wanted, values, strict=True)))
+        return _runtime_types(OrderedDict(
+            (name, self._in_onnx_dtype(name, _as_output(v)))
+            for name, v in zip(runner.wanted, values, strict=True)))
 
     def _apply_bound(self, params: Mapping[str, Any], bound: Mapping[str, Any],
                      outputs: tuple[str, ...] | None,
@@ -234,14 +258,39 @@ class Model:
         values = self._interpreter.run(plan, env, wanted)
         # An OrderedDict, since jax.jit rebuilds a plain dict with its keys sorted: outputs
         # keep the declared (or asked) order through model(...) and the user's own jit.
-        return OrderedDict((name, _as_output(v)) for name, v in zip(wanted, values, strict=True))
+        return OrderedDict((name, self._in_onnx_dtype(name, _as_output(v)))
+                           for name, v in zip(wanted, values, strict=True))
+
+    def _in_onnx_dtype(self, name: str, value: Any) -> Any:
+        """An output held widened in float32 back in its ONNX type, float16."""
+        if (not self._interpreter.widen_float16 or getattr(value, "dtype", None) != np.float32
+                or name not in self._float16_tensors()):
+            return value
+        return value.astype(np.float16)
+
+    def _float16_tensors(self) -> set[str]:
+        """Names of the graph's float16 tensors: declared, else found by shape inference."""
+        if self._float16_names is None:
+            typed = {info.name: info.elem_type for info in (
+                *self.plan.inputs, *self.plan.outputs, *self.plan.value_info.values())}
+            if any(name not in typed for name in self.tensor_names()):
+                try:
+                    inferred = onnx.shape_inference.infer_shapes(self.proto).graph.value_info
+                except Exception:  # a graph the checker cannot type: declared types only
+                    inferred = []
+                typed.update((v.name, v.type.tensor_type.elem_type) for v in inferred
+                             if v.type.HasField("tensor_type") and v.name not in typed)
+            self._float16_names = {name for name, elem in typed.items()
+                                   if elem == onnx.TensorProto.FLOAT16}
+        return self._float16_names
 
     def _environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
                      wanted: Sequence[str]) -> dict[str, Any]:
         """Constants, params and inputs by name; checks that ``wanted`` names real tensors."""
-        env: dict[str, Any] = dict(self.plan.constants)
-        env.update({k: jnp.asarray(v) for k, v in params.items()})
-        env.update({k: _as_jax(v) for k, v in bound.items()})
+        widen = self._interpreter.widen
+        env: dict[str, Any] = {k: widen(v) for k, v in self.plan.constants.items()}
+        env.update({k: widen(jnp.asarray(v)) for k, v in params.items()})
+        env.update({k: widen(_as_jax(v)) for k, v in bound.items()})
         unknown = [n for n in wanted if n not in env and n not in self.plan.producer]
         if unknown:
             raise InputError(
@@ -548,6 +597,8 @@ def default_compiler_options() -> dict[str, Any]:
 
 # How matrix products may compute (Model.precision); the first is the default.
 PRECISIONS = ("float32", "bfloat16")
+# How float16 graphs compute (Model.float16_compute).
+FLOAT16_COMPUTES = ("float32", "float16")
 
 # Inputs with at most this many rows run their matmuls through YNNPACK: measured faster for
 # few rows (GPT-2 b1 s128) and slower for many (MiniLM b32 s128), see benchmarks/README.md.
@@ -701,7 +752,8 @@ def _as_tuple(outputs: Sequence[str] | str | None) -> tuple[str, ...] | None:
 
 
 def load(source: ModelSource | os.PathLike, *,
-         cache_dir: str | os.PathLike | None = None, precision: str = "float32") -> Model:
+         cache_dir: str | os.PathLike | None = None, precision: str = "float32",
+         float16_compute: str | None = None) -> Model:
     """Load an ONNX model from a path, bytes or ``onnx.ModelProto``.
 
     With ``cache_dir`` (or the ``ONNX2JAX_CACHE_DIR`` environment variable) calling the model
@@ -717,6 +769,9 @@ def load(source: ModelSource | os.PathLike, *,
     XLA's CPU runs at about twice the speed (see :attr:`Model.precision`). The default,
     ``"float32"``, computes every op in the model's own dtypes.
 
+    ``float16_compute`` says how float16 models compute (see :attr:`Model.float16_compute`):
+    by default as onnxruntime does on the same device, in float32 on the CPU.
+
     Example:
         >>> import onnx2jax
         >>> model = onnx2jax.load(onnx2jax.example_path())
@@ -727,10 +782,12 @@ def load(source: ModelSource | os.PathLike, *,
     """
     proto, base_dir = read_model(source)
     if isinstance(source, onnx.ModelProto):
-        return Model(proto, base_dir, cache_dir=cache_dir, precision=precision)
+        return Model(proto, base_dir, cache_dir=cache_dir, precision=precision,
+                     float16_compute=float16_compute)
     owned = OwnedProto(proto)
     del proto
-    model = Model(owned, base_dir, cache_dir=cache_dir, precision=precision)
+    model = Model(owned, base_dir, cache_dir=cache_dir, precision=precision,
+                  float16_compute=float16_compute)
     # The weights' host copies are garbage now, and so are the file's bytes and the full
     # proto where Model did not trim them already: hand their pages back.
     release_free_memory()
