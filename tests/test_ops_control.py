@@ -235,6 +235,24 @@ def test_sequence_ops_chain():
                         {"x": rand(2, 5), "z": rand(2, 2)}, initializers=inits)
 
 
+def test_sequence_output_is_a_list_of_arrays_as_in_onnxruntime():
+    seq_type = h.make_sequence_type_proto(h.make_tensor_type_proto(T.FLOAT, None))
+    nodes = [h.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=1),
+             h.make_node("Neg", ["x"], ["y"])]
+    model = model_of(nodes, [info("x", T.FLOAT, [2, 5])],
+                     [h.make_value_info("seq", seq_type), info("y")],
+                     initializers=[const("split", np.array([2, 3], np.int64))])
+    x = rand(2, 5)
+    want_seq, want_y = run_reference(model, {"x": x})
+    out = onnx2jax.load(model)(x)
+    assert list(out) == ["seq", "y"] and isinstance(out["seq"], list)
+    assert len(out["seq"]) == len(want_seq)
+    for got, want in zip(out["seq"], want_seq, strict=True):
+        assert isinstance(got, jax.Array) and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(out["y"], want_y, rtol=1e-6)
+
+
 def test_sequence_at_traced_position_and_new_axis():
     nodes = [h.make_node("SplitToSequence", ["x"], ["seq"], axis=1, keepdims=0),
              h.make_node("SequenceAt", ["seq", "p"], ["item"]),
