@@ -171,3 +171,14 @@ def test_scatter_elements_reduces_bools(reduction):
     inputs = {"d": data, "i": indices, "u": updates}
     model = single_node_model("ScatterElements", inputs, axis=0, reduction=reduction, opset=18)
     assert_matches_reference(model, inputs)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_integer_reduce_mean_is_exact(static):
+    # int32 means were computed in float32 (1431655808 for 1431655765.67); onnxruntime
+    # truncates the exact mean toward zero (seed 9, graph 131).
+    x = np.array([[2**31 - 1, 2**31 - 3, 5], [-7, 2, 0]], np.int32)
+    axes = np.array([1], np.int64)
+    model = single_node_model("ReduceMean", {"x": x, "axes": axes}, keepdims=0, opset=18,
+                              initializers={"axes": axes, **({"x": x} if static else {})})
+    assert_matches_reference(model, {} if static else {"x": x})

@@ -41,7 +41,20 @@ def _extreme(function, identity):
 
 
 def _mean(xp, x, axes, keepdims):
-    return xp.mean(x, axis=axes, keepdims=keepdims).astype(x.dtype)
+    dtype = np.dtype(x.dtype)
+    if dtype.kind not in "iu":
+        return xp.mean(x, axis=axes, keepdims=keepdims).astype(dtype)
+    # Integers as exact arithmetic gives them (and onnxruntime): a 64-bit sum divided with
+    # truncation toward zero; a float mean rounds int32 values above 2**24.
+    wide = np.dtype(np.uint64 if dtype.kind == "u" else np.int64)
+    if xp is not np:
+        wide = jax.dtypes.canonicalize_dtype(wide)
+    total = xp.sum(x, axis=axes, keepdims=keepdims, dtype=wide)
+    count = max(int(np.prod([np.shape(x)[a] for a in (range(np.ndim(x)) if axes is None
+                                                       else axes)])), 1)
+    if dtype.kind == "u":
+        return (total // count).astype(dtype)
+    return xp.where(total < 0, -((-total) // count), total // count).astype(dtype)
 
 
 def _sum_square(xp, x, axes, keepdims):
