@@ -176,7 +176,7 @@ def time_row(row: Row, runs: int) -> dict[str, float]:
     if not error < 1e-4:
         raise AssertionError(f"{row.label}: onnx2jax differs from onnxruntime by {error:.1e}")
     # The compiled program model(...) runs, on inputs already on the device: the kernel, without
-    # model(...)'s per-call checks and input copies (0.1-0.3 ms, more than the smallest rows).
+    # model(...)'s per-call checks and input copies (which take longer than the smallest rows).
     function, _, kernels = model.inference_function(model.bind_inputs((), row.feeds))
     params = model._inference_params(kernels)
     inputs = {name: jax.device_put(value) for name, value in row.feeds.items()}

@@ -170,7 +170,7 @@ def startup(path: Path, feeds: dict[str, np.ndarray], repeats: int = 3) -> dict[
     """First-call times of fresh processes: plain, cache (cold, warm), AOT (cold, warm).
 
     Each is measured ``repeats`` times, each time with empty caches, and reported as medians:
-    one process's figure varied 2.0-5.4 s on this project's host for the same work.
+    one process's figure varied widely on this project's hosts for the same work.
     """
     runs: dict[str, list[dict[str, Any]]] = {}
 

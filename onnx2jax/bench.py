@@ -124,8 +124,8 @@ def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = No
 def wait_until_quiet(window_s: float = 0.02, busy: float = 0.1, limit_s: float = 1.0) -> float:
     """Sleep until this process's threads use under ``busy`` of one CPU; returns seconds waited.
 
-    onnxruntime's workers spin for about 40 ms after a call returns (measured on 2 cores: one
-    CPU fully busy), so an onnx2jax call made right after one ran with a CPU short. Linux
+    onnxruntime's workers keep spinning for a while after a call returns (one CPU fully busy:
+    benchmarks/LOG.md), so an onnx2jax call made right after one ran with a CPU short. Linux
     accounts a running thread's CPU time at each scheduler tick (4-10 ms), so the process is
     quiet when a ``window_s`` spanning several ticks used less than ``busy`` of it. Gives up
     after ``limit_s``.
@@ -153,7 +153,7 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int =
     With ``block`` > 1 each turn times ``block`` calls in a row (``runs`` rounded up to whole
     turns), after an untimed call that pays for waking up from the quiet wait: calls of a
     millisecond or less are then timed as a busy server runs them (after an idle wait, both
-    engines' small kernels took up to twice as long).
+    engines' small kernels ran slower).
 
     Example:
         >>> times = interleaved({"a": lambda: None, "b": lambda: None}, runs=3)
@@ -233,7 +233,7 @@ def _read_through(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
     """Read the file once, so that the page cache serves both engines' loads alike.
 
     The first engine to load a file the cache had dropped waited for the disk, and the second
-    did not: GPT-2's 650 MB took 17 s to ``load`` that way in one run, against 0.7 s cached.
+    did not (GPT-2's ``load``: benchmarks/LOG.md).
     """
     with open(path, "rb") as file:
         while file.read(chunk):
@@ -298,7 +298,7 @@ def run_case(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: 
              "onnxruntime": lambda: session.run(None, feeds)}
     samples = interleaved(calls, runs, warmup)
     # Each engine alone, calls back to back: what a busy server sees. Interleaved calls start
-    # on a machine idle for 20 ms or more, with the other engine's data in the caches.
+    # after a quiet wait (wait_until_quiet), with the other engine's data in the caches.
     alone = {name: interleaved({name: call}, runs, 1, settle=False)[name]
              for name, call in calls.items()}
     result: dict[str, Any] = {

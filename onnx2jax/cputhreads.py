@@ -2,16 +2,13 @@
 
 XLA:CPU runs each call on its pool of worker threads (``tf_XLAEigen``, one per CPU the process
 may use). A worker sleeps whenever it runs out of work, and Linux picks a CPU for it each time
-it is woken. Once the machine had idled for 80 ms or more, Linux woke both workers of this
-project's 2-core machine onto the same CPU. They then took turns on it for the rest of the
-call while the other CPU idled. MiniLM b1 took 37-42 ms instead of 21-25, and its threads
-spent 34 ms of each call waiting to run (``/proc/self/task/*/schedstat``; benchmarks/README.md).
-Pinning worker *i* to CPU *i* keeps them apart: the same calls took 24-28 ms, with 1 ms of
-waiting. onnxruntime is not affected because its workers spin instead of sleeping.
-The cost is on tiny programs, whose work a pinned worker may have to wait for the CPU of
-the thread that dispatched it: the 8x8 example CNN took 0.30-0.35 ms a call pinned against
-0.27-0.32 unpinned, and 30 small compilations 0.71-0.73 s against 0.64-0.67. MiniLM's first
-call (trace and compile) took 0.85-0.96 s either way.
+it is woken. After an idle spell, Linux woke both workers of this project's 2-core machine
+onto the same CPU. They then took turns on it for the rest of the call while the other CPU
+idled, and the threads spent much of each call waiting to run (``/proc/self/task/*/schedstat``).
+Pinning worker *i* to CPU *i* keeps them apart. onnxruntime is not affected because its
+workers spin instead of sleeping. The cost is on tiny programs, whose work a pinned worker may
+have to wait for the CPU of the thread that dispatched it: the example CNN's calls and small
+compilations are a little slower pinned. Figures for both: benchmarks/LOG.md.
 
 :func:`pin_xla_workers` does that on Linux when JAX computes on the CPU. :class:`onnx2jax.Model`
 calls it once it has put its weights on the device. It leaves alone a thread whose affinity

@@ -1,16 +1,16 @@
 """A batch split over several CPU devices.
 
 Some of XLA:CPU's kernels use one thread however many the machine has: the batched matrix
-products of attention (MiniLM b32's 384 heads of 128x32x128 ran on one CPU of two), and its
+products of attention (MiniLM b32's 384 heads ran on one CPU of two), and its
 convolutions and element-wise passes gain little from a second thread. When JAX has several
 CPU devices, ``model(...)`` splits the batch over them instead: each device runs its share as
 its own program, at the same time as the others, on the same pool of worker threads. Give JAX
 the devices before its first computation, with ``jax.config.update("jax_num_cpu_devices", 2)``
 or ``XLA_FLAGS=--xla_force_host_platform_device_count=2``.
 
-On this project's 2-core machine that took MiniLM b32 s128 from 0.98-1.03x onnxruntime's
-latency to 0.87-0.95x, and ResNet-50 b8 from 1.23-1.31x to 1.21-1.24x (benchmarks/README.md).
-The weights are copied to every device the batch uses, once: N devices hold N copies in host
+On this project's 2-core machines that made MiniLM b32 s128 and ResNet-50 b8 faster, back when
+they ran on XLA's kernels (benchmarks/LOG.md, "Opt-in: the batch split over CPU devices"). The
+weights are copied to every device the batch uses, once: N devices hold N copies in host
 memory. Inputs whose leading dimension is the batch are split along it; the rest, and the
 weights, are replicated. XLA partitions the program from those placements, so it computes
 what one device would, whatever the inputs' dimensions mean.

@@ -3,7 +3,7 @@
 A Conv followed by a residual Add and a ReLU (ResNet's blocks), or by one of them, becomes one
 com.microsoft FusedConv node, which the native kernel computes in one pass
 (onnx2jax/native.py). Run as separate XLA ops, the Add and the ReLU each read and wrote the
-whole activation again: at ResNet-50 b8 that was about 90 ms of XLA's 240 ms of thread time.
+whole activation again, a large share of ResNet-50's time (benchmarks/LOG.md).
 
 Attention as exported (MatMul, scale, mask, Softmax, MatMul) becomes one onnx2jax
 SoftmaxAttention node, which the native kernel computes a few query rows at a time without

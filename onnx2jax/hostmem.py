@@ -4,8 +4,8 @@ XLA:CPU allocates every call's intermediate buffers with the C library's ``mallo
 them when the call ends. With glibc's defaults, buffers of more than 32 MB (and any buffer
 above 64 MB allocated on a worker thread, whose arenas are capped at 64 MB) are ``mmap``-ed and
 given back to the kernel on ``free``, so the next call touches fresh pages and pays a page fault
-for every 4 KB of them: ResNet-50 at batch 8 took 31,000 faults and 70-80 ms of kernel time per
-call on 2 cores (measured in benchmarks/README.md). onnxruntime keeps its own arena instead.
+for every 4 KB of them, on every call (ResNet-50 at batch 8: benchmarks/LOG.md). onnxruntime
+keeps its own arena instead.
 
 :func:`keep_call_buffers` sets glibc's allocator so that buffers of up to 1 GiB come from one
 heap, which keeps up to 1 GiB of freed memory for reuse; ``load`` hands its parsing garbage
@@ -76,6 +76,6 @@ def release_free_memory() -> None:
     libc = _glibc() if _applied else None
     if libc is not None:
         # Small objects freed only by the cycle collector can pin the heap's top above large
-        # free blocks (measured: a 192 MB weight's parse buffers stayed resident until then).
+        # free blocks (a large weight's parse buffers stayed resident until then).
         gc.collect()
         libc.malloc_trim(0)

@@ -1,8 +1,8 @@
 """Native CPU kernels for ``model(...)``: compiled on first use, called through JAX's FFI.
 
-XLA:CPU's convolutions (Eigen) reach about 60% of onnxruntime's speed on ResNet's shapes, and
-its dots of few rows (YNNPACK, Eigen) 44-88% on MiniLM's and GPT-2's; no XLA option in jaxlib
-changes that (benchmarks/README.md). ``onnx2jax/kernels/conv2d.cc`` is a direct convolution
+XLA:CPU's convolutions (Eigen) are well behind onnxruntime's on ResNet's shapes, and so are its
+dots of few rows (YNNPACK, Eigen) on MiniLM's and GPT-2's; no XLA option in jaxlib changes that
+(benchmarks/LOG.md). ``onnx2jax/kernels/conv2d.cc`` is a direct convolution
 that keeps its output tile in vector registers (a matrix product is its 1x1 case), and a
 Winograd F(2x2, 3x3) convolution for 3x3 ones of stride 1, whose weights ``model(...)`` keeps
 transformed.
@@ -60,11 +60,8 @@ TARGET = "onnx2jax_conv2d"
 ATTENTION_TARGET = "onnx2jax_attention"
 WINOGRAD_TARGET = "onnx2jax_winograd"
 # Winograd F(2x2, 3x3) for 3x3 convolutions of stride and dilation 1 with at most this many input
-# channels (a multiple of the vector width): measured 1.22-1.57x as fast as the direct kernel
-# on ResNet-50's shapes up to 256 channels, 0.75x at 512 (onnx2jax/kernels/conv2d.cc). The
-# whole of ResNet-50, paired with onnxruntime on an Intel Xeon: b8 1.08x its time against
-# 1.18x without Winograd (1.04x against 1.12x with it up to 128 channels only, 1.15x against
-# 1.16x with 512 too), b1 1.17x against 1.26x.
+# channels (a multiple of the vector width): faster than the direct kernel up to 256 channels,
+# slower at 512, where a block's transformed weights leave L2 (conv2d.cc; benchmarks/LOG.md).
 WINOGRAD_MAX_CHANNELS = 256
 MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.cc)
 
@@ -543,8 +540,8 @@ def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
     """``a @ b (+ bias)`` for a matrix ``b`` [K, N] by the convolution kernel, as a 1x1
     convolution of one row of ``a``'s rows, ``b`` read blocked where :func:`matrix_blocked`
     says so (the blocked copy ``model(...)`` keeps of its params, else laid out here). For
-    the 128 rows of MiniLM's and GPT-2's products it ran at 1.07-1.15x onnxruntime's time,
-    XLA's Eigen dots at 1.13-1.45x and its YNNPACK dots at 1.14-2.29x (benchmarks/README.md)."""
+    the 128 rows of MiniLM's and GPT-2's products it is closer to onnxruntime than XLA's Eigen
+    or YNNPACK dots (benchmarks/LOG.md)."""
     *lead, k = np.shape(a)
     rows, n = int(np.prod(lead)), np.shape(b)[1]
     if rows == 0:

@@ -3,11 +3,10 @@
 //
 // Exported transformers spell attention as MatMul -> Mul -> Add -> Softmax -> MatMul
 // (onnx2jax/fusion.py turns that chain into one node). As XLA ops, the scores of every head
-// are written out and read back by each step (MiniLM b32: 25 MB a layer, 8 passes), and the
-// two batched products run on one thread (XLA's DotThunk loops over the heads): MiniLM b32's
-// attention took 1.5x onnxruntime's time. Here each thread takes a few query rows of one head,
-// computes their scores in registers, the softmax in its L1 cache and the product with V,
-// and writes only the result.
+// are written out and read back by each step, and the two batched products run on one thread
+// (XLA's DotThunk loops over the heads; figures in benchmarks/LOG.md). Here each thread takes
+// a few query rows of one head, computes their scores in registers, the softmax in its L1
+// cache and the product with V, and writes only the result.
 //
 // Layouts: q [B, H, S, D], kt [B, H, D, T] (keys transposed, as the exported graphs hold
 // them), v [B, H, T, E], mask [MB, MH, MS, T] with MB in {1, B}, MH in {1, H}, MS in {1, S}
@@ -39,8 +38,7 @@ constexpr int kMaxVectors = 4;
 constexpr int64_t kItemRows = 4 * kRows;
 
 // Loops over a tile's rows and vectors, fully unrolled: otherwise GCC kept the accumulators in
-// registers but also stored all 24 to the stack on every step of the products (MiniLM's
-// heads, one thread: 63 GFLOP/s, 137-166 unrolled).
+// registers but also stored all 24 to the stack on every step of the products (benchmarks/LOG.md).
 #define UNROLL _Pragma("GCC unroll 32")
 
 struct Shape {

@@ -1,21 +1,21 @@
 // A direct 2-D float32 convolution for XLA:CPU, called through JAX's FFI (onnx2jax/native.py).
 //
-// XLA:CPU runs convolutions through Eigen at about 60% of onnxruntime's MLAS speed on ResNet's
-// shapes (benchmarks/README.md). This kernel keeps a tile of RW output pixels by NV vectors of
+// XLA:CPU's convolutions (Eigen) were well behind onnxruntime's MLAS on ResNet's shapes
+// (benchmarks/LOG.md). This kernel keeps a tile of RW output pixels by NV vectors of
 // output channels in registers and, for every (kh, kw, input channel), broadcasts one input
 // value per pixel against NV weight vectors: NV fused multiply-adds per input value loaded.
 //
 // The bias, and optionally a residual addend and a ReLU, are applied to the tile in registers:
-// as separate XLA ops they read and wrote ResNet-50's activations again (b8: about 90 ms of
-// its 240). So is the padding: no padded copy of the input is made.
+// as separate XLA ops they read and wrote ResNet-50's activations again (see
+// benchmarks/LOG.md). So is the padding: no padded copy of the input is made.
 //
 // 3x3 convolutions of stride 1 have a second kernel here, Winograd F(2x2, 3x3), which does 16
 // multiply-adds per output tile and channel pair where this one does 36 (WinogradImpl below).
 //
 // Layouts: input NHWC, output NHWC, bias O; weights HWIO, or blocked: [O / B][KH][KW]
 // [I][B] for B = kMaxVectors * kLanes output channels, so that a tile reads its weights as one
-// stream (HWIO strides them O floats apart: 1.2-1.3x slower at O = 512 with weights not in
-// cache). Compiled on the machine that runs it (-march=native), so the vector width is the
+// stream (HWIO strides them O floats apart, slower when the weights are not in cache).
+// Compiled on the machine that runs it (-march=native), so the vector width is the
 // machine's own.
 
 #include <algorithm>
@@ -37,14 +37,14 @@ namespace {
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 // 7 x 4 accumulators, 4 weight vectors and the broadcast input: one more than the 32
-// registers, and GCC keeps one accumulator on the stack. A 6-wide tile, which fits, measured
-// no faster on ResNet-50 (its widths 56, 28, 14 and 7 then leave remainders).
+// registers, and GCC keeps one accumulator on the stack. A 6-wide tile, which fits, was no
+// faster on ResNet-50 (its widths 56, 28, 14 and 7 then leave remainders; benchmarks/LOG.md).
 constexpr int kMaxVectors = 4;
 constexpr int kTileWidth = 7;
 #else
 // Builds without AVX-512 report 8 (or 4) lanes, and onnx2jax/native.py leaves them unused: an
-// AVX2 build of this kernel (6 x 2 tiles) took 1.6-2.2x onnxruntime's time on MiniLM b1 and
-// ResNet-50 b1, against 1.1-1.3x for XLA's kernels limited to AVX2.
+// AVX2 build of this kernel (6 x 2 tiles) was slower than XLA's kernels limited to AVX2
+// (benchmarks/LOG.md).
 #if defined(__AVX2__)
 constexpr int kLanes = 8;
 #else
@@ -74,22 +74,16 @@ inline void StreamStore(float* p, Vec v) {
 #endif
 }
 
-// Outputs larger than this are written with StreamStore. Measured on ResNet-50 b8 (2-core AMD
-// EPYC, 32 MB L3): its 25.7 MB outputs (the stem, the 1x1 expansions at 56x56) streamed took
-// the whole model from 1.25-1.40x onnxruntime's time to 1.19-1.29x (three comparisons in one
-// process); 8 MB, which also streams its 12.8 MB outputs at 28x28, measured the same.
+// Outputs larger than this are written with StreamStore: ResNet-50's largest outputs (the
+// stem's, the 1x1 expansions' at 56x56) gained; a lower threshold gained nothing more
+// (benchmarks/LOG.md).
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 // Convolutions whose weights take at most half this CPU's L2 cache compute every channel block
 // of a pixel tile before the next tile (OutputRowAllBlocks), the others one block over all rows
-// before the next. Measured on ResNet-50's shapes at b8 on a 2-core AMD EPYC (1 MB of L2 per
-// core), each alone, the two orders in turns: the 1x1 ones with weights of 128-512 KB took
-// 0.80-0.91x the time (from 256 to 128 channels at 56x56: 7.4-7.9 -> 6.2-6.3 ms, its 25.7 MB
-// input read once instead of twice), 3x3 ones of 576 KB 0.93-1.08x, and larger weights up to
-// 1.07x (they no longer stay in L2). On an Intel Xeon with 2 MB of L2 per core, the 1x1 ones
-// of 1 MB (from 256 to 1024 channels at 14x14, with a residual) took 9.4 against 13.1 ms on
-// one thread, and the whole model, paired with onnxruntime, 1.114x its time against 1.143x
-// for a fixed 512 KB (with the prefetches to L2 in Tile).
+// before the next: the input is then read once, not once per block, while the weights stay in
+// L2. Larger weights no longer stay in L2 and lose; the limit follows the CPU's own L2 rather
+// than a fixed size (both measured on ResNet-50's shapes: benchmarks/LOG.md).
 int64_t TileMajorWeightBytes() {
   static const int64_t bytes = [] {
     const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
@@ -117,13 +111,9 @@ struct Shape {
 //
 // Not inlined, and on local copies: inlined into Tile, the loop's register allocation depended
 // on the code around each call, and on the path for tiles inside the input GCC parked Tile's
-// pointers in mask registers, whose moves back take the FMA ports. One thread of an Intel Xeon,
-// in cache, alternating builds: the 1x1 convolutions of ResNet-50 went from 70-93 to 84-111
-// GFLOP/s, the 3x3 ones at 56x56 and 28x28 from 94-114 to 116-128 (the peak FMA loop: 131-143);
-// the whole model at b8, paired with onnxruntime, 0.99-1.18x its time (median 1.10x) against
-// 1.01-1.22x (median 1.13x), seventeen processes each, twelve of the pairs in this one's favour.
-// The copies keep the sums in registers: `acc` may alias the floats the loop reads, so
-// updating it in place would store every step (0.4-0.5x as fast).
+// pointers in mask registers, whose moves back take the FMA ports (the gain, per convolution
+// and whole model: benchmarks/LOG.md). The copies keep the sums in registers: `acc` may alias
+// the floats the loop reads, so updating it in place would store every step.
 template <int RW, int NV>
 __attribute__((noinline)) void Accumulate(Vec (&acc)[RW][NV], const float* const (&pixel)[RW],
                                           const float* weights, int64_t count, int64_t stride,
@@ -162,9 +152,8 @@ inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t
   // The residual and the output are read and written once, after the products: ask for their
   // cache lines now, so that memory works while the products are computed. Into L2 only
   // (locality 1): they are used a tile's products later, and the weights and input the
-  // products stream through L1 would evict them (ResNet-50 b8 on an Intel Xeon, each
-  // convolution timed inside the model: those with a residual took 0.80-0.84x the time of
-  // prefetches into L1 at 56x56 to 14x14; the whole model with TileMajorWeightBytes above).
+  // products stream through L1 would evict them (L2 was the faster of the two for ResNet-50's
+  // convolutions with a residual: benchmarks/LOG.md).
   for (int r = 0; r < RW; ++r)
     for (int v = 0; v < NV; ++v) {
       if (residual) __builtin_prefetch(residual + r * s.o + v * kLanes, 0, 1);
@@ -182,9 +171,8 @@ inline void Tile(const Shape& s, const float* image, const float* zeros, int64_t
   // values are then one run of kw * c floats per pixel, as are its weights (in both layouts),
   // and one loop covers them (per kernel column, the stem's 3 channels left a loop of 3).
   const bool inside = s.dw == 1 && left >= 0 && left + (RW - 1) * s.sw + s.kw <= s.w;
-  // Inside, all kernel rows are one call (one C++ driver, two threads, in turns with a call
-  // per kernel row: the stem's 7x7 convolution at b8 took 0.79-0.86x the time, a 3x3 of
-  // stride 2 at 56x56 0.90-0.98x; the whole ResNet-50 b8, in one process, was as fast).
+  // Inside, all kernel rows are one call, so the sums stay in registers across them (faster
+  // for the 7x7 stem and strided 3x3 convolutions: benchmarks/LOG.md).
   if (inside && first < last) {
     const float* row = image + (top + first * s.dh) * s.w * s.c;
     const float* pixel[RW];
@@ -359,24 +347,20 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const int64_t blocks = (yd[3] + kBlock - 1) / kBlock;
   const int64_t rows = xd[0] * yd[1], items = blocks * rows;
   // With blocks enough to share evenly, a thread claims all rows of a block: that block's
-  // weights are then read into one CPU's cache only (ResNet-50 b1: 1-7% faster).
+  // weights are then read into one CPU's cache only (faster at ResNet-50 b1).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t claim = blocks >= 2 * threads && blocks % threads == 0 ? rows : 1;
   // Tile-major work is shared by rows: with fewer than two a thread, CPUs would idle. A matrix
-  // product is one row: MiniLM b1's 128x384x384 products (576 KB of weights, tile-major since
-  // the threshold is half the L2, 1 MB on the Intel host) ran on one thread, and the whole
-  // model took 1.19-1.26x onnxruntime's time against 1.01-1.02x (paired, three processes each).
+  // product is one row: MiniLM b1's 128x384x384 products (tile-major under a 2 MB L2) ran on
+  // one thread until this condition (benchmarks/LOG.md).
   const int64_t weight_bytes = wd[0] * wd[1] * wd[2] * yd[3] * int64_t{4};
   if (blocked && yd[3] % kBlock == 0 && blocks >= 2 && rows >= 2 * threads &&
       weight_bytes <= TileMajorWeightBytes()) {
     // Weights of half the tile-major limit or more, with activations of twice the L2 or more,
     // are split between the threads, each computing every row of its share of the blocks:
-    // each CPU's L2 then holds only its share. One C++ driver, two threads, ResNet-50's 1x1
-    // convolutions at b8 in turns: those with 1 MB of weights took 0.71-0.89x the time of
-    // rows shared among the threads with all the blocks, 512 KB 0.86-0.92x, 64-256 KB
-    // 1.04-1.19x. The whole model, in one process, calls with and without the split in
-    // turns: b8 faster in 31 of 36 (medians 347-351 against 358-369 ms); b1, whose
-    // activations stay in cache, split everywhere, slower in 67 of 100 (about 1%).
+    // each CPU's L2 then holds only its share. It pays for the larger weights and activations
+    // only: smaller weights, or activations that stay in cache (batch 1), were slower split
+    // (ResNet-50's 1x1 convolutions: benchmarks/LOG.md).
     const int64_t activation_bytes =
         (xd[0] * xd[1] * xd[2] * xd[3] + yd[0] * yd[1] * yd[2] * yd[3]) * int64_t{4};
     const int64_t groups = weight_bytes >= TileMajorWeightBytes() / 2 &&
@@ -426,10 +410,9 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // channel block: their transformed input V [16][tiles][C] is computed first (again for each
 // block: a 16th of the products' work at C = 256), then the 16 products, tile groups of
 // kTileWidth in registers, into M [16][tiles][B], then the output transform with the bias,
-// residual and ReLU. Measured alone on one thread of an Intel Xeon at b8, against the direct
-// kernel: 1.57x as fast from 64 to 64 channels at 56x56 and from 128 to 128 at 28x28, 1.22x
-// at 256 channels and 14x14, 0.75x at 512 and 7x7 (a block's U, 2 MB, no longer stays in
-// L2), which onnx2jax/native.py therefore leaves to the direct kernel.
+// residual and ReLU. Against the direct kernel it wins up to 256 channels and loses at 512 (a
+// block's U, 2 MB, no longer stays in L2), which onnx2jax/native.py therefore leaves to the
+// direct kernel (benchmarks/LOG.md).
 constexpr int64_t kWinogradTiles = 4 * kTileWidth;
 
 struct WinogradShape {
