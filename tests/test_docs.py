@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and docs/*.md runs.
+"""Every ```python block of README.md and docs/*.md runs, and every relative link resolves.
 
 The blocks of one file run in order in one namespace, in a temporary working directory, so a
 page reads as one script. A block whose first line is ``# not run: <reason>`` is skipped; the
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 SKIP = re.compile(r"#\s*not run:\s*\S")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -54,3 +55,12 @@ def test_python_blocks_run(page: Path, tmp_path, monkeypatch):
             raise AssertionError(f"{page.relative_to(ROOT)}, block at line {line}: "
                                  f"{type(error).__name__}: {error}") from error
     assert os.getcwd() == str(tmp_path)
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md"],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_resolve(page: Path):
+    text = BLOCK.sub("", page.read_text())
+    targets = [t.split("#")[0] for t in LINK.findall(text) if "://" not in t and t[0] != "#"]
+    missing = [t for t in targets if not (page.parent / t).exists()]
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
