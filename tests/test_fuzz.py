@@ -88,9 +88,10 @@ def test_planted_bug_is_found_shrunk_and_written(broken_neg, tmp_path, capsys):
     assert check(model, feeds).kind == "fail"
 
 
-def test_clean_run_exits_zero(capsys):
+def test_clean_run_exits_zero(capsys, tmp_path):
     assert main(["--seed", "3", "--count", "6", "--ops", "Neg,Add,Relu",
-                 "--out", "unused-when-nothing-fails"]) == 0
+                 "--out", str(tmp_path)]) == 0
+    assert not list(tmp_path.iterdir())
     assert "0 mismatches" in capsys.readouterr().out.splitlines()[-1]
 
 
