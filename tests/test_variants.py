@@ -36,23 +36,12 @@ import onnx2jax
 from onnx2jax import cli
 from tests.variants import VARIANTS, Feeds, Variant, build_base
 
-#: Variants whose float16 error exceeds 1.2x onnxruntime's today, with the root cause found.
-#: Strict: the mark makes the test fail once the cause is gone, so it can be removed.
-_FP16_CHAINS = (
-    "onnxruntime's CPU provider runs float16 nodes that lack float16 kernels in float32 "
-    "(InsertCastTransformer) and drops the Cast round trips between consecutive such nodes, so "
-    "a chain is rounded to float16 once; onnx2jax rounds every node's output to float16 as the "
-    "graph says. Node by node, on the same inputs, the two agree to one float16 ulp")
-FP16_XFAIL: dict[str, str] = {
-    "bert-14-eager/fp16-occ-io32": _FP16_CHAINS + " (4.9x onnxruntime's error here)",
-    "minilm/fp16-occ-io16": _FP16_CHAINS + " (1.5x)",
-    "vit-14-sdpa/fp16-occ-io16": _FP16_CHAINS + " (1.8x)",
-    "resnet-17-eager/fp16-occ-io32": _FP16_CHAINS + " (1.4x)",
-    "minilm/ort-opt2-fp16": _FP16_CHAINS + " (1.2x on pooler_output)",
-    "gpt2-14-sdpa/ort-opt1-fp16": _FP16_CHAINS + " (1.5x)",
-}
+#: Variants whose float16 error exceeds 1.2x onnxruntime's, by id, with the root cause found
+#: (none since float16 graphs compute as onnxruntime's CPU provider does). Strict: a mark
+#: makes the test fail once the cause is gone, so it can be removed.
+FP16_XFAIL: dict[str, str] = {}
 
-#: ``onnx2jax check`` failures, with the root cause (nobody is fixing onnx2jax/cli.py now).
+#: ``onnx2jax check`` failures, by id, with the root cause (strict, as above).
 CLI_XFAIL: dict[str, str] = {
     "skl-logistic/fp32": (
         "cli.compare_outputs compares non-tensor outputs (ZipMap's list of {label: "
