@@ -131,8 +131,10 @@ class Interpreter:
         self.opsets = dict(opsets)
         self.base_dir = base_dir
         self.precision = precision  # see PRECISIONS in onnx2jax/model.py
-        # float16 values held in float32 between ops (Model.float16_compute).
+        # float16 values held in float32 between ops (Model.float16_compute), and the names
+        # of those seen, whose ONNX type is float16 (outputs go back to it).
         self.widen_float16 = widen_float16
+        self.float16_names: set[str] = set()
         # Keyed by id(); each entry keeps its key object alive so ids are never reused.
         self._subplans: dict[int, tuple[onnx.GraphProto, GraphPlan]] = {}
         self._attrs: dict[int, tuple[onnx.NodeProto, dict[str, Any]]] = {}
@@ -205,15 +207,17 @@ class Interpreter:
             if name:
                 if isinstance(value, np.generic | int | float | bool):
                     value = np.asarray(value)
-                env[name] = self.widen(value)
+                env[name] = self.widen(value, name)
 
-    def widen(self, value: Any) -> Any:
+    def widen(self, value: Any, name: str | None = None) -> Any:
         """``value`` in float32 if it is float16 and float16 values are held widened."""
         if not self.widen_float16:
             return value
         if isinstance(value, list):
             return [self.widen(v) for v in value]
         if getattr(value, "dtype", None) == np.float16:
+            if name is not None:
+                self.float16_names.add(name)
             return value.astype(np.float32)
         return value
 
@@ -224,7 +228,7 @@ class Interpreter:
             cached = (graph, plan_graph(graph, self.opsets, self.base_dir, trainable=False))
             self._subplans[id(graph)] = cached
         plan = cached[1]
-        local: dict[str, Any] = {k: self.widen(v) for k, v in plan.constants.items()}
+        local: dict[str, Any] = {k: self.widen(v, k) for k, v in plan.constants.items()}
         names = [v.name for v in graph.input]
         if len(inputs) > len(names):
             raise OpError(f"subgraph {graph.name!r} takes {len(names)} inputs, got {len(inputs)}")

@@ -73,7 +73,7 @@ class Model:
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
         self._interpreter = Interpreter(self.opsets, base_dir, precision,
                                         widen_float16=float16_compute == "float32")
-        # Names whose ONNX type is float16 (outputs leave in it); None until first needed.
+        # Names the graph types float16 (see _float16_tensors); found when first needed.
         self._float16_names: set[str] | None = None
         # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
         # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
@@ -263,20 +263,24 @@ class Model:
 
     def _in_onnx_dtype(self, name: str, value: Any) -> Any:
         """An output held widened in float32 back in its ONNX type, float16."""
-        if (not self._interpreter.widen_float16 or getattr(value, "dtype", None) != np.float32
-                or name not in self._float16_tensors()):
+        if (getattr(value, "dtype", None) != np.float32 or not self._interpreter.widen_float16
+                or not (name in self._interpreter.float16_names
+                        or name in self._float16_tensors())):
             return value
         return value.astype(np.float16)
 
     def _float16_tensors(self) -> set[str]:
-        """Names of the graph's float16 tensors: declared, else found by shape inference."""
+        """Names the graph types float16: declared, else found by ONNX's shape inference (an
+        op computing in float32 on widened inputs no longer shows it)."""
         if self._float16_names is None:
             typed = {info.name: info.elem_type for info in (
-                *self.plan.inputs, *self.plan.outputs, *self.plan.value_info.values())}
+                *self.plan.inputs, *self.plan.outputs, *self.plan.value_info.values())
+                if info.elem_type}
             if any(name not in typed for name in self.tensor_names()):
                 try:
-                    inferred = onnx.shape_inference.infer_shapes(self.proto).graph.value_info
-                except Exception:  # a graph the checker cannot type: declared types only
+                    graph = onnx.shape_inference.infer_shapes(self.proto).graph
+                    inferred = [*graph.value_info, *graph.output]
+                except Exception:  # a graph ONNX cannot type: the declared types only
                     inferred = []
                 typed.update((v.name, v.type.tensor_type.elem_type) for v in inferred
                              if v.type.HasField("tensor_type") and v.name not in typed)
@@ -288,9 +292,9 @@ class Model:
                      wanted: Sequence[str]) -> dict[str, Any]:
         """Constants, params and inputs by name; checks that ``wanted`` names real tensors."""
         widen = self._interpreter.widen
-        env: dict[str, Any] = {k: widen(v) for k, v in self.plan.constants.items()}
-        env.update({k: widen(jnp.asarray(v)) for k, v in params.items()})
-        env.update({k: widen(_as_jax(v)) for k, v in bound.items()})
+        env: dict[str, Any] = {k: widen(v, k) for k, v in self.plan.constants.items()}
+        env.update({k: widen(jnp.asarray(v), k) for k, v in params.items()})
+        env.update({k: widen(_as_jax(v), k) for k, v in bound.items()})
         unknown = [n for n in wanted if n not in env and n not in self.plan.producer]
         if unknown:
             raise InputError(

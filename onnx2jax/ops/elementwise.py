@@ -110,16 +110,19 @@ def divide_correctly_rounded(a, b):
 
     XLA rewrites a division by a constant or by a broadcast value, even one computed at run
     time, into a multiplication by the reciprocal, which lands an ulp off for about a tenth of
-    float32 quotients. A divisor materialized at the output's shape behind an optimization
-    barrier keeps a true division; a power-of-two scalar needs none (its reciprocal is exact).
+    float32 quotients, and ``(a / b) / c`` into ``a / (b * c)``. Both operands behind an
+    optimization barrier, the divisor materialized at the output's shape, keep a true
+    division; a power-of-two scalar needs none (its reciprocal is exact). Quantization's
+    scales divide through here too: one ulp there moves a quantized value a whole step.
     """
     if is_static(a) and is_static(b):
         return np.divide(a, b)
     if is_static(b) and np.size(b) == 1 and _exact_reciprocal(np.asarray(b)):
         return jnp.divide(a, b)
     shape = jnp.broadcast_shapes(np.shape(a), np.shape(b))
-    divisor = jnp.broadcast_to(jnp.asarray(b), shape)
-    return jnp.divide(a, lax.optimization_barrier(divisor))
+    a, divisor = lax.optimization_barrier((jnp.asarray(a),
+                                           jnp.broadcast_to(jnp.asarray(b), shape)))
+    return jnp.divide(a, divisor)
 
 
 def _exact_reciprocal(value: np.ndarray) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 
 from onnx2jax.ops import contrib
+from onnx2jax.ops.elementwise import divide_correctly_rounded
 from onnx2jax.ops.nn import _pool_input, _PoolGeometry
 from onnx2jax.ops.quantization import (
     _as_int32,
@@ -24,7 +25,6 @@ from onnx2jax.ops.quantization import (
     _per_axis,
     _requantize,
     dequantize_linear,
-    divide_exact,
     dynamic_quantize_uint8,
     matmul_integer,
     qlinear_conv,
@@ -69,7 +69,7 @@ def _saturate(y, dtype):
 
 def _quantize(y, scale, zero_point, dtype):
     """MlasQuantizeLinear: ``saturate(round(y / scale) + zero_point)``, divided exactly."""
-    q = jnp.round(divide_exact(jnp, y, jnp.asarray(_scalar(scale)).astype(jnp.float32)))
+    q = jnp.round(divide_correctly_rounded(y, jnp.asarray(_scalar(scale)).astype(jnp.float32)))
     if zero_point is not None:
         q = q + jnp.asarray(_scalar(zero_point)).astype(jnp.float32)
     return _saturate(q, dtype)
@@ -88,8 +88,8 @@ def qlinear_add(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale
     dtype = _out_dtype(c_zero_point, a)
     _check_integer(ctx, dtype)
     c_scale = jnp.asarray(_scalar(c_scale)).astype(jnp.float32)
-    ratio_a = divide_exact(jnp, jnp.asarray(_scalar(a_scale)).astype(jnp.float32), c_scale)
-    ratio_b = divide_exact(jnp, jnp.asarray(_scalar(b_scale)).astype(jnp.float32), c_scale)
+    ratio_a = divide_correctly_rounded(jnp.asarray(_scalar(a_scale)).astype(jnp.float32), c_scale)
+    ratio_b = divide_correctly_rounded(jnp.asarray(_scalar(b_scale)).astype(jnp.float32), c_scale)
     y = _dequantize(a, ratio_a, a_zero_point) + _dequantize(b, ratio_b, b_zero_point)
     y = jnp.round(y)
     if c_zero_point is not None:
@@ -103,8 +103,8 @@ def qlinear_mul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale
     """MlasQLinearMul: ``(a - za) * (b - zb) * (sa * sb / sc)``, requantized to c."""
     dtype = _out_dtype(c_zero_point, a)
     _check_integer(ctx, dtype)
-    multiplier = divide_exact(
-        jnp, (jnp.asarray(_scalar(a_scale)) * jnp.asarray(_scalar(b_scale))).astype(jnp.float32),
+    multiplier = divide_correctly_rounded(
+        (jnp.asarray(_scalar(a_scale)) * jnp.asarray(_scalar(b_scale))).astype(jnp.float32),
         jnp.asarray(_scalar(c_scale)).astype(jnp.float32))
     y = _dequantize(a, np.float32(1), a_zero_point) * _dequantize(b, np.float32(1), b_zero_point)
     y = y * multiplier
@@ -201,9 +201,9 @@ def qlinear_softmax(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
     # onnxruntime adds a row's exponentials one after the other; a tree sum rounds otherwise.
     total, _ = lax.scan(lambda acc, column: (acc + column, None),
                         jnp.zeros(exps.shape[:1], jnp.float32), exps.T)
-    out_scale = jnp.floor(divide_exact(jnp, jnp.float32(1),
+    out_scale = jnp.floor(divide_correctly_rounded(jnp.float32(1),
                                        jnp.asarray(_scalar(y_scale)).astype(jnp.float32)))
-    y = jnp.round(divide_exact(jnp, exps * out_scale, total[:, None]))
+    y = jnp.round(divide_correctly_rounded(exps * out_scale, total[:, None]))
     y = _saturate(y + jnp.asarray(_scalar(y_zero_point)).astype(jnp.float32), dtype)
     y = y.reshape(moved.shape)
     return y if opset < 13 else jnp.moveaxis(y, -1, axis)
@@ -227,7 +227,7 @@ def _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype):
     spatial = tuple(range(2, x.ndim))
     acc = jnp.sum(_as_int32(jnp, x, _scalar(x_zero_point)), axis=spatial, keepdims=True)
     denominator = jnp.asarray(_scalar(y_scale)).astype(jnp.float32) * jnp.float32(count)
-    multiplier = divide_exact(jnp, jnp.asarray(_scalar(x_scale)).astype(jnp.float32),
+    multiplier = divide_correctly_rounded(jnp.asarray(_scalar(x_scale)).astype(jnp.float32),
                               denominator)
     return _requantize(jnp, acc, multiplier, _scalar(y_zero_point), dtype)
 
@@ -263,7 +263,7 @@ def qlinear_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=No
         return y if back is None else jnp.transpose(y, back)
     sums = geometry.pool(_dequantize(x, x_scale, x_zero_point), 0, 0, lax.add)
     counts = np.maximum(geometry.counts(bool(ctx.attr("count_include_pad", 0))), 1)
-    y = divide_exact(jnp, divide_exact(jnp, sums, counts.astype(np.float32)),
+    y = divide_correctly_rounded(divide_correctly_rounded(sums, counts.astype(np.float32)),
                      jnp.asarray(_scalar(y_scale)).astype(jnp.float32))
     # onnxruntime adds the zero point before it rounds (in float32), not after.
     if y_zero_point is not None:
@@ -287,7 +287,7 @@ def qlinear_reduce_mean(ctx, data, data_scale, data_zero_point, reduced_scale,
     count = int(np.prod([data.shape[a] for a in axes]))
     acc = jnp.sum(_as_int32(jnp, data, _scalar(data_zero_point)), axis=axes,
                   keepdims=bool(keepdims))
-    mean = divide_exact(jnp, acc.astype(jnp.float32), jnp.float32(max(count, 1)))
+    mean = divide_correctly_rounded(acc.astype(jnp.float32), jnp.float32(max(count, 1)))
     return _quantize(mean * jnp.asarray(_scalar(data_scale)).astype(jnp.float32),
                      reduced_scale, reduced_zero_point, dtype)
 
@@ -325,7 +325,7 @@ def qgemm(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_sca
         return acc.astype(jnp.float32) * scale
     if y_zero_point is None:
         raise ctx.error("a quantized output needs y_zero_point with y_scale")
-    scale = divide_exact(jnp, scale, jnp.asarray(_scalar(y_scale)).astype(jnp.float32))
+    scale = divide_correctly_rounded(scale, jnp.asarray(_scalar(y_scale)).astype(jnp.float32))
     return _requantize(jnp, acc, scale, _scalar(y_zero_point), np.dtype(y_zero_point.dtype))
 
 

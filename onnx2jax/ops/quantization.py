@@ -15,6 +15,7 @@ from jax import lax
 from onnx import TensorProto
 
 from onnx2jax.dtypes import numpy_dtype, onnx_elem_type
+from onnx2jax.ops.elementwise import divide_correctly_rounded
 from onnx2jax.ops.registry import register
 
 _INTEGER_TYPES = {
@@ -64,21 +65,6 @@ def _quant_param(ctx, xp, value, x_shape, axis, block_size):
                         f"{tuple(x_shape)} with block_size {block_size} on axis {axis}")
     value = xp.repeat(value, block_size, axis=axis)
     return xp.take(value, xp.arange(x_shape[axis]), axis=axis)
-
-
-def divide_exact(xp, x, divisor):
-    """``x / divisor`` correctly rounded, as onnxruntime's quantization kernels divide.
-
-    XLA rewrites a division by a constant or by a broadcast value into a multiplication by the
-    reciprocal, and ``(a / b) / c`` into ``a / (b * c)``; either can land an ulp off and move a
-    quantized value one step. Both operands behind an optimization barrier, the divisor
-    materialized at full size, keep a true division.
-    """
-    if xp is np:
-        return x / divisor
-    shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(divisor))
-    x, divisor = lax.optimization_barrier((x, jnp.broadcast_to(divisor, shape)))
-    return x / divisor
 
 
 def _check_host_only(ctx, xp, elem_type):
@@ -136,7 +122,7 @@ def quantize_linear(ctx, x, scale, zero_point=None):
     else:
         compute = jnp.promote_types(jnp.promote_types(x.dtype, scale.dtype), np.float32)
     scale = _quant_param(ctx, xp, scale, x.shape, axis, block_size)
-    y = divide_exact(xp, x.astype(compute), scale.astype(compute))
+    y = divide_correctly_rounded(x.astype(compute), scale.astype(compute))
     if zero_point is not None and elem_type not in _FLOAT8_TYPES:
         zero_point = _quant_param(ctx, xp, zero_point, x.shape, axis, block_size)
         if elem_type in _INTEGER_TYPES:
@@ -193,9 +179,9 @@ def dynamic_quantize_uint8(xp, x):
         x_max = x_min = np.float32(0)
     span = x_max - x_min
     scale = xp.where(span == 0, np.float32(1),
-                     divide_exact(xp, span, np.float32(high - low))).astype(np.float32)
-    zero_point = xp.round(xp.clip(low - divide_exact(xp, x_min, scale), low, high))
-    y = xp.round(divide_exact(xp, x, scale)) + zero_point
+                     divide_correctly_rounded(span, np.float32(high - low))).astype(np.float32)
+    zero_point = xp.round(xp.clip(low - divide_correctly_rounded(x_min, scale), low, high))
+    y = xp.round(divide_correctly_rounded(x, scale)) + zero_point
     y = xp.where(xp.isnan(y), low, xp.clip(y, low, high))
     return y.astype(np.uint8), scale, zero_point.astype(np.uint8)
 
@@ -260,7 +246,7 @@ def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_sc
     nd = acc.ndim
     a_scale = _per_axis(a_scale, nd, nd - 2)
     b_scale = _per_axis(b_scale, nd, nd - 1)
-    multiplier = divide_exact(xp, a_scale * b_scale, y_scale)
+    multiplier = divide_correctly_rounded(a_scale * b_scale, y_scale)
     return _requantize(xp, acc, multiplier, y_zero_point, out_dtype)
 
 
@@ -322,5 +308,5 @@ def qlinear_conv(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scal
     if bias is not None:
         acc = acc + jnp.asarray(bias, jnp.int32).reshape((-1,) + (1,) * (acc.ndim - 2))
     w_scale = _per_axis(w_scale, acc.ndim, 1)
-    multiplier = divide_exact(xp, x_scale * w_scale, y_scale)
+    multiplier = divide_correctly_rounded(x_scale * w_scale, y_scale)
     return _requantize(jnp, acc, multiplier, y_zero_point, out_dtype)
