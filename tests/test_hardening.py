@@ -165,3 +165,31 @@ def test_hub_addresses_with_dot_dot_are_refused(repo, filename, tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="cannot get"):
         onnx2jax.from_hub(repo, filename=filename, cache_dir=tmp_path)
+
+
+def growing_loop_model(trip_count: int) -> onnx.ModelProto:
+    """A Loop whose carried value grows by one element a step: it can only be unrolled."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Concat", ["acc_in", "one"], ["acc_out"], axis=0)],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(np.int64(trip_count), "trips")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_unrolling_is_bounded(monkeypatch):
+    monkeypatch.setenv("ONNX2JAX_MAX_UNROLL", "50")
+    np.testing.assert_array_equal(
+        onnx2jax.load(growing_loop_model(40))(x=np.zeros(1, np.float32))["y"], [0] + [1] * 40)
+    with pytest.raises(Onnx2JaxError, match="10+ times unrolled.*limit of 50.*MAX_UNROLL"):
+        onnx2jax.load(growing_loop_model(10**9))(x=np.zeros(1, np.float32))

@@ -26,6 +26,7 @@ from onnx2jax.convert import Interpreter, OpContext, is_concrete, is_static
 from onnx2jax.errors import DataDependentShapeError, OpError
 from onnx2jax.graph import outer_names
 from onnx2jax.ops.registry import register
+from onnx2jax.settings import MAX_UNROLL_ENV, max_unroll
 
 # Static trip counts up to this many iterations are unrolled in Python; longer loops are traced
 # once as lax.scan (falling back to unrolling when the body cannot be a fixed-shape loop).
@@ -277,7 +278,14 @@ class _LoopRunner:
         scans = [[] for _ in range(self.n_scan)]
         flag = _TRUE if cond is None else cond
         i = 0
+        bound = max_unroll()
         while limit is None or i < limit:
+            if i >= bound:
+                raise self.ctx.error(
+                    f"the loop would run {'an unknown number of' if limit is None else limit} "
+                    f"times unrolled at trace time (its carried values change shape, so it "
+                    f"cannot compile to one lax loop), past the limit of {bound} iterations "
+                    f"(${MAX_UNROLL_ENV} raises it)")
             if self.use_cond:
                 if not is_concrete(flag):
                     try:
