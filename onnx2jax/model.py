@@ -656,7 +656,11 @@ def check_input(info: TensorInfo, value: Any) -> Any:
     if info.kind != "tensor":
         return value
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
-        value = np.asarray(value)
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError) as exc:  # ragged nested lists, mixed types
+            raise InputError(f"input {info.name!r} ({info.describe()}) cannot be read as an "
+                             f"array: {exc}") from None
     expected = info.dtype
     if expected is not None and value.dtype != expected:
         if _dtype_kind(value.dtype) != _dtype_kind(expected):

@@ -193,3 +193,9 @@ def test_unrolling_is_bounded(monkeypatch):
         onnx2jax.load(growing_loop_model(40))(x=np.zeros(1, np.float32))["y"], [0] + [1] * 40)
     with pytest.raises(Onnx2JaxError, match="10+ times unrolled.*limit of 50.*MAX_UNROLL"):
         onnx2jax.load(growing_loop_model(10**9))(x=np.zeros(1, np.float32))
+
+
+@pytest.mark.parametrize("value", [[[1.0, 2.0], [1.0]], [1.0, [2.0]]])
+def test_ragged_python_lists_are_input_errors(value):
+    with pytest.raises(onnx2jax.InputError, match="cannot be read as an array"):
+        onnx2jax.load(relu_model())(x=value)
