@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
 def outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph reads from enclosing scopes."""
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
-    defined |= {t.name for t in graph.sparse_initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
     used: set[str] = set()
     for node in graph.node:
         used.update(n for n in node.input if n)
@@ -139,8 +140,10 @@ def plan_graph(
 ) -> GraphPlan:
     """Order ``graph`` and sort its initializers into trainable params and static constants.
 
-    With ``trainable`` false (subgraphs) every initializer is a constant. ``decoded`` gives
-    initializers' values decoded already (some of whose bytes the graph no longer holds).
+    With ``trainable`` false (subgraphs) every initializer is a constant and the graph may
+    read names of enclosing scopes; a main graph reading a name nothing defines is refused.
+    ``decoded`` gives initializers' values decoded already (some of whose bytes the graph no
+    longer holds).
     """
     decoded = decoded or {}
     _check_names(graph)
@@ -148,7 +151,8 @@ def plan_graph(
                     for t in graph.initializer}
     for sparse in graph.sparse_initializer:
         initializers[sparse.values.name] = _sparse_to_dense(sparse, base_dir)
-    nodes = _topological_order(graph, set(initializers) | {v.name for v in graph.input})
+    nodes = _topological_order(graph, set(initializers) | {v.name for v in graph.input},
+                               enclosed=not trainable)
     specs = []
     for node in nodes:
         domain = canonical_domain(node.domain)
@@ -216,9 +220,32 @@ def _check_names(graph: onnx.GraphProto) -> None:
 
 
 def _sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
+    """The dense array of a sparse initializer; indices are checked against its shape."""
+    name = sparse.values.name
     values = tensor_to_numpy(sparse.values, base_dir)
     indices = tensor_to_numpy(sparse.indices, base_dir)
-    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    dims = tuple(int(d) for d in sparse.dims)
+    if any(d < 0 for d in dims):
+        raise ModelLoadError(f"sparse initializer {name!r} has a negative dimension in "
+                             f"{list(dims)}")
+    if values.ndim != 1 or indices.dtype.kind not in "iu":
+        raise ModelLoadError(f"sparse initializer {name!r}: values must be 1-D and indices "
+                             f"integers, got values of shape {list(values.shape)} and indices "
+                             f"of dtype {indices.dtype}")
+    # ONNX allows flat indices [nnz] or coordinates [nnz, rank].
+    if indices.shape not in ((values.size,), (values.size, len(dims))):
+        raise ModelLoadError(f"sparse initializer {name!r}: indices of shape "
+                             f"{list(indices.shape)} do not fit {values.size} values of a "
+                             f"tensor of shape {list(dims)}")
+    bounds = math.prod(dims) if indices.ndim == 1 else np.array(dims, np.int64)
+    if indices.size and (np.any(indices < 0) or np.any(indices >= bounds)):
+        raise ModelLoadError(f"sparse initializer {name!r} has indices outside its shape "
+                             f"{list(dims)}")
+    try:
+        dense = np.zeros(dims, dtype=values.dtype)
+    except (MemoryError, ValueError) as exc:
+        raise ModelLoadError(f"sparse initializer {name!r} of shape {list(dims)} is too large "
+                             f"to make dense: {exc}") from None
     if indices.ndim == 1:
         dense.reshape(-1)[indices] = values
     else:
@@ -226,11 +253,17 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> n
     return dense
 
 
-def _topological_order(graph: onnx.GraphProto, available: set[str]) -> list[onnx.NodeProto]:
+def _topological_order(graph: onnx.GraphProto, available: set[str],
+                       enclosed: bool = True) -> list[onnx.NodeProto]:
     """Kahn's algorithm in O(n log n): of the nodes ready, the earliest in the file runs first,
-    so the file's order is kept where it is already valid."""
+    so the file's order is kept where it is already valid.
+
+    ``enclosed``: a subgraph, whose names not defined inside come from enclosing scopes.
+    """
     nodes = list(graph.node)
-    ready = set(available) | outer_names(graph) | {""}
+    ready = set(available) | {""}
+    if enclosed:
+        ready |= outer_names(graph)
     writer: dict[str, int] = {}
     for index, node in enumerate(nodes):
         for out in node.output:

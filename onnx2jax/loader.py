@@ -83,7 +83,14 @@ def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
             f"tensor {tensor.name!r} points at external data {location!r} outside the model's "
             f"folder {root}; refusing to read it"
         )
-    if not target.is_file():
+    try:
+        found = target.is_file()
+    except (OSError, ValueError) as exc:  # a name too long for the file system, a NUL byte
+        raise ModelLoadError(
+            f"tensor {tensor.name!r} names external data {location!r}, which is not a usable "
+            f"file name: {exc}"
+        ) from None
+    if not found:
         raise ModelLoadError(
             f"external data file {target} of tensor {tensor.name!r} is missing"
         )
