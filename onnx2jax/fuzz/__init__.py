@@ -118,6 +118,11 @@ def fuzz(seed: int, count: int, out: Path | None = None, ops: Sequence[str] | No
         report.nodes += len(model.graph.node)
         report.ops.update(_ops_of(model))
         outcome = check(model, feeds)
+        small, small_feeds = model, feeds
+        if outcome.kind == "fail":
+            small, small_feeds, small_outcome = shrink(model, feeds, outcome)
+            if small_outcome.kind == "departure":
+                model, outcome = small, small_outcome
         if progress is not None:
             progress(index, outcome)
         if outcome.kind == "ok":
@@ -128,11 +133,6 @@ def fuzz(seed: int, count: int, out: Path | None = None, ops: Sequence[str] | No
             report.departures.append(f"graph {index} ({', '.join(_ops_of(model))}): "
                                      f"{outcome.message}")
         else:
-            small, small_feeds, small_outcome = shrink(model, feeds, outcome)
-            if small_outcome.kind == "departure":
-                report.departures.append(f"graph {index} ({', '.join(_ops_of(small))}): "
-                                         f"{small_outcome.message}")
-                continue
             failure = Failure(index, outcome.message, _ops_of(model))
             if out is not None:
                 stem = f"seed{seed}_graph{index}"

@@ -412,7 +412,12 @@ def shrink(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outcome: Out
             candidate, cfeeds = submodel(model, window, values, static)
             tried += 1
             result = check(candidate, cfeeds)
-            if result.kind == "fail" and result.category == outcome.category:
+            # A piece that computes a differing output and, alone, shows onnxruntime departing
+            # from the spec explains the difference (the reference evaluator could not run the
+            # whole graph to tell).
+            departs = result.kind == "departure" and any(
+                f"output {o!r}" in outcome.message for n in window for o in n.output)
+            if departs or (result.kind == "fail" and result.category == outcome.category):
                 best = (candidate, cfeeds, result)
                 break
         if best[0] is not model:
