@@ -66,7 +66,7 @@ def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
     Symlinks are resolved and must stay inside the folder too, except in the Hugging Face
     cache layout (see :func:`checked_link`).
     """
-    info = {entry.key: entry.value for entry in tensor.external_data}
+    info = _external_info(tensor)
     location = info.get("location")
     if not location:
         raise ModelLoadError(f"tensor {tensor.name!r} is stored externally but names no file")
@@ -95,6 +95,19 @@ def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
             f"external data file {target} of tensor {tensor.name!r} is missing"
         )
     return checked_link(target, root, f"external data {location!r} of tensor {tensor.name!r}")
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    """The tensor's external-data entries; protobuf hands over text that is not valid UTF-8
+    as bytes, which no file name or number may be."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    for key, value in info.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} has external data entry {key!r}: {value!r}, which is "
+                "not valid UTF-8; the file is corrupt"
+            )
+    return info
 
 
 def checked_link(path: Path, root: Path, what: str) -> Path:
@@ -154,7 +167,7 @@ def tensor_to_numpy(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarr
 def external_data_extent(tensor: onnx.TensorProto, path: Path) -> tuple[int, int]:
     """(offset, length) of ``tensor``'s bytes in its external file ``path``, checked against
     the file's size before anything is allocated or read."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
+    info = _external_info(tensor)
 
     def number(key: str) -> int | None:
         text = info.get(key)

@@ -155,3 +155,14 @@ def test_main_graph_reading_an_undefined_tensor_is_refused_at_load(tmp_path):
     model = _add_model(second="nowhere")
     with pytest.raises(ModelLoadError, match="never defined.*nowhere"):
         onnx2jax.load(_save(model, tmp_path))
+
+
+def test_external_data_location_that_is_not_utf8_is_a_clear_error(tmp_path):
+    # Found by the fuzzer: protobuf hands over a location that is not UTF-8 as bytes, and
+    # Path / bytes raised TypeError.
+    (tmp_path / "w.data").write_bytes(np.ones(4, np.float32).tobytes())
+    data = _add_model(_external("w", "w.data")).SerializeToString()
+    assert data.count(b"w.data") == 1
+    (tmp_path / MODEL_FILE).write_bytes(data.replace(b"w.data", b"\xff.data"))
+    with pytest.raises(ModelLoadError, match="not valid UTF-8"):
+        onnx2jax.load(tmp_path / MODEL_FILE)
