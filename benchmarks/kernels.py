@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50, help="timed calls per engine (50)")
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
+    onnx2jax.tune_process()  # what the command line does; see onnx2jax/process.py
     results = []
     for name in args.group or list(GROUPS):
         results.append(run_group(name, GROUPS[name](), args.runs))

@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="profiled calls per engine (10)")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
+    onnx2jax.tune_process()  # what the command line does; see onnx2jax/process.py
     dims = {name: int(size) for name, size in parse_assignments(args.dim, "--dim").items()}
     feeds = make_inputs(onnx2jax.load(args.model).inputs, {}, dims)
     rows = compare_layers(args.model, feeds, args.runs)

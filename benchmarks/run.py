@@ -362,7 +362,10 @@ def _child(argv: Sequence[str]) -> int:
     parser.add_argument("--items", type=int, required=True)
     parser.add_argument("--precision", default="float32")
     args = parser.parse_args(argv)
+    import onnx2jax
     from onnx2jax.bench import run_case
+
+    onnx2jax.tune_process()  # what the command line does; see onnx2jax/process.py
 
     with np.load(args.feeds) as data:
         feeds = {k: data[k] for k in data.files}

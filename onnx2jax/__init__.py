@@ -9,12 +9,7 @@ Example:
 
 from pathlib import Path
 
-from onnx2jax.hostmem import keep_call_buffers
-
-# Before any JAX computation starts XLA's threads: see onnx2jax/hostmem.py.
-keep_call_buffers()
-
-from onnx2jax.errors import (  # noqa: E402
+from onnx2jax.errors import (
     DataDependentShapeError,
     InputError,
     ModelLoadError,
@@ -22,9 +17,10 @@ from onnx2jax.errors import (  # noqa: E402
     OpError,
     UnsupportedOpError,
 )
-from onnx2jax.hub import from_hub  # noqa: E402
-from onnx2jax.model import Model, load  # noqa: E402
-from onnx2jax.text import SentenceEncoder  # noqa: E402
+from onnx2jax.hub import from_hub
+from onnx2jax.model import Model, load
+from onnx2jax.process import tune_process
+from onnx2jax.text import SentenceEncoder
 
 __version__ = "0.1.0"
 
@@ -46,4 +42,5 @@ __all__ = [
     "example_path",
     "from_hub",
     "load",
+    "tune_process",
 ]

@@ -36,12 +36,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from onnx2jax import safety
-from onnx2jax.cputhreads import pin_xla_workers
+from onnx2jax import safety, settings
 from onnx2jax.devices import canonical_input
 from onnx2jax.errors import InputError, Onnx2JaxError
 
-CACHE_ENV = "ONNX2JAX_CACHE_DIR"
+CACHE_ENV = settings.CACHE_DIR_ENV
 ARTIFACT_FORMAT = "onnx2jax-aot/1"
 # An executable cache entry: this, the header's length (8 bytes), a JSON header (the full key,
 # the body's sha256, its HMAC), then the body (the pickle of JAX's serialized executable).
@@ -59,8 +58,7 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path | None
     """
     if cache_dir is not None:
         return Path(cache_dir)
-    env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else None
+    return settings.cache_dir()
 
 
 def environment_key() -> str:
@@ -455,7 +453,6 @@ class AotModel:
         self.output_names: list[str] = list(meta["outputs"])
         self.param_names: list[str] = list(meta["params"])
         self.params = jax.device_put(params)
-        pin_xla_workers()  # see onnx2jax/cputhreads.py
         self._specs = [(tuple(s["shape"]), np.dtype(s["dtype"])) for s in meta["input_specs"]]
         # Imported here: onnx2jax.model imports this module.
         from onnx2jax.model import default_compiler_options, inference_compiler_options

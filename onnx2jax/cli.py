@@ -27,6 +27,7 @@ from onnx2jax.graph import TensorInfo, find_unsupported, model_opsets, subgraphs
 from onnx2jax.hub import HUB_PREFIX, describe, download_model, parse_hub_uri
 from onnx2jax.loader import read_model
 from onnx2jax.model import PRECISIONS, Model, load
+from onnx2jax.process import tune_process
 
 EXAMPLE_SAMPLES = Path(__file__).parent / "examples" / "digits_samples.npz"
 
@@ -575,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
+    tune_process()  # the command line runs models for speed; see onnx2jax/process.py
     progress = Progress(enabled=not args.quiet)
     if getattr(args, "x64", False):
         import jax

@@ -10,16 +10,16 @@ workers spin instead of sleeping. The cost is on tiny programs, whose work a pin
 have to wait for the CPU of the thread that dispatched it: the example CNN's calls and small
 compilations are a little slower pinned. Figures for both: benchmarks/LOG.md.
 
-:func:`pin_xla_workers` does that on Linux when JAX computes on the CPU. :class:`onnx2jax.Model`
-calls it once it has put its weights on the device. It leaves alone a thread whose affinity
-someone else has set, and it does nothing if the pool has more workers than allowed CPUs.
-``ONNX2JAX_PIN_THREADS=0`` turns it off.
+:func:`pin_xla_workers` does that on Linux when JAX computes on the CPU. It leaves alone a
+thread whose affinity someone else has set, and it does nothing if the pool has more workers
+than allowed CPUs.
+onnx2jax never calls it by itself: :func:`onnx2jax.tune_process` does, at the user's request.
 
 Example (Linux, CPU):
     >>> import os, jax, onnx2jax
     >>> from onnx2jax.cputhreads import pin_xla_workers, xla_workers
     >>> model = onnx2jax.load(onnx2jax.example_path())
-    >>> on = (os.environ.get("ONNX2JAX_PIN_THREADS", "1") != "0" and jax.default_backend() == "cpu"
+    >>> on = (jax.default_backend() == "cpu"
     ...       and 1 < len(xla_workers()) <= len(os.sched_getaffinity(0)))
     >>> pin_xla_workers() == (len(xla_workers()) if on else 0)
     True
@@ -55,13 +55,12 @@ def xla_workers() -> list[int]:
 def pin_xla_workers() -> int:
     """Pin each XLA:CPU worker thread to a CPU of its own; returns how many have one CPU.
 
-    Returns 0 (and changes nothing) when ``ONNX2JAX_PIN_THREADS=0``, off Linux, when JAX's
+    Returns 0 (and changes nothing) off Linux, when JAX's
     default backend is not the CPU, or when the pool has more workers than allowed CPUs.
     A worker whose affinity is no longer the whole allowed set is someone else's choice: it is
     left as it is, and a CPU it was given alone goes to no other worker.
     """
-    if (os.environ.get("ONNX2JAX_PIN_THREADS", "1") == "0"
-            or not hasattr(os, "sched_setaffinity") or jax.default_backend() != "cpu"):
+    if not hasattr(os, "sched_setaffinity") or jax.default_backend() != "cpu":
         return 0
     allowed = set(os.sched_getaffinity(0))
     affinities = {}

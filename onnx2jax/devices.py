@@ -22,13 +22,14 @@ The batch is split over as many devices as divide it evenly, for inputs of many 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from onnx2jax import settings
 
 BATCH_AXIS = "batch"
 
@@ -44,7 +45,7 @@ def split_devices(inputs: Mapping[str, Any]) -> list[jax.Device]:
         >>> split_devices({"x": np.zeros((1, 3))})  # a batch of one stays on one device
         []
     """
-    if os.environ.get("ONNX2JAX_SPLIT_BATCH", "1") == "0" or jax.default_backend() != "cpu":
+    if not settings.split_batch() or jax.default_backend() != "cpu":
         return []
     devices = jax.local_devices()
     arrays = list(inputs.values())

@@ -7,19 +7,18 @@ given back to the kernel on ``free``, so the next call touches fresh pages and p
 for every 4 KB of them, on every call (ResNet-50 at batch 8: benchmarks/LOG.md). onnxruntime
 keeps its own arena instead.
 
-:func:`keep_call_buffers` sets glibc's allocator so that buffers of up to 1 GiB come from one
-heap, which keeps up to 1 GiB of freed memory for reuse; ``load`` hands its parsing garbage
-back with :func:`release_free_memory`. ``import onnx2jax`` calls it before anything starts
-XLA's threads, since a thread keeps the malloc arena it first used. It changes the allocator
-of the whole process (freed memory stays resident for reuse, as with onnxruntime's arena);
-``ONNX2JAX_KEEP_CALL_BUFFERS=0`` leaves glibc's defaults. Other C libraries are left alone.
+:func:`keep_call_buffers` raises glibc's thresholds so that freed buffers of up to 1 GiB
+stay in the heap for reuse; onnx2jax never calls it by itself: :func:`onnx2jax.tune_process`
+does, at the user's request (the command line and the benchmarks ask). The number of malloc
+arenas is left alone, so buffers above 64 MB allocated on a worker thread are still
+``mmap``-ed. Other C libraries are left alone. :func:`release_free_memory` hands a load's
+parsing garbage back when the thresholds are in force.
 
-Example (in force after ``import onnx2jax`` wherever the C library is glibc):
+Example:
     >>> import os, sys
     >>> import onnx2jax.hostmem as hostmem
     >>> glibc = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
-    >>> wanted = os.environ.get("ONNX2JAX_KEEP_CALL_BUFFERS", "1") != "0"
-    >>> hostmem.keep_call_buffers() == (glibc and wanted)
+    >>> hostmem.keep_call_buffers() == glibc
     True
 """
 
@@ -34,7 +33,6 @@ import sys
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 
 KEPT_BYTES = 1 << 30
 
@@ -56,16 +54,12 @@ def _glibc() -> ctypes.CDLL | None:
 def keep_call_buffers() -> bool:
     """Make glibc keep large freed buffers for reuse; True where the settings are in force.
 
-    Applied once per process; False on other C libraries, or when
-    ``ONNX2JAX_KEEP_CALL_BUFFERS=0``.
+    Applied once per process; False on other C libraries.
     """
     global _applied
     if _applied is None:
         libc = _glibc()
-        _applied = (os.environ.get("ONNX2JAX_KEEP_CALL_BUFFERS", "1") != "0"
-                    and libc is not None
-                    # One arena: the main one grows without the 64 MB cap of thread arenas.
-                    and bool(libc.mallopt(_M_ARENA_MAX, 1))
+        _applied = (libc is not None
                     and bool(libc.mallopt(_M_MMAP_THRESHOLD, KEPT_BYTES))
                     and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEPT_BYTES)))
     return _applied

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax import aot, export, native, ops  # noqa: F401  (ops registers every op family)
+from onnx2jax import aot, export, native, ops, settings  # noqa: F401  (ops registers every op family)
 from onnx2jax.convert import Interpreter
-from onnx2jax.cputhreads import pin_xla_workers
 from onnx2jax.devices import place_inputs, replicate, split_devices
 from onnx2jax.errors import DataDependentShapeError, InputError
 from onnx2jax.fusion import fuse, fuse_attention
@@ -99,7 +98,6 @@ class Model:
         self.params: Params = {k: jax.device_put(host.pop(k)) for k in list(host)}
         jax.block_until_ready(self.params)  # the copies run on XLA's threads; load trims after
         self.released_weights: Params = {k: self.params[k] for k in released}
-        pin_xla_workers()  # see onnx2jax/cputhreads.py
         self.proto = proto
         self.compiler_options = default_compiler_options()
         self._jitted = jax.jit(self._apply_for_jit, static_argnames=("outputs",),
@@ -592,9 +590,9 @@ def default_compiler_options() -> dict[str, Any]:
     On CPU, XLA 0.10 hands dots and convolutions to YNNPACK by default; XLA's own kernels
     (Eigen) are faster on whole models (measured in benchmarks/: MiniLM b32 s128 853 -> 667 ms,
     ResNet-50 b8 737 -> 562 ms on 2 AMD EPYC cores, same outputs), so the YNNPACK fusion is
-    turned off. ``ONNX2JAX_XLA_DEFAULTS=0`` keeps XLA's defaults.
+    turned off. ``ONNX2JAX_TUNE_XLA=0`` keeps XLA's defaults.
     """
-    if os.environ.get("ONNX2JAX_XLA_DEFAULTS", "1") == "0" or jax.default_backend() != "cpu":
+    if not settings.tune_xla() or jax.default_backend() != "cpu":
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": ""}
 

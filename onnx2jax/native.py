@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax import safety
+from onnx2jax import safety, settings
 
 log = logging.getLogger("onnx2jax")
 
@@ -71,21 +71,17 @@ _active = threading.local()
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("ONNX2JAX_NATIVE", "1") != "0"
+    return settings.native_kernels()
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$ONNX2JAX_NATIVE_DIR``, else the user's cache."""
-    configured = os.environ.get("ONNX2JAX_NATIVE_DIR")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "onnx2jax" / "native"
+    """Where compiled kernels are kept (:func:`onnx2jax.settings.native_dir`)."""
+    return settings.native_dir()
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
+    for name in settings.compiler_candidates():
+        if shutil.which(name):
             return name
     return None
 

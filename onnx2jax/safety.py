@@ -25,11 +25,12 @@ import threading
 import warnings
 from pathlib import Path
 
+from onnx2jax import settings
 from onnx2jax.errors import UnsafeCacheWarning
 
 log = logging.getLogger("onnx2jax")
 
-KEY_ENV = "ONNX2JAX_CACHE_KEY_FILE"
+KEY_ENV = settings.CACHE_KEY_FILE_ENV
 KEY_BYTES = 32
 
 _warned: set[str] = set()
@@ -143,11 +144,7 @@ def read_owned_file(path: Path, secret: bool = False) -> bytes:
 def key_path() -> Path:
     """Where the per-user secret that signs cache entries is kept: ``$ONNX2JAX_CACHE_KEY_FILE``,
     else ``$XDG_CONFIG_HOME/onnx2jax/cache.key`` (default ``~/.config``), outside any cache."""
-    configured = os.environ.get(KEY_ENV)
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "onnx2jax" / "cache.key"
+    return settings.cache_key_file()
 
 
 def cache_secret() -> bytes:

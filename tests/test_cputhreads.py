@@ -30,15 +30,17 @@ if sys.argv[1] == "placed":  # the user puts the first worker on the last CPU fi
     os.sched_setaffinity(xla_workers()[0], {allowed[-1]})
 model = onnx2jax.load(onnx2jax.example_path())
 model(np.zeros((1, 1, 8, 8), np.float32))
-print(json.dumps({"allowed": allowed, "pinned": pin_xla_workers(),
+untouched = [sorted(os.sched_getaffinity(t)) for t in xla_workers()]
+tune = sys.argv[2] == "1"
+pinned = onnx2jax.tune_process(keep_call_buffers=False)["pinned_threads"] if tune else 0
+print(json.dumps({"allowed": allowed, "pinned": pinned, "untouched": untouched,
                   "workers": [sorted(os.sched_getaffinity(t)) for t in xla_workers()]}))
 """
 
 
-def _report(mode: str = "", **env: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", REPORT, mode], cwd=ROOT, check=True,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "ONNX2JAX_PIN_THREADS": "1", **env})
+def _report(mode: str = "", tune: bool = True) -> dict:
+    done = subprocess.run([sys.executable, "-c", REPORT, mode, "1" if tune else "0"], cwd=ROOT,
+                          check=True, capture_output=True, text=True, timeout=300)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -52,10 +54,11 @@ def test_each_worker_gets_its_own_cpu():
     assert report["pinned"] == len(workers)
 
 
-def test_pinning_can_be_turned_off():
-    report = _report(ONNX2JAX_PIN_THREADS="0")
+def test_loading_and_running_a_model_pins_nothing():
+    report = _report(tune=False)
     assert report["pinned"] == 0
-    assert all(cpus == report["allowed"] for cpus in report["workers"])
+    assert report["untouched"] and all(cpus == report["allowed"]
+                                       for cpus in report["untouched"] + report["workers"])
 
 
 def test_a_worker_placed_by_the_user_is_left_alone():
@@ -72,9 +75,8 @@ def test_more_workers_than_allowed_cpus_changes_nothing():
     script = REPORT.replace("allowed = sorted",
                             "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
                             "allowed = sorted")
-    done = subprocess.run([sys.executable, "-c", script, ""], cwd=ROOT, check=True,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "ONNX2JAX_PIN_THREADS": "1"})
+    done = subprocess.run([sys.executable, "-c", script, "", "1"], cwd=ROOT, check=True,
+                          capture_output=True, text=True, timeout=300)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["pinned"] == 0
     assert all(len(cpus) > 1 for cpus in report["workers"])

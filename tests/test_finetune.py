@@ -193,7 +193,7 @@ def test_xla_flags_give_every_jit_in_a_process_the_models_options():
 
     options = default_compiler_options()
     if not options:
-        pytest.skip("no options off the CPU or with ONNX2JAX_XLA_DEFAULTS=0")
+        pytest.skip("no options off the CPU or with ONNX2JAX_TUNE_XLA=0")
     ((name, value),) = options.items()
     script = (
         "import jax, jax.numpy as jnp\n"

@@ -328,7 +328,7 @@ def test_few_rows_choose_ynnpack_dots_and_many_rows_do_not():
     many = inference_compiler_options({"ids": np.zeros((32, 128), np.int64)}, off)
     assert few == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
     assert many == off
-    # With XLA's defaults (ONNX2JAX_XLA_DEFAULTS=0, or not on CPU) nothing is chosen.
+    # With XLA's defaults (ONNX2JAX_TUNE_XLA=0, or not on CPU) nothing is chosen.
     assert inference_compiler_options({"ids": np.zeros((1, 128), np.int64)}, {}) == {}
     model = onnx2jax.load(affine_model())
     x = np.ones((1, 2, 3), np.float32)
