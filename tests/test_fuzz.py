@@ -183,3 +183,18 @@ def test_integer_reduce_mean_is_exact(static):
     model = single_node_model("ReduceMean", {"x": x, "axes": axes}, keepdims=0, opset=18,
                               initializers={"axes": axes, **({"x": x} if static else {})})
     assert_matches_reference(model, {} if static else {"x": x})
+
+
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_resize_pytorch_half_pixel_to_one_sample_reads_the_first(mode):
+    # pytorch_half_pixel with an output length of 1 samples input index 0 (spec, onnxruntime);
+    # onnx2jax and the reference evaluator both took (0 + 0.5) / scale - 0.5 when the scale
+    # times the input length was not exactly 1, which the fuzzer first listed as an
+    # onnxruntime departure (seed 21, graph 127).
+    x = np.array([1.5, 2.5, -1.25], np.float32).reshape(1, 1, 3, 1)
+    scales = np.array([1, 1, 0.5, 3], np.float32)
+    model = single_node_model("Resize", {"x": x, "roi": None, "scales": scales},
+                              initializers={"scales": scales}, mode=mode,
+                              coordinate_transformation_mode="pytorch_half_pixel")
+    (out,) = assert_matches_reference(model, {"x": x})
+    np.testing.assert_array_equal(out, np.full((1, 1, 1, 3), 1.5, np.float32))

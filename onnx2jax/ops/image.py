@@ -75,7 +75,9 @@ def _source_coordinates(coord_mode, out_size, in_size, scale, roi):
         x = x + start * (in_size - 1)
         outside = (x < 0) | (x > in_size - 1)
     elif coord_mode == "pytorch_half_pixel":
-        x = np.full(out_size, -0.5) if out_width == 1 else (y + 0.5) / scale - 0.5
+        # One output sample reads the first input one (the spec and onnxruntime: the output's
+        # integer length decides, whatever the scale).
+        x = np.zeros(out_size) if out_size == 1 else (y + 0.5) / scale - 0.5
     elif coord_mode == "half_pixel":
         x = (y + 0.5) / scale - 0.5
     else:  # half_pixel_symmetric
