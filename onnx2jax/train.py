@@ -211,8 +211,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     ``compiler_options`` are XLA options for this step's jit alone. By default they are
     ``model(...)``'s (``Model.compiler_options``): on the CPU, XLA's YNNPACK fusion off, which
-    made a full fine-tuning step of MiniLM (batch 8 x 128 tokens) 0.92x and of ResNet-50
-    (batch 4) 0.87x the time it takes with XLA's defaults. ``{}`` keeps XLA's defaults.
+    made full fine-tuning steps faster than XLA's defaults (benchmarks/LOG.md). ``{}`` keeps
+    XLA's defaults.
 
     Example:
         >>> import jax.numpy as jnp, optax

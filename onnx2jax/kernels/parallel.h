@@ -47,10 +47,9 @@ class SharedWork {
   // XLA runs a call on one of its pool's workers, each pinned to a CPU of its own
   // (onnx2jax/cputhreads.py), or on a thread of its own. A worker computes its share and waits
   // for the others by spinning. Any other thread shares a CPU with a worker, so it sleeps
-  // while the workers compute (ResNet-50 b8, paired with onnxruntime: 1.26x its time against
-  // 1.29x when that thread computed too; batch 1 within noise; spinning instead of sleeping
-  // was slower). If no worker has started within a millisecond (each busy elsewhere), it
-  // computes too.
+  // while the workers compute (measured faster than computing or spinning too:
+  // benchmarks/LOG.md). If no worker has started within a millisecond (each busy elsewhere),
+  // it computes too.
   static void RunOn(xla::ffi::ThreadPool& pool, const std::shared_ptr<SharedWork>& work) {
     char name[16] = {};
     pthread_getname_np(pthread_self(), name, sizeof name);

@@ -168,7 +168,7 @@ def softmax_over(v, axes: tuple[int, ...]):
 # wrote the scaled and masked scores and their exponentials out and read them back: 8 passes
 # over the scores. Reduced in two steps of at most 32, the max and the sum each fuse the
 # producers and read the input once, and the output pass recomputes exp: 4 passes
-# (MiniLM b32's scaled and masked 32x12x128x128 scores: 8.9-9.8 -> 6.0-6.5 ms per softmax).
+# (timings in benchmarks/LOG.md, "softmax in two steps").
 _STEP = 32
 
 
@@ -176,8 +176,7 @@ def _row_groups(size: int) -> int | None:
     """Groups to reduce a row of ``size`` in two steps of at most 32, or None."""
     if size <= _STEP:
         return None
-    # The most groups is fastest: rows of 128 as 32 x 4 took 5.9 ms, 16 x 8 6.5-7.3, 8 x 16
-    # 7.7-7.9, 4 x 32 9.9 (XLA's own reduction 8.0-8.8).
+    # The most groups measured fastest (benchmarks/LOG.md, "softmax in two steps").
     groups = [g for g in range(2, _STEP + 1) if size % g == 0 and size // g <= _STEP]
     return max(groups) if groups else None
 
