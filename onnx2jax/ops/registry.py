@@ -7,6 +7,16 @@ for ONNX sequences.
 
 The model's opset picks the newest registered version at or below it, so a model of opset 17
 runs the implementation registered ``since=13`` until the semantics change again.
+
+One registration style, with the literal op name so ``grep 'register("Div"'`` finds it::
+
+    @register("Div", since=(1, 6, 7, 13, 14))
+    def div(ctx, a, b): ...
+
+    @register("Gelu", since=1, domain=MS)
+    def gelu(ctx, x): ...
+
+See ``onnx2jax/ops/README.md`` for how to add an op.
 """
 
 from __future__ import annotations
@@ -18,11 +28,19 @@ from typing import Any
 
 OpFunction = Callable[..., Any]
 
-DEFAULT_DOMAIN = ""
-_DOMAIN_ALIASES = {"ai.onnx": DEFAULT_DOMAIN}
+# The domains op files register in; import these rather than spelling the strings again.
+ONNX = ""  # ai.onnx, the default domain (a model may also spell it "ai.onnx")
+ML = "ai.onnx.ml"
+MS = "com.microsoft"  # onnxruntime's contrib ops
+PREVIEW = "ai.onnx.preview"
+TRAINING = "ai.onnx.preview.training"
+ONNX2JAX = "ai.onnx2jax"  # onnx2jax's own ops, made by its graph rewrites
+DEFAULT_DOMAIN = ONNX
+_DOMAIN_ALIASES = {"ai.onnx": ONNX}
 
 
 def canonical_domain(domain: str) -> str:
+    """``domain`` as the registry keys it (``"ai.onnx"`` is the default domain ``""``)."""
     return _DOMAIN_ALIASES.get(domain, domain)
 
 
@@ -51,25 +69,38 @@ _REGISTRY: dict[tuple[str, str], _Versions] = {}
 
 def register(
     op_type: str,
-    since: int = 1,
-    domain: str = DEFAULT_DOMAIN,
+    since: int | tuple[int, ...] = 1,
+    domain: str = ONNX,
     static_inputs: tuple[int, ...] = (),
     note: str = "",
 ) -> Callable[[OpFunction], OpFunction]:
-    """Register the decorated function as ``op_type`` from opset ``since`` of ``domain``.
+    """Register the decorated function as ``op_type`` of ``domain`` from each version in ``since``.
 
-    Stack the decorator to register one function for several versions.
+    ``since`` is one opset version or a tuple of them: the versions where the spec changed and
+    this function implements the change (``since=(1, 6, 7, 13, 14)``). Registering a version
+    of an op twice is an error, so two files cannot silently shadow each other.
     """
+    versions_given = (since,) if isinstance(since, int) else tuple(since)
+    if not versions_given or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions_given
+    ):
+        raise ValueError(f"{op_type}: since must be a positive int or a tuple of them, "
+                         f"got {since!r}")
+    if len(set(versions_given)) != len(versions_given):
+        raise ValueError(f"{op_type}: since {since!r} repeats a version")
 
     def decorate(function: OpFunction) -> OpFunction:
         key = (canonical_domain(domain), op_type)
         versions = _REGISTRY.setdefault(key, _Versions())
-        if since in versions.since:
-            raise ValueError(f"{domain or 'ai.onnx'}::{op_type} since {since} registered twice")
-        index = bisect.bisect(versions.since, since)
-        versions.since.insert(index, since)
-        spec = OpSpec(function, key[0], op_type, since, tuple(static_inputs), note)
-        versions.specs.insert(index, spec)
+        for version in versions_given:
+            if version in versions.since:
+                raise ValueError(
+                    f"{domain or 'ai.onnx'}::{op_type} since {version} registered twice")
+        for version in versions_given:
+            index = bisect.bisect(versions.since, version)
+            versions.since.insert(index, version)
+            spec = OpSpec(function, key[0], op_type, version, tuple(static_inputs), note)
+            versions.specs.insert(index, spec)
         return function
 
     return decorate
