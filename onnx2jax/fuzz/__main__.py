@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"graph {index}: {outcome.kind}: {outcome.message[:300]}", flush=True)
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] or None
-    report = fuzz(args.seed, args.count, args.out, ops, args.time_limit, args.max_nodes,
-                  args.first, progress)
+    try:
+        report = fuzz(args.seed, args.count, args.out, ops, args.time_limit, args.max_nodes,
+                      args.first, progress)
+    except ValueError as exc:  # an op without a generator
+        parser.error(str(exc))
     for failure in report.failures:
         print(f"FAIL graph {failure.index} [{', '.join(failure.ops)}] -> {failure.path}: "
               f"{failure.message[:300]}")
