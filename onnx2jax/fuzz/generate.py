@@ -370,7 +370,8 @@ REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "Re
           "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
 
-def _axes(c: Case, rank: int, *, unique: bool = True) -> list[int]:
+def _axes(c: Case, rank: int) -> list[int]:
+    """A random sorted set of distinct axes (possibly empty), some written negative."""
     count = int(c.rng.integers(0, rank + 1))
     axes = sorted(c.rng.choice(rank, size=count, replace=False).tolist()) if rank else []
     return [a - rank if c.rng.random() < 0.3 else a for a in axes]
