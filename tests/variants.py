@@ -131,19 +131,29 @@ def float16_converter_common(base: Path, out: Path, feeds: Feeds,
 
 def ort_optimize(base: Path, out: Path, feeds: Feeds, model_type: str = "bert",
                  opt_level: int | None = 1, float16: bool = False, num_heads: int = 0,
-                 hidden_size: int = 0) -> Path:
+                 hidden_size: int = 0, mask_format: str | None = None,
+                 embed_layer_norm: bool = True) -> Path:
     """onnxruntime.transformers.optimizer.optimize_model, optionally then its float16 pass.
 
     ``opt_level`` 1 and 2 first run onnxruntime's own basic or extended graph optimizations
     (the extended ones write com.microsoft ops such as FusedMatMul), then the transformer
     fusions (Attention, SkipLayerNormalization, BiasGelu, ...). ``float16`` runs
     ``OnnxModel.convert_float_to_float16(keep_io_types=True)``, the converter the
-    onnxruntime.transformers tools use.
+    onnxruntime.transformers tools use. ``mask_format`` names an ``AttentionMaskFormat``
+    (how the fused Attention takes the mask: ``MaskIndexEnd`` a 1-D index, ``AttentionMask``
+    the 2-D mask, ``NoMask`` none); ``embed_layer_norm`` False keeps the embeddings unfused,
+    so Attention receives that mask rather than EmbedLayerNormalization's mask index.
     """
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions(model_type)
+    if mask_format is not None:
+        options.attention_mask_format = getattr(AttentionMaskFormat, mask_format)
+    options.enable_embed_layer_norm = embed_layer_norm
     optimized = optimize_model(str(base), model_type=model_type, num_heads=num_heads,
-                               hidden_size=hidden_size, opt_level=opt_level)
+                               hidden_size=hidden_size, optimization_options=options,
+                               opt_level=opt_level)
     if float16:
         optimized.convert_float_to_float16(keep_io_types=True)
     optimized.save_model_to_file(str(out))
@@ -191,7 +201,7 @@ _OPT = "onnxruntime.transformers.optimizer"
 VARIANTS: list[Variant] = [
     # The exports themselves, so a variant's failure is never a base's.
     *[_v(base, "fp32", "torch.onnx (TorchScript)", "fp32") for base in (
-        "minilm", "bert-14-eager", "bert-17-sdpa", "gpt2-17-eager", "gpt2-14-sdpa",
+        "minilm", "bert-14-eager", "bert-17-eager", "bert-17-sdpa", "gpt2-17-eager", "gpt2-14-sdpa",
         "t5-17-eager", "vit-17-eager", "vit-14-sdpa", "whisper-17-eager", "whisper-17-sdpa",
         "resnet-17-eager")],
     _v("skl-logistic", "fp32", "skl2onnx (ZipMap)", "fp32"),
@@ -241,6 +251,10 @@ VARIANTS: list[Variant] = [
        num_heads=4, hidden_size=32),
     _v("bert-17-sdpa", "ort-opt2-fp16", _OPT, "fp16", ort_optimize, model_type="bert",
        opt_level=2, float16=True, num_heads=4, hidden_size=32),
+    # The fused com.microsoft Attention's three mask forms.
+    *[_v("bert-17-eager", f"ort-opt2-{form.lower()}", _OPT, "fp32", ort_optimize,
+         model_type="bert", opt_level=2, num_heads=4, hidden_size=32, mask_format=form,
+         embed_layer_norm=False) for form in ("MaskIndexEnd", "AttentionMask", "NoMask")],
     _v("gpt2-17-eager", "ort-opt2", _OPT, "fp32", ort_optimize, model_type="gpt2",
        opt_level=2, num_heads=4, hidden_size=32),
     _v("gpt2-14-sdpa", "ort-opt1-fp16", _OPT, "fp16", ort_optimize, model_type="gpt2",
