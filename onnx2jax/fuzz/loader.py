@@ -283,6 +283,17 @@ def _names(model: onnx.ModelProto) -> list[str]:
     return sorted(n for n in names if n and isinstance(n, str))  # bytes: not UTF-8
 
 
+def _texts(model: onnx.ModelProto) -> list[str]:
+    """Names, opset domains, external-data entries and string attribute values."""
+    texts = set(_names(model))
+    texts.update(o.domain for o in model.opset_import)
+    for tensor in _tensors(model):
+        texts.update(t for e in tensor.external_data for t in (e.key, e.value))
+    for node in _nodes(model):
+        texts.update(a.s.decode("utf-8", "replace") for a in node.attribute if a.s)
+    return sorted(t for t in texts if t and isinstance(t, str))
+
+
 def _other_op_types() -> list[str]:
     return sorted({s.name for s in onnx.defs.get_all_schemas()})
 
@@ -672,7 +683,7 @@ def mutate(seed: Seed, rng: np.random.Generator) -> Mutant:
             elif kind == 8:
                 if changed:
                     data, changed = proto.SerializeToString(), False
-                data, what = non_utf8_name(data, _names(proto), rng)
+                data, what = non_utf8_name(data, _texts(proto), rng)
                 steps.append(f"utf8: {what}")
             elif DATA_FILE in files:
                 steps.append(f"data file: {data_file_mutation(files, rng)}")
