@@ -14,9 +14,7 @@ from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.ops.cast import cast_to_type
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.math import matmul, product_operands, softmax_over
-from onnx2jax.ops.registry import register
-
-ONNX2JAX = "ai.onnx2jax"  # the domain of onnx2jax's own ops, made by its graph rewrites
+from onnx2jax.ops.registry import ONNX2JAX, PREVIEW, register
 
 
 def _split_heads(ctx, x, heads, what):
@@ -61,9 +59,7 @@ def _position_bias(is_causal, left, right, q_len, kv_len, offset, dtype):
     return jnp.where(allowed, jnp.zeros((), dtype), jnp.asarray(-np.inf, dtype))
 
 
-@register("Attention", 23)
-@register("Attention", 24)
-@register("Attention", 25)
+@register("Attention", since=(23, 24, 25))
 def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
               nonpad_kv_seqlen=None):
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
@@ -166,7 +162,7 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
     return tuple(outputs)
 
 
-@register("RotaryEmbedding", 23)
+@register("RotaryEmbedding", since=23)
 def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
     x = jnp.asarray(x)
     if x.ndim == 4:
@@ -218,7 +214,7 @@ def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
 _UPDATE_RULES = ("linear", "gated", "delta", "gated_delta")
 
 
-@register("LinearAttention", 27)
+@register("LinearAttention", since=27)
 def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=None):
     rule = ctx.attr("update_rule", "gated_delta")
     if rule not in _UPDATE_RULES:
@@ -289,7 +285,7 @@ def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=N
     return output, state.astype(state_dtype)
 
 
-@register("FlexAttention", 1, domain="ai.onnx.preview")
+@register("FlexAttention", since=1, domain=PREVIEW)
 def flex_attention(ctx, q, k, v):
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if not q.ndim == k.ndim == v.ndim == 4:
@@ -323,7 +319,7 @@ def flex_attention(ctx, q, k, v):
     return jnp.reshape(y, (batch, q_heads, q_len, v.shape[-1])).astype(v.dtype)
 
 
-@register("SoftmaxAttention", 1, domain=ONNX2JAX)
+@register("SoftmaxAttention", since=1, domain=ONNX2JAX)
 def softmax_attention(ctx, q, kt, v, mask=None, scale=None):
     """``MatMul(Cast(Softmax(MatMul(q, kt) * scale + mask, axis=-1)), v)``, the chain
     onnx2jax.fusion.fuse_attention replaces (``divide``: the scores are divided by ``scale``;

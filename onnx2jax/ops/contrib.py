@@ -11,9 +11,7 @@ import numpy as np
 
 from onnx2jax.ops.math import in_float32, softmax_over
 from onnx2jax.ops.nn import convolve
-from onnx2jax.ops.registry import register
-
-MS = "com.microsoft"
+from onnx2jax.ops.registry import MS, register
 
 
 def _gelu(x):
@@ -25,19 +23,19 @@ def _tanh_gelu(x):
     return 0.5 * x * (1 + jnp.tanh(inner))
 
 
-@register("Gelu", 1, domain=MS)
+@register("Gelu", since=1, domain=MS)
 def gelu(ctx, x):
     # fp16 in float32, rounded once, as onnxruntime runs these (its CPU kernels are float32).
     return in_float32(_gelu, jnp.asarray(x))
 
 
-@register("BiasGelu", 1, domain=MS)
+@register("BiasGelu", since=1, domain=MS)
 def bias_gelu(ctx, x, bias):
     x = jnp.asarray(x)
     return in_float32(lambda v: _gelu(v + jnp.asarray(bias).astype(v.dtype)), x)
 
 
-@register("FastGelu", 1, domain=MS)
+@register("FastGelu", since=1, domain=MS)
 def fast_gelu(ctx, x, bias=None):
     x = jnp.asarray(x)
     if bias is None:
@@ -45,18 +43,18 @@ def fast_gelu(ctx, x, bias=None):
     return in_float32(lambda v: _tanh_gelu(v + jnp.asarray(bias).astype(v.dtype)), x)
 
 
-@register("QuickGelu", 1, domain=MS)
+@register("QuickGelu", since=1, domain=MS)
 def quick_gelu(ctx, x):
     alpha = ctx.attr("alpha", 1.702)
     return in_float32(lambda v: v * jax.nn.sigmoid(alpha * v), jnp.asarray(x))
 
 
-@register("BiasAdd", 1, domain=MS)
+@register("BiasAdd", since=1, domain=MS)
 def bias_add(ctx, x, bias, skip):
     return ctx.xp(x, bias, skip).add(x + bias, skip)
 
 
-@register("FusedMatMul", 1, domain=MS)
+@register("FusedMatMul", since=1, domain=MS)
 def fused_matmul(ctx, a, b):
     if ctx.attr("transBatchA", 0) or ctx.attr("transBatchB", 0):
         raise ctx.error("transBatchA/transBatchB are not supported")
@@ -81,7 +79,7 @@ _CONV_ACTIVATIONS = {
 _CONV_ACTIVATION_PARAMS = {"LeakyRelu": 1, "Clip": 2, "HardSigmoid": 2}
 
 
-@register("FusedConv", 1, domain=MS)
+@register("FusedConv", since=1, domain=MS)
 def fused_conv(ctx, x, w, b=None, z=None):
     """activation(Conv(x, w, b) + z): onnxruntime's fusion, and onnx2jax's own for the native
     kernels (onnx2jax/fusion.py)."""
@@ -127,18 +125,18 @@ def _skip_norm(ctx, x, skip, gamma, beta, bias, simplified):
     return y.astype(x.dtype), mean, inv_std, total.astype(x.dtype)
 
 
-@register("SkipLayerNormalization", 1, domain=MS)
+@register("SkipLayerNormalization", since=1, domain=MS)
 def skip_layer_norm(ctx, x, skip, gamma, beta=None, bias=None):
     return _skip_norm(ctx, x, skip, gamma, beta, bias, simplified=False)
 
 
-@register("SkipSimplifiedLayerNormalization", 1, domain=MS)
+@register("SkipSimplifiedLayerNormalization", since=1, domain=MS)
 def skip_simplified_layer_norm(ctx, x, skip, gamma, bias=None):
     return _skip_norm(ctx, x, skip, gamma, None, bias, simplified=True)
 
 
-@register("SimplifiedLayerNormalization", 1)
-@register("SimplifiedLayerNormalization", 1, domain=MS)
+@register("SimplifiedLayerNormalization", since=1)
+@register("SimplifiedLayerNormalization", since=1, domain=MS)
 def simplified_layer_norm(ctx, x, scale):
     x = jnp.asarray(x)
     axis = ctx.attr("axis", -1)
@@ -152,7 +150,7 @@ def simplified_layer_norm(ctx, x, scale):
     return y.reshape(x.shape), inv_std
 
 
-@register("EmbedLayerNormalization", 1, domain=MS)
+@register("EmbedLayerNormalization", since=1, domain=MS)
 def embed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embedding,
                      segment_embedding=None, gamma=None, beta=None, mask=None,
                      position_ids=None):
@@ -265,7 +263,7 @@ def _attend(ctx, q, k, v, num_heads, mask=None, causal=False, extra_bias=None):
     return _attend_heads(ctx, q, k, v, key_mask, causal, extra_bias)
 
 
-@register("Attention", 1, domain=MS)
+@register("Attention", since=1, domain=MS)
 def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_bias=None,
               past_sequence_length=None):
     """Self-attention with the q/k/v projection packed in ``weights``; optional ``present``
@@ -322,7 +320,7 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
     return out
 
 
-@register("MultiHeadAttention", 1, domain=MS)
+@register("MultiHeadAttention", since=1, domain=MS)
 def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_padding_mask=None,
                          attention_bias=None, past_key=None, past_value=None, *rest):
     """Attention of separate query, key and value [B, L, D] (optional past_key/past_value

@@ -80,15 +80,7 @@ def _stack(values):
 
 
 # ---------------------------------------------------------------------------------------- If
-@register("If", 1)
-@register("If", 11)
-@register("If", 13)
-@register("If", 16)
-@register("If", 19)
-@register("If", 21)
-@register("If", 23)
-@register("If", 24)
-@register("If", 25)
+@register("If", since=(1, 11, 13, 16, 19, 21, 23, 24, 25))
 def if_(ctx, cond):
     if is_concrete(cond):
         branch = "then_branch" if _flag(cond) else "else_branch"
@@ -217,15 +209,7 @@ def _content_key(values: Mapping[str, Any]) -> tuple:
 
 
 # -------------------------------------------------------------------------------------- Loop
-@register("Loop", 1)
-@register("Loop", 11)
-@register("Loop", 13)
-@register("Loop", 16)
-@register("Loop", 19)
-@register("Loop", 21)
-@register("Loop", 23)
-@register("Loop", 24)
-@register("Loop", 25)
+@register("Loop", since=(1, 11, 13, 16, 19, 21, 23, 24, 25))
 def loop(ctx, trip_count=None, cond=None, *initial):
     body = ctx.attr("body")
     n_state = len(initial)
@@ -379,14 +363,7 @@ def _scan_counts(ctx, inputs):
     return n_in, n_state, len(ctx.attr("body").output) - n_state
 
 
-@register("Scan", 9)
-@register("Scan", 11)
-@register("Scan", 16)
-@register("Scan", 19)
-@register("Scan", 21)
-@register("Scan", 23)
-@register("Scan", 24)
-@register("Scan", 25)
+@register("Scan", since=(9, 11, 16, 19, 21, 23, 24, 25))
 def scan(ctx, *inputs):
     n_in, n_state, n_out = _scan_counts(ctx, inputs)
     in_axes = ctx.attr("scan_input_axes", [0] * n_in)
@@ -409,7 +386,7 @@ def scan(ctx, *inputs):
     return (*states, *outs)
 
 
-@register("Scan", 8)
+@register("Scan", since=8)
 def scan_v8(ctx, sequence_lens, *inputs):
     n_in, n_state, n_out = _scan_counts(ctx, inputs)
     dirs = ctx.attr("directions", [0] * n_in)

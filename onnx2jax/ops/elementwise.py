@@ -8,70 +8,28 @@ import numpy as np
 from jax import lax
 
 from onnx2jax.convert import is_static
-from onnx2jax.ops.registry import register
-
-# (op_type, numpy/jax.numpy function name, opset versions whose semantics or types changed)
-_UNARY = [
-    ("Abs", "abs", (1, 6, 13)),
-    ("Neg", "negative", (1, 6, 13)),
-    ("Floor", "floor", (1, 6, 13)),
-    ("Ceil", "ceil", (1, 6, 13)),
-    ("Sqrt", "sqrt", (1, 6, 13)),
-    ("Exp", "exp", (1, 6, 13)),
-    ("Log", "log", (1, 6, 13)),
-    ("Reciprocal", "reciprocal", (1, 6, 13)),
-    ("Sin", "sin", (7, 22)),
-    ("Cos", "cos", (7, 22)),
-    ("Tan", "tan", (7, 22)),
-    ("Asin", "arcsin", (7, 22)),
-    ("Acos", "arccos", (7, 22)),
-    ("Atan", "arctan", (7, 22)),
-    ("Sinh", "sinh", (9, 22)),
-    ("Cosh", "cosh", (9, 22)),
-    ("Asinh", "arcsinh", (9, 22)),
-    ("Acosh", "arccosh", (9, 22)),
-    ("Atanh", "arctanh", (9, 22)),
-    ("Not", "logical_not", (1,)),
-    ("BitwiseNot", "bitwise_not", (18,)),
-    ("IsNaN", "isnan", (9, 13, 20)),
-    ("Sign", "sign", (9, 13)),
-]
-
-_BINARY = [
-    ("Add", "add", (1, 6, 7, 13, 14)),
-    ("Sub", "subtract", (1, 6, 7, 13, 14)),
-    ("Mul", "multiply", (1, 6, 7, 13, 14)),
-    ("Equal", "equal", (1, 7, 11, 13, 19)),
-    ("Less", "less", (1, 7, 9, 13)),
-    ("LessOrEqual", "less_equal", (12, 16)),
-    ("Greater", "greater", (1, 7, 9, 13)),
-    ("GreaterOrEqual", "greater_equal", (12, 16)),
-    ("And", "logical_and", (1, 7)),
-    ("Or", "logical_or", (1, 7)),
-    ("Xor", "logical_xor", (1, 7)),
-    ("BitwiseAnd", "bitwise_and", (18,)),
-    ("BitwiseOr", "bitwise_or", (18,)),
-    ("BitwiseXor", "bitwise_xor", (18,)),
-]
+from onnx2jax.ops.registry import OpFunction, register
 
 
-def _register_unary(op_type: str, function: str, versions: tuple[int, ...]) -> None:
+def _unary(function: str) -> OpFunction:
+    """The op applying the NumPy/jax.numpy function named ``function`` to its one input."""
+
     def op(ctx, x):
         return getattr(ctx.xp(x), function)(x)
 
     op.__name__ = op.__qualname__ = function
-    for since in versions:
-        register(op_type, since)(op)
+    return op
 
 
-def _register_binary(op_type: str, function: str, versions: tuple[int, ...]) -> None:
+def _binary(function: str) -> OpFunction:
+    """The op applying the NumPy/jax.numpy function named ``function`` to its two inputs."""
+
     def op(ctx, a, b):
         a, b = _legacy_broadcast(ctx, a, b)
         return getattr(ctx.xp(a, b), function)(a, b)
 
     op.__name__ = op.__qualname__ = function
-    for since in versions:
-        register(op_type, since)(op)
+    return op
 
 
 def _legacy_broadcast(ctx, a, b):
@@ -83,17 +41,47 @@ def _legacy_broadcast(ctx, a, b):
     return a, ctx.xp(b).reshape(b, b.shape + (1,) * trailing)
 
 
-for _entry in _UNARY:
-    _register_unary(*_entry)
-for _entry in _BINARY:
-    _register_binary(*_entry)
+# One function per op; since= lists the opset versions whose semantics or types changed.
+register("Abs", since=(1, 6, 13))(_unary("abs"))
+register("Neg", since=(1, 6, 13))(_unary("negative"))
+register("Floor", since=(1, 6, 13))(_unary("floor"))
+register("Ceil", since=(1, 6, 13))(_unary("ceil"))
+register("Sqrt", since=(1, 6, 13))(_unary("sqrt"))
+register("Exp", since=(1, 6, 13))(_unary("exp"))
+register("Log", since=(1, 6, 13))(_unary("log"))
+register("Reciprocal", since=(1, 6, 13))(_unary("reciprocal"))
+register("Sin", since=(7, 22))(_unary("sin"))
+register("Cos", since=(7, 22))(_unary("cos"))
+register("Tan", since=(7, 22))(_unary("tan"))
+register("Asin", since=(7, 22))(_unary("arcsin"))
+register("Acos", since=(7, 22))(_unary("arccos"))
+register("Atan", since=(7, 22))(_unary("arctan"))
+register("Sinh", since=(9, 22))(_unary("sinh"))
+register("Cosh", since=(9, 22))(_unary("cosh"))
+register("Asinh", since=(9, 22))(_unary("arcsinh"))
+register("Acosh", since=(9, 22))(_unary("arccosh"))
+register("Atanh", since=(9, 22))(_unary("arctanh"))
+register("Not", since=1)(_unary("logical_not"))
+register("BitwiseNot", since=18)(_unary("bitwise_not"))
+register("IsNaN", since=(9, 13, 20))(_unary("isnan"))
+register("Sign", since=(9, 13))(_unary("sign"))
+register("Add", since=(1, 6, 7, 13, 14))(_binary("add"))
+register("Sub", since=(1, 6, 7, 13, 14))(_binary("subtract"))
+register("Mul", since=(1, 6, 7, 13, 14))(_binary("multiply"))
+register("Equal", since=(1, 7, 11, 13, 19))(_binary("equal"))
+register("Less", since=(1, 7, 9, 13))(_binary("less"))
+register("LessOrEqual", since=(12, 16))(_binary("less_equal"))
+register("Greater", since=(1, 7, 9, 13))(_binary("greater"))
+register("GreaterOrEqual", since=(12, 16))(_binary("greater_equal"))
+register("And", since=(1, 7))(_binary("logical_and"))
+register("Or", since=(1, 7))(_binary("logical_or"))
+register("Xor", since=(1, 7))(_binary("logical_xor"))
+register("BitwiseAnd", since=18)(_binary("bitwise_and"))
+register("BitwiseOr", since=18)(_binary("bitwise_or"))
+register("BitwiseXor", since=18)(_binary("bitwise_xor"))
 
 
-@register("Div", 1)
-@register("Div", 6)
-@register("Div", 7)
-@register("Div", 13)
-@register("Div", 14)
+@register("Div", since=(1, 6, 7, 13, 14))
 def div(ctx, a, b):
     a, b = _legacy_broadcast(ctx, a, b)
     xp = ctx.xp(a, b)
@@ -145,11 +133,7 @@ def _is_float(dtype) -> bool:
 # Pow) stays a constant rather than a trainable param: its gradient is NaN wherever the base is
 # negative, and a constant exponent takes the exact integer_pow path below. A computed exponent
 # still works: it is never read with ctx.static.
-@register("Pow", 1, static_inputs=(1,))
-@register("Pow", 7, static_inputs=(1,))
-@register("Pow", 12, static_inputs=(1,))
-@register("Pow", 13, static_inputs=(1,))
-@register("Pow", 15, static_inputs=(1,))
+@register("Pow", since=(1, 7, 12, 13, 15), static_inputs=(1,))
 def pow_(ctx, x, y):
     x, y = _legacy_broadcast(ctx, x, y)
     xp = ctx.xp(x, y)
@@ -163,9 +147,7 @@ def pow_(ctx, x, y):
     return xp.power(x, y).astype(x.dtype)
 
 
-@register("Mod", 10)
-@register("Mod", 13)
-@register("Mod", 28)
+@register("Mod", since=(10, 13, 28))
 def mod(ctx, a, b):
     fmod = ctx.attr("fmod", 0)
     if fmod not in (0, 1):
@@ -175,8 +157,9 @@ def mod(ctx, a, b):
     return (xp.fmod(a, b) if fmod else xp.remainder(a, b)).astype(a.dtype)
 
 
-def _register_variadic(op_type: str, function: str, versions: tuple[int, ...],
-                       mean: bool = False) -> None:
+def _variadic(op_type: str, function: str, mean: bool = False) -> OpFunction:
+    """The op folding its inputs with the NumPy/jax.numpy function ``function`` (Max, Sum, ...)."""
+
     def op(ctx, *inputs):
         xp = ctx.xp(*inputs)
         dtype = np.result_type(*inputs)
@@ -191,31 +174,26 @@ def _register_variadic(op_type: str, function: str, versions: tuple[int, ...],
         return result.astype(dtype) if xp is jnp else result
 
     op.__name__ = op.__qualname__ = op_type.lower()
-    for since in versions:
-        register(op_type, since)(op)
+    return op
 
 
-_register_variadic("Max", "maximum", (1, 6, 8, 12, 13))
-_register_variadic("Min", "minimum", (1, 6, 8, 12, 13))
-_register_variadic("Sum", "add", (1, 6, 8, 13))
-_register_variadic("Mean", "add", (1, 6, 8, 13), mean=True)
+register("Max", since=(1, 6, 8, 12, 13))(_variadic("Max", "maximum"))
+register("Min", since=(1, 6, 8, 12, 13))(_variadic("Min", "minimum"))
+register("Sum", since=(1, 6, 8, 13))(_variadic("Sum", "add"))
+register("Mean", since=(1, 6, 8, 13))(_variadic("Mean", "add", mean=True))
 
 
-@register("Where", 9)
-@register("Where", 16)
+@register("Where", since=(9, 16))
 def where(ctx, condition, x, y):
     return ctx.xp(condition, x, y).where(condition, x, y)
 
 
-@register("Clip", 1)
-@register("Clip", 6)
+@register("Clip", since=(1, 6))
 def clip_v1(ctx, x):
     return _clip(ctx, x, ctx.attr("min"), ctx.attr("max"))
 
 
-@register("Clip", 11)
-@register("Clip", 12)
-@register("Clip", 13)
+@register("Clip", since=(11, 12, 13))
 def clip(ctx, x, low=None, high=None):
     return _clip(ctx, x, low, high)
 
@@ -239,8 +217,7 @@ def jax_on(function, *values):
     return function(*values)
 
 
-@register("Erf", 9)
-@register("Erf", 13)
+@register("Erf", since=(9, 13))
 def erf(ctx, x):
     if _is_float(x.dtype):
         return jax_on(jax.scipy.special.erf, x)
@@ -248,14 +225,12 @@ def erf(ctx, x):
     return jax_on(lambda v: jax.scipy.special.erf(v.astype(jnp.float32)).astype(v.dtype), x)
 
 
-@register("Round", 11)
-@register("Round", 22)
+@register("Round", since=(11, 22))
 def round_(ctx, x):
     return ctx.xp(x).round(x)
 
 
-@register("IsInf", 10)
-@register("IsInf", 20)
+@register("IsInf", since=(10, 20))
 def is_inf(ctx, x):
     xp = ctx.xp(x)
     infinite = xp.isinf(x)
@@ -270,8 +245,7 @@ def is_inf(ctx, x):
     return xp.zeros(np.shape(x), dtype=bool)
 
 
-@register("BitShift", 11)
-@register("BitShift", 28)
+@register("BitShift", since=(11, 28))
 def bit_shift(ctx, x, y):
     direction = ctx.attr("direction")
     xp = ctx.xp(x, y)
@@ -290,7 +264,7 @@ def bit_shift(ctx, x, y):
     return xp.where(in_range, shifted, fill).astype(x.dtype)
 
 
-@register("Shrink", 9)
+@register("Shrink", since=9)
 def shrink(ctx, x):
     lambd = ctx.attr("lambd", 0.5)
     bias = ctx.attr("bias", 0.0)

@@ -18,17 +18,14 @@ _REDUCTIONS = ("none", "sum", "mean")
 _HALF = ("float16", "bfloat16")
 
 
-@register("NegativeLogLikelihoodLoss", 12)
-@register("NegativeLogLikelihoodLoss", 13)
-@register("NegativeLogLikelihoodLoss", 22)
+@register("NegativeLogLikelihoodLoss", since=(12, 13, 22))
 def negative_log_likelihood_loss(ctx, x, target, weight=None):
     _check(ctx, x, target, weight)
     dtype = x.dtype
     return _nll(ctx, _widen(x), target, weight).astype(dtype)
 
 
-@register("SoftmaxCrossEntropyLoss", 12)
-@register("SoftmaxCrossEntropyLoss", 13)
+@register("SoftmaxCrossEntropyLoss", since=(12, 13))
 def softmax_cross_entropy_loss(ctx, scores, labels, weight=None):
     _check(ctx, scores, labels, weight)
     dtype = scores.dtype

@@ -13,9 +13,7 @@ from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import register
 
 
-@register("MatMul", 1)
-@register("MatMul", 9)
-@register("MatMul", 13)
+@register("MatMul", since=(1, 9, 13))
 def matmul(ctx, a, b):
     # jnp.matmul contracts without materialising broadcast batch dimensions (a 3-D activation
     # times a 2-D weight is one dot_general), so XLA sees a single fused GEMM.
@@ -40,12 +38,7 @@ def product_operands(ctx, *values):
     return list(values), None
 
 
-@register("Gemm", 1)
-@register("Gemm", 6)
-@register("Gemm", 7)
-@register("Gemm", 9)
-@register("Gemm", 11)
-@register("Gemm", 13)
+@register("Gemm", since=(1, 6, 7, 9, 11, 13))
 def gemm(ctx, a, b, c=None):
     xp = ctx.xp(a, b, c)
     dtype = a.dtype
@@ -77,8 +70,7 @@ def gemm(ctx, a, b, c=None):
     return y.astype(dtype)
 
 
-@register("Einsum", 12)
-@register("Einsum", 28)
+@register("Einsum", since=(12, 28))
 def einsum(ctx, *inputs):
     equation = "".join(ctx.attr("equation", "").split())
     operands, accumulate = product_operands(ctx, *inputs)
@@ -87,13 +79,12 @@ def einsum(ctx, *inputs):
     return jnp.einsum(equation, *operands, preferred_element_type=accumulate)
 
 
-@register("CumSum", 11, static_inputs=(1,))
-@register("CumSum", 14, static_inputs=(1,))
+@register("CumSum", since=(11, 14), static_inputs=(1,))
 def cumsum(ctx, x, axis):
     return _cumulative(ctx, x, axis, "cumsum", 0)
 
 
-@register("CumProd", 26, static_inputs=(1,))
+@register("CumProd", since=26, static_inputs=(1,))
 def cumprod(ctx, x, axis):
     return _cumulative(ctx, x, axis, "cumprod", 1)
 
@@ -131,9 +122,7 @@ def _softmax_axes(ctx, x):
     return tuple(range(axis, rank)) if legacy else (axis,)
 
 
-@register("Softmax", 1)
-@register("Softmax", 11)
-@register("Softmax", 13)
+@register("Softmax", since=(1, 11, 13))
 def softmax(ctx, x):
     axes = _softmax_axes(ctx, x)
     return jax_on(lambda v: in_float32(softmax_over, v, axes), x)
@@ -187,17 +176,13 @@ def _reduce_in_two_steps(rows, reduce, groups):
     return reduce(lax.optimization_barrier(partial), axis=-1, keepdims=True)
 
 
-@register("LogSoftmax", 1)
-@register("LogSoftmax", 11)
-@register("LogSoftmax", 13)
+@register("LogSoftmax", since=(1, 11, 13))
 def log_softmax(ctx, x):
     axes = _softmax_axes(ctx, x)
     return jax_on(lambda v: in_float32(jax.nn.log_softmax, v, axes), x)
 
 
-@register("Hardmax", 1)
-@register("Hardmax", 11)
-@register("Hardmax", 13)
+@register("Hardmax", since=(1, 11, 13))
 def hardmax(ctx, x):
     axes = _softmax_axes(ctx, x)
     if np.size(x) == 0 or not axes:
@@ -213,7 +198,6 @@ def hardmax(ctx, x):
     return xp.reshape((iota == index).astype(x.dtype), shape)
 
 
-@register("Det", 11)
-@register("Det", 22)
+@register("Det", since=(11, 22))
 def det(ctx, x):
     return jax_on(jnp.linalg.det, x)

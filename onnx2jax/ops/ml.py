@@ -16,9 +16,7 @@ from jax import lax
 from onnx2jax.convert import is_static
 from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.ops.cast import parse_int
-from onnx2jax.ops.registry import register
-
-ML = "ai.onnx.ml"
+from onnx2jax.ops.registry import ML, register
 
 _POST_TRANSFORMS = ("NONE", "SOFTMAX", "LOGISTIC", "SOFTMAX_ZERO", "PROBIT")
 
@@ -69,7 +67,7 @@ def _pick_labels(ctx, labels, index):
     return jnp.asarray(labels)[index]
 
 
-@register("LinearRegressor", 1, domain=ML)
+@register("LinearRegressor", since=1, domain=ML)
 def linear_regressor(ctx, x):
     xp = ctx.xp(x)
     x = _float_input(x)
@@ -82,7 +80,7 @@ def linear_regressor(ctx, x):
     return _post_transform(ctx, xp, scores, ctx.attr("post_transform", "NONE")).astype(np.float32)
 
 
-@register("LinearClassifier", 1, domain=ML)
+@register("LinearClassifier", since=1, domain=ML)
 def linear_classifier(ctx, x):
     xp = ctx.xp(x)
     x = _float_input(x)
@@ -109,7 +107,7 @@ def linear_classifier(ctx, x):
     return _pick_labels(ctx, labels, index), scores.astype(np.float32)
 
 
-@register("Scaler", 1, domain=ML)
+@register("Scaler", since=1, domain=ML)
 def scaler(ctx, x):
     x = _float_input(x)
     offset = np.asarray(ctx.attr("offset", [0.0]), x.dtype)
@@ -117,7 +115,7 @@ def scaler(ctx, x):
     return ((x - offset) * scale).astype(np.float32)
 
 
-@register("Normalizer", 1, domain=ML)
+@register("Normalizer", since=1, domain=ML)
 def normalizer(ctx, x):
     xp = ctx.xp(x)
     x = _float_input(x)
@@ -136,14 +134,14 @@ def normalizer(ctx, x):
     return (x2 / xp.where(div == 0, 1, div)).reshape(x.shape).astype(np.float32)
 
 
-@register("Binarizer", 1, domain=ML)
+@register("Binarizer", since=1, domain=ML)
 def binarizer(ctx, x):
     xp = ctx.xp(x)
     threshold = ctx.attr("threshold", 0.0)
     return xp.where(x > threshold, 1, 0).astype(x.dtype)
 
 
-@register("ArrayFeatureExtractor", 1, domain=ML)
+@register("ArrayFeatureExtractor", since=1, domain=ML)
 def array_feature_extractor(ctx, data, indices):
     xp = ctx.xp(data, indices)
     if data.dtype == object:
@@ -179,7 +177,7 @@ def _key(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-@register("LabelEncoder", 1, domain=ML)
+@register("LabelEncoder", since=1, domain=ML)
 def label_encoder_v1(ctx, x):
     classes = np.asarray(ctx.attr("classes_strings", []), dtype=object)
     if x.dtype == object:
@@ -189,8 +187,7 @@ def label_encoder_v1(ctx, x):
                    ctx.attr("default_string", "_Unused"))
 
 
-@register("LabelEncoder", 2, domain=ML)
-@register("LabelEncoder", 4, domain=ML)
+@register("LabelEncoder", since=(2, 4), domain=ML)
 def label_encoder(ctx, x):
     keys = values = None
     for name, dtype in (("keys_strings", object), ("keys_int64s", np.int64),
@@ -222,7 +219,7 @@ def label_encoder(ctx, x):
     return _lookup(ctx, x, keys, values, default)
 
 
-@register("CategoryMapper", 1, domain=ML)
+@register("CategoryMapper", since=1, domain=ML)
 def category_mapper(ctx, x):
     ints = np.asarray(ctx.attr("cats_int64s", []), dtype=np.int64)
     strings = np.asarray(ctx.attr("cats_strings", []), dtype=object)
@@ -231,7 +228,7 @@ def category_mapper(ctx, x):
     return _lookup(ctx, x, ints, strings, ctx.attr("default_string", "_Unused"))
 
 
-@register("OneHotEncoder", 1, domain=ML)
+@register("OneHotEncoder", since=1, domain=ML)
 def one_hot_encoder(ctx, x):
     if ctx.attr("cats_int64s"):
         cats = np.asarray(ctx.attr("cats_int64s"), dtype=np.int64)
@@ -253,7 +250,7 @@ def one_hot_encoder(ctx, x):
     return xp.asarray(out)
 
 
-@register("Imputer", 1, domain=ML)
+@register("Imputer", since=1, domain=ML)
 def imputer(ctx, x):
     xp = ctx.xp(x)
     if ctx.attr("imputed_value_floats"):
@@ -272,7 +269,7 @@ def imputer(ctx, x):
     return xp.where(mask, values, x)
 
 
-@register("FeatureVectorizer", 1, domain=ML)
+@register("FeatureVectorizer", since=1, domain=ML)
 def feature_vectorizer(ctx, *inputs):
     xp = ctx.xp(*inputs)
     dims = ctx.attr("inputdimensions", [])
@@ -289,7 +286,7 @@ def feature_vectorizer(ctx, *inputs):
     return xp.concatenate(parts, axis=1)
 
 
-@register("ZipMap", 1, domain=ML)
+@register("ZipMap", since=1, domain=ML)
 def zip_map(ctx, x):
     labels = _class_labels(ctx)
     if x.ndim != 2 or x.shape[1] != len(labels):
@@ -361,7 +358,7 @@ def _row(ctx, values, dtype, pad):
                       for v in values]).reshape(1, -1)
 
 
-@register("DictVectorizer", 1, domain=ML)
+@register("DictVectorizer", since=1, domain=ML)
 def dict_vectorizer(ctx, x):
     mapping = _map_input(ctx, x)
     ints, strings = ctx.attr("int64_vocabulary"), ctx.attr("string_vocabulary")
@@ -378,7 +375,7 @@ def dict_vectorizer(ctx, x):
                 "" if dtype.kind == "O" else 0)
 
 
-@register("CastMap", 1, domain=ML)
+@register("CastMap", since=1, domain=ML)
 def cast_map(ctx, x):
     mapping = _map_input(ctx, x)
     cast_to = ctx.attr("cast_to", "TO_FLOAT")
@@ -564,9 +561,7 @@ def _leaf_table(size, n_targets, rows, targets, weights, dtype):
     return table, has
 
 
-@register("TreeEnsembleRegressor", 1, domain=ML)
-@register("TreeEnsembleRegressor", 3, domain=ML)
-@register("TreeEnsembleRegressor", 5, domain=ML)
+@register("TreeEnsembleRegressor", since=(1, 3, 5), domain=ML)
 def tree_ensemble_regressor(ctx, x):
     x = _x_matrix(x)
     forest, locate = _legacy_forest(ctx, x.dtype)
@@ -586,9 +581,7 @@ def tree_ensemble_regressor(ctx, x):
         np.float32)
 
 
-@register("TreeEnsembleClassifier", 1, domain=ML)
-@register("TreeEnsembleClassifier", 3, domain=ML)
-@register("TreeEnsembleClassifier", 5, domain=ML)
+@register("TreeEnsembleClassifier", since=(1, 3, 5), domain=ML)
 def tree_ensemble_classifier(ctx, x):
     x = _x_matrix(x)
     forest, locate = _legacy_forest(ctx, x.dtype)
@@ -627,7 +620,7 @@ def tree_ensemble_classifier(ctx, x):
     return _pick_labels(ctx, labels, index), scores.astype(np.float32)
 
 
-@register("TreeEnsemble", 5, domain=ML)
+@register("TreeEnsemble", since=5, domain=ML)
 def tree_ensemble(ctx, x):
     if x.ndim != 2:
         raise ctx.error(f"X must be 2-D, got shape {x.shape}")
@@ -719,7 +712,7 @@ def _kernel(ctx, x, vectors):
     raise ctx.error(f"unknown kernel_type {kind!r}")
 
 
-@register("SVMRegressor", 1, domain=ML)
+@register("SVMRegressor", since=1, domain=ML)
 def svm_regressor(ctx, x):
     xp = ctx.xp(x)
     x = _x_matrix(x)
@@ -763,7 +756,7 @@ def _pairwise_coupling(probabilities, classes):
     return p
 
 
-@register("SVMClassifier", 1, domain=ML)
+@register("SVMClassifier", since=1, domain=ML)
 def svm_classifier(ctx, x):
     xp = ctx.xp(x)
     x = _x_matrix(x)

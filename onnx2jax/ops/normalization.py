@@ -33,10 +33,7 @@ def _moments(x, axes):
     return mean, centered, jnp.mean(centered * centered, axis=axes, keepdims=True)
 
 
-@register("BatchNormalization", 1)
-@register("BatchNormalization", 6)
-@register("BatchNormalization", 7)
-@register("BatchNormalization", 9)
+@register("BatchNormalization", since=(1, 6, 7, 9))
 def batch_normalization_legacy(ctx, x, scale, bias, mean, var):
     if ctx.num_outputs > 1 and any(ctx.has_output(i) for i in range(1, ctx.num_outputs)):
         raise ctx.error("the training outputs of BatchNormalization before opset 14 (running "
@@ -60,8 +57,7 @@ def _batch_norm_inference(ctx, x, scale, bias, mean, var):
     return (x - shaped(mean)) * inv + shaped(bias)
 
 
-@register("BatchNormalization", 14)
-@register("BatchNormalization", 15)
+@register("BatchNormalization", since=(14, 15))
 def batch_normalization(ctx, x, scale, bias, mean, var):
     if not ctx.attr("training_mode", 0):
         if ctx.has_output(1) or ctx.has_output(2):
@@ -84,9 +80,7 @@ def batch_normalization(ctx, x, scale, bias, mean, var):
     return y, running_mean, running_var
 
 
-@register("InstanceNormalization", 1)
-@register("InstanceNormalization", 6)
-@register("InstanceNormalization", 22)
+@register("InstanceNormalization", since=(1, 6, 22))
 def instance_normalization(ctx, x, scale, bias):
     x = jnp.asarray(x)
     epsilon = float(ctx.attr("epsilon", 1e-5))
@@ -107,8 +101,7 @@ def _trailing_axes_setup(ctx, x):
 
 # onnxruntime registers LayerNormalization in the ONNX domain from opset 1 (its contrib kernel,
 # the same semantics), and its transformer optimizer emits it into models of opset < 17.
-@register("LayerNormalization", 1)
-@register("LayerNormalization", 17)
+@register("LayerNormalization", since=(1, 17))
 def layer_normalization(ctx, x, scale, bias=None):
     x = jnp.asarray(x)
     axes, epsilon, stash = _trailing_axes_setup(ctx, x)
@@ -126,7 +119,7 @@ def layer_normalization(ctx, x, scale, bias=None):
     return y, mean, inv_std
 
 
-@register("RMSNormalization", 23)
+@register("RMSNormalization", since=23)
 def rms_normalization(ctx, x, scale):
     x = jnp.asarray(x)
     axes, epsilon, stash = _trailing_axes_setup(ctx, x)
@@ -136,8 +129,7 @@ def rms_normalization(ctx, x, scale):
     return normalized.astype(x.dtype) * jnp.asarray(scale).astype(x.dtype)
 
 
-@register("GroupNormalization", 18)
-@register("GroupNormalization", 21)
+@register("GroupNormalization", since=(18, 21))
 def group_normalization(ctx, x, scale, bias):
     x = jnp.asarray(x)
     groups = ctx.attr("num_groups")
@@ -166,8 +158,7 @@ def group_normalization(ctx, x, scale, bias):
     return normalized * _per_channel(scale, x.ndim) + _per_channel(bias, x.ndim)
 
 
-@register("LpNormalization", 1)
-@register("LpNormalization", 22)
+@register("LpNormalization", since=(1, 22))
 def lp_normalization(ctx, x):
     x = jnp.asarray(x)
     axis = int(ctx.attr("axis", -1))
@@ -185,8 +176,7 @@ def lp_normalization(ctx, x):
     return jnp.where(norm == 0, jnp.zeros((), x.dtype), x / safe)
 
 
-@register("MeanVarianceNormalization", 9)
-@register("MeanVarianceNormalization", 13)
+@register("MeanVarianceNormalization", since=(9, 13))
 def mean_variance_normalization(ctx, x):
     x = jnp.asarray(x)
     axes = tuple(int(a) % x.ndim for a in ctx.attr("axes", [0, 2, 3]))

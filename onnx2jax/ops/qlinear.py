@@ -30,17 +30,15 @@ from onnx2jax.ops.quantization import (
     qlinear_conv,
     quantize_linear,
 )
-from onnx2jax.ops.registry import register
+from onnx2jax.ops.registry import MS, register
 from onnx2jax.ops.rnn import _activations, _reverse, _step
-
-MS = "com.microsoft"
 
 # onnxruntime's com.microsoft QuantizeLinear/DequantizeLinear (written by the quantizer for 16-bit
 # types or with use_qdq_contrib_ops) are the ai.onnx ops with only the ``axis`` attribute.
-register("QuantizeLinear", 1, domain=MS)(quantize_linear)
-register("DequantizeLinear", 1, domain=MS)(dequantize_linear)
+register("QuantizeLinear", since=1, domain=MS)(quantize_linear)
+register("DequantizeLinear", since=1, domain=MS)(dequantize_linear)
 # MatMulInteger16: int16 x int16 -> int32 with no zero points.
-register("MatMulInteger16", 1, domain=MS)(matmul_integer)
+register("MatMulInteger16", since=1, domain=MS)(matmul_integer)
 
 
 def _scalar(value):
@@ -81,7 +79,7 @@ def _check_integer(ctx, dtype):
 
 
 # ------------------------------------------------------------------------- elementwise
-@register("QLinearAdd", 1, domain=MS)
+@register("QLinearAdd", since=1, domain=MS)
 def qlinear_add(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale,
                 c_zero_point=None):
     """MlasQLinearAdd: ``(sa / sc) * (a - za) + (sb / sc) * (b - zb)``, requantized to c."""
@@ -97,7 +95,7 @@ def qlinear_add(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale
     return _saturate(y, dtype)
 
 
-@register("QLinearMul", 1, domain=MS)
+@register("QLinearMul", since=1, domain=MS)
 def qlinear_mul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale,
                 c_zero_point=None):
     """MlasQLinearMul: ``(a - za) * (b - zb) * (sa * sb / sc)``, requantized to c."""
@@ -122,19 +120,19 @@ def _lookup_op(ctx, function, x, x_scale, x_zero_point, y_scale, y_zero_point):
                      dtype)
 
 
-@register("QLinearSigmoid", 1, domain=MS)
+@register("QLinearSigmoid", since=1, domain=MS)
 def qlinear_sigmoid(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=None):
     return _lookup_op(ctx, jax.nn.sigmoid, x, x_scale, x_zero_point, y_scale, y_zero_point)
 
 
-@register("QLinearLeakyRelu", 1, domain=MS)
+@register("QLinearLeakyRelu", since=1, domain=MS)
 def qlinear_leaky_relu(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=None):
     alpha = np.float32(ctx.attr("alpha", 0.01))
     return _lookup_op(ctx, lambda v: jnp.where(v >= 0, v, v * alpha), x, x_scale,
                       x_zero_point, y_scale, y_zero_point)
 
 
-@register("QLinearConcat", 1, domain=MS)
+@register("QLinearConcat", since=1, domain=MS)
 def qlinear_concat(ctx, y_scale, y_zero_point, *inputs):
     """Concatenate ``(X, X_scale, X_zero_point)`` triples, each requantized to Y's scale."""
     if not inputs or len(inputs) % 3:
@@ -151,7 +149,7 @@ def qlinear_concat(ctx, y_scale, y_zero_point, *inputs):
     return jnp.concatenate(parts, axis=axis)
 
 
-@register("QLinearWhere", 1, domain=MS)
+@register("QLinearWhere", since=1, domain=MS)
 def qlinear_where(ctx, condition, x, x_scale, x_zero_point, y, y_scale, y_zero_point,
                   z_scale, z_zero_point):
     dtype = _out_dtype(z_zero_point, x)
@@ -163,7 +161,7 @@ def qlinear_where(ctx, condition, x, x_scale, x_zero_point, y, y_scale, y_zero_p
 
 # ------------------------------------------------------------------------- softmax
 # x_scale static: an initializer stays a constant, so the table is built in double precision.
-@register("QLinearSoftmax", 1, domain=MS, static_inputs=(1,))
+@register("QLinearSoftmax", since=1, domain=MS, static_inputs=(1,))
 def qlinear_softmax(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
     """onnxruntime's QLinearSoftmax, which is not the exact softmax of the dequantized input.
 
@@ -232,7 +230,7 @@ def _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype):
     return _requantize(jnp, acc, multiplier, _scalar(y_zero_point), dtype)
 
 
-@register("QLinearGlobalAveragePool", 1, domain=MS)
+@register("QLinearGlobalAveragePool", since=1, domain=MS)
 def qlinear_global_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
     dtype = _out_dtype(y_zero_point, x)
     _check_integer(ctx, dtype)
@@ -243,7 +241,7 @@ def qlinear_global_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_p
     return y if back is None else jnp.transpose(y, back)
 
 
-@register("QLinearAveragePool", 1, domain=MS)
+@register("QLinearAveragePool", since=1, domain=MS)
 def qlinear_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=None):
     """onnxruntime's QLinearAveragePool: the float average of the dequantized window,
     quantized (``count_include_pad`` and ``ceil_mode`` as AveragePool, no dilations).
@@ -272,7 +270,7 @@ def qlinear_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=No
     return y if back is None else jnp.transpose(y, back)
 
 
-@register("QLinearReduceMean", 1, domain=MS)
+@register("QLinearReduceMean", since=1, domain=MS)
 def qlinear_reduce_mean(ctx, data, data_scale, data_zero_point, reduced_scale,
                         reduced_zero_point=None):
     """The mean of the dequantized input over ``axes``, quantized. onnxruntime's CPU provider
@@ -293,7 +291,7 @@ def qlinear_reduce_mean(ctx, data, data_scale, data_zero_point, reduced_scale,
 
 
 # ------------------------------------------------------------------------- conv, gemm, matmul
-@register("QLinearConv", 1, domain=MS)
+@register("QLinearConv", since=1, domain=MS)
 def qlinear_conv_ms(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
                     y_zero_point, bias=None):
     """QLinearConv with an optional channels_last (NHWC) input and output."""
@@ -303,7 +301,7 @@ def qlinear_conv_ms(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_s
     return y if back is None else jnp.transpose(y, back)
 
 
-@register("QGemm", 1, domain=MS)
+@register("QGemm", since=1, domain=MS)
 def qgemm(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_scale=None,
           y_zero_point=None):
     """``alpha * a_scale * b_scale * ((A - za) @ (B - zb) + C)`` with C an int32 bias; float
@@ -339,13 +337,13 @@ def _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias):
     return y if bias is None else y + jnp.asarray(bias).astype(jnp.float32)
 
 
-@register("MatMulIntegerToFloat", 1, domain=MS)
+@register("MatMulIntegerToFloat", since=1, domain=MS)
 def matmul_integer_to_float(ctx, a, b, a_scale, b_scale, a_zero_point=None, b_zero_point=None,
                             bias=None):
     return _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias)
 
 
-@register("DynamicQuantizeMatMul", 1, domain=MS)
+@register("DynamicQuantizeMatMul", since=1, domain=MS)
 def dynamic_quantize_matmul(ctx, a, b, b_scale, b_zero_point=None, bias=None):
     """A quantized to uint8 as DynamicQuantizeLinear does, then MatMulIntegerToFloat."""
     a_q, a_scale, a_zero_point = dynamic_quantize_uint8(jnp, jnp.asarray(a))
@@ -365,7 +363,7 @@ def _dequantize_weight(x, scale, zero_point, axis):
     return y * scale.astype(jnp.float32)
 
 
-@register("QAttention", 1, domain=MS)
+@register("QAttention", since=1, domain=MS)
 def qattention(ctx, x, weight, bias, input_scale, weight_scale, mask_index=None,
                input_zero_point=None, weight_zero_point=None, past=None):
     """com.microsoft Attention on a quantized input and weight (per-column weight scales and
@@ -375,7 +373,7 @@ def qattention(ctx, x, weight, bias, input_scale, weight_scale, mask_index=None,
     return contrib.attention(ctx, x, weight, bias, mask_index, past)
 
 
-@register("QEmbedLayerNormalization", 1, domain=MS)
+@register("QEmbedLayerNormalization", since=1, domain=MS)
 def qembed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embedding,
                       segment_embedding, gamma, beta, mask, word_embedding_scale,
                       position_embedding_scale, segment_embedding_scale, gamma_scale,
@@ -405,7 +403,7 @@ def _dynamic_matmul(a, w, w_scale, w_zero_point):
     return _matmul_to_float(a_q, w, a_scale, w_scale, a_zero_point, w_zero_point, None)
 
 
-@register("DynamicQuantizeLSTM", 1, domain=MS)
+@register("DynamicQuantizeLSTM", since=1, domain=MS)
 def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None,
                           initial_c=None, p=None, w_scale=None, w_zero_point=None,
                           r_scale=None, r_zero_point=None):

@@ -88,14 +88,7 @@ def _saturate_to(xp, y, elem_type, saturate):
     return y.astype(dtype)
 
 
-@register("QuantizeLinear", 10)
-@register("QuantizeLinear", 13)
-@register("QuantizeLinear", 19)
-@register("QuantizeLinear", 21)
-@register("QuantizeLinear", 23)
-@register("QuantizeLinear", 24)
-@register("QuantizeLinear", 25)
-@register("QuantizeLinear", 28)
+@register("QuantizeLinear", since=(10, 13, 19, 21, 23, 24, 25, 28))
 def quantize_linear(ctx, x, scale, zero_point=None):
     xp = ctx.xp(x, scale, zero_point)
     axis = ctx.attr("axis", 1)
@@ -131,14 +124,7 @@ def quantize_linear(ctx, x, scale, zero_point=None):
     return _saturate_to(xp, y, elem_type, ctx.attr("saturate", 1))
 
 
-@register("DequantizeLinear", 10)
-@register("DequantizeLinear", 13)
-@register("DequantizeLinear", 19)
-@register("DequantizeLinear", 21)
-@register("DequantizeLinear", 23)
-@register("DequantizeLinear", 24)
-@register("DequantizeLinear", 25)
-@register("DequantizeLinear", 28)
+@register("DequantizeLinear", since=(10, 13, 19, 21, 23, 24, 25, 28))
 def dequantize_linear(ctx, x, scale, zero_point=None):
     xp = ctx.xp(x, scale, zero_point)
     _check_host_only(ctx, xp, onnx_elem_type(x.dtype))
@@ -157,7 +143,7 @@ def dequantize_linear(ctx, x, scale, zero_point=None):
     return (y * scale.astype(compute)).astype(out_dtype)
 
 
-@register("DynamicQuantizeLinear", 11)
+@register("DynamicQuantizeLinear", since=11)
 def dynamic_quantize_linear(ctx, x):
     xp = ctx.xp(x)
     y, scale, zero_point = dynamic_quantize_uint8(xp, x)
@@ -203,7 +189,7 @@ def _int_matmul(xp, a, b):
     return jnp.matmul(a, b, preferred_element_type=jnp.int32)
 
 
-@register("MatMulInteger", 10)
+@register("MatMulInteger", since=10)
 def matmul_integer(ctx, a, b, a_zero_point=None, b_zero_point=None):
     xp = ctx.xp(a, b, a_zero_point, b_zero_point)
     # A 1-D a_zero_point is per row of A; a 1-D b_zero_point per column of B.
@@ -231,8 +217,7 @@ def _per_axis(value, ndim, axis):
     return value.reshape(dims)
 
 
-@register("QLinearMatMul", 10)
-@register("QLinearMatMul", 21)
+@register("QLinearMatMul", since=(10, 21))
 def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
                    y_zero_point):
     xp = ctx.xp(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point)
@@ -288,7 +273,7 @@ def _int_conv(ctx, x32, w32):
         feature_group_count=ctx.attr("group", 1), preferred_element_type=jnp.int32)
 
 
-@register("ConvInteger", 10)
+@register("ConvInteger", since=10)
 def conv_integer(ctx, x, w, x_zero_point=None, w_zero_point=None):
     xp = ctx.xp(x, w, x_zero_point, w_zero_point)
     x32 = _as_int32(xp, x, x_zero_point)
@@ -296,7 +281,7 @@ def conv_integer(ctx, x, w, x_zero_point=None, w_zero_point=None):
     return _int_conv(ctx, x32, w32)
 
 
-@register("QLinearConv", 10)
+@register("QLinearConv", since=10)
 def qlinear_conv(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
                  y_zero_point, bias=None):
     xp = ctx.xp(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,

@@ -61,32 +61,27 @@ def _uniform(ctx, shape, dtype):
                               ctx.attr("high", 1.0))
 
 
-@register("RandomNormal", 1)
-@register("RandomNormal", 22)
+@register("RandomNormal", since=(1, 22))
 def random_normal(ctx):
     return _normal(ctx, _shape(ctx), _output_dtype(ctx))
 
 
-@register("RandomUniform", 1)
-@register("RandomUniform", 22)
+@register("RandomUniform", since=(1, 22))
 def random_uniform(ctx):
     return _uniform(ctx, _shape(ctx), _output_dtype(ctx))
 
 
-@register("RandomNormalLike", 1)
-@register("RandomNormalLike", 22)
+@register("RandomNormalLike", since=(1, 22))
 def random_normal_like(ctx, x):
     return _normal(ctx, np.shape(x), _output_dtype(ctx, x))
 
 
-@register("RandomUniformLike", 1)
-@register("RandomUniformLike", 22)
+@register("RandomUniformLike", since=(1, 22))
 def random_uniform_like(ctx, x):
     return _uniform(ctx, np.shape(x), _output_dtype(ctx, x))
 
 
-@register("Multinomial", 7)
-@register("Multinomial", 22)
+@register("Multinomial", since=(7, 22))
 def multinomial(ctx, logits):
     if np.ndim(logits) != 2:
         raise ctx.error(f"input of shape {np.shape(logits)} is not [batch, classes]")
@@ -101,8 +96,7 @@ def multinomial(ctx, logits):
     return drawn.T.astype(jax.dtypes.canonicalize_dtype(dtype))
 
 
-@register("Bernoulli", 15)
-@register("Bernoulli", 22)
+@register("Bernoulli", since=(15, 22))
 def bernoulli(ctx, p):
     dtype = jax.dtypes.canonicalize_dtype(_output_dtype(ctx, p))
     return jax.random.bernoulli(_key(ctx), jnp.asarray(p)).astype(dtype)

@@ -203,26 +203,16 @@ def _cell(ctx, kind, r, rb, peep, acts, clip, hidden):
     return lstm_cell
 
 
-@register("RNN", 1)
-@register("RNN", 7)
-@register("RNN", 14)
-@register("RNN", 22)
+@register("RNN", since=(1, 7, 14, 22))
 def rnn(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None):
     return _recurrent(ctx, "RNN", x, w, r, b, sequence_lens, initial_h)
 
 
-@register("GRU", 1)
-@register("GRU", 3)
-@register("GRU", 7)
-@register("GRU", 14)
-@register("GRU", 22)
+@register("GRU", since=(1, 3, 7, 14, 22))
 def gru(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None):
     return _recurrent(ctx, "GRU", x, w, r, b, sequence_lens, initial_h)
 
 
-@register("LSTM", 1)
-@register("LSTM", 7)
-@register("LSTM", 14)
-@register("LSTM", 22)
+@register("LSTM", since=(1, 7, 14, 22))
 def lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None):
     return _recurrent(ctx, "LSTM", x, w, r, b, sequence_lens, initial_h, initial_c, p)

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from onnx2jax.ops.registry import register
+from onnx2jax.ops.registry import MS, register
 
 
 def _strings(ctx, value, index=0):
@@ -19,7 +19,7 @@ def _strings(ctx, value, index=0):
     return value.astype(object)
 
 
-@register("StringNormalizer", 10)
+@register("StringNormalizer", since=10)
 def string_normalizer(ctx, x):
     x = _strings(ctx, x)
     if x.ndim not in (1, 2) or x.ndim == 2 and x.shape[0] != 1:
@@ -44,13 +44,13 @@ def string_normalizer(ctx, x):
 _concat = np.frompyfunc(operator.add, 2, 1)
 
 
-@register("StringConcat", 20)
+@register("StringConcat", since=20)
 def string_concat(ctx, x, y):
     x, y = _strings(ctx, x, 0), _strings(ctx, y, 1)
     return np.asarray(_concat(x, y), dtype=object).reshape(np.broadcast_shapes(x.shape, y.shape))
 
 
-@register("StringSplit", 20)
+@register("StringSplit", since=20)
 def string_split(ctx, x):
     x = _strings(ctx, x)
     delimiter = ctx.attr("delimiter") or None
@@ -64,7 +64,7 @@ def string_split(ctx, x):
     return out.reshape(*x.shape, width), counts
 
 
-@register("RegexFullMatch", 20)
+@register("RegexFullMatch", since=20)
 def regex_full_match(ctx, x):
     x = _strings(ctx, x)
     try:
@@ -88,7 +88,7 @@ def _pool_grams(ctx, pool_size):
     return spans
 
 
-@register("TfIdfVectorizer", 9)
+@register("TfIdfVectorizer", since=9)
 def tfidf_vectorizer(ctx, x):
     mode = ctx.attr("mode")
     if mode not in ("TF", "IDF", "TFIDF"):
@@ -202,7 +202,7 @@ def _matches_of(pattern, text, mincharnum):
     return tokens
 
 
-@register("Tokenizer", 1, domain="com.microsoft")
+@register("Tokenizer", since=1, domain=MS)
 def tokenizer(ctx, x):
     """Split each string into tokens: by the ``separators`` expressions, applied one after the
     other, or as the matches of ``tokenexp`` (its split points with ``tokenexpsplit``, an

@@ -12,9 +12,7 @@ import jax
 import jax.numpy as jnp
 import onnx
 
-from onnx2jax.ops.registry import register
-
-TRAINING = "ai.onnx.preview.training"
+from onnx2jax.ops.registry import TRAINING, register
 
 
 def _split_groups(ctx, inputs, groups):
@@ -26,7 +24,7 @@ def _split_groups(ctx, inputs, groups):
     return inputs[0], inputs[1], [rest[i * n:(i + 1) * n] for i in range(groups)]
 
 
-@register("Adagrad", 1, domain=TRAINING)
+@register("Adagrad", since=1, domain=TRAINING)
 def adagrad(ctx, *inputs):
     r, t, (xs, gs, hs) = _split_groups(ctx, inputs, 3)
     xp = ctx.xp(*inputs)
@@ -43,7 +41,7 @@ def adagrad(ctx, *inputs):
     return tuple(new_xs + new_hs)
 
 
-@register("Adam", 1, domain=TRAINING)
+@register("Adam", since=1, domain=TRAINING)
 def adam(ctx, *inputs):
     r, t, (xs, gs, vs, hs) = _split_groups(ctx, inputs, 4)
     xp = ctx.xp(*inputs)
@@ -66,7 +64,7 @@ def adam(ctx, *inputs):
     return tuple(outputs[0] + outputs[1] + outputs[2])
 
 
-@register("Momentum", 1, domain=TRAINING)
+@register("Momentum", since=1, domain=TRAINING)
 def momentum(ctx, *inputs):
     r, t, (xs, gs, vs) = _split_groups(ctx, inputs, 3)
     xp = ctx.xp(*inputs)
@@ -121,7 +119,7 @@ def _forward_graph(ctx, xs, y):
     return graph
 
 
-@register("Gradient", 1, domain=TRAINING)
+@register("Gradient", since=1, domain=TRAINING)
 def gradient(ctx, *inputs):
     xs = list(ctx.attr("xs", []))
     y = ctx.attr("y")
