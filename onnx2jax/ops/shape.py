@@ -38,54 +38,24 @@ def _along(axis, index, rank):
     return (slice(None),) * axis + (index,) + (slice(None),) * (rank - axis - 1)
 
 
-@register("Shape", 1)
-@register("Shape", 13)
-@register("Shape", 15)
-@register("Shape", 19)
-@register("Shape", 21)
-@register("Shape", 23)
-@register("Shape", 24)
-@register("Shape", 25)
+@register("Shape", since=(1, 13, 15, 19, 21, 23, 24, 25))
 def shape(ctx, x):
     dims = np.asarray(np.shape(x), dtype=np.int64)
     # Python slicing clamps start and end to [0, rank] exactly as the spec asks.
     return dims[slice(ctx.attr("start", 0), ctx.attr("end", len(dims)))]
 
 
-@register("Size", 1)
-@register("Size", 13)
-@register("Size", 19)
-@register("Size", 21)
-@register("Size", 23)
-@register("Size", 24)
-@register("Size", 25)
+@register("Size", since=(1, 13, 19, 21, 23, 24, 25))
 def size(ctx, x):
     return np.asarray(np.prod(np.shape(x), dtype=np.int64), dtype=np.int64)
 
 
-@register("Identity", 1)
-@register("Identity", 13)
-@register("Identity", 14)
-@register("Identity", 16)
-@register("Identity", 19)
-@register("Identity", 21)
-@register("Identity", 23)
-@register("Identity", 24)
-@register("Identity", 25)
+@register("Identity", since=(1, 13, 14, 16, 19, 21, 23, 24, 25))
 def identity(ctx, x):
     return x
 
 
-@register("Constant", 1)
-@register("Constant", 9)
-@register("Constant", 11)
-@register("Constant", 12)
-@register("Constant", 13)
-@register("Constant", 19)
-@register("Constant", 21)
-@register("Constant", 23)
-@register("Constant", 24)
-@register("Constant", 25)
+@register("Constant", since=(1, 9, 11, 12, 13, 19, 21, 23, 24, 25))
 def constant(ctx):
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
                        ("value_int", np.int64), ("value_ints", np.int64)):
@@ -123,32 +93,20 @@ def _reshape_target(ctx, data_shape, target, allowzero):
     return target
 
 
-@register("Reshape", 5, static_inputs=(1,))
-@register("Reshape", 13, static_inputs=(1,))
-@register("Reshape", 14, static_inputs=(1,))
-@register("Reshape", 19, static_inputs=(1,))
-@register("Reshape", 21, static_inputs=(1,))
-@register("Reshape", 23, static_inputs=(1,))
-@register("Reshape", 24, static_inputs=(1,))
-@register("Reshape", 25, static_inputs=(1,))
+@register("Reshape", since=(5, 13, 14, 19, 21, 23, 24, 25), static_inputs=(1,))
 def reshape(ctx, data, target_shape):
     target = ctx.static_ints(target_shape, 1, "the target shape")
     target = _reshape_target(ctx, np.shape(data), target, ctx.attr("allowzero", 0))
     return ctx.xp(data).reshape(data, target)
 
 
-@register("Reshape", 1)
+@register("Reshape", since=1)
 def reshape_v1(ctx, data):
     target = _reshape_target(ctx, np.shape(data), ctx.attr("shape"), 0)
     return ctx.xp(data).reshape(data, target)
 
 
-@register("Transpose", 1)
-@register("Transpose", 13)
-@register("Transpose", 21)
-@register("Transpose", 23)
-@register("Transpose", 24)
-@register("Transpose", 25)
+@register("Transpose", since=(1, 13, 21, 23, 24, 25))
 def transpose(ctx, x):
     perm = ctx.attr("perm")
     if perm is not None:
@@ -158,17 +116,12 @@ def transpose(ctx, x):
     return ctx.xp(x).transpose(x, perm)
 
 
-@register("Unsqueeze", 1)
-@register("Unsqueeze", 11)
+@register("Unsqueeze", since=(1, 11))
 def unsqueeze_v1(ctx, x):
     return _unsqueeze(ctx, x, ctx.attr("axes"))
 
 
-@register("Unsqueeze", 13, static_inputs=(1,))
-@register("Unsqueeze", 21, static_inputs=(1,))
-@register("Unsqueeze", 23, static_inputs=(1,))
-@register("Unsqueeze", 24, static_inputs=(1,))
-@register("Unsqueeze", 25, static_inputs=(1,))
+@register("Unsqueeze", since=(13, 21, 23, 24, 25), static_inputs=(1,))
 def unsqueeze(ctx, x, axes):
     return _unsqueeze(ctx, x, ctx.static_ints(axes, 1, "the axes"))
 
@@ -178,17 +131,12 @@ def _unsqueeze(ctx, x, axes):
     return ctx.xp(x).expand_dims(x, tuple(sorted(axes)))
 
 
-@register("Squeeze", 1)
-@register("Squeeze", 11)
+@register("Squeeze", since=(1, 11))
 def squeeze_v1(ctx, x):
     return _squeeze(ctx, x, ctx.attr("axes"))
 
 
-@register("Squeeze", 13, static_inputs=(1,))
-@register("Squeeze", 21, static_inputs=(1,))
-@register("Squeeze", 23, static_inputs=(1,))
-@register("Squeeze", 24, static_inputs=(1,))
-@register("Squeeze", 25, static_inputs=(1,))
+@register("Squeeze", since=(13, 21, 23, 24, 25), static_inputs=(1,))
 def squeeze(ctx, x, axes=None):
     return _squeeze(ctx, x, None if axes is None else ctx.static_ints(axes, 1, "the axes"))
 
@@ -205,10 +153,7 @@ def _squeeze(ctx, x, axes):
     return ctx.xp(x).squeeze(x, tuple(axes))
 
 
-@register("Concat", 1)
-@register("Concat", 4)
-@register("Concat", 11)
-@register("Concat", 13)
+@register("Concat", since=(1, 4, 11, 13))
 def concat(ctx, *inputs):
     if not inputs:
         raise ctx.error("Concat needs at least one input")
@@ -216,14 +161,7 @@ def concat(ctx, *inputs):
     return ctx.xp(*inputs).concatenate(inputs, axis=axis)
 
 
-@register("Flatten", 1)
-@register("Flatten", 9)
-@register("Flatten", 11)
-@register("Flatten", 13)
-@register("Flatten", 21)
-@register("Flatten", 23)
-@register("Flatten", 24)
-@register("Flatten", 25)
+@register("Flatten", since=(1, 9, 11, 13, 21, 23, 24, 25))
 def flatten(ctx, x):
     dims = np.shape(x)
     axis = ctx.attr("axis", 1)
@@ -234,8 +172,7 @@ def flatten(ctx, x):
     return ctx.xp(x).reshape(x, (outer, int(np.prod(dims[axis:], dtype=np.int64))))
 
 
-@register("Expand", 8, static_inputs=(1,))
-@register("Expand", 13, static_inputs=(1,))
+@register("Expand", since=(8, 13), static_inputs=(1,))
 def expand(ctx, x, shape):
     dims = ctx.static_ints(shape, 1, "the shape")
     try:
@@ -246,7 +183,7 @@ def expand(ctx, x, shape):
     return ctx.xp(x).broadcast_to(x, target)
 
 
-@register("Tile", 1, static_inputs=(1, 2))
+@register("Tile", since=1, static_inputs=(1, 2))
 def tile_v1(ctx, x, tiles, axis):
     reps = [1] * np.ndim(x)
     reps[_axis(ctx, ctx.static_ints(axis, 2, "the axis")[0], np.ndim(x))] = \
@@ -254,8 +191,7 @@ def tile_v1(ctx, x, tiles, axis):
     return ctx.xp(x).tile(x, reps)
 
 
-@register("Tile", 6, static_inputs=(1,))
-@register("Tile", 13, static_inputs=(1,))
+@register("Tile", since=(6, 13), static_inputs=(1,))
 def tile(ctx, x, repeats):
     reps = ctx.static_ints(repeats, 1, "the repeats")
     if len(reps) != np.ndim(x) or min(reps, default=0) < 0:
@@ -263,12 +199,7 @@ def tile(ctx, x, repeats):
     return ctx.xp(x).tile(x, reps)
 
 
-@register("ConstantOfShape", 9, static_inputs=(0,))
-@register("ConstantOfShape", 20, static_inputs=(0,))
-@register("ConstantOfShape", 21, static_inputs=(0,))
-@register("ConstantOfShape", 23, static_inputs=(0,))
-@register("ConstantOfShape", 24, static_inputs=(0,))
-@register("ConstantOfShape", 25, static_inputs=(0,))
+@register("ConstantOfShape", since=(9, 20, 21, 23, 24, 25), static_inputs=(0,))
 def constant_of_shape(ctx, shape):
     dims = ctx.static_ints(shape, 0, "the shape")
     if min(dims, default=0) < 0:
@@ -283,8 +214,7 @@ def constant_of_shape(ctx, shape):
     return np.full(dims, value[0], dtype=value.dtype)
 
 
-@register("Range", 11, static_inputs=(0, 1, 2))
-@register("Range", 27, static_inputs=(0, 1, 2))
+@register("Range", since=(11, 27), static_inputs=(0, 1, 2))
 def range_(ctx, start, limit, delta):
     start, limit, delta = (np.asarray(ctx.static(v, i, what)).reshape(()) for i, (v, what) in
                            enumerate(((start, "start"), (limit, "limit"), (delta, "delta"))))
@@ -301,8 +231,7 @@ def range_(ctx, start, limit, delta):
     return np.arange(start.item(), limit.item(), delta.item()).astype(dtype)
 
 
-@register("EyeLike", 9)
-@register("EyeLike", 22)
+@register("EyeLike", since=(9, 22))
 def eye_like(ctx, x):
     if np.ndim(x) != 2:
         raise ctx.error(f"EyeLike takes a 2-D input, got rank {np.ndim(x)}")
@@ -312,7 +241,7 @@ def eye_like(ctx, x):
     return np.eye(rows, cols, k=ctx.attr("k", 0), dtype=dtype)
 
 
-@register("Trilu", 14, static_inputs=(1,))
+@register("Trilu", since=14, static_inputs=(1,))
 def trilu(ctx, x, k=None):
     k = 0 if k is None else ctx.static_ints(k, 1, "k")[0]
     if np.ndim(x) < 2:
@@ -321,9 +250,7 @@ def trilu(ctx, x, k=None):
     return xp.triu(x, k) if ctx.attr("upper", 1) else xp.tril(x, k)
 
 
-@register("OneHot", 9, static_inputs=(1,))
-@register("OneHot", 11, static_inputs=(1,))
-@register("OneHot", 28, static_inputs=(1,))
+@register("OneHot", since=(9, 11, 28), static_inputs=(1,))
 def one_hot(ctx, indices, depth, values):
     depth = np.asarray(ctx.static(depth, 1, "the depth")).reshape(-1)
     if depth.size != 1 or depth[0] < 1:
@@ -350,24 +277,17 @@ def one_hot(ctx, indices, depth, values):
 _PAD_MODES = ("constant", "reflect", "edge", "wrap")
 
 
-@register("Pad", 1)
+@register("Pad", since=1)
 def pad_v1(ctx, data):
     return _pad(ctx, data, ctx.attr("paddings"), ctx.attr("value", 0.0), None)
 
 
-@register("Pad", 2)
+@register("Pad", since=2)
 def pad_v2(ctx, data):
     return _pad(ctx, data, ctx.attr("pads"), ctx.attr("value", 0.0), None)
 
 
-@register("Pad", 11, static_inputs=(1, 2, 3))
-@register("Pad", 13, static_inputs=(1, 2, 3))
-@register("Pad", 18, static_inputs=(1, 2, 3))
-@register("Pad", 19, static_inputs=(1, 2, 3))
-@register("Pad", 21, static_inputs=(1, 2, 3))
-@register("Pad", 23, static_inputs=(1, 2, 3))
-@register("Pad", 24, static_inputs=(1, 2, 3))
-@register("Pad", 25, static_inputs=(1, 2, 3))
+@register("Pad", since=(11, 13, 18, 19, 21, 23, 24, 25), static_inputs=(1, 2, 3))
 def pad(ctx, data, pads, constant_value=None, axes=None):
     pads = ctx.static_ints(pads, 1, "the pads")
     axes = None if axes is None else ctx.static_ints(axes, 3, "the axes")
@@ -422,10 +342,7 @@ def _blocks(ctx, x):
     return block, mode, np.shape(x)
 
 
-@register("DepthToSpace", 1)
-@register("DepthToSpace", 11)
-@register("DepthToSpace", 13)
-@register("DepthToSpace", 28)
+@register("DepthToSpace", since=(1, 11, 13, 28))
 def depth_to_space(ctx, x):
     block, mode, (n, c, h, w) = _blocks(ctx, x)
     if c % (block * block):
@@ -439,9 +356,7 @@ def depth_to_space(ctx, x):
     return xp.reshape(x, (n, depth, h * block, w * block))
 
 
-@register("SpaceToDepth", 1)
-@register("SpaceToDepth", 13)
-@register("SpaceToDepth", 28)
+@register("SpaceToDepth", since=(1, 13, 28))
 def space_to_depth(ctx, x):
     block, mode, (n, c, h, w) = _blocks(ctx, x)
     if h % block or w % block:
@@ -452,7 +367,7 @@ def space_to_depth(ctx, x):
     return xp.reshape(x, (n, c * block * block, h // block, w // block))
 
 
-@register("CenterCropPad", 18, static_inputs=(1,))
+@register("CenterCropPad", since=18, static_inputs=(1,))
 def center_crop_pad(ctx, x, shape):
     sizes = ctx.static_ints(shape, 1, "the shape")
     dims = np.shape(x)
@@ -473,8 +388,7 @@ def center_crop_pad(ctx, x, shape):
     return ctx.xp(x).pad(x, widths) if any(b or e for b, e in widths) else x
 
 
-@register("ReverseSequence", 10)
-@register("ReverseSequence", 28)
+@register("ReverseSequence", since=(10, 28))
 def reverse_sequence(ctx, x, sequence_lens):
     rank = np.ndim(x)
     batch_axis = _axis(ctx, ctx.attr("batch_axis", 1), rank, "batch_axis")
@@ -493,20 +407,18 @@ def reverse_sequence(ctx, x, sequence_lens):
     return xp.take_along_axis(x, source, axis=time_axis, mode="clip")
 
 
-@register("Split", 1, static_inputs=(1,))
+@register("Split", since=1, static_inputs=(1,))
 def split_v1(ctx, x, split=None):
     sizes = ctx.attr("split") if split is None else ctx.static_ints(split, 1, "the split")
     return _split(ctx, x, sizes, None)
 
 
-@register("Split", 2)
-@register("Split", 11)
+@register("Split", since=(2, 11))
 def split_v2(ctx, x):
     return _split(ctx, x, ctx.attr("split"), None)
 
 
-@register("Split", 13, static_inputs=(1,))
-@register("Split", 18, static_inputs=(1,))
+@register("Split", since=(13, 18), static_inputs=(1,))
 def split(ctx, x, split=None):
     sizes = None if split is None else ctx.static_ints(split, 1, "the split")
     if sizes is not None and ctx.attr("num_outputs") is not None:
@@ -534,7 +446,7 @@ def _split(ctx, x, sizes, num_outputs):
                  for a, b in zip(offsets[:-1], offsets[1:], strict=True))
 
 
-@register("Slice", 1)
+@register("Slice", since=1)
 def slice_v1(ctx, x):
     starts, ends = ctx.attr("starts"), ctx.attr("ends")
     if starts is None or ends is None:
@@ -542,9 +454,7 @@ def slice_v1(ctx, x):
     return _slice(ctx, x, starts, ends, ctx.attr("axes"), None)
 
 
-@register("Slice", 10, static_inputs=(1, 2, 3, 4))
-@register("Slice", 11, static_inputs=(1, 2, 3, 4))
-@register("Slice", 13, static_inputs=(1, 2, 3, 4))
+@register("Slice", since=(10, 11, 13), static_inputs=(1, 2, 3, 4))
 def slice_(ctx, x, starts, ends, axes=None, steps=None):
     return _slice(
         ctx, x, ctx.static_ints(starts, 1, "the starts"), ctx.static_ints(ends, 2, "the ends"),
