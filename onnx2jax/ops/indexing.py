@@ -60,9 +60,7 @@ def _take(x, indices, axis):
     return jnp.take(x, indices, axis=axis, mode="clip")
 
 
-@register("Gather", 1)
-@register("Gather", 11)
-@register("Gather", 13)
+@register("Gather", since=(1, 11, 13))
 def gather(ctx, data, indices):
     axis = _axis(ctx, ctx.attr("axis", 0), np.ndim(data))
     if is_static(data) and np.asarray(data).dtype == object:
@@ -70,8 +68,7 @@ def gather(ctx, data, indices):
     return _take(data, _wrap(ctx, indices, np.shape(data)[axis]), axis)
 
 
-@register("GatherElements", 11)
-@register("GatherElements", 13)
+@register("GatherElements", since=(11, 13))
 def gather_elements(ctx, data, indices):
     rank = np.ndim(data)
     axis = _axis(ctx, ctx.attr("axis", 0), rank)
@@ -90,9 +87,7 @@ def gather_elements(ctx, data, indices):
     return jnp.take_along_axis(data, indices, axis=axis, mode=mode)
 
 
-@register("GatherND", 11)
-@register("GatherND", 12)
-@register("GatherND", 13)
+@register("GatherND", since=(11, 12, 13))
 def gather_nd(ctx, data, indices):
     batch_dims = ctx.attr("batch_dims", 0)
     dims, index_dims = np.shape(data), np.shape(indices)
@@ -162,24 +157,17 @@ def _scatter_elements(ctx, data, indices, updates, reduction):
     return _scatter(ctx, data, index, updates, reduction)
 
 
-@register("Scatter", 9)
-@register("Scatter", 11)
+@register("Scatter", since=(9, 11))
 def scatter(ctx, data, indices, updates):
     return _scatter_elements(ctx, data, indices, updates, "none")
 
 
-@register("ScatterElements", 11)
-@register("ScatterElements", 13)
-@register("ScatterElements", 16)
-@register("ScatterElements", 18)
+@register("ScatterElements", since=(11, 13, 16, 18))
 def scatter_elements(ctx, data, indices, updates):
     return _scatter_elements(ctx, data, indices, updates, _reduction(ctx))
 
 
-@register("ScatterND", 11)
-@register("ScatterND", 13)
-@register("ScatterND", 16)
-@register("ScatterND", 18)
+@register("ScatterND", since=(11, 13, 16, 18))
 def scatter_nd(ctx, data, indices, updates):
     dims, index_dims = np.shape(data), np.shape(indices)
     depth = index_dims[-1] if index_dims else 0
@@ -192,7 +180,7 @@ def scatter_nd(ctx, data, indices, updates):
     return _scatter(ctx, data, index, updates, _reduction(ctx))
 
 
-@register("TensorScatter", 24)
+@register("TensorScatter", since=24)
 def tensor_scatter(ctx, past_cache, update, write_indices=None):
     mode = ctx.attr("mode", "linear")
     if mode not in ("linear", "circular"):
@@ -219,14 +207,12 @@ def tensor_scatter(ctx, past_cache, update, write_indices=None):
     return _scatter(ctx, past_cache, index, moved, "none")
 
 
-@register("TopK", 1)
+@register("TopK", since=1)
 def top_k_v1(ctx, x):
     return _top_k(ctx, x, ctx.attr("k"), largest=True)
 
 
-@register("TopK", 10, static_inputs=(1,))
-@register("TopK", 11, static_inputs=(1,))
-@register("TopK", 24, static_inputs=(1,))
+@register("TopK", since=(10, 11, 24), static_inputs=(1,))
 def top_k(ctx, x, k):
     return _top_k(ctx, x, ctx.static_ints(k, 1, "k")[0], bool(ctx.attr("largest", 1)))
 
@@ -251,15 +237,13 @@ def _top_k(ctx, x, k, largest):
     return xp.moveaxis(values, -1, axis), xp.moveaxis(order, -1, axis)
 
 
-@register("NonZero", 9)
-@register("NonZero", 13)
+@register("NonZero", since=(9, 13))
 def non_zero(ctx, x):
     values = np.asarray(ctx.static(x, 0, "the input (its count of non-zeros sizes the output)"))
     return np.argwhere(values).T.astype(np.int64)
 
 
-@register("Unique", 11)
-@register("Unique", 28)
+@register("Unique", since=(11, 28))
 def unique(ctx, x):
     values = np.asarray(ctx.static(x, 0, "the input (its distinct values size the output)"))
     axis = ctx.attr("axis")
@@ -279,9 +263,7 @@ def unique(ctx, x):
             counts.astype(np.int64))
 
 
-@register("Compress", 9, static_inputs=(1,))
-@register("Compress", 11, static_inputs=(1,))
-@register("Compress", 28, static_inputs=(1,))
+@register("Compress", since=(9, 11, 28), static_inputs=(1,))
 def compress(ctx, x, condition):
     keep = np.asarray(ctx.static(condition, 1, "the condition")).reshape(-1).astype(bool)
     axis = ctx.attr("axis")
