@@ -32,16 +32,7 @@ _NARROW_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M
                 TensorProto.FLOAT6E3M2: 6}
 
 
-@register("Cast", 1)
-@register("Cast", 6)
-@register("Cast", 9)
-@register("Cast", 13)
-@register("Cast", 19)
-@register("Cast", 21)
-@register("Cast", 23)
-@register("Cast", 24)
-@register("Cast", 25)
-@register("Cast", 28)
+@register("Cast", since=(1, 6, 9, 13, 19, 21, 23, 24, 25, 28))
 def cast(ctx, x):
     to = ctx.attr("to")
     if isinstance(to, str):  # Cast-1 names the type ("FLOAT")
@@ -54,19 +45,14 @@ def cast(ctx, x):
     return cast_to_type(ctx, x, int(to))
 
 
-@register("CastLike", 15)
-@register("CastLike", 19)
-@register("CastLike", 21)
-@register("CastLike", 23)
-@register("CastLike", 24)
-@register("CastLike", 25)
+@register("CastLike", since=(15, 19, 21, 23, 24, 25))
 def cast_like(ctx, x, target_type):
     dtype = np.dtype(target_type.dtype)
     to = TensorProto.STRING if dtype.kind == "O" else onnx_elem_type(dtype)
     return cast_to_type(ctx, x, to)
 
 
-@register("BitCast", 26)
+@register("BitCast", since=26)
 def bit_cast(ctx, x):
     to = ctx.attr("to")
     if to is None or to == TensorProto.UNDEFINED:
