@@ -72,9 +72,7 @@ def _bias_shape(b, rank):
     return jnp.reshape(b, (1, -1) + (1,) * rank)
 
 
-@register("Conv", 1)
-@register("Conv", 11)
-@register("Conv", 22)
+@register("Conv", since=(1, 11, 22))
 def conv(ctx, x, w, b=None):
     return convolve(ctx, x, w, b)
 
@@ -108,9 +106,7 @@ def convolve(ctx, x, w, b=None, residual=None, relu=False):
     return jax.nn.relu(y) if relu else y
 
 
-@register("ConvTranspose", 1)
-@register("ConvTranspose", 11)
-@register("ConvTranspose", 22)
+@register("ConvTranspose", since=(1, 11, 22))
 def conv_transpose(ctx, x, w, b=None):
     rank = np.ndim(x) - 2
     if rank < 1:
@@ -162,7 +158,7 @@ def conv_transpose(ctx, x, w, b=None):
     return y
 
 
-@register("CausalConvWithState", 27)
+@register("CausalConvWithState", since=27)
 def causal_conv_with_state(ctx, x, w, b=None, past_state=None):
     activation = ctx.attr("activation", "none")
     if activation not in ("none", "silu", "swish"):
@@ -186,8 +182,7 @@ def causal_conv_with_state(ctx, x, w, b=None, past_state=None):
     return y, padded[:, :, padded.shape[2] - (k - 1):]
 
 
-@register("DeformConv", 19)
-@register("DeformConv", 22)
+@register("DeformConv", since=(19, 22))
 def deform_conv(ctx, x, w, offset, b=None, mask=None):
     x = jnp.asarray(x)
     if x.ndim != 4:
@@ -368,12 +363,7 @@ def _pool_input(ctx, x):
     return jnp.asarray(x), [int(k) for k in kernel]
 
 
-@register("AveragePool", 1)
-@register("AveragePool", 7)
-@register("AveragePool", 10)
-@register("AveragePool", 11)
-@register("AveragePool", 19)
-@register("AveragePool", 22)
+@register("AveragePool", since=(1, 7, 10, 11, 19, 22))
 def average_pool(ctx, x):
     x, kernel = _pool_input(ctx, x)
     geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 19,
@@ -384,11 +374,7 @@ def average_pool(ctx, x):
     return (sums / np.maximum(counts, 1).astype(x.dtype)).astype(x.dtype)
 
 
-@register("LpPool", 1)
-@register("LpPool", 2)
-@register("LpPool", 11)
-@register("LpPool", 18)
-@register("LpPool", 22)
+@register("LpPool", since=(1, 2, 11, 18, 22))
 def lp_pool(ctx, x):
     x, kernel = _pool_input(ctx, x)
     p = float(ctx.attr("p", 2.0))
@@ -399,12 +385,7 @@ def lp_pool(ctx, x):
     return sums ** jnp.asarray(1.0 / p, x.dtype)
 
 
-@register("MaxPool", 1)
-@register("MaxPool", 8)
-@register("MaxPool", 10)
-@register("MaxPool", 11)
-@register("MaxPool", 12)
-@register("MaxPool", 22)
+@register("MaxPool", since=(1, 8, 10, 11, 12, 22))
 def max_pool(ctx, x):
     x, kernel = _pool_input(ctx, x)
     geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 10,
@@ -459,9 +440,7 @@ def _max_pool_with_indices(x, geometry, lowest, storage_order):
     return y, index.reshape((n, c, *geometry.out))
 
 
-@register("MaxUnpool", 9, static_inputs=(2,))
-@register("MaxUnpool", 11, static_inputs=(2,))
-@register("MaxUnpool", 22, static_inputs=(2,))
+@register("MaxUnpool", since=(9, 11, 22), static_inputs=(2,))
 def max_unpool(ctx, x, indices, output_shape=None):
     rank = np.ndim(x) - 2
     kernel = _spatial_ints(ctx, "kernel_shape", rank, 1)
@@ -484,21 +463,17 @@ def max_unpool(ctx, x, indices, output_shape=None):
                                                                             strict=True)])
 
 
-@register("GlobalAveragePool", 1)
-@register("GlobalAveragePool", 22)
+@register("GlobalAveragePool", since=(1, 22))
 def global_average_pool(ctx, x):
     return jnp.mean(x, axis=tuple(range(2, np.ndim(x))), keepdims=True)
 
 
-@register("GlobalMaxPool", 1)
-@register("GlobalMaxPool", 22)
+@register("GlobalMaxPool", since=(1, 22))
 def global_max_pool(ctx, x):
     return jnp.max(x, axis=tuple(range(2, np.ndim(x))), keepdims=True)
 
 
-@register("GlobalLpPool", 1)
-@register("GlobalLpPool", 2)
-@register("GlobalLpPool", 22)
+@register("GlobalLpPool", since=(1, 2, 22))
 def global_lp_pool(ctx, x):
     p = float(ctx.attr("p", 2.0))
     x = jnp.asarray(x)
@@ -507,8 +482,7 @@ def global_lp_pool(ctx, x):
     return sums ** jnp.asarray(1.0 / p, x.dtype)
 
 
-@register("MaxRoiPool", 1)
-@register("MaxRoiPool", 22)
+@register("MaxRoiPool", since=(1, 22))
 def max_roi_pool(ctx, x, rois):
     pooled = ctx.attr("pooled_shape")
     if pooled is None or len(pooled) != 2:
@@ -547,8 +521,7 @@ def max_roi_pool(ctx, x, rois):
     return jnp.where(empty[:, None], jnp.zeros((), x.dtype), pooled_max)
 
 
-@register("LRN", 1)
-@register("LRN", 13)
+@register("LRN", since=(1, 13))
 def lrn(ctx, x):
     size = ctx.attr("size")
     if size is None:
@@ -568,7 +541,7 @@ def lrn(ctx, x):
     return x / scale ** jnp.asarray(beta, x.dtype)
 
 
-@register("Col2Im", 18, static_inputs=(1, 2))
+@register("Col2Im", since=18, static_inputs=(1, 2))
 def col2im(ctx, data, image_shape, block_shape):
     image = ctx.static_ints(image_shape, 1, "the image shape")
     block = ctx.static_ints(block_shape, 2, "the block shape")
@@ -605,10 +578,7 @@ def col2im(ctx, data, image_shape, block_shape):
     return out[..., :plane].reshape((n, rows // taps, *image))
 
 
-@register("Dropout", 1)
-@register("Dropout", 6)
-@register("Dropout", 7)
-@register("Dropout", 10)
+@register("Dropout", since=(1, 6, 7, 10))
 def dropout_inference(ctx, x):
     # Before opset 12 Dropout is a training-time op that runtimes run as the identity.
     if not ctx.has_output(1):
@@ -622,9 +592,7 @@ def _ones_like(x, dtype):
     return xp.ones(np.shape(x), dtype)
 
 
-@register("Dropout", 12)
-@register("Dropout", 13)
-@register("Dropout", 22)
+@register("Dropout", since=(12, 13, 22))
 def dropout(ctx, x, ratio=None, training_mode=None):
     if training_mode is None or (isinstance(training_mode, np.ndarray)
                                  and not training_mode.any()):
