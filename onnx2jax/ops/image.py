@@ -269,10 +269,7 @@ def _optional_static(ctx, value, index, what):
     return value if value.size else None
 
 
-@register("Resize", 11, static_inputs=(1, 2, 3))
-@register("Resize", 13, static_inputs=(1, 2, 3))
-@register("Resize", 18, static_inputs=(1, 2, 3))
-@register("Resize", 19, static_inputs=(1, 2, 3))
+@register("Resize", since=(11, 13, 18, 19), static_inputs=(1, 2, 3))
 def resize(ctx, x, roi=None, scales=None, sizes=None):
     version = max(v for v in _COORDINATE_MODES if v <= ctx.opset)
     attrs = _resize_attrs(ctx, "half_pixel", _COORDINATE_MODES[version])
@@ -308,19 +305,18 @@ def _resize_v10(ctx, x, scales):
     return _resize(ctx, x, mode, scales, None, None, list(range(np.ndim(x))), attrs)
 
 
-@register("Resize", 10, static_inputs=(1,))
-@register("Upsample", 9, static_inputs=(1,))
-@register("Upsample", 10, static_inputs=(1,))
+@register("Resize", since=10, static_inputs=(1,))
+@register("Upsample", since=(9, 10), static_inputs=(1,))
 def resize_v10(ctx, x, scales):
     return _resize_v10(ctx, x, np.asarray(ctx.static(scales, 1, "the scales")).reshape(-1))
 
 
-@register("Upsample", 7)
+@register("Upsample", since=7)
 def upsample_v7(ctx, x):
     return _resize_v10(ctx, x, ctx.attr("scales"))
 
 
-@register("Upsample", 1)
+@register("Upsample", since=1)
 def upsample_v1(ctx, x):
     if np.ndim(x) != 4:
         raise ctx.error("Upsample-1 takes a 4-D NCHW input")
@@ -365,9 +361,7 @@ def _grid_taps(coords, mode):
     return base[..., None] + offsets, weights
 
 
-@register("GridSample", 16)
-@register("GridSample", 20)
-@register("GridSample", 22)
+@register("GridSample", since=(16, 20, 22))
 def grid_sample(ctx, x, grid):
     names = ({"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"} if ctx.opset < 20
              else {"linear": "linear", "cubic": "cubic", "nearest": "nearest"})
@@ -437,7 +431,7 @@ def grid_sample(ctx, x, grid):
     return y.reshape((n, c) + tuple(out_spatial)).astype(x.dtype)
 
 
-@register("AffineGrid", 20, static_inputs=(1,))
+@register("AffineGrid", since=20, static_inputs=(1,))
 def affine_grid(ctx, theta, size):
     size = ctx.static_ints(size, 1, "the output size")
     spatial = size[2:]
@@ -557,13 +551,12 @@ def _roi_align(ctx, x, rois, batch_indices, half_pixel):
     return y.astype(x.dtype)
 
 
-@register("RoiAlign", 10)
+@register("RoiAlign", since=10)
 def roi_align_v10(ctx, x, rois, batch_indices):
     return _roi_align(ctx, x, rois, batch_indices, half_pixel=False)
 
 
-@register("RoiAlign", 16)
-@register("RoiAlign", 22)
+@register("RoiAlign", since=(16, 22))
 def roi_align(ctx, x, rois, batch_indices):
     mode = ctx.attr("coordinate_transformation_mode", "half_pixel")
     if mode not in ("half_pixel", "output_half_pixel"):
@@ -598,8 +591,7 @@ def _suppressed_by(corners, i, threshold):
         return overlapping & (inter / np.where(union > 0, union, 1) > threshold)
 
 
-@register("NonMaxSuppression", 10, static_inputs=(2, 3, 4))
-@register("NonMaxSuppression", 11, static_inputs=(2, 3, 4))
+@register("NonMaxSuppression", since=(10, 11), static_inputs=(2, 3, 4))
 def non_max_suppression(ctx, boxes, scores, max_output=None, iou_threshold=None,
                         score_threshold=None):
     # The number of selected boxes depends on the values, so everything is read on the host.
@@ -640,7 +632,7 @@ def non_max_suppression(ctx, boxes, scores, max_output=None, iou_threshold=None,
 # ------------------------------------------------------------------------------ ImageDecoder
 
 
-@register("ImageDecoder", 20, static_inputs=(0,))
+@register("ImageDecoder", since=20, static_inputs=(0,))
 def image_decoder(ctx, encoded):
     try:
         from PIL import Image
