@@ -72,20 +72,20 @@ def _dft_length(ctx, value):
     return ctx.static_ints(value, 1, "dft_length")[0]
 
 
-@register("DFT", 17, static_inputs=(1,))
+@register("DFT", since=17, static_inputs=(1,))
 def dft_v17(ctx, x, dft_length=None):
     return _dft(ctx, x, _dft_length(ctx, dft_length), int(ctx.attr("axis", 1)),
                 bool(ctx.attr("inverse", 0)), bool(ctx.attr("onesided", 0)))
 
 
-@register("DFT", 20, static_inputs=(1, 2))
+@register("DFT", since=20, static_inputs=(1, 2))
 def dft(ctx, x, dft_length=None, axis=None):
     axis = -2 if axis is None else ctx.static_ints(axis, 2, "the axis")[0]
     return _dft(ctx, x, _dft_length(ctx, dft_length), axis, bool(ctx.attr("inverse", 0)),
                 bool(ctx.attr("onesided", 0)))
 
 
-@register("STFT", 17, static_inputs=(1, 3))
+@register("STFT", since=17, static_inputs=(1, 3))
 def stft(ctx, signal, frame_step, window=None, frame_length=None):
     if np.ndim(signal) != 3 or signal.shape[-1] not in (1, 2):
         raise ctx.error(f"signal of shape {np.shape(signal)} is not [batch, length, 1 or 2]")
@@ -124,22 +124,22 @@ def _window(ctx, size, terms):
     return sum(c * np.cos(k * phase) for k, c in enumerate(terms)).astype(dtype)
 
 
-@register("HannWindow", 17, static_inputs=(0,))
+@register("HannWindow", since=17, static_inputs=(0,))
 def hann_window(ctx, size):
     return _window(ctx, size, (0.5, -0.5))
 
 
-@register("HammingWindow", 17, static_inputs=(0,))
+@register("HammingWindow", since=17, static_inputs=(0,))
 def hamming_window(ctx, size):
     return _window(ctx, size, (25 / 46, -21 / 46))
 
 
-@register("BlackmanWindow", 17, static_inputs=(0,))
+@register("BlackmanWindow", since=17, static_inputs=(0,))
 def blackman_window(ctx, size):
     return _window(ctx, size, (0.42, -0.5, 0.08))
 
 
-@register("MelWeightMatrix", 17, static_inputs=(0, 1, 2, 3, 4))
+@register("MelWeightMatrix", since=17, static_inputs=(0, 1, 2, 3, 4))
 def mel_weight_matrix(ctx, num_mel_bins, dft_length, sample_rate, lower_edge_hertz,
                       upper_edge_hertz):
     bins = ctx.static_ints(num_mel_bins, 0, "num_mel_bins")[0]
