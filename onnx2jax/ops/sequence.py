@@ -59,17 +59,17 @@ def _position(ctx, position, index, length, allow_end):
     return pos + length if pos < 0 else pos
 
 
-@register("SequenceConstruct", 11)
+@register("SequenceConstruct", since=11)
 def sequence_construct(ctx, *inputs):
     return list(inputs)
 
 
-@register("SequenceEmpty", 11)
+@register("SequenceEmpty", since=11)
 def sequence_empty(ctx):
     return []
 
 
-@register("SequenceAt", 11)
+@register("SequenceAt", since=11)
 def sequence_at(ctx, seq, position):
     seq = _sequence(ctx, seq)
     if not is_concrete(position) and len({np.shape(v) for v in seq}) == 1:
@@ -79,7 +79,7 @@ def sequence_at(ctx, seq, position):
     return seq[_position(ctx, position, 1, len(seq), allow_end=False)]
 
 
-@register("SequenceInsert", 11)
+@register("SequenceInsert", since=11)
 def sequence_insert(ctx, seq, tensor, position=None):
     seq = list(_sequence(ctx, seq))
     if position is None:
@@ -89,7 +89,7 @@ def sequence_insert(ctx, seq, tensor, position=None):
     return seq
 
 
-@register("SequenceErase", 11)
+@register("SequenceErase", since=11)
 def sequence_erase(ctx, seq, position=None):
     seq = list(_sequence(ctx, seq))
     if not seq:
@@ -99,13 +99,12 @@ def sequence_erase(ctx, seq, position=None):
     return seq
 
 
-@register("SequenceLength", 11)
+@register("SequenceLength", since=11)
 def sequence_length(ctx, seq):
     return np.asarray(len(_sequence(ctx, seq)), dtype=np.int64)
 
 
-@register("SplitToSequence", 11, static_inputs=(1,))
-@register("SplitToSequence", 24, static_inputs=(1,))
+@register("SplitToSequence", since=(11, 24), static_inputs=(1,))
 def split_to_sequence(ctx, x, split=None):
     axis = ctx.attr("axis", 0) % max(np.ndim(x), 1)
     length = np.shape(x)[axis]
@@ -128,7 +127,7 @@ def split_to_sequence(ctx, x, split=None):
     return [x[(*lead, slice(int(bounds[i]), int(bounds[i + 1])))] for i in range(len(sizes))]
 
 
-@register("ConcatFromSequence", 11)
+@register("ConcatFromSequence", since=11)
 def concat_from_sequence(ctx, seq):
     seq = _sequence(ctx, seq)
     if not seq:
@@ -142,7 +141,7 @@ def concat_from_sequence(ctx, seq):
     return xp.concatenate(seq, axis=axis % np.ndim(seq[0]))
 
 
-@register("SequenceMap", 17)
+@register("SequenceMap", since=17)
 def sequence_map(ctx, seq, *extra):
     seq = _sequence(ctx, seq)
     for i, value in enumerate(extra):
@@ -157,8 +156,7 @@ def sequence_map(ctx, seq, *extra):
     return tuple(outputs)
 
 
-@register("Optional", 15)
-@register("Optional", 28)
+@register("Optional", since=(15, 28))
 def optional(ctx, value=None):
     if value is None:
         if "type" not in ctx.attrs:
@@ -167,16 +165,12 @@ def optional(ctx, value=None):
     return value
 
 
-@register("OptionalHasElement", 15)
-@register("OptionalHasElement", 18)
-@register("OptionalHasElement", 28)
+@register("OptionalHasElement", since=(15, 18, 28))
 def optional_has_element(ctx, value=None):
     return np.asarray(not is_empty_optional(value))
 
 
-@register("OptionalGetElement", 15)
-@register("OptionalGetElement", 18)
-@register("OptionalGetElement", 28)
+@register("OptionalGetElement", since=(15, 18, 28))
 def optional_get_element(ctx, value):
     if is_empty_optional(value):
         raise ctx.error(f"the optional {ctx.input_name(0)!r} is empty")
