@@ -5,13 +5,16 @@ Each is written once against jax.numpy; ``jax_on`` keeps the rare static input s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from onnx2jax.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
-from onnx2jax.ops.registry import register
+from onnx2jax.ops.registry import OpFunction, register
 
 
 def _apply(function, *values):
@@ -24,101 +27,111 @@ def _apply(function, *values):
     return function(*values)
 
 
-def _activation(op_type: str, versions: tuple[int, ...]):
-    """Register ``make(ctx) -> (x -> y)`` as the unary activation ``op_type``."""
+def _activation(make: Callable[[Any], Callable[[Any], Any]]) -> OpFunction:
+    """The unary op ``(ctx, x) -> make(ctx)(x)``: ``make`` reads the attributes and returns the
+    activation written with jax; a static ``x`` gives a static result."""
 
-    def decorate(make):
-        def op(ctx, x):
-            return _apply(make(ctx), x)
+    def op(ctx, x):
+        return _apply(make(ctx), x)
 
-        op.__name__ = op.__qualname__ = make.__name__
-        for since in versions:
-            register(op_type, since)(op)
-        return make
-
-    return decorate
+    op.__name__ = op.__qualname__ = make.__name__
+    return op
 
 
-@_activation("Relu", (1, 6, 13, 14))
+@register("Relu", since=(1, 6, 13, 14))
+@_activation
 def relu(ctx):
     return jax.nn.relu
 
 
-@_activation("LeakyRelu", (1, 6, 16))
+@register("LeakyRelu", since=(1, 6, 16))
+@_activation
 def leaky_relu(ctx):
     alpha = ctx.attr("alpha", 0.01)
     return lambda x: jnp.where(x >= 0, x, x * alpha)
 
 
-@_activation("Elu", (1, 6, 22))
+@register("Elu", since=(1, 6, 22))
+@_activation
 def elu(ctx):
     alpha = ctx.attr("alpha", 1.0)
     return lambda x: jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0)))
 
 
-@_activation("Selu", (1, 6, 22))
+@register("Selu", since=(1, 6, 22))
+@_activation
 def selu(ctx):
     alpha = ctx.attr("alpha", 1.67326319217681884765625)
     gamma = ctx.attr("gamma", 1.05070102214813232421875)
     return lambda x: gamma * jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0)))
 
 
-@_activation("Celu", (12, 28))
+@register("Celu", since=(12, 28))
+@_activation
 def celu(ctx):
     alpha = ctx.attr("alpha", 1.0)
     return lambda x: jnp.where(x > 0, x, alpha * jnp.expm1(jnp.minimum(x, 0) / alpha))
 
 
-@_activation("Sigmoid", (1, 6, 13))
+@register("Sigmoid", since=(1, 6, 13))
+@_activation
 def sigmoid(ctx):
     return jax.nn.sigmoid
 
 
-@_activation("HardSigmoid", (1, 6, 22))
+@register("HardSigmoid", since=(1, 6, 22))
+@_activation
 def hard_sigmoid(ctx):
     alpha = ctx.attr("alpha", 0.2)
     beta = ctx.attr("beta", 0.5)
     return lambda x: jnp.clip(alpha * x + beta, 0, 1)
 
 
-@_activation("HardSwish", (14, 22))
+@register("HardSwish", since=(14, 22))
+@_activation
 def hard_swish(ctx):
     return lambda x: x * jnp.clip(x / 6 + 0.5, 0, 1)
 
 
-@_activation("Softplus", (1, 22))
+@register("Softplus", since=(1, 22))
+@_activation
 def softplus(ctx):
     return jax.nn.softplus
 
 
-@_activation("Softsign", (1, 22))
+@register("Softsign", since=(1, 22))
+@_activation
 def softsign(ctx):
     return lambda x: x / (1 + jnp.abs(x))
 
 
-@_activation("ThresholdedRelu", (10, 22))
+@register("ThresholdedRelu", since=(10, 22))
+@_activation
 def thresholded_relu(ctx):
     alpha = ctx.attr("alpha", 1.0)
     return lambda x: jnp.where(x > alpha, x, 0)
 
 
-@_activation("Tanh", (1, 6, 13))
+@register("Tanh", since=(1, 6, 13))
+@_activation
 def tanh(ctx):
     return jnp.tanh
 
 
-@_activation("Mish", (18, 22))
+@register("Mish", since=(18, 22))
+@_activation
 def mish(ctx):
     return lambda x: x * jnp.tanh(jax.nn.softplus(x))
 
 
-@_activation("Swish", (24,))
+@register("Swish", since=24)
+@_activation
 def swish(ctx):
     alpha = ctx.attr("alpha", 1.0)
     return lambda x: x * jax.nn.sigmoid(alpha * x)
 
 
-@register("SwiGLU", 28)
+@register("SwiGLU", since=28)
 def swiglu(ctx, gate, value):
     if np.shape(gate) != np.shape(value):
         raise ctx.error(f"A and B must have the same shape, got {np.shape(gate)} and "
@@ -127,7 +140,8 @@ def swiglu(ctx, gate, value):
     return _apply(lambda a, b: a * jax.nn.sigmoid(alpha * a) * b, gate, value)
 
 
-@_activation("Gelu", (20,))
+@register("Gelu", since=20)
+@_activation
 def gelu(ctx):
     approximate = ctx.attr("approximate", "none")
     if approximate == "tanh":
@@ -137,11 +151,7 @@ def gelu(ctx):
     raise ctx.error(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-@register("PRelu", 1)
-@register("PRelu", 6)
-@register("PRelu", 7)
-@register("PRelu", 9)
-@register("PRelu", 16)
+@register("PRelu", since=(1, 6, 7, 9, 16))
 def prelu(ctx, x, slope):
     if ctx.opset < 7 and np.ndim(slope) == 1 and np.ndim(x) > 2 and np.shape(slope)[0] > 1:
         # Before opset 7 a 1-D slope holds one value per channel (axis 1), not per last axis.
