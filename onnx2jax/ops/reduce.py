@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from onnx2jax.ops.elementwise import jax_on
-from onnx2jax.ops.registry import register
+from onnx2jax.ops.registry import OpFunction, register
 
 
 def _lowest(dtype):
@@ -91,21 +91,6 @@ _REDUCTIONS = {
     "ReduceSumSquare": _sum_square,
 }
 
-# op type: (versions with an ``axes`` attribute, versions with an ``axes`` input)
-_VERSIONS = {
-    "ReduceSum": ((1, 11), (13,)),
-    "ReduceMean": ((1, 11, 13), (18,)),
-    "ReduceMax": ((1, 11, 12, 13), (18, 20)),
-    "ReduceMin": ((1, 11, 12, 13), (18, 20)),
-    "ReduceProd": ((1, 11, 13), (18,)),
-    "ReduceL1": ((1, 11, 13), (18,)),
-    "ReduceL2": ((1, 11, 13), (18,)),
-    "ReduceLogSum": ((1, 11, 13), (18, 28)),
-    "ReduceLogSumExp": ((1, 11, 13), (18, 28)),
-    "ReduceSumSquare": ((1, 11, 13), (18,)),
-}
-
-
 def _reduce(ctx, reduction, x, axes):
     rank = np.ndim(x)
     if not axes:
@@ -121,30 +106,54 @@ def _reduce(ctx, reduction, x, axes):
     return reduction(ctx.xp(x), x, axes, bool(ctx.attr("keepdims", 1)))
 
 
-def _register_reduce(op_type: str) -> None:
+def _axes_attribute(op_type: str) -> OpFunction:
+    """``op_type`` in the versions where ``axes`` is an attribute."""
     reduction = _REDUCTIONS[op_type]
-    attribute_versions, input_versions = _VERSIONS[op_type]
 
     def reduce_v1(ctx, x):
         # noop_with_empty_axes does not exist yet: no axes means every axis.
         axes = ctx.attr("axes")
         return _reduce(ctx, reduction, x, axes or list(range(np.ndim(x))))
 
+    name = op_type[len("Reduce"):].lower()
+    reduce_v1.__name__ = reduce_v1.__qualname__ = f"reduce_{name}_v1"
+    return reduce_v1
+
+
+def _axes_input(op_type: str) -> OpFunction:
+    """``op_type`` in the versions where ``axes`` is an optional (static) input."""
+    reduction = _REDUCTIONS[op_type]
+
     def reduce(ctx, x, axes=None):
         axes = None if axes is None else ctx.static_ints(axes, 1, "the axes")
         return _reduce(ctx, reduction, x, axes)
 
     name = op_type[len("Reduce"):].lower()
-    reduce_v1.__name__ = reduce_v1.__qualname__ = f"reduce_{name}_v1"
     reduce.__name__ = reduce.__qualname__ = f"reduce_{name}"
-    for since in attribute_versions:
-        register(op_type, since)(reduce_v1)
-    for since in input_versions:
-        register(op_type, since, static_inputs=(1,))(reduce)
+    return reduce
 
 
-for _op_type in _REDUCTIONS:
-    _register_reduce(_op_type)
+# Each op twice: the versions with an ``axes`` attribute, then those with an ``axes`` input.
+register("ReduceSum", since=(1, 11))(_axes_attribute("ReduceSum"))
+register("ReduceSum", since=13, static_inputs=(1,))(_axes_input("ReduceSum"))
+register("ReduceMean", since=(1, 11, 13))(_axes_attribute("ReduceMean"))
+register("ReduceMean", since=18, static_inputs=(1,))(_axes_input("ReduceMean"))
+register("ReduceMax", since=(1, 11, 12, 13))(_axes_attribute("ReduceMax"))
+register("ReduceMax", since=(18, 20), static_inputs=(1,))(_axes_input("ReduceMax"))
+register("ReduceMin", since=(1, 11, 12, 13))(_axes_attribute("ReduceMin"))
+register("ReduceMin", since=(18, 20), static_inputs=(1,))(_axes_input("ReduceMin"))
+register("ReduceProd", since=(1, 11, 13))(_axes_attribute("ReduceProd"))
+register("ReduceProd", since=18, static_inputs=(1,))(_axes_input("ReduceProd"))
+register("ReduceL1", since=(1, 11, 13))(_axes_attribute("ReduceL1"))
+register("ReduceL1", since=18, static_inputs=(1,))(_axes_input("ReduceL1"))
+register("ReduceL2", since=(1, 11, 13))(_axes_attribute("ReduceL2"))
+register("ReduceL2", since=18, static_inputs=(1,))(_axes_input("ReduceL2"))
+register("ReduceLogSum", since=(1, 11, 13))(_axes_attribute("ReduceLogSum"))
+register("ReduceLogSum", since=(18, 28), static_inputs=(1,))(_axes_input("ReduceLogSum"))
+register("ReduceLogSumExp", since=(1, 11, 13))(_axes_attribute("ReduceLogSumExp"))
+register("ReduceLogSumExp", since=(18, 28), static_inputs=(1,))(_axes_input("ReduceLogSumExp"))
+register("ReduceSumSquare", since=(1, 11, 13))(_axes_attribute("ReduceSumSquare"))
+register("ReduceSumSquare", since=18, static_inputs=(1,))(_axes_input("ReduceSumSquare"))
 
 
 def _arg_extreme(ctx, x, function):
@@ -163,17 +172,11 @@ def _arg_extreme(ctx, x, function):
     return getattr(xp, function)(x, axis=axis, keepdims=keepdims)
 
 
-@register("ArgMax", 1)
-@register("ArgMax", 11)
-@register("ArgMax", 12)
-@register("ArgMax", 13)
+@register("ArgMax", since=(1, 11, 12, 13))
 def arg_max(ctx, x):
     return _arg_extreme(ctx, x, "argmax")
 
 
-@register("ArgMin", 1)
-@register("ArgMin", 11)
-@register("ArgMin", 12)
-@register("ArgMin", 13)
+@register("ArgMin", since=(1, 11, 12, 13))
 def arg_min(ctx, x):
     return _arg_extreme(ctx, x, "argmin")
