@@ -24,14 +24,28 @@ def _onnx_schemas() -> dict[tuple[str, str], list[int]]:
     return {k: sorted(v) for k, v in versions.items()}
 
 
+def source_file(module: str) -> str:
+    """Where an op function of ``module`` is defined, as the operator table names it: the file
+    name for the op families of onnx2jax/ops/, the module otherwise (an op registered from
+    outside the package)."""
+    package = "onnx2jax.ops."
+    return module[len(package):] + ".py" if module.startswith(package) else module
+
+
 def coverage_table() -> str:
-    """A Markdown table: one row per domain and op, the versions we implement, and gaps."""
+    """A Markdown table: one row per domain and op, the versions we implement, the file that
+    implements them, and gaps."""
     ours: dict[tuple[str, str], list[int]] = defaultdict(list)
     notes: dict[tuple[str, str], str] = {}
+    files: dict[tuple[str, str], list[str]] = defaultdict(list)
     for spec in registered_ops():
-        ours[(spec.domain, spec.op_type)].append(spec.since)
+        key = (spec.domain, spec.op_type)
+        ours[key].append(spec.since)
         if spec.note:
-            notes[(spec.domain, spec.op_type)] = spec.note
+            notes[key] = spec.note
+        file = source_file(spec.function.__module__)
+        if file not in files[key]:
+            files[key].append(file)
     schemas = _onnx_schemas()
     standard = {"", "ai.onnx.ml", "ai.onnx.preview.training"}
     missing = sorted(k for k in schemas if k[0] in standard and k not in ours)
@@ -44,8 +58,8 @@ def coverage_table() -> str:
     lines = [
         f"{len(ours)} operators implemented; " + summary,
         "",
-        "| domain | operator | implemented versions (since) | notes |",
-        "| --- | --- | --- | --- |",
+        "| domain | operator | implemented versions (since) | file (in onnx2jax/ops/) | notes |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for (domain, op_type), since in sorted(ours.items()):
         known = schemas.get((domain, op_type))
@@ -54,7 +68,7 @@ def coverage_table() -> str:
         if gaps:
             note = (note + "; " if note else "") + "same code serves " + ", ".join(map(str, gaps))
         lines.append(f"| {domain or 'ai.onnx'} | {op_type} | {', '.join(map(str, since))} "
-                     f"| {note} |")
+                     f"| {', '.join(files[(domain, op_type)])} | {note} |")
     return "\n".join(lines)
 
 
