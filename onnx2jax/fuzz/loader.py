@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1008,12 +1008,10 @@ def fuzz_loader(seed: int, count: int, out: Path | None, time_limit: float | Non
         root = Path(scratch)
         seeds = seed_models(root / "seeds")
         pool = [Worker(root / f"worker{i}.log", memory_limit) for i in range(max(1, workers))]
-        # Mutant number -> (worker index, its mutant, its folder)
-        busy: dict[int, tuple[int, Mutant, Path]] = {}
         pending = iter(range(first, first + count))
         try:
             _run(report, seeds, pool, pending, root, out, time_limit, start, progress,
-                 timeout, memory_limit, compare, busy)
+                 timeout, memory_limit, compare)
         finally:
             for worker in pool:
                 worker.stop()
@@ -1027,10 +1025,12 @@ def make_mutant(seeds: list[Seed], seed: int, index: int) -> Mutant:
     return mutate(seeds[int(rng.integers(len(seeds)))], rng)
 
 
-def _run(report, seeds, pool, pending, root, out, time_limit, start, progress, timeout,
-         memory_limit, compare, busy) -> None:
-    """Hand mutants to the workers, one at a time each, threads-free: each worker's check is
-    synchronous, so workers are run round-robin from a small thread pool."""
+def _run(report: LoaderReport, seeds: list[Seed], pool: list[Worker], pending: Iterator[int],
+         root: Path, out: Path | None, time_limit: float | None, start: float,
+         progress: Callable[[int, Mutant, dict], None] | None, timeout: float,
+         memory_limit: int, compare: bool) -> None:
+    """Hand each free worker the next mutant; a thread per worker waits on its reply (the
+    workers are processes, the threads only wait on their pipes)."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     with ThreadPoolExecutor(len(pool)) as threads:

@@ -1,0 +1,15 @@
+"""The compiled engine behind ``model(...)``, apart from the model itself.
+
+- :mod:`~onnx2jax.runtime.engine`: :class:`~onnx2jax.runtime.engine.Engine`, the program a
+  model compiles (``model.engine``), with its public interface for tools and tests;
+- :mod:`~onnx2jax.runtime.layouts`: weights kept in the layouts the program reads;
+- :mod:`~onnx2jax.runtime.fusion`: the graph rewritten for the native kernels;
+- :mod:`~onnx2jax.runtime.options`: XLA options, per model and per input signature;
+- :mod:`~onnx2jax.runtime.devices`: a batch split over several CPU devices;
+- :mod:`~onnx2jax.runtime.segments`: graphs with data-dependent shapes, run in segments;
+- :mod:`~onnx2jax.runtime.cache`: compiled executables kept on disk;
+- :mod:`~onnx2jax.runtime.aot`: ahead-of-time artifacts.
+
+This package imports the core (the graph, the interpreter, the ops, the native kernels) and
+never :mod:`onnx2jax.model` or anything above it (tests/test_architecture.py checks it).
+"""

@@ -1,0 +1,397 @@
+"""The program ``model(...)`` compiles and runs: :class:`Engine`.
+
+A :class:`~onnx2jax.model.Model` is the graph, its params and the pure ``apply``; its engine is
+everything that makes ``model(...)`` fast and nothing that changes its results:
+
+- the params kept in the layouts the program reads (:mod:`onnx2jax.runtime.layouts`), for XLA
+  and for the native kernels (onnx2jax/native.py) the inputs call for;
+- the graph rewritten for those kernels (:mod:`onnx2jax.runtime.fusion`);
+- the XLA options of the model and of each input signature (:mod:`onnx2jax.runtime.options`)
+  and one jitted function per set of them;
+- the batch split over several CPU devices (:mod:`onnx2jax.runtime.devices`);
+- the segmented runner for graphs with data-dependent shapes
+  (:mod:`onnx2jax.runtime.segments`);
+- the executable cache on disk (:mod:`onnx2jax.runtime.cache`).
+
+The engine reads the model through the small interface of :class:`GraphModel` (the
+model's public members), so this package never imports :mod:`onnx2jax.model`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+import onnx
+
+from onnx2jax import native
+from onnx2jax.convert import Interpreter
+from onnx2jax.errors import DataDependentShapeError
+from onnx2jax.graph import GraphPlan
+from onnx2jax.runtime import cache as cache_module
+from onnx2jax.runtime.cache import ExecutableCache, model_digest, signature_key
+from onnx2jax.runtime.devices import canonical_input, place_inputs, replicate, split_devices
+from onnx2jax.runtime.fusion import fuse, fuse_attention
+from onnx2jax.runtime.layouts import (
+    Layout,
+    conv_weight_layouts,
+    native_weight_kinds,
+    prepared_weight,
+    restored_weight,
+    winograd_candidates,
+)
+from onnx2jax.runtime.options import (
+    FEW_ROWS,
+    default_compiler_options,
+    inference_compiler_options,
+    input_rows,
+    jit_with_options,
+)
+from onnx2jax.runtime.segments import SegmentedRunner
+
+Params = dict[str, jax.Array]
+
+
+class GraphModel(Protocol):
+    """What the engine reads of a model (:class:`onnx2jax.model.Model` provides it)."""
+
+    plan: GraphPlan
+    params: Params
+    proto: onnx.ModelProto
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def float16_compute(self) -> str: ...
+
+    @property
+    def interpreter(self) -> Interpreter: ...
+
+    @property
+    def output_names(self) -> list[str]: ...
+
+    def environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
+                    wanted: Sequence[str]) -> dict[str, Any]: ...
+
+    def apply_plan(self, plan: GraphPlan, params: Mapping[str, Any],
+                   bound: Mapping[str, Any], outputs: tuple[str, ...] | None
+                   ) -> dict[str, Any]: ...
+
+    def collect_outputs(self, names: Sequence[str], values: Sequence[Any]
+                        ) -> dict[str, Any]: ...
+
+
+class Engine:
+    """The compiled side of a model: what ``model(...)`` runs, with which weights and options.
+
+    Created by the model (``model.engine``). Its caches follow ``model.params``: assigning new
+    params prepares their layouts again on the next call, for the params that changed.
+
+    Example:
+        >>> import numpy as np, onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> bound = model.bind_inputs((np.zeros((1, 1, 8, 8), np.float32),), {})
+        >>> model.engine.run(bound)["logits"].shape
+        (1, 10)
+        >>> "HloModule" in model.engine.lower(bound).as_text()
+        True
+    """
+
+    def __init__(self, model: GraphModel, cache_dir: Any = None):
+        self.model = model
+        self.compiler_options: dict[str, Any] = default_compiler_options()
+        params = model.params
+        nodes = model.plan.nodes
+        # model(...) keeps Conv weights pre-transposed to the layout XLA's CPU convolution
+        # reads (OIHW -> HWIO); the trace transposes them back, and XLA cancels the pair, so
+        # no weight is transposed per call.
+        self.weight_layouts: dict[str, tuple[int, ...]] = conv_weight_layouts(nodes, params)
+        # With native kernels, the weights they read (these Conv weights and MatMul matrices)
+        # are kept in their blocked layout: name -> "conv" or "matrix".
+        self.native_weights: dict[str, str] = native_weight_kinds(nodes, params)
+        # Of those, the weights of 3x3 Convs of stride and dilation 1 only, which the native
+        # Winograd kernel may compute (native.winograd_applies) from weights kept transformed.
+        self._winograd_candidates = winograd_candidates(nodes, self.native_weights)
+        # (kinds of native kernels, outputs kept) -> the plan rewritten for them (fusion.py).
+        self._fused_plans: dict[tuple[frozenset[str], tuple[str, ...]], GraphPlan] = {}
+        # Attention chains that the native attention kernel computes as one node.
+        self.has_attention = fuse_attention(model.plan) is not model.plan
+        # More of the weights native kernels read are Conv weights than matrices.
+        sizes = {kind: sum(int(np.size(params[k])) for k, v in self.native_weights.items()
+                           if v == kind) for kind in native.KINDS}
+        self.convolutional = sizes["conv"] > sizes["matrix"]
+        # The kinds of native kernels used (native.KINDS; none: XLA's) -> (the params
+        # prepared from, the prepared params).
+        self._prepared: dict[frozenset[str], tuple[dict[str, Any], Params]] = {}
+        # Kinds of native kernels -> options -> jitted function (see inference_function).
+        self._inference_jits: dict[frozenset[str], dict[tuple, Any]] = {}
+        # Options -> the plain program: model.params as they are, XLA's kernels only.
+        self._xla_jits: dict[tuple, Any] = {}
+        # Devices -> (prepared params, their copies on those devices) for split batches.
+        self._replicated: dict[tuple, tuple[Params, Params]] = {}
+        # Outputs asked for -> the runner of a graph with data-dependent shapes.
+        self._segmented: dict[tuple[str, ...] | None, SegmentedRunner] = {}
+        # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
+        directory = cache_module.resolve_cache_dir(cache_dir)
+        self.cache: ExecutableCache | None = (ExecutableCache(directory)
+                                              if directory is not None else None)
+        self._digest: str | None = None
+
+    # ---------------------------------------------------------------- running
+    def run(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+            ) -> dict[str, Any]:
+        """What ``model(...)`` returns for checked inputs ``bound`` (see ``Model.bind_inputs``).
+
+        Under jit when the graph allows it (through the executable cache if the model has
+        one); else, once a node needs values that depend on the data, as jit-compiled segments
+        around the nodes that run outside jit.
+        """
+        runner = self._segmented.get(outputs)
+        if runner is None and not any(host_only(v) for v in bound.values()):
+            try:
+                if self.cache is not None:
+                    return _runtime_types(self.cached_run(self.cache, bound, outputs))
+                function, _, kernels = self.inference_function(bound)
+                params, placed, _ = self.placed(bound, kernels)
+                return _runtime_types(function(params, placed, outputs=outputs))
+            except DataDependentShapeError:
+                pass
+        model = self.model
+        if runner is None:
+            names = list(outputs) if outputs else model.output_names
+            runner = self._segmented[outputs] = SegmentedRunner(
+                model.plan, model.interpreter, names, restore=self.restore_layouts)
+        # The segments run the program model(...) would: prepared params, the same options.
+        env = model.environment(self.prepared_params(), bound, runner.wanted)
+        options = inference_compiler_options(bound, self.compiler_options, model.precision)
+        values = runner.run(env, options)
+        return _runtime_types(model.collect_outputs(runner.wanted, values))
+
+    def segmented_runner(self, outputs: tuple[str, ...] | None = None
+                         ) -> SegmentedRunner | None:
+        """The segmented runner ``model(...)`` uses for ``outputs``, once a call needed one."""
+        return self._segmented.get(outputs)
+
+    def cached_run(self, cache: ExecutableCache, bound: Mapping[str, Any],
+                   outputs: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """:meth:`run` under jit with the executable read from (or written to) ``cache``."""
+        model = self.model
+        if self._digest is None:
+            self._digest = model_digest(model)
+        function, options, kernels = self.inference_function(bound)
+        # What model(...) passes to its jitted function; a batch split over devices is a
+        # program of its own.
+        params, placed, devices = self.placed(bound, kernels)
+        key = f"model:{self._digest}|{signature_key((model.params, bound))}|{outputs}|"
+        key += str(sorted(options.items())) + "".join(f"|native {kind}"
+                                                      for kind in sorted(kernels))
+        key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}"
+                                                  if devices else "")
+        compiled = cache.compiled(key, lambda: function.lower(params, placed, outputs=outputs),
+                                  devices or None)
+        return compiled(params, {k: canonical_input(v) for k, v in placed.items()})
+
+    def inference_function(self, bound: Mapping[str, Any]
+                           ) -> tuple[Any, dict[str, Any], frozenset[str]]:
+        """The jitted function ``model(...)`` uses for these inputs, its XLA options, and the
+        kinds of native kernels it calls (onnx2jax/native.py): "conv", "matrix", "attention".
+
+        It takes ``(params, inputs, outputs=...)`` with the params of :meth:`placed`.
+        """
+        options = inference_compiler_options(bound, self.compiler_options,
+                                             self.model.precision)
+        kernels: frozenset[str] = frozenset()
+        # The kernels have no gradient, batching or sharding rule: inside someone's trace, or
+        # for a batch split over devices, the program is XLA's alone.
+        if (native.available() and not self.split_devices(bound)
+                and not any(isinstance(v, jax.core.Tracer) for v in bound.values())):
+            # Native convolutions with their epilogues fused measured faster at every batch
+            # (paired with onnxruntime: ResNet-50 b1 1.27x against XLA's 1.61x, b8 1.31x
+            # against 1.43x), and so did native attention (MiniLM b32 0.92x against 1.05x, b1
+            # 1.14x against 1.19x); native matrix products only for few rows (MiniLM and GPT-2
+            # b1).
+            used = set(self.native_weights.values())
+            if self.has_attention:
+                used.add("attention")
+            kernels = frozenset(kind for kind in used
+                                if kind != "matrix" or input_rows(bound) <= FEW_ROWS)
+        function = jit_with_options(
+            self._inference_jits.setdefault(kernels, {}),
+            functools.partial(self.apply_prepared, native_kernels=kernels), options,
+            static_argnames=("outputs",))
+        return function, options, kernels
+
+    def lower(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+              ) -> Any:
+        """The :class:`jax.stages.Lowered` program ``model(...)`` runs on ``bound`` (its
+        compiled HLO: ``.compile().as_text()``)."""
+        function, _, kernels = self.inference_function(bound)
+        params, placed, _ = self.placed(bound, kernels)
+        return function.lower(params, placed, outputs=outputs)
+
+    def lower_xla(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+                  ) -> Any:
+        """The :class:`jax.stages.Lowered` graph on ``model.params`` as they are, XLA's kernels
+        only, compiled with :attr:`compiler_options` (for XLA's cost analysis: a native
+        kernel's work is invisible to it)."""
+        function = jit_with_options(self._xla_jits, self.apply_for_jit, self.compiler_options,
+                                    static_argnames=("outputs",))
+        return function.lower(self.model.params, bound, outputs=outputs)
+
+    def apply_for_jit(self, params: Mapping[str, Any], bound: Mapping[str, Any],
+                      outputs: tuple[str, ...] | None,
+                      kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The graph (rewritten for native ``kernels``) on ONNX-layout ``params``; raises
+        :class:`DataDependentShapeError` for outputs that XLA cannot return."""
+        plan = self.fused_plan(kernels, outputs) if kernels else self.model.plan
+        result = self.model.apply_plan(plan, params, bound, outputs)
+        for name, value in result.items():
+            if host_only(value):
+                # A jitted function cannot return strings; run() reruns outside jit.
+                kind = getattr(value, "dtype", type(value).__name__)
+                raise DataDependentShapeError(
+                    f"output {name!r} holds {kind} values, which XLA cannot return")
+        return result
+
+    def apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
+                       outputs: tuple[str, ...] | None,
+                       native_kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The graph on params in their prepared layouts (:meth:`prepared_params` for
+        ``native_kernels``), with those kernels on: the body of ``model(...)``'s program."""
+        with native.kernels(native_kernels):
+            return self.apply_for_jit(self.restore_layouts(prepared, native_kernels), bound,
+                                      outputs, native_kernels)
+
+    def fused_plan(self, kernels: frozenset[str], outputs: tuple[str, ...] | None
+                   ) -> GraphPlan:
+        """The plan rewritten for these kinds of native kernels (onnx2jax.runtime.fusion),
+        keeping ``outputs`` (None: the graph's)."""
+        wanted = tuple(outputs) if outputs else tuple(self.model.output_names)
+        plan = self._fused_plans.get((kernels, wanted))
+        if plan is None:
+            plan = self._fused_plans[kernels, wanted] = fuse(self.model.plan, kernels, wanted)
+        return plan
+
+    # ---------------------------------------------------------------- weights
+    def prepared_params(self, kernels: frozenset[str] = frozenset()) -> Params:
+        """``model.params`` with weights in the layouts ``model(...)``'s program reads (with
+        these kinds of native ``kernels``); redone for the params that changed."""
+        current = self.model.params
+        cached = self._prepared.get(kernels)
+        if (cached is None or cached[0].keys() != current.keys()
+                or any(cached[0][k] is not v for k, v in current.items())):
+            before, done = cached or ({}, {})
+            layouts = self.layouts(kernels)
+            prepared = {k: (done[k] if before.get(k) is v else prepared_weight(v, layouts[k]))
+                        if k in layouts else v for k, v in current.items()}
+            cached = self._prepared[kernels] = (dict(current), prepared)
+        return cached[1]
+
+    def layouts(self, kernels: frozenset[str] = frozenset()) -> dict[str, Layout]:
+        """Weight -> its prepared layout: a permutation of a Conv's OIHW, or (for the kinds of
+        native ``kernels`` used) "conv" or "matrix", onnx2jax.native's blocked layouts, or
+        "winograd", its transformed 3x3 weights."""
+        if not kernels:
+            return self.weight_layouts
+        layouts: dict[str, Layout] = dict(self.weight_layouts)
+        for name, kind in self.native_weights.items():
+            if kind not in kernels:
+                continue
+            shape = np.shape(self.model.params[name])
+            if name in self._winograd_candidates and native.winograd_applies(
+                    shape, (1, 1), (1, 1)):
+                layouts[name] = "winograd"
+            elif (native.weight_block(int(shape[0])) if kind == "conv"
+                  else native.matrix_blocked(int(shape[1]))):
+                layouts[name] = kind
+        return layouts
+
+    def restore_layouts(self, values: Mapping[str, Any],
+                        kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """``values`` with prepared weights back in ONNX's layout (under jit, XLA cancels the
+        pair with the preparation, or the native kernel reads the prepared weights itself:
+        onnx2jax.native._remember)."""
+        layouts = self.layouts(kernels)
+        params = self.model.params
+        return {k: restored_weight(v, layouts[k], np.shape(params[k])) if k in layouts
+                else v for k, v in values.items()}
+
+    # ---------------------------------------------------------------- devices
+    def split_devices(self, bound: Mapping[str, Any]) -> list[jax.Device]:
+        """The CPU devices ``model(...)`` splits these inputs' batch over ([]: one device).
+
+        Only inputs of many rows are split: few rows are little work, which a split program's
+        dispatch to several devices costs more than it saves (the 8x8 example CNN at batch
+        8: 0.99 ms a call on one device, 1.25 split over two). Nor is a convolutional network,
+        or one with attention, where the native kernels run, which a split program cannot
+        call: ResNet-50 b8 took 1.20x onnxruntime's time on one device, 1.31x split over two;
+        MiniLM b32 0.96x against 1.03x, ViT-B/16 b8 0.95x against 1.02x.
+        """
+        native_wins = (self.convolutional or self.has_attention) and native.available()
+        if input_rows(bound) <= FEW_ROWS or native_wins:
+            return []
+        return split_devices(bound)
+
+    def placed(self, bound: Mapping[str, Any], kernels: frozenset[str] = frozenset()
+               ) -> tuple[Params, dict[str, Any], list[jax.Device]]:
+        """The params and inputs ``model(...)`` passes to its jitted function (with these kinds
+        of native ``kernels``), and the devices they are on: one device ([]), or several CPU
+        devices splitting the batch (onnx2jax.runtime.devices)."""
+        params = self.prepared_params(kernels)
+        devices = self.split_devices(bound)
+        if not devices:
+            return params, dict(bound), []
+        cached = self._replicated.get(tuple(devices))
+        if cached is None or cached[0] is not params:
+            copies = replicate(params, devices, *(cached or ()))
+            cached = self._replicated[tuple(devices)] = (params, copies)
+        return cached[1], place_inputs(bound, devices), devices
+
+    def replicas(self) -> dict[tuple[jax.Device, ...], Params]:
+        """Devices -> the copies of the prepared params on them, kept for split batches."""
+        return {devices: copies for devices, (_, copies) in self._replicated.items()}
+
+
+# NumPy dtypes that XLA has no type for (converting them aborts inside XLA, so never try).
+_HOST_ONLY_DTYPE_NAMES = {"float6_e2m3fn", "float6_e3m2fn"}
+
+
+def host_only(value: Any) -> bool:
+    """True for static values JAX cannot hold: strings and types XLA lacks (they stay NumPy
+    values, computed outside jit)."""
+    if isinstance(value, list):
+        return any(host_only(v) for v in value)
+    if isinstance(value, dict):  # ONNX maps (ai.onnx.ml CastMap, DictVectorizer)
+        return True
+    return isinstance(value, np.ndarray) and (
+        value.dtype == object or value.dtype.kind in "SU"
+        or value.dtype.name in _HOST_ONLY_DTYPE_NAMES)
+
+
+def _runtime_types(outputs: dict[str, Any]) -> dict[str, Any]:
+    """``outputs`` with the map values onnxruntime gives: a map (a ZipMap row, in a list) holds
+    Python ints and strings as keys and Python scalars as values, not 0-d arrays. Tensors, and
+    sequences of them (lists), stay arrays."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {_python_scalar(k): _python_scalar(v) for k, v in value.items()}
+        return value
+
+    if not any(isinstance(v, list | dict) for v in outputs.values()):
+        return outputs
+    return OrderedDict((name, convert(value)) for name, value in outputs.items())
+
+
+def _python_scalar(value: Any) -> Any:
+    # A tracer (model(...) called inside someone's jit) has no Python value: it stays.
+    if (isinstance(value, np.ndarray | np.generic | jax.Array) and np.ndim(value) == 0
+            and not isinstance(value, jax.core.Tracer)):
+        value = np.asarray(value).item()
+    return value.decode() if isinstance(value, bytes) else value
