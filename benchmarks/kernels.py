@@ -178,7 +178,7 @@ def time_row(row: Row, runs: int) -> dict[str, float]:
     # The compiled program model(...) runs, on inputs already on the device: the kernel, without
     # model(...)'s per-call checks and input copies (which take longer than the smallest rows).
     function, _, kernels = model.inference_function(model.bind_inputs((), row.feeds))
-    params = model._inference_params(kernels)
+    params = model.engine.prepared_params(kernels)
     inputs = {name: jax.device_put(value) for name, value in row.feeds.items()}
     # Five turns per engine, each of back-to-back calls (see interleaved's ``block``).
     samples = interleaved({

@@ -118,9 +118,7 @@ def compare_layers(path: str, feeds: Mapping[str, np.ndarray], runs: int) -> lis
     covers."""
     model = onnx2jax.load(path)
     bound = model.bind_inputs((), feeds)
-    function, _, kernels = model.inference_function(bound)
-    params, placed, _ = model._placed(bound, kernels)
-    compiled_text = function.lower(params, placed, outputs=None).compile().as_text()
+    compiled_text = model.engine.lower(bound).compile().as_text()
     labels = onnx2jax_operations(compiled_text)
     for _ in range(3):
         jax.block_until_ready(model(**feeds))

@@ -288,7 +288,7 @@ def run_case(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: 
     gflop = None
     try:
         bound = model.bind_inputs((), feeds)
-        cost = model._jitted.lower(model.params, bound, outputs=None).cost_analysis()
+        cost = model.engine.lower_xla(bound).cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         gflop = float(cost["flops"]) / 1e9 if cost and cost.get("flops") else None
     except Exception:  # cost analysis is informative only

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -33,9 +33,6 @@ try:
 except ImportError:  # Windows: killed saves' temporaries are not cleaned up there
     fcntl = None
 
-if TYPE_CHECKING:
-    from onnx2jax.model import Model
-
 # Protobuf cannot serialize a message of 2 GiB or more; leave room for the graph itself.
 PROTO_LIMIT = 2**31 - 2**26
 # Tensors smaller than this stay inside the .onnx file when external data is written.
@@ -44,7 +41,23 @@ _ALIGNMENT = 4096
 _TEMPORARY_SUFFIX = ".onnx2jax-tmp"
 
 
-def to_onnx(model: Model, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:
+class ModelLike(Protocol):
+    """What this module reads of a model (:class:`onnx2jax.model.Model` provides it): typed
+    here so that export, which the model imports, does not import the model back."""
+
+    proto: onnx.ModelProto
+    params: Mapping[str, Any]
+    released_weights: Mapping[str, Any]
+    base_dir: Path | None
+
+    @property
+    def inputs(self) -> list[Any]: ...
+
+    def apply(self, params: Mapping[str, Any], *inputs: Any, **named_inputs: Any
+              ) -> dict[str, Any]: ...
+
+
+def to_onnx(model: ModelLike, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:
     """The model's ONNX proto with the initializers in ``params`` replaced by their new values.
 
     ``params`` defaults to ``model.params`` and may hold any subset of the model's params. Each
@@ -146,7 +159,7 @@ class Verification:
         return f"onnxruntime vs model.apply, max abs difference: {parts}"
 
 
-def save(model: Model, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
+def save(model: ModelLike, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
          external_data: bool = False,
          verify: bool | Mapping[str, Any] = False) -> Verification | None:
     """Write the model with ``params`` to ``path``; see :func:`to_onnx` for what is kept.
@@ -209,7 +222,7 @@ def save(model: Model, path: str | os.PathLike, params: Mapping[str, Any] | None
     return verify_file(model, path, params, None if verify is True else verify)
 
 
-def verify_file(model: Model, path: str | os.PathLike, params: Mapping[str, Any] | None = None,
+def verify_file(model: ModelLike, path: str | os.PathLike, params: Mapping[str, Any] | None = None,
                 inputs: Mapping[str, Any] | None = None) -> Verification | None:
     """Run the ONNX file ``path`` in onnxruntime and compare it with ``model.apply(params)``.
 
@@ -247,7 +260,7 @@ def verify_file(model: Model, path: str | os.PathLike, params: Mapping[str, Any]
     return Verification(diffs)
 
 
-def sample_inputs(model: Model, seed: int = 0) -> dict[str, np.ndarray]:
+def sample_inputs(model: ModelLike, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for a test run: free dims set to 2, floats random normal, integers zero.
 
     Example:
@@ -412,7 +425,7 @@ def _own_data_files(path: Path) -> list[Path]:
     return sorted(found)
 
 
-def _files_read_by(model: Model) -> set[Path]:
+def _files_read_by(model: ModelLike) -> set[Path]:
     """External-data files the model in memory may still read (its constants, to_onnx)."""
     if model.base_dir is None:
         return set()

@@ -23,11 +23,10 @@ import numpy as np
 
 from onnx2jax.errors import InputError, ModelLoadError
 from onnx2jax.hub import download_model, hub_file, optional_hub_file
-from onnx2jax.model import (
-    Model,
+from onnx2jax.model import Model, load
+from onnx2jax.runtime.options import (
     inference_compiler_options,
     jit_with_options,
-    load,
     options_outside_traces,
 )
 

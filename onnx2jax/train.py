@@ -42,7 +42,11 @@ import optax
 
 from onnx2jax.errors import InputError
 from onnx2jax.graph import is_trainable_dtype
-from onnx2jax.model import default_compiler_options, jit_with_options, options_outside_traces
+from onnx2jax.runtime.options import (
+    default_compiler_options,
+    jit_with_options,
+    options_outside_traces,
+)
 
 if TYPE_CHECKING:
     from onnx2jax.checkpoint import Checkpointer

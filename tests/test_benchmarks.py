@@ -233,8 +233,8 @@ def test_artifact_runs_the_program_model_call_runs(tmp_path, monkeypatch):
     def layout_changes(compiled_text: str) -> int:
         return len(re.findall(r"= \S+ (?:transpose|copy)\(", compiled_text))
 
-    ours = loaded._jitted.lower(loaded.params, IMAGES).compile().as_text()
-    theirs = function.lower(model._inference_params(), bound, outputs=None).compile().as_text()
+    ours = loaded.lower(IMAGES).compile().as_text()
+    theirs = model.engine.lower(bound).compile().as_text()
     assert layout_changes(ours) == layout_changes(theirs)
 
 
@@ -314,25 +314,25 @@ def test_load_with_cache_dir_and_environment_variable(monkeypatch, tmp_path):
     first = onnx2jax.load(onnx2jax.example_path(), cache_dir=tmp_path)
     np.testing.assert_allclose(np.asarray(first(IMAGES)["logits"]), expected, rtol=1e-5,
                                atol=1e-6)
-    assert first._cache.misses == 1 and len(list(tmp_path.glob("*.jaxexec"))) == 1
+    assert first.engine.cache.misses == 1 and len(list(tmp_path.glob("*.jaxexec"))) == 1
     monkeypatch.setenv(aot.CACHE_ENV, str(tmp_path))
     second = onnx2jax.load(onnx2jax.example_path())
     np.testing.assert_allclose(np.asarray(second(image=IMAGES)["logits"]), expected,
                                rtol=1e-5, atol=1e-5)
-    assert (second._cache.hits, second._cache.misses) == (1, 0)
+    assert (second.engine.cache.hits, second.engine.cache.misses) == (1, 0)
     monkeypatch.delenv(aot.CACHE_ENV)
-    assert onnx2jax.load(onnx2jax.example_path())._cache is None
+    assert onnx2jax.load(onnx2jax.example_path()).engine.cache is None
 
 
 def test_prepared_conv_weights_follow_param_changes():
     model = onnx2jax.load(onnx2jax.example_path())
-    assert model._weight_layouts  # the digits CNN has Conv weights
+    assert model.engine.weight_layouts  # the digits CNN has Conv weights
     reference = np.asarray(jax.jit(model.apply)(model.params, IMAGES)["logits"])
     np.testing.assert_allclose(np.asarray(model(IMAGES)["logits"]), reference, rtol=1e-5,
                                atol=1e-6)
-    name = next(iter(model._weight_layouts))
+    name = next(iter(model.engine.weight_layouts))
     kernels = model.inference_function(model.bind_inputs((IMAGES,), {}))[2]
-    before = model._inference_params(kernels)
+    before = model.engine.prepared_params(kernels)
     model.params[name] = model.params[name] * 0.5  # changed in place: re-prepared
     changed = np.asarray(jax.jit(model.apply)(model.params, IMAGES)["logits"])
     assert not np.allclose(changed, reference)
@@ -340,7 +340,7 @@ def test_prepared_conv_weights_follow_param_changes():
                                atol=1e-6)
     # Only the changed weight is prepared again; it is the param in the layout the program
     # reads, which gives the param back.
-    after = model._inference_params(kernels)
+    after = model.engine.prepared_params(kernels)
     assert all(after[k] is v for k, v in before.items() if k != name)
     np.testing.assert_array_equal(
-        model._restore_layouts(after, kernels)[name], np.asarray(model.params[name]))
+        model.engine.restore_layouts(after, kernels)[name], np.asarray(model.params[name]))

@@ -52,10 +52,10 @@ for batch in (255, 4, 1):
     np.testing.assert_allclose(np.asarray(part), reference[:batch], rtol=1e-5, atol=1e-5)
 
 # The weights are copied to the devices once; a changed weight alone is copied again.
-(key,) = model._replicated
-copies = model._replicated[key][1]
+(key,) = model.engine.replicas()
+copies = model.engine.replicas()[key]
 model(images)
-assert model._replicated[key][1] is copies
+assert model.engine.replicas()[key] is copies
 name = next(iter(model.params))
 model.params[name] = model.params[name] * 0.5
 changed = np.asarray(model(images)["logits"])
@@ -63,7 +63,7 @@ assert not np.allclose(changed, reference)
 np.testing.assert_allclose(
     changed, np.asarray(jax.jit(model.apply)(model.params, images)["logits"]),
     rtol=1e-5, atol=1e-5)
-again = model._replicated[key][1]
+again = model.engine.replicas()[key]
 assert again[name] is not copies[name]
 assert all(again[k] is v for k, v in copies.items() if k != name)
 
@@ -141,4 +141,4 @@ def test_one_device_runs_the_batch_whole():
     assert split_devices({"x": np.zeros((8, 3), np.float32)}) == []
     model = onnx2jax.load(onnx2jax.example_path())
     out = model(np.zeros((256, 1, 8, 8), np.float32))["logits"]
-    assert len(out.sharding.device_set) == 1 and not model._replicated
+    assert len(out.sharding.device_set) == 1 and not model.engine.replicas()

@@ -267,15 +267,15 @@ def test_data_dependent_nodes_run_between_jitted_segments():
     model = onnx2jax.load(nonzero_model())
     x = np.array([1, 1, 1, 1, 1, 1], np.float32)
     np.testing.assert_allclose(model(x)["y"], [3, 6, -3, 15])
-    runner = model._segmented[None]
+    runner = model.engine.segmented_runner()
     assert [s.host for s in runner.segments] == [False, True, False]
-    compiled = len(runner._compiled)
+    compiled = len(runner.compiled_keys())
     # Same count of non-zeros: every segment is reused; another count compiles the tail anew.
     np.testing.assert_allclose(model(2 * x)["y"], [6, 12, -6, 30])
-    assert len(runner._compiled) == compiled
+    assert len(runner.compiled_keys()) == compiled
     np.testing.assert_allclose(model(np.array([0, 1, 1, 1, 1, 1], np.float32))["y"],
                                [6, -3, 15])
-    assert len(runner._compiled) == compiled + 1
+    assert len(runner.compiled_keys()) == compiled + 1
     with pytest.raises(DataDependentShapeError, match="NonZero node 'nonzero'"):
         jax.jit(model.apply)(model.params, x)
 
@@ -295,10 +295,10 @@ def test_segments_run_the_program_model_call_runs():
         model.params, images)["logits"])
     np.testing.assert_allclose(np.asarray(out["logits"]), logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out["positive"]), np.stack(np.nonzero(logits)))
-    runner = model._segmented[None]
+    runner = model.engine.segmented_runner()
     assert [s.host for s in runner.segments] == [False, True]
     options = model.inference_function(model.bind_inputs((images,), {}))[1]
-    assert [key[-1] for key in runner._compiled] == [tuple(sorted(options.items()))]
+    assert [key[-1] for key in runner.compiled_keys()] == [tuple(sorted(options.items()))]
 
 
 def test_segments_return_intermediate_outputs():

@@ -20,10 +20,7 @@ needs_kernels = pytest.mark.skipif(
 
 
 def _compiled_text(model: onnx2jax.Model, feeds: dict) -> str:
-    bound = model.bind_inputs((), feeds)
-    function, _, kernels = model.inference_function(bound)
-    params, placed, _ = model._placed(bound, kernels)
-    return function.lower(params, placed, outputs=None).compile().as_text()
+    return model.engine.lower(model.bind_inputs((), feeds)).compile().as_text()
 
 
 def test_status_says_what_is_used():
@@ -159,7 +156,7 @@ def test_winograd_weights_are_kept_transformed_and_follow_param_changes():
         initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = onnx2jax.load(proto)
-    layouts = model._layouts(frozenset({"conv"}))
+    layouts = model.engine.layouts(frozenset({"conv"}))
     assert layouts["w1"] == "winograd" and layouts["w3"] == "conv"
     x = f32(2, 32, 10, 10)
     want = onnxruntime.InferenceSession(proto.SerializeToString(),
@@ -296,7 +293,7 @@ def test_grouped_and_1d_convolutions_keep_their_weights_for_xla():
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yuv"],
         initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()])
     model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert model._native_weights == {"plain": "conv"}
+    assert model.engine.native_weights == {"plain": "conv"}
     x, z = f32(1, 4, 8, 8), f32(1, 4, 9)
     got, want = model(x, z), jax.jit(model.apply)(model.params, x, z)
     for name in "yuv":
@@ -343,7 +340,7 @@ def test_matrix_products_run_the_kernel_and_match_onnxruntime(gemm, attributes, 
 
     proto, x = _matmul_model(gemm, **attributes)
     model = onnx2jax.load(proto)
-    assert model._native_weights.get("w") == native_kind
+    assert model.engine.native_weights.get("w") == native_kind
     assert ("onnx2jax_conv2d" in _compiled_text(model, {"x": x})) == (native_kind is not None)
     (want,) = onnxruntime.InferenceSession(proto.SerializeToString(),
                                            providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -382,7 +379,8 @@ def test_many_rows_keep_native_convolutions_and_xla_matrix_products():
     # ... and so its weight keeps XLA's layout in that program.
     bound = product.bind_inputs((), {"x": rows})
     _, _, kernels = product.inference_function(bound)
-    assert kernels == frozenset() and product._inference_params(kernels)["w"].shape == (24, 128)
+    assert kernels == frozenset()
+    assert product.engine.prepared_params(kernels)["w"].shape == (24, 128)
 
 
 def _resnet_block(x_shape=(2, 16, 9, 9), channels=64, outputs=("y",)):
@@ -483,7 +481,7 @@ def test_a_weight_with_another_use_keeps_its_layout():
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yt"],
         initializer=[numpy_helper.from_array(w, "w")])
     model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert model._native_weights == {}
+    assert model.engine.native_weights == {}
     x = f32(3, 16)
     np.testing.assert_allclose(np.asarray(model(x)["y"]), x @ w, rtol=1e-5, atol=1e-5)
 

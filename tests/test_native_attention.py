@@ -145,9 +145,8 @@ def test_model_call_runs_the_kernel_and_matches_onnxruntime(scale_op, mask, cast
     model = onnx2jax.load(proto)
     bound = model.bind_inputs((), feeds)
     function, _, kernels = model.inference_function(bound)
-    params, placed, _ = model._placed(bound, kernels)
     assert "attention" in kernels
-    assert "onnx2jax_attention" in function.lower(params, placed, outputs=None).compile().as_text()
+    assert "onnx2jax_attention" in model.engine.lower(bound).compile().as_text()
     (want,) = _session(proto).run(None, feeds)
     np.testing.assert_allclose(np.asarray(model(**feeds)["out"]), want, rtol=1e-5, atol=1e-5)
     # apply() keeps the graph's own ops: differentiable, and the same numbers.

@@ -252,8 +252,7 @@ def test_wide_softmax_fuses_its_input_on_cpu():
     model = onnx2jax.load(_softmax_model([4, 128]))
     x = f32(4, 128)
     bound = model.bind_inputs((x,), {})
-    function, _, _ = model.inference_function(bound)
-    text = function.lower(model._inference_params(), bound, outputs=None).compile().as_text()
+    text = model.engine.lower(bound).compile().as_text()
     assert "reduce-window" not in text
     np.testing.assert_allclose(np.asarray(model(x)["y"]), jax.nn.softmax(x * 0.5, axis=-1),
                                rtol=1e-6, atol=1e-7)
@@ -396,8 +395,7 @@ def test_div_by_a_power_of_two_stays_a_multiplication():
     model = onnx2jax.load(_divide_by_constant_model(np.array(0.25, np.float32), True))
     x = _spread(np.float32, 8, 8)
     bound = model.bind_inputs((x,), {})
-    function, _, _ = model.inference_function(bound)
-    text = function.lower(model._inference_params(), bound, outputs=None).compile().as_text()
+    text = model.engine.lower(bound).compile().as_text()
     assert "opt-barrier" not in text
     np.testing.assert_array_equal(np.asarray(model(x)["y"]), x / np.float32(0.25))
 

@@ -66,7 +66,7 @@ def run_cached(folder: Path, rows: int = 2) -> tuple[np.ndarray, aot.ExecutableC
     model = onnx2jax.load(add_model(), cache_dir=folder)
     out = np.asarray(model(x_of(rows))["y"])
     np.testing.assert_array_equal(out, x_of(rows) + W)
-    return out, model._cache
+    return out, model.engine.cache
 
 
 def private(path: Path) -> Path:
@@ -146,7 +146,8 @@ def test_a_world_writable_cache_folder_is_refused_and_the_model_still_runs(tmp_p
     with pytest.warns(UnsafeCacheWarning, match="writable by other users.*chmod go-w"):
         out = np.asarray(model(x_of(2))["y"])
     np.testing.assert_array_equal(out, x_of(2) + W)
-    assert model._cache._refused and (model._cache.hits, model._cache.misses) == (0, 1)
+    cache = model.engine.cache
+    assert cache.refused and (cache.hits, cache.misses) == (0, 1)
     # Nothing read (no marker) and nothing written (the planted bytes are still there, alone).
     assert not marker.exists()
     assert entry_files(folder) == [entry] and entry.read_bytes() == payload

@@ -232,6 +232,10 @@ class AotModel:
             values = self._jitted(self.params, *args)
         return dict(zip(self.output_names, values, strict=True))
 
+    def lower(self, *inputs: Any, **named: Any) -> Any:
+        """The :class:`jax.stages.Lowered` program a call on these inputs runs."""
+        return self._jitted.lower(self.params, *self._bind(inputs, named))
+
     def _bind(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> list[Any]:
         if len(inputs) > len(self.input_names):
             raise InputError(f"the artifact takes {len(self.input_names)} inputs, got "

@@ -100,6 +100,11 @@ class ExecutableCache:
         self._secret: bytes | None = None
         self._refused: str | None = None  # why the folder is not used, once checked
 
+    @property
+    def refused(self) -> str | None:
+        """Why the folder is not used (see :meth:`usable`), or None."""
+        return self._refused
+
     def path(self, key: str) -> Path:
         """The file of ``key``'s entry."""
         digest = hashlib.sha256(self._full_key(key).encode()).hexdigest()

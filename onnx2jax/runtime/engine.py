@@ -98,7 +98,7 @@ class Engine:
         >>> bound = model.bind_inputs((np.zeros((1, 1, 8, 8), np.float32),), {})
         >>> model.engine.run(bound)["logits"].shape
         (1, 10)
-        >>> "HloModule" in model.engine.lower(bound).as_text()
+        >>> "HloModule" in model.engine.lower(bound).compile().as_text()
         True
     """
 

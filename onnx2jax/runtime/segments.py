@@ -50,9 +50,15 @@ class SegmentedRunner:
 
     @property
     def segments(self) -> list[Segment]:
+        """The graph's nodes cut into segments: runs of jitted nodes between host nodes."""
         if self._segments is None:
             self._segments = self._split()
         return self._segments
+
+    def compiled_keys(self) -> list[tuple]:
+        """The (segment position, signature, static inputs, XLA options) of every segment
+        compiled so far, in compilation order."""
+        return list(self._compiled)
 
     def run(self, env: dict[str, Any], compiler_options: Mapping[str, Any] | None = None
             ) -> list[Any]:
