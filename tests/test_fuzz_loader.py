@@ -44,7 +44,7 @@ def test_fixed_seed_of_500_mutants_gives_only_onnx2jax_errors_or_results(tmp_pat
 
 def test_mutants_are_reproducible_from_seed_and_number(tmp_path):
     seeds = seed_models(tmp_path)
-    assert {s.name for s in seeds} == {"cnn", "transformer", "control", "typed"}
+    assert {s.name for s in seeds} == {"cnn", "transformer", "control", "typed", "sklearn"}
     first = [make_mutant(seeds, 7, i) for i in range(40)]
     again = [make_mutant(seeds, 7, i) for i in range(40)]
     assert [m.files for m in first] == [m.files for m in again]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -186,6 +187,24 @@ def _typed_initializers() -> onnx.ModelProto:
                   inits, "typed", sparse=[sparse])
 
 
+@functools.cache
+def _sklearn_pipeline() -> bytes | None:
+    """StandardScaler -> LogisticRegression through skl2onnx (ai.onnx.ml ops), or None
+    without scikit-learn and skl2onnx (then the runs use the other seeds only)."""
+    try:
+        from skl2onnx import to_onnx
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+    except ImportError:
+        return None
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, x[:, 0] > 0)
+    model = to_onnx(pipeline, x[:1], options={"zipmap": False},
+                    target_opset={"": 17, "ai.onnx.ml": 3})
+    return model.SerializeToString()
+
+
 def seed_models(folder: Path) -> list[Seed]:
     """The seed models, built here (``folder`` is scratch space for the external-data save)."""
     from onnx2jax import example_path
@@ -199,6 +218,9 @@ def seed_models(folder: Path) -> list[Seed]:
                                       DATA_FILE: (external / DATA_FILE).read_bytes()}))
     seeds.append(Seed("control", {MODEL_FILE: _control_flow().SerializeToString()}))
     seeds.append(Seed("typed", {MODEL_FILE: _typed_initializers().SerializeToString()}))
+    sklearn = _sklearn_pipeline()
+    if sklearn is not None:
+        seeds.append(Seed("sklearn", {MODEL_FILE: sklearn}))
     return seeds
 
 
