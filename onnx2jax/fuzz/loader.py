@@ -2,7 +2,8 @@
 
 ``python -m onnx2jax.fuzz.loader --seed S --count N --out DIR [--time-limit SEC] [-v]``
 builds a few small but real seed models (the packaged CNN, a transformer-like block with its
-weights in an external-data file, If/Loop subgraphs, integer/string/sparse initializers),
+weights in an external-data file, If/Loop subgraphs, integer/string/sparse initializers, a
+skl2onnx pipeline),
 mutates them at byte level (bit flips, truncation, inserted, deleted, duplicated and
 overwritten ranges) and at protobuf-field level (dims, data types, opsets, op types and
 domains, node inputs and outputs, initializers, external-data entries, attributes, graph
