@@ -379,11 +379,12 @@ def compare_outputs(ours: Mapping[str, Any], reference: Mapping[str, Any], rtol:
     """
     results = {}
     for name, want in reference.items():
-        want = np.asarray(want)
-        got = np.asarray(ours[name])
+        got, want, problem = _comparable(ours[name], want)
         entry: dict[str, Any] = {"shape": list(want.shape), "dtype": str(want.dtype),
                                  "onnx2jax_dtype": str(got.dtype)}
-        if got.shape != want.shape:
+        if problem:
+            entry.update(match=False, max_abs_error=None, max_rel_error=None, problem=problem)
+        elif got.shape != want.shape:
             entry.update(match=False, max_abs_error=None, max_rel_error=None,
                          problem=f"shape {list(got.shape)} instead of {list(want.shape)}")
         elif want.dtype.kind not in "biufc":
@@ -405,13 +406,31 @@ def compare_outputs(ours: Mapping[str, Any], reference: Mapping[str, Any], rtol:
     return results
 
 
+def _comparable(got: Any, want: Any) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Both outputs as arrays to compare, and what differs in their structure, if anything.
+
+    A sequence of maps (ZipMap's rows) becomes a [rows, keys] array of its values, in the
+    reference's key order, so probabilities compare with the tolerances like any tensor.
+    """
+    if isinstance(want, list) and want and all(isinstance(row, dict) for row in want):
+        keys = list(want[0])
+        if (not isinstance(got, list) or len(got) != len(want)
+                or any(not isinstance(row, dict) or set(row) != set(keys) for row in got)):
+            return (np.zeros(0), np.zeros((len(want), len(keys))),
+                    "the maps' keys or the number of rows differ")
+        return (np.array([[np.asarray(row[k]) for k in keys] for row in got]),
+                np.array([[row[k] for k in keys] for row in want]), None)
+    return np.asarray(got), np.asarray(want), None
+
+
 def cmd_check(args: argparse.Namespace, progress: Progress) -> int:
     from onnx2jax.bench import onnxruntime_session
 
     model, path = load_model(args.model, progress, args.precision)
     feeds = read_inputs(args, model)
     with progress.step("compiling and running onnx2jax"):
-        ours = {k: np.asarray(v) for k, v in model(**feeds).items()}
+        ours = {k: v if isinstance(v, list) else np.asarray(v)
+                for k, v in model(**feeds).items()}
     with progress.step("running onnxruntime"):
         session = onnxruntime_session(model, path)
         names = [o.name for o in session.get_outputs()]

@@ -42,12 +42,7 @@ from tests.variants import VARIANTS, Feeds, Variant, build_base
 FP16_XFAIL: dict[str, str] = {}
 
 #: ``onnx2jax check`` failures, by id, with the root cause (strict, as above).
-CLI_XFAIL: dict[str, str] = {
-    "skl-logistic/fp32": (
-        "cli.compare_outputs compares non-tensor outputs (ZipMap's list of {label: "
-        "probability}) with np.array_equal, without the tolerances: probabilities 9e-10 apart "
-        "are a MISMATCH"),
-}
+CLI_XFAIL: dict[str, str] = {}
 
 
 def _params(variants: list[Variant], xfail: dict[str, str]) -> list:
