@@ -157,8 +157,8 @@ def test_no_import_cycles():
 
 
 def test_only_the_model_module_reads_the_models_private_members():
-    """``model._...`` is the model module's own business; tools and tests use the public
-    interface (``model.engine``, onnx2jax/runtime/engine.py)."""
+    """A model's private members are the model module's own business; tools and tests use
+    the public interface (``model.engine``, onnx2jax/runtime/engine.py)."""
     private = re.compile(r"\bmodel\._[A-Za-z]")
     files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"),
              *(ROOT / "benchmarks").glob("*.py")]
