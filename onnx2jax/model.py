@@ -1,4 +1,9 @@
-"""The user-facing :class:`Model`: a pure ``apply`` function plus a pytree of weights."""
+"""The user-facing :class:`Model`: a pure ``apply`` function plus a pytree of weights.
+
+The model holds the graph, its params and ``apply``; the program ``model(...)`` compiles
+(weight layouts, native-kernel rewrites, XLA options, devices, segments, the executable cache)
+is its :attr:`Model.engine`, an :class:`onnx2jax.runtime.engine.Engine`.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ class Model:
     the inputs; calling the model runs ``apply`` with ``params`` under ``jax.jit``.
     ``compiler_options`` are the XLA options that jit compiles with (on the CPU, XLA's YNNPACK
     fusion off); pass them to your own ``jax.jit`` for the same speed:
-    ``jax.jit(model.apply, compiler_options=model.compiler_options)``.
+    ``jax.jit(model.apply, compiler_options=model.compiler_options)``. ``engine`` is the
+    compiled side of ``model(...)`` (onnx2jax/runtime/engine.py), for tools that inspect it.
 
     Example:
         >>> import numpy as np, onnx2jax
