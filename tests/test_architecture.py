@@ -180,3 +180,24 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert ORDER.index(_layer("onnx2jax.model")) > ORDER.index(_layer("onnx2jax.runtime.aot"))
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_old_import_paths_keep_working():
+    """The modules moved into runtime/ are still importable from where they were, as the same
+    objects."""
+    from onnx2jax import aot, devices, fusion, model, segments
+    from onnx2jax.runtime import aot as runtime_aot
+    from onnx2jax.runtime import cache, options
+    from onnx2jax.runtime import devices as runtime_devices
+    from onnx2jax.runtime import fusion as runtime_fusion
+    from onnx2jax.runtime import segments as runtime_segments
+
+    assert aot.export_model is runtime_aot.export_model
+    assert aot.load_artifact is runtime_aot.load_artifact
+    assert aot.cached_call is runtime_aot.cached_call
+    assert aot.ExecutableCache is cache.ExecutableCache and aot.CACHE_ENV == cache.CACHE_ENV
+    assert devices.split_devices is runtime_devices.split_devices
+    assert segments.SegmentedRunner is runtime_segments.SegmentedRunner
+    assert fusion.fuse_attention is runtime_fusion.fuse_attention
+    assert model.inference_compiler_options is options.inference_compiler_options
+    assert model.default_compiler_options is options.default_compiler_options

@@ -20,6 +20,7 @@ model's public members), so this package never imports :mod:`onnx2jax.model`.
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -102,7 +103,7 @@ class Engine:
         True
     """
 
-    def __init__(self, model: GraphModel, cache_dir: Any = None):
+    def __init__(self, model: GraphModel, cache_dir: str | os.PathLike | None = None):
         self.model = model
         self.compiler_options: dict[str, Any] = default_compiler_options()
         params = model.params
