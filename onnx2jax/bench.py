@@ -87,10 +87,12 @@ def default_threads() -> int:
 
 
 def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = None, *,
-                        threads: int | None = None, profile_prefix: str | None = None) -> Any:
+                        threads: int | None = None, profile_prefix: str | None = None,
+                        optimize: bool = True) -> Any:
     """An onnxruntime CPU session of ``model``, from ``path`` when given (external data needs it).
 
-    Every graph optimization is on (``ORT_ENABLE_ALL``, onnxruntime's default); ``threads``
+    Every graph optimization is on (``ORT_ENABLE_ALL``, onnxruntime's default) unless
+    ``optimize`` is false (the graph as written: no fused kernels); ``threads``
     sets the intra-op thread count (default: onnxruntime's own choice). With
     ``profile_prefix``, onnxruntime profiles every call into a JSON file whose name starts with
     it; ``session.end_profiling()`` returns that name.
@@ -109,7 +111,8 @@ def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = No
         raise Onnx2JaxError("onnxruntime_session needs a model or a path")
     source = str(path) if path is not None else model.to_onnx().SerializeToString()
     options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = onnxruntime.GraphOptimizationLevel
+    options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     if profile_prefix:

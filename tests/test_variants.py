@@ -272,12 +272,8 @@ def test_float16_error_as_onnxruntime(variant: Variant, built, ours) -> None:
     _check_fp16(ours(variant), _ort(path, feeds), _ort(base, feeds))
 
 
-#: A few variants through the command users try first (it makes its own random inputs).
-_CLI = ["minilm/ort-opt1", "bert-14-eager/ort-opt2", "gpt2-14-sdpa/dynamic-quint8",
-        "resnet-17-eager/qdq-quint8", "skl-logistic/fp32", "whisper-17-sdpa/ort-opt2"]
-
-
-@pytest.mark.parametrize("variant", _params([v for v in VARIANTS if v.id in _CLI], CLI_XFAIL))
+#: Every variant through the command users try first (it makes its own random inputs).
+@pytest.mark.parametrize("variant", _params(VARIANTS, CLI_XFAIL))
 def test_cli_check_passes(variant: Variant, built, capsys) -> None:
     path, _, _ = built(variant)
     status = cli.main(["check", str(path), "--quiet"])
