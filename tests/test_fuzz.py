@@ -17,32 +17,14 @@ from onnx2jax.ops import registry
 from tests.helpers import assert_matches_reference, single_node_model
 
 
-def _static_under_jit_in_jax_on(failure) -> bool:
-    """Erf/Softmax/LogSoftmax... of a static value under jit: jax_on (ops/elementwise.py) stages
-    the jax ops into the trace. Open, reported to that file's owner (seed 2, graph 197)."""
-    return "TracerArrayConversionError" in failure.message and "jax_on" in failure.message
-
-
-def _lp_normalization_nan(failure) -> bool:
-    """LpNormalization gives 0 where its input holds NaN, onnxruntime NaN. Open, reported to
-    the owner of ops/normalization.py (seed 7, graph 95)."""
-    return [op for op in failure.ops if op != "Constant"] == ["LpNormalization"] and \
-        "nan" in failure.message
-
-
-# Mismatches in files this test's authors do not own, reported and awaiting a fix there;
-# remove an entry when its fix lands.
-KNOWN_OPEN = (_static_under_jit_in_jax_on, _lp_normalization_nan)
-
-
 def test_fixed_seed_finds_no_mismatch(tmp_path):
     report = fuzz(seed=2026, count=500, out=tmp_path)
     print(report.summary())
     for failure in report.failures:
         print(f"graph {failure.index} [{', '.join(failure.ops)}]: {failure.message[:300]}")
-    new = [f for f in report.failures if not any(known(f) for known in KNOWN_OPEN)]
-    assert not new, "\n".join(
-        f"graph {f.index} [{', '.join(f.ops)}] -> {f.path}: {f.message}" for f in new)
+    assert not report.failures, "\n".join(
+        f"graph {f.index} [{', '.join(f.ops)}] -> {f.path}: {f.message}"
+        for f in report.failures)
     # Nearly every graph is judged, and the draw covers the ops and the control flow.
     assert report.passed >= 450
     assert len(report.ops) >= 120
@@ -198,3 +180,25 @@ def test_resize_pytorch_half_pixel_to_one_sample_reads_the_first(mode):
                               coordinate_transformation_mode="pytorch_half_pixel")
     (out,) = assert_matches_reference(model, {"x": x})
     np.testing.assert_array_equal(out, np.full((1, 1, 1, 3), 1.5, np.float32))
+
+
+def test_erf_and_softmax_of_constants_under_jit():
+    """Seed 2, graph 197: Erf of a Constant node staged jax ops into the trace and failed."""
+    for op, attrs in (("Erf", {}), ("Softmax", {"axis": -1})):
+        value = numpy_helper.from_array(np.array([[0.5, -1.0, 2.0]], np.float32), "c")
+        nodes = [helper.make_node("Constant", [], ["c"], value=value),
+                 helper.make_node(op, ["c"], ["e"], **attrs),
+                 helper.make_node("Add", ["e", "x"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3])],
+                                  [helper.make_tensor_value_info("y", 1, [1, 3])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        assert_matches_reference(model, {"x": np.zeros((1, 3), np.float32)}, rtol=1e-6)
+
+
+def test_lp_normalization_keeps_nan():
+    """Seed 7, graph 95: LpNormalization gave 0 where its input holds NaN."""
+    x = np.array([[np.nan, 1.0, 2.0], [0.0, 0.0, 0.0], [3.0, 4.0, 0.0]], np.float32)
+    for p in (1, 2):
+        model = single_node_model("LpNormalization", {"x": x}, axis=-1, p=p)
+        assert_matches_reference(model, {"x": x}, rtol=1e-6)
+

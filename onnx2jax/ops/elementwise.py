@@ -213,7 +213,10 @@ def jax_on(function, *values):
     computed the same way but handed back as NumPy of the first value's dtype, so it stays static.
     For ops NumPy lacks (erf, softmax, ...) whose inputs are rarely static."""
     if all(is_static(v) for v in values):
-        return np.asarray(function(*(jnp.asarray(v) for v in values))).astype(values[0].dtype)
+        # Evaluated now, even inside a jit trace (which would otherwise stage it).
+        with jax.ensure_compile_time_eval():
+            result = function(*(jnp.asarray(v) for v in values))
+        return np.asarray(result).astype(values[0].dtype)
     return function(*values)
 
 

@@ -167,9 +167,9 @@ def lp_normalization(ctx, x):
         norm = jnp.sum(jnp.abs(x), axis=axis, keepdims=True)
     elif p == 2:
         squares = jnp.sum(x * x, axis=axis, keepdims=True)
-        # A zero vector normalizes to zeros; keep sqrt's gradient finite there.
-        norm = jnp.sqrt(jnp.where(squares > 0, squares, jnp.ones((), x.dtype)))
-        norm = jnp.where(squares > 0, norm, jnp.zeros((), x.dtype))
+        # A zero vector normalizes to zeros; keep sqrt's gradient finite there. NaN stays NaN.
+        norm = jnp.sqrt(jnp.where(squares == 0, jnp.ones((), x.dtype), squares))
+        norm = jnp.where(squares == 0, jnp.zeros((), x.dtype), norm)
     else:
         raise ctx.error(f"p={p} is not supported; LpNormalization takes p=1 or p=2")
     safe = jnp.where(norm == 0, jnp.ones((), x.dtype), norm)
