@@ -57,7 +57,8 @@ def test_python_blocks_run(page: Path, tmp_path, monkeypatch):
     assert os.getcwd() == str(tmp_path)
 
 
-@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md"],
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md",
+                                  ROOT / "onnx2jax" / "ops" / "README.md"],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve(page: Path):
     text = BLOCK.sub("", page.read_text())

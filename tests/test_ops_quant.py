@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnx2jax
+from onnx2jax.ops.registry import ML
 from tests.helpers import (
     assert_matches_reference,
     feeds_of,
@@ -20,7 +21,6 @@ from tests.helpers import (
     single_node_model,
 )
 
-ML = "ai.onnx.ml"
 RNG = np.random.default_rng(0)
 
 

@@ -32,8 +32,6 @@ from onnx2jax.settings import MAX_UNROLL_ENV, max_unroll
 # once as lax.scan (falling back to unrolling when the body cannot be a fixed-shape loop).
 UNROLL_LIMIT = 16
 
-_SUBGRAPH_VERSIONS = (1, 11, 13, 16, 19, 21, 23, 24, 25)
-
 
 class _NotLoopable(Exception):
     """The body cannot run as a lax loop (its state changes shape or structure, or it needs
