@@ -10,6 +10,12 @@ import pytest
 from tests.models import export_minilm
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast tests first, then those marked slow: the one test command (README, .ci/run)
+    reports a plain bug in minutes, before the model exports."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
 def _cached(request: pytest.FixtureRequest, name: str, build) -> Path:
     folder = Path(request.config.cache.mkdir("onnx2jax-models"))
     path = folder / name

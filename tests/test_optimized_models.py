@@ -18,6 +18,9 @@ import pytest
 
 from tests.helpers import run_onnx2jax
 
+# Exports and runs real models: after the fast tests (tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")

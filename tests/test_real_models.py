@@ -15,6 +15,9 @@ import onnx2jax
 from onnx2jax import native
 from tests.models import export_tiny_transformers, minilm_inputs
 
+# Exports and runs real models: after the fast tests (tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 
 def ort_run(path_or_proto, feeds: dict, outputs: list[str] | None = None) -> dict:
     data = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) \

@@ -36,6 +36,9 @@ import onnx2jax
 from onnx2jax import cli
 from tests.variants import VARIANTS, Feeds, Variant, build_base
 
+# Exports and runs real models: after the fast tests (tests/conftest.py).
+pytestmark = pytest.mark.slow
+
 #: Variants whose float16 error exceeds 1.2x onnxruntime's, by id, with the root cause found
 #: (none since float16 graphs compute as onnxruntime's CPU provider does). Strict: a mark
 #: makes the test fail once the cause is gone, so it can be removed.
