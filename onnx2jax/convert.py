@@ -40,6 +40,10 @@ def is_concrete(value: Any) -> bool:
                                 and not isinstance(value, jax.core.Tracer))
 
 
+# Ops that read their input's bits, which a float16 value held widened would change.
+_BIT_EXACT_OPS = {"BitCast"}
+
+
 def _folded_bytes(value: Any) -> int:
     """The bytes a static array would take materialized (a broadcast view counts in full)."""
     if isinstance(value, np.ndarray) and value.dtype.kind in "biufc":
@@ -135,6 +139,8 @@ class Interpreter:
         # of those seen, whose ONNX type is float16 (outputs go back to it).
         self.widen_float16 = widen_float16
         self.float16_names: set[str] = set()
+        # Plans (by id, kept alive) -> the names their graph types float16.
+        self._float16_tensors: dict[int, tuple[GraphPlan, set[str]]] = {}
         # Keyed by id(); each entry keeps its key object alive so ids are never reused.
         self._subplans: dict[int, tuple[onnx.GraphProto, GraphPlan]] = {}
         self._attrs: dict[int, tuple[onnx.NodeProto, dict[str, Any]]] = {}
@@ -188,6 +194,9 @@ class Interpreter:
                 args.append(env[name])
             limit = max_static_bytes()
             args = [_to_xla(arg) if _folded_bytes(arg) > limit else arg for arg in args]
+            if self.widen_float16 and node.op_type in _BIT_EXACT_OPS and not node.domain:
+                args = [self.narrow(plan, name, arg) for name, arg in zip(node.input, args,
+                                                                          strict=True)]
             ctx = OpContext(self, node, env, plan)
             try:
                 result = spec.function(ctx, *args)
@@ -208,6 +217,39 @@ class Interpreter:
                 if isinstance(value, np.generic | int | float | bool):
                     value = np.asarray(value)
                 env[name] = self.widen(value, name)
+
+    def narrow(self, plan: GraphPlan, name: str, value: Any) -> Any:
+        """``value`` back in float16 if it is held widened and its ONNX type is float16."""
+        if (not self.widen_float16 or getattr(value, "dtype", None) != np.float32
+                or not (name in self.float16_names or name in self.float16_tensors(plan))):
+            return value
+        return value.astype(np.float16)
+
+    def float16_tensors(self, plan: GraphPlan) -> set[str]:
+        """Names ``plan``'s graph types float16: declared, else found by ONNX's shape inference
+        (an op computing in float32 on widened inputs no longer shows it)."""
+        cached = self._float16_tensors.get(id(plan))
+        if cached is None:
+            typed = {info.name: info.elem_type for info in (
+                *plan.inputs, *plan.outputs, *plan.value_info.values()) if info.elem_type}
+            produced = [out for node in plan.nodes for out in node.output if out]
+            if any(name not in typed for name in produced):
+                typed.update((name, elem) for name, elem in self._inferred_types(plan).items()
+                             if name not in typed)
+            names = {name for name, elem in typed.items() if elem == onnx.TensorProto.FLOAT16}
+            cached = self._float16_tensors[id(plan)] = (plan, names)
+        return cached[1]
+
+    def _inferred_types(self, plan: GraphPlan) -> dict[str, int]:
+        opsets = [onnx.helper.make_opsetid(domain, version)
+                  for domain, version in self.opsets.items()]
+        try:
+            model = onnx.helper.make_model(plan.graph, opset_imports=opsets)
+            graph = onnx.shape_inference.infer_shapes(model).graph
+        except Exception:  # a graph ONNX cannot type: the declared types only
+            return {}
+        return {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output)
+                if v.type.HasField("tensor_type")}
 
     def widen(self, value: Any, name: str | None = None) -> Any:
         """``value`` in float32 if it is float16 and float16 values are held widened."""

@@ -85,8 +85,6 @@ class Model:
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
         self._interpreter = Interpreter(self.opsets, base_dir, precision,
                                         widen_float16=float16_compute == "float32")
-        # Names the graph types float16 (see _float16_tensors); found when first needed.
-        self._float16_names: set[str] | None = None
         # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
         # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
         # caller passed in is theirs and stays untouched. This comes before the device copies
@@ -244,30 +242,7 @@ class Model:
 
     def _in_onnx_dtype(self, name: str, value: Any) -> Any:
         """An output held widened in float32 back in its ONNX type, float16."""
-        if (getattr(value, "dtype", None) != np.float32 or not self._interpreter.widen_float16
-                or not (name in self._interpreter.float16_names
-                        or name in self._float16_tensors())):
-            return value
-        return value.astype(np.float16)
-
-    def _float16_tensors(self) -> set[str]:
-        """Names the graph types float16: declared, else found by ONNX's shape inference (an
-        op computing in float32 on widened inputs no longer shows it)."""
-        if self._float16_names is None:
-            typed = {info.name: info.elem_type for info in (
-                *self.plan.inputs, *self.plan.outputs, *self.plan.value_info.values())
-                if info.elem_type}
-            if any(name not in typed for name in self.tensor_names()):
-                try:
-                    graph = onnx.shape_inference.infer_shapes(self.proto).graph
-                    inferred = [*graph.value_info, *graph.output]
-                except Exception:  # a graph ONNX cannot type: the declared types only
-                    inferred = []
-                typed.update((v.name, v.type.tensor_type.elem_type) for v in inferred
-                             if v.type.HasField("tensor_type") and v.name not in typed)
-            self._float16_names = {name for name, elem in typed.items()
-                                   if elem == onnx.TensorProto.FLOAT16}
-        return self._float16_names
+        return self._interpreter.narrow(self.plan, name, value)
 
     def environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
                     wanted: Sequence[str]) -> dict[str, Any]:
