@@ -173,3 +173,10 @@ def test_external_data_location_that_is_not_utf8_is_a_clear_error(tmp_path):
     (tmp_path / MODEL_FILE).write_bytes(data.replace(b"w.data", b"\xff.data"))
     with pytest.raises(ModelLoadError, match="not valid UTF-8"):
         onnx2jax.load(tmp_path / MODEL_FILE)
+
+
+def test_the_fuzzers_command_runs_the_loader_fuzzer(tmp_path, capsys):
+    from onnx2jax.fuzz.__main__ import main
+
+    assert main(["--loader", "--seed", "3", "--count", "6", "--out", str(tmp_path)]) == 0
+    assert "loader fuzz seed 3: 6 mutants" in capsys.readouterr().out

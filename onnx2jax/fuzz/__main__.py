@@ -11,7 +11,17 @@ from onnx2jax.fuzz.judge import Outcome
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the fuzzer; exit status 1 when a mismatch was found, 0 otherwise."""
+    """Run the fuzzer; exit status 1 when a mismatch was found, 0 otherwise.
+
+    ``--loader`` runs the loader's fuzzer instead (:mod:`onnx2jax.fuzz.loader`): mutated model
+    files, each loaded and run in a child process; the other arguments are then its own.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--loader" in argv:
+        from onnx2jax.fuzz import loader
+
+        argv.remove("--loader")
+        return loader.main(argv)
     parser = argparse.ArgumentParser(prog="python -m onnx2jax.fuzz", description=__doc__)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=500, help="graphs to check")
