@@ -451,3 +451,18 @@ def test_variadic_sum_and_mean_bit_for_bit_with_onnxruntime(op_type, dtype):
     (got,) = run_onnx2jax(model, feeds, x64=False)
     assert got.dtype == dtype
     np.testing.assert_array_equal(got, want)
+
+
+def test_integer_pow_with_negative_exponents_truncates_as_exact_arithmetic():
+    """Found by the loader fuzzer: int32 3 ** -2 came out 703701817 (XLA's repeated squaring);
+    exact arithmetic truncates to 0, and bases 1 and -1 keep their magnitude."""
+    x = np.array([3, -3, 1, -1, -1, 2, 0, 5], np.int32)
+    y = np.array([-2, -1, -5, -3, -2, 3, 2, 0], np.int32)
+    model = single_node_model("Pow", {"x": x, "y": y}, outputs=("z",), opset=15)
+    for jit in (True, False):
+        (got,) = run_onnx2jax(model, {"x": x, "y": y}, jit=jit)
+        np.testing.assert_array_equal(got, [0, 0, 1, -1, 1, 8, 0, 1])
+        (static,) = run_onnx2jax(single_node_model("Pow", {"x": x, "y": y}, outputs=("z",),
+                                                   opset=15, initializers={"x": x, "y": y}),
+                                 {}, jit=jit)
+        np.testing.assert_array_equal(static, got)

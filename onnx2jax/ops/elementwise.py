@@ -144,7 +144,18 @@ def pow_(ctx, x, y):
             # at negative bases, unlike the general pow used for the Pow(x, 2.0) of LayerNorm.
             out = lax.integer_pow(x, int(exponent))
             return jnp.broadcast_to(out, np.broadcast_shapes(x.shape, np.shape(y)))
+    if np.issubdtype(x.dtype, np.integer) and np.issubdtype(y.dtype, np.integer):
+        return _integer_power(xp, x, y)
     return xp.power(x, y).astype(x.dtype)
+
+
+def _integer_power(xp, x, y):
+    """Integer ``x ** y`` as exact arithmetic truncates it: a negative exponent gives 0, except
+    for bases 1 and -1 (NumPy refuses it, and XLA's repeated squaring returns garbage)."""
+    negative = y < 0
+    positive_power = xp.power(x, xp.where(negative, 0, y).astype(y.dtype))
+    unit = xp.where(x == 1, 1, xp.where((x == -1) & (y % 2 != 0), -1, xp.where(x == -1, 1, 0)))
+    return xp.where(negative, unit, positive_power).astype(x.dtype)
 
 
 @register("Mod", since=(10, 13, 28))
