@@ -199,3 +199,25 @@ def test_unrolling_is_bounded(monkeypatch):
 def test_ragged_python_lists_are_input_errors(value):
     with pytest.raises(onnx2jax.InputError, match="cannot be read as an array"):
         onnx2jax.load(relu_model())(x=value)
+
+
+def test_a_huge_constant_trip_count_runs_as_a_while_loop():
+    """Found by the loader fuzzer: a trip count of 2**56 - 1 made lax.scan overflow."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c"], ["c_out"]),
+         helper.make_node("Add", ["a", "one"], ["a_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("a_out", TensorProto.FLOAT, [1])],
+        initializer=[onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")])
+    graph = helper.make_graph(
+        [helper.make_node("Less", ["x", "ten"], ["keep_going"]),
+         helper.make_node("Loop", ["trips", "keep_going", "x"], ["y"], body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[onnx.numpy_helper.from_array(np.int64(2**56 - 1), "trips"),
+                     onnx.numpy_helper.from_array(np.float32([10]), "ten")])
+    model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    np.testing.assert_array_equal(model(x=np.float32([100]))["y"], [100])

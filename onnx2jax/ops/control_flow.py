@@ -31,6 +31,8 @@ from onnx2jax.settings import MAX_UNROLL_ENV, max_unroll
 # Static trip counts up to this many iterations are unrolled in Python; longer loops are traced
 # once as lax.scan (falling back to unrolling when the body cannot be a fixed-shape loop).
 UNROLL_LIMIT = 16
+# lax.scan's length is a C int; longer loops without scan outputs run as lax.while_loop.
+_SCAN_MAX_LENGTH = 2**31 - 1
 
 
 class _NotLoopable(Exception):
@@ -301,6 +303,13 @@ class _LoopRunner:
         return tuple(jnp.zeros((0, *s.shape), s.dtype) for s in shapes)
 
     def traced(self, limit, cond):
+        if isinstance(limit, int) and limit > _SCAN_MAX_LENGTH:
+            if self.n_scan:
+                raise self.ctx.error(f"a trip count of {limit} cannot stack scan outputs (at "
+                                     f"most {_SCAN_MAX_LENGTH} iterations)")
+            # The loop counter's type bounds the count (int32 unless x64 is on).
+            widest = np.iinfo(np.int64 if jax.config.jax_enable_x64 else np.int32).max
+            return self.while_loop(np.asarray(min(limit, widest)), cond, self.initial, start=0)
         try:
             if isinstance(limit, int):
                 try:
