@@ -22,14 +22,7 @@ from onnx2jax.fuzz.loader import MODEL_FILE, Worker, fuzz_loader, make_mutant, s
 # Findings in files the loader's maintainers do not own, reported with repros; each entry is
 # removed when its fix lands, so a new kind of finding always fails this test. Patterns, so
 # that a module moving (onnx2jax/segments.py -> onnx2jax/runtime/segments.py) keeps them.
-KNOWN_FINDINGS = [
-    # An If branch with fewer outputs than the node: model(...) raises a bare KeyError from
-    # segments.py (model.apply raises OpError).
-    r"KeyError in onnx2jax\.(runtime\.)?segments\.",
-    # A binary op with one input inside an attention pattern: IndexError from fusion.py
-    # fuse_attention at load.
-    r"IndexError in onnx2jax\.(runtime\.)?fusion\.fuse_attention",
-]
+KNOWN_FINDINGS: list[str] = []
 
 
 def _known(key: str) -> bool:
@@ -180,3 +173,35 @@ def test_the_fuzzers_command_runs_the_loader_fuzzer(tmp_path, capsys):
 
     assert main(["--loader", "--seed", "3", "--count", "6", "--out", str(tmp_path)]) == 0
     assert "loader fuzz seed 3: 6 mutants" in capsys.readouterr().out
+
+
+def test_an_if_branch_with_too_few_outputs_is_an_op_error():
+    """Found by the loader fuzzer: model(...) raised a bare KeyError from the segments."""
+    empty = helper.make_graph([], "empty", [], [])
+    then = helper.make_graph([helper.make_node("Neg", ["x"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["positive"]),
+         helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=empty)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.float32(0), "zero")])
+    model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(onnx2jax.OpError, match="else_branch gives 0 output"):
+        model(x=-np.ones((2, 3), np.float32))
+
+
+def test_a_one_input_mul_inside_an_attention_pattern_loads():
+    """Found by the loader fuzzer: fuse_attention indexed the missing second input."""
+    nodes = [helper.make_node("MatMul", ["q", "k"], ["scores"]),
+             helper.make_node("Mul", ["scores"], ["scaled"]),
+             helper.make_node("Softmax", ["scaled"], ["y"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [2, 4]),
+                     helper.make_tensor_value_info("k", TensorProto.FLOAT, [4, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(onnx2jax.Onnx2JaxError):
+        model(q=np.ones((2, 4), np.float32), k=np.ones((4, 2), np.float32))
+

@@ -82,6 +82,13 @@ def _stack(values):
 # ---------------------------------------------------------------------------------------- If
 @register("If", since=(1, 11, 13, 16, 19, 21, 23, 24, 25))
 def if_(ctx, cond):
+    for branch in ("then_branch", "else_branch"):
+        if ctx.attr(branch) is None:
+            raise ctx.error(f"it has no {branch}")
+        count = len(ctx.attr(branch).output)
+        if count != ctx.num_outputs:
+            raise ctx.error(f"its {branch} gives {count} output(s), but the node has "
+                            f"{ctx.num_outputs}")
     if is_concrete(cond):
         branch = "then_branch" if _flag(cond) else "else_branch"
         compiled = _EagerBranch.of(ctx, branch)

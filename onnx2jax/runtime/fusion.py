@@ -164,12 +164,13 @@ def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
                                    _is(plan.nodes[scaled], "Div")):
             inputs = list(plan.nodes[scaled].input)
             divide = int(plan.nodes[scaled].op_type == "Div")
-            if inputs.count(at) == 1 and (not divide or inputs[0] == at):
+            if len(inputs) == 2 and inputs.count(at) == 1 and (not divide or inputs[0] == at):
                 scale = inputs[1 - inputs.index(at)]
                 chain.append(scaled)
                 at = plan.nodes[scaled].output[0]
         add = rewrite.next_if(at, "Add")
-        if add is not None and list(plan.nodes[add].input).count(at) == 1:
+        if (add is not None and len(plan.nodes[add].input) == 2
+                and list(plan.nodes[add].input).count(at) == 1):
             inputs = list(plan.nodes[add].input)
             mask = inputs[1 - inputs.index(at)]
             chain.append(add)
