@@ -251,7 +251,7 @@ def test_eager_branch_is_compiled_once_per_signature():
     second = compiled(**feeds)
     for a, b in zip(first.values(), second.values(), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    branches = list(_EagerBranch._cache[compiled._interpreter].values())
+    branches = list(_EagerBranch._cache[compiled.interpreter].values())
     assert [len(b._compiled) for b in branches if b.graph.name == "s16"] == [1]
     compiled(**{**feeds, "input": rand(1, 8)})
     assert [len(b._compiled) for b in branches if b.graph.name == "s16"] == [1]
