@@ -42,6 +42,11 @@ def is_concrete(value: Any) -> bool:
 
 # Ops that read their input's bits, which a float16 value held widened would change.
 _BIT_EXACT_OPS = {"BitCast"}
+# Outputs typed by the op's stash type (float32 by default), not by its float16 inputs: the
+# normalizations' mean and inverse standard deviation.
+_STASH_TYPED_OUTPUTS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1,),
+                        "SkipLayerNormalization": (1, 2),
+                        "SkipSimplifiedLayerNormalization": (1, 2)}
 
 
 def _folded_bytes(value: Any) -> int:
@@ -139,8 +144,8 @@ class Interpreter:
         # of those seen, whose ONNX type is float16 (outputs go back to it).
         self.widen_float16 = widen_float16
         self.float16_names: set[str] = set()
-        # Plans (by id, kept alive) -> the names their graph types float16.
-        self._float16_tensors: dict[int, tuple[GraphPlan, set[str]]] = {}
+        # Plans (by id, kept alive) -> the element types ONNX gives their values.
+        self._tensor_types: dict[int, tuple[GraphPlan, dict[str, int]]] = {}
         # Keyed by id(); each entry keeps its key object alive so ids are never reused.
         self._subplans: dict[int, tuple[onnx.GraphProto, GraphPlan]] = {}
         self._attrs: dict[int, tuple[onnx.NodeProto, dict[str, Any]]] = {}
@@ -212,32 +217,46 @@ class Interpreter:
 
     def _store(self, node: onnx.NodeProto, result: Any, env: MutableMapping[str, Any]) -> None:
         results = result if isinstance(result, tuple) else (result,)
-        for name, value in zip(node.output, results, strict=False):
+        # A float result of an op reading float16 values is float16 in ONNX terms (its inputs'
+        # type), though computed in float32; Cast and CastLike say their type themselves.
+        if node.op_type == "Cast":
+            carries_float16 = False
+        elif node.op_type == "CastLike":
+            carries_float16 = node.input[1] in self.float16_names
+        else:
+            carries_float16 = any(n in self.float16_names for n in node.input if n)
+        own_type = _STASH_TYPED_OUTPUTS.get(node.op_type, ())
+        for index, (name, value) in enumerate(zip(node.output, results, strict=False)):
             if name:
                 if isinstance(value, np.generic | int | float | bool):
                     value = np.asarray(value)
                 env[name] = self.widen(value, name)
+                if (self.widen_float16 and carries_float16 and index not in own_type
+                        and getattr(env[name], "dtype", None) == np.float32):
+                    self.float16_names.add(name)
 
     def narrow(self, plan: GraphPlan, name: str, value: Any) -> Any:
-        """``value`` back in float16 if it is held widened and its ONNX type is float16."""
-        if (not self.widen_float16 or getattr(value, "dtype", None) != np.float32
-                or not (name in self.float16_names or name in self.float16_tensors(plan))):
+        """``value`` back in float16 if it is held widened and its ONNX type is float16: the
+        graph's type where ONNX knows it, else the type it carried while running."""
+        if not self.widen_float16 or getattr(value, "dtype", None) != np.float32:
             return value
-        return value.astype(np.float16)
+        typed = self.tensor_types(plan)
+        float16 = typed[name] == onnx.TensorProto.FLOAT16 if name in typed else (
+            name in self.float16_names)
+        return value.astype(np.float16) if float16 else value
 
-    def float16_tensors(self, plan: GraphPlan) -> set[str]:
-        """Names ``plan``'s graph types float16: declared, else found by ONNX's shape inference
-        (an op computing in float32 on widened inputs no longer shows it)."""
-        cached = self._float16_tensors.get(id(plan))
+    def tensor_types(self, plan: GraphPlan) -> dict[str, int]:
+        """The ONNX element types of ``plan``'s values: declared, else found by ONNX's shape
+        inference (an op computing in float32 on widened inputs no longer shows its type)."""
+        cached = self._tensor_types.get(id(plan))
         if cached is None:
             typed = {info.name: info.elem_type for info in (
                 *plan.inputs, *plan.outputs, *plan.value_info.values()) if info.elem_type}
             produced = [out for node in plan.nodes for out in node.output if out]
             if any(name not in typed for name in produced):
                 typed.update((name, elem) for name, elem in self._inferred_types(plan).items()
-                             if name not in typed)
-            names = {name for name, elem in typed.items() if elem == onnx.TensorProto.FLOAT16}
-            cached = self._float16_tensors[id(plan)] = (plan, names)
+                             if name not in typed and elem)
+            cached = self._tensor_types[id(plan)] = (plan, typed)
         return cached[1]
 
     def _inferred_types(self, plan: GraphPlan) -> dict[str, int]:
