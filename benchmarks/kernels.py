@@ -43,14 +43,19 @@ class Row:
     count: int = 1
 
 
-def _model(nodes: Sequence[onnx.NodeProto], inputs: dict[str, np.ndarray],
-           weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _model(
+    nodes: Sequence[onnx.NodeProto], inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray]
+) -> onnx.ModelProto:
     graph = helper.make_graph(
-        list(nodes), "kernel",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape)
-         for name, value in inputs.items()],
+        list(nodes),
+        "kernel",
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, value.shape)
+            for name, value in inputs.items()
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()])
+        initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
@@ -63,11 +68,12 @@ def softmax_rows(batch: int = 32) -> list[Row]:
     rng = np.random.default_rng(0)
     scores = _random(rng, batch, 12, 128, 128, scale=4.0)
     mask = np.where(rng.random((batch, 1, 1, 128)) < 0.1, -1e4, 0).astype(np.float32)
-    nodes = [helper.make_node("Mul", ["x", "scale"], ["scaled"]),
-             helper.make_node("Add", ["scaled", "mask"], ["masked"]),
-             helper.make_node("Softmax", ["masked"], ["y"], axis=-1)]
-    model = _model(nodes, {"x": scores, "mask": mask},
-                   {"scale": np.array(0.1767767, np.float32)})
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["y"], axis=-1),
+    ]
+    model = _model(nodes, {"x": scores, "mask": mask}, {"scale": np.array(0.1767767, np.float32)})
     return [Row(f"{batch}x12x128x128", model, {"x": scores, "mask": mask}, 6)]
 
 
@@ -77,10 +83,20 @@ def attention_matmul_rows(batch: int = 32) -> list[Row]:
     q, kt = _random(rng, batch, 12, 128, 32), _random(rng, batch, 12, 32, 128)
     probs, v = _random(rng, batch, 12, 128, 128), _random(rng, batch, 12, 128, 32)
     node = [helper.make_node("MatMul", ["a", "b"], ["y"])]
-    return [Row(f"QK^T {batch}x12 of 128x32x128", _model(node, {"a": q, "b": kt}, {}),
-                {"a": q, "b": kt}, 6),
-            Row(f"PV {batch}x12 of 128x128x32", _model(node, {"a": probs, "b": v}, {}),
-                {"a": probs, "b": v}, 6)]
+    return [
+        Row(
+            f"QK^T {batch}x12 of 128x32x128",
+            _model(node, {"a": q, "b": kt}, {}),
+            {"a": q, "b": kt},
+            6,
+        ),
+        Row(
+            f"PV {batch}x12 of 128x128x32",
+            _model(node, {"a": probs, "b": v}, {}),
+            {"a": probs, "b": v},
+            6,
+        ),
+    ]
 
 
 def attention_rows() -> list[Row]:
@@ -90,24 +106,35 @@ def attention_rows() -> list[Row]:
     rng = np.random.default_rng(0)
     rows = []
     for label, batch, seq, size, mask_kind, count in (
-            ("MiniLM b32", 32, 128, 32, "padding", 6), ("MiniLM b1", 1, 128, 32, "padding", 6),
-            ("GPT-2 b1", 1, 128, 64, "causal", 12), ("ViT-B/16 b8", 8, 197, 64, None, 12)):
-        feeds = {"q": _random(rng, batch, 12, seq, size), "kt": _random(rng, batch, 12, size, seq),
-                 "v": _random(rng, batch, 12, seq, size)}
-        nodes = [helper.make_node("MatMul", ["q", "kt"], ["scores"]),
-                 helper.make_node("Mul", ["scores", "scale"], ["scaled"])]
+        ("MiniLM b32", 32, 128, 32, "padding", 6),
+        ("MiniLM b1", 1, 128, 32, "padding", 6),
+        ("GPT-2 b1", 1, 128, 64, "causal", 12),
+        ("ViT-B/16 b8", 8, 197, 64, None, 12),
+    ):
+        feeds = {
+            "q": _random(rng, batch, 12, seq, size),
+            "kt": _random(rng, batch, 12, size, seq),
+            "v": _random(rng, batch, 12, seq, size),
+        }
+        nodes = [
+            helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+            helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+        ]
         probabilities = "scaled"
         if mask_kind == "padding":
-            feeds["mask"] = np.where(rng.random((batch, 1, 1, seq)) < 0.1, -3.4e38, 0
-                                     ).astype(np.float32)
+            feeds["mask"] = np.where(rng.random((batch, 1, 1, seq)) < 0.1, -3.4e38, 0).astype(
+                np.float32
+            )
         elif mask_kind == "causal":
             feeds["mask"] = np.triu(np.full((seq, seq), -3.4e38, np.float32), 1)[None, None]
         if mask_kind:
             nodes.append(helper.make_node("Add", ["scaled", "mask"], ["masked"]))
             probabilities = "masked"
-        nodes += [helper.make_node("Softmax", [probabilities], ["p"], axis=-1),
-                  helper.make_node("MatMul", ["p", "v"], ["y"])]
-        model = _model(nodes, feeds, {"scale": np.array(size ** -0.5, np.float32)})
+        nodes += [
+            helper.make_node("Softmax", [probabilities], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", "v"], ["y"]),
+        ]
+        model = _model(nodes, feeds, {"scale": np.array(size**-0.5, np.float32)})
         rows.append(Row(f"{label}: {batch}x12 of {seq}x{size}", model, feeds, count))
     return rows
 
@@ -118,7 +145,7 @@ def _dense_rows(tokens: int, shapes: Sequence[tuple[int, int, int, bool]]) -> li
     rows = []
     for k, n, count, bias in shapes:
         x = _random(rng, tokens, k)
-        weights = {"w": _random(rng, k, n, scale=k ** -0.5)}
+        weights = {"w": _random(rng, k, n, scale=k**-0.5)}
         nodes = [helper.make_node("MatMul", ["x", "w"], ["xw" if bias else "y"])]
         if bias:
             weights["b"] = _random(rng, n)
@@ -134,23 +161,47 @@ def matmul_b1_rows() -> list[Row]:
 
 def matmul_gpt2_rows() -> list[Row]:
     """GPT-2 b1 s128's dense layers (with their bias) and its LM head over the vocabulary."""
-    return _dense_rows(128, ((768, 2304, 12, True), (768, 768, 12, True), (768, 3072, 12, True),
-                             (3072, 768, 12, True), (768, 50257, 1, False)))
+    return _dense_rows(
+        128,
+        (
+            (768, 2304, 12, True),
+            (768, 768, 12, True),
+            (768, 3072, 12, True),
+            (3072, 768, 12, True),
+            (768, 50257, 1, False),
+        ),
+    )
 
 
 def conv3x3_b1_rows(batch: int = 1) -> list[Row]:
     """ResNet-50's 3x3 convolutions (b1, 224x224 input) with their bias and ReLU."""
     rng = np.random.default_rng(0)
     rows = []
-    for channels, size, stride, count in ((64, 56, 1, 3), (128, 56, 2, 1), (128, 28, 1, 3),
-                                          (256, 28, 2, 1), (256, 14, 1, 5), (512, 14, 2, 1),
-                                          (512, 7, 1, 2)):
+    for channels, size, stride, count in (
+        (64, 56, 1, 3),
+        (128, 56, 2, 1),
+        (128, 28, 1, 3),
+        (256, 28, 2, 1),
+        (256, 14, 1, 5),
+        (512, 14, 2, 1),
+        (512, 7, 1, 2),
+    ):
         x = _random(rng, batch, channels, size, size)
-        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3],
-                                  pads=[1, 1, 1, 1], strides=[stride, stride]),
-                 helper.make_node("Relu", ["c"], ["y"])]
-        weights = {"w": _random(rng, channels, channels, 3, 3, scale=(9 * channels) ** -0.5),
-                   "b": _random(rng, channels)}
+        nodes = [
+            helper.make_node(
+                "Conv",
+                ["x", "w", "b"],
+                ["c"],
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            ),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ]
+        weights = {
+            "w": _random(rng, channels, channels, 3, 3, scale=(9 * channels) ** -0.5),
+            "b": _random(rng, channels),
+        }
         label = f"{channels}ch {size}x{size}" + (" stride 2" if stride == 2 else "")
         rows.append(Row(label, _model(nodes, {"x": x}, weights), {"x": x}, count))
     return rows
@@ -181,38 +232,65 @@ def time_row(row: Row, runs: int) -> dict[str, float]:
     params = model.engine.prepared_params(kernels)
     inputs = {name: jax.device_put(value) for name, value in row.feeds.items()}
     # Five turns per engine, each of back-to-back calls (see interleaved's ``block``).
-    samples = interleaved({
-        "onnx2jax": lambda: jax.block_until_ready(function(params, inputs, outputs=None)),
-        "onnxruntime": lambda: session.run(None, row.feeds)}, runs, warmup=0,
-        block=max(runs // 5, 1))
-    return {**{f"{engine}_ms": statistics.median(times) for engine, times in samples.items()},
-            "rel_error": error}
+    samples = interleaved(
+        {
+            "onnx2jax": lambda: jax.block_until_ready(function(params, inputs, outputs=None)),
+            "onnxruntime": lambda: session.run(None, row.feeds),
+        },
+        runs,
+        warmup=0,
+        block=max(runs // 5, 1),
+    )
+    return {
+        **{f"{engine}_ms": statistics.median(times) for engine, times in samples.items()},
+        "rel_error": error,
+    }
 
 
 def run_group(name: str, rows: Sequence[Row], runs: int) -> dict[str, object]:
     timed = [{"shape": row.label, "count": row.count, **time_row(row, runs)} for row in rows]
-    totals = {engine: sum(r[f"{engine}_ms"] * r["count"] for r in timed)
-              for engine in ("onnx2jax", "onnxruntime")}
-    return {"group": name, "rows": timed, "total_onnx2jax_ms": totals["onnx2jax"],
-            "total_onnxruntime_ms": totals["onnxruntime"]}
+    totals = {
+        engine: sum(r[f"{engine}_ms"] * r["count"] for r in timed)
+        for engine in ("onnx2jax", "onnxruntime")
+    }
+    return {
+        "group": name,
+        "rows": timed,
+        "total_onnx2jax_ms": totals["onnx2jax"],
+        "total_onnxruntime_ms": totals["onnxruntime"],
+    }
 
 
 def table(result: dict[str, object]) -> str:
-    lines = [f"{result['group']}:", "",
-             "| shape | count | onnx2jax ms | onnxruntime ms | ratio |", "|---|---|---|---|---|"]
+    lines = [
+        f"{result['group']}:",
+        "",
+        "| shape | count | onnx2jax ms | onnxruntime ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['shape']} | {r['count']} | {r['onnx2jax_ms']:.2f} | "
-                     f"{r['onnxruntime_ms']:.2f} | {r['onnx2jax_ms'] / r['onnxruntime_ms']:.2f} |")
+        lines.append(
+            f"| {r['shape']} | {r['count']} | {r['onnx2jax_ms']:.2f} | "
+            f"{r['onnxruntime_ms']:.2f} | {r['onnx2jax_ms'] / r['onnxruntime_ms']:.2f} |"
+        )
     ours, theirs = result["total_onnx2jax_ms"], result["total_onnxruntime_ms"]
     lines.append(f"| total (x count) | | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--group", action="append", choices=sorted(GROUPS), default=[],
-                        help="a group to time (repeatable; default: all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--group",
+        action="append",
+        choices=sorted(GROUPS),
+        default=[],
+        help="a group to time (repeatable; default: all)",
+    )
     parser.add_argument("--runs", type=int, default=50, help="timed calls per engine (50)")
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -222,8 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(run_group(name, GROUPS[name](), args.runs))
         print(table(results[-1]) + "\n", flush=True)
     if args.output:
-        args.output.write_text(json.dumps({"threads": default_threads(), "groups": results},
-                                          indent=1))
+        args.output.write_text(
+            json.dumps({"threads": default_threads(), "groups": results}, indent=1)
+        )
     return 0
 
 

@@ -67,16 +67,22 @@ def onnx2jax_operations(hlo: str) -> dict[str, str]:
             operands = line.split("operand_layout_constraints=")[1]
             x, w = (_dims(s) for s in _SHAPE.findall(operands)[:2])
             # Weights blocked [O/B, KH, KW, I, B] or HWIO [KH, KW, I, O]; Winograd's are 3x3.
-            kernel = ((3, 3) if target.group(1) == native.WINOGRAD_TARGET
-                      else (w[1], w[2]) if len(w) == 5 else (w[0], w[1]))
+            kernel = (
+                (3, 3)
+                if target.group(1) == native.WINOGRAD_TARGET
+                else (w[1], w[2])
+                if len(w) == 5
+                else (w[0], w[1])
+            )
             labels[name] = _conv_key(kernel, _nchw(x), _nchw(out))
         else:
             labels[name] = name.split(".")[0]
     return labels
 
 
-def time_onnx2jax(labels: Mapping[str, str], trace_dir: str
-                  ) -> tuple[dict[str, float], dict[str, int]]:
+def time_onnx2jax(
+    labels: Mapping[str, str], trace_dir: str
+) -> tuple[dict[str, float], dict[str, int]]:
     """Total ms per label over the calls in JAX's trace in ``trace_dir``, and the operations
     per label."""
     files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
@@ -104,13 +110,19 @@ def time_onnxruntime(trace_file: str) -> tuple[dict[str, float], dict[str, int],
         args = event["args"]
         shapes = [next(iter(d.values())) for d in args["input_type_shape"]]
         out = next(iter(args["output_type_shape"][0].values()))
-        label = (_conv_key(shapes[1][2:], shapes[0], out) if args["op_name"] == "Conv"
-                 else args["op_name"])
+        label = (
+            _conv_key(shapes[1][2:], shapes[0], out)
+            if args["op_name"] == "Conv"
+            else args["op_name"]
+        )
         totals[label] += event["dur"] / 1e3
         nodes[label].add(event["name"])
         per_node[event["name"]] += 1
-    return (totals, {label: len(names) for label, names in nodes.items()},
-            max(per_node.values(), default=1))
+    return (
+        totals,
+        {label: len(names) for label, names in nodes.items()},
+        max(per_node.values(), default=1),
+    )
 
 
 def compare_layers(path: str, feeds: Mapping[str, np.ndarray], runs: int) -> list[dict[str, Any]]:
@@ -123,8 +135,9 @@ def compare_layers(path: str, feeds: Mapping[str, np.ndarray], runs: int) -> lis
     for _ in range(3):
         jax.block_until_ready(model(**feeds))
     with tempfile.TemporaryDirectory() as work:
-        session = onnxruntime_session(None, path, threads=default_threads(),
-                                      profile_prefix=str(Path(work) / "onnxruntime"))
+        session = onnxruntime_session(
+            None, path, threads=default_threads(), profile_prefix=str(Path(work) / "onnxruntime")
+        )
         session.run(None, dict(feeds))
         with jax.profiler.trace(work):
             for _ in range(runs):
@@ -138,30 +151,48 @@ def compare_layers(path: str, feeds: Mapping[str, np.ndarray], runs: int) -> lis
     rows = []
     for label in set(ours) | set(theirs):
         a, b = ours.get(label, 0.0) / runs, theirs.get(label, 0.0) / their_runs
-        rows.append({"layer": label, "onnx2jax_count": counts.get(label, 0),
-                     "onnxruntime_count": their_counts.get(label, 0), "onnx2jax_ms": a,
-                     "onnxruntime_ms": b})
+        rows.append(
+            {
+                "layer": label,
+                "onnx2jax_count": counts.get(label, 0),
+                "onnxruntime_count": their_counts.get(label, 0),
+                "onnx2jax_ms": a,
+                "onnxruntime_ms": b,
+            }
+        )
     return sorted(rows, key=lambda r: r["onnxruntime_ms"] - r["onnx2jax_ms"])
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| layer | count (onnx2jax / onnxruntime) | onnx2jax ms | onnxruntime ms | "
-             "difference |", "|---|---|---|---|---|"]
+    lines = [
+        "| layer | count (onnx2jax / onnxruntime) | onnx2jax ms | onnxruntime ms | difference |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['onnx2jax_count']} / {r['onnxruntime_count']} | "
-                     f"{r['onnx2jax_ms']:.2f} | "
-                     f"{r['onnxruntime_ms']:.2f} | {r['onnx2jax_ms'] - r['onnxruntime_ms']:+.2f} |")
+        lines.append(
+            f"| {r['layer']} | {r['onnx2jax_count']} / {r['onnxruntime_count']} | "
+            f"{r['onnx2jax_ms']:.2f} | "
+            f"{r['onnxruntime_ms']:.2f} | {r['onnx2jax_ms'] - r['onnxruntime_ms']:+.2f} |"
+        )
     ours, theirs = (sum(r[k] for r in rows) for k in ("onnx2jax_ms", "onnxruntime_ms"))
     lines.append(f"| total | | {ours:.1f} | {theirs:.1f} | {ours - theirs:+.1f} |")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.layers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.layers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", help="an ONNX file")
-    parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
-                        help="size of a named input dimension (default 1)")
+    parser.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="size of a named input dimension (default 1)",
+    )
     parser.add_argument("--runs", type=int, default=10, help="profiled calls per engine (10)")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -171,8 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = compare_layers(args.model, feeds, args.runs)
     print(table(rows))
     if args.output:
-        args.output.write_text(json.dumps({"model": args.model, "dims": dims,
-                                           "threads": default_threads(), "rows": rows}, indent=1))
+        args.output.write_text(
+            json.dumps(
+                {"model": args.model, "dims": dims, "threads": default_threads(), "rows": rows},
+                indent=1,
+            )
+        )
     return 0
 
 

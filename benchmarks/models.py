@@ -22,15 +22,16 @@ import numpy as np
 MODELS_DIR = Path(__file__).parent / "models"
 
 
-def text_inputs(batch: int, seq: int, vocab: int = 30000, seed: int = 0,
-                token_types: bool = True) -> dict[str, np.ndarray]:
+def text_inputs(
+    batch: int, seq: int, vocab: int = 30000, seed: int = 0, token_types: bool = True
+) -> dict[str, np.ndarray]:
     """Token ids, an attention mask with some padding on the last row, and token types."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1000, vocab, size=(batch, seq)).astype(np.int64)
     ids[:, 0] = 101
     mask = np.ones((batch, seq), np.int64)
     if seq > 4:
-        mask[-1, seq - 3:] = 0
+        mask[-1, seq - 3 :] = 0
     feeds = {"input_ids": ids, "attention_mask": mask}
     if token_types:
         feeds["token_type_ids"] = np.zeros((batch, seq), np.int64)
@@ -43,8 +44,13 @@ def image_inputs(batch: int, size: int = 224, seed: int = 0) -> dict[str, np.nda
     return {"pixel_values": rng.standard_normal((batch, 3, size, size)).astype(np.float32)}
 
 
-def _export(module, sample: dict[str, np.ndarray], outputs: list[str], path: Path,
-            dynamic: dict[str, dict[int, str]]) -> Path:
+def _export(
+    module,
+    sample: dict[str, np.ndarray],
+    outputs: list[str],
+    path: Path,
+    dynamic: dict[str, dict[int, str]],
+) -> Path:
     import torch
 
     names = list(sample)
@@ -65,9 +71,17 @@ def _export(module, sample: dict[str, np.ndarray], outputs: list[str], path: Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.onnx")
     with torch.no_grad():
-        torch.onnx.export(wrapped, args, str(partial), input_names=names, output_names=outputs,
-                          opset_version=17, dynamo=False, dynamic_axes=dynamic,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            wrapped,
+            args,
+            str(partial),
+            input_names=names,
+            output_names=outputs,
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
     partial.replace(path)
     return path
 
@@ -95,8 +109,13 @@ def build_minilm(path: Path) -> Path:
     bert = BertModel.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
     axes = {"batch": 0, "sequence": 1}
     sample = text_inputs(2, 16)
-    return _export(bert, sample, ["last_hidden_state", "pooler_output"], path,
-                   {k: {v: n for n, v in axes.items()} for k in sample})
+    return _export(
+        bert,
+        sample,
+        ["last_hidden_state", "pooler_output"],
+        path,
+        {k: {v: n for n, v in axes.items()} for k in sample},
+    )
 
 
 def build_resnet50(path: Path) -> Path:
@@ -120,8 +139,9 @@ def build_gpt2(path: Path) -> Path:
     config._attn_implementation = "eager"
     model = GPT2LMHeadModel(config).eval()
     sample = text_inputs(1, 16, vocab=config.vocab_size, token_types=False)
-    return _export(model, sample, ["logits"], path,
-                   {k: {0: "batch", 1: "sequence"} for k in sample})
+    return _export(
+        model, sample, ["logits"], path, {k: {0: "batch", 1: "sequence"} for k in sample}
+    )
 
 
 def build_vit_b16(path: Path) -> Path:
@@ -133,8 +153,9 @@ def build_vit_b16(path: Path) -> Path:
     config = ViTConfig()
     config._attn_implementation = "eager"
     model = ViTModel(config, add_pooling_layer=False).eval()
-    return _export(model, image_inputs(1), ["last_hidden_state"], path,
-                   {"pixel_values": {0: "batch"}})
+    return _export(
+        model, image_inputs(1), ["last_hidden_state"], path, {"pixel_values": {0: "batch"}}
+    )
 
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {

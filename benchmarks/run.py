@@ -60,24 +60,33 @@ CASES = [
     Case("minilm_b32_s128", "minilm", lambda: text_inputs(32, 128), 32, "seq"),
     Case("resnet50_b1", "resnet50", lambda: image_inputs(1), 1, "img"),
     Case("resnet50_b8", "resnet50", lambda: image_inputs(8), 8, "img"),
-    Case("gpt2_b1_s128", "gpt2",
-         lambda: text_inputs(1, 128, vocab=50257, token_types=False), 1, "seq"),
+    Case(
+        "gpt2_b1_s128",
+        "gpt2",
+        lambda: text_inputs(1, 128, vocab=50257, token_types=False),
+        1,
+        "seq",
+    ),
     Case("vit_b16_b8", "vit_b16", lambda: image_inputs(8), 8, "img"),
 ]
 STARTUP_CASE = "minilm_b32_s128"
 
 
 def _path_of(case: Case, models_dir: Path) -> Path:
-    return Path(case.model) if case.model.endswith(".onnx") else model_path(case.model,
-                                                                             models_dir)
+    return Path(case.model) if case.model.endswith(".onnx") else model_path(case.model, models_dir)
 
 
 def _python(args: Sequence[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``python ARGS`` from the repository root; parse the JSON of its last stdout line
     (or of all of stdout, for an indented document)."""
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
     text = done.stdout.strip()
@@ -87,8 +96,9 @@ def _python(args: Sequence[str], env: dict[str, str] | None = None) -> dict[str,
 def busy_processes() -> int:
     """How many other pytest processes are running (the machine is noisy while any are)."""
     done = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False)
-    return sum(1 for line in done.stdout.splitlines()
-               if "pytest" in line and "benchmarks" not in line)
+    return sum(
+        1 for line in done.stdout.splitlines() if "pytest" in line and "benchmarks" not in line
+    )
 
 
 def cpu_steal_s() -> float | None:
@@ -132,38 +142,71 @@ def machine() -> dict[str, Any]:
     memory = None
     with contextlib.suppress(ValueError, OSError):
         memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    versions = {"python": platform.python_version(), "jax": jax.__version__,
-                "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-                "numpy": np.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+    }
     for name in ("torch", "transformers"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             versions[name] = None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": memory,
-            "os": platform.platform(), "jax_device": str(jax.devices()[0]),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": memory,
+        "os": platform.platform(),
+        "jax_device": str(jax.devices()[0]),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "versions": versions,
+    }
 
 
-def run_case_in_child(path: Path, feeds: dict[str, np.ndarray], items: int, runs: int,
-                      warmup: int, precision: str = "float32",
-                      env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_case_in_child(
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    items: int,
+    runs: int,
+    warmup: int,
+    precision: str = "float32",
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """``onnx2jax.bench.run_case`` in a fresh process (first-call times are then honest),
     with ``env`` added to its environment."""
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = Path(folder) / "feeds.npz"
         np.savez(feeds_path, **feeds)
-        return _python(["-m", "benchmarks.run", "--child", str(path), str(feeds_path),
-                        "--runs", str(runs), "--warmup", str(warmup), "--items", str(items),
-                        "--precision", precision], env)
+        return _python(
+            [
+                "-m",
+                "benchmarks.run",
+                "--child",
+                str(path),
+                str(feeds_path),
+                "--runs",
+                str(runs),
+                "--warmup",
+                str(warmup),
+                "--items",
+                str(items),
+                "--precision",
+                precision,
+            ],
+            env,
+        )
 
 
 def _medians(processes: list[dict[str, Any]]) -> dict[str, Any]:
     """Each time's median over ``processes`` (one record each), and the records themselves."""
     times = [k for k in processes[0] if k.endswith("_s")]
-    return {**{k: float(np.median([p[k] for p in processes])) for k in times},
-            "processes": processes}
+    return {
+        **{k: float(np.median([p[k] for p in processes])) for k in times},
+        "processes": processes,
+    }
 
 
 def startup(path: Path, feeds: dict[str, np.ndarray], repeats: int = 3) -> dict[str, Any]:
@@ -182,11 +225,28 @@ def startup(path: Path, feeds: dict[str, np.ndarray], repeats: int = 3) -> dict[
         feeds_path = folder_path / "feeds.npz"
         np.savez(feeds_path, **feeds)
         artifact = folder_path / "model.o2j"
-        dims = [f"--dim=batch={feeds['input_ids'].shape[0]}",
-                f"--dim=sequence={feeds['input_ids'].shape[1]}"] if "input_ids" in feeds else []
+        dims = (
+            [
+                f"--dim=batch={feeds['input_ids'].shape[0]}",
+                f"--dim=sequence={feeds['input_ids'].shape[1]}",
+            ]
+            if "input_ids" in feeds
+            else []
+        )
         start = time.perf_counter()
-        _python(["-m", "onnx2jax", "compile", str(path), "-o", str(artifact), "--json",
-                 "--quiet", *dims])
+        _python(
+            [
+                "-m",
+                "onnx2jax",
+                "compile",
+                str(path),
+                "-o",
+                str(artifact),
+                "--json",
+                "--quiet",
+                *dims,
+            ]
+        )
         compile_s = time.perf_counter() - start
         for repeat in range(repeats):
             cache, aot_cache = folder_path / f"cache{repeat}", folder_path / f"aot-cache{repeat}"
@@ -194,18 +254,33 @@ def startup(path: Path, feeds: dict[str, np.ndarray], repeats: int = 3) -> dict[
             measure("cache_first_process", "onnx", str(path), str(feeds_path), str(cache))
             measure("cache_second_process", "onnx", str(path), str(feeds_path), str(cache))
             measure("aot", "aot", str(artifact), str(feeds_path))
-            measure("aot_cache_first_process", "aot", str(artifact), str(feeds_path),
-                    str(aot_cache))
-            measure("aot_cache_second_process", "aot", str(artifact), str(feeds_path),
-                    str(aot_cache))
-        return {**{key: _medians(processes) for key, processes in runs.items()},
-                "aot_compile_s": compile_s, "aot_artifact_mb": artifact.stat().st_size / 1e6}
+            measure(
+                "aot_cache_first_process", "aot", str(artifact), str(feeds_path), str(aot_cache)
+            )
+            measure(
+                "aot_cache_second_process", "aot", str(artifact), str(feeds_path), str(aot_cache)
+            )
+        return {
+            **{key: _medians(processes) for key, processes in runs.items()},
+            "aot_compile_s": compile_s,
+            "aot_artifact_mb": artifact.stat().st_size / 1e6,
+        }
 
 
-def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_startup: bool,
-        models_dir: Path, quiet_wait: float = 0.0, log: Callable[[str], None] = print,
-        precision: str = "float32", startup_repeats: int = 3,
-        cpu_devices: int | None = None) -> dict[str, Any]:
+def run(
+    cases: Sequence[Case],
+    *,
+    runs: int,
+    warmup: int,
+    memory: bool,
+    with_startup: bool,
+    models_dir: Path,
+    quiet_wait: float = 0.0,
+    log: Callable[[str], None] = print,
+    precision: str = "float32",
+    startup_repeats: int = 3,
+    cpu_devices: int | None = None,
+) -> dict[str, Any]:
     """Benchmark ``cases``; return the results document."""
     from onnx2jax.bench import peak_memory
 
@@ -213,9 +288,15 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
         "machine": machine(),
-        "settings": {"runs": runs, "warmup": warmup, "memory": memory,
-                     "startup": with_startup, "startup_repeats": startup_repeats,
-                     "precision": precision, "cpu_devices": cpu_devices},
+        "settings": {
+            "runs": runs,
+            "warmup": warmup,
+            "memory": memory,
+            "startup": with_startup,
+            "startup_repeats": startup_repeats,
+            "precision": precision,
+            "cpu_devices": cpu_devices,
+        },
         "busy_pytest_processes_at_start": busy_processes(),
         "cases": {},
     }
@@ -229,19 +310,24 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
         steal, start = cpu_steal_s(), time.monotonic()
         result = run_case_in_child(path, feeds, case.items, runs, warmup, precision, env)
         stolen = cpu_steal_s()
-        result.update(model=case.model, items=case.items, unit=case.unit,
-                      busy_pytest_processes=max(before, busy_processes()))
+        result.update(
+            model=case.model,
+            items=case.items,
+            unit=case.unit,
+            busy_pytest_processes=max(before, busy_processes()),
+        )
         if steal is not None and stolen is not None:
             cpus = os.cpu_count() or 1
-            result["steal_percent"] = 100 * (stolen - steal) / (
-                (time.monotonic() - start) * cpus)
+            result["steal_percent"] = 100 * (stolen - steal) / ((time.monotonic() - start) * cpus)
         if memory:
             for engine in ("onnx2jax", "onnxruntime"):
                 result[engine]["memory"] = peak_memory(engine, path, feeds, env=env)
         document["cases"][case.name] = result
-        log(f"  onnx2jax {result['onnx2jax']['median_ms']:.1f} ms, onnxruntime "
+        log(
+            f"  onnx2jax {result['onnx2jax']['median_ms']:.1f} ms, onnxruntime "
             f"{result['onnxruntime']['median_ms']:.1f} ms, ratio {result['ratio']:.2f}, "
-            f"max rel error {result['max_rel_error']:.1e}")
+            f"max rel error {result['max_rel_error']:.1e}"
+        )
     if with_startup:
         chosen = {c.name: c for c in cases}.get(STARTUP_CASE)
         if chosen is not None:
@@ -249,9 +335,10 @@ def run(cases: Sequence[Case], *, runs: int, warmup: int, memory: bool, with_sta
             if quiet_wait:
                 wait_until_quiet(quiet_wait, log)
             try:
-                document["startup"] = {"case": STARTUP_CASE,
-                                       **startup(_path_of(chosen, models_dir), chosen.feeds(),
-                                                 startup_repeats)}
+                document["startup"] = {
+                    "case": STARTUP_CASE,
+                    **startup(_path_of(chosen, models_dir), chosen.feeds(), startup_repeats),
+                }
             except RuntimeError as exc:  # keep the timings already taken
                 document["startup_error"] = str(exc)
                 log(f"start-up measurement failed: {exc}")
@@ -266,87 +353,129 @@ def _ms(value: float) -> str:
 
 def table(document: dict[str, Any]) -> str:
     """The Markdown table (and start-up table) of a results document."""
-    rows = ["| case | onnx2jax median (min) ms | onnxruntime median (min) ms | ratio | "
-            "back to back: o2j / ORT ms (ratio) | "
-            "onnx2jax / ORT throughput | GFLOP/s (o2j / ORT) | first call s (o2j / ORT) | "
-            "peak MB (o2j / ORT) | max error (abs / rel) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| case | onnx2jax median (min) ms | onnxruntime median (min) ms | ratio | "
+        "back to back: o2j / ORT ms (ratio) | "
+        "onnx2jax / ORT throughput | GFLOP/s (o2j / ORT) | first call s (o2j / ORT) | "
+        "peak MB (o2j / ORT) | max error (abs / rel) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, case in document["cases"].items():
         ours, theirs = case["onnx2jax"], case["onnxruntime"]
         unit = case.get("unit", "item")
-        flops = (f"{ours['gflop_per_s']:.0f} / {theirs['gflop_per_s']:.0f}"
-                 if "gflop_per_s" in ours else "-")
-        memory = (f"{ours['memory']['peak_increase_mb']:,.0f} / "
-                  f"{theirs['memory']['peak_increase_mb']:,.0f}" if "memory" in ours else "-")
-        b2b = (f"{_ms(ours['back_to_back_median_ms'])} / "
-               f"{_ms(theirs['back_to_back_median_ms'])} ({case['back_to_back_ratio']:.2f})"
-               if "back_to_back_ratio" in case else "-")
+        flops = (
+            f"{ours['gflop_per_s']:.0f} / {theirs['gflop_per_s']:.0f}"
+            if "gflop_per_s" in ours
+            else "-"
+        )
+        memory = (
+            f"{ours['memory']['peak_increase_mb']:,.0f} / "
+            f"{theirs['memory']['peak_increase_mb']:,.0f}"
+            if "memory" in ours
+            else "-"
+        )
+        b2b = (
+            f"{_ms(ours['back_to_back_median_ms'])} / "
+            f"{_ms(theirs['back_to_back_median_ms'])} ({case['back_to_back_ratio']:.2f})"
+            if "back_to_back_ratio" in case
+            else "-"
+        )
         rows.append(
             f"| {name} | {_ms(ours['median_ms'])} ({_ms(ours['min_ms'])}) | "
             f"{_ms(theirs['median_ms'])} ({_ms(theirs['min_ms'])}) | "
             f"**{case['ratio']:.2f}** | {b2b} | {ours['throughput_per_s']:.1f} / "
             f"{theirs['throughput_per_s']:.1f} {unit}/s | {flops} | "
             f"{ours['first_call_s']:.2f} / {theirs['first_call_s']:.2f} | {memory} | "
-            f"{case['max_abs_error']:.1e} / {case['max_rel_error']:.1e} |")
+            f"{case['max_abs_error']:.1e} / {case['max_rel_error']:.1e} |"
+        )
     text = "\n".join(rows)
     start = document.get("startup")
     if start:
-        repeats = max(len(r.get("processes", [r])) for r in start.values()
-                      if isinstance(r, dict))
-        each = (f"medians of {repeats} processes each, first call's range in brackets; "
-                if repeats > 1 else "")
-        lines = ["", f"Start-up of a fresh process, {start['case']} (seconds, {each}first "
-                 "call = load + trace + compile + first run, after imports):", "",
-                 "| process | import | load | first call | total |", "|---|---|---|---|---|"]
-        labels = {"plain": "onnx2jax.load, no cache",
-                  "cache_first_process": "cache_dir, first process (fills the cache)",
-                  "cache_second_process": "cache_dir, second process",
-                  "aot": "AOT artifact, no cache",
-                  "aot_cache_first_process": "AOT artifact + cache, first process",
-                  "aot_cache_second_process": "AOT artifact + cache, second process"}
+        repeats = max(len(r.get("processes", [r])) for r in start.values() if isinstance(r, dict))
+        each = (
+            f"medians of {repeats} processes each, first call's range in brackets; "
+            if repeats > 1
+            else ""
+        )
+        lines = [
+            "",
+            f"Start-up of a fresh process, {start['case']} (seconds, {each}first "
+            "call = load + trace + compile + first run, after imports):",
+            "",
+            "| process | import | load | first call | total |",
+            "|---|---|---|---|---|",
+        ]
+        labels = {
+            "plain": "onnx2jax.load, no cache",
+            "cache_first_process": "cache_dir, first process (fills the cache)",
+            "cache_second_process": "cache_dir, second process",
+            "aot": "AOT artifact, no cache",
+            "aot_cache_first_process": "AOT artifact + cache, first process",
+            "aot_cache_second_process": "AOT artifact + cache, second process",
+        }
         for key, label in labels.items():
             if key in start:
                 r = start[key]
                 firsts = [p["first_call_s"] for p in r.get("processes", [])]
                 spread = f" ({min(firsts):.2f}-{max(firsts):.2f})" if len(firsts) > 1 else ""
-                lines.append(f"| {label} | {r['import_s']:.2f} | {r['load_s']:.2f} | "
-                             f"**{r['first_call_s']:.2f}**{spread} | {r['total_s']:.2f} |")
+                lines.append(
+                    f"| {label} | {r['import_s']:.2f} | {r['load_s']:.2f} | "
+                    f"**{r['first_call_s']:.2f}**{spread} | {r['total_s']:.2f} |"
+                )
         lines.append("")
-        lines.append(f"`onnx2jax compile` took {start['aot_compile_s']:.1f} s and wrote "
-                     f"{start['aot_artifact_mb']:.0f} MB.")
+        lines.append(
+            f"`onnx2jax compile` took {start['aot_compile_s']:.1f} s and wrote "
+            f"{start['aot_artifact_mb']:.0f} MB."
+        )
         text += "\n" + "\n".join(lines)
     info = document["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
-    busy = max(document.get("busy_pytest_processes_at_start", 0),
-               document.get("busy_pytest_processes_at_end", 0),
-               *(c.get("busy_pytest_processes", 0) for c in document["cases"].values()))
-    text += (f"\n\nMachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
-             f"{info['os']}. Versions: {versions}. {document['settings']['runs']} timed runs "
-             f"per engine after {document['settings']['warmup']} warm-up rounds; "
-             + (f"JAX with {devices} CPU devices, the batch split over them; "
-                if (devices := document["settings"].get("cpu_devices")) else "") +
-             f"{document['date']}. " + ("The machine was quiet (no other test processes)."
-                                         if not busy else
-                                         f"Other test processes were running (up to {busy}): "
-                                         "figures are noisy."))
+    busy = max(
+        document.get("busy_pytest_processes_at_start", 0),
+        document.get("busy_pytest_processes_at_end", 0),
+        *(c.get("busy_pytest_processes", 0) for c in document["cases"].values()),
+    )
+    text += (
+        f"\n\nMachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
+        f"{info['os']}. Versions: {versions}. {document['settings']['runs']} timed runs "
+        f"per engine after {document['settings']['warmup']} warm-up rounds; "
+        + (
+            f"JAX with {devices} CPU devices, the batch split over them; "
+            if (devices := document["settings"].get("cpu_devices"))
+            else ""
+        )
+        + f"{document['date']}. "
+        + (
+            "The machine was quiet (no other test processes)."
+            if not busy
+            else f"Other test processes were running (up to {busy}): figures are noisy."
+        )
+    )
     steals = [c["steal_percent"] for c in document["cases"].values() if "steal_percent" in c]
     if steals:
-        text += (f" The hypervisor took {min(steals):.1f}-{max(steals):.1f}% of the CPUs' time "
-                 "during the cases (steal time: other guests' load, which makes figures noisy).")
+        text += (
+            f" The hypervisor took {min(steals):.1f}-{max(steals):.1f}% of the CPUs' time "
+            "during the cases (steal time: other guests' load, which makes figures noisy)."
+        )
     return text
 
 
 def write_readme(document: dict[str, Any], results_file: Path) -> None:
     """Replace the results section of benchmarks/README.md with this document's table."""
-    relative = results_file.relative_to(HERE) if results_file.is_relative_to(HERE) \
-        else results_file
-    section = (f"{TABLE_BEGIN}\n\nFrom `{relative}` (`{document['command']}`):\n\n"
-               f"{table(document)}\n\n{TABLE_END}")
+    relative = results_file.relative_to(HERE) if results_file.is_relative_to(HERE) else results_file
+    section = (
+        f"{TABLE_BEGIN}\n\nFrom `{relative}` (`{document['command']}`):\n\n"
+        f"{table(document)}\n\n{TABLE_END}"
+    )
     empty = f"# Benchmarks\n\n{TABLE_BEGIN}\n{TABLE_END}\n"
     text = README.read_text() if README.exists() else empty
     if TABLE_BEGIN in text and TABLE_END in text:
-        text = re.sub(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END),
-                      lambda _: section, text, flags=re.S)
+        text = re.sub(
+            re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END),
+            lambda _: section,
+            text,
+            flags=re.S,
+        )
     else:
         text += "\n" + section + "\n"
     README.write_text(text)
@@ -369,8 +498,14 @@ def _child(argv: Sequence[str]) -> int:
 
     with np.load(args.feeds) as data:
         feeds = {k: data[k] for k in data.files}
-    result = run_case(args.model, feeds, runs=args.runs, warmup=args.warmup, items=args.items,
-                      load_options={"precision": args.precision})
+    result = run_case(
+        args.model,
+        feeds,
+        runs=args.runs,
+        warmup=args.warmup,
+        items=args.items,
+        load_options={"precision": args.precision},
+    )
     import jax
 
     result["jax_devices"] = len(jax.local_devices())
@@ -380,43 +515,85 @@ def _child(argv: Sequence[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``python -m benchmarks.run``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 timed runs, 1 warm-up, no memory or start-up")
-    parser.add_argument("--case", action="append", default=[], metavar="NAME",
-                        help=f"run only these cases (repeatable): "
-                             f"{', '.join(c.name for c in CASES)}")
-    parser.add_argument("--model", metavar="FILE.onnx",
-                        help="benchmark this file instead (random inputs; see --dim)")
-    parser.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
-                        help="with --model: size of a named input dimension (default 1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 timed runs, 1 warm-up, no memory or start-up",
+    )
+    parser.add_argument(
+        "--case",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run only these cases (repeatable): {', '.join(c.name for c in CASES)}",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="FILE.onnx",
+        help="benchmark this file instead (random inputs; see --dim)",
+    )
+    parser.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="with --model: size of a named input dimension (default 1)",
+    )
     parser.add_argument("--runs", type=int, default=10, help="timed runs per engine (10)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up rounds (2)")
-    parser.add_argument("--quiet-wait", type=float, default=120, metavar="SECONDS",
-                        help="before each case, wait up to this long for other pytest "
-                             "processes to finish (120; 0: do not wait)")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120,
+        metavar="SECONDS",
+        help="before each case, wait up to this long for other pytest "
+        "processes to finish (120; 0: do not wait)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--no-startup", action="store_true", help="skip start-up times")
-    parser.add_argument("--startup-repeats", type=int, default=3, metavar="N",
-                        help="fresh processes per start-up figure, reported as medians (3)")
-    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR,
-                        help="where built models are cached (benchmarks/models)")
-    parser.add_argument("--output", type=Path,
-                        help="results file (default benchmarks/results/<date>.json, or "
-                             "quick.json with --quick)")
-    parser.add_argument("--no-readme", action="store_true",
-                        help="do not rewrite the table in benchmarks/README.md")
-    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                        help="onnx2jax's precision policy for the timed calls (float32); any "
-                             "other is an opt-in figure: no memory, no start-up, and the "
-                             "table in benchmarks/README.md is left alone")
-    parser.add_argument("--cpu-devices", type=int, metavar="N",
-                        help="give JAX N CPU devices (JAX_NUM_CPU_DEVICES), over which "
-                             "model(...) splits a batch: an opt-in figure, no start-up, and "
-                             "the table in benchmarks/README.md is left alone")
-    parser.add_argument("--build-only", action="store_true",
-                        help="export the models and stop")
+    parser.add_argument(
+        "--startup-repeats",
+        type=int,
+        default=3,
+        metavar="N",
+        help="fresh processes per start-up figure, reported as medians (3)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=MODELS_DIR,
+        help="where built models are cached (benchmarks/models)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="results file (default benchmarks/results/<date>.json, or quick.json with --quick)",
+    )
+    parser.add_argument(
+        "--no-readme", action="store_true", help="do not rewrite the table in benchmarks/README.md"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=PRECISIONS[0],
+        help="onnx2jax's precision policy for the timed calls (float32); any "
+        "other is an opt-in figure: no memory, no start-up, and the "
+        "table in benchmarks/README.md is left alone",
+    )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        metavar="N",
+        help="give JAX N CPU devices (JAX_NUM_CPU_DEVICES), over which "
+        "model(...) splits a batch: an opt-in figure, no start-up, and "
+        "the table in benchmarks/README.md is left alone",
+    )
+    parser.add_argument("--build-only", action="store_true", help="export the models and stop")
     return parser
 
 
@@ -441,8 +618,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         dims = {k: int(v) for k, v in parse_assignments(args.dim, "--dim").items()}
         feeds = make_inputs(inputs, {}, dims)
         first = next(iter(feeds.values()))
-        cases = [Case(Path(args.model).stem, str(Path(args.model).resolve()),
-                      lambda: feeds, int(first.shape[0]) if first.ndim else 1, "item")]
+        cases = [
+            Case(
+                Path(args.model).stem,
+                str(Path(args.model).resolve()),
+                lambda: feeds,
+                int(first.shape[0]) if first.ndim else 1,
+                "item",
+            )
+        ]
     else:
         known = {c.name: c for c in CASES}
         unknown = [n for n in args.case if n not in known]
@@ -453,10 +637,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case in cases:
             print(_path_of(case, args.models_dir))
         return 0
-    document = run(cases, runs=args.runs, warmup=args.warmup, memory=not args.no_memory,
-                   with_startup=not args.no_startup, models_dir=args.models_dir,
-                   quiet_wait=0.0 if args.quick else args.quiet_wait, precision=args.precision,
-                   startup_repeats=args.startup_repeats, cpu_devices=args.cpu_devices)
+    document = run(
+        cases,
+        runs=args.runs,
+        warmup=args.warmup,
+        memory=not args.no_memory,
+        with_startup=not args.no_startup,
+        models_dir=args.models_dir,
+        quiet_wait=0.0 if args.quick else args.quiet_wait,
+        precision=args.precision,
+        startup_repeats=args.startup_repeats,
+        cpu_devices=args.cpu_devices,
+    )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if opt_in:
         stamp += f"-{args.precision}"

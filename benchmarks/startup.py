@@ -43,14 +43,28 @@ def measure(mode: str, model_path: str, feeds_path: str, cache_dir: str | None) 
         raise SystemExit(f"unknown mode {mode!r}")
     first = {k: np.asarray(v) for k, v in jax.block_until_ready(outputs).items()}
     done = time.perf_counter()
-    return {"mode": mode, "cache": cache_dir is not None, "import_s": imported - _START,
-            "load_s": loaded - begin, "first_call_s": done - begin, "total_s": done - _START,
-            "outputs": {k: list(v.shape) for k, v in first.items()}}
+    return {
+        "mode": mode,
+        "cache": cache_dir is not None,
+        "import_s": imported - _START,
+        "load_s": loaded - begin,
+        "first_call_s": done - begin,
+        "total_s": done - _START,
+        "outputs": {k: list(v.shape) for k, v in first.items()},
+    }
 
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     if len(arguments) not in (3, 4):
         raise SystemExit("usage: python -m benchmarks.startup MODE MODEL FEEDS.npz [CACHE_DIR]")
-    print(json.dumps(measure(arguments[0], arguments[1], arguments[2],
-                             arguments[3] if len(arguments) == 4 else None)))
+    print(
+        json.dumps(
+            measure(
+                arguments[0],
+                arguments[1],
+                arguments[2],
+                arguments[3] if len(arguments) == 4 else None,
+            )
+        )
+    )

@@ -63,27 +63,39 @@ def _to_numpy(value: Any, info: TensorInfo) -> Any:
 
 class Onnx2JaxBackend(Backend):
     @classmethod
-    def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any
-                ) -> Onnx2JaxRep:
+    def prepare(cls, model: onnx.ModelProto, device: str = "CPU", **kwargs: Any) -> Onnx2JaxRep:
         super().prepare(model, device, **kwargs)
         with jax.enable_x64(True):
             return Onnx2JaxRep(Model(model))
 
     @classmethod
-    def run_node(cls, node: onnx.NodeProto, inputs: Any, device: str = "CPU",
-                 outputs_info: Sequence[tuple[Any, Any]] | None = None, **kwargs: Any
-                 ) -> tuple[Any, ...]:
+    def run_node(
+        cls,
+        node: onnx.NodeProto,
+        inputs: Any,
+        device: str = "CPU",
+        outputs_info: Sequence[tuple[Any, Any]] | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, ...]:
         """Run one node on ``inputs`` (a list in the node's input order, or a dict by name)."""
         names = [n for n in node.input if n]
-        feeds = dict(inputs) if isinstance(inputs, dict) else dict(zip(names, inputs,
-                                                                       strict=False))
+        feeds = dict(inputs) if isinstance(inputs, dict) else dict(zip(names, inputs, strict=False))
         graph = onnx.helper.make_graph(
-            [node], "run_node",
-            [onnx.helper.make_tensor_value_info(k, onnx_elem_type(np.asarray(v).dtype),
-                                                np.shape(v)) for k, v in feeds.items()],
-            [onnx.helper.make_empty_tensor_value_info(n) for n in node.output if n])
-        opsets = [onnx.helper.make_opsetid(node.domain, kwargs.get(
-            "opset_version", onnx.defs.onnx_opset_version()))]
+            [node],
+            "run_node",
+            [
+                onnx.helper.make_tensor_value_info(
+                    k, onnx_elem_type(np.asarray(v).dtype), np.shape(v)
+                )
+                for k, v in feeds.items()
+            ],
+            [onnx.helper.make_empty_tensor_value_info(n) for n in node.output if n],
+        )
+        opsets = [
+            onnx.helper.make_opsetid(
+                node.domain, kwargs.get("opset_version", onnx.defs.onnx_opset_version())
+            )
+        ]
         if node.domain:
             opsets.append(onnx.helper.make_opsetid("", onnx.defs.onnx_opset_version()))
         with jax.enable_x64(True):  # output types are unknown, so skip the checker here

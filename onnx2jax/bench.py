@@ -53,8 +53,12 @@ class Comparison:
         return self.onnx2jax.median_ms / self.onnxruntime.median_ms
 
     def as_dict(self) -> dict[str, Any]:
-        return {"onnx2jax": asdict(self.onnx2jax), "onnxruntime": asdict(self.onnxruntime),
-                "ratio": self.ratio, "device": str(jax.devices()[0])}
+        return {
+            "onnx2jax": asdict(self.onnx2jax),
+            "onnxruntime": asdict(self.onnxruntime),
+            "ratio": self.ratio,
+            "device": str(jax.devices()[0]),
+        }
 
 
 def time_calls(engine: str, call: Callable[[], Any], runs: int, warmup: int) -> Timing:
@@ -86,9 +90,14 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def onnxruntime_session(model: Model | None, path: str | os.PathLike | None = None, *,
-                        threads: int | None = None, profile_prefix: str | None = None,
-                        optimize: bool = True) -> Any:
+def onnxruntime_session(
+    model: Model | None,
+    path: str | os.PathLike | None = None,
+    *,
+    threads: int | None = None,
+    profile_prefix: str | None = None,
+    optimize: bool = True,
+) -> Any:
     """An onnxruntime CPU session of ``model``, from ``path`` when given (external data needs it).
 
     Every graph optimization is on (``ORT_ENABLE_ALL``, onnxruntime's default) unless
@@ -146,8 +155,14 @@ def wait_until_quiet(window_s: float = 0.02, busy: float = 0.1, limit_s: float =
             return now - start
 
 
-def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int = 1, *,
-                settle: bool = True, block: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    calls: Mapping[str, Callable[[], Any]],
+    runs: int,
+    warmup: int = 1,
+    *,
+    settle: bool = True,
+    block: int = 1,
+) -> dict[str, list[float]]:
     """Latencies in ms of each call, timed in turn (a, b, a, b, ...) after ``warmup`` rounds.
 
     Each call must block until its result is ready. With ``settle`` every turn waits until the
@@ -182,8 +197,13 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], runs: int, warmup: int =
     return samples
 
 
-def compare(model: Model, feeds: Mapping[str, np.ndarray], runs: int = 20, warmup: int = 3,
-            path: str | os.PathLike | None = None) -> Comparison:
+def compare(
+    model: Model,
+    feeds: Mapping[str, np.ndarray],
+    runs: int = 20,
+    warmup: int = 3,
+    path: str | os.PathLike | None = None,
+) -> Comparison:
     """Median latency of ``model(**feeds)`` under jit and of onnxruntime on the same ``feeds``.
 
     Both take host (NumPy) inputs and return results ready to use; their calls are interleaved.
@@ -198,16 +218,20 @@ def compare(model: Model, feeds: Mapping[str, np.ndarray], runs: int = 20, warmu
     """
     session = onnxruntime_session(model, path, threads=default_threads())
     feeds = {k: np.asarray(v) for k, v in feeds.items()}
-    calls = {"onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
-             "onnxruntime": lambda: session.run(None, feeds)}
+    calls = {
+        "onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
+        "onnxruntime": lambda: session.run(None, feeds),
+    }
     first = {}
     for name, call in calls.items():
         start = time.perf_counter()
         call()
         first[name] = (time.perf_counter() - start) * 1e3
     samples = interleaved(calls, runs, max(warmup - 1, 0))
-    ours, theirs = (Timing(name, statistics.median(samples[name]), min(samples[name]), runs,
-                           first[name]) for name in calls)
+    ours, theirs = (
+        Timing(name, statistics.median(samples[name]), min(samples[name]), runs, first[name])
+        for name in calls
+    )
     return Comparison(ours, theirs)
 
 
@@ -245,16 +269,27 @@ def _read_through(path: str | os.PathLike, chunk: int = 1 << 24) -> None:
 
 def _summary(samples: Sequence[float], items: int, gflop: float | None) -> dict[str, Any]:
     median = statistics.median(samples)
-    result = {"median_ms": median, "min_ms": min(samples), "runs": len(samples),
-              "throughput_per_s": items / (median / 1e3)}
+    result = {
+        "median_ms": median,
+        "min_ms": min(samples),
+        "runs": len(samples),
+        "throughput_per_s": items / (median / 1e3),
+    }
     if gflop:
         result["gflop_per_s"] = gflop / (median / 1e3)
     return result
 
 
-def run_case(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: int = 10,
-             warmup: int = 2, threads: int | None = None, items: int | None = None,
-             load_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_case(
+    path: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    runs: int = 10,
+    warmup: int = 2,
+    threads: int | None = None,
+    items: int | None = None,
+    load_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Benchmark one model on one set of inputs, both engines in this process.
 
     Measures each engine's first call (onnx2jax: ``load`` + trace + compile + run;
@@ -297,31 +332,42 @@ def run_case(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, runs: 
     except Exception:  # cost analysis is informative only
         gflop = None
 
-    calls = {"onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
-             "onnxruntime": lambda: session.run(None, feeds)}
+    calls = {
+        "onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
+        "onnxruntime": lambda: session.run(None, feeds),
+    }
     samples = interleaved(calls, runs, warmup)
     # Each engine alone, calls back to back: what a busy server sees. Interleaved calls start
     # after a quiet wait (wait_until_quiet), with the other engine's data in the caches.
-    alone = {name: interleaved({name: call}, runs, 1, settle=False)[name]
-             for name, call in calls.items()}
+    alone = {
+        name: interleaved({name: call}, runs, 1, settle=False)[name] for name, call in calls.items()
+    }
     result: dict[str, Any] = {
         "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
         "threads": threads,
         "gflop": gflop,
-        "onnx2jax": {**_summary(samples["onnx2jax"], items, gflop),
-                     "load_s": loaded - start, "first_call_s": first_ours - start,
-                     "samples_ms": samples["onnx2jax"],
-                     "back_to_back_median_ms": statistics.median(alone["onnx2jax"]),
-                     "back_to_back_samples_ms": alone["onnx2jax"]},
-        "onnxruntime": {**_summary(samples["onnxruntime"], items, gflop),
-                        "session_s": created - first_ours, "first_call_s": first_ort - first_ours,
-                        "samples_ms": samples["onnxruntime"],
-                        "back_to_back_median_ms": statistics.median(alone["onnxruntime"]),
-                        "back_to_back_samples_ms": alone["onnxruntime"]},
+        "onnx2jax": {
+            **_summary(samples["onnx2jax"], items, gflop),
+            "load_s": loaded - start,
+            "first_call_s": first_ours - start,
+            "samples_ms": samples["onnx2jax"],
+            "back_to_back_median_ms": statistics.median(alone["onnx2jax"]),
+            "back_to_back_samples_ms": alone["onnx2jax"],
+        },
+        "onnxruntime": {
+            **_summary(samples["onnxruntime"], items, gflop),
+            "session_s": created - first_ours,
+            "first_call_s": first_ort - first_ours,
+            "samples_ms": samples["onnxruntime"],
+            "back_to_back_median_ms": statistics.median(alone["onnxruntime"]),
+            "back_to_back_samples_ms": alone["onnxruntime"],
+        },
     }
     result["ratio"] = result["onnx2jax"]["median_ms"] / result["onnxruntime"]["median_ms"]
-    result["back_to_back_ratio"] = (result["onnx2jax"]["back_to_back_median_ms"]
-                                    / result["onnxruntime"]["back_to_back_median_ms"])
+    result["back_to_back_ratio"] = (
+        result["onnx2jax"]["back_to_back_median_ms"]
+        / result["onnxruntime"]["back_to_back_median_ms"]
+    )
     result.update(max_errors({k: np.asarray(v) for k, v in ours.items()}, reference))
     return result
 
@@ -368,8 +414,13 @@ def _memory_child(engine: str, model_path: str, feeds_path: str, runs: int) -> d
     return {"peak_rss_mb": peak, "baseline_rss_mb": baseline, "peak_increase_mb": peak - baseline}
 
 
-def peak_memory(engine: str, path: str | os.PathLike, feeds: Mapping[str, np.ndarray],
-                runs: int = 2, env: Mapping[str, str] | None = None) -> dict[str, float]:
+def peak_memory(
+    engine: str,
+    path: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    runs: int = 2,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, float]:
     """Peak resident memory of ``engine`` ("onnx2jax" or "onnxruntime") on ``feeds``, in MB.
 
     Measured in a fresh process (the high-water mark of one process cannot be split between
@@ -379,10 +430,23 @@ def peak_memory(engine: str, path: str | os.PathLike, feeds: Mapping[str, np.nda
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = os.path.join(folder, "feeds.npz")
         np.savez(feeds_path, **{k: np.asarray(v) for k, v in feeds.items()})
-        command = [sys.executable, "-m", "onnx2jax.bench", "--memory-child", engine,
-                   str(Path(path).resolve()), feeds_path, str(runs)]
-        done = subprocess.run(command, capture_output=True, text=True,
-                              env={**os.environ, **dict(env or {})}, check=False)
+        command = [
+            sys.executable,
+            "-m",
+            "onnx2jax.bench",
+            "--memory-child",
+            engine,
+            str(Path(path).resolve()),
+            feeds_path,
+            str(runs),
+        ]
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **dict(env or {})},
+            check=False,
+        )
     if done.returncode != 0:
         raise Onnx2JaxError(f"memory measurement of {engine} failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

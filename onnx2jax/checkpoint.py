@@ -36,11 +36,17 @@ class Checkpointer:
     (or leaving the ``with`` block) waits for them.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 1):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+    ):
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True)
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
@@ -58,8 +64,9 @@ class Checkpointer:
         if step is None:
             raise InputError(f"no checkpoint in {self.directory}")
         if step not in self.manager.all_steps():
-            raise InputError(f"no checkpoint for step {step} in {self.directory}; "
-                             f"found steps {self.all_steps()}")
+            raise InputError(
+                f"no checkpoint for step {step} in {self.directory}; found steps {self.all_steps()}"
+            )
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         return self.manager.restore(step, args=ocp.args.StandardRestore(target))
 

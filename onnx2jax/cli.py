@@ -72,8 +72,7 @@ def model_file(ref: str, progress: Progress) -> Path:
         return download_model(repo_id, filename, revision)
 
 
-def load_model(ref: str, progress: Progress, precision: str = "float32"
-               ) -> tuple[Model, Path]:
+def load_model(ref: str, progress: Progress, precision: str = "float32") -> tuple[Model, Path]:
     path = model_file(ref, progress)
     with progress.step(f"converting {path.name}"):
         return load(path, precision=precision), path
@@ -95,8 +94,12 @@ def parse_assignments(items: Sequence[str], what: str) -> dict[str, str]:
     return parsed
 
 
-def make_inputs(inputs: Sequence[TensorInfo], given: Mapping[str, np.ndarray],
-                dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+def make_inputs(
+    inputs: Sequence[TensorInfo],
+    given: Mapping[str, np.ndarray],
+    dims: Mapping[str, int],
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Inputs for a run: those ``given``, and random ones of the declared shapes for the rest.
 
     A named (symbolic) dimension takes its size from ``dims``, else 1. Floats are standard
@@ -113,33 +116,41 @@ def make_inputs(inputs: Sequence[TensorInfo], given: Mapping[str, np.ndarray],
     known = {d for info in inputs for d in (info.shape or ()) if isinstance(d, str)}
     unknown = sorted(set(dims) - known)
     if unknown:
-        raise InputError(f"--dim names {unknown}, which no input has; the inputs' named "
-                         f"dimensions are {sorted(known) or 'none'}")
+        raise InputError(
+            f"--dim names {unknown}, which no input has; the inputs' named "
+            f"dimensions are {sorted(known) or 'none'}"
+        )
     extra = sorted(set(given) - {i.name for i in inputs})
     if extra:
-        raise InputError(f"--input names {extra}, which the model does not take; its inputs "
-                         f"are {[i.name for i in inputs]}")
+        raise InputError(
+            f"--input names {extra}, which the model does not take; its inputs "
+            f"are {[i.name for i in inputs]}"
+        )
     feeds: dict[str, np.ndarray] = {}
     for info in inputs:
         if info.name in given:
             feeds[info.name] = given[info.name]
             continue
         if info.kind != "tensor" or info.shape is None or info.dtype is None:
-            raise InputError(f"input {info.describe()} has no declared tensor shape and type; "
-                             f"pass it with --input {info.name}=FILE.npy")
-        shape = tuple(d if isinstance(d, int) and d > 0 else dims.get(str(d), 1)
-                      for d in info.shape)
+            raise InputError(
+                f"input {info.describe()} has no declared tensor shape and type; "
+                f"pass it with --input {info.name}=FILE.npy"
+            )
+        shape = tuple(
+            d if isinstance(d, int) and d > 0 else dims.get(str(d), 1) for d in info.shape
+        )
         dtype = info.dtype
         if dtype == np.bool_:
             value = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
-            value = (np.ones(shape) if "mask" in info.name.lower()
-                     else rng.integers(0, 2, shape))
+            value = np.ones(shape) if "mask" in info.name.lower() else rng.integers(0, 2, shape)
         elif dtype.kind in "fcV" or "float" in dtype.name:
             value = rng.standard_normal(shape)
         else:
-            raise InputError(f"cannot make a random {dtype.name} input {info.name!r}; pass it "
-                             f"with --input {info.name}=FILE.npy")
+            raise InputError(
+                f"cannot make a random {dtype.name} input {info.name!r}; pass it "
+                f"with --input {info.name}=FILE.npy"
+            )
         feeds[info.name] = np.asarray(value).astype(dtype)
     return feeds
 
@@ -170,8 +181,7 @@ def summary(value: Any) -> dict[str, Any]:
     info: dict[str, Any] = {"shape": list(array.shape), "dtype": str(array.dtype)}
     if array.size and array.dtype.kind in "biuf":
         numbers = array.astype(np.float64)
-        info.update(min=float(numbers.min()), max=float(numbers.max()),
-                    mean=float(numbers.mean()))
+        info.update(min=float(numbers.min()), max=float(numbers.max()), mean=float(numbers.mean()))
     return info
 
 
@@ -190,8 +200,11 @@ def _shape_text(info: Mapping[str, Any]) -> str:
 def _value_lines(values: Mapping[str, Any]) -> list[str]:
     lines = []
     for name, info in values.items():
-        stats = (f"  min {info['min']:.6g}  max {info['max']:.6g}  mean {info['mean']:.6g}"
-                 if "min" in info else "")
+        stats = (
+            f"  min {info['min']:.6g}  max {info['max']:.6g}  mean {info['mean']:.6g}"
+            if "min" in info
+            else ""
+        )
         lines.append(f"  {name}  {_shape_text(info)}{stats}")
     return lines
 
@@ -232,17 +245,23 @@ def model_info(proto: onnx.ModelProto) -> dict[str, Any]:
         find_unsupported(graph, opsets)
         unsupported = []
     except UnsupportedOpError as exc:
-        unsupported = [{"op": f"{domain or 'ai.onnx'}::{op}", "opset": opset, "nodes": nodes}
-                       for (domain, op, opset), nodes in sorted(exc.missing.items())]
+        unsupported = [
+            {"op": f"{domain or 'ai.onnx'}::{op}", "opset": opset, "nodes": nodes}
+            for (domain, op, opset), nodes in sorted(exc.missing.items())
+        ]
 
     def describe_values(values: Sequence[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
         described = []
         for value in values:
             info = tensor_info(value)
-            described.append({
-                "name": info.name, "kind": info.kind,
-                "dtype": info.dtype.name if info.dtype is not None else None,
-                "shape": None if info.shape is None else list(info.shape)})
+            described.append(
+                {
+                    "name": info.name,
+                    "kind": info.kind,
+                    "dtype": info.dtype.name if info.dtype is not None else None,
+                    "shape": None if info.shape is None else list(info.shape),
+                }
+            )
         return described
 
     return {
@@ -261,29 +280,40 @@ def model_info(proto: onnx.ModelProto) -> dict[str, Any]:
 
 def _info_lines(ref: str, info: Mapping[str, Any]) -> list[str]:
     def value(v: Mapping[str, Any]) -> str:
-        dims = "?" if v["shape"] is None else "[" + ", ".join(
-            "?" if d is None else str(d) for d in v["shape"]) + "]"
+        dims = (
+            "?"
+            if v["shape"] is None
+            else "[" + ", ".join("?" if d is None else str(d) for d in v["shape"]) + "]"
+        )
         kind = "" if v["kind"] == "tensor" else f"{v['kind']} of "
         return f"  {v['name']}: {kind}{v['dtype'] or '?'}{dims}"
 
     params, constants = info["parameters"], info["constants"]
-    lines = [f"model     {ref}", f"producer  {info['producer'] or '?'}",
-             f"ir        {info['ir_version']}",
-             "opsets    " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
-             "inputs", *map(value, info["inputs"]), "outputs", *map(value, info["outputs"]),
-             f"params    {params['tensors']} tensors, {params['values']:,} values, "
-             f"{params['bytes'] / 1e6:.2f} MB",
-             f"constants {constants['tensors']} tensors, {constants['values']:,} values, "
-             f"{constants['bytes'] / 1e6:.2f} MB",
-             f"ops       {info['nodes']} nodes, {len(info['ops'])} op types"]
+    lines = [
+        f"model     {ref}",
+        f"producer  {info['producer'] or '?'}",
+        f"ir        {info['ir_version']}",
+        "opsets    " + ", ".join(f"{d} {v}" for d, v in info["opsets"].items()),
+        "inputs",
+        *map(value, info["inputs"]),
+        "outputs",
+        *map(value, info["outputs"]),
+        f"params    {params['tensors']} tensors, {params['values']:,} values, "
+        f"{params['bytes'] / 1e6:.2f} MB",
+        f"constants {constants['tensors']} tensors, {constants['values']:,} values, "
+        f"{constants['bytes'] / 1e6:.2f} MB",
+        f"ops       {info['nodes']} nodes, {len(info['ops'])} op types",
+    ]
     lines += [f"  {count:6d}  {op}" for op, count in info["ops"].items()]
     if info["unsupported"]:
-        lines.append(f"unsupported ({len(info['unsupported'])} op types; onnx2jax cannot run "
-                     "this model yet)")
+        lines.append(
+            f"unsupported ({len(info['unsupported'])} op types; onnx2jax cannot run this model yet)"
+        )
         for entry in info["unsupported"]:
             shown = ", ".join(entry["nodes"][:3]) + (" ..." if len(entry["nodes"]) > 3 else "")
-            lines.append(f"  {entry['op']} (opset {entry['opset']}): {len(entry['nodes'])} "
-                         f"node(s): {shown}")
+            lines.append(
+                f"  {entry['op']} (opset {entry['opset']}): {len(entry['nodes'])} node(s): {shown}"
+            )
     else:
         lines.append("unsupported none: every op is supported")
     return lines
@@ -303,12 +333,15 @@ def _ascii_digits(images: np.ndarray, captions: Sequence[str]) -> list[str]:
     shades = " .:-=+*#%@"
     lines = []
     for start in range(0, len(images), 8):
-        block = images[start:start + 8, 0]
+        block = images[start : start + 8, 0]
         for row in range(block.shape[1]):
-            lines.append("   ".join(
-                "".join(shades[min(int(v * len(shades)), len(shades) - 1)] for v in img[row])
-                for img in block))
-        lines.append("   ".join(f"{c:<8}" for c in captions[start:start + 8]).rstrip())
+            lines.append(
+                "   ".join(
+                    "".join(shades[min(int(v * len(shades)), len(shades) - 1)] for v in img[row])
+                    for img in block
+                )
+            )
+        lines.append("   ".join(f"{c:<8}" for c in captions[start : start + 8]).rstrip())
         lines.append("")
     return lines
 
@@ -324,16 +357,31 @@ def run_example(args: argparse.Namespace, progress: Progress) -> int:
         logits = np.asarray(model(image=images)["logits"])
     predicted = logits.argmax(axis=1)
     correct = int((predicted == labels).sum())
-    document = {"model": str(example_path()), "samples": str(EXAMPLE_SAMPLES),
-                "predicted": predicted.tolist(), "labels": labels.tolist(),
-                "correct": correct, "total": len(labels)}
-    lines = [f"Example: {example_path().name}, a small CNN for 8x8 handwritten digits, on "
-             f"{len(labels)} held-out images ({EXAMPLE_SAMPLES.name})", ""]
-    lines += _ascii_digits(images, [f"{p} ({'ok' if p == t else f'true {t}'})"
-                                    for p, t in zip(predicted, labels, strict=True)])
+    document = {
+        "model": str(example_path()),
+        "samples": str(EXAMPLE_SAMPLES),
+        "predicted": predicted.tolist(),
+        "labels": labels.tolist(),
+        "correct": correct,
+        "total": len(labels),
+    }
+    lines = [
+        f"Example: {example_path().name}, a small CNN for 8x8 handwritten digits, on "
+        f"{len(labels)} held-out images ({EXAMPLE_SAMPLES.name})",
+        "",
+    ]
+    lines += _ascii_digits(
+        images,
+        [
+            f"{p} ({'ok' if p == t else f'true {t}'})"
+            for p, t in zip(predicted, labels, strict=True)
+        ],
+    )
     lines += ["sample  predicted  true"]
-    lines += [f"{i:6d}  {p:9d}  {t:4d}{'' if p == t else '  <- wrong'}"
-              for i, (p, t) in enumerate(zip(predicted, labels, strict=True))]
+    lines += [
+        f"{i:6d}  {p:9d}  {t:4d}{'' if p == t else '  <- wrong'}"
+        for i, (p, t) in enumerate(zip(predicted, labels, strict=True))
+    ]
     lines += [f"{correct}/{len(labels)} correct"]
     emit(args, document, lines)
     return 0
@@ -350,13 +398,19 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
         outputs = {k: np.asarray(v) for k, v in model(**feeds).items()}
     if args.output:
         np.savez(args.output, **outputs)
-    document = {"model": args.model,
-                "inputs": {k: summary(v) for k, v in feeds.items()},
-                "outputs": {k: summary(v) for k, v in outputs.items()}}
+    document = {
+        "model": args.model,
+        "inputs": {k: summary(v) for k, v in feeds.items()},
+        "outputs": {k: summary(v) for k, v in outputs.items()},
+    }
     if args.output:
         document["saved"] = str(args.output)
-    lines = ["inputs", *_value_lines(document["inputs"]),
-             "outputs", *_value_lines(document["outputs"])]
+    lines = [
+        "inputs",
+        *_value_lines(document["inputs"]),
+        "outputs",
+        *_value_lines(document["outputs"]),
+    ]
     if args.output:
         lines.append(f"saved outputs to {args.output}")
     emit(args, document, lines)
@@ -364,8 +418,9 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
 
 
 # -------------------------------------------------------------------- check
-def compare_outputs(ours: Mapping[str, Any], reference: Mapping[str, Any], rtol: float,
-                    atol: float) -> dict[str, dict[str, Any]]:
+def compare_outputs(
+    ours: Mapping[str, Any], reference: Mapping[str, Any], rtol: float, atol: float
+) -> dict[str, dict[str, Any]]:
     """Worst absolute and relative error of each output, and whether it is within tolerance.
 
     The relative error is ``|ours - ref| / (|ref| + atol)``; an output matches when
@@ -380,28 +435,39 @@ def compare_outputs(ours: Mapping[str, Any], reference: Mapping[str, Any], rtol:
     results = {}
     for name, want in reference.items():
         got, want, problem = _comparable(ours[name], want)
-        entry: dict[str, Any] = {"shape": list(want.shape), "dtype": str(want.dtype),
-                                 "onnx2jax_dtype": str(got.dtype)}
+        entry: dict[str, Any] = {
+            "shape": list(want.shape),
+            "dtype": str(want.dtype),
+            "onnx2jax_dtype": str(got.dtype),
+        }
         if problem:
             entry.update(match=False, max_abs_error=None, max_rel_error=None, problem=problem)
         elif got.shape != want.shape:
-            entry.update(match=False, max_abs_error=None, max_rel_error=None,
-                         problem=f"shape {list(got.shape)} instead of {list(want.shape)}")
+            entry.update(
+                match=False,
+                max_abs_error=None,
+                max_rel_error=None,
+                problem=f"shape {list(got.shape)} instead of {list(want.shape)}",
+            )
         elif want.dtype.kind not in "biufc":
             same = bool(np.array_equal(got, want))
             entry.update(match=same, max_abs_error=None, max_rel_error=None)
         else:
-            a, b = got.astype(np.complex128 if want.dtype.kind == "c" else np.float64), \
-                want.astype(np.complex128 if want.dtype.kind == "c" else np.float64)
+            a, b = (
+                got.astype(np.complex128 if want.dtype.kind == "c" else np.float64),
+                want.astype(np.complex128 if want.dtype.kind == "c" else np.float64),
+            )
             nan_a, nan_b = np.isnan(a), np.isnan(b)
             both = nan_a & nan_b
             diff = np.where(both, 0.0, np.abs(a - b))
             diff = np.where(np.isnan(diff), np.inf, diff)
             bound = atol + rtol * np.abs(np.where(both, 0.0, b))
             rel = diff / (np.abs(np.where(both, 0.0, b)) + atol)
-            entry.update(match=bool((diff <= bound).all()),
-                         max_abs_error=float(diff.max()) if diff.size else 0.0,
-                         max_rel_error=float(rel.max()) if rel.size else 0.0)
+            entry.update(
+                match=bool((diff <= bound).all()),
+                max_abs_error=float(diff.max()) if diff.size else 0.0,
+                max_rel_error=float(rel.max()) if rel.size else 0.0,
+            )
         results[name] = entry
     return results
 
@@ -414,12 +480,21 @@ def _comparable(got: Any, want: Any) -> tuple[np.ndarray, np.ndarray, str | None
     """
     if isinstance(want, list) and want and all(isinstance(row, dict) for row in want):
         keys = list(want[0])
-        if (not isinstance(got, list) or len(got) != len(want)
-                or any(not isinstance(row, dict) or set(row) != set(keys) for row in got)):
-            return (np.zeros(0), np.zeros((len(want), len(keys))),
-                    "the maps' keys or the number of rows differ")
-        return (np.array([[np.asarray(row[k]) for k in keys] for row in got]),
-                np.array([[row[k] for k in keys] for row in want]), None)
+        if (
+            not isinstance(got, list)
+            or len(got) != len(want)
+            or any(not isinstance(row, dict) or set(row) != set(keys) for row in got)
+        ):
+            return (
+                np.zeros(0),
+                np.zeros((len(want), len(keys))),
+                "the maps' keys or the number of rows differ",
+            )
+        return (
+            np.array([[np.asarray(row[k]) for k in keys] for row in got]),
+            np.array([[row[k] for k in keys] for row in want]),
+            None,
+        )
     return np.asarray(got), np.asarray(want), None
 
 
@@ -429,8 +504,7 @@ def cmd_check(args: argparse.Namespace, progress: Progress) -> int:
     model, path = load_model(args.model, progress, args.precision)
     feeds = read_inputs(args, model)
     with progress.step("compiling and running onnx2jax"):
-        ours = {k: v if isinstance(v, list) else np.asarray(v)
-                for k, v in model(**feeds).items()}
+        ours = {k: v if isinstance(v, list) else np.asarray(v) for k, v in model(**feeds).items()}
     # onnxruntime's fused quantized kernels round differently from the graph they replace
     # (up to a quantization step): a quantized model is compared with the graph as written.
     quantized = _is_quantized(model.proto.graph)
@@ -440,41 +514,69 @@ def cmd_check(args: argparse.Namespace, progress: Progress) -> int:
         reference = dict(zip(names, session.run(None, feeds), strict=True))
     half = _holds_half_floats(model.proto.graph)
     rtol = args.rtol if args.rtol is not None else (1e-2 if half else 1e-4)
-    atol = args.atol if args.atol is not None else max(
-        1e-3 if half else 1e-5, _largest_step(model) if quantized else 0.0)
+    atol = (
+        args.atol
+        if args.atol is not None
+        else max(1e-3 if half else 1e-5, _largest_step(model) if quantized else 0.0)
+    )
     results = compare_outputs(ours, reference, rtol, atol)
     mismatched = [name for name, r in results.items() if not r["match"]]
-    document = {"model": args.model, "rtol": rtol, "atol": atol,
-                "onnxruntime_optimized": not quantized,
-                "inputs": {k: summary(v) for k, v in feeds.items()},
-                "outputs": results, "match": not mismatched}
-    against = ("onnxruntime without graph optimizations (a quantized model: the graph as "
-               "written)" if quantized else "onnxruntime")
+    document = {
+        "model": args.model,
+        "rtol": rtol,
+        "atol": atol,
+        "onnxruntime_optimized": not quantized,
+        "inputs": {k: summary(v) for k, v in feeds.items()},
+        "outputs": results,
+        "match": not mismatched,
+    }
+    against = (
+        "onnxruntime without graph optimizations (a quantized model: the graph as written)"
+        if quantized
+        else "onnxruntime"
+    )
     lines = [f"onnx2jax vs {against} on the same inputs (rtol {rtol:g}, atol {atol:g})"]
     for name, r in results.items():
         if r["max_abs_error"] is None:
             errors = r.get("problem", "compared exactly")
         else:
-            errors = (f"max abs error {r['max_abs_error']:.3g}  "
-                      f"max rel error {r['max_rel_error']:.3g}")
-        lines.append(f"  {'ok      ' if r['match'] else 'MISMATCH'}  {name}  "
-                     f"{_shape_text(r)}  {errors}")
-    lines.append(f"MISMATCH in {len(mismatched)} of {len(results)} outputs" if mismatched
-                 else f"OK: all {len(results)} outputs match")
+            errors = (
+                f"max abs error {r['max_abs_error']:.3g}  max rel error {r['max_rel_error']:.3g}"
+            )
+        lines.append(
+            f"  {'ok      ' if r['match'] else 'MISMATCH'}  {name}  {_shape_text(r)}  {errors}"
+        )
+    lines.append(
+        f"MISMATCH in {len(mismatched)} of {len(results)} outputs"
+        if mismatched
+        else f"OK: all {len(results)} outputs match"
+    )
     emit(args, document, lines)
     return 1 if mismatched else 0
 
 
-_QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "QGemm", "QAttention", "MatMulNBits",
-                  "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-                  "DynamicQuantizeLSTM", "MatMulInteger16"}
+_QUANTIZED_OPS = {
+    "MatMulInteger",
+    "ConvInteger",
+    "QGemm",
+    "QAttention",
+    "MatMulNBits",
+    "QEmbedLayerNormalization",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeLSTM",
+    "MatMulInteger16",
+}
 
 
 def _is_quantized(graph: onnx.GraphProto) -> bool:
     """Whether the graph (subgraphs included) computes with quantized integers."""
     for node in graph.node:
-        if ("Quantize" in node.op_type or node.op_type.startswith("QLinear")
-                or node.op_type in _QUANTIZED_OPS):
+        if (
+            "Quantize" in node.op_type
+            or node.op_type.startswith("QLinear")
+            or node.op_type in _QUANTIZED_OPS
+        ):
             return True
         if any(_is_quantized(sub) for sub in subgraphs(node)):
             return True
@@ -485,9 +587,11 @@ def _largest_step(model: Model) -> float:
     """The largest DequantizeLinear scale stored in the model: one quantization step of a float
     output may separate two exact evaluations that round a value on either side of a tie."""
     stored = {**model.plan.constants, **model.params}
-    steps = [float(np.max(np.abs(np.asarray(stored[node.input[1]]))))
-             for node in model.proto.graph.node if node.op_type == "DequantizeLinear"
-             and len(node.input) > 1 and node.input[1] in stored]
+    steps = [
+        float(np.max(np.abs(np.asarray(stored[node.input[1]]))))
+        for node in model.proto.graph.node
+        if node.op_type == "DequantizeLinear" and len(node.input) > 1 and node.input[1] in stored
+    ]
     return max(steps, default=0.0)
 
 
@@ -496,9 +600,11 @@ def _holds_half_floats(graph: onnx.GraphProto) -> bool:
     only as close as half precision allows)."""
     half = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     declared = (*graph.input, *graph.output, *graph.value_info)
-    return (any(t.data_type in half for t in graph.initializer)
-            or any(v.type.tensor_type.elem_type in half for v in declared)
-            or any(a.name == "to" and a.i in half for n in graph.node for a in n.attribute))
+    return (
+        any(t.data_type in half for t in graph.initializer)
+        or any(v.type.tensor_type.elem_type in half for v in declared)
+        or any(a.name == "to" and a.i in half for n in graph.node for a in n.attribute)
+    )
 
 
 # -------------------------------------------------------------------- bench
@@ -509,13 +615,19 @@ def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
     feeds = read_inputs(args, model)
     with progress.step(f"timing {args.runs} runs each (after warm-up and compilation)"):
         result = compare(model, feeds, runs=args.runs, warmup=args.warmup, path=path)
-    document = {"model": args.model, "inputs": {k: summary(v) for k, v in feeds.items()},
-                **result.as_dict()}
-    lines = [f"{t.engine:<12} median {t.median_ms:9.3f} ms  min {t.min_ms:9.3f} ms  "
-             f"first call {t.first_call_ms:9.1f} ms  ({t.runs} runs)"
-             for t in (result.onnx2jax, result.onnxruntime)]
-    lines.append(f"ratio        onnx2jax / onnxruntime = {result.ratio:.2f}x "
-                 f"(jax on {document['device']})")
+    document = {
+        "model": args.model,
+        "inputs": {k: summary(v) for k, v in feeds.items()},
+        **result.as_dict(),
+    }
+    lines = [
+        f"{t.engine:<12} median {t.median_ms:9.3f} ms  min {t.min_ms:9.3f} ms  "
+        f"first call {t.first_call_ms:9.1f} ms  ({t.runs} runs)"
+        for t in (result.onnx2jax, result.onnxruntime)
+    ]
+    lines.append(
+        f"ratio        onnx2jax / onnxruntime = {result.ratio:.2f}x (jax on {document['device']})"
+    )
     emit(args, document, lines)
     return 0
 
@@ -530,13 +642,18 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
         start = time.perf_counter()
         path = export_model(model, feeds, args.output_file, outputs=args.output or None)
         seconds = time.perf_counter() - start
-    document = {"model": args.model, "artifact": str(path), "bytes": path.stat().st_size,
-                "seconds": seconds, "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                                               for k, v in feeds.items()}}
-    lines = [f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s for inputs "
-             + ", ".join(f"{k} {_shape_text(v)}" for k, v in document["inputs"].items()),
-             "run it with onnx2jax.aot.load_artifact(path)(**inputs): no ONNX parsing, no "
-             "tracing"]
+    document = {
+        "model": args.model,
+        "artifact": str(path),
+        "bytes": path.stat().st_size,
+        "seconds": seconds,
+        "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+    }
+    lines = [
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s for inputs "
+        + ", ".join(f"{k} {_shape_text(v)}" for k, v in document["inputs"].items()),
+        "run it with onnx2jax.aot.load_artifact(path)(**inputs): no ONNX parsing, no tracing",
+    ]
     emit(args, document, lines)
     return 0
 
@@ -545,47 +662,71 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``onnx2jax`` command."""
     parser = argparse.ArgumentParser(
-        prog="onnx2jax", description="Inspect, run, check and time ONNX models with onnx2jax.",
+        prog="onnx2jax",
+        description="Inspect, run, check and time ONNX models with onnx2jax.",
         epilog="MODEL is a path or hf://OWNER/NAME[@REVISION]/FILE.onnx (Hugging Face hub; "
-               "HF_TOKEN and HF_HUB_OFFLINE are honoured). Exit status: 0 ok, 1 check found "
-               "a mismatch, 2 error.")
+        "HF_TOKEN and HF_HUB_OFFLINE are honoured). Exit status: 0 ok, 1 check found "
+        "a mismatch, 2 error.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--json", action="store_true", help="print one JSON document")
-        sub.add_argument("--quiet", "-q", action="store_true",
-                         help="no progress messages on stderr")
+        sub.add_argument(
+            "--quiet", "-q", action="store_true", help="no progress messages on stderr"
+        )
 
     def precision(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                         help="how matrix products compute: float32 (default) or bfloat16 "
-                              "(opt-in: rounded operands, float32 accumulation, faster)")
+        sub.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default=PRECISIONS[0],
+            help="how matrix products compute: float32 (default) or bfloat16 "
+            "(opt-in: rounded operands, float32 accumulation, faster)",
+        )
 
     def inputs(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
-                         help="an input from a .npy file (repeatable); inputs not given are "
-                              "random, of the declared shapes")
-        sub.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
-                         help="size of a named dimension of the random inputs (default 1)")
+        sub.add_argument(
+            "--input",
+            action="append",
+            default=[],
+            metavar="NAME=FILE.npy",
+            help="an input from a .npy file (repeatable); inputs not given are "
+            "random, of the declared shapes",
+        )
+        sub.add_argument(
+            "--dim",
+            action="append",
+            default=[],
+            metavar="NAME=SIZE",
+            help="size of a named dimension of the random inputs (default 1)",
+        )
         sub.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-        sub.add_argument("--x64", action="store_true",
-                         help="enable JAX 64-bit mode (int64/float64 kept, not narrowed)")
+        sub.add_argument(
+            "--x64",
+            action="store_true",
+            help="enable JAX 64-bit mode (int64/float64 kept, not narrowed)",
+        )
         common(sub)
 
     info = commands.add_parser(
-        "info", help="inputs, outputs, opsets, op histogram, parameters, unsupported ops",
+        "info",
+        help="inputs, outputs, opsets, op histogram, parameters, unsupported ops",
         description="Describe a model without running it: inputs, outputs, opsets, op "
-                    "histogram, parameter count and size, and the ops onnx2jax lacks.")
+        "histogram, parameter count and size, and the ops onnx2jax lacks.",
+    )
     info.add_argument("model", metavar="MODEL")
     common(info)
     info.set_defaults(handler=cmd_info)
 
     run = commands.add_parser(
-        "run", help="run a model (without MODEL: the example digits CNN on its samples)",
+        "run",
+        help="run a model (without MODEL: the example digits CNN on its samples)",
         description="Run MODEL on inputs from .npy files or random ones and print the outputs' "
-                    "shapes and ranges. Without MODEL, run the example digits CNN shipped with "
-                    "onnx2jax on its sample images and print predictions next to the true "
-                    "labels.")
+        "shapes and ranges. Without MODEL, run the example digits CNN shipped with "
+        "onnx2jax on its sample images and print predictions next to the true "
+        "labels.",
+    )
     run.add_argument("model", metavar="MODEL", nargs="?")
     run.add_argument("--output", metavar="FILE.npz", help="save all outputs to FILE.npz")
     inputs(run)
@@ -593,24 +734,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser(
-        "check", help="compare onnx2jax with onnxruntime; exit 1 on a mismatch",
+        "check",
+        help="compare onnx2jax with onnxruntime; exit 1 on a mismatch",
         description="Run onnx2jax and onnxruntime on the same inputs and print the worst "
-                    "error of each output. Exit status 1 when an output differs beyond the "
-                    "tolerance.")
+        "error of each output. Exit status 1 when an output differs beyond the "
+        "tolerance.",
+    )
     check.add_argument("model", metavar="MODEL")
-    check.add_argument("--rtol", type=float, default=None,
-                       help="relative tolerance (1e-4; 1e-2 for float16 models)")
-    check.add_argument("--atol", type=float, default=None,
-                       help="absolute tolerance (1e-5; 1e-3 for float16 models; at least "
-                            "one quantization step for quantized models)")
+    check.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="relative tolerance (1e-4; 1e-2 for float16 models)",
+    )
+    check.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="absolute tolerance (1e-5; 1e-3 for float16 models; at least "
+        "one quantization step for quantized models)",
+    )
     inputs(check)
     precision(check)
     check.set_defaults(handler=cmd_check)
 
     bench = commands.add_parser(
-        "bench", help="median latency of onnx2jax (jit) and onnxruntime, and their ratio",
+        "bench",
+        help="median latency of onnx2jax (jit) and onnxruntime, and their ratio",
         description="Time onnx2jax (under jit, after warm-up) and onnxruntime on the same "
-                    "inputs: median latency of each and their ratio.")
+        "inputs: median latency of each and their ratio.",
+    )
     bench.add_argument("model", metavar="MODEL")
     bench.add_argument("--runs", type=int, default=20, help="timed runs per engine (20)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
@@ -618,15 +771,23 @@ def build_parser() -> argparse.ArgumentParser:
     precision(bench)
     bench.set_defaults(handler=cmd_bench)
     compile_ = commands.add_parser(
-        "compile", help="ahead-of-time artifact (jax.export) for fixed input shapes",
+        "compile",
+        help="ahead-of-time artifact (jax.export) for fixed input shapes",
         description="Trace MODEL once for the input shapes given by --dim (and --input) and "
-                    "write FILE: the exported StableHLO and the weights. "
-                    "onnx2jax.aot.load_artifact(FILE) runs it without parsing ONNX or tracing.")
+        "write FILE: the exported StableHLO and the weights. "
+        "onnx2jax.aot.load_artifact(FILE) runs it without parsing ONNX or tracing.",
+    )
     compile_.add_argument("model", metavar="MODEL")
-    compile_.add_argument("-o", "--output-file", required=True, metavar="FILE",
-                          help="the artifact to write")
-    compile_.add_argument("--output", action="append", default=[], metavar="NAME",
-                          help="a tensor to return (repeatable; default the graph's outputs)")
+    compile_.add_argument(
+        "-o", "--output-file", required=True, metavar="FILE", help="the artifact to write"
+    )
+    compile_.add_argument(
+        "--output",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a tensor to return (repeatable; default the graph's outputs)",
+    )
     inputs(compile_)
     compile_.set_defaults(handler=cmd_compile)
     return parser

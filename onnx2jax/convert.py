@@ -36,17 +36,21 @@ def is_static(value: Any) -> bool:
 
 def is_concrete(value: Any) -> bool:
     """True when the value can be read on the host (static, or an eager JAX array)."""
-    return is_static(value) or (isinstance(value, jax.Array)
-                                and not isinstance(value, jax.core.Tracer))
+    return is_static(value) or (
+        isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+    )
 
 
 # Ops that read their input's bits, which a float16 value held widened would change.
 _BIT_EXACT_OPS = {"BitCast"}
 # Outputs typed by the op's stash type (float32 by default), not by its float16 inputs: the
 # normalizations' mean and inverse standard deviation.
-_STASH_TYPED_OUTPUTS = {"LayerNormalization": (1, 2), "SimplifiedLayerNormalization": (1,),
-                        "SkipLayerNormalization": (1, 2),
-                        "SkipSimplifiedLayerNormalization": (1, 2)}
+_STASH_TYPED_OUTPUTS = {
+    "LayerNormalization": (1, 2),
+    "SimplifiedLayerNormalization": (1,),
+    "SkipLayerNormalization": (1, 2),
+    "SkipSimplifiedLayerNormalization": (1, 2),
+}
 
 
 def _folded_bytes(value: Any) -> int:
@@ -62,16 +66,20 @@ def _to_xla(value: np.ndarray) -> jax.Array:
     Broadcast views (zero strides, as Expand and ConstantOfShape leave them) go over as their
     one stored element per broadcast axis plus a broadcast, never materialized on the host.
     """
-    stored = value[tuple(slice(0, 1) if stride == 0 else slice(None)
-                         for stride in value.strides)]
+    stored = value[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in value.strides)]
     return jnp.broadcast_to(jnp.asarray(np.ascontiguousarray(stored)), value.shape)
 
 
 class OpContext:
     """What an op function knows about its node: attributes, opset, helpers for static values."""
 
-    def __init__(self, interpreter: Interpreter, node: onnx.NodeProto, scope: Mapping[str, Any],
-                 plan: GraphPlan):
+    def __init__(
+        self,
+        interpreter: Interpreter,
+        node: onnx.NodeProto,
+        scope: Mapping[str, Any],
+        plan: GraphPlan,
+    ):
         self.interpreter = interpreter
         self.plan = plan  # the graph being run (the training Gradient op re-runs part of it)
         self.node = node
@@ -117,8 +125,9 @@ class OpContext:
             "value a constant of the graph."
         )
 
-    def static_ints(self, value: Any, index: int | None = None, what: str = "this input"
-                    ) -> list[int]:
+    def static_ints(
+        self, value: Any, index: int | None = None, what: str = "this input"
+    ) -> list[int]:
         return [int(v) for v in np.asarray(self.static(value, index, what)).reshape(-1)]
 
     @staticmethod
@@ -135,8 +144,13 @@ class OpContext:
 class Interpreter:
     """Evaluates planned graphs. One instance per model; subgraph plans are cached."""
 
-    def __init__(self, opsets: Mapping[str, int], base_dir: Path | None = None,
-                 precision: str = "float32", widen_float16: bool = False):
+    def __init__(
+        self,
+        opsets: Mapping[str, int],
+        base_dir: Path | None = None,
+        precision: str = "float32",
+        widen_float16: bool = False,
+    ):
         self.opsets = dict(opsets)
         self.base_dir = base_dir
         self.precision = precision  # see PRECISIONS in onnx2jax/model.py
@@ -171,8 +185,9 @@ class Interpreter:
             return attr.sparse_tensor
         return onnx.helper.get_attribute_value(attr)
 
-    def run(self, plan: GraphPlan, env: MutableMapping[str, Any], wanted: Sequence[str]
-            ) -> list[Any]:
+    def run(
+        self, plan: GraphPlan, env: MutableMapping[str, Any], wanted: Sequence[str]
+    ) -> list[Any]:
         """Evaluate the nodes ``wanted`` depends on; ``env`` holds inputs, params, constants."""
         self.run_nodes(plan, env, plan.nodes_for(list(wanted)))
         missing = [n for n in wanted if n not in env]
@@ -180,15 +195,18 @@ class Interpreter:
             raise OpError(f"no tensor named {missing[0]!r} in the graph")
         return [env[n] for n in wanted]
 
-    def run_nodes(self, plan: GraphPlan, env: MutableMapping[str, Any],
-                  indices: Sequence[int]) -> None:
+    def run_nodes(
+        self, plan: GraphPlan, env: MutableMapping[str, Any], indices: Sequence[int]
+    ) -> None:
         """Evaluate the nodes ``plan.nodes[i]`` for ``i`` in ``indices``, in that order."""
         for index in indices:
             node = plan.nodes[index]
             spec = plan.specs[index]
             if spec is None:
-                raise OpError(f"{node_label(node)}: {node.domain or 'ai.onnx'}::{node.op_type} "
-                              "is not supported")
+                raise OpError(
+                    f"{node_label(node)}: {node.domain or 'ai.onnx'}::{node.op_type} "
+                    "is not supported"
+                )
             args = []
             for name in node.input:
                 if not name:
@@ -200,8 +218,9 @@ class Interpreter:
             limit = max_static_bytes()
             args = [_to_xla(arg) if _folded_bytes(arg) > limit else arg for arg in args]
             if self.widen_float16 and node.op_type in _BIT_EXACT_OPS and not node.domain:
-                args = [self.narrow(plan, name, arg) for name, arg in zip(node.input, args,
-                                                                          strict=True)]
+                args = [
+                    self.narrow(plan, name, arg) for name, arg in zip(node.input, args, strict=True)
+                ]
             ctx = OpContext(self, node, env, plan)
             try:
                 result = spec.function(ctx, *args)
@@ -231,8 +250,12 @@ class Interpreter:
                 if isinstance(value, np.generic | int | float | bool):
                     value = np.asarray(value)
                 env[name] = self.widen(value, name)
-                if (self.widen_float16 and carries_float16 and index not in own_type
-                        and getattr(env[name], "dtype", None) == np.float32):
+                if (
+                    self.widen_float16
+                    and carries_float16
+                    and index not in own_type
+                    and getattr(env[name], "dtype", None) == np.float32
+                ):
                     self.float16_names.add(name)
 
     def narrow(self, plan: GraphPlan, name: str, value: Any) -> Any:
@@ -241,8 +264,11 @@ class Interpreter:
         if not self.widen_float16 or getattr(value, "dtype", None) != np.float32:
             return value
         typed = self.tensor_types(plan)
-        float16 = typed[name] == onnx.TensorProto.FLOAT16 if name in typed else (
-            name in self.float16_names)
+        float16 = (
+            typed[name] == onnx.TensorProto.FLOAT16
+            if name in typed
+            else (name in self.float16_names)
+        )
         return value.astype(np.float16) if float16 else value
 
     def tensor_types(self, plan: GraphPlan) -> dict[str, int]:
@@ -250,25 +276,35 @@ class Interpreter:
         inference (an op computing in float32 on widened inputs no longer shows its type)."""
         cached = self._tensor_types.get(id(plan))
         if cached is None:
-            typed = {info.name: info.elem_type for info in (
-                *plan.inputs, *plan.outputs, *plan.value_info.values()) if info.elem_type}
+            typed = {
+                info.name: info.elem_type
+                for info in (*plan.inputs, *plan.outputs, *plan.value_info.values())
+                if info.elem_type
+            }
             produced = [out for node in plan.nodes for out in node.output if out]
             if any(name not in typed for name in produced):
-                typed.update((name, elem) for name, elem in self._inferred_types(plan).items()
-                             if name not in typed and elem)
+                typed.update(
+                    (name, elem)
+                    for name, elem in self._inferred_types(plan).items()
+                    if name not in typed and elem
+                )
             cached = self._tensor_types[id(plan)] = (plan, typed)
         return cached[1]
 
     def _inferred_types(self, plan: GraphPlan) -> dict[str, int]:
-        opsets = [onnx.helper.make_opsetid(domain, version)
-                  for domain, version in self.opsets.items()]
+        opsets = [
+            onnx.helper.make_opsetid(domain, version) for domain, version in self.opsets.items()
+        ]
         try:
             model = onnx.helper.make_model(plan.graph, opset_imports=opsets)
             graph = onnx.shape_inference.infer_shapes(model).graph
         except Exception:  # a graph ONNX cannot type: the declared types only
             return {}
-        return {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.output)
-                if v.type.HasField("tensor_type")}
+        return {
+            v.name: v.type.tensor_type.elem_type
+            for v in (*graph.value_info, *graph.output)
+            if v.type.HasField("tensor_type")
+        }
 
     def widen(self, value: Any, name: str | None = None) -> Any:
         """``value`` in float32 if it is float16 and float16 values are held widened."""
@@ -282,8 +318,9 @@ class Interpreter:
             return value.astype(np.float32)
         return value
 
-    def run_subgraph(self, graph: onnx.GraphProto, inputs: Sequence[Any],
-                     outer: Mapping[str, Any]) -> list[Any]:
+    def run_subgraph(
+        self, graph: onnx.GraphProto, inputs: Sequence[Any], outer: Mapping[str, Any]
+    ) -> list[Any]:
         cached = self._subplans.get(id(graph))
         if cached is None:
             cached = (graph, plan_graph(graph, self.opsets, self.base_dir, trainable=False))

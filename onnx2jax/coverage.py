@@ -29,7 +29,7 @@ def source_file(module: str) -> str:
     name for the op families of onnx2jax/ops/, the module otherwise (an op registered from
     outside the package)."""
     package = "onnx2jax.ops."
-    return module[len(package):] + ".py" if module.startswith(package) else module
+    return module[len(package) :] + ".py" if module.startswith(package) else module
 
 
 def coverage_table() -> str:
@@ -53,8 +53,10 @@ def coverage_table() -> str:
         gaps = ", ".join(f"`{d + '::' if d else ''}{op}`" for d, op in missing)
         summary = f"{len(missing)} operators of the standard domains are not: {gaps}."
     else:
-        summary = ("every operator that onnx " + onnx.__version__ + " defines in ai.onnx, "
-                   "ai.onnx.ml and ai.onnx.preview.training is (deprecated ones included).")
+        summary = (
+            "every operator that onnx " + onnx.__version__ + " defines in ai.onnx, "
+            "ai.onnx.ml and ai.onnx.preview.training is (deprecated ones included)."
+        )
     lines = [
         f"{len(ours)} operators implemented; " + summary,
         "",
@@ -67,15 +69,19 @@ def coverage_table() -> str:
         note = notes.get((domain, op_type), "")
         if gaps:
             note = (note + "; " if note else "") + "same code serves " + ", ".join(map(str, gaps))
-        lines.append(f"| {domain or 'ai.onnx'} | {op_type} | {', '.join(map(str, since))} "
-                     f"| {', '.join(files[(domain, op_type)])} | {note} |")
+        lines.append(
+            f"| {domain or 'ai.onnx'} | {op_type} | {', '.join(map(str, since))} "
+            f"| {', '.join(files[(domain, op_type)])} | {note} |"
+        )
     return "\n".join(lines)
 
 
 def suite_summary(test_names: list[str], expected_failures: list[str]) -> str:
     """One line per part of the ONNX backend suite: how many of its tests pass."""
-    parts = {"node": "node tests", "other": "simple, pytorch-converted, pytorch-operator and "
-             "light model-zoo tests"}
+    parts = {
+        "node": "node tests",
+        "other": "simple, pytorch-converted, pytorch-operator and light model-zoo tests",
+    }
     node_tests = _node_test_names()
     failing = set(expected_failures)
     lines = []
@@ -110,8 +116,12 @@ def render_readme(readme: str, root: Path) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runner = onnx.backend.test.BackendTest(Backend, __name__)
-    names = [n for case in runner.test_cases.values() for n in dir(case)
-             if n.startswith("test_") and n.endswith("_cpu")]
+    names = [
+        n
+        for case in runner.test_cases.values()
+        for n in dir(case)
+        if n.startswith("test_") and n.endswith("_cpu")
+    ]
     failing = expected_failures(root / "tests" / "expected_failures.txt")
     return replace_section(readme, "suite", suite_summary(names, failing))
 
@@ -129,7 +139,9 @@ def expected_failures(path: Path) -> list[str]:
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parent.parent
-    for path, render in ((root / "README.md", lambda text: render_readme(text, root)),
-                         (root / "docs" / "operators.md", render_operators)):
+    for path, render in (
+        (root / "README.md", lambda text: render_readme(text, root)),
+        (root / "docs" / "operators.md", render_operators),
+    ):
         path.write_text(render(path.read_text()))
         print(f"updated {path}")

@@ -53,8 +53,9 @@ class ModelLike(Protocol):
     @property
     def inputs(self) -> list[Any]: ...
 
-    def apply(self, params: Mapping[str, Any], *inputs: Any, **named_inputs: Any
-              ) -> dict[str, Any]: ...
+    def apply(
+        self, params: Mapping[str, Any], *inputs: Any, **named_inputs: Any
+    ) -> dict[str, Any]: ...
 
 
 def to_onnx(model: ModelLike, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:
@@ -77,8 +78,10 @@ def to_onnx(model: ModelLike, params: Mapping[str, Any] | None = None) -> onnx.M
     params = model.params if params is None else params
     unknown = [k for k in params if k not in model.params]
     if unknown:
-        raise InputError(f"params holds {len(unknown)} name(s) that are not params of the model "
-                         f"(first: {unknown[:3]}); model.params lists the valid names")
+        raise InputError(
+            f"params holds {len(unknown)} name(s) that are not params of the model "
+            f"(first: {unknown[:3]}); model.params lists the valid names"
+        )
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     _restore_released(proto.graph, model.released_weights)
@@ -97,8 +100,9 @@ def to_onnx(model: ModelLike, params: Mapping[str, Any] | None = None) -> onnx.M
     return proto
 
 
-def release_weight_bytes(proto: onnx.ModelProto, params: Mapping[str, Any]
-                         ) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def release_weight_bytes(
+    proto: onnx.ModelProto, params: Mapping[str, Any]
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """A copy of ``proto`` without the bytes of the initializers that ``params`` holds exactly.
 
     A loaded model would otherwise hold every weight twice: as a device array and as bytes in
@@ -112,9 +116,12 @@ def release_weight_bytes(proto: onnx.ModelProto, params: Mapping[str, Any]
     released = {}
     for tensor in proto.graph.initializer:
         value = params.get(tensor.name)
-        if (value is None or tensor.data_location == onnx.TensorProto.EXTERNAL
-                or not tensor.HasField("raw_data")
-                or np.dtype(value.dtype) != numpy_dtype(tensor.data_type)):
+        if (
+            value is None
+            or tensor.data_location == onnx.TensorProto.EXTERNAL
+            or not tensor.HasField("raw_data")
+            or np.dtype(value.dtype) != numpy_dtype(tensor.data_type)
+        ):
             continue
         tensor.ClearField("raw_data")
         released[tensor.name] = value
@@ -159,9 +166,14 @@ class Verification:
         return f"onnxruntime vs model.apply, max abs difference: {parts}"
 
 
-def save(model: ModelLike, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
-         external_data: bool = False,
-         verify: bool | Mapping[str, Any] = False) -> Verification | None:
+def save(
+    model: ModelLike,
+    path: str | os.PathLike,
+    params: Mapping[str, Any] | None = None,
+    *,
+    external_data: bool = False,
+    verify: bool | Mapping[str, Any] = False,
+) -> Verification | None:
     """Write the model with ``params`` to ``path``; see :func:`to_onnx` for what is kept.
 
     The file is written to a temporary name and renamed into place, so a failed save leaves
@@ -222,8 +234,12 @@ def save(model: ModelLike, path: str | os.PathLike, params: Mapping[str, Any] | 
     return verify_file(model, path, params, None if verify is True else verify)
 
 
-def verify_file(model: ModelLike, path: str | os.PathLike, params: Mapping[str, Any] | None = None,
-                inputs: Mapping[str, Any] | None = None) -> Verification | None:
+def verify_file(
+    model: ModelLike,
+    path: str | os.PathLike,
+    params: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
+) -> Verification | None:
     """Run the ONNX file ``path`` in onnxruntime and compare it with ``model.apply(params)``.
 
     Returns ``None`` when onnxruntime is not installed. ``inputs`` defaults to random ones
@@ -273,8 +289,10 @@ def sample_inputs(model: ModelLike, seed: int = 0) -> dict[str, np.ndarray]:
     feeds = {}
     for info in model.inputs:
         if info.kind != "tensor" or info.dtype is None or info.shape is None:
-            raise InputError(f"cannot make a sample value for input {info.describe()}; pass "
-                             "the inputs to verify explicitly")
+            raise InputError(
+                f"cannot make a sample value for input {info.describe()}; pass "
+                "the inputs to verify explicitly"
+            )
         shape = tuple(d if isinstance(d, int) and d > 0 else 2 for d in info.shape)
         if np.issubdtype(info.dtype, np.floating) or info.dtype.kind == "V":
             feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
@@ -284,33 +302,44 @@ def sample_inputs(model: ModelLike, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ tensors
-def _updated_tensor(original: onnx.TensorProto, value: Any, base_dir: Path | None
-                    ) -> onnx.TensorProto | None:
+def _updated_tensor(
+    original: onnx.TensorProto, value: Any, base_dir: Path | None
+) -> onnx.TensorProto | None:
     """A tensor like ``original`` holding ``value``; ``None`` when the bytes are unchanged."""
     dtype = numpy_dtype(original.data_type)
     new = np.asarray(value)
     if tuple(new.shape) != tuple(original.dims):
-        raise InputError(f"param {original.name!r} has shape {tuple(new.shape)}, but the "
-                         f"model's initializer has shape {tuple(original.dims)}")
+        raise InputError(
+            f"param {original.name!r} has shape {tuple(new.shape)}, but the "
+            f"model's initializer has shape {tuple(original.dims)}"
+        )
     if new.dtype.kind in "OSU":
-        raise InputError(f"param {original.name!r} holds {new.dtype} values; the model's "
-                         f"initializer stores {dtype.name} numbers")
+        raise InputError(
+            f"param {original.name!r} holds {new.dtype} values; the model's "
+            f"initializer stores {dtype.name} numbers"
+        )
     new = np.ascontiguousarray(new.astype(dtype, copy=False))
     old = tensor_to_numpy(original, base_dir)
     if old.dtype == new.dtype and old.tobytes() == new.tobytes():
         return None
     tensor = onnx.TensorProto()
     tensor.CopyFrom(original)
-    for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                 "string_data", "external_data"):
+    for name in (
+        "float_data",
+        "int32_data",
+        "int64_data",
+        "double_data",
+        "uint64_data",
+        "string_data",
+        "external_data",
+    ):
         tensor.ClearField(name)
     tensor.data_location = onnx.TensorProto.DEFAULT
     tensor.raw_data = _little_endian_bytes(new)
     return tensor
 
 
-def _update_sparse(graph: onnx.GraphProto, index: int, value: Any, base_dir: Path | None
-                   ) -> None:
+def _update_sparse(graph: onnx.GraphProto, index: int, value: Any, base_dir: Path | None) -> None:
     """Store a changed sparse initializer as a dense one (training fills in its zeros)."""
     sparse = graph.sparse_initializer[index]
     dense = onnx.TensorProto()
@@ -367,8 +396,11 @@ def _move_to_external(graph: onnx.GraphProto, handle: Any, location: str) -> Non
         handle.write(raw)
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(offset)),
-                           ("length", str(len(raw)))):
+        for key, value in (
+            ("location", location),
+            ("offset", str(offset)),
+            ("length", str(len(raw))),
+        ):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
     handle.flush()

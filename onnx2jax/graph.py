@@ -33,8 +33,11 @@ class TensorInfo:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
 
     def describe(self) -> str:
-        dims = "?" if self.shape is None else "[" + ", ".join(
-            "?" if d is None else str(d) for d in self.shape) + "]"
+        dims = (
+            "?"
+            if self.shape is None
+            else "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+        )
         dtype = self.dtype.name if self.dtype is not None else "?"
         kind = "" if self.kind == "tensor" else f"{self.kind} of "
         return f"{self.name}: {kind}{dtype}{dims}"
@@ -147,12 +150,15 @@ def plan_graph(
     """
     decoded = decoded or {}
     _check_names(graph)
-    initializers = {t.name: decoded[t.name] if t.name in decoded else tensor_to_numpy(t, base_dir)
-                    for t in graph.initializer}
+    initializers = {
+        t.name: decoded[t.name] if t.name in decoded else tensor_to_numpy(t, base_dir)
+        for t in graph.initializer
+    }
     for sparse in graph.sparse_initializer:
         initializers[sparse.values.name] = _sparse_to_dense(sparse, base_dir)
-    nodes = _topological_order(graph, set(initializers) | {v.name for v in graph.input},
-                               enclosed=not trainable)
+    nodes = _topological_order(
+        graph, set(initializers) | {v.name for v in graph.input}, enclosed=not trainable
+    )
     specs = []
     for node in nodes:
         domain = canonical_domain(node.domain)
@@ -170,7 +176,8 @@ def plan_graph(
         if spec is not None:
             static_fed.update(node.input[i] for i in spec.static_inputs if i < len(node.input))
     param_names = [
-        name for name, value in initializers.items()
+        name
+        for name, value in initializers.items()
         if trainable and is_trainable_dtype(value.dtype) and name not in static_fed
     ]
     params = set(param_names)
@@ -180,8 +187,10 @@ def plan_graph(
     graph_inputs = [tensor_info(v) for v in graph.input if v.name not in initializers]
     for info in graph_inputs:
         if info.elem_type not in _KNOWN_ELEM_TYPES:
-            raise ModelLoadError(f"graph input {info.name!r} has element type {info.elem_type}, "
-                                 "which is not an ONNX tensor type")
+            raise ModelLoadError(
+                f"graph input {info.name!r} has element type {info.elem_type}, "
+                "which is not an ONNX tensor type"
+            )
     return GraphPlan(
         graph=graph,
         nodes=nodes,
@@ -202,16 +211,22 @@ _KNOWN_ELEM_TYPES = {None, *onnx.helper.get_all_tensor_dtypes()}
 
 def _check_names(graph: onnx.GraphProto) -> None:
     """Refuse names that are not valid UTF-8 (protobuf hands them over as bytes)."""
+
     def bad(where: str, value: Any) -> ModelLoadError:
-        return ModelLoadError(f"graph {graph.name!r}: {where} {value!r} is not valid UTF-8; "
-                              "the file is corrupt or was not written by an ONNX exporter")
+        return ModelLoadError(
+            f"graph {graph.name!r}: {where} {value!r} is not valid UTF-8; "
+            "the file is corrupt or was not written by an ONNX exporter"
+        )
 
     for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
         if not isinstance(value.name, str):
             raise bad("the name", value.name)
     for node in graph.node:
-        for what, text in (("the op type", node.op_type), ("the domain", node.domain),
-                           ("the node name", node.name)):
+        for what, text in (
+            ("the op type", node.op_type),
+            ("the domain", node.domain),
+            ("the node name", node.name),
+        ):
             if not isinstance(text, str):
                 raise bad(what, text)
         for name in (*node.input, *node.output):
@@ -226,26 +241,33 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> n
     indices = tensor_to_numpy(sparse.indices, base_dir)
     dims = tuple(int(d) for d in sparse.dims)
     if any(d < 0 for d in dims):
-        raise ModelLoadError(f"sparse initializer {name!r} has a negative dimension in "
-                             f"{list(dims)}")
+        raise ModelLoadError(
+            f"sparse initializer {name!r} has a negative dimension in {list(dims)}"
+        )
     if values.ndim != 1 or indices.dtype.kind not in "iu":
-        raise ModelLoadError(f"sparse initializer {name!r}: values must be 1-D and indices "
-                             f"integers, got values of shape {list(values.shape)} and indices "
-                             f"of dtype {indices.dtype}")
+        raise ModelLoadError(
+            f"sparse initializer {name!r}: values must be 1-D and indices "
+            f"integers, got values of shape {list(values.shape)} and indices "
+            f"of dtype {indices.dtype}"
+        )
     # ONNX allows flat indices [nnz] or coordinates [nnz, rank].
     if indices.shape not in ((values.size,), (values.size, len(dims))):
-        raise ModelLoadError(f"sparse initializer {name!r}: indices of shape "
-                             f"{list(indices.shape)} do not fit {values.size} values of a "
-                             f"tensor of shape {list(dims)}")
+        raise ModelLoadError(
+            f"sparse initializer {name!r}: indices of shape "
+            f"{list(indices.shape)} do not fit {values.size} values of a "
+            f"tensor of shape {list(dims)}"
+        )
     bounds = math.prod(dims) if indices.ndim == 1 else np.array(dims, np.int64)
     if indices.size and (np.any(indices < 0) or np.any(indices >= bounds)):
-        raise ModelLoadError(f"sparse initializer {name!r} has indices outside its shape "
-                             f"{list(dims)}")
+        raise ModelLoadError(
+            f"sparse initializer {name!r} has indices outside its shape {list(dims)}"
+        )
     try:
         dense = np.zeros(dims, dtype=values.dtype)
     except (MemoryError, ValueError) as exc:
-        raise ModelLoadError(f"sparse initializer {name!r} of shape {list(dims)} is too large "
-                             f"to make dense: {exc}") from None
+        raise ModelLoadError(
+            f"sparse initializer {name!r} of shape {list(dims)} is too large to make dense: {exc}"
+        ) from None
     if indices.ndim == 1:
         dense.reshape(-1)[indices] = values
     else:
@@ -253,8 +275,9 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> n
     return dense
 
 
-def _topological_order(graph: onnx.GraphProto, available: set[str],
-                       enclosed: bool = True) -> list[onnx.NodeProto]:
+def _topological_order(
+    graph: onnx.GraphProto, available: set[str], enclosed: bool = True
+) -> list[onnx.NodeProto]:
     """Kahn's algorithm in O(n log n): of the nodes ready, the earliest in the file runs first,
     so the file's order is kept where it is already valid.
 
@@ -273,11 +296,13 @@ def _topological_order(graph: onnx.GraphProto, available: set[str],
                 raise ModelLoadError(
                     f"graph {graph.name!r}: tensor {out!r} is written by two nodes, "
                     f"{node_label(nodes[writer[out]])} and {node_label(node)}; ONNX graphs "
-                    "assign each tensor once")
+                    "assign each tensor once"
+                )
             if out in available:
                 raise ModelLoadError(
                     f"graph {graph.name!r}: {node_label(node)} writes {out!r}, which is already "
-                    "a graph input or an initializer")
+                    "a graph input or an initializer"
+                )
             writer[out] = index
     waiting = [0] * len(nodes)
     readers: dict[str, list[int]] = {}
@@ -302,8 +327,11 @@ def _topological_order(graph: onnx.GraphProto, available: set[str],
     if len(order) < len(nodes):
         stuck = [node for index, node in enumerate(nodes) if waiting[index]]
         unknown = sorted(name for name in readers if name not in writer)
-        detail = (f"these tensors are used but never defined: {unknown[:10]}" if unknown
-                  else "the graph has a cycle")
+        detail = (
+            f"these tensors are used but never defined: {unknown[:10]}"
+            if unknown
+            else "the graph has a cycle"
+        )
         raise ModelLoadError(
             f"cannot order the graph {graph.name!r}: {detail} "
             f"(first stuck node: {node_label(stuck[0])})"
@@ -322,7 +350,8 @@ def find_unsupported(graph: onnx.GraphProto, opsets: dict[str, int]) -> None:
             opset = opsets.get(domain, 1)
             if lookup(domain, node.op_type, opset) is None:
                 missing.setdefault((domain, node.op_type, opset), []).append(
-                    node.name or next((o for o in node.output if o), "<unnamed>"))
+                    node.name or next((o for o in node.output if o), "<unnamed>")
+                )
             for sub in subgraphs(node):
                 visit(sub)
 

@@ -59,9 +59,11 @@ def keep_call_buffers() -> bool:
     global _applied
     if _applied is None:
         libc = _glibc()
-        _applied = (libc is not None
-                    and bool(libc.mallopt(_M_MMAP_THRESHOLD, KEPT_BYTES))
-                    and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEPT_BYTES)))
+        _applied = (
+            libc is not None
+            and bool(libc.mallopt(_M_MMAP_THRESHOLD, KEPT_BYTES))
+            and bool(libc.mallopt(_M_TRIM_THRESHOLD, KEPT_BYTES))
+        )
     return _applied
 
 

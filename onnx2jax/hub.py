@@ -31,8 +31,14 @@ def describe(repo_id: str, filename: str, revision: str | None) -> str:
     return f"{filename!r} of hub repo {repo_id!r} (revision {revision or 'main'})"
 
 
-def hub_file(repo_id: str, filename: str, revision: str | None = None, *,
-             cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
+def hub_file(
+    repo_id: str,
+    filename: str,
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> Path:
     """The local path of one file of a hub repo, downloaded into the cache if needed.
 
     Raises :class:`~onnx2jax.errors.ModelLoadError` saying which repo, file and revision failed
@@ -49,9 +55,14 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, *,
     return path
 
 
-def optional_hub_file(repo_id: str, filename: str, revision: str | None = None, *,
-                      cache_dir: str | os.PathLike | None = None,
-                      token: str | bool | None = None) -> Path | None:
+def optional_hub_file(
+    repo_id: str,
+    filename: str,
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> Path | None:
     """Like :func:`hub_file`, but ``None`` when the repo has no such file.
 
     Offline, a file counts as absent only when the cache recorded that the hub lacks it; a file
@@ -66,9 +77,14 @@ def optional_hub_file(repo_id: str, filename: str, revision: str | None = None, 
     return _fetch(repo_id, filename, revision, cache_dir, token, missing_ok=True)
 
 
-def _fetch(repo_id: str, filename: str, revision: str | None,
-           cache_dir: str | os.PathLike | None, token: str | bool | None,
-           missing_ok: bool) -> Path | None:
+def _fetch(
+    repo_id: str,
+    filename: str,
+    revision: str | None,
+    cache_dir: str | os.PathLike | None,
+    token: str | bool | None,
+    missing_ok: bool,
+) -> Path | None:
     from huggingface_hub import (
         _CACHED_NO_EXIST,
         constants,
@@ -86,19 +102,25 @@ def _fetch(repo_id: str, filename: str, revision: str | None,
 
     what = describe(repo_id, filename, revision)
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                    token=token))
+        return Path(
+            hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token)
+        )
     except LocalEntryNotFoundError:
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir,
-                                        revision=revision)
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
         if missing_ok and cached is _CACHED_NO_EXIST:
             return None
         cache = Path(cache_dir or constants.HF_HUB_CACHE)
-        reason = ("offline mode is on (HF_HUB_OFFLINE=1)" if constants.is_offline_mode()
-                  else "the hub cannot be reached")
+        reason = (
+            "offline mode is on (HF_HUB_OFFLINE=1)"
+            if constants.is_offline_mode()
+            else "the hub cannot be reached"
+        )
         files = _cached_files(cache, repo_id, revision)
-        hint = (f"; the cache holds {', '.join(files)} for that revision" if files
-                else "; nothing of that repo and revision is cached")
+        hint = (
+            f"; the cache holds {', '.join(files)} for that revision"
+            if files
+            else "; nothing of that repo and revision is cached"
+        )
         raise ModelLoadError(
             f"cannot get {what}: it is not in the Hugging Face cache {cache} and {reason}{hint}. "
             "Download it once while online, or point cache_dir / HF_HUB_CACHE at a cache "
@@ -185,9 +207,14 @@ def external_data_files(proto: onnx.ModelProto) -> list[str]:
     return sorted(found)
 
 
-def download_model(repo_id: str, filename: str = "model.onnx", revision: str | None = None, *,
-                   cache_dir: str | os.PathLike | None = None,
-                   token: str | bool | None = None) -> Path:
+def download_model(
+    repo_id: str,
+    filename: str = "model.onnx",
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> Path:
     """Fetch an ``.onnx`` file of a hub repo and every external-data file it needs.
 
     Returns the path of the model in the cache; its external data sits beside it, as the loader
@@ -218,9 +245,15 @@ def download_model(repo_id: str, filename: str = "model.onnx", revision: str | N
     return path
 
 
-def from_hub(repo_id: str, filename: str = "model.onnx", revision: str | None = None, *,
-             cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-             **load_options: Any) -> Model:
+def from_hub(
+    repo_id: str,
+    filename: str = "model.onnx",
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    **load_options: Any,
+) -> Model:
     """Load an ONNX model from a Hugging Face hub repo, external data included.
 
     ``revision`` is a branch, tag or commit (default ``main``); ``cache_dir`` defaults to the
@@ -250,7 +283,7 @@ def parse_hub_uri(uri: str) -> tuple[str, str, str | None]:
     """
     if not uri.startswith(HUB_PREFIX):
         raise ValueError(f"{uri!r} does not start with {HUB_PREFIX}")
-    parts = uri[len(HUB_PREFIX):].split("/")
+    parts = uri[len(HUB_PREFIX) :].split("/")
     if len(parts) < 3 or not all(parts):
         raise ModelLoadError(
             f"{uri!r} is not a hub model address; write hf://OWNER/NAME/FILE.onnx, optionally "

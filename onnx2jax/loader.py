@@ -91,9 +91,7 @@ def external_data_path(tensor: onnx.TensorProto, base_dir: Path | None) -> Path:
             f"file name: {exc}"
         ) from None
     if not found:
-        raise ModelLoadError(
-            f"external data file {target} of tensor {tensor.name!r} is missing"
-        )
+        raise ModelLoadError(f"external data file {target} of tensor {tensor.name!r} is missing")
     return checked_link(target, root, f"external data {location!r} of tensor {tensor.name!r}")
 
 
@@ -205,13 +203,16 @@ def _read_range(path: Path, offset: int, length: int) -> bytes:
     through a memory map so nothing is read that is not asked for."""
     if length == 0:
         return b""
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
-                                                access=mmap.ACCESS_READ) as mapped:
-        return mapped[offset:offset + length]
+    with (
+        open(path, "rb") as handle,
+        mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+    ):
+        return mapped[offset : offset + length]
 
 
-def _mapped_array(tensor: onnx.TensorProto, path: Path, offset: int, length: int,
-                  dtype: np.dtype) -> np.ndarray:
+def _mapped_array(
+    tensor: onnx.TensorProto, path: Path, offset: int, length: int, dtype: np.dtype
+) -> np.ndarray:
     """The tensor's raw little-endian bytes decoded straight from a memory map, copied once."""
     shape = tuple(int(d) for d in tensor.dims)
     count = math.prod(shape)
@@ -232,12 +233,21 @@ def _mapped_array(tensor: onnx.TensorProto, path: Path, offset: int, length: int
 # ONNX types whose raw bytes are little-endian NumPy arrays as they are; the rest (strings,
 # 4-bit and 8-bit float types, bfloat16) go through onnx's own decoder.
 _PLAIN_DTYPES = {
-    code: np.dtype(name).newbyteorder("<") for code, name in (
-        (onnx.TensorProto.FLOAT, "float32"), (onnx.TensorProto.DOUBLE, "float64"),
-        (onnx.TensorProto.FLOAT16, "float16"), (onnx.TensorProto.INT8, "int8"),
-        (onnx.TensorProto.INT16, "int16"), (onnx.TensorProto.INT32, "int32"),
-        (onnx.TensorProto.INT64, "int64"), (onnx.TensorProto.UINT8, "uint8"),
-        (onnx.TensorProto.UINT16, "uint16"), (onnx.TensorProto.UINT32, "uint32"),
-        (onnx.TensorProto.UINT64, "uint64"), (onnx.TensorProto.BOOL, "bool"),
-        (onnx.TensorProto.COMPLEX64, "complex64"), (onnx.TensorProto.COMPLEX128, "complex128"))
+    code: np.dtype(name).newbyteorder("<")
+    for code, name in (
+        (onnx.TensorProto.FLOAT, "float32"),
+        (onnx.TensorProto.DOUBLE, "float64"),
+        (onnx.TensorProto.FLOAT16, "float16"),
+        (onnx.TensorProto.INT8, "int8"),
+        (onnx.TensorProto.INT16, "int16"),
+        (onnx.TensorProto.INT32, "int32"),
+        (onnx.TensorProto.INT64, "int64"),
+        (onnx.TensorProto.UINT8, "uint8"),
+        (onnx.TensorProto.UINT16, "uint16"),
+        (onnx.TensorProto.UINT32, "uint32"),
+        (onnx.TensorProto.UINT64, "uint64"),
+        (onnx.TensorProto.BOOL, "bool"),
+        (onnx.TensorProto.COMPLEX64, "complex64"),
+        (onnx.TensorProto.COMPLEX128, "complex128"),
+    )
 }

@@ -39,8 +39,9 @@ from onnx2jax.model import Model, Params
 
 A_SUFFIX = "::lora_a"
 B_SUFFIX = "::lora_b"
-Targets = (str | re.Pattern[str] | Callable[[str, onnx.NodeProto], bool]
-           | Sequence[str | re.Pattern[str]])
+Targets = (
+    str | re.Pattern[str] | Callable[[str, onnx.NodeProto], bool] | Sequence[str | re.Pattern[str]]
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,7 @@ class LoRA:
         ['Conv', 'Conv', 'Gemm']
     """
 
-    def __init__(self, model: Model, targets: Targets, rank: int = 8,
-                 alpha: float | None = None):
+    def __init__(self, model: Model, targets: Targets, rank: int = 8, alpha: float | None = None):
         if rank < 1:
             raise InputError(f"LoRA rank must be at least 1, got {rank}")
         self.model = model
@@ -83,8 +83,10 @@ class LoRA:
         self.targets = [t for t in _eligible(model) if _matches(targets, t, model)]
         if not self.targets:
             names = [f"{t.weight} ({t.node})" for t in _eligible(model)[:5]]
-            raise InputError(f"LoRA targets {targets!r} match no MatMul/Gemm/Conv weight; "
-                             f"eligible weights (and nodes) look like {names}")
+            raise InputError(
+                f"LoRA targets {targets!r} match no MatMul/Gemm/Conv weight; "
+                f"eligible weights (and nodes) look like {names}"
+            )
 
     @property
     def adapter_names(self) -> list[str]:
@@ -97,12 +99,14 @@ class LoRA:
         The factors are float32 (float64 for float64 weights) whatever the weight's dtype.
         """
         adapters = {}
-        for target, subkey in zip(self.targets, jax.random.split(key, len(self.targets)),
-                                  strict=True):
+        for target, subkey in zip(
+            self.targets, jax.random.split(key, len(self.targets)), strict=True
+        ):
             dtype = jnp.promote_types(self.model.params[target.weight].dtype, jnp.float32)
             bound = 1.0 / math.sqrt(target.fan_in)
             adapters[target.weight + A_SUFFIX] = jax.random.uniform(
-                subkey, (target.fan_in, self.rank), dtype, -bound, bound)
+                subkey, (target.fan_in, self.rank), dtype, -bound, bound
+            )
             adapters[target.weight + B_SUFFIX] = jnp.zeros((self.rank, target.fan_out), dtype)
         return adapters
 
@@ -150,11 +154,11 @@ def _eligible(model: Model) -> list[Target]:
             continue
         else:
             trans_b = node.op_type == "Gemm" and any(
-                a.name == "transB" and a.i for a in node.attribute)
+                a.name == "transB" and a.i for a in node.attribute
+            )
             fan_in, fan_out = (shape[1], shape[0]) if trans_b else shape
             transposed = trans_b
-        found[weight] = Target(weight, node.name, node.op_type, shape, fan_in, fan_out,
-                               transposed)
+        found[weight] = Target(weight, node.name, node.op_type, shape, fan_in, fan_out, transposed)
     return list(found.values())
 
 

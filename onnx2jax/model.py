@@ -63,17 +63,26 @@ class Model:
         (1, 10)
     """
 
-    def __init__(self, proto: onnx.ModelProto | OwnedProto, base_dir: Path | None = None, *,
-                 cache_dir: str | os.PathLike | None = None, precision: str = "float32",
-                 float16_compute: str | None = None):
+    def __init__(
+        self,
+        proto: onnx.ModelProto | OwnedProto,
+        base_dir: Path | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        precision: str = "float32",
+        float16_compute: str | None = None,
+    ):
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, "
-                             f"got {precision!r}")
+            raise ValueError(
+                f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}"
+            )
         if float16_compute is None:
             float16_compute = "float32" if jax.default_backend() == "cpu" else "float16"
         if float16_compute not in FLOAT16_COMPUTES:
-            raise ValueError(f"float16_compute must be one of "
-                             f"{', '.join(map(repr, FLOAT16_COMPUTES))}, got {float16_compute!r}")
+            raise ValueError(
+                f"float16_compute must be one of "
+                f"{', '.join(map(repr, FLOAT16_COMPUTES))}, got {float16_compute!r}"
+            )
         self._precision = precision
         self._float16_compute = float16_compute
         owns_proto = isinstance(proto, OwnedProto)
@@ -83,21 +92,28 @@ class Model:
         self.opsets = model_opsets(proto)
         find_unsupported(proto.graph, self.opsets)
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
-        self._interpreter = Interpreter(self.opsets, base_dir, precision,
-                                        widen_float16=float16_compute == "float32")
+        self._interpreter = Interpreter(
+            self.opsets, base_dir, precision, widen_float16=float16_compute == "float32"
+        )
         # A proto parsed by load() gives its weight bytes up (the params hold them exactly), so
         # the weights are not in memory twice; to_onnx() and save() put them back. A proto the
         # caller passed in is theirs and stays untouched. This comes before the device copies
         # so that the full proto (and the plan whose nodes belong to it) is freed first.
         released: Mapping[str, Any] = {}
         if owns_proto:
-            as_params = {k: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype))
-                         for k, v in self.plan.param_values.items()}
+            as_params = {
+                k: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype))
+                for k, v in self.plan.param_values.items()
+            }
             proto, released = export.release_weight_bytes(proto, as_params)
             if released:
                 # Re-planned on the compact proto, reusing every value decoded already.
-                self.plan = plan_graph(proto.graph, self.opsets, base_dir,
-                                       decoded={**self.plan.constants, **self.plan.param_values})
+                self.plan = plan_graph(
+                    proto.graph,
+                    self.opsets,
+                    base_dir,
+                    decoded={**self.plan.constants, **self.plan.param_values},
+                )
                 # The allocator keeps freed blocks (onnx2jax/hostmem.py): the file's and the
                 # proto's bytes would stay resident under the device copies.
                 release_free_memory()
@@ -184,13 +200,17 @@ class Model:
         lines += [f"  output {v.describe()}" for v in self.plan.outputs]
         lines.append(f"  opsets {opsets}")
         lines.append(f"  nodes  {len(self.plan.nodes)}")
-        lines.append(f"  params {len(self.params)} tensors, {count:,} values, "
-                     f"{size / 1e6:.1f} MB")
+        lines.append(f"  params {len(self.params)} tensors, {count:,} values, {size / 1e6:.1f} MB")
         return "\n".join(lines) + "\n)"
 
     # ---------------------------------------------------------------- running
-    def apply(self, params: Mapping[str, Any], *inputs: Any,
-              outputs: Sequence[str] | None = None, **named_inputs: Any) -> dict[str, Any]:
+    def apply(
+        self,
+        params: Mapping[str, Any],
+        *inputs: Any,
+        outputs: Sequence[str] | None = None,
+        **named_inputs: Any,
+    ) -> dict[str, Any]:
         """Run the graph with ``params``: pure, so ``jax.jit``, ``jax.grad`` and ``jax.vmap`` work.
 
         Inputs are given by position (in :attr:`input_names` order) or by name. ``outputs``
@@ -209,8 +229,9 @@ class Model:
         bound = self.bind_inputs(inputs, named_inputs)
         return self.apply_plan(self.plan, params, bound, _as_tuple(outputs))
 
-    def __call__(self, *inputs: Any, outputs: Sequence[str] | None = None,
-                 **named_inputs: Any) -> dict[str, Any]:
+    def __call__(
+        self, *inputs: Any, outputs: Sequence[str] | None = None, **named_inputs: Any
+    ) -> dict[str, Any]:
         """Run with :attr:`params`, jit-compiled and cached per input shapes and dtypes.
 
         A model whose graph needs values that depend on the data (NonZero, Unique, a Reshape
@@ -223,9 +244,13 @@ class Model:
         bound = self.bind_inputs(inputs, named_inputs)
         return self.engine.run(bound, _as_tuple(outputs))
 
-    def apply_plan(self, plan: GraphPlan, params: Mapping[str, Any],
-                   bound: Mapping[str, Any], outputs: tuple[str, ...] | None
-                   ) -> dict[str, Any]:
+    def apply_plan(
+        self,
+        plan: GraphPlan,
+        params: Mapping[str, Any],
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None,
+    ) -> dict[str, Any]:
         """:meth:`apply` of checked inputs ``bound`` through ``plan``: :attr:`plan`, or the
         engine's rewrite of it (onnx2jax.runtime.fusion), which computes the same outputs."""
         wanted = list(outputs) if outputs else self.output_names
@@ -237,15 +262,18 @@ class Model:
         """The result dict of computed ``values`` of ``names``, each in its ONNX type."""
         # An OrderedDict, since jax.jit rebuilds a plain dict with its keys sorted: outputs
         # keep the declared (or asked) order through model(...) and the user's own jit.
-        return OrderedDict((name, self._in_onnx_dtype(name, _as_output(v)))
-                           for name, v in zip(names, values, strict=True))
+        return OrderedDict(
+            (name, self._in_onnx_dtype(name, _as_output(v)))
+            for name, v in zip(names, values, strict=True)
+        )
 
     def _in_onnx_dtype(self, name: str, value: Any) -> Any:
         """An output held widened in float32 back in its ONNX type, float16."""
         return self._interpreter.narrow(self.plan, name, value)
 
-    def environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
-                    wanted: Sequence[str]) -> dict[str, Any]:
+    def environment(
+        self, params: Mapping[str, Any], bound: Mapping[str, Any], wanted: Sequence[str]
+    ) -> dict[str, Any]:
         """Constants, params and inputs by name; checks that ``wanted`` names real tensors."""
         widen = self._interpreter.widen
         env: dict[str, Any] = {k: widen(v, k) for k, v in self.plan.constants.items()}
@@ -255,7 +283,8 @@ class Model:
         if unknown:
             raise InputError(
                 f"no tensor named {unknown[0]!r} in the model; model.tensor_names() lists "
-                "the names that can be read")
+                "the names that can be read"
+            )
         return env
 
     # ---------------------------------------------------------------- export
@@ -270,9 +299,14 @@ class Model:
         """
         return export.to_onnx(self, params)
 
-    def save(self, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *,
-             external_data: bool = False, verify: bool | Mapping[str, Any] = False
-             ) -> export.Verification | None:
+    def save(
+        self,
+        path: str | os.PathLike,
+        params: Mapping[str, Any] | None = None,
+        *,
+        external_data: bool = False,
+        verify: bool | Mapping[str, Any] = False,
+    ) -> export.Verification | None:
         """Write the model with ``params`` to ``path`` atomically (see onnx2jax.export.save).
 
         With ``verify`` it returns an ``onnx2jax.export.Verification`` of the saved file.
@@ -286,8 +320,9 @@ class Model:
         return export.save(self, path, params, external_data=external_data, verify=verify)
 
     # ---------------------------------------------------------------- compiled program
-    def inference_function(self, bound: Mapping[str, Any]
-                           ) -> tuple[Any, dict[str, Any], frozenset[str]]:
+    def inference_function(
+        self, bound: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, Any], frozenset[str]]:
         """The jitted function ``model(...)`` uses for these inputs, its XLA options and the
         kinds of native kernels it calls (see :meth:`Engine.inference_function
         <onnx2jax.runtime.engine.Engine.inference_function>`)."""
@@ -301,8 +336,9 @@ class Model:
     # ---------------------------------------------------------------- checks
     def _check_params(self, params: Mapping[str, Any]) -> None:
         if not isinstance(params, Mapping):
-            raise InputError("apply() takes the params dict first, e.g. "
-                             "model.apply(model.params, x)")
+            raise InputError(
+                "apply() takes the params dict first, e.g. model.apply(model.params, x)"
+            )
         missing = [k for k in self.params if k not in params]
         unknown = [k for k in params if k not in self.params]
         if missing or unknown:
@@ -311,20 +347,26 @@ class Model:
                 parts.append(f"missing {len(missing)} (first: {missing[:3]})")
             if unknown:
                 parts.append(f"unknown {len(unknown)} (first: {unknown[:3]})")
-            raise InputError("params do not match the model: " + "; ".join(parts)
-                             + ". Pass a dict with the same keys as model.params.")
+            raise InputError(
+                "params do not match the model: "
+                + "; ".join(parts)
+                + ". Pass a dict with the same keys as model.params."
+            )
 
     def bind_inputs(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> dict[str, Any]:
         """Match positional and named inputs to the graph's inputs and check them."""
         infos = self.plan.inputs
         if len(inputs) > len(infos):
-            raise InputError(f"the model takes {len(infos)} input(s) {self.input_names}, "
-                             f"got {len(inputs)} positional")
+            raise InputError(
+                f"the model takes {len(infos)} input(s) {self.input_names}, "
+                f"got {len(inputs)} positional"
+            )
         bound = {info.name: value for info, value in zip(infos, inputs, strict=False)}
         for name, value in named.items():
             if name not in self.input_names:
-                raise InputError(f"unknown input {name!r}; the model's inputs are "
-                                 f"{self.input_names}")
+                raise InputError(
+                    f"unknown input {name!r}; the model's inputs are {self.input_names}"
+                )
             if name in bound:
                 raise InputError(f"input {name!r} given both by position and by name")
             bound[name] = value
@@ -340,6 +382,7 @@ PRECISIONS = ("float32", "bfloat16")
 # How float16 graphs compute (Model.float16_compute).
 FLOAT16_COMPUTES = ("float32", "float16")
 
+
 def check_input(info: TensorInfo, value: Any) -> Any:
     """Validate ``value`` against the declared type of input ``info``; cast within a kind."""
     if info.kind != "tensor":
@@ -348,25 +391,31 @@ def check_input(info: TensorInfo, value: Any) -> Any:
         try:
             value = np.asarray(value)
         except (ValueError, TypeError) as exc:  # ragged nested lists, mixed types
-            raise InputError(f"input {info.name!r} ({info.describe()}) cannot be read as an "
-                             f"array: {exc}") from None
+            raise InputError(
+                f"input {info.name!r} ({info.describe()}) cannot be read as an array: {exc}"
+            ) from None
     expected = info.dtype
     if expected is not None and value.dtype != expected:
         if _dtype_kind(value.dtype) != _dtype_kind(expected):
-            raise InputError(f"input {info.name!r} expects {info.describe()}, got dtype "
-                             f"{value.dtype}")
+            raise InputError(
+                f"input {info.name!r} expects {info.describe()}, got dtype {value.dtype}"
+            )
         if isinstance(value, np.ndarray):
             value = value.astype(expected)
         elif value.dtype != jax.dtypes.canonicalize_dtype(expected):
             value = jnp.asarray(value).astype(jax.dtypes.canonicalize_dtype(expected))
     if info.shape is not None:
         if len(value.shape) != len(info.shape):
-            raise InputError(f"input {info.name!r} expects {len(info.shape)} dims "
-                             f"({info.describe()}), got shape {tuple(value.shape)}")
+            raise InputError(
+                f"input {info.name!r} expects {len(info.shape)} dims "
+                f"({info.describe()}), got shape {tuple(value.shape)}"
+            )
         for axis, (want, got) in enumerate(zip(info.shape, value.shape, strict=True)):
             if isinstance(want, int) and want > 0 and want != got:
-                raise InputError(f"input {info.name!r} expects size {want} on axis {axis} "
-                                 f"({info.describe()}), got shape {tuple(value.shape)}")
+                raise InputError(
+                    f"input {info.name!r} expects size {want} on axis {axis} "
+                    f"({info.describe()}), got shape {tuple(value.shape)}"
+                )
     return value
 
 
@@ -409,9 +458,13 @@ def _as_tuple(outputs: Sequence[str] | str | None) -> tuple[str, ...] | None:
     return tuple(outputs)
 
 
-def load(source: ModelSource | os.PathLike, *,
-         cache_dir: str | os.PathLike | None = None, precision: str = "float32",
-         float16_compute: str | None = None) -> Model:
+def load(
+    source: ModelSource | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    precision: str = "float32",
+    float16_compute: str | None = None,
+) -> Model:
     """Load an ONNX model from a path, bytes or ``onnx.ModelProto``.
 
     With ``cache_dir`` (or the ``ONNX2JAX_CACHE_DIR`` environment variable) calling the model
@@ -440,12 +493,18 @@ def load(source: ModelSource | os.PathLike, *,
     """
     proto, base_dir = read_model(source)
     if isinstance(source, onnx.ModelProto):
-        return Model(proto, base_dir, cache_dir=cache_dir, precision=precision,
-                     float16_compute=float16_compute)
+        return Model(
+            proto,
+            base_dir,
+            cache_dir=cache_dir,
+            precision=precision,
+            float16_compute=float16_compute,
+        )
     owned = OwnedProto(proto)
     del proto
-    model = Model(owned, base_dir, cache_dir=cache_dir, precision=precision,
-                  float16_compute=float16_compute)
+    model = Model(
+        owned, base_dir, cache_dir=cache_dir, precision=precision, float16_compute=float16_compute
+    )
     # The weights' host copies are garbage now, and so are the file's bytes and the full
     # proto where Model did not trim them already: hand their pages back.
     release_free_memory()

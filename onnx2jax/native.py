@@ -120,16 +120,21 @@ def _compiler_problem(compiler: str) -> str | None:
     Raises RuntimeError when the compiler does not run at all (a failed build, as before).
     """
     try:
-        done = subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [compiler, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"the compiler {compiler} cannot run: {exc}") from None
     if done.returncode != 0:
-        raise RuntimeError(f"{compiler} -march=native -dM -E failed: "
-                           f"{done.stderr.strip()[-500:]}")
+        raise RuntimeError(f"{compiler} -march=native -dM -E failed: {done.stderr.strip()[-500:]}")
     if "__AVX512F__" not in done.stdout:
-        return (f"{compiler} -march=native does not enable AVX-512 on this machine; the "
-                "kernels need AVX-512")
+        return (
+            f"{compiler} -march=native does not enable AVX-512 on this machine; the "
+            "kernels need AVX-512"
+        )
     return None
 
 
@@ -149,9 +154,13 @@ def _sources_digest() -> str:
 def library_path(compiler: str) -> Path:
     """The cached library for these sources, jaxlib, compiler and CPU."""
     key = hashlib.sha256()
-    for part in (*(path.read_bytes() for path in (*SOURCES, *HEADERS)),
-                 jax.__version__.encode(), compiler.encode(), _cpu_flags().encode(),
-                 platform.machine().encode()):
+    for part in (
+        *(path.read_bytes() for path in (*SOURCES, *HEADERS)),
+        jax.__version__.encode(),
+        compiler.encode(),
+        _cpu_flags().encode(),
+        platform.machine().encode(),
+    ):
         key.update(part)
     return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
 
@@ -163,17 +172,25 @@ def manifest_path(library: Path) -> Path:
 
 def _expected_manifest(compiler: str) -> dict[str, Any]:
     """What a library built here for these sources must record, less its own sha256."""
-    return {"format": "onnx2jax-kernels/1", "sources_sha256": _sources_digest(),
-            "compiler": compiler, "flags": _flags(compiler)[1:], "jax": jax.__version__,
-            "cpu_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest(),
-            "machine": platform.machine()}
+    return {
+        "format": "onnx2jax-kernels/1",
+        "sources_sha256": _sources_digest(),
+        "compiler": compiler,
+        "flags": _flags(compiler)[1:],
+        "jax": jax.__version__,
+        "cpu_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest(),
+        "machine": platform.machine(),
+    }
 
 
 def _manifest_signature(manifest: dict[str, Any], library_sha256: str) -> str:
     """The HMAC, with this user's secret key (onnx2jax/safety.py), of a manifest: someone who
     could write into the folder still could not make a library of theirs verify."""
-    return safety.sign(safety.cache_secret(), json.dumps(manifest, sort_keys=True).encode(),
-                       library_sha256.encode())
+    return safety.sign(
+        safety.cache_secret(),
+        json.dumps(manifest, sort_keys=True).encode(),
+        library_sha256.encode(),
+    )
 
 
 def _run(command: list[str]) -> None:
@@ -190,14 +207,24 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as folder:
         objects = [str(Path(folder) / f"{source.stem}.o") for source in SOURCES]
         with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
-            list(pool.map(_run, [[*flags, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o",
-                                  obj] for source, obj in zip(SOURCES, objects, strict=True)]))
+            list(
+                pool.map(
+                    _run,
+                    [
+                        [*flags, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", obj]
+                        for source, obj in zip(SOURCES, objects, strict=True)
+                    ],
+                )
+            )
         linked = Path(folder) / target.name
         _run([*flags, "-shared", *objects, "-o", str(linked)])
         os.chmod(linked, 0o755)
         library_sha256 = hashlib.sha256(linked.read_bytes()).hexdigest()
-        manifest = {**_expected_manifest(compiler), "library_sha256": library_sha256,
-                    "hmac": _manifest_signature(_expected_manifest(compiler), library_sha256)}
+        manifest = {
+            **_expected_manifest(compiler),
+            "library_sha256": library_sha256,
+            "hmac": _manifest_signature(_expected_manifest(compiler), library_sha256),
+        }
         written = Path(folder) / manifest_path(target).name
         written.write_text(json.dumps(manifest, indent=1))
         # The library first: a manifest never names a library that is not there yet.
@@ -226,8 +253,11 @@ def _verified_library(compiler: str, path: Path) -> tuple[int | None, str | None
         return None, "its manifest records other sources, compiler, flags or CPU"
     signature = manifest.get("hmac")
     library_sha256 = manifest.get("library_sha256")
-    if not (isinstance(signature, str) and isinstance(library_sha256, str)
-            and hmac.compare_digest(signature, _manifest_signature(expected, library_sha256))):
+    if not (
+        isinstance(signature, str)
+        and isinstance(library_sha256, str)
+        and hmac.compare_digest(signature, _manifest_signature(expected, library_sha256))
+    ):
         return None, "its manifest is not signed with your key (not built by you?)"
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -270,8 +300,9 @@ def _load(compiler: str, path: Path) -> ctypes.CDLL:
                 _build(compiler, path)
                 fd, problem = _verified_library(compiler, path)
                 if fd is None:
-                    raise RuntimeError(f"the library just built at {path} does not verify: "
-                                       f"{problem}")
+                    raise RuntimeError(
+                        f"the library just built at {path} does not verify: {problem}"
+                    )
     try:
         # Loaded through the descriptor that was hashed (Linux); the folder rules keep others
         # from replacing the file anyway where /proc/self/fd is absent.
@@ -318,17 +349,22 @@ def _register() -> dict[str, Any]:
         except OSError as exc:
             problem = str(exc)
     if problem is not None:
-        safety.warn_once(f"the native kernels in {folder} are not used: {problem}. XLA's "
-                         "kernels are used instead (or set ONNX2JAX_NATIVE_DIR to a folder of "
-                         "your own).")
+        safety.warn_once(
+            f"the native kernels in {folder} are not used: {problem}. XLA's "
+            "kernels are used instead (or set ONNX2JAX_NATIVE_DIR to a folder of "
+            "your own)."
+        )
         return {"reason": f"the kernel folder or key is unsafe: {problem}"}
     path = library_path(compiler)
     try:
         library = _load(compiler, path)
         lanes = int(library.onnx2jax_conv2d_lanes())
         block = int(library.onnx2jax_conv2d_block())
-        handlers = {TARGET: library.Onnx2jaxConv2d, ATTENTION_TARGET: library.Onnx2jaxAttention,
-                    WINOGRAD_TARGET: library.Onnx2jaxWinograd}
+        handlers = {
+            TARGET: library.Onnx2jaxConv2d,
+            ATTENTION_TARGET: library.Onnx2jaxAttention,
+            WINOGRAD_TARGET: library.Onnx2jaxWinograd,
+        }
     except _NotSupported as exc:
         return {"reason": str(exc)}
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -407,16 +443,24 @@ def unblocked_weights(w: Any) -> Any:
     return w.transpose(0, 4, 3, 1, 2).reshape(blocks * block, i, kh, kw)
 
 
-def winograd_applies(w_shape: Sequence[int], strides: Sequence[int],
-                     dilations: Sequence[int]) -> bool:
+def winograd_applies(
+    w_shape: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> bool:
     """Whether a Conv of these OIHW weights is computed by Winograd F(2x2, 3x3): 3x3 of stride
     and dilation 1, input channels a multiple of the vector width up to
     WINOGRAD_MAX_CHANNELS, output channels a multiple of the weight block."""
     lanes, block = _state.get("lanes"), _state.get("block")
     o, i, kh, kw = w_shape
-    return (lanes is not None and block is not None and (kh, kw) == (3, 3)
-            and tuple(strides) == (1, 1) and tuple(dilations) == (1, 1)
-            and i % lanes == 0 and i <= WINOGRAD_MAX_CHANNELS and o % block == 0)
+    return (
+        lanes is not None
+        and block is not None
+        and (kh, kw) == (3, 3)
+        and tuple(strides) == (1, 1)
+        and tuple(dilations) == (1, 1)
+        and i % lanes == 0
+        and i <= WINOGRAD_MAX_CHANNELS
+        and o % block == 0
+    )
 
 
 # G of F(2x2, 3x3), and its exact left inverse (rows 0, 1 - 2 and 3 of G g give g).
@@ -438,9 +482,12 @@ def restored_winograd_weights(u: Any) -> Any:
     """The OIHW weights of :func:`winograd_weights`' ``u``. Inside ``model(...)``'s trace the
     result is remembered with ``u``, so that :func:`conv2d` reads ``u`` itself."""
     blocks, _, i, block = np.shape(u)
-    w = jnp.einsum("ka,oiab,lb->oikl", _WINOGRAD_G_INVERSE,
-                   jnp.transpose(u, (0, 3, 2, 1)).reshape(blocks * block, i, 4, 4),
-                   _WINOGRAD_G_INVERSE)
+    w = jnp.einsum(
+        "ka,oiab,lb->oikl",
+        _WINOGRAD_G_INVERSE,
+        jnp.transpose(u, (0, 3, 2, 1)).reshape(blocks * block, i, 4, 4),
+        _WINOGRAD_G_INVERSE,
+    )
     _remember(w, u, "conv")
     return w
 
@@ -499,14 +546,24 @@ def conv2d_applies(x: Any, w: Any, group: int) -> bool:
     """Whether :func:`conv2d` computes this Conv: float32, 2-D, one group, output channels a
     multiple of the vector width."""
     lanes = _state.get("lanes")
-    return (lanes is not None and group == 1 and np.ndim(x) == 4 and np.ndim(w) == 4
-            and x.dtype == np.float32 and w.dtype == np.float32
-            and np.shape(w)[0] % lanes == 0)
+    return (
+        lanes is not None
+        and group == 1
+        and np.ndim(x) == 4
+        and np.ndim(w) == 4
+        and x.dtype == np.float32
+        and w.dtype == np.float32
+        and np.shape(w)[0] % lanes == 0
+    )
 
 
-def conv2d_shape(x_shape: Sequence[int], w_shape: Sequence[int], strides: Sequence[int],
-                 padding: Sequence[tuple[int, int]], dilations: Sequence[int]
-                 ) -> tuple[int, int, int, int]:
+def conv2d_shape(
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    dilations: Sequence[int],
+) -> tuple[int, int, int, int]:
     """The NCHW shape of a 2-D Conv's output."""
     n, _, h, width = x_shape
     out_channels, _, kh, kw = w_shape
@@ -521,15 +578,21 @@ def addend_applies(addend: Any | None, shape: Sequence[int]) -> bool:
     and broadcasting to that shape."""
     return addend is None or (
         getattr(addend, "dtype", None) == np.float32
-        and np.broadcast_shapes(np.shape(addend), tuple(shape)) == tuple(shape))
+        and np.broadcast_shapes(np.shape(addend), tuple(shape)) == tuple(shape)
+    )
 
 
 def matmul_applies(a: Any, b: Any) -> bool:
     """Whether :func:`matmul` computes ``a @ b``: float32, ``b`` a matrix, ``a`` of at least 2
     dimensions."""
-    return (_state.get("lanes") is not None and np.ndim(a) >= 2 and np.ndim(b) == 2
-            and a.dtype == np.float32 and b.dtype == np.float32
-            and np.shape(a)[-1] == np.shape(b)[0])
+    return (
+        _state.get("lanes") is not None
+        and np.ndim(a) >= 2
+        and np.ndim(b) == 2
+        and a.dtype == np.float32
+        and b.dtype == np.float32
+        and np.shape(a)[-1] == np.shape(b)[0]
+    )
 
 
 def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
@@ -551,9 +614,17 @@ def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
     return jnp.reshape(y, (*lead, n))
 
 
-def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
-           padding: Sequence[tuple[int, int]], dilations: Sequence[int], *,
-           residual: Any | None = None, relu: bool = False) -> jax.Array:
+def conv2d(
+    x: Any,
+    w: Any,
+    b: Any | None,
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+    dilations: Sequence[int],
+    *,
+    residual: Any | None = None,
+    relu: bool = False,
+) -> jax.Array:
     """ONNX Conv (NCHW input, OIHW weights, optional bias) by the native kernel, optionally
     followed by ``+ residual`` (the output's shape) and a ReLU, in the kernel's registers.
 
@@ -561,12 +632,12 @@ def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
     XLA's layout of the neighbouring ops and the weights ``model(...)`` keeps in that layout
     (:func:`weight_block`).
     """
-    n, out_channels, oh, ow = conv2d_shape(np.shape(x), np.shape(w), strides, padding,
-                                           dilations)
+    n, out_channels, oh, ow = conv2d_shape(np.shape(x), np.shape(w), strides, padding, dilations)
     (top, _), (left, _) = padding
     if residual is not None:
-        residual = jnp.transpose(jnp.broadcast_to(residual, (n, out_channels, oh, ow)),
-                                 (0, 2, 3, 1))
+        residual = jnp.transpose(
+            jnp.broadcast_to(residual, (n, out_channels, oh, ow)), (0, 2, 3, 1)
+        )
     if winograd_applies(np.shape(w), strides, dilations):
         # Weights prepared by model(...) (restored_winograd_weights) are read as they are;
         # any others are transformed here, on every call.
@@ -574,33 +645,61 @@ def conv2d(x: Any, w: Any, b: Any | None, strides: Sequence[int],
         if u is None:
             u = winograd_weights(jnp.asarray(w))
         bias, addend = _bias_and_addend(b, residual, out_channels)
-        call = jax.ffi.ffi_call(WINOGRAD_TARGET,
-                                jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32))
-        y = call(jnp.transpose(x, (0, 2, 3, 1)), u, bias, addend, pad_h=np.int64(top),
-                 pad_w=np.int64(left), relu=relu, add_residual=residual is not None)
+        call = jax.ffi.ffi_call(
+            WINOGRAD_TARGET, jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32)
+        )
+        y = call(
+            jnp.transpose(x, (0, 2, 3, 1)),
+            u,
+            bias,
+            addend,
+            pad_h=np.int64(top),
+            pad_w=np.int64(left),
+            relu=relu,
+            add_residual=residual is not None,
+        )
         return jnp.transpose(y, (0, 3, 1, 2))
     block = weight_block(out_channels)
     w = jnp.asarray(w)
     weights = blocked_weights(w) if block else jnp.transpose(w, (2, 3, 1, 0))
-    y = _kernel(jnp.transpose(x, (0, 2, 3, 1)), weights, block is not None, b,
-                (n, oh, ow, out_channels), strides, dilations, (top, left), residual, relu)
+    y = _kernel(
+        jnp.transpose(x, (0, 2, 3, 1)),
+        weights,
+        block is not None,
+        b,
+        (n, oh, ow, out_channels),
+        strides,
+        dilations,
+        (top, left),
+        residual,
+        relu,
+    )
     return jnp.transpose(y, (0, 3, 1, 2))
 
 
-def _bias_and_addend(bias: Any | None, residual: Any | None, channels: int
-                     ) -> tuple[jax.Array, jax.Array]:
+def _bias_and_addend(
+    bias: Any | None, residual: Any | None, channels: int
+) -> tuple[jax.Array, jax.Array]:
     """The convolution kernels' bias (zeros when none) and residual (empty when none)."""
-    bias = (jnp.zeros((channels,), jnp.float32) if bias is None
-            else jnp.asarray(bias, jnp.float32))
-    addend = (jnp.zeros((0,), jnp.float32) if residual is None
-              else jnp.asarray(residual, jnp.float32))
+    bias = jnp.zeros((channels,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    addend = (
+        jnp.zeros((0,), jnp.float32) if residual is None else jnp.asarray(residual, jnp.float32)
+    )
     return bias, addend
 
 
-def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[int, ...],
-            strides: Sequence[int] = (1, 1), dilations: Sequence[int] = (1, 1),
-            pads: Sequence[int] = (0, 0), residual: Any | None = None, relu: bool = False
-            ) -> jax.Array:
+def _kernel(
+    x: Any,
+    weights: Any,
+    blocked: bool,
+    bias: Any | None,
+    shape: tuple[int, ...],
+    strides: Sequence[int] = (1, 1),
+    dilations: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0),
+    residual: Any | None = None,
+    relu: bool = False,
+) -> jax.Array:
     """The custom call: NHWC ``x`` (``pads`` = zero rows above it, zero columns left of it),
     weights HWIO or blocked, an NHWC result of ``shape``, plus ``residual`` (NHWC) and a ReLU
     if asked. Blocked weights may have more columns than the result (a padded matrix): the
@@ -610,11 +709,21 @@ def _kernel(x: Any, weights: Any, blocked: bool, bias: Any | None, shape: tuple[
         bias = jnp.pad(jnp.asarray(bias, jnp.float32), (0, columns - np.shape(bias)[0]))
     bias, addend = _bias_and_addend(bias, residual, columns)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
-    return call(x, weights, bias, addend, stride_h=np.int64(strides[0]),
-                stride_w=np.int64(strides[1]), dilation_h=np.int64(dilations[0]),
-                dilation_w=np.int64(dilations[1]), pad_h=np.int64(pads[0]),
-                pad_w=np.int64(pads[1]), blocked=blocked, relu=relu,
-                add_residual=residual is not None)
+    return call(
+        x,
+        weights,
+        bias,
+        addend,
+        stride_h=np.int64(strides[0]),
+        stride_w=np.int64(strides[1]),
+        dilation_h=np.int64(dilations[0]),
+        dilation_w=np.int64(dilations[1]),
+        pad_h=np.int64(pads[0]),
+        pad_w=np.int64(pads[1]),
+        blocked=blocked,
+        relu=relu,
+        add_residual=residual is not None,
+    )
 
 
 def attention_applies(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> bool:
@@ -624,9 +733,13 @@ def attention_applies(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> 
     the scores along whole dimensions."""
     lanes = _state.get("lanes")
     operands = (q, kt, v) if mask is None else (q, kt, v, mask)
-    if (lanes is None or np.ndim(q) not in (3, 4) or not np.ndim(q) == np.ndim(kt) == np.ndim(v)
-            or any(getattr(x, "dtype", None) != np.float32 for x in operands)
-            or np.size(scale) != 1):
+    if (
+        lanes is None
+        or np.ndim(q) not in (3, 4)
+        or not np.ndim(q) == np.ndim(kt) == np.ndim(v)
+        or any(getattr(x, "dtype", None) != np.float32 for x in operands)
+        or np.size(scale) != 1
+    ):
         return False
     *lead, s, d = np.shape(q)
     *kt_lead, kt_d, t = np.shape(kt)
@@ -661,6 +774,12 @@ def attention(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> jax.Arra
         if addend.shape[-1] != t:  # a mask constant along the keys
             addend = jnp.broadcast_to(addend, (*addend.shape[:3], t))
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, s, e), jnp.float32))
-    out = call(q, kt, v, addend, jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)),
-               masked=mask is not None)
+    out = call(
+        q,
+        kt,
+        v,
+        addend,
+        jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)),
+        masked=mask is not None,
+    )
     return out[0] if three_d else out

@@ -64,17 +64,18 @@ class OnnxModule(nnx.Module):
     def __init__(self, model: Model, trainable: Selector = None):
         self.model = model
         chosen = set(trainable_names(model.params, trainable, model=model))
-        self.weights = nnx.Dict({
-            name: (nnx.Param if name in chosen else OnnxFrozen)(jnp.array(value))
-            for name, value in model.params.items()
-        })
+        self.weights = nnx.Dict(
+            {
+                name: (nnx.Param if name in chosen else OnnxFrozen)(jnp.array(value))
+                for name, value in model.params.items()
+            }
+        )
 
     def onnx_params(self) -> Params:
         """The current weights as a params dict for ``model.apply`` or ``model.save``."""
         return {name: variable[...] for name, variable in self.weights.items()}
 
-    def __call__(self, *inputs: Any, outputs: Any = None, **named_inputs: Any
-                 ) -> dict[str, Any]:
+    def __call__(self, *inputs: Any, outputs: Any = None, **named_inputs: Any) -> dict[str, Any]:
         return self.model.apply(self.onnx_params(), *inputs, outputs=outputs, **named_inputs)
 
     def save(self, path: str | os.PathLike, **kwargs: Any) -> Any:

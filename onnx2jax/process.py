@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from onnx2jax import cputhreads, hostmem
 
 
-def tune_process(*, keep_call_buffers: bool = True, pin_threads: bool = True
-                 ) -> dict[str, bool | int]:
+def tune_process(
+    *, keep_call_buffers: bool = True, pin_threads: bool = True
+) -> dict[str, bool | int]:
     """Make this process faster for ``model(...)`` on the CPU; returns what was applied.
 
     Call it once, before loading models (the allocator setting helps the threads that

@@ -73,23 +73,31 @@ def folder_problem(path: Path) -> str | None:
     if not stat.S_ISDIR(st.st_mode):
         return f"{path} is not a folder"
     if not _owner_ok(st):
-        return (f"{real} belongs to another user (uid {st.st_uid}); use a folder of your own "
-                "(or have it removed and let onnx2jax create it)")
+        return (
+            f"{real} belongs to another user (uid {st.st_uid}); use a folder of your own "
+            "(or have it removed and let onnx2jax create it)"
+        )
     if _posix_owners() and st.st_mode & 0o022:
-        return (f"{real} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); fix it "
-                f"with: chmod go-w {real}")
+        return (
+            f"{real} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); fix it "
+            f"with: chmod go-w {real}"
+        )
     for parent in real.parents:
         try:
             up = os.stat(parent)
         except OSError as exc:
             return f"{parent} cannot be examined ({exc.strerror})"
         if not _owner_ok(up):
-            return (f"{parent}, a folder above {real}, belongs to another user (uid "
-                    f"{up.st_uid}), who could replace it; use a folder of your own")
+            return (
+                f"{parent}, a folder above {real}, belongs to another user (uid "
+                f"{up.st_uid}), who could replace it; use a folder of your own"
+            )
         if _posix_owners() and up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX:
-            return (f"{parent}, a folder above {real}, is writable by other users (mode "
-                    f"{stat.S_IMODE(up.st_mode):o}), who could replace it; fix it with: "
-                    f"chmod go-w {parent}")
+            return (
+                f"{parent}, a folder above {real}, is writable by other users (mode "
+                f"{stat.S_IMODE(up.st_mode):o}), who could replace it; fix it with: "
+                f"chmod go-w {parent}"
+            )
     return None
 
 
@@ -114,8 +122,10 @@ def file_problem(st: os.stat_result, path: Path, secret: bool = False) -> str | 
     mask = 0o077 if secret else 0o022
     if _posix_owners() and st.st_mode & mask:
         how = "go-rwx" if secret else "go-w"
-        return (f"{path} is {'accessible' if secret else 'writable'} by other users (mode "
-                f"{stat.S_IMODE(st.st_mode):o}); fix it with: chmod {how} {path}")
+        return (
+            f"{path} is {'accessible' if secret else 'writable'} by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):o}); fix it with: chmod {how} {path}"
+        )
     return None
 
 
@@ -162,8 +172,10 @@ def cache_secret() -> bytes:
     except FileNotFoundError:
         data = _create_secret(path)
     if len(data) != KEY_BYTES:
-        raise UnsafePathError(f"{path} is not an onnx2jax cache key ({len(data)} bytes); "
-                              "delete it and a new one is made")
+        raise UnsafePathError(
+            f"{path} is not an onnx2jax cache key ({len(data)} bytes); "
+            "delete it and a new one is made"
+        )
     return data
 
 
@@ -172,8 +184,7 @@ def _create_secret(path: Path) -> bytes:
     us either wins (its key is used) or loses; nobody reads a half-written key."""
     data = secrets.token_bytes(KEY_BYTES)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -131,12 +131,21 @@ def table() -> list[tuple[str, str, str]]:
     """
     return [
         (CACHE_DIR_ENV, "unset (no cache)", "folder of the compiled-executable cache"),
-        (CACHE_KEY_FILE_ENV, "~/.config/onnx2jax/cache.key",
-         "per-user secret that signs cache entries and kernel manifests"),
-        (MAX_STATIC_BYTES_ENV, str(MAX_STATIC_BYTES_DEFAULT),
-         "largest value folded with NumPy at trace time; larger ones go to XLA"),
-        (MAX_UNROLL_ENV, str(MAX_UNROLL_DEFAULT),
-         "most iterations a shape-changing Loop is unrolled at trace time"),
+        (
+            CACHE_KEY_FILE_ENV,
+            "~/.config/onnx2jax/cache.key",
+            "per-user secret that signs cache entries and kernel manifests",
+        ),
+        (
+            MAX_STATIC_BYTES_ENV,
+            str(MAX_STATIC_BYTES_DEFAULT),
+            "largest value folded with NumPy at trace time; larger ones go to XLA",
+        ),
+        (
+            MAX_UNROLL_ENV,
+            str(MAX_UNROLL_DEFAULT),
+            "most iterations a shape-changing Loop is unrolled at trace time",
+        ),
         (NATIVE_ENV, "1", "0 turns the native CPU kernels off"),
         (NATIVE_DIR_ENV, "~/.cache/onnx2jax/native", "where built native kernels are kept"),
         (SPLIT_BATCH_ENV, "1", "0 keeps model(...) on one CPU device"),

@@ -97,8 +97,9 @@ def pool(hidden: jax.Array, mask: jax.Array, modes: Sequence[str]) -> jax.Array:
         elif mode == "weightedmean":
             position = jnp.arange(1, hidden.shape[1] + 1, dtype=hidden.dtype)[None, :, None]
             weighted = weights * position
-            vectors.append((hidden * weighted).sum(axis=1)
-                           / jnp.maximum(weighted.sum(axis=1), 1e-9))
+            vectors.append(
+                (hidden * weighted).sum(axis=1) / jnp.maximum(weighted.sum(axis=1), 1e-9)
+            )
         elif mode == "lasttoken":
             last = jnp.maximum(weights[..., 0].sum(axis=1).astype(jnp.int32) - 1, 0)
             vectors.append(jnp.take_along_axis(hidden * weights, last[:, None, None], axis=1)[:, 0])
@@ -137,8 +138,9 @@ def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(buckets)
 
 
-def pad_tokens(encodings: Sequence[Any], buckets: Sequence[int], rows: int | None = None
-               ) -> dict[str, np.ndarray]:
+def pad_tokens(
+    encodings: Sequence[Any], buckets: Sequence[int], rows: int | None = None
+) -> dict[str, np.ndarray]:
     """Stack ``tokenizers`` encodings into int64 arrays, right-padded with zeros.
 
     The length is the smallest of ``buckets`` that fits the longest encoding (or that length,
@@ -180,10 +182,19 @@ class SentenceEncoder:
         (2, 384)
     """
 
-    def __init__(self, model: Model, tokenizer: Any, *, pooling: Sequence[str] = ("mean",),
-                 normalize: bool = True, max_length: int = 512, batch_size: int = 32,
-                 buckets: Sequence[int] | None = None, output: str | None = None,
-                 lowercase: bool = False):
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Any,
+        *,
+        pooling: Sequence[str] = ("mean",),
+        normalize: bool = True,
+        max_length: int = 512,
+        batch_size: int = 32,
+        buckets: Sequence[int] | None = None,
+        output: str | None = None,
+        lowercase: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = tuple(pooling)
@@ -197,17 +208,20 @@ class SentenceEncoder:
         self.lowercase = lowercase
         if output is None:
             names = model.output_names
-            output = next((n for n in ("last_hidden_state", "token_embeddings") if n in names),
-                          names[0])
+            output = next(
+                (n for n in ("last_hidden_state", "token_embeddings") if n in names), names[0]
+            )
         elif output not in model.output_names:
-            raise InputError(f"the model has no output {output!r}; its outputs are "
-                             f"{model.output_names}")
+            raise InputError(
+                f"the model has no output {output!r}; its outputs are {model.output_names}"
+            )
         self.output = output
         extra = [n for n in model.input_names if n not in TOKENIZER_INPUTS]
         if extra or "input_ids" not in model.input_names:
             raise InputError(
                 f"the model's inputs {model.input_names} are not a text encoder's: expected "
-                f"input_ids and optionally attention_mask and token_type_ids")
+                f"input_ids and optionally attention_mask and token_type_ids"
+            )
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=max_length)
         self.compilations = 0
@@ -215,10 +229,17 @@ class SentenceEncoder:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_hub(cls, repo_id: str, filename: str = "onnx/model.onnx",
-                 revision: str | None = None, *, cache_dir: str | os.PathLike | None = None,
-                 token: str | bool | None = None, precision: str = "float32",
-                 **options: Any) -> SentenceEncoder:
+    def from_hub(
+        cls,
+        repo_id: str,
+        filename: str = "onnx/model.onnx",
+        revision: str | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        precision: str = "float32",
+        **options: Any,
+    ) -> SentenceEncoder:
         """Load a sentence-transformers repo from the hub (or the cache, offline).
 
         ``options`` (``pooling``, ``normalize``, ``batch_size``, ``buckets``...) override what
@@ -230,18 +251,24 @@ class SentenceEncoder:
             >>> encoder.pooling  # doctest: +SKIP
             ('mean',)
         """
+
         def fetch(name: str, required: bool) -> Path | None:
             if required:
                 return hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
             return optional_hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
 
-        model_path = download_model(repo_id, filename, revision, cache_dir=cache_dir,
-                                    token=token)
+        model_path = download_model(repo_id, filename, revision, cache_dir=cache_dir, token=token)
         return cls._from_files(load(model_path, precision=precision), fetch, options)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, filename: str = "onnx/model.onnx", *,
-                    precision: str = "float32", **options: Any) -> SentenceEncoder:
+    def from_folder(
+        cls,
+        folder: str | os.PathLike,
+        filename: str = "onnx/model.onnx",
+        *,
+        precision: str = "float32",
+        **options: Any,
+    ) -> SentenceEncoder:
         """Load a sentence-transformers folder that holds an ONNX export of the model.
 
         ``options`` are those of :meth:`from_hub`; ``precision`` is the model's.
@@ -265,8 +292,9 @@ class SentenceEncoder:
         return cls._from_files(load(root / filename, precision=precision), fetch, options)
 
     @classmethod
-    def _from_files(cls, model: Model, fetch: Callable[[str, bool], Path | None],
-                    options: dict[str, Any]) -> SentenceEncoder:
+    def _from_files(
+        cls, model: Model, fetch: Callable[[str, bool], Path | None], options: dict[str, Any]
+    ) -> SentenceEncoder:
         from tokenizers import Tokenizer
 
         settings: dict[str, Any] = {"pooling": ("mean",), "normalize": False}
@@ -338,7 +366,9 @@ class SentenceEncoder:
         model = self.model
         options = options_outside_traces(
             inference_compiler_options(tokens, model.compiler_options, model.precision),
-            params, tokens)
+            params,
+            tokens,
+        )
         return jit_with_options(self._embed_jits, self._embed_batch, options)(params, tokens)
 
     def encode(self, sentences: str | Sequence[str]) -> np.ndarray:
@@ -360,10 +390,10 @@ class SentenceEncoder:
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
         results: list[np.ndarray] = []
         for start in range(0, len(order), self.batch_size):
-            chunk = [encodings[i] for i in order[start:start + self.batch_size]]
+            chunk = [encodings[i] for i in order[start : start + self.batch_size]]
             # A fixed batch size: one compilation per length bucket, whatever the count.
             tokens = pad_tokens(chunk, self.buckets, rows=self.batch_size)
-            results.append(np.asarray(self.embed(self.params, tokens))[:len(chunk)])
+            results.append(np.asarray(self.embed(self.params, tokens))[: len(chunk)])
         embeddings = np.concatenate(results).astype(np.float32)
         out = np.empty_like(embeddings)
         out[order] = embeddings

@@ -57,14 +57,21 @@ PyTree = Any
 Batch = Any
 # What trains: everything (None/True), a glob, a compiled regex, a predicate on (name, value),
 # or a list of these (a param trains when any of them selects it).
-Selector = (None | bool | str | re.Pattern[str] | Callable[[str, Any], bool]
-            | Sequence[str | re.Pattern[str] | Callable[[str, Any], bool]])
+Selector = (
+    None
+    | bool
+    | str
+    | re.Pattern[str]
+    | Callable[[str, Any], bool]
+    | Sequence[str | re.Pattern[str] | Callable[[str, Any], bool]]
+)
 LossFn = Callable[[PyTree, Batch], Any]
 
 
 # ------------------------------------------------------------------------------ selection
-def trainable_names(params: Mapping[str, Any], trainable: Selector = None, *,
-                    model: Model | None = None) -> list[str]:
+def trainable_names(
+    params: Mapping[str, Any], trainable: Selector = None, *, model: Model | None = None
+) -> list[str]:
     """Names in ``params`` chosen by ``trainable``, in ``params`` order; non-floats never train.
 
     A string is a glob (``fnmatch``, ``*`` crosses dots and slashes), a compiled ``re`` pattern
@@ -96,8 +103,11 @@ def trainable_names(params: Mapping[str, Any], trainable: Selector = None, *,
         return floats
     if trainable is False:
         return []
-    rules = [trainable] if isinstance(trainable, str | re.Pattern) or callable(trainable) \
+    rules = (
+        [trainable]
+        if isinstance(trainable, str | re.Pattern) or callable(trainable)
         else list(trainable)
+    )
     names = {k: [k] for k in floats}
     if model is not None:
         for node in model.plan.nodes:
@@ -113,8 +123,10 @@ def trainable_names(params: Mapping[str, Any], trainable: Selector = None, *,
         elif callable(rule):
             found = {k for k in floats if rule(k, params[k])}
         else:
-            raise TypeError(f"cannot select params with {rule!r}: use a glob string, a compiled "
-                            "regex, or a function of (name, value)")
+            raise TypeError(
+                f"cannot select params with {rule!r}: use a glob string, a compiled "
+                "regex, or a function of (name, value)"
+            )
         if not found and not callable(rule):
             shown = ", ".join(repr(k) for k in floats[:5])
             raise InputError(f"{rule!r} selects no float param; names look like {shown}")
@@ -122,8 +134,9 @@ def trainable_names(params: Mapping[str, Any], trainable: Selector = None, *,
     return [k for k in floats if k in chosen]
 
 
-def split(params: Mapping[str, Any], trainable: Selector = None, *,
-          model: Model | None = None) -> tuple[Params, Params]:
+def split(
+    params: Mapping[str, Any], trainable: Selector = None, *, model: Model | None = None
+) -> tuple[Params, Params]:
     """Split a flat params dict into ``(trainable, frozen)`` (see :func:`trainable_names`).
 
     Example:
@@ -134,8 +147,10 @@ def split(params: Mapping[str, Any], trainable: Selector = None, *,
         (['a'], ['b'])
     """
     names = set(trainable_names(params, trainable, model=model))
-    return ({k: v for k, v in params.items() if k in names},
-            {k: v for k, v in params.items() if k not in names})
+    return (
+        {k: v for k, v in params.items() if k in names},
+        {k: v for k, v in params.items() if k not in names},
+    )
 
 
 def merge(trainable: PyTree, frozen: PyTree) -> PyTree:
@@ -182,8 +197,7 @@ def _metrics(result: Any, has_aux: bool) -> tuple[jax.Array, dict[str, Any]]:
     return loss, dict(aux) if isinstance(aux, Mapping) else {"aux": aux}
 
 
-def _jit(function: Callable, compiler_options: Mapping[str, Any] | None, **kwargs: Any
-         ) -> Callable:
+def _jit(function: Callable, compiler_options: Mapping[str, Any] | None, **kwargs: Any) -> Callable:
     """``jax.jit`` with onnx2jax's XLA options (None) or the caller's (``{}``: XLA's own).
 
     Called inside the caller's own trace (a step under ``lax.scan`` in their jit), where JAX
@@ -194,18 +208,23 @@ def _jit(function: Callable, compiler_options: Mapping[str, Any] | None, **kwarg
 
     @functools.wraps(function)
     def call(*args: Any) -> Any:
-        return jit_with_options(jits, function, options_outside_traces(options, args),
-                                **kwargs)(*args)
+        return jit_with_options(jits, function, options_outside_traces(options, args), **kwargs)(
+            *args
+        )
 
     outermost = jit_with_options(jits, function, options, **kwargs)
     call.lower = outermost.lower  # type: ignore[attr-defined]
     return call
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    has_aux: bool = False, donate: bool = True,
-                    compiler_options: Mapping[str, Any] | None = None
-                    ) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, dict]]:
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    has_aux: bool = False,
+    donate: bool = True,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, dict]]:
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``loss_fn(params, batch)`` gets ``merge(state.params, frozen)`` and returns the loss, or
@@ -239,9 +258,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return _jit(step, compiler_options, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(metric_fn: LossFn, *, has_aux: bool = False,
-                   compiler_options: Mapping[str, Any] | None = None
-                   ) -> Callable[[PyTree, PyTree, Batch], dict]:
+def make_eval_step(
+    metric_fn: LossFn, *, has_aux: bool = False, compiler_options: Mapping[str, Any] | None = None
+) -> Callable[[PyTree, PyTree, Batch], dict]:
     """A jitted ``evaluate(trainable, frozen, batch) -> metrics`` (the train step's metrics).
 
     ``compiler_options`` as in :func:`make_train_step`.
@@ -260,8 +279,12 @@ def make_eval_step(metric_fn: LossFn, *, has_aux: bool = False,
     return _jit(evaluate_batch, compiler_options)
 
 
-def evaluate(eval_step: Callable[[PyTree, PyTree, Batch], dict], trainable: PyTree,
-             frozen: PyTree, batches: Iterable[Batch]) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable[[PyTree, PyTree, Batch], dict],
+    trainable: PyTree,
+    frozen: PyTree,
+    batches: Iterable[Batch],
+) -> dict[str, float]:
     """Mean of each metric of ``eval_step`` (from :func:`make_eval_step`) over ``batches``.
 
     Example:
@@ -296,11 +319,19 @@ class FitResult:
         return [m["loss"] for m in self.history]
 
 
-def fit(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainable: PyTree,
-        batches: Callable[[int], Batch] | Iterable[Batch], *, steps: int,
-        frozen: PyTree | None = None, has_aux: bool = False, progress: bool = True,
-        checkpointer: Checkpointer | None = None,
-        compiler_options: Mapping[str, Any] | None = None) -> FitResult:
+def fit(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    trainable: PyTree,
+    batches: Callable[[int], Batch] | Iterable[Batch],
+    *,
+    steps: int,
+    frozen: PyTree | None = None,
+    has_aux: bool = False,
+    progress: bool = True,
+    checkpointer: Checkpointer | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> FitResult:
     """An example loop: ``steps`` train steps with a tqdm progress bar.
 
     ``batches`` is a function of the step number (which makes a resumed run see the same data)
@@ -318,8 +349,9 @@ def fit(loss_fn: LossFn, optimizer: optax.GradientTransformation, trainable: PyT
         True
     """
     frozen = {} if frozen is None else frozen
-    step_fn = make_train_step(loss_fn, optimizer, has_aux=has_aux,
-                              compiler_options=compiler_options)
+    step_fn = make_train_step(
+        loss_fn, optimizer, has_aux=has_aux, compiler_options=compiler_options
+    )
     state = init(trainable, optimizer)
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)

@@ -34,13 +34,25 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "onnx2jax"
 
 LAYERS = {
-    "core": ("errors", "dtypes", "settings", "safety", "hostmem", "cputhreads", "process",
-             "loader", "graph", "convert", "ops", "native", "export"),
+    "core": (
+        "errors",
+        "dtypes",
+        "settings",
+        "safety",
+        "hostmem",
+        "cputhreads",
+        "process",
+        "loader",
+        "graph",
+        "convert",
+        "ops",
+        "native",
+        "export",
+    ),
     "runtime": ("runtime", "aot", "devices", "segments", "fusion"),
     "model": ("model", "backend"),
     "training": ("train", "checkpoint", "lora", "nnx"),
-    "applications": ("hub", "text", "bench", "coverage", "cli", "__main__", "fuzz", "examples",
-                     ""),
+    "applications": ("hub", "text", "bench", "coverage", "cli", "__main__", "fuzz", "examples", ""),
 }
 ORDER = list(LAYERS)
 
@@ -84,7 +96,7 @@ def _imports(module: str) -> set[str]:
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")
-                anchor = anchor[:len(anchor) - node.level + 1]
+                anchor = anchor[: len(anchor) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             names = [f"{base}.{alias.name}" for alias in node.names]
         else:
@@ -112,8 +124,11 @@ def test_every_module_has_a_layer():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_go_downwards(module):
     mine = ORDER.index(_layer(module))
-    upwards = sorted(f"{target} ({_layer(target)})" for target in GRAPH[module]
-                     if ORDER.index(_layer(target)) > mine)
+    upwards = sorted(
+        f"{target} ({_layer(target)})"
+        for target in GRAPH[module]
+        if ORDER.index(_layer(target)) > mine
+    )
     assert not upwards, f"{module} ({_layer(module)}) imports a layer above it: {upwards}"
 
 
@@ -160,12 +175,18 @@ def test_only_the_model_module_reads_the_models_private_members():
     """A model's private members are the model module's own business; tools and tests use
     the public interface (``model.engine``, onnx2jax/runtime/engine.py)."""
     private = re.compile(r"\bmodel\._[A-Za-z]")
-    files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"),
-             *(ROOT / "benchmarks").glob("*.py")]
-    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-             for path in files if path != PACKAGE / "model.py"
-             for number, line in enumerate(path.read_text().splitlines(), 1)
-             if private.search(line)]
+    files = [
+        *PACKAGE.rglob("*.py"),
+        *(ROOT / "tests").glob("*.py"),
+        *(ROOT / "benchmarks").glob("*.py"),
+    ]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in files
+        if path != PACKAGE / "model.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
     assert not found, "\n".join(found)
 
 

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="thread affinities need Linux and two CPUs")
+    reason="thread affinities need Linux and two CPUs",
+)
 
 # Prints each worker's CPUs after a model is loaded and run, and what pin_xla_workers says.
 # Runs in a fresh process so that no earlier Model of this test session has pinned them.
@@ -39,8 +40,14 @@ print(json.dumps({"allowed": allowed, "pinned": pinned, "untouched": untouched,
 
 
 def _report(mode: str = "", tune: bool = True) -> dict:
-    done = subprocess.run([sys.executable, "-c", REPORT, mode, "1" if tune else "0"], cwd=ROOT,
-                          check=True, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT, mode, "1" if tune else "0"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -57,8 +64,9 @@ def test_each_worker_gets_its_own_cpu():
 def test_loading_and_running_a_model_pins_nothing():
     report = _report(tune=False)
     assert report["pinned"] == 0
-    assert report["untouched"] and all(cpus == report["allowed"]
-                                       for cpus in report["untouched"] + report["workers"])
+    assert report["untouched"] and all(
+        cpus == report["allowed"] for cpus in report["untouched"] + report["workers"]
+    )
 
 
 def test_a_worker_placed_by_the_user_is_left_alone():
@@ -72,11 +80,18 @@ def test_a_worker_placed_by_the_user_is_left_alone():
 
 def test_more_workers_than_allowed_cpus_changes_nothing():
     # Restricted to one CPU after XLA sized its pool for all of them.
-    script = REPORT.replace("allowed = sorted",
-                            "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-                            "allowed = sorted")
-    done = subprocess.run([sys.executable, "-c", script, "", "1"], cwd=ROOT, check=True,
-                          capture_output=True, text=True, timeout=300)
+    script = REPORT.replace(
+        "allowed = sorted",
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\nallowed = sorted",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "", "1"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["pinned"] == 0
     assert all(len(cpus) > 1 for cpus in report["workers"])

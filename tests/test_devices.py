@@ -116,8 +116,13 @@ print("ok")
 
 
 def _run_with_devices(script: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        check=False,
+    )
 
 
 def test_model_call_splits_the_batch_over_cpu_devices():
@@ -127,10 +132,12 @@ def test_model_call_splits_the_batch_over_cpu_devices():
 
 
 def test_split_batch_can_be_turned_off():
-    script = ("import jax, numpy as np, onnx2jax\n"
-              "model = onnx2jax.load(onnx2jax.example_path())\n"
-              "out = model(np.zeros((256, 1, 8, 8), np.float32))['logits']\n"
-              "print(len(jax.devices()), len(out.sharding.device_set))\n")
+    script = (
+        "import jax, numpy as np, onnx2jax\n"
+        "model = onnx2jax.load(onnx2jax.example_path())\n"
+        "out = model(np.zeros((256, 1, 8, 8), np.float32))['logits']\n"
+        "print(len(jax.devices()), len(out.sharding.device_set))\n"
+    )
     done = _run_with_devices(script, JAX_NUM_CPU_DEVICES="2", ONNX2JAX_SPLIT_BATCH="0")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["2", "1"]

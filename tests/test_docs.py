@@ -52,14 +52,17 @@ def test_python_blocks_run(page: Path, tmp_path, monkeypatch):
         try:
             exec(code, namespace)  # noqa: S102  (the docs' own examples, from this repository)
         except Exception as error:
-            raise AssertionError(f"{page.relative_to(ROOT)}, block at line {line}: "
-                                 f"{type(error).__name__}: {error}") from error
+            raise AssertionError(
+                f"{page.relative_to(ROOT)}, block at line {line}: {type(error).__name__}: {error}"
+            ) from error
     assert os.getcwd() == str(tmp_path)
 
 
-@pytest.mark.parametrize("page", [*PAGES, ROOT / "benchmarks" / "README.md",
-                                  ROOT / "onnx2jax" / "ops" / "README.md"],
-                         ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "page",
+    [*PAGES, ROOT / "benchmarks" / "README.md", ROOT / "onnx2jax" / "ops" / "README.md"],
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
 def test_relative_links_resolve(page: Path):
     text = BLOCK.sub("", page.read_text())
     targets = [t.split("#")[0] for t in LINK.findall(text) if "://" not in t and t[0] != "#"]

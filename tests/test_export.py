@@ -39,17 +39,25 @@ def tiny_model(dtype: type = np.float32, size: int = 4) -> onnx.ModelProto:
         helper.make_node("Reshape", ["ds", "shape"], ["y"], name="reshape"),
     ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", elem, ["n", size])],
-        [helper.make_tensor_value_info("y", elem, None)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
-                              producer_name="tests", doc_string="tiny test model")
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", elem, ["n", size])],
+        [helper.make_tensor_value_info("y", elem, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+        producer_name="tests",
+        doc_string="tiny test model",
+    )
     helper.set_model_props(model, {"author": "onnx2jax tests"})
     return model
 
 
 def ort_run(path_or_proto, feeds: dict) -> list[np.ndarray]:
-    source = path_or_proto if isinstance(path_or_proto, str) else \
-        path_or_proto.SerializeToString()
+    source = path_or_proto if isinstance(path_or_proto, str) else path_or_proto.SerializeToString()
     session = onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
@@ -83,10 +91,13 @@ def test_loaded_file_keeps_weights_once_and_exports_them_byte_for_byte(tmp_path,
         tuned = {k: v + 1 for k, v in model.params.items()}
         np.testing.assert_allclose(
             numpy_helper.to_array(model.to_onnx(tuned).graph.initializer[0]),
-            numpy_helper.to_array(proto.graph.initializer[0]) + 1, rtol=1e-3)
+            numpy_helper.to_array(proto.graph.initializer[0]) + 1,
+            rtol=1e-3,
+        )
         x = np.ones((3, 4), dtype)
-        np.testing.assert_allclose(np.asarray(model(x)["y"]),
-                                   ort_run(model.to_onnx(), {"x": x})[0], rtol=1e-3)
+        np.testing.assert_allclose(
+            np.asarray(model(x)["y"]), ort_run(model.to_onnx(), {"x": x})[0], rtol=1e-3
+        )
 
 
 # The peak of this process's own memory (VmHWM; getrusage's maxrss would carry over the size
@@ -114,14 +125,17 @@ def test_load_frees_the_parsed_file_before_copying_weights_to_the_device(tmp_pat
     # until the device copy exists would take 3x.
     weight = np.ones((6144, 8192), np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])], "big",
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8192])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(weight, "w")])
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
     path = tmp_path / "big.onnx"
     path.write_bytes(helper.make_model(graph).SerializeToString())
-    done = subprocess.run([sys.executable, "-c", PEAK_OF_LOAD, str(path)], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_OF_LOAD, str(path)], capture_output=True, text=True, check=True
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["params"] == ["w"]
     assert result["peak_mb"] < 2.5 * weight.nbytes / 2**20, result
@@ -144,17 +158,22 @@ def test_changed_params_keep_graph_and_other_bytes(tmp_path: Path):
     report = model.save(path, params, verify=True)
     assert report is not None and report.worst < 1e-6, report
     saved = onnx.load(str(path))
-    assert [n.SerializeToString() for n in saved.graph.node] == \
-        [n.SerializeToString() for n in proto.graph.node]
+    assert [n.SerializeToString() for n in saved.graph.node] == [
+        n.SerializeToString() for n in proto.graph.node
+    ]
     assert [t.name for t in saved.graph.initializer] == [t.name for t in proto.graph.initializer]
     assert saved.opset_import == proto.opset_import
     assert saved.metadata_props == proto.metadata_props
-    assert (saved.producer_name, saved.doc_string, saved.ir_version) == \
-        (proto.producer_name, proto.doc_string, proto.ir_version)
+    assert (saved.producer_name, saved.doc_string, saved.ir_version) == (
+        proto.producer_name,
+        proto.doc_string,
+        proto.ir_version,
+    )
     before, after = initializer_bytes(proto), initializer_bytes(saved)
     assert [k for k in before if before[k] != after[k]] == ["w"]
-    np.testing.assert_array_equal(numpy_helper.to_array(saved.graph.initializer[0]),
-                                  np.asarray(params["w"]))
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(saved.graph.initializer[0]), np.asarray(params["w"])
+    )
     x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
     (got,) = ort_run(str(path), {"x": x})
     np.testing.assert_allclose(got, np.asarray(model.apply(params, x)["y"]), atol=1e-6)
@@ -173,8 +192,9 @@ def test_float16_stays_float16():
     saved = model.to_onnx(params)
     by_name = {t.name: t for t in saved.graph.initializer}
     assert by_name["w"].data_type == TensorProto.FLOAT16
-    np.testing.assert_array_equal(numpy_helper.to_array(by_name["w"]),
-                                  np.asarray(params["w"]).astype(np.float16))
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(by_name["w"]), np.asarray(params["w"]).astype(np.float16)
+    )
     before, after = initializer_bytes(proto), initializer_bytes(saved)
     assert before["b"] == after["b"] and before["shape"] == after["shape"]
     x = np.ones((2, 4), np.float16)
@@ -205,8 +225,11 @@ def test_external_data_reloads_everywhere(tmp_path: Path, monkeypatch: pytest.Mo
     model.save(path, params, external_data=True)
     assert len(data_files(tmp_path, "ext.onnx")) == 1
     stored = onnx.load(str(path), load_external_data=False)
-    assert all(t.data_location == TensorProto.EXTERNAL for t in stored.graph.initializer
-               if t.name != "shape")
+    assert all(
+        t.data_location == TensorProto.EXTERNAL
+        for t in stored.graph.initializer
+        if t.name != "shape"
+    )
     x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)
     want = np.asarray(model.apply(params, x)["y"])
     reloaded = onnx2jax.load(path)
@@ -247,8 +270,9 @@ def test_interrupted_save_leaves_old_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-def test_saving_again_never_mixes_graph_and_weights(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch):
+def test_saving_again_never_mixes_graph_and_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """A save killed between writing the new data and replacing the .onnx leaves the old .onnx
     reading the old weights; a finished save removes the data file it superseded."""
     monkeypatch.setattr(export, "EXTERNAL_THRESHOLD", 100)
@@ -275,8 +299,9 @@ def test_saving_again_never_mixes_graph_and_weights(tmp_path: Path,
 
     model.save(path, params, external_data=True)
     new = onnx2jax.load(path)
-    np.testing.assert_array_equal(np.asarray(new.apply(new.params, x)["y"]),
-                                  np.asarray(model.apply(params, x)["y"]))
+    np.testing.assert_array_equal(
+        np.asarray(new.apply(new.params, x)["y"]), np.asarray(model.apply(params, x)["y"])
+    )
     assert len(data_files(tmp_path, "model.onnx")) == 1
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
@@ -286,7 +311,11 @@ def test_killed_saves_temporaries_are_removed_by_the_next_save(tmp_path: Path):
     same path deletes it, while a temporary another process still writes (locked) stays."""
     model = onnx2jax.load(tiny_model(size=64))
     path = tmp_path / "model.onnx"
-    child = subprocess.run([sys.executable, "-c", f"""
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import os, signal, onnx2jax
 from onnx2jax import export
 from tests.test_export import tiny_model
@@ -297,7 +326,13 @@ def die(graph, handle, location):
     os.kill(os.getpid(), signal.SIGKILL)
 export._move_to_external = die
 model.save({str(path)!r}, external_data=True)
-"""], cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300)
+""",
+        ],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == -9, child.stderr
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers, "the killed save should have left its temporary"
@@ -317,8 +352,9 @@ def test_example_cnn_roundtrip(tmp_path: Path):
     assert report.worst < 1e-4, report
 
 
-def test_large_models_get_external_data_automatically(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch):
+def test_large_models_get_external_data_automatically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Over the protobuf limit (2 GB, lowered here) the tensors go to a .data file."""
     monkeypatch.setattr(export, "PROTO_LIMIT", 1000)
     model = onnx2jax.load(tiny_model(size=512))
@@ -329,5 +365,8 @@ def test_large_models_get_external_data_automatically(tmp_path: Path,
     assert path.stat().st_size < 1000
     x = np.ones((2, 512), np.float32)
     reloaded = onnx2jax.load(path)
-    np.testing.assert_allclose(ort_run(str(path), {"x": x})[0],
-                               np.asarray(reloaded.apply(reloaded.params, x)["y"]), atol=1e-6)
+    np.testing.assert_allclose(
+        ort_run(str(path), {"x": x})[0],
+        np.asarray(reloaded.apply(reloaded.params, x)["y"]),
+        atol=1e-6,
+    )

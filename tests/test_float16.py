@@ -14,8 +14,9 @@ import onnx2jax
 
 
 def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    session = onnxruntime.InferenceSession(model.SerializeToString(),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     return session.run(None, feeds)
 
 
@@ -72,8 +73,10 @@ def test_intermediate_outputs_and_gradients_keep_float16(digits):
         return loaded.apply(params, feed)["logits"].astype(np.float32).sum()
 
     grads = jax.grad(loss)(loaded.params)
-    assert all(g.dtype == np.float16 and np.isfinite(np.asarray(g, np.float32)).all()
-               for g in grads.values())
+    assert all(
+        g.dtype == np.float16 and np.isfinite(np.asarray(g, np.float32)).all()
+        for g in grads.values()
+    )
 
 
 def test_unknown_float16_compute_is_refused():

@@ -23,8 +23,8 @@ def test_fixed_seed_finds_no_mismatch(tmp_path):
     for failure in report.failures:
         print(f"graph {failure.index} [{', '.join(failure.ops)}]: {failure.message[:300]}")
     assert not report.failures, "\n".join(
-        f"graph {f.index} [{', '.join(f.ops)}] -> {f.path}: {f.message}"
-        for f in report.failures)
+        f"graph {f.index} [{', '.join(f.ops)}] -> {f.path}: {f.message}" for f in report.failures
+    )
     # Nearly every graph is judged, and the draw covers the ops and the control flow.
     assert report.passed >= 450
     assert len(report.ops) >= 120
@@ -55,8 +55,20 @@ def broken_neg(monkeypatch):
 
 
 def test_planted_bug_is_found_shrunk_and_written(broken_neg, tmp_path, capsys):
-    status = main(["--seed", "3", "--count", "12", "--out", str(tmp_path),
-                   "--ops", "Neg,Add,Relu,Transpose", "--max-nodes", "4"])
+    status = main(
+        [
+            "--seed",
+            "3",
+            "--count",
+            "12",
+            "--out",
+            str(tmp_path),
+            "--ops",
+            "Neg,Add,Relu,Transpose",
+            "--max-nodes",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 1
     assert "mismatches" in out.splitlines()[-1]
@@ -71,15 +83,26 @@ def test_planted_bug_is_found_shrunk_and_written(broken_neg, tmp_path, capsys):
 
 
 def test_clean_run_exits_zero(capsys, tmp_path):
-    assert main(["--seed", "3", "--count", "6", "--ops", "Neg,Add,Relu",
-                 "--out", str(tmp_path)]) == 0
+    assert (
+        main(["--seed", "3", "--count", "6", "--ops", "Neg,Add,Relu", "--out", str(tmp_path)]) == 0
+    )
     assert not list(tmp_path.iterdir())
     assert "0 mismatches" in capsys.readouterr().out.splitlines()[-1]
 
 
 # ---------------------------------------------------------------- regressions the fuzzer found
-@pytest.mark.parametrize("op", ["ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum",
-                                "ReduceLogSumExp", "ReduceSum", "ReduceMax"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceSumSquare",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSum",
+        "ReduceMax",
+    ],
+)
 def test_reduce_over_no_axes_applies_the_elementwise_part(op):
     # noop_with_empty_axes=1 and empty axes: onnxruntime and onnx.reference compute
     # ReduceL1 as abs(x), ReduceSumSquare as x*x..., not x itself (found by seed 1, graph 28).
@@ -87,8 +110,14 @@ def test_reduce_over_no_axes_applies_the_elementwise_part(op):
     if op == "ReduceLogSum":
         x = np.abs(x)
     axes = np.array([], np.int64)
-    model = single_node_model(op, {"x": x, "axes": axes}, initializers={"axes": axes},
-                              noop_with_empty_axes=1, keepdims=0, opset=18)
+    model = single_node_model(
+        op,
+        {"x": x, "axes": axes},
+        initializers={"axes": axes},
+        noop_with_empty_axes=1,
+        keepdims=0,
+        opset=18,
+    )
     assert_matches_reference(model, {"x": x})
 
 
@@ -98,13 +127,18 @@ def test_activation_of_a_static_value_under_jit(op):
     # raised TracerArrayConversionError (seed 1, graphs 60 and 88; PRelu: seed 2026, graph 11).
     c = np.array([3.0, -0.5], np.float32)
     inputs = ["n", "c"] if op == "PRelu" else ["n"]
-    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c)),
-             helper.make_node("Neg", ["c"], ["n"]), helper.make_node(op, inputs, ["a"]),
-             helper.make_node("Add", ["a", "x"], ["y"])]
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c)),
+        helper.make_node("Neg", ["c"], ["n"]),
+        helper.make_node(op, inputs, ["a"]),
+        helper.make_node("Add", ["a", "x"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "static_activation", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                                   [2])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+        nodes,
+        "static_activation",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     feeds = {"x": np.array([0.5, 1.0], np.float32)}
     assert_matches_reference(model, feeds)
@@ -115,13 +149,17 @@ def test_reduce_log_sum_exp_of_a_static_value_under_jit():
     # ReduceLogSumExp of a Constant-only value raised TracerArrayConversionError under jit
     # (seed 7, graph 52).
     c = np.array([[1.0, 2.5], [-1.0, 0.5]], np.float32)
-    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c)),
-             helper.make_node("ReduceLogSumExp", ["c"], ["r"], keepdims=0),
-             helper.make_node("Add", ["r", "x"], ["y"])]
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c)),
+        helper.make_node("ReduceLogSumExp", ["c"], ["r"], keepdims=0),
+        helper.make_node("Add", ["r", "x"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "static_logsumexp",
+        nodes,
+        "static_logsumexp",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])])
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     feeds = {"x": np.array(0.5, np.float32)}
     assert_matches_reference(model, feeds)
@@ -132,12 +170,16 @@ def test_gather_nd_of_static_data_with_traced_indices():
     # Constant data, indices from the graph's input: NumPy indexing met a tracer under jit
     # (seed 11, graph 24).
     data = np.array([[-1, 6], [3, 4]], np.int32)
-    nodes = [helper.make_node("Constant", [], ["d"], value=numpy_helper.from_array(data)),
-             helper.make_node("GatherND", ["d", "i"], ["y"])]
+    nodes = [
+        helper.make_node("Constant", [], ["d"], value=numpy_helper.from_array(data)),
+        helper.make_node("GatherND", ["d", "i"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "gather_nd_static_data",
+        nodes,
+        "gather_nd_static_data",
         [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, [2, 2])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [2])])
+        [helper.make_tensor_value_info("y", onnx.TensorProto.INT32, [2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
     feeds = {"i": np.array([[1, 0], [-2, 1]], np.int64)}
     assert_matches_reference(model, feeds)
@@ -162,8 +204,13 @@ def test_integer_reduce_mean_is_exact(static):
     # truncates the exact mean toward zero (seed 9, graph 131).
     x = np.array([[2**31 - 1, 2**31 - 3, 5], [-7, 2, 0]], np.int32)
     axes = np.array([1], np.int64)
-    model = single_node_model("ReduceMean", {"x": x, "axes": axes}, keepdims=0, opset=18,
-                              initializers={"axes": axes, **({"x": x} if static else {})})
+    model = single_node_model(
+        "ReduceMean",
+        {"x": x, "axes": axes},
+        keepdims=0,
+        opset=18,
+        initializers={"axes": axes, **({"x": x} if static else {})},
+    )
     assert_matches_reference(model, {} if static else {"x": x})
 
 
@@ -175,9 +222,13 @@ def test_resize_pytorch_half_pixel_to_one_sample_reads_the_first(mode):
     # onnxruntime departure (seed 21, graph 127).
     x = np.array([1.5, 2.5, -1.25], np.float32).reshape(1, 1, 3, 1)
     scales = np.array([1, 1, 0.5, 3], np.float32)
-    model = single_node_model("Resize", {"x": x, "roi": None, "scales": scales},
-                              initializers={"scales": scales}, mode=mode,
-                              coordinate_transformation_mode="pytorch_half_pixel")
+    model = single_node_model(
+        "Resize",
+        {"x": x, "roi": None, "scales": scales},
+        initializers={"scales": scales},
+        mode=mode,
+        coordinate_transformation_mode="pytorch_half_pixel",
+    )
     (out,) = assert_matches_reference(model, {"x": x})
     np.testing.assert_array_equal(out, np.full((1, 1, 1, 3), 1.5, np.float32))
 
@@ -186,11 +237,17 @@ def test_erf_and_softmax_of_constants_under_jit():
     """Seed 2, graph 197: Erf of a Constant node staged jax ops into the trace and failed."""
     for op, attrs in (("Erf", {}), ("Softmax", {"axis": -1})):
         value = numpy_helper.from_array(np.array([[0.5, -1.0, 2.0]], np.float32), "c")
-        nodes = [helper.make_node("Constant", [], ["c"], value=value),
-                 helper.make_node(op, ["c"], ["e"], **attrs),
-                 helper.make_node("Add", ["e", "x"], ["y"])]
-        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3])],
-                                  [helper.make_tensor_value_info("y", 1, [1, 3])])
+        nodes = [
+            helper.make_node("Constant", [], ["c"], value=value),
+            helper.make_node(op, ["c"], ["e"], **attrs),
+            helper.make_node("Add", ["e", "x"], ["y"]),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info("x", 1, [1, 3])],
+            [helper.make_tensor_value_info("y", 1, [1, 3])],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         assert_matches_reference(model, {"x": np.zeros((1, 3), np.float32)}, rtol=1e-6)
 
@@ -201,4 +258,3 @@ def test_lp_normalization_keeps_nan():
     for p in (1, 2):
         model = single_node_model("LpNormalization", {"x": x}, axis=-1, p=p)
         assert_matches_reference(model, {"x": x}, rtol=1e-6)
-

@@ -35,7 +35,8 @@ def test_fixed_seed_of_500_mutants_gives_only_onnx2jax_errors_or_results(tmp_pat
     unexpected = {k: f for k, f in report.findings.items() if not _known(k)}
     assert not unexpected, "\n".join(
         f"{k}: mutant {f.index} ({'; '.join(f.steps)}): {f.message} -> {f.path}"
-        for k, f in unexpected.items())
+        for k, f in unexpected.items()
+    )
     # The mutants reach every stage: refused at load, loaded, and run to a result.
     rejected = sum(n for k, n in report.outcomes.items() if k.startswith("rejected"))
     assert rejected > 100 and report.outcomes["ran"] > 50, report.outcomes
@@ -75,8 +76,9 @@ def test_a_mutant_past_its_time_limit_is_a_timeout_finding(tmp_path):
 
 
 def test_main_exit_status_and_summary(tmp_path, capsys):
-    status = fuzz_loader_module.main(["--seed", "3", "--count", "12", "--out", str(tmp_path),
-                                      "--workers", "1"])
+    status = fuzz_loader_module.main(
+        ["--seed", "3", "--count", "12", "--out", str(tmp_path), "--workers", "1"]
+    )
     printed = capsys.readouterr().out
     assert "loader fuzz seed 3: 12 mutants" in printed
     assert status == (1 if "FINDING" in printed else 0)
@@ -91,15 +93,19 @@ def _save(model: onnx.ModelProto, folder) -> str:
     return str(path)
 
 
-def _add_model(initializer: onnx.TensorProto | None = None,
-               sparse: list[onnx.SparseTensorProto] | None = None,
-               second: str = "w") -> onnx.ModelProto:
+def _add_model(
+    initializer: onnx.TensorProto | None = None,
+    sparse: list[onnx.SparseTensorProto] | None = None,
+    second: str = "w",
+) -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", second], ["y"])], "add",
+        [helper.make_node("Add", ["x", second], ["y"])],
+        "add",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
         initializer=[initializer] if initializer is not None else [],
-        sparse_initializer=sparse or [])
+        sparse_initializer=sparse or [],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -121,28 +127,32 @@ def test_external_data_name_the_file_system_refuses_is_a_clear_error(tmp_path, l
 
 
 def _sparse(values, indices, dims) -> onnx.SparseTensorProto:
-    return helper.make_sparse_tensor(numpy_helper.from_array(np.asarray(values, np.float32), "w"),
-                                     numpy_helper.from_array(np.asarray(indices, np.int64),
-                                                             "w_idx"), dims)
+    return helper.make_sparse_tensor(
+        numpy_helper.from_array(np.asarray(values, np.float32), "w"),
+        numpy_helper.from_array(np.asarray(indices, np.int64), "w_idx"),
+        dims,
+    )
 
 
 def test_sparse_initializer_of_the_main_graph_loads_and_runs(tmp_path):
     # Found by the fuzzer: any sparse initializer raised AttributeError (SparseTensorProto has
     # no name; its values tensor does).
-    model = onnx2jax.load(_save(_add_model(sparse=[_sparse([1.5, -2.0], [1, 3], [4])]),
-                                tmp_path))
+    model = onnx2jax.load(_save(_add_model(sparse=[_sparse([1.5, -2.0], [1, 3], [4])]), tmp_path))
     out = model(x=np.zeros(4, np.float32))["y"]
     np.testing.assert_array_equal(np.asarray(out), [0, 1.5, 0, -2.0])
 
 
-@pytest.mark.parametrize("values, indices, dims, message", [
-    ([1.0], [4], [4], "outside its shape"),
-    ([1.0], [-1], [4], "outside its shape"),
-    ([1.0, 2.0], [0], [4], "do not fit"),
-    ([1.0], [[0, 9]], [2, 2], "outside its shape"),
-    ([1.0], [0], [2 ** 40, 2 ** 20], "too large|outside"),
-    ([1.0], [0], [-4], "negative dimension"),
-])
+@pytest.mark.parametrize(
+    "values, indices, dims, message",
+    [
+        ([1.0], [4], [4], "outside its shape"),
+        ([1.0], [-1], [4], "outside its shape"),
+        ([1.0, 2.0], [0], [4], "do not fit"),
+        ([1.0], [[0, 9]], [2, 2], "outside its shape"),
+        ([1.0], [0], [2**40, 2**20], "too large|outside"),
+        ([1.0], [0], [-4], "negative dimension"),
+    ],
+)
 def test_hostile_sparse_initializer_is_a_clear_error(tmp_path, values, indices, dims, message):
     model = _add_model(sparse=[_sparse(values, indices, dims)])
     with pytest.raises(ModelLoadError, match=message):
@@ -178,15 +188,23 @@ def test_the_fuzzers_command_runs_the_loader_fuzzer(tmp_path, capsys):
 def test_an_if_branch_with_too_few_outputs_is_an_op_error():
     """Found by the loader fuzzer: model(...) raised a bare KeyError from the segments."""
     empty = helper.make_graph([], "empty", [], [])
-    then = helper.make_graph([helper.make_node("Neg", ["x"], ["t"])], "then", [],
-                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    then = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
     graph = helper.make_graph(
-        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-         helper.make_node("Greater", ["s", "zero"], ["positive"]),
-         helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=empty)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["positive"]),
+            helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=empty),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(np.float32(0), "zero")])
+        initializer=[numpy_helper.from_array(np.float32(0), "zero")],
+    )
     model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(onnx2jax.OpError, match="else_branch gives 0 output"):
         model(x=-np.ones((2, 3), np.float32))
@@ -194,14 +212,20 @@ def test_an_if_branch_with_too_few_outputs_is_an_op_error():
 
 def test_a_one_input_mul_inside_an_attention_pattern_loads():
     """Found by the loader fuzzer: fuse_attention indexed the missing second input."""
-    nodes = [helper.make_node("MatMul", ["q", "k"], ["scores"]),
-             helper.make_node("Mul", ["scores"], ["scaled"]),
-             helper.make_node("Softmax", ["scaled"], ["y"], axis=-1)]
+    nodes = [
+        helper.make_node("MatMul", ["q", "k"], ["scores"]),
+        helper.make_node("Mul", ["scores"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["y"], axis=-1),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("q", TensorProto.FLOAT, [2, 4]),
-                     helper.make_tensor_value_info("k", TensorProto.FLOAT, [4, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("q", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("k", TensorProto.FLOAT, [4, 2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
     model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(onnx2jax.Onnx2JaxError):
         model(q=np.ones((2, 4), np.float32), k=np.ones((4, 2), np.float32))
-

@@ -14,9 +14,10 @@ from onnx2jax import hostmem
 
 ROOT = Path(__file__).resolve().parents[1]
 
-glibc_only = pytest.mark.skipif(not (sys.platform.startswith("linux")
-                                     and os.confstr("CS_GNU_LIBC_VERSION")),
-                                reason="the settings are glibc's")
+glibc_only = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")),
+    reason="the settings are glibc's",
+)
 
 # A model whose input, intermediate and output are 48 MB each: over glibc's 32 MB mmap
 # threshold, under the 64 MB cap of thread arenas. Prints the page faults of each call after
@@ -50,8 +51,9 @@ PAGES_PER_BUFFER = 3072 * 4096 * 4 // 4096
 
 
 def run_calls(keep: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", CALLS, keep], capture_output=True, text=True,
-                          cwd=ROOT, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CALLS, keep], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -94,10 +96,18 @@ print(resident_mb() - before)
 
 @glibc_only
 def test_importing_onnx2jax_leaves_the_allocator_alone():
-    grown = {mode: float(subprocess.run([sys.executable, "-c", FREED, mode], cwd=ROOT,
-                                        check=True, capture_output=True, text=True,
-                                        timeout=300).stdout.split()[-1])
-             for mode in ("plain", "import")}
+    grown = {
+        mode: float(
+            subprocess.run(
+                [sys.executable, "-c", FREED, mode],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            ).stdout.split()[-1]
+        )
+        for mode in ("plain", "import")
+    }
     assert grown["plain"] < 64, grown
     assert grown["import"] < 64, grown
-

@@ -33,10 +33,12 @@ def affine_model(opset: int = 17) -> onnx.ModelProto:
         helper.make_node("Reshape", ["h", "target"], ["y"], name="reshape"),
     ]
     graph = helper.make_graph(
-        nodes, "affine",
+        nodes,
+        "affine",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])],
-        initializer=[w, b, minus_one])
+        initializer=[w, b, minus_one],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
@@ -171,14 +173,20 @@ def test_import_does_not_touch_x64():
 
 
 def test_unsupported_ops_are_all_listed_at_load():
-    nodes = [helper.make_node("FancyOp", ["x"], ["a"], name="n1", domain="my.domain"),
-             helper.make_node("FancyOp", ["a"], ["b"], name="n2", domain="my.domain"),
-             helper.make_node("OtherOp", ["b"], ["y"], name="n3", domain="my.domain")]
+    nodes = [
+        helper.make_node("FancyOp", ["x"], ["a"], name="n1", domain="my.domain"),
+        helper.make_node("FancyOp", ["a"], ["b"], name="n2", domain="my.domain"),
+        helper.make_node("OtherOp", ["b"], ["y"], name="n3", domain="my.domain"),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("my.domain", 3)])
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 3)]
+    )
     with pytest.raises(UnsupportedOpError) as info:
         onnx2jax.load(proto)
     message = str(info.value)
@@ -209,8 +217,14 @@ def test_external_data_missing_or_outside_the_folder(tmp_path):
     proto = affine_model()
     path = tmp_path / "ext" / "m.onnx"
     path.parent.mkdir()
-    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
+    onnx.save(
+        proto,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     model = onnx2jax.load(path)
     x = np.ones((1, 2, 3), np.float32)
     np.testing.assert_allclose(model(x)["y"], reference(x, model))
@@ -232,9 +246,14 @@ def test_external_data_missing_or_outside_the_folder(tmp_path):
 def test_data_dependent_shape_raises_under_jit_and_runs_eagerly():
     nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="dyn_reshape")]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6]),
-                     helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [6]),
+            helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     x = np.arange(6, dtype=np.float32)
     shape = np.array([2, 3], np.int64)
@@ -257,9 +276,12 @@ def nonzero_model() -> onnx.ModelProto:
         helper.make_node("Mul", ["g", "three"], ["y"], name="triple"),
     ]
     graph = helper.make_graph(
-        nodes, "nonzero", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+        nodes,
+        "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        initializer=[w, axes, three])
+        initializer=[w, axes, three],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -273,8 +295,7 @@ def test_data_dependent_nodes_run_between_jitted_segments():
     # Same count of non-zeros: every segment is reused; another count compiles the tail anew.
     np.testing.assert_allclose(model(2 * x)["y"], [6, 12, -6, 30])
     assert len(runner.compiled_keys()) == compiled
-    np.testing.assert_allclose(model(np.array([0, 1, 1, 1, 1, 1], np.float32))["y"],
-                               [6, -3, 15])
+    np.testing.assert_allclose(model(np.array([0, 1, 1, 1, 1, 1], np.float32))["y"], [6, -3, 15])
     assert len(runner.compiled_keys()) == compiled + 1
     with pytest.raises(DataDependentShapeError, match="NonZero node 'nonzero'"):
         jax.jit(model.apply)(model.params, x)
@@ -291,8 +312,9 @@ def test_segments_run_the_program_model_call_runs():
     model = onnx2jax.load(proto)
     images = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
     out = model(images)
-    logits = np.asarray(onnx2jax.load(onnx2jax.example_path()).apply(
-        model.params, images)["logits"])
+    logits = np.asarray(
+        onnx2jax.load(onnx2jax.example_path()).apply(model.params, images)["logits"]
+    )
     np.testing.assert_allclose(np.asarray(out["logits"]), logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out["positive"]), np.stack(np.nonzero(logits)))
     runner = model.engine.segmented_runner()
@@ -315,8 +337,9 @@ def test_backend_run_node():
     node = helper.make_node("Add", ["a", "b"], ["c"])
     (out,) = Onnx2JaxBackend.run_node(node, [np.ones(2, np.float32), np.full(2, 2, np.float32)])
     np.testing.assert_array_equal(out, [3.0, 3.0])
-    (out,) = Onnx2JaxBackend.run_node(helper.make_node("Relu", ["x"], ["y"]),
-                                      {"x": np.array([-1.0, 2.0], np.float32)})
+    (out,) = Onnx2JaxBackend.run_node(
+        helper.make_node("Relu", ["x"], ["y"]), {"x": np.array([-1.0, 2.0], np.float32)}
+    )
     np.testing.assert_array_equal(out, [0.0, 2.0])
 
 
@@ -338,16 +361,22 @@ def test_few_rows_choose_ynnpack_dots_and_many_rows_do_not():
 def products_model() -> onnx.ModelProto:
     """y = Einsum(Gemm(MatMul(x, w1), w2, c), w3): one of each matrix product."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
-             for name, shape in [("w1", (16, 32)), ("w2", (32, 8)), ("c", (8,)), ("w3", (8, 4))]]
+    inits = [
+        numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        for name, shape in [("w1", (16, 32)), ("w2", (32, 8)), ("c", (8,)), ("w3", (8, 4))]
+    ]
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h1"], name="matmul"),
         helper.make_node("Gemm", ["h1", "w2", "c"], ["h2"], name="gemm"),
         helper.make_node("Einsum", ["h2", "w3"], ["y"], name="einsum", equation="nk,kj->nj"),
     ]
     graph = helper.make_graph(
-        nodes, "products", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], initializer=inits)
+        nodes,
+        "products",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        initializer=inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -386,21 +415,27 @@ def mixed_outputs_model(data_dependent: bool) -> onnx.ModelProto:
     """Outputs in no sorted order: a late node's, a graph input, a static Shape, a float param,
     an integer constant, an early node's, a name declared twice (and a NonZero's, whose
     data-dependent shape sends model(...) through the segmented runner)."""
-    nodes = [helper.make_node("Add", ["x", "w"], ["early"]),
-             helper.make_node("Shape", ["x"], ["shape"]),
-             helper.make_node("Neg", ["early"], ["mid"]),
-             helper.make_node("Relu", ["mid"], ["late"])]
+    nodes = [
+        helper.make_node("Add", ["x", "w"], ["early"]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Neg", ["early"], ["mid"]),
+        helper.make_node("Relu", ["mid"], ["late"]),
+    ]
     names = ["late", "x", "shape", "w", "k", "early", "late"]
     if data_dependent:
         nodes.append(helper.make_node("NonZero", ["mid"], ["nz"]))
         names.insert(2, "nz")
     graph = helper.make_graph(
-        nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        nodes,
+        "mixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
         [helper.make_value_info(n, onnx.TypeProto()) for n in names],
-        initializer=[numpy_helper.from_array(np.array([1, -1, 2, -3], np.float32), "w"),
-                     numpy_helper.from_array(np.arange(3, dtype=np.int64), "k")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                             ir_version=10)
+        initializer=[
+            numpy_helper.from_array(np.array([1, -1, 2, -3], np.float32), "w"),
+            numpy_helper.from_array(np.arange(3, dtype=np.int64), "k"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 @pytest.mark.parametrize("data_dependent", [False, True])
@@ -410,13 +445,17 @@ def test_outputs_keep_the_declared_order(tmp_path, data_dependent):
     proto = mixed_outputs_model(data_dependent)
     declared = [v.name for v in proto.graph.output]
     x = np.array([0.5, 2.0, -4.0, 1.0], np.float32)
-    session = onnxruntime.InferenceSession(proto.SerializeToString(),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     expected = dict(zip(declared, session.run(None, {"x": x}), strict=True))
     model = onnx2jax.load(proto)
     assert model.output_names == list(dict.fromkeys(declared))
-    runs = {"call": lambda: model(x), "apply": lambda: model.apply(model.params, x),
-            "cached": lambda: onnx2jax.load(proto, cache_dir=tmp_path)(x)}
+    runs = {
+        "call": lambda: model(x),
+        "apply": lambda: model.apply(model.params, x),
+        "cached": lambda: onnx2jax.load(proto, cache_dir=tmp_path)(x),
+    }
     if not data_dependent:
         runs["jit(apply)"] = lambda: jax.jit(model.apply)(model.params, x)
     for how, run in runs.items():
@@ -426,5 +465,11 @@ def test_outputs_keep_the_declared_order(tmp_path, data_dependent):
             np.testing.assert_array_equal(np.asarray(value), expected[name], err_msg=how)
     asked = ["shape", "late", "x", "early", "k"]
     assert list(model(x, outputs=asked)) == asked
-    assert list(jax.jit(model.apply, static_argnames="outputs")(
-        model.params, x, outputs=tuple(asked[::-1]))) == asked[::-1]
+    assert (
+        list(
+            jax.jit(model.apply, static_argnames="outputs")(
+                model.params, x, outputs=tuple(asked[::-1])
+            )
+        )
+        == asked[::-1]
+    )

@@ -14,7 +14,8 @@ from onnx2jax.fusion import fuse_attention
 from tests.helpers import f32
 
 needs_kernels = pytest.mark.skipif(
-    not native.available(), reason=f"native kernels unavailable: {native.status()}")
+    not native.available(), reason=f"native kernels unavailable: {native.status()}"
+)
 MIN = np.finfo(np.float32).min
 _MASKS = np.random.default_rng(1)
 
@@ -32,23 +33,27 @@ def _mask(shape):
 
 
 @needs_kernels
-@pytest.mark.parametrize("lead, s, d, t, e, mask_shape", [
-    ((2, 3), 128, 32, 128, 32, (2, 1, 1, 128)),    # MiniLM's heads, a padding mask
-    ((1, 2), 197, 64, 197, 64, None),              # ViT's 197 tokens: a tail of 5 keys
-    ((2, 2), 7, 5, 19, 16, (7, 19)),               # odd sizes, a 2-D mask
-    ((1, 1), 30, 64, 64, 128, (1, 1, 30, 64)),     # two passes over the values
-    ((3, 4), 1, 8, 1, 16, (3, 1, 1, 1)),           # one query, one key
-    ((2, 3), 13, 16, 70, 48, (1, 3, 13, 70)),      # a mask per head
-    ((5,), 9, 24, 33, 32, (9, 33)),                # 3-D operands
-])
+@pytest.mark.parametrize(
+    "lead, s, d, t, e, mask_shape",
+    [
+        ((2, 3), 128, 32, 128, 32, (2, 1, 1, 128)),  # MiniLM's heads, a padding mask
+        ((1, 2), 197, 64, 197, 64, None),  # ViT's 197 tokens: a tail of 5 keys
+        ((2, 2), 7, 5, 19, 16, (7, 19)),  # odd sizes, a 2-D mask
+        ((1, 1), 30, 64, 64, 128, (1, 1, 30, 64)),  # two passes over the values
+        ((3, 4), 1, 8, 1, 16, (3, 1, 1, 1)),  # one query, one key
+        ((2, 3), 13, 16, 70, 48, (1, 3, 13, 70)),  # a mask per head
+        ((5,), 9, 24, 33, 32, (9, 33)),  # 3-D operands
+    ],
+)
 def test_kernel_matches_the_unfused_computation(lead, s, d, t, e, mask_shape):
     q, kt, v = f32(*lead, s, d), f32(*lead, d, t), f32(*lead, t, e)
     mask = None if mask_shape is None else _mask(mask_shape)
-    scale = np.float32(d ** -0.5)
+    scale = np.float32(d**-0.5)
     assert native.attention_applies(q, kt, v, mask, scale)
     got = jax.jit(native.attention)(q, kt, v, mask, scale)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(_reference(q, kt, v, mask, scale)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(_reference(q, kt, v, mask, scale)), rtol=1e-5, atol=1e-5
+    )
 
 
 @needs_kernels
@@ -59,8 +64,9 @@ def test_a_row_of_only_minus_infinity_is_nan_as_in_the_graph():
     got = np.asarray(native.attention(q, kt, v, mask, np.float32(1)))
     want = np.asarray(_reference(q, kt, v, mask, 1.0))
     assert np.isnan(want[0, 0, 2]).all() and np.isnan(got[0, 0, 2]).all()
-    np.testing.assert_allclose(np.delete(got, 2, axis=2), np.delete(want, 2, axis=2),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.delete(got, 2, axis=2), np.delete(want, 2, axis=2), rtol=1e-5, atol=1e-5
+    )
 
 
 @needs_kernels
@@ -78,8 +84,16 @@ def test_attention_applies_only_where_the_kernel_can():
     assert not native.attention_applies(q, kt[..., :0], v[..., :0, :], None, one)  # no keys
 
 
-def _attention_model(*, scale_op="Div", mask=True, casts=1, e=32, outputs=("out",),
-                     softmax_opset=17, **softmax_attributes):
+def _attention_model(
+    *,
+    scale_op="Div",
+    mask=True,
+    casts=1,
+    e=32,
+    outputs=("out",),
+    softmax_opset=17,
+    **softmax_attributes,
+):
     """Attention as torch.onnx exports it: MatMul(q, kt) -> Div or Mul by a constant -> Add
     a mask -> Softmax -> Cast(s) to float -> MatMul with v."""
     nodes, scores = [helper.make_node("MatMul", ["q", "kt"], ["s0"])], "s0"
@@ -97,12 +111,18 @@ def _attention_model(*, scale_op="Div", mask=True, casts=1, e=32, outputs=("out"
         nodes.append(helper.make_node("Cast", [f"p{i}"], [f"p{i + 1}"], to=TensorProto.FLOAT))
     nodes.append(helper.make_node("MatMul", [f"p{casts}", "v"], ["out"]))
     shapes = {"q": (2, 4, 16, 16), "kt": (2, 4, 16, 24), "v": (2, 4, 24, e), "mask": (2, 1, 1, 24)}
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
-              for n, shape in shapes.items() if n != "mask" or mask]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+        for n, shape in shapes.items()
+        if n != "mask" or mask
+    ]
     graph = helper.make_graph(
-        nodes, "attention", inputs,
+        nodes,
+        "attention",
+        inputs,
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
-        initializer=initializers)
+        initializer=initializers,
+    )
     feeds = {"q": f32(*shapes["q"]), "kt": f32(*shapes["kt"]), "v": f32(*shapes["v"])}
     if mask:
         feeds["mask"] = _mask(shapes["mask"])
@@ -116,7 +136,8 @@ def _op_types(proto: onnx.ModelProto, keep=()) -> list[str]:
 def test_attention_chains_fuse_where_nothing_else_reads_the_intermediates():
     assert _op_types(_attention_model()[0]) == ["SoftmaxAttention"]
     assert _op_types(_attention_model(scale_op="Mul", mask=False, casts=2)[0]) == [
-        "SoftmaxAttention"]
+        "SoftmaxAttention"
+    ]
     assert _op_types(_attention_model(scale_op=None, casts=0)[0]) == ["SoftmaxAttention"]
     fused = fuse_attention(onnx2jax.load(_attention_model()[0]).plan).nodes[0]
     assert list(fused.input) == ["q", "kt", "v", "mask", "scale"]
@@ -133,13 +154,15 @@ def test_attention_chains_fuse_where_nothing_else_reads_the_intermediates():
 def _session(proto):
     import onnxruntime
 
-    return onnxruntime.InferenceSession(proto.SerializeToString(),
-                                        providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
 
 
 @needs_kernels
-@pytest.mark.parametrize("scale_op, mask, casts", [("Div", True, 1), ("Mul", False, 2),
-                                                   (None, True, 0)])
+@pytest.mark.parametrize(
+    "scale_op, mask, casts", [("Div", True, 1), ("Mul", False, 2), (None, True, 0)]
+)
 def test_model_call_runs_the_kernel_and_matches_onnxruntime(scale_op, mask, casts):
     proto, feeds = _attention_model(scale_op=scale_op, mask=mask, casts=casts)
     model = onnx2jax.load(proto)
@@ -150,8 +173,9 @@ def test_model_call_runs_the_kernel_and_matches_onnxruntime(scale_op, mask, cast
     (want,) = _session(proto).run(None, feeds)
     np.testing.assert_allclose(np.asarray(model(**feeds)["out"]), want, rtol=1e-5, atol=1e-5)
     # apply() keeps the graph's own ops: differentiable, and the same numbers.
-    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(model.params, **feeds)["out"]),
-                               want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(model.apply)(model.params, **feeds)["out"]), want, rtol=1e-5, atol=1e-5
+    )
     # The scores asked for by name come out, and the rest stays right.
     got = model(**feeds, outputs=["out", "p0"])
     np.testing.assert_allclose(np.asarray(got["out"]), want, rtol=1e-5, atol=1e-5)

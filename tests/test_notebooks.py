@@ -19,7 +19,11 @@ def test_notebook_runs_top_to_bottom(path):
     notebook = nbformat.read(path, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code and all(cell.outputs for cell in code), "commit the notebook with its outputs"
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    ).execute()
     errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
     assert not errors

@@ -57,6 +57,8 @@ def test_backend(name: str) -> None:
             test(None)
         except Exception:
             return
-        pytest.fail(f"{name} passes now; remove it from expected_failures.txt "
-                    f"(it says: {EXPECTED_FAILURES[name]})")
+        pytest.fail(
+            f"{name} passes now; remove it from expected_failures.txt "
+            f"(it says: {EXPECTED_FAILURES[name]})"
+        )
     test(None)

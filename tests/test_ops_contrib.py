@@ -51,10 +51,16 @@ def test_fused_matmul_transposes():
 
 
 def test_skip_layer_normalization_all_outputs():
-    feeds = {"x": _f32(2, 3, 8), "skip": _f32(2, 3, 8), "gamma": _f32(8), "beta": _f32(8),
-             "bias": _f32(8)}
-    model = _ms_model("SkipLayerNormalization", feeds, ("y", "mean", "inv_std", "sum"),
-                      epsilon=1e-5)
+    feeds = {
+        "x": _f32(2, 3, 8),
+        "skip": _f32(2, 3, 8),
+        "gamma": _f32(8),
+        "beta": _f32(8),
+        "bias": _f32(8),
+    }
+    model = _ms_model(
+        "SkipLayerNormalization", feeds, ("y", "mean", "inv_std", "sum"), epsilon=1e-5
+    )
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
 
 
@@ -66,16 +72,24 @@ def test_skip_simplified_layer_normalization():
 
 def test_simplified_layer_normalization_onnx_domain():
     feeds = {"x": _f32(2, 3, 8), "scale": _f32(8)}
-    model = single_node_model("SimplifiedLayerNormalization", feeds, opset=17, axis=-1,
-                              epsilon=1e-5)
+    model = single_node_model(
+        "SimplifiedLayerNormalization", feeds, opset=17, axis=-1, epsilon=1e-5
+    )
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
 
 
 def test_embed_layer_normalization():
     ids = RNG.integers(0, 10, size=(2, 5)).astype(np.int32)
-    feeds = {"ids": ids, "seg": (ids % 2).astype(np.int32), "word": _f32(10, 8),
-             "pos": _f32(6, 8), "segemb": _f32(2, 8), "gamma": _f32(8), "beta": _f32(8),
-             "mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)}
+    feeds = {
+        "ids": ids,
+        "seg": (ids % 2).astype(np.int32),
+        "word": _f32(10, 8),
+        "pos": _f32(6, 8),
+        "segemb": _f32(2, 8),
+        "gamma": _f32(8),
+        "beta": _f32(8),
+        "mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32),
+    }
     model = _ms_model("EmbedLayerNormalization", feeds, ("y", "mask_index"), epsilon=1e-5)
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
 
@@ -104,24 +118,32 @@ def _attention_feeds(mask, past=0, q=8, v=8):
 def test_attention_mask_forms(mask, unidirectional):
     feeds = _attention_feeds(_MASKS[mask](0))
     model = _ms_model("Attention", feeds, num_heads=2, unidirectional=unidirectional)
-    assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
-                             rtol=1e-4, atol=1e-5)
+    assert_matches_reference(
+        model, {k: v for k, v in feeds.items() if v is not None}, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("unidirectional", [0, 1])
 @pytest.mark.parametrize("mask", ["none", "lengths", "raw_2d", "raw_3d"])
 def test_attention_past_and_present(mask, unidirectional):
     feeds = _attention_feeds(_MASKS[mask](3), past=3)
-    model = _ms_model("Attention", feeds, ("y", "present"), num_heads=2,
-                      unidirectional=unidirectional)
-    got = assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
-                                   rtol=1e-4, atol=1e-5)
+    model = _ms_model(
+        "Attention", feeds, ("y", "present"), num_heads=2, unidirectional=unidirectional
+    )
+    got = assert_matches_reference(
+        model, {k: v for k, v in feeds.items() if v is not None}, rtol=1e-4, atol=1e-5
+    )
     assert got[1].shape == (2, 2, 2, 7, 4)
 
 
 def test_attention_one_decoding_step_with_past():
-    feeds = {"x": _f32(2, 1, 8), "w": _f32(8, 24), "b": _f32(24),
-             "mask": np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int32), "past": _f32(2, 2, 2, 3, 4)}
+    feeds = {
+        "x": _f32(2, 1, 8),
+        "w": _f32(8, 24),
+        "b": _f32(24),
+        "mask": np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int32),
+        "past": _f32(2, 2, 2, 3, 4),
+    }
     model = _ms_model("Attention", feeds, ("y", "present"), num_heads=2, unidirectional=1)
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
 
@@ -130,27 +152,36 @@ def test_attention_qkv_hidden_sizes_bias_scale_and_filter_value():
     # V's head size (6) differs from Q/K's (4); attention_bias broadcasts over the batch.
     feeds = _attention_feeds(np.array([[1, 1, 0, 0], [0, 0, 0, 0]], np.int32), v=12)
     feeds.update(past=None, bias=_f32(1, 2, 4, 4))
-    model = _ms_model("Attention", feeds, num_heads=2, qkv_hidden_sizes=[8, 8, 12], scale=0.3,
-                      mask_filter_value=-7.0, unidirectional=1)
-    got = assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
-                                   rtol=1e-4, atol=1e-5)
+    model = _ms_model(
+        "Attention",
+        feeds,
+        num_heads=2,
+        qkv_hidden_sizes=[8, 8, 12],
+        scale=0.3,
+        mask_filter_value=-7.0,
+        unidirectional=1,
+    )
+    got = assert_matches_reference(
+        model, {k: v for k, v in feeds.items() if v is not None}, rtol=1e-4, atol=1e-5
+    )
     assert got[0].shape == (2, 4, 12)
 
 
 def test_attention_without_bias_input():
-    feeds = {"x": _f32(2, 4, 8), "w": _f32(8, 24), "b": None,
-             "mask": np.array([2, 4], np.int32)}
+    feeds = {"x": _f32(2, 4, 8), "w": _f32(8, 24), "b": None, "mask": np.array([2, 4], np.int32)}
     model = _ms_model("Attention", feeds, num_heads=2)
-    assert_matches_reference(model, {k: v for k, v in feeds.items() if v is not None},
-                             rtol=1e-4, atol=1e-5)
+    assert_matches_reference(
+        model, {k: v for k, v in feeds.items() if v is not None}, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_attention_4d_megatron_mask():
     # onnxruntime's CPU kernel refuses the 4-D form (its CUDA kernel reads row past + s of the
     # [batch, 1, max, max] mask for query s); compared with NumPy instead.
     past, max_length = 2, 8
-    feeds = _attention_feeds(RNG.integers(0, 2, (2, 1, max_length, max_length)).astype(
-        np.int32), past=past)
+    feeds = _attention_feeds(
+        RNG.integers(0, 2, (2, 1, max_length, max_length)).astype(np.int32), past=past
+    )
     model = _ms_model("Attention", feeds, ("y", "present"), num_heads=2)
     got, present = run_onnx2jax(model, feeds)
     x, w, b, mask = feeds["x"], feeds["w"], feeds["b"], feeds["mask"]
@@ -161,7 +192,7 @@ def test_attention_4d_megatron_mask():
 
     k = np.concatenate([feeds["past"][0], heads(k)], axis=2)
     v = np.concatenate([feeds["past"][1], heads(v)], axis=2)
-    rows = mask[:, 0, past:past + 4, :past + 4]
+    rows = mask[:, 0, past : past + 4, : past + 4]
     scores = heads(q) @ k.transpose(0, 1, 3, 2) / 2 + np.where(rows > 0, 0, -10000.0)[:, None]
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
@@ -170,24 +201,46 @@ def test_attention_4d_megatron_mask():
     np.testing.assert_array_equal(present, np.stack([k, v]))
 
 
-@pytest.mark.parametrize("mask", [
-    np.array([4, 2], np.int32),
-    np.array([[1, 1, 1, 0, 0], [0, 1, 0, 1, 0]], np.int32),
-    RNG.integers(0, 2, (2, 3, 5)).astype(np.int32)], ids=["lengths", "raw_2d", "raw_3d"])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        np.array([4, 2], np.int32),
+        np.array([[1, 1, 1, 0, 0], [0, 1, 0, 1, 0]], np.int32),
+        RNG.integers(0, 2, (2, 3, 5)).astype(np.int32),
+    ],
+    ids=["lengths", "raw_2d", "raw_3d"],
+)
 def test_multi_head_attention_key_padding_mask_forms(mask):
-    feeds = {"q": _f32(2, 3, 8), "k": _f32(2, 5, 8), "v": _f32(2, 5, 8), "b": _f32(24),
-             "mask": mask}
+    feeds = {
+        "q": _f32(2, 3, 8),
+        "k": _f32(2, 5, 8),
+        "v": _f32(2, 5, 8),
+        "b": _f32(24),
+        "mask": mask,
+    }
     model = _ms_model("MultiHeadAttention", feeds, num_heads=2)
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("unidirectional", [0, 1])
 def test_multi_head_attention_past_key_value(unidirectional):
-    feeds = {"q": _f32(2, 3, 8), "k": _f32(2, 3, 8), "v": _f32(2, 3, 8), "b": _f32(24),
-             "mask": np.array([6, 7], np.int32), "bias": _f32(1, 2, 3, 7),
-             "past_k": _f32(2, 2, 4, 4), "past_v": _f32(2, 2, 4, 4)}
-    model = _ms_model("MultiHeadAttention", feeds, ("y", "present_k", "present_v"),
-                      num_heads=2, unidirectional=unidirectional)
+    feeds = {
+        "q": _f32(2, 3, 8),
+        "k": _f32(2, 3, 8),
+        "v": _f32(2, 3, 8),
+        "b": _f32(24),
+        "mask": np.array([6, 7], np.int32),
+        "bias": _f32(1, 2, 3, 7),
+        "past_k": _f32(2, 2, 4, 4),
+        "past_v": _f32(2, 2, 4, 4),
+    }
+    model = _ms_model(
+        "MultiHeadAttention",
+        feeds,
+        ("y", "present_k", "present_v"),
+        num_heads=2,
+        unidirectional=unidirectional,
+    )
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-5)
 
 
@@ -200,9 +253,18 @@ def test_attention_rotary_and_bad_masks_are_clear_errors():
         run_onnx2jax(_ms_model("Attention", feeds, num_heads=2), feeds)
 
 
-@pytest.mark.parametrize("activation, params", [
-    ("", None), ("Relu", None), ("Tanh", None), ("Sigmoid", None), ("LeakyRelu", [0.2]),
-    ("Clip", [-0.5, 0.7]), ("HardSigmoid", [0.3, 0.4])])
+@pytest.mark.parametrize(
+    "activation, params",
+    [
+        ("", None),
+        ("Relu", None),
+        ("Tanh", None),
+        ("Sigmoid", None),
+        ("LeakyRelu", [0.2]),
+        ("Clip", [-0.5, 0.7]),
+        ("HardSigmoid", [0.3, 0.4]),
+    ],
+)
 @pytest.mark.parametrize("with_sum", [False, True])
 def test_fused_conv(activation, params, with_sum):
     # Weights of 64 output channels: model(...) runs the native kernel where this CPU has one.
@@ -213,9 +275,17 @@ def test_fused_conv(activation, params, with_sum):
     if params:
         attrs["activation_params"] = params
     weights = {"w": feeds.pop("w"), "b": feeds.pop("b")}
-    model = single_node_model("FusedConv", {"x": feeds["x"], **weights, **feeds}, ("y",),
-                              opset=17, domain=MS, initializers=weights, strides=[2, 2],
-                              pads=[1, 1, 1, 1], **attrs)
+    model = single_node_model(
+        "FusedConv",
+        {"x": feeds["x"], **weights, **feeds},
+        ("y",),
+        opset=17,
+        domain=MS,
+        initializers=weights,
+        strides=[2, 2],
+        pads=[1, 1, 1, 1],
+        **attrs,
+    )
     assert_matches_reference(model, feeds, rtol=1e-4, atol=1e-4)
 
 
@@ -230,10 +300,14 @@ def test_fused_conv_rejects_an_unknown_activation():
 def test_layer_normalization_below_opset_17(opset, dtype):
     # onnxruntime's transformer optimizer leaves LayerNormalization in the default domain of
     # models below opset 17; onnxruntime runs it (its kernel is registered from opset 1).
-    feeds = {"x": _f32(2, 3, 8).astype(dtype), "scale": _f32(8).astype(dtype),
-             "bias": _f32(8).astype(dtype)}
-    model = single_node_model("LayerNormalization", feeds, ("y", "mean", "inv_std"),
-                              opset=opset, axis=-1, epsilon=1e-5)
+    feeds = {
+        "x": _f32(2, 3, 8).astype(dtype),
+        "scale": _f32(8).astype(dtype),
+        "bias": _f32(8).astype(dtype),
+    }
+    model = single_node_model(
+        "LayerNormalization", feeds, ("y", "mean", "inv_std"), opset=opset, axis=-1, epsilon=1e-5
+    )
     tolerance = 1e-5 if dtype == np.float32 else 2e-3
     assert_matches_reference(model, feeds, rtol=tolerance, atol=tolerance)
 
@@ -252,37 +326,51 @@ def test_gelu_family_float16_computes_in_float32(op_type):
     if op_type == "Gelu":
         exact = 0.5 * wide * (1 + erf(wide / np.sqrt(2)))
     elif op_type == "FastGelu":
-        exact = 0.5 * wide * (1 + np.tanh(np.sqrt(2 / np.pi) * (wide + 0.044715 * wide ** 3)))
+        exact = 0.5 * wide * (1 + np.tanh(np.sqrt(2 / np.pi) * (wide + 0.044715 * wide**3)))
     else:
         exact = wide / (1 + np.exp(-1.702 * wide))
     assert got.dtype == np.float16
     assert np.abs(got - exact).sum() <= np.abs(ort - exact).sum()
-    np.testing.assert_allclose(got.astype(np.float32), ort.astype(np.float32), rtol=4e-3,
-                               atol=2e-3)
+    np.testing.assert_allclose(got.astype(np.float32), ort.astype(np.float32), rtol=4e-3, atol=2e-3)
 
 
 def _f16(*shape):
     return RNG.normal(size=shape).astype(np.float16)
 
 
-@pytest.mark.parametrize("op_type", ["Attention", "SkipLayerNormalization",
-                                     "EmbedLayerNormalization"])
+@pytest.mark.parametrize(
+    "op_type", ["Attention", "SkipLayerNormalization", "EmbedLayerNormalization"]
+)
 def test_float16_transformer_ops_round_once_like_onnxruntime(op_type):
     # onnxruntime runs these fp16 nodes in float32 and rounds the result once; so does
     # onnx2jax, which lands on the same fp16 values but for the odd last-bit tie.
     if op_type == "Attention":
-        feeds = {"x": _f16(2, 16, 32), "w": _f16(32, 96) * np.float16(0.2), "b": _f16(96),
-                 "mask": np.array([16, 9], np.int32)}
+        feeds = {
+            "x": _f16(2, 16, 32),
+            "w": _f16(32, 96) * np.float16(0.2),
+            "b": _f16(96),
+            "mask": np.array([16, 9], np.int32),
+        }
         attrs, outputs = {"num_heads": 2}, ("y",)
     elif op_type == "SkipLayerNormalization":
-        feeds = {"x": _f16(2, 16, 32), "skip": _f16(2, 16, 32), "gamma": _f16(32),
-                 "beta": _f16(32), "bias": _f16(32)}
+        feeds = {
+            "x": _f16(2, 16, 32),
+            "skip": _f16(2, 16, 32),
+            "gamma": _f16(32),
+            "beta": _f16(32),
+            "bias": _f16(32),
+        }
         attrs, outputs = {"epsilon": 1e-5}, ("y", "mean", "inv_std", "sum")
     else:
-        feeds = {"ids": RNG.integers(0, 50, (2, 16)).astype(np.int32),
-                 "seg": RNG.integers(0, 2, (2, 16)).astype(np.int32), "word": _f16(50, 32),
-                 "pos": _f16(16, 32), "segemb": _f16(2, 32), "gamma": _f16(32),
-                 "beta": _f16(32)}
+        feeds = {
+            "ids": RNG.integers(0, 50, (2, 16)).astype(np.int32),
+            "seg": RNG.integers(0, 2, (2, 16)).astype(np.int32),
+            "word": _f16(50, 32),
+            "pos": _f16(16, 32),
+            "segemb": _f16(2, 32),
+            "gamma": _f16(32),
+            "beta": _f16(32),
+        }
         attrs, outputs = {"epsilon": 1e-5}, ("y", "mask_index")
     model = _ms_model(op_type, feeds, outputs, **attrs)
     want = run_reference(model, feeds)
@@ -292,5 +380,6 @@ def test_float16_transformer_ops_round_once_like_onnxruntime(op_type):
         if ours.dtype == np.float16:
             assert np.mean(ours != theirs) <= 0.005
         # Float32 statistics (mean, inv_std) differ in summation order only.
-        np.testing.assert_allclose(ours.astype(np.float32), theirs.astype(np.float32),
-                                   rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(
+            ours.astype(np.float32), theirs.astype(np.float32), rtol=1e-3, atol=1e-3
+        )

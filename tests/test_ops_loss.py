@@ -29,8 +29,9 @@ def _targets(shape, classes, ignore=None, dtype=np.int64):
 
 
 def _model(op, x, target, weight=None, outputs=("loss",), opset=13, **attrs):
-    return single_node_model(op, {"x": x, "t": target, "w": weight}, outputs=outputs,
-                             opset=opset, **attrs)
+    return single_node_model(
+        op, {"x": x, "t": target, "w": weight}, outputs=outputs, opset=opset, **attrs
+    )
 
 
 @pytest.mark.parametrize("op", ["NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss"])
@@ -44,14 +45,19 @@ def test_matches_onnxruntime(op, reduction, weighted, ignore_index):
     if ignore_index is not None:
         attrs["ignore_index"] = ignore_index
     model = _model(op, x, target, weight, **attrs)
-    assert_matches_reference(model, {"x": x, "t": target, "w": weight} if weighted
-                             else {"x": x, "t": target}, rtol=1e-5, atol=1e-6)
+    assert_matches_reference(
+        model,
+        {"x": x, "t": target, "w": weight} if weighted else {"x": x, "t": target},
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_sce_log_prob_output_int32_targets_and_2d():
     x, target = _scores(5, 3), _targets((5,), 3, ignore=1, dtype=np.int32)
-    model = _model("SoftmaxCrossEntropyLoss", x, target, outputs=("loss", "log_prob"),
-                   ignore_index=1)
+    model = _model(
+        "SoftmaxCrossEntropyLoss", x, target, outputs=("loss", "log_prob"), ignore_index=1
+    )
     assert_matches_reference(model, {"x": x, "t": target})
 
 
@@ -59,8 +65,9 @@ def test_nll_opset22_double():
     x, target = _scores(4, 3, dtype=np.float64), _targets((4,), 3)
     weight = np.array([0.2, 1.0, 3.0])
     model = _model("NegativeLogLikelihoodLoss", x, target, weight, opset=22)
-    assert_matches_reference(model, {"x": x, "t": target, "w": weight}, engine="reference",
-                             rtol=1e-12, atol=1e-12)
+    assert_matches_reference(
+        model, {"x": x, "t": target, "w": weight}, engine="reference", rtol=1e-12, atol=1e-12
+    )
 
 
 def test_half_precision_matches_float32():
@@ -90,14 +97,21 @@ def test_ignored_position_with_infinite_score_stays_finite():
 
 def test_constant_inputs_fold_at_trace_time():
     x, target = _scores(3, 4), _targets((3,), 4)
-    nodes = [helper.make_node("SoftmaxCrossEntropyLoss", ["x", "t"], ["loss"], reduction="sum"),
-             helper.make_node("Reshape", ["loss", "one"], ["y"])]
+    nodes = [
+        helper.make_node("SoftmaxCrossEntropyLoss", ["x", "t"], ["loss"], reduction="sum"),
+        helper.make_node("Reshape", ["loss", "one"], ["y"]),
+    ]
     graph = helper.make_graph(
-        nodes, "folded", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        initializer=[numpy_helper.from_array(np.array([1], np.int64), "one"),
-                     numpy_helper.from_array(target, "t")])
-    graph.node.insert(0, helper.make_node("Constant", [], ["x"],
-                                          value=numpy_helper.from_array(x)))
+        nodes,
+        "folded",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(target, "t"),
+        ],
+    )
+    graph.node.insert(0, helper.make_node("Constant", [], ["x"], value=numpy_helper.from_array(x)))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=10)
     (want,) = run_reference(model, {})
     for x64 in (True, False):
@@ -142,15 +156,19 @@ def test_nll_gradient_with_x64_off():
     with jax.enable_x64(False):
         compiled = onnx2jax.load(model)
         grad = jax.grad(lambda s: compiled.apply(compiled.params, s, target)["loss"])(
-            jnp.asarray(x))
+            jnp.asarray(x)
+        )
     want = -np.moveaxis(np.eye(4, dtype=np.float32)[target], -1, 1)
     np.testing.assert_array_equal(grad, want)
 
 
-@pytest.mark.parametrize("attrs, target_shape, match", [
-    ({"reduction": "max"}, (3,), "reduction"),
-    ({}, (4,), "target of shape"),
-])
+@pytest.mark.parametrize(
+    "attrs, target_shape, match",
+    [
+        ({"reduction": "max"}, (3,), "reduction"),
+        ({}, (4,), "target of shape"),
+    ],
+)
 def test_bad_attributes_and_shapes_raise(attrs, target_shape, match):
     x, target = _scores(3, 4), np.zeros(target_shape, np.int64)
     model = _model("NegativeLogLikelihoodLoss", x, target, **attrs)

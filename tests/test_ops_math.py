@@ -28,165 +28,512 @@ def i64(values):
 
 # (id, op_type, inputs, attributes, opset, engine, initializer names)
 CASES = [
-    ("max_variadic_broadcast", "Max", {"a": f32(2, 1, 3), "b": f32(4, 1), "c": f32(3)}, {},
-     13, "onnxruntime", ()),
-    ("mean_variadic_broadcast", "Mean", {"a": f32(2, 1, 3), "b": f32(4, 1), "c": f32(3)}, {},
-     13, "onnxruntime", ()),
+    (
+        "max_variadic_broadcast",
+        "Max",
+        {"a": f32(2, 1, 3), "b": f32(4, 1), "c": f32(3)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "mean_variadic_broadcast",
+        "Mean",
+        {"a": f32(2, 1, 3), "b": f32(4, 1), "c": f32(3)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
     ("sum_single", "Sum", {"a": f32(2, 3)}, {}, 13, "onnxruntime", ()),
-    ("min_int32", "Min", {"a": np.array([[1, -5, 3]], np.int32),
-                          "b": np.array([[2], [-7]], np.int32)}, {}, 13, "onnxruntime", ()),
-    ("pow_float_int_exponent", "Pow", {"x": f32(2, 3), "e": np.array([2, 3, -1], np.int64)},
-     {}, 15, "onnxruntime", ()),
-    ("pow_constant_square_broadcasts", "Pow", {"x": f32(3), "e": np.full((2, 1), 2.0,
-                                                                        np.float32)},
-     {}, 15, "onnxruntime", ("e",)),
-    ("pow_int_base", "Pow", {"x": np.array([1, 2, -3], np.int32),
-                             "e": np.array([3, 2, 3], np.int32)}, {}, 15, "onnxruntime", ()),
-    ("mod_int_floor", "Mod", {"a": np.array([-7, 7, -7, 7], np.int32),
-                              "b": np.array([3, -3, -3, 3], np.int32)}, {}, 13,
-     "onnxruntime", ()),
-    ("mod_int_fmod", "Mod", {"a": np.array([-7, 7, -7, 7], np.int64),
-                             "b": np.array([3, -3, -3, 3], np.int64)}, {"fmod": 1}, 13,
-     "onnxruntime", ()),
-    ("mod_float_fmod_broadcast", "Mod", {"a": f32(2, 3) * 5, "b": np.array([1.5], np.float32)},
-     {"fmod": 1}, 13, "onnxruntime", ()),
-    ("clip_only_max_int", "Clip", {"x": np.array([-5, 0, 9], np.int32), "min": None,
-                                   "max": np.array(4, np.int32)}, {}, 13, "onnxruntime", ()),
-    ("clip_min_above_max", "Clip", {"x": f32(5), "min": np.array(1, np.float32),
-                                    "max": np.array(-1, np.float32)}, {}, 13, "reference", ()),
-    ("clip_attributes_v6", "Clip", {"x": f32(2, 4)}, {"min": -0.5, "max": 0.25}, 6,
-     "onnxruntime", ()),
-    ("where_broadcast", "Where", {"c": np.array([[True], [False]]), "x": f32(3),
-                                  "z": np.array(7.0, np.float32)}, {}, 16, "onnxruntime", ()),
+    (
+        "min_int32",
+        "Min",
+        {"a": np.array([[1, -5, 3]], np.int32), "b": np.array([[2], [-7]], np.int32)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "pow_float_int_exponent",
+        "Pow",
+        {"x": f32(2, 3), "e": np.array([2, 3, -1], np.int64)},
+        {},
+        15,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "pow_constant_square_broadcasts",
+        "Pow",
+        {"x": f32(3), "e": np.full((2, 1), 2.0, np.float32)},
+        {},
+        15,
+        "onnxruntime",
+        ("e",),
+    ),
+    (
+        "pow_int_base",
+        "Pow",
+        {"x": np.array([1, 2, -3], np.int32), "e": np.array([3, 2, 3], np.int32)},
+        {},
+        15,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "mod_int_floor",
+        "Mod",
+        {"a": np.array([-7, 7, -7, 7], np.int32), "b": np.array([3, -3, -3, 3], np.int32)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "mod_int_fmod",
+        "Mod",
+        {"a": np.array([-7, 7, -7, 7], np.int64), "b": np.array([3, -3, -3, 3], np.int64)},
+        {"fmod": 1},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "mod_float_fmod_broadcast",
+        "Mod",
+        {"a": f32(2, 3) * 5, "b": np.array([1.5], np.float32)},
+        {"fmod": 1},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "clip_only_max_int",
+        "Clip",
+        {"x": np.array([-5, 0, 9], np.int32), "min": None, "max": np.array(4, np.int32)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "clip_min_above_max",
+        "Clip",
+        {"x": f32(5), "min": np.array(1, np.float32), "max": np.array(-1, np.float32)},
+        {},
+        13,
+        "reference",
+        (),
+    ),
+    (
+        "clip_attributes_v6",
+        "Clip",
+        {"x": f32(2, 4)},
+        {"min": -0.5, "max": 0.25},
+        6,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "where_broadcast",
+        "Where",
+        {"c": np.array([[True], [False]]), "x": f32(3), "z": np.array(7.0, np.float32)},
+        {},
+        16,
+        "onnxruntime",
+        (),
+    ),
     ("erf_int", "Erf", {"x": np.array([-2, 0, 1], np.int32)}, {}, 13, "reference", ()),
-    ("round_half_even", "Round", {"x": np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 2.6],
-                                                np.float32)}, {}, 22, "onnxruntime", ()),
-    ("isinf_none", "IsInf", {"x": np.array([np.inf, -np.inf, 1.0], np.float32)},
-     {"detect_positive": 0, "detect_negative": 0}, 20, "reference", ()),
-    ("bitshift_signed_right", "BitShift", {"x": np.array([-16, 16, -1, 5, -5], np.int8),
-                                           "s": np.array([2, 2, 9, -1, 8], np.int8)},
-     {"direction": "RIGHT"}, 28, "reference", ()),
-    ("bitshift_signed_left", "BitShift", {"x": np.array([-16, 64, 1, 5], np.int16),
-                                          "s": np.array([2, 2, 16, 3], np.int16)},
-     {"direction": "LEFT"}, 28, "reference", ()),
-    ("bitshift_uint_overwide", "BitShift", {"x": np.array([1, 255, 7], np.uint8),
-                                            "s": np.array([8, 1, 3], np.uint8)},
-     {"direction": "LEFT"}, 11, "reference", ()),
-    ("shrink_int", "Shrink", {"x": np.arange(-4, 5, dtype=np.int32)}, {"lambd": 1.5,
-                                                                      "bias": 1.0},
-     9, "onnxruntime", ()),
-    ("equal_bool", "Equal", {"a": np.array([True, False, True]), "b": np.array([True])}, {},
-     19, "onnxruntime", ()),
-    ("prelu_channel_slope", "PRelu", {"x": f32(2, 3, 4), "s": f32(3, 1)}, {}, 16,
-     "onnxruntime", ()),
+    (
+        "round_half_even",
+        "Round",
+        {"x": np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 2.6], np.float32)},
+        {},
+        22,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "isinf_none",
+        "IsInf",
+        {"x": np.array([np.inf, -np.inf, 1.0], np.float32)},
+        {"detect_positive": 0, "detect_negative": 0},
+        20,
+        "reference",
+        (),
+    ),
+    (
+        "bitshift_signed_right",
+        "BitShift",
+        {"x": np.array([-16, 16, -1, 5, -5], np.int8), "s": np.array([2, 2, 9, -1, 8], np.int8)},
+        {"direction": "RIGHT"},
+        28,
+        "reference",
+        (),
+    ),
+    (
+        "bitshift_signed_left",
+        "BitShift",
+        {"x": np.array([-16, 64, 1, 5], np.int16), "s": np.array([2, 2, 16, 3], np.int16)},
+        {"direction": "LEFT"},
+        28,
+        "reference",
+        (),
+    ),
+    (
+        "bitshift_uint_overwide",
+        "BitShift",
+        {"x": np.array([1, 255, 7], np.uint8), "s": np.array([8, 1, 3], np.uint8)},
+        {"direction": "LEFT"},
+        11,
+        "reference",
+        (),
+    ),
+    (
+        "shrink_int",
+        "Shrink",
+        {"x": np.arange(-4, 5, dtype=np.int32)},
+        {"lambd": 1.5, "bias": 1.0},
+        9,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "equal_bool",
+        "Equal",
+        {"a": np.array([True, False, True]), "b": np.array([True])},
+        {},
+        19,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "prelu_channel_slope",
+        "PRelu",
+        {"x": f32(2, 3, 4), "s": f32(3, 1)},
+        {},
+        16,
+        "onnxruntime",
+        (),
+    ),
     ("relu_int8", "Relu", {"x": np.array([-3, 0, 4], np.int8)}, {}, 14, "onnxruntime", ()),
     ("gelu_tanh", "Gelu", {"x": f32(3, 4)}, {"approximate": "tanh"}, 20, "onnxruntime", ()),
     ("celu_alpha", "Celu", {"x": f32(3, 4)}, {"alpha": 2.0}, 12, "onnxruntime", ()),
     ("selu_float16", "Selu", {"x": f32(6).astype(np.float16)}, {}, 6, "onnxruntime", ()),
     ("matmul_vec_mat", "MatMul", {"a": f32(4), "b": f32(2, 4, 3)}, {}, 13, "onnxruntime", ()),
     ("matmul_mat_vec", "MatMul", {"a": f32(2, 3, 4), "b": f32(4)}, {}, 13, "onnxruntime", ()),
-    ("matmul_batch_broadcast", "MatMul", {"a": f32(2, 1, 3, 4), "b": f32(5, 4, 2)}, {}, 13,
-     "onnxruntime", ()),
-    ("matmul_int32", "MatMul", {"a": np.arange(6, dtype=np.int32).reshape(2, 3),
-                                "b": np.arange(6, dtype=np.int32).reshape(3, 2)}, {}, 13,
-     "onnxruntime", ()),
-    ("gemm_trans_both_c_row", "Gemm", {"a": f32(4, 3), "b": f32(5, 4), "c": f32(5)},
-     {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0}, 13, "onnxruntime", ()),
-    ("gemm_no_c", "Gemm", {"a": f32(3, 4), "b": f32(4, 5), "c": None}, {"alpha": 3.0}, 13,
-     "onnxruntime", ()),
-    ("gemm_legacy_broadcast", "Gemm", {"a": f32(3, 4), "b": f32(4, 5), "c": f32(1)},
-     {"broadcast": 1}, 6, "reference", ()),
-    ("gemm_int32", "Gemm", {"a": np.arange(6, dtype=np.int32).reshape(2, 3),
-                            "b": np.arange(6, dtype=np.int32).reshape(3, 2),
-                            "c": np.array([1, -1], np.int32)}, {}, 13, "reference", ()),
-    ("einsum_spaces_ellipsis", "Einsum", {"a": f32(2, 3, 4), "b": f32(2, 4, 5)},
-     {"equation": "...ij, ...jk -> ...ik"}, 12, "onnxruntime", ()),
-    ("einsum_implicit_trace", "Einsum", {"a": f32(3, 3)}, {"equation": "ii"}, 12,
-     "onnxruntime", ()),
-    ("cumsum_reverse_exclusive_negative_axis", "CumSum",
-     {"x": f32(2, 4), "axis": i64(-1)}, {"reverse": 1, "exclusive": 1}, 14, "onnxruntime",
-     ("axis",)),
-    ("cumsum_int32_exclusive", "CumSum", {"x": np.arange(1, 7, dtype=np.int32).reshape(2, 3),
-                                          "axis": np.array(0, np.int32)},
-     {"exclusive": 1}, 14, "onnxruntime", ("axis",)),
-    ("cumprod_reverse", "CumProd", {"x": f32(3, 2), "axis": i64(0)}, {"reverse": 1}, 26,
-     "reference", ("axis",)),
-    ("softmax_legacy_flattens", "Softmax", {"x": f32(2, 3, 4)}, {"axis": 1}, 11,
-     "onnxruntime", ()),
+    (
+        "matmul_batch_broadcast",
+        "MatMul",
+        {"a": f32(2, 1, 3, 4), "b": f32(5, 4, 2)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "matmul_int32",
+        "MatMul",
+        {
+            "a": np.arange(6, dtype=np.int32).reshape(2, 3),
+            "b": np.arange(6, dtype=np.int32).reshape(3, 2),
+        },
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "gemm_trans_both_c_row",
+        "Gemm",
+        {"a": f32(4, 3), "b": f32(5, 4), "c": f32(5)},
+        {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "gemm_no_c",
+        "Gemm",
+        {"a": f32(3, 4), "b": f32(4, 5), "c": None},
+        {"alpha": 3.0},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "gemm_legacy_broadcast",
+        "Gemm",
+        {"a": f32(3, 4), "b": f32(4, 5), "c": f32(1)},
+        {"broadcast": 1},
+        6,
+        "reference",
+        (),
+    ),
+    (
+        "gemm_int32",
+        "Gemm",
+        {
+            "a": np.arange(6, dtype=np.int32).reshape(2, 3),
+            "b": np.arange(6, dtype=np.int32).reshape(3, 2),
+            "c": np.array([1, -1], np.int32),
+        },
+        {},
+        13,
+        "reference",
+        (),
+    ),
+    (
+        "einsum_spaces_ellipsis",
+        "Einsum",
+        {"a": f32(2, 3, 4), "b": f32(2, 4, 5)},
+        {"equation": "...ij, ...jk -> ...ik"},
+        12,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "einsum_implicit_trace",
+        "Einsum",
+        {"a": f32(3, 3)},
+        {"equation": "ii"},
+        12,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "cumsum_reverse_exclusive_negative_axis",
+        "CumSum",
+        {"x": f32(2, 4), "axis": i64(-1)},
+        {"reverse": 1, "exclusive": 1},
+        14,
+        "onnxruntime",
+        ("axis",),
+    ),
+    (
+        "cumsum_int32_exclusive",
+        "CumSum",
+        {"x": np.arange(1, 7, dtype=np.int32).reshape(2, 3), "axis": np.array(0, np.int32)},
+        {"exclusive": 1},
+        14,
+        "onnxruntime",
+        ("axis",),
+    ),
+    (
+        "cumprod_reverse",
+        "CumProd",
+        {"x": f32(3, 2), "axis": i64(0)},
+        {"reverse": 1},
+        26,
+        "reference",
+        ("axis",),
+    ),
+    ("softmax_legacy_flattens", "Softmax", {"x": f32(2, 3, 4)}, {"axis": 1}, 11, "onnxruntime", ()),
     ("softmax_axis0", "Softmax", {"x": f32(2, 3, 4)}, {"axis": 0}, 13, "onnxruntime", ()),
     # Rows over 32 wide reduce in two steps on the CPU (a row of 128; trailing axes of 6x8).
     ("softmax_wide_rows", "Softmax", {"x": f32(2, 3, 128) * 8}, {}, 13, "onnxruntime", ()),
-    ("softmax_legacy_wide_trailing_axes", "Softmax", {"x": f32(2, 6, 8) * 8}, {"axis": 1}, 11,
-     "onnxruntime", ()),
-    ("softmax_wide_rows_masked", "Softmax",
-     {"x": np.where(RNG.random((4, 64)) < 0.5, -np.inf, f32(4, 64)).astype(np.float32)},
-     {}, 13, "onnxruntime", ()),
+    (
+        "softmax_legacy_wide_trailing_axes",
+        "Softmax",
+        {"x": f32(2, 6, 8) * 8},
+        {"axis": 1},
+        11,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "softmax_wide_rows_masked",
+        "Softmax",
+        {"x": np.where(RNG.random((4, 64)) < 0.5, -np.inf, f32(4, 64)).astype(np.float32)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
     ("logsoftmax_legacy_default", "LogSoftmax", {"x": f32(2, 3, 4)}, {}, 1, "onnxruntime", ()),
-    ("hardmax_legacy_ties", "Hardmax", {"x": np.array([[[1, 3], [3, 0]], [[2, 2], [0, 1]]],
-                                                      np.float32)}, {"axis": 1}, 11,
-     "onnxruntime", ()),
-    ("hardmax_middle_axis", "Hardmax", {"x": f32(2, 3, 4)}, {"axis": -2}, 13, "onnxruntime",
-     ()),
+    (
+        "hardmax_legacy_ties",
+        "Hardmax",
+        {"x": np.array([[[1, 3], [3, 0]], [[2, 2], [0, 1]]], np.float32)},
+        {"axis": 1},
+        11,
+        "onnxruntime",
+        (),
+    ),
+    ("hardmax_middle_axis", "Hardmax", {"x": f32(2, 3, 4)}, {"axis": -2}, 13, "onnxruntime", ()),
     ("det_batched", "Det", {"x": f32(2, 3, 3)}, {}, 22, "onnxruntime", ()),
-    ("reduce_sum_negative_axes_input", "ReduceSum", {"x": f32(2, 3, 4), "axes": i64([-1, 0])},
-     {"keepdims": 0}, 13, "onnxruntime", ("axes",)),
-    ("reduce_sum_noop", "ReduceSum", {"x": f32(2, 3), "axes": i64([])},
-     {"noop_with_empty_axes": 1}, 13, "onnxruntime", ("axes",)),
-    ("reduce_sum_int8", "ReduceSum", {"x": np.full((4, 5), 30, np.int8), "axes": None},
-     {"keepdims": 0}, 13, "reference", ()),
-    ("reduce_mean_axes_attr", "ReduceMean", {"x": f32(2, 3, 4)}, {"axes": [1, -1]}, 13,
-     "onnxruntime", ()),
-    ("reduce_max_empty", "ReduceMax", {"x": np.zeros((2, 0, 3), np.float32),
-                                       "axes": i64([1])}, {}, 18, "onnxruntime", ("axes",)),
-    ("reduce_min_empty_int", "ReduceMin", {"x": np.zeros((0, 3), np.int32),
-                                           "axes": i64([0])}, {"keepdims": 0}, 18,
-     "onnxruntime", ("axes",)),
-    ("reduce_max_bool", "ReduceMax", {"x": np.array([[True, False], [False, False]]),
-                                      "axes": i64([1])}, {}, 20, "reference", ("axes",)),
-    ("reduce_prod_empty", "ReduceProd", {"x": np.zeros((0, 3), np.float32)}, {"axes": [0]}, 13,
-     "onnxruntime", ()),
-    ("reduce_l2_int", "ReduceL2", {"x": np.array([[3, 4], [5, 12]], np.int32)}, {"axes": [1]},
-     13, "onnxruntime", ()),
-    ("reduce_log_sum_exp_large", "ReduceLogSumExp",
-     {"x": np.array([[1000.0, 1000.0], [-np.inf, 0.0]], np.float32), "axes": i64([1])}, {},
-     18, "reference", ("axes",)),
-    ("reduce_log_sum_exp_empty", "ReduceLogSumExp", {"x": np.zeros((2, 0), np.float32),
-                                                     "axes": i64([1])},
-     {"keepdims": 0}, 18, "reference", ("axes",)),
-    ("reduce_sum_square_scalar", "ReduceSumSquare", {"x": np.array(3.0, np.float32)}, {}, 13,
-     "onnxruntime", ()),
-    ("argmax_last_index_negative_axis", "ArgMax",
-     {"x": np.array([[1, 5, 5], [7, 7, 0]], np.float32)},
-     {"axis": -1, "keepdims": 0, "select_last_index": 1}, 13, "onnxruntime", ()),
-    ("argmin_first_index", "ArgMin", {"x": np.array([[1, 0, 0], [7, 7, 9]], np.int32)},
-     {"axis": 1}, 13, "onnxruntime", ()),
+    (
+        "reduce_sum_negative_axes_input",
+        "ReduceSum",
+        {"x": f32(2, 3, 4), "axes": i64([-1, 0])},
+        {"keepdims": 0},
+        13,
+        "onnxruntime",
+        ("axes",),
+    ),
+    (
+        "reduce_sum_noop",
+        "ReduceSum",
+        {"x": f32(2, 3), "axes": i64([])},
+        {"noop_with_empty_axes": 1},
+        13,
+        "onnxruntime",
+        ("axes",),
+    ),
+    (
+        "reduce_sum_int8",
+        "ReduceSum",
+        {"x": np.full((4, 5), 30, np.int8), "axes": None},
+        {"keepdims": 0},
+        13,
+        "reference",
+        (),
+    ),
+    (
+        "reduce_mean_axes_attr",
+        "ReduceMean",
+        {"x": f32(2, 3, 4)},
+        {"axes": [1, -1]},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "reduce_max_empty",
+        "ReduceMax",
+        {"x": np.zeros((2, 0, 3), np.float32), "axes": i64([1])},
+        {},
+        18,
+        "onnxruntime",
+        ("axes",),
+    ),
+    (
+        "reduce_min_empty_int",
+        "ReduceMin",
+        {"x": np.zeros((0, 3), np.int32), "axes": i64([0])},
+        {"keepdims": 0},
+        18,
+        "onnxruntime",
+        ("axes",),
+    ),
+    (
+        "reduce_max_bool",
+        "ReduceMax",
+        {"x": np.array([[True, False], [False, False]]), "axes": i64([1])},
+        {},
+        20,
+        "reference",
+        ("axes",),
+    ),
+    (
+        "reduce_prod_empty",
+        "ReduceProd",
+        {"x": np.zeros((0, 3), np.float32)},
+        {"axes": [0]},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "reduce_l2_int",
+        "ReduceL2",
+        {"x": np.array([[3, 4], [5, 12]], np.int32)},
+        {"axes": [1]},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "reduce_log_sum_exp_large",
+        "ReduceLogSumExp",
+        {"x": np.array([[1000.0, 1000.0], [-np.inf, 0.0]], np.float32), "axes": i64([1])},
+        {},
+        18,
+        "reference",
+        ("axes",),
+    ),
+    (
+        "reduce_log_sum_exp_empty",
+        "ReduceLogSumExp",
+        {"x": np.zeros((2, 0), np.float32), "axes": i64([1])},
+        {"keepdims": 0},
+        18,
+        "reference",
+        ("axes",),
+    ),
+    (
+        "reduce_sum_square_scalar",
+        "ReduceSumSquare",
+        {"x": np.array(3.0, np.float32)},
+        {},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "argmax_last_index_negative_axis",
+        "ArgMax",
+        {"x": np.array([[1, 5, 5], [7, 7, 0]], np.float32)},
+        {"axis": -1, "keepdims": 0, "select_last_index": 1},
+        13,
+        "onnxruntime",
+        (),
+    ),
+    (
+        "argmin_first_index",
+        "ArgMin",
+        {"x": np.array([[1, 0, 0], [7, 7, 9]], np.int32)},
+        {"axis": 1},
+        13,
+        "onnxruntime",
+        (),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("op_type", "inputs", "attributes", "opset", "engine", "constants"),
-                         [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+@pytest.mark.parametrize(
+    ("op_type", "inputs", "attributes", "opset", "engine", "constants"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
 def test_matches_reference(op_type, inputs, attributes, opset, engine, constants):
     initializers = {name: inputs[name] for name in constants}
-    model = single_node_model(op_type, inputs, opset=opset, initializers=initializers,
-                              **attributes)
+    model = single_node_model(op_type, inputs, opset=opset, initializers=initializers, **attributes)
     half = any(v is not None and v.dtype == np.float16 for v in inputs.values())
-    assert_matches_reference(model, feeds_of(model, inputs), engine=engine,
-                             rtol=2e-3 if half else 1e-4, atol=1e-5)
+    assert_matches_reference(
+        model, feeds_of(model, inputs), engine=engine, rtol=2e-3 if half else 1e-4, atol=1e-5
+    )
 
 
-X64_OFF_CASES = ["gemm_trans_both_c_row", "cumsum_int32_exclusive", "reduce_min_empty_int",
-                 "argmax_last_index_negative_axis", "mod_int_fmod", "pow_float_int_exponent",
-                 "softmax_legacy_flattens", "reduce_sum_negative_axes_input", "softmax_wide_rows"]
+X64_OFF_CASES = [
+    "gemm_trans_both_c_row",
+    "cumsum_int32_exclusive",
+    "reduce_min_empty_int",
+    "argmax_last_index_negative_axis",
+    "mod_int_fmod",
+    "pow_float_int_exponent",
+    "softmax_legacy_flattens",
+    "reduce_sum_negative_axes_input",
+    "softmax_wide_rows",
+]
 
 
 @pytest.mark.parametrize("case_id", X64_OFF_CASES)
 def test_x64_off(case_id):
     """With x64 off, int64 becomes int32 and float64 float32; the values must not change."""
-    _, op_type, inputs, attributes, opset, engine, constants = next(c for c in CASES
-                                                                    if c[0] == case_id)
-    model = single_node_model(op_type, inputs, opset=opset,
-                              initializers={name: inputs[name] for name in constants},
-                              **attributes)
+    _, op_type, inputs, attributes, opset, engine, constants = next(
+        c for c in CASES if c[0] == case_id
+    )
+    model = single_node_model(
+        op_type,
+        inputs,
+        opset=opset,
+        initializers={name: inputs[name] for name in constants},
+        **attributes,
+    )
     feeds = feeds_of(model, inputs)
     (want,) = run_reference(model, feeds, engine=engine)
     (got,) = run_onnx2jax(model, feeds, x64=False)
@@ -199,13 +546,17 @@ def test_equal_on_static_strings_folds():
     a = helper.make_tensor("a", TensorProto.STRING, [2], [b"x", b"y"])
     b = helper.make_tensor("b", TensorProto.STRING, [1], [b"y"])
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["ca"], value=a),
-         helper.make_node("Constant", [], ["cb"], value=b),
-         helper.make_node("Equal", ["ca", "cb"], ["eq"]),
-         helper.make_node("Neg", ["x"], ["minus_x"]),
-         helper.make_node("Where", ["eq", "x", "minus_x"], ["y"])],
-        "strings", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        [
+            helper.make_node("Constant", [], ["ca"], value=a),
+            helper.make_node("Constant", [], ["cb"], value=b),
+            helper.make_node("Equal", ["ca", "cb"], ["eq"]),
+            helper.make_node("Neg", ["x"], ["minus_x"]),
+            helper.make_node("Where", ["eq", "x", "minus_x"], ["y"]),
+        ],
+        "strings",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     (got,) = run_onnx2jax(model, {"x": np.ones(2, np.float32)})
     np.testing.assert_array_equal(got, [-1.0, 1.0])
@@ -237,12 +588,17 @@ def test_static_values_stay_static():
 
 def _softmax_model(shape, dtype=TensorProto.FLOAT):
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "scale"], ["scaled"]),
-         helper.make_node("Softmax", ["scaled"], ["y"], axis=-1)],
-        "softmax", [helper.make_tensor_value_info("x", dtype, shape)],
+        [
+            helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+            helper.make_node("Softmax", ["scaled"], ["y"], axis=-1),
+        ],
+        "softmax",
+        [helper.make_tensor_value_info("x", dtype, shape)],
         [helper.make_tensor_value_info("y", dtype, shape)],
-        initializer=[numpy_helper.from_array(
-            np.array(0.5, helper.tensor_dtype_to_np_dtype(dtype)), "scale")])
+        initializer=[
+            numpy_helper.from_array(np.array(0.5, helper.tensor_dtype_to_np_dtype(dtype)), "scale")
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -254,8 +610,9 @@ def test_wide_softmax_fuses_its_input_on_cpu():
     bound = model.bind_inputs((x,), {})
     text = model.engine.lower(bound).compile().as_text()
     assert "reduce-window" not in text
-    np.testing.assert_allclose(np.asarray(model(x)["y"]), jax.nn.softmax(x * 0.5, axis=-1),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(model(x)["y"]), jax.nn.softmax(x * 0.5, axis=-1), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_wide_softmax_gradient_vmap_and_float64():
@@ -286,14 +643,18 @@ def _chain_model():
     b = numpy_helper.from_array(f32(3).astype(np.float64), "b")
     two = numpy_helper.from_array(np.array(2.0), "two")
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["g"]),
-         helper.make_node("LeakyRelu", ["g"], ["r"], alpha=0.1),
-         helper.make_node("Pow", ["r", "two"], ["p"]),
-         helper.make_node("Softmax", ["p"], ["s"], axis=-1),
-         helper.make_node("ReduceLogSumExp", ["s"], ["y"], keepdims=0)],
-        "chain", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 4])],
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["g"]),
+            helper.make_node("LeakyRelu", ["g"], ["r"], alpha=0.1),
+            helper.make_node("Pow", ["r", "two"], ["p"]),
+            helper.make_node("Softmax", ["p"], ["s"], axis=-1),
+            helper.make_node("ReduceLogSumExp", ["s"], ["y"], keepdims=0),
+        ],
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 4])],
         [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [])],
-        initializer=[w, b, two])
+        initializer=[w, b, two],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -314,15 +675,21 @@ def test_gradients_match_finite_differences():
         for name, value in params.items():
             for index in np.ndindex(value.shape):
                 step = jnp.zeros_like(value).at[index].set(eps)
-                numeric = (loss({**params, name: value + step})
-                           - loss({**params, name: value - step})) / (2 * eps)
+                numeric = (
+                    loss({**params, name: value + step}) - loss({**params, name: value - step})
+                ) / (2 * eps)
                 np.testing.assert_allclose(grads[name][index], numeric, rtol=1e-5, atol=1e-9)
 
 
 def test_pow_square_gradient_at_negative_base():
-    model = onnx2jax.load(single_node_model(
-        "Pow", {"x": np.zeros(3, np.float32), "e": np.array(2.0, np.float32)}, opset=15,
-        initializers={"e": np.array(2.0, np.float32)}))
+    model = onnx2jax.load(
+        single_node_model(
+            "Pow",
+            {"x": np.zeros(3, np.float32), "e": np.array(2.0, np.float32)},
+            opset=15,
+            initializers={"e": np.array(2.0, np.float32)},
+        )
+    )
     x = jnp.array([-2.0, 0.0, 3.0], jnp.float32)
     grad = jax.grad(lambda v: model.apply(model.params, v)["y"].sum())(x)
     np.testing.assert_allclose(grad, [-4.0, 0.0, 6.0])
@@ -330,16 +697,18 @@ def test_pow_square_gradient_at_negative_base():
 
 def test_relu_gradient_at_zero_is_zero():
     model = onnx2jax.load(single_node_model("Relu", {"x": np.zeros(3, np.float32)}, opset=14))
-    grad = jax.grad(lambda v: model.apply(model.params, v)["y"].sum())(
-        jnp.array([-1.0, 0.0, 1.0]))
+    grad = jax.grad(lambda v: model.apply(model.params, v)["y"].sum())(jnp.array([-1.0, 0.0, 1.0]))
     np.testing.assert_array_equal(grad, [0.0, 0.0, 1.0])
 
 
-@pytest.mark.parametrize(("op_type", "attributes", "message"), [
-    ("Mod", {"fmod": 2}, "fmod"),
-    ("BitShift", {"direction": "UP"}, "direction"),
-    ("Gelu", {"approximate": "erf"}, "approximate"),
-])
+@pytest.mark.parametrize(
+    ("op_type", "attributes", "message"),
+    [
+        ("Mod", {"fmod": 2}, "fmod"),
+        ("BitShift", {"direction": "UP"}, "direction"),
+        ("Gelu", {"approximate": "erf"}, "approximate"),
+    ],
+)
 def test_bad_attributes_raise(op_type, attributes, message):
     x = np.array([1, 2], np.uint8) if op_type == "BitShift" else np.ones(2, np.float32)
     inputs = {"x": x} if op_type == "Gelu" else {"x": x, "b": x}
@@ -357,9 +726,13 @@ def _divide_by_constant_model(divisor: np.ndarray, as_constant_node: bool):
         nodes.insert(0, helper.make_node("Constant", [], ["d"], value=tensor))
         initializers = []
     elem = helper.np_dtype_to_tensor_dtype(divisor.dtype)
-    graph = helper.make_graph(nodes, "div", [helper.make_tensor_value_info("x", elem, None)],
-                              [helper.make_tensor_value_info("y", elem, None)],
-                              initializer=initializers)
+    graph = helper.make_graph(
+        nodes,
+        "div",
+        [helper.make_tensor_value_info("x", elem, None)],
+        [helper.make_tensor_value_info("y", elem, None)],
+        initializer=initializers,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
 
 
@@ -411,28 +784,30 @@ def test_float16_softmax_as_accurate_as_onnxruntime(op_type):
     wide = x.astype(np.float64)
     shifted = wide - wide.max(-1, keepdims=True)
     log_total = np.log(np.exp(shifted).sum(-1, keepdims=True))
-    exact = (np.exp(shifted - log_total) if op_type == "Softmax" else shifted - log_total)
+    exact = np.exp(shifted - log_total) if op_type == "Softmax" else shifted - log_total
     exact = exact.astype(np.float16)
     assert got.dtype == np.float16
     allowed = max(int(np.sum(ort != exact)), 0) + x.size // 1000
     assert int(np.sum(got != exact)) <= allowed
-    np.testing.assert_allclose(got.astype(np.float32), ort.astype(np.float32), rtol=2e-3,
-                               atol=1e-4)
+    np.testing.assert_allclose(got.astype(np.float32), ort.astype(np.float32), rtol=2e-3, atol=1e-4)
 
 
 def test_float16_gemm_rounds_once_like_onnxruntime():
     # alpha * A.B + beta * C in float32, rounded once: onnxruntime's values but for the odd
     # last bit where the two sum the products in another order.
-    feeds = {"a": RNG.normal(size=(16, 32)).astype(np.float16),
-             "b": RNG.normal(size=(24, 32)).astype(np.float16),
-             "c": RNG.normal(size=(24,)).astype(np.float16)}
+    feeds = {
+        "a": RNG.normal(size=(16, 32)).astype(np.float16),
+        "b": RNG.normal(size=(24, 32)).astype(np.float16),
+        "c": RNG.normal(size=(24,)).astype(np.float16),
+    }
     model = single_node_model("Gemm", feeds, opset=13, transB=1, alpha=0.5, beta=2.0)
     (want,) = run_reference(model, feeds)
     (got,) = run_onnx2jax(model, feeds)
     assert got.dtype == np.float16
     assert np.mean(got != want) <= 0.01
-    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-3,
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        got.astype(np.float32), want.astype(np.float32), rtol=1e-3, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("op_type", ["Mean", "Sum"])
@@ -443,9 +818,11 @@ def test_variadic_sum_and_mean_bit_for_bit_with_onnxruntime(op_type, dtype):
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     feeds = {f"x{i}": RNG.normal(size=(64, 64)).astype(dtype) for i in range(3)}
     graph = helper.make_graph(
-        [helper.make_node(op_type, list(feeds), ["y"])], "variadic",
+        [helper.make_node(op_type, list(feeds), ["y"])],
+        "variadic",
         [helper.make_tensor_value_info(name, elem, [64, 64]) for name in feeds],
-        [helper.make_tensor_value_info("y", elem, [64, 64])])
+        [helper.make_tensor_value_info("y", elem, [64, 64])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     (want,) = run_reference(model, feeds)
     (got,) = run_onnx2jax(model, feeds, x64=False)
@@ -462,7 +839,11 @@ def test_integer_pow_with_negative_exponents_truncates_as_exact_arithmetic():
     for jit in (True, False):
         (got,) = run_onnx2jax(model, {"x": x, "y": y}, jit=jit)
         np.testing.assert_array_equal(got, [0, 0, 1, -1, 1, 8, 0, 1])
-        (static,) = run_onnx2jax(single_node_model("Pow", {"x": x, "y": y}, outputs=("z",),
-                                                   opset=15, initializers={"x": x, "y": y}),
-                                 {}, jit=jit)
+        (static,) = run_onnx2jax(
+            single_node_model(
+                "Pow", {"x": x, "y": y}, outputs=("z",), opset=15, initializers={"x": x, "y": y}
+            ),
+            {},
+            jit=jit,
+        )
         np.testing.assert_array_equal(static, got)

@@ -12,8 +12,7 @@ from tests.helpers import run_onnx2jax, single_node_model
 
 def run(op_type, inputs=None, x64=True, opset=22, **attrs):
     inputs = inputs or {}
-    (out,) = run_onnx2jax(single_node_model(op_type, inputs, opset=opset, **attrs), inputs,
-                          x64=x64)
+    (out,) = run_onnx2jax(single_node_model(op_type, inputs, opset=opset, **attrs), inputs, x64=x64)
     return out
 
 
@@ -21,21 +20,20 @@ def test_random_normal_moments_and_seed():
     y = run("RandomNormal", shape=[200, 100], mean=3.0, scale=2.0, seed=5.0)
     assert y.shape == (200, 100) and y.dtype == np.float32
     assert abs(y.mean() - 3.0) < 0.05 and abs(y.std() - 2.0) < 0.05
-    np.testing.assert_array_equal(y, run("RandomNormal", shape=[200, 100], mean=3.0, scale=2.0,
-                                         seed=5.0))
-    assert not np.array_equal(y, run("RandomNormal", shape=[200, 100], mean=3.0, scale=2.0,
-                                     seed=6.0))
+    np.testing.assert_array_equal(
+        y, run("RandomNormal", shape=[200, 100], mean=3.0, scale=2.0, seed=5.0)
+    )
+    assert not np.array_equal(
+        y, run("RandomNormal", shape=[200, 100], mean=3.0, scale=2.0, seed=6.0)
+    )
 
 
 def test_random_uniform_range_and_dtypes():
-    y = run("RandomUniform", shape=[5000], low=-2.0, high=-1.0, dtype=TensorProto.DOUBLE,
-            seed=1.0)
+    y = run("RandomUniform", shape=[5000], low=-2.0, high=-1.0, dtype=TensorProto.DOUBLE, seed=1.0)
     assert y.dtype == np.float64 and y.min() >= -2.0 and y.max() < -1.0
     assert abs(y.mean() + 1.5) < 0.02
-    assert run("RandomUniform", shape=[3], dtype=TensorProto.DOUBLE, x64=False).dtype == \
-        np.float32
-    assert run("RandomUniform", shape=[3], dtype=TensorProto.FLOAT16, opset=1).dtype == \
-        np.float16
+    assert run("RandomUniform", shape=[3], dtype=TensorProto.DOUBLE, x64=False).dtype == np.float32
+    assert run("RandomUniform", shape=[3], dtype=TensorProto.FLOAT16, opset=1).dtype == np.float16
 
 
 def test_like_ops_take_shape_and_dtype_from_input():
@@ -72,5 +70,7 @@ def test_bernoulli():
     assert (y[0::3] == 0).all() and (y[1::3] == 1).all()
     assert abs(y[2::3].mean() - 0.3) < 0.03
     assert run("Bernoulli", {"p": p}, dtype=TensorProto.BOOL, opset=15).dtype == np.bool_
-    assert run("Bernoulli", {"p": p.astype(np.float64)}, dtype=TensorProto.INT64,
-               x64=False).dtype == np.int32
+    assert (
+        run("Bernoulli", {"p": p.astype(np.float64)}, dtype=TensorProto.INT64, x64=False).dtype
+        == np.int32
+    )

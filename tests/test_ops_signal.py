@@ -18,8 +18,9 @@ RNG = np.random.default_rng(0)
 def check(op_type, inputs, constants=(), opset=20, rtol=1e-4, atol=1e-4, **attrs):
     initializers = {k: v for k, v in inputs.items() if k in constants and v is not None}
     model = single_node_model(op_type, inputs, opset=opset, initializers=initializers, **attrs)
-    return assert_matches_reference(model, feeds_of(model, inputs), engine="reference",
-                                    rtol=rtol, atol=atol)
+    return assert_matches_reference(
+        model, feeds_of(model, inputs), engine="reference", rtol=rtol, atol=atol
+    )
 
 
 def scalar(value):
@@ -41,15 +42,25 @@ DFT_CASES = [
 
 @pytest.mark.parametrize("name,x,length,axis,attrs", DFT_CASES, ids=[c[0] for c in DFT_CASES])
 def test_dft_opset20(name, x, length, axis, attrs):
-    inputs = {"x": x, "dft_length": None if length is None else scalar(length),
-              "axis": scalar(axis)}
+    inputs = {
+        "x": x,
+        "dft_length": None if length is None else scalar(length),
+        "axis": scalar(axis),
+    }
     check("DFT", inputs, ("dft_length", "axis"), **attrs)
 
 
 def test_dft_opset17_axis_attribute_and_float64():
     x = RNG.normal(size=(2, 4, 6, 2))
-    check("DFT", {"x": x, "dft_length": scalar(5)}, ("dft_length",), opset=17, axis=2,
-          rtol=1e-10, atol=1e-10)
+    check(
+        "DFT",
+        {"x": x, "dft_length": scalar(5)},
+        ("dft_length",),
+        opset=17,
+        axis=2,
+        rtol=1e-10,
+        atol=1e-10,
+    )
     check("DFT", {"x": x.astype(np.float32)}, opset=17, axis=-3)
 
 
@@ -69,15 +80,20 @@ def test_dft_gradient_is_parseval():
     x = f32(2, 8, 1)
     compiled = onnx2jax.load(single_node_model("DFT", {"x": x}, opset=20))
     grad = jax.jit(jax.grad(lambda v: jnp.sum(compiled.apply(compiled.params, v)["y"] ** 2)))(
-        jnp.asarray(x))
+        jnp.asarray(x)
+    )
     # sum |FFT(x)|^2 = N * sum x^2, so the gradient is 2 N x.
     np.testing.assert_allclose(np.asarray(grad), 2 * 8 * x, rtol=1e-4, atol=1e-4)
 
 
 def test_dft_rejects_the_complex_axis():
     x = f32(2, 4, 1)
-    model = single_node_model("DFT", {"x": x, "dft_length": None, "axis": scalar(-1)},
-                              opset=20, initializers={"axis": scalar(-1)})
+    model = single_node_model(
+        "DFT",
+        {"x": x, "dft_length": None, "axis": scalar(-1)},
+        opset=20,
+        initializers={"axis": scalar(-1)},
+    )
     with pytest.raises(onnx2jax.errors.OpError, match="axis"):
         run_onnx2jax(model, {"x": x})
 
@@ -90,29 +106,56 @@ STFT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,signal,step,window,length,onesided", STFT_CASES,
-                         ids=[c[0] for c in STFT_CASES])
+@pytest.mark.parametrize(
+    "name,signal,step,window,length,onesided", STFT_CASES, ids=[c[0] for c in STFT_CASES]
+)
 def test_stft(name, signal, step, window, length, onesided):
-    inputs = {"signal": signal, "frame_step": scalar(step), "window": window,
-              "frame_length": None if length is None else scalar(length)}
+    inputs = {
+        "signal": signal,
+        "frame_step": scalar(step),
+        "window": window,
+        "frame_length": None if length is None else scalar(length),
+    }
     check("STFT", inputs, ("frame_step", "frame_length"), opset=17, onesided=onesided)
 
 
 @pytest.mark.parametrize("op_type", ["HannWindow", "HammingWindow", "BlackmanWindow"])
 @pytest.mark.parametrize("periodic", [0, 1])
 def test_windows(op_type, periodic):
-    check(op_type, {"size": scalar(7)}, ("size",), opset=17, periodic=periodic, rtol=1e-5,
-          atol=1e-6)
-    (got,) = check(op_type, {"size": scalar(5)}, ("size",), opset=17, periodic=periodic,
-                   output_datatype=TensorProto.DOUBLE, rtol=1e-12, atol=1e-12)
+    check(
+        op_type, {"size": scalar(7)}, ("size",), opset=17, periodic=periodic, rtol=1e-5, atol=1e-6
+    )
+    (got,) = check(
+        op_type,
+        {"size": scalar(5)},
+        ("size",),
+        opset=17,
+        periodic=periodic,
+        output_datatype=TensorProto.DOUBLE,
+        rtol=1e-12,
+        atol=1e-12,
+    )
     assert got.dtype == np.float64
 
 
-@pytest.mark.parametrize("bins,length,rate,low,high", [(8, 32, 8000, 0.0, 4000.0),
-                                                        (5, 64, 16000, 100.0, 6000.0)])
+@pytest.mark.parametrize(
+    "bins,length,rate,low,high", [(8, 32, 8000, 0.0, 4000.0), (5, 64, 16000, 100.0, 6000.0)]
+)
 def test_mel_weight_matrix(bins, length, rate, low, high):
-    inputs = {"bins": scalar(bins), "length": scalar(length), "rate": scalar(rate),
-              "low": np.asarray(low, np.float32), "high": np.asarray(high, np.float32)}
+    inputs = {
+        "bins": scalar(bins),
+        "length": scalar(length),
+        "rate": scalar(rate),
+        "low": np.asarray(low, np.float32),
+        "high": np.asarray(high, np.float32),
+    }
     check("MelWeightMatrix", inputs, tuple(inputs), opset=17, rtol=1e-6, atol=1e-7)
-    check("MelWeightMatrix", inputs, tuple(inputs), opset=17, rtol=1e-12, atol=1e-12,
-          output_datatype=TensorProto.DOUBLE)
+    check(
+        "MelWeightMatrix",
+        inputs,
+        tuple(inputs),
+        opset=17,
+        rtol=1e-12,
+        atol=1e-12,
+        output_datatype=TensorProto.DOUBLE,
+    )

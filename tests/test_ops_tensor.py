@@ -29,13 +29,15 @@ RNG = np.random.default_rng(0)
 
 def constant_node_model(op_type, constants, outputs=("y",), opset=21, **attributes):
     """One node whose inputs all come from Constant nodes, so every input is static."""
-    nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
-             for name, value in constants.items()]
+    nodes = [
+        helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value))
+        for name, value in constants.items()
+    ]
     nodes.append(helper.make_node(op_type, list(constants), list(outputs), **attributes))
-    graph = helper.make_graph(nodes, "static", [],
-                              [helper.make_value_info(n, onnx.TypeProto()) for n in outputs])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                             ir_version=10)
+    graph = helper.make_graph(
+        nodes, "static", [], [helper.make_value_info(n, onnx.TypeProto()) for n in outputs]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
 def primitives(model, feeds):
@@ -56,30 +58,42 @@ def primitives(model, feeds):
 # ------------------------------------------------------------------------- Slice
 
 
-@pytest.mark.parametrize(("starts", "ends", "axes", "steps"), [
-    ([INT64_MAX, 1], [INT64_MIN, INT64_MAX], [0, 1], [-1, 2]),
-    ([2, -10], [-100, INT64_MAX], [-2, -1], [-1, 3]),
-    ([0, -1], [0, -INT64_MAX], [0, 1], [1, -2]),
-])
+@pytest.mark.parametrize(
+    ("starts", "ends", "axes", "steps"),
+    [
+        ([INT64_MAX, 1], [INT64_MIN, INT64_MAX], [0, 1], [-1, 2]),
+        ([2, -10], [-100, INT64_MAX], [-2, -1], [-1, 3]),
+        ([0, -1], [0, -INT64_MAX], [0, 1], [1, -2]),
+    ],
+)
 def test_slice_clamps_like_onnxruntime(starts, ends, axes, steps):
     x = RNG.normal(size=(4, 5)).astype(np.float32)
-    consts = {"starts": np.array(starts, np.int64), "ends": np.array(ends, np.int64),
-              "axes": np.array(axes, np.int64), "steps": np.array(steps, np.int64)}
+    consts = {
+        "starts": np.array(starts, np.int64),
+        "ends": np.array(ends, np.int64),
+        "axes": np.array(axes, np.int64),
+        "steps": np.array(steps, np.int64),
+    }
     model = single_node_model("Slice", {"x": x, **consts}, initializers=consts)
     assert_matches_reference(model, {"x": x})
 
 
 def test_slice_opset1_attributes_and_static_data():
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
-    model = constant_node_model("Slice", {"x": x}, opset=1, starts=[1, -3], ends=[1000, -1],
-                                axes=[1, 2])
+    model = constant_node_model(
+        "Slice", {"x": x}, opset=1, starts=[1, -3], ends=[1000, -1], axes=[1, 2]
+    )
     np.testing.assert_array_equal(run_onnx2jax(model, {})[0], x[:, 1:, 1:3])
 
 
 def test_slice_and_gather_gradients():
     x = RNG.normal(size=(6, 4)).astype(np.float32)
-    consts = {"starts": np.array([4], np.int64), "ends": np.array([0], np.int64),
-              "axes": np.array([0], np.int64), "steps": np.array([-2], np.int64)}
+    consts = {
+        "starts": np.array([4], np.int64),
+        "ends": np.array([0], np.int64),
+        "axes": np.array([0], np.int64),
+        "steps": np.array([-2], np.int64),
+    }
     model = onnx2jax.load(single_node_model("Slice", {"x": x, **consts}, initializers=consts))
     grad = jax.grad(lambda v: model.apply(model.params, x=v)["y"].sum())(jnp.asarray(x))
     expected = np.zeros_like(x)
@@ -89,8 +103,9 @@ def test_slice_and_gather_gradients():
     # An embedding lookup: Gather of a float table (a trainable param) by traced ids.
     table = RNG.normal(size=(5, 3)).astype(np.float32)
     ids = np.array([[0, 4], [-1, 1]], np.int64)
-    model = onnx2jax.load(single_node_model("Gather", {"table": table, "ids": ids},
-                                            initializers={"table": table}))
+    model = onnx2jax.load(
+        single_node_model("Gather", {"table": table, "ids": ids}, initializers={"table": table})
+    )
     assert "table" in model.params
     grads = jax.grad(lambda p: model.apply(p, ids=ids)["y"].sum())(model.params)["table"]
     np.testing.assert_array_equal(grads[:, 0], [1, 1, 0, 0, 2])
@@ -148,9 +163,13 @@ def test_scatter_reductions_static_and_traced(reduction):
     np.testing.assert_allclose(run_onnx2jax(static, {})[0], expected, rtol=1e-6)
 
     nd_indices = np.array([[[1], [-1]], [[1], [0]]], np.int64)
-    nd_feeds = {"data": data, "indices": nd_indices if reduction != "none" else
-                np.array([[[1], [-1]], [[2], [0]]], np.int64),
-                "updates": RNG.normal(size=(2, 2, 3)).astype(np.float32)}
+    nd_feeds = {
+        "data": data,
+        "indices": nd_indices
+        if reduction != "none"
+        else np.array([[[1], [-1]], [[2], [0]]], np.int64),
+        "updates": RNG.normal(size=(2, 2, 3)).astype(np.float32),
+    }
     model = single_node_model("ScatterND", nd_feeds, reduction=reduction)
     expected = run_reference(model, nd_feeds, engine="reference")[0]
     np.testing.assert_allclose(run_onnx2jax(model, nd_feeds)[0], expected, rtol=1e-6)
@@ -171,17 +190,19 @@ def test_tensor_scatter_axis_and_modes(mode):
 # ------------------------------------------------------------------ TopK, Unique
 
 
-@pytest.mark.parametrize(("dtype", "largest"), [(np.uint8, 0), (np.int64, 0), (np.int32, 1),
-                                               (np.float32, 0), (np.float32, 1)])
+@pytest.mark.parametrize(
+    ("dtype", "largest"),
+    [(np.uint8, 0), (np.int64, 0), (np.int32, 1), (np.float32, 0), (np.float32, 1)],
+)
 def test_top_k_extremes_and_ties(dtype, largest):
     info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
     x = np.array([[3, info.min, 3, info.max, 0, info.min]], dtype)
     k = np.array([4], np.int64)
-    model = single_node_model("TopK", {"x": x, "k": k}, outputs=("v", "i"),
-                              initializers={"k": k}, largest=largest)
+    model = single_node_model(
+        "TopK", {"x": x, "k": k}, outputs=("v", "i"), initializers={"k": k}, largest=largest
+    )
     assert_matches_reference(model, {"x": x})
-    static = constant_node_model("TopK", {"x": x, "k": k}, outputs=("v", "i"),
-                                 largest=largest)
+    static = constant_node_model("TopK", {"x": x, "k": k}, outputs=("v", "i"), largest=largest)
     expected = run_reference(static, {})
     for got, want in zip(run_onnx2jax(static, {}), expected, strict=True):
         np.testing.assert_array_equal(got, want)
@@ -209,10 +230,15 @@ def test_nonzero_compress_run_eagerly():
 
 def test_shape_arithmetic_stays_static():
     """Shape -> Gather -> Cast -> Range -> Expand -> Tile -> Slice -> ConstantOfShape folds."""
-    ints = {"one": np.array(1, np.int64), "zero": np.array(0, np.int64),
-            "reps": np.array([2, 1], np.int64), "two": np.array([1, 1], np.int64),
-            "s0": np.array([0], np.int64), "s1": np.array([1], np.int64),
-            "ax": np.array([1], np.int64)}
+    ints = {
+        "one": np.array(1, np.int64),
+        "zero": np.array(0, np.int64),
+        "reps": np.array([2, 1], np.int64),
+        "two": np.array([1, 1], np.int64),
+        "s0": np.array([0], np.int64),
+        "s1": np.array([1], np.int64),
+        "ax": np.array([1], np.int64),
+    }
     nodes = [
         helper.make_node("Shape", ["x"], ["shape"]),
         helper.make_node("Gather", ["shape", "one"], ["n"], axis=0),
@@ -223,28 +249,39 @@ def test_shape_arithmetic_stays_static():
         helper.make_node("Tile", ["e", "reps"], ["t"]),
         helper.make_node("Slice", ["t", "s0", "s1", "ax"], ["col"]),
         helper.make_node("Shape", ["t"], ["tshape"]),
-        helper.make_node("ConstantOfShape", ["tshape"], ["c"],
-                         value=numpy_helper.from_array(np.array([2.0], np.float32))),
+        helper.make_node(
+            "ConstantOfShape",
+            ["tshape"],
+            ["c"],
+            value=numpy_helper.from_array(np.array([2.0], np.float32)),
+        ),
         helper.make_node("Cast", ["t"], ["tf"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["tf", "c"], ["m"]),
         helper.make_node("Add", ["x", "m"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
+        nodes,
+        "shapes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in ints.items()])
+        initializer=[numpy_helper.from_array(v, k) for k, v in ints.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     x = np.zeros((2, 6), np.float32)
-    np.testing.assert_array_equal(run_onnx2jax(model, {"x": x})[0], run_reference(model,
-                                                                                  {"x": x})[0])
+    np.testing.assert_array_equal(
+        run_onnx2jax(model, {"x": x})[0], run_reference(model, {"x": x})[0]
+    )
     assert primitives(model, {"x": x}) <= {"add"}
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge", "wrap"])
 def test_pad_modes_axes_and_negative_pads(mode):
     x = RNG.normal(size=(3, 4, 5)).astype(np.float32)
-    consts = {"pads": np.array([2, -1, 1, 1], np.int64), "value": np.array(1.5, np.float32),
-              "axes": np.array([-1, 0], np.int64)}
+    consts = {
+        "pads": np.array([2, -1, 1, 1], np.int64),
+        "value": np.array(1.5, np.float32),
+        "axes": np.array([-1, 0], np.int64),
+    }
     feeds = {"x": x, **consts}
     model = single_node_model("Pad", feeds, initializers=consts, opset=19, mode=mode)
     expected = run_reference(model, {"x": x})[0]
@@ -259,14 +296,21 @@ def test_pad_opset2_attribute_and_traced_value_gradient():
     assert_matches_reference(model, {"x": x}, engine="reference")
     # A traced pad value (a graph input here) still gets its gradient.
     pads = np.array([1, 1, 1, 1], np.int64)
-    model = onnx2jax.load(single_node_model("Pad", {"x": x, "pads": pads, "v": np.float32(0.5)},
-                                            initializers={"pads": pads}, opset=18))
+    model = onnx2jax.load(
+        single_node_model(
+            "Pad",
+            {"x": x, "pads": pads, "v": np.float32(0.5)},
+            initializers={"pads": pads},
+            opset=18,
+        )
+    )
     grad = jax.grad(lambda v: model.apply(model.params, x=x, v=v)["y"].sum())(np.float32(0.5))
     assert float(grad) == 4 * 5 - 2 * 3
 
 
-@pytest.mark.parametrize(("split", "num_outputs", "outputs"), [
-    (None, 3, 3), (None, 4, 4), ([1, 0, 6], None, 3)])
+@pytest.mark.parametrize(
+    ("split", "num_outputs", "outputs"), [(None, 3, 3), (None, 4, 4), ([1, 0, 6], None, 3)]
+)
 def test_split_uneven_and_zero_sized(split, num_outputs, outputs):
     x = np.arange(14, dtype=np.float32).reshape(2, 7)
     names = tuple(f"y{i}" for i in range(outputs))
@@ -276,17 +320,23 @@ def test_split_uneven_and_zero_sized(split, num_outputs, outputs):
         inputs["split"] = np.array(split, np.int64)
     else:
         attrs["num_outputs"] = num_outputs
-    model = single_node_model("Split", inputs, outputs=names, opset=18,
-                              initializers={k: v for k, v in inputs.items() if k != "x"},
-                              **attrs)
+    model = single_node_model(
+        "Split",
+        inputs,
+        outputs=names,
+        opset=18,
+        initializers={k: v for k, v in inputs.items() if k != "x"},
+        **attrs,
+    )
     assert_matches_reference(model, {"x": x}, engine="reference")
 
 
 def test_reshape_infers_on_empty_and_expand_tile_onehot():
     x = np.zeros((0, 4), np.float32)
     shape = np.array([-1, 2, 0], np.int64)
-    model = single_node_model("Reshape", {"x": x, "s": shape}, initializers={"s": shape},
-                              allowzero=1)
+    model = single_node_model(
+        "Reshape", {"x": x, "s": shape}, initializers={"s": shape}, allowzero=1
+    )
     assert run_onnx2jax(model, {"x": x})[0].shape == (0, 2, 0)
 
     x = RNG.normal(size=(3, 1)).astype(np.float32)
@@ -297,8 +347,9 @@ def test_reshape_infers_on_empty_and_expand_tile_onehot():
     indices = np.array([[1.0, -1.0], [5.0, -3.0]], np.float32)
     depth = np.array(3, np.int64)
     values = np.array([0, 7], np.int32)
-    model = single_node_model("OneHot", {"i": indices, "d": depth, "v": values},
-                              initializers={"d": depth}, axis=1)
+    model = single_node_model(
+        "OneHot", {"i": indices, "d": depth, "v": values}, initializers={"d": depth}, axis=1
+    )
     assert_matches_reference(model, {"i": indices, "v": values}, engine="reference")
 
 
@@ -307,16 +358,18 @@ def test_space_depth_round_trip(mode):
     x = RNG.normal(size=(1, 8, 2, 3)).astype(np.float32)
     model = single_node_model("DepthToSpace", {"x": x}, blocksize=2, mode=mode)
     y = assert_matches_reference(model, {"x": x})[0]
-    back = single_node_model("SpaceToDepth", {"y": y}, outputs=("z",), opset=28, blocksize=2,
-                             mode=mode)
+    back = single_node_model(
+        "SpaceToDepth", {"y": y}, outputs=("z",), opset=28, blocksize=2, mode=mode
+    )
     np.testing.assert_array_equal(run_onnx2jax(back, {"y": y})[0], x)
 
 
 def test_reverse_sequence_traced_lengths_and_trilu_eyelike():
     x = RNG.normal(size=(4, 3, 2)).astype(np.float32)
     lens = np.array([4, 0, 2], np.int64)
-    model = single_node_model("ReverseSequence", {"x": x, "lens": lens}, opset=10,
-                              batch_axis=1, time_axis=0)
+    model = single_node_model(
+        "ReverseSequence", {"x": x, "lens": lens}, opset=10, batch_axis=1, time_axis=0
+    )
     assert_matches_reference(model, {"x": x, "lens": lens})
 
     x = RNG.normal(size=(2, 3, 4)).astype(np.float32)
@@ -332,11 +385,37 @@ def test_reverse_sequence_traced_lengths_and_trilu_eyelike():
 # -------------------------------------------------------------------------- Cast
 
 
-FLOAT8_CASES = [TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
-                TensorProto.FLOAT8E5M2FNUZ, TensorProto.FLOAT4E2M1, TensorProto.INT4,
-                TensorProto.UINT4, TensorProto.BFLOAT16]
-SPECIAL = np.array([0.0, -0.0, 0.3, -1.75, 447.0, 449.0, 470.0, 1e5, -1e9, np.inf, -np.inf,
-                    np.nan, 2.5, -8.5, 17.0, 1e-9], np.float32)
+FLOAT8_CASES = [
+    TensorProto.FLOAT8E4M3FN,
+    TensorProto.FLOAT8E4M3FNUZ,
+    TensorProto.FLOAT8E5M2,
+    TensorProto.FLOAT8E5M2FNUZ,
+    TensorProto.FLOAT4E2M1,
+    TensorProto.INT4,
+    TensorProto.UINT4,
+    TensorProto.BFLOAT16,
+]
+SPECIAL = np.array(
+    [
+        0.0,
+        -0.0,
+        0.3,
+        -1.75,
+        447.0,
+        449.0,
+        470.0,
+        1e5,
+        -1e9,
+        np.inf,
+        -np.inf,
+        np.nan,
+        2.5,
+        -8.5,
+        17.0,
+        1e-9,
+    ],
+    np.float32,
+)
 
 
 @pytest.mark.parametrize("saturate", [0, 1])
@@ -345,28 +424,35 @@ def test_cast_static_and_traced_agree_with_reference(to, saturate):
     x = SPECIAL
     if to in (TensorProto.INT4, TensorProto.UINT4):
         x = x[np.isfinite(x) & (np.abs(x) < 1e4)]
-    expected = np.asarray(run_reference(single_node_model("Cast", {"x": x}, to=to,
-                                                          saturate=saturate), {"x": x},
-                                        engine="reference")[0]).astype(np.float32)
-    traced = run_onnx2jax(single_node_model("Cast", {"x": x}, to=to, saturate=saturate),
-                          {"x": x})[0]
-    static = run_onnx2jax(constant_node_model("Cast", {"x": x}, to=to, saturate=saturate),
-                          {})[0]
+    expected = np.asarray(
+        run_reference(
+            single_node_model("Cast", {"x": x}, to=to, saturate=saturate),
+            {"x": x},
+            engine="reference",
+        )[0]
+    ).astype(np.float32)
+    traced = run_onnx2jax(single_node_model("Cast", {"x": x}, to=to, saturate=saturate), {"x": x})[
+        0
+    ]
+    static = run_onnx2jax(constant_node_model("Cast", {"x": x}, to=to, saturate=saturate), {})[0]
     for got in (traced, static):
         assert got.dtype == onnx.helper.tensor_dtype_to_np_dtype(to)
         np.testing.assert_array_equal(got.astype(np.float32), expected)
 
 
-@pytest.mark.parametrize(("round_mode", "saturate"), [("up", 1), ("down", 0), ("nearest", 1),
-                                                      ("nearest", 0)])
+@pytest.mark.parametrize(
+    ("round_mode", "saturate"), [("up", 1), ("down", 0), ("nearest", 1), ("nearest", 0)]
+)
 def test_cast_float8e8m0_round_modes(round_mode, saturate):
-    x = np.array([1.0, 1.5, 1.75, 3.0, 0.3, 2.0**127 * 1.5, 1e-39, np.inf, np.nan, 0.0],
-                 np.float32)
+    x = np.array([1.0, 1.5, 1.75, 3.0, 0.3, 2.0**127 * 1.5, 1e-39, np.inf, np.nan, 0.0], np.float32)
     attrs = {"to": TensorProto.FLOAT8E8M0, "saturate": saturate, "round_mode": round_mode}
-    expected = run_reference(single_node_model("Cast", {"x": x}, opset=25, **attrs), {"x": x},
-                             engine="reference")[0]
-    for model, feeds in ((single_node_model("Cast", {"x": x}, opset=25, **attrs), {"x": x}),
-                         (constant_node_model("Cast", {"x": x}, opset=25, **attrs), {})):
+    expected = run_reference(
+        single_node_model("Cast", {"x": x}, opset=25, **attrs), {"x": x}, engine="reference"
+    )[0]
+    for model, feeds in (
+        (single_node_model("Cast", {"x": x}, opset=25, **attrs), {"x": x}),
+        (constant_node_model("Cast", {"x": x}, opset=25, **attrs), {}),
+    ):
         got = run_onnx2jax(model, feeds)[0]
         assert got.dtype == ml_dtypes.float8_e8m0fnu
         np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
@@ -376,10 +462,12 @@ def test_cast_strings_both_ways():
     text = np.array(["1.5", "-2", "1e3", "INF", "-inf", "NaN", "+INF"], dtype=object)
     model = constant_node_model("Cast", {"s": text.astype(np.str_)}, to=TensorProto.FLOAT)
     got = run_onnx2jax(model, {})[0]
-    np.testing.assert_array_equal(got, np.array([1.5, -2, 1e3, np.inf, -np.inf, np.nan, np.inf],
-                                                np.float32))
-    model = constant_node_model("Cast", {"s": np.array(["100.5", "-7", "9007199254740993"])},
-                                to=TensorProto.INT64)
+    np.testing.assert_array_equal(
+        got, np.array([1.5, -2, 1e3, np.inf, -np.inf, np.nan, np.inf], np.float32)
+    )
+    model = constant_node_model(
+        "Cast", {"s": np.array(["100.5", "-7", "9007199254740993"])}, to=TensorProto.INT64
+    )
     np.testing.assert_array_equal(run_onnx2jax(model, {})[0], [100, -7, 9007199254740993])
 
     x = np.array([0.1, -2.0, 1e-5, np.inf], np.float32)
@@ -392,10 +480,10 @@ def test_cast_strings_both_ways():
     x = np.array([1.5, -448.0], ml_dtypes.bfloat16)
     got = run_onnx2jax(single_node_model("Cast", {"x": x}, to=TensorProto.STRING), {"x": x})[0]
     assert got.tolist() == ["1.5", "-448.0"]
-    model = constant_node_model("Cast", {"s": np.array(["1000", "-0.3"])},
-                                to=TensorProto.FLOAT8E4M3FN)
-    np.testing.assert_array_equal(run_onnx2jax(model, {})[0].astype(np.float32),
-                                  [448, -0.3125])
+    model = constant_node_model(
+        "Cast", {"s": np.array(["1000", "-0.3"])}, to=TensorProto.FLOAT8E4M3FN
+    )
+    np.testing.assert_array_equal(run_onnx2jax(model, {})[0].astype(np.float32), [448, -0.3125])
 
 
 def test_cast_bool_int_wrap_x64_off_and_cast_like():
@@ -404,11 +492,13 @@ def test_cast_bool_int_wrap_x64_off_and_cast_like():
     x = np.array([200, -200, 127, 300], np.int32)
     assert_matches_reference(single_node_model("Cast", {"x": x}, to=TensorProto.INT8), {"x": x})
     x = np.array([1.5, -2.5], np.float32)
-    got = run_onnx2jax(single_node_model("Cast", {"x": x}, to=TensorProto.INT64), {"x": x},
-                       x64=False)[0]
+    got = run_onnx2jax(
+        single_node_model("Cast", {"x": x}, to=TensorProto.INT64), {"x": x}, x64=False
+    )[0]
     np.testing.assert_array_equal(got, [1, -2])
     got = run_onnx2jax(single_node_model("Cast", {"x": x}, opset=1, to="DOUBLE"), {"x": x})[0]
     assert got.dtype == np.float64
     like = np.zeros(1, np.float16)
-    assert_matches_reference(single_node_model("CastLike", {"x": x, "like": like}),
-                             {"x": x, "like": like})
+    assert_matches_reference(
+        single_node_model("CastLike", {"x": x, "like": like}), {"x": x, "like": like}
+    )

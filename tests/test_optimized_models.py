@@ -39,15 +39,22 @@ def _inputs() -> list[dict[str, np.ndarray]]:
     types[:, 4:] = 1
     padded = np.ones((2, 8), np.int64)
     padded[1, 5:] = 0
-    return [{"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-            for mask in (padded, np.ones_like(padded))]
+    return [
+        {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        for mask in (padded, np.ones_like(padded))
+    ]
 
 
 def _export(path: Path, attention: str, opset: int) -> None:
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64,
-                                     max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     bert = transformers.BertModel(config).eval()
     bert.config._attn_implementation = attention
 
@@ -57,15 +64,23 @@ def _export(path: Path, attention: str, opset: int) -> None:
             self.bert = bert
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            out = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                            token_type_ids=token_type_ids)
+            out = self.bert(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            )
             return out.last_hidden_state, out.pooler_output
 
     sample = tuple(torch.from_numpy(v) for v in _inputs()[0].values())
     with torch.no_grad():
-        torch.onnx.export(Positional().eval(), sample, str(path), input_names=NAMES,
-                          output_names=OUTPUTS, opset_version=opset, dynamo=False,
-                          dynamic_axes={name: {0: "batch", 1: "length"} for name in NAMES})
+        torch.onnx.export(
+            Positional().eval(),
+            sample,
+            str(path),
+            input_names=NAMES,
+            output_names=OUTPUTS,
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={name: {0: "batch", 1: "length"} for name in NAMES},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +96,13 @@ def optimized(tmp_path_factory):
             if not exported.exists():
                 _export(exported, attention, opset)
             cache[key] = optimizer.optimize_model(
-                str(exported), model_type="bert", num_heads=2, hidden_size=32,
-                opt_level=level, use_gpu=False).model
+                str(exported),
+                model_type="bert",
+                num_heads=2,
+                hidden_size=32,
+                opt_level=level,
+                use_gpu=False,
+            ).model
         return cache[key]
 
     return get
@@ -91,8 +111,9 @@ def optimized(tmp_path_factory):
 def _run_onnxruntime(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(model.SerializeToString(),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     return session.run(None, _feeds_for(model, feeds))
 
 
@@ -121,8 +142,9 @@ def test_the_fusions_this_suite_relies_on(optimized):
 
 
 # opt_level 2 gives these exports the same fusions as 1; one case of it keeps the suite fast.
-@pytest.mark.parametrize("attention, opset, opt_level",
-                         [(a, o, 1) for a, o in VARIANTS] + [("eager", 14, 2)])
+@pytest.mark.parametrize(
+    "attention, opset, opt_level", [(a, o, 1) for a, o in VARIANTS] + [("eager", 14, 2)]
+)
 def test_float32_matches_onnxruntime(optimized, attention, opset, opt_level):
     model = optimized(attention, opset, opt_level)
     results = []

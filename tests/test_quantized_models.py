@@ -73,8 +73,15 @@ def exported(tmp_path_factory):
     models = {}
     for name, (cls, shape) in _MODELS.items():
         path = folder / f"{name}.onnx"
-        torch.onnx.export(cls().eval(), (torch.randn(*shape),), str(path), opset_version=17,
-                          input_names=["x"], output_names=["y"], dynamo=False)
+        torch.onnx.export(
+            cls().eval(),
+            (torch.randn(*shape),),
+            str(path),
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamo=False,
+        )
         calibration = [RNG.normal(size=shape).astype(np.float32) for _ in range(4)]
         models[name] = (path, calibration, RNG.normal(size=shape).astype(np.float32))
     return folder, models
@@ -104,8 +111,9 @@ def _run_onnxruntime(model, x, optimize):
     options = onnxruntime.SessionOptions()
     if not optimize:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {"x": x})[0]
 
 
@@ -130,24 +138,33 @@ def test_quantize_dynamic(exported, name, weight_type, per_channel):
     folder, models = exported
     path, _, x = models[name]
     target = folder / f"{name}_dynamic_{weight_type}_{per_channel}.onnx"
-    quantization.quantize_dynamic(str(path), str(target), per_channel=per_channel,
-                                  weight_type=getattr(quantization.QuantType, weight_type))
+    quantization.quantize_dynamic(
+        str(path),
+        str(target),
+        per_channel=per_channel,
+        weight_type=getattr(quantization.QuantType, weight_type),
+    )
     _compare(target, x)
 
 
 @pytest.mark.parametrize("name", sorted(_MODELS))
 @pytest.mark.parametrize("quant_format", ["QDQ", "QOperator"])
-@pytest.mark.parametrize("activation_type,per_channel", [("QUInt8", False), ("QInt8", False),
-                                                         ("QInt8", True)])
+@pytest.mark.parametrize(
+    "activation_type,per_channel", [("QUInt8", False), ("QInt8", False), ("QInt8", True)]
+)
 def test_quantize_static(exported, name, quant_format, activation_type, per_channel):
     folder, models = exported
     path, calibration, x = models[name]
     target = folder / f"{name}_static_{quant_format}_{activation_type}_{per_channel}.onnx"
     quantization.quantize_static(
-        str(path), str(target), _Reader(calibration),
+        str(path),
+        str(target),
+        _Reader(calibration),
         quant_format=getattr(quantization.QuantFormat, quant_format),
         activation_type=getattr(quantization.QuantType, activation_type),
-        weight_type=quantization.QuantType.QInt8, per_channel=per_channel)
+        weight_type=quantization.QuantType.QInt8,
+        per_channel=per_channel,
+    )
     # onnxruntime's optimizer fuses a QDQ model's DequantizeLinear -> op -> QuantizeLinear
     # groups into its QLinear kernels, whose integer requantization departs from the graph's
     # float arithmetic (two steps on the attention block's output). Unoptimized, it runs the
@@ -168,9 +185,13 @@ def test_onnxruntime_optimized_model(exported, name, how):
     if how == "dynamic":
         quantization.quantize_dynamic(str(path), str(quantized))
     else:
-        quantization.quantize_static(str(path), str(quantized), _Reader(calibration),
-                                     quant_format=quantization.QuantFormat.QDQ,
-                                     activation_type=quantization.QuantType.QUInt8)
+        quantization.quantize_static(
+            str(path),
+            str(quantized),
+            _Reader(calibration),
+            quant_format=quantization.QuantFormat.QDQ,
+            activation_type=quantization.QuantType.QUInt8,
+        )
     optimized = folder / f"{name}_{how}_optimized.onnx"
     options = onnxruntime.SessionOptions()
     # Extended, not all: the highest level adds layout ops of onnxruntime's own CPU kernels.
@@ -198,8 +219,15 @@ def test_quantize_dynamic_lstm(tmp_path, per_channel):
 
     torch.manual_seed(0)
     path, target = tmp_path / "lstm.onnx", tmp_path / "lstm_dynamic.onnx"
-    torch.onnx.export(_SmallLstm().eval(), (torch.randn(3, 5, 6),), str(path), opset_version=17,
-                      input_names=["x"], output_names=["y"], dynamo=False)
+    torch.onnx.export(
+        _SmallLstm().eval(),
+        (torch.randn(3, 5, 6),),
+        str(path),
+        opset_version=17,
+        input_names=["x"],
+        output_names=["y"],
+        dynamo=False,
+    )
     quantization.quantize_dynamic(str(path), str(target), per_channel=per_channel)
     model = onnx.load(str(target))
     assert "DynamicQuantizeLSTM" in {n.op_type for n in model.graph.node}
@@ -209,7 +237,8 @@ def test_quantize_dynamic_lstm(tmp_path, per_channel):
     # batch's state at every step, as onnx2jax does.
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
-    want = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                        providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    ).run(None, {"x": x})[0]
     got = run_onnx2jax(model, {"x": x}, x64=False)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.slow
 
 
 def ort_run(path_or_proto, feeds: dict, outputs: list[str] | None = None) -> dict:
-    data = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) \
+    data = (
+        path_or_proto.SerializeToString()
+        if isinstance(path_or_proto, onnx.ModelProto)
         else str(path_or_proto)
+    )
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     names = outputs or [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))

@@ -50,10 +50,12 @@ def own_key(tmp_path_factory, monkeypatch):
 def add_model() -> onnx.ModelProto:
     """y = x + w, with w a float initializer (a param) and a free batch size."""
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])], "add",
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "add",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-        initializer=[numpy_helper.from_array(W, "w")])
+        initializer=[numpy_helper.from_array(W, "w")],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -104,8 +106,8 @@ def entry_key(entry: Path) -> str:
     """The full key recorded in a cache entry's header."""
     data = entry.read_bytes()
     start = len(aot.ENTRY_MAGIC) + 8
-    size = int.from_bytes(data[len(aot.ENTRY_MAGIC):start], "big")
-    return json.loads(data[start:start + size])["key"]
+    size = int.from_bytes(data[len(aot.ENTRY_MAGIC) : start], "big")
+    return json.loads(data[start : start + size])["key"]
 
 
 def test_a_planted_pickle_in_the_cache_does_not_run(tmp_path):
@@ -115,8 +117,9 @@ def test_a_planted_pickle_in_the_cache_does_not_run(tmp_path):
     marker = tmp_path / "ran"
     payload = live_payload(marker, tmp_path)
     # The right key and checksum (both public), but no valid signature: the attacker has no key.
-    header = json.dumps({"key": entry_key(entry), "sha256": hashlib.sha256(payload).hexdigest(),
-                         "hmac": "0" * 64}).encode()
+    header = json.dumps(
+        {"key": entry_key(entry), "sha256": hashlib.sha256(payload).hexdigest(), "hmac": "0" * 64}
+    ).encode()
     forged = aot.ENTRY_MAGIC + len(header).to_bytes(8, "big") + header + payload
     for planted, warns in ((payload, False), (forged, True)):  # the old format, a forgery
         entry.write_bytes(planted)
@@ -233,8 +236,14 @@ def test_an_entry_with_flipped_bits_is_recompiled_not_loaded(tmp_path):
     # In a child: loading such an entry unchecked aborted the process (an XLA check).
     # No native kernels there: the child signs with the test's key, which did not sign them.
     env = {**os.environ, "ONNX2JAX_NATIVE": "0"}
-    done = subprocess.run([sys.executable, "-c", FLIPPED, str(folder)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", FLIPPED, str(folder)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "recompiled" in done.stdout
 
@@ -275,22 +284,25 @@ def test_the_key_is_created_private_and_reused(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ ahead-of-time artifacts
-def rewrite_member(artifact: Path, name: str, data: bytes,
-                   compression: int = zipfile.ZIP_STORED) -> None:
+def rewrite_member(
+    artifact: Path, name: str, data: bytes, compression: int = zipfile.ZIP_STORED
+) -> None:
     with zipfile.ZipFile(artifact) as archive:
         members = {n: archive.read(n) for n in archive.namelist()}
     members[name] = data
     with zipfile.ZipFile(artifact, "w") as archive:
         for member, content in members.items():
-            archive.writestr(member, content,
-                             compress_type=compression if member == name else zipfile.ZIP_STORED)
+            archive.writestr(
+                member, content, compress_type=compression if member == name else zipfile.ZIP_STORED
+            )
 
 
 def test_an_artifact_with_pickled_params_is_refused_without_running_them(tmp_path):
     model = onnx2jax.load(add_model())
     artifact = aot.export_model(model, {"x": x_of(2)}, tmp_path / "add.o2j")
-    np.testing.assert_array_equal(np.asarray(aot.load_artifact(artifact)(x_of(2))["y"]),
-                                  x_of(2) + W)
+    np.testing.assert_array_equal(
+        np.asarray(aot.load_artifact(artifact)(x_of(2))["y"]), x_of(2) + W
+    )
     marker = tmp_path / "ran"
     live_payload(marker, tmp_path)
     params = io.BytesIO()
@@ -331,8 +343,8 @@ def test_an_artifact_calling_native_code_outside_jax_stable_set_is_refused(tmp_p
 
     exported = jax.export.export(
         jax.jit(hostile),
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("onnx2jax_conv2d")])(
-        [jax.ShapeDtypeStruct((2, 4), jnp.float32)], jax.ShapeDtypeStruct((2, 4), jnp.float32))
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("onnx2jax_conv2d")],
+    )([jax.ShapeDtypeStruct((2, 4), jnp.float32)], jax.ShapeDtypeStruct((2, 4), jnp.float32))
     rewrite_member(artifact, "exported.bin", bytes(exported.serialize()))
     with pytest.raises(Onnx2JaxError, match="onnx2jax_conv2d"):
         aot.load_artifact(artifact)
@@ -382,8 +394,12 @@ def compile_planted(tmp_path: Path, marker: Path) -> Path:
     source = tmp_path / "planted.c"
     source.write_text(PLANTED_SO)
     library = tmp_path / f"{marker.name}.so"
-    subprocess.run([compiler, "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o",
-                    str(library)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o", str(library)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return library
 
 
@@ -395,13 +411,27 @@ def test_a_planted_library_at_the_kernel_path_is_not_loaded(tmp_path, case):
     library = compile_planted(tmp_path, marker)
     # The same library does run its constructor when loaded (in a child, with its own marker).
     probe = tmp_path / "probe-ran"
-    subprocess.run([sys.executable, "-c", "import ctypes, sys; ctypes.CDLL(sys.argv[1])",
-                    str(compile_planted(tmp_path, probe))], check=True, timeout=60)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ctypes, sys; ctypes.CDLL(sys.argv[1])",
+            str(compile_planted(tmp_path, probe)),
+        ],
+        check=True,
+        timeout=60,
+    )
     assert probe.exists()
     folder = tmp_path / "kernels"
     env = {**os.environ, "ONNX2JAX_NATIVE_DIR": str(folder), "ONNX2JAX_NATIVE": "1"}
-    done = subprocess.run([sys.executable, "-c", NATIVE_CHILD, str(library), case], env=env,
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", NATIVE_CHILD, str(library), case],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads(done.stdout.strip().splitlines()[-1])
     assert not marker.exists()
@@ -424,23 +454,33 @@ print(native.status()["reason"])
 def test_a_cpu_without_avx512_never_builds_or_loads_the_kernels(tmp_path):
     if sys.platform != "linux":
         pytest.skip("the kernels build on Linux x86-64")
-    env = {**os.environ, "ONNX2JAX_NATIVE_DIR": str(tmp_path / "kernels"),
-           "ONNX2JAX_NATIVE": "1"}
-    done = subprocess.run([sys.executable, "-c", CPU_CHILD], env=env, capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    env = {**os.environ, "ONNX2JAX_NATIVE_DIR": str(tmp_path / "kernels"), "ONNX2JAX_NATIVE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CPU_CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "need AVX-512" in done.stdout or "CPUs" in done.stdout
     assert not (tmp_path / "kernels").exists()
 
 
 # ------------------------------------------------------------------ model folders
-def save_external(folder: Path, name: str = "model.onnx", location: str = "weights.bin"
-                  ) -> Path:
+def save_external(folder: Path, name: str = "model.onnx", location: str = "weights.bin") -> Path:
     """add_model() with ``w`` in an external file beside it."""
     (folder / location).parent.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    onnx.save_model(add_model(), path, save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=location, size_threshold=0)
+    onnx.save_model(
+        add_model(),
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=0,
+    )
     return path
 
 
@@ -524,16 +564,19 @@ def test_the_hugging_face_cache_layout_loads_and_other_repos_blobs_do_not(tmp_pa
         onnx2jax.load(plain / "model.onnx")
 
 
-@pytest.mark.parametrize("entries, message", [
-    ({"length": "-4"}, "not a non-negative whole number"),
-    ({"offset": "-1"}, "not a non-negative whole number"),
-    ({"offset": "1e3"}, "not a non-negative whole number"),
-    ({"length": "lots"}, "not a non-negative whole number"),
-    ({"length": str(10**15)}, "truncated or the model is corrupt"),
-    ({"offset": str(10**15)}, "truncated or the model is corrupt"),
-    ({"offset": "4", "length": "16"}, "truncated or the model is corrupt"),
-    ({"length": "8"}, "needs 16 bytes, but its external data holds 8"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"length": "-4"}, "not a non-negative whole number"),
+        ({"offset": "-1"}, "not a non-negative whole number"),
+        ({"offset": "1e3"}, "not a non-negative whole number"),
+        ({"length": "lots"}, "not a non-negative whole number"),
+        ({"length": str(10**15)}, "truncated or the model is corrupt"),
+        ({"offset": str(10**15)}, "truncated or the model is corrupt"),
+        ({"offset": "4", "length": "16"}, "truncated or the model is corrupt"),
+        ({"length": "8"}, "needs 16 bytes, but its external data holds 8"),
+    ],
+)
 def test_bad_external_data_extents_are_clear_errors(tmp_path, entries, message):
     model = save_external(tmp_path / "model")
     set_external(model, **entries)
@@ -578,8 +621,13 @@ def test_huge_declared_sizes_fail_fast_under_a_memory_limit(tmp_path, case):
         del proto.graph.initializer[0].dims[:]
         proto.graph.initializer[0].dims.extend([10**6, 10**6])
         onnx.save(proto, str(model))
-    done = subprocess.run([sys.executable, "-c", HUGE, str(model)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", HUGE, str(model)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ModelLoadError"), done.stdout
 

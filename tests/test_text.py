@@ -16,8 +16,13 @@ from onnx2jax.text import length_buckets, pad_tokens, pool, pooling_modes
 from tests.hub_cache import WORDS, put_in_cache, tiny_text_repo
 from tests.models import minilm_dir
 
-ST_FILES = ("tokenizer.json", "modules.json", "sentence_bert_config.json", "config.json",
-            "1_Pooling/config.json")
+ST_FILES = (
+    "tokenizer.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config.json",
+    "1_Pooling/config.json",
+)
 
 SENTENCES = [
     "A man is eating food.",
@@ -74,8 +79,9 @@ def test_minilm_embeddings_equal_sentence_transformers(tmp_path, offline, minilm
     files = {name: minilm_dir() / name for name in ST_FILES}
     files["onnx/model.onnx"] = minilm_legacy_onnx
     put_in_cache(tmp_path / "cache", "sentence-transformers/all-MiniLM-L6-v2", files)
-    encoder = onnx2jax.SentenceEncoder.from_hub("sentence-transformers/all-MiniLM-L6-v2",
-                                                cache_dir=tmp_path / "cache")
+    encoder = onnx2jax.SentenceEncoder.from_hub(
+        "sentence-transformers/all-MiniLM-L6-v2", cache_dir=tmp_path / "cache"
+    )
     assert encoder.pooling == ("mean",) and encoder.normalize and encoder.max_length == 256
 
     got = encoder.encode(SENTENCES)
@@ -94,9 +100,9 @@ def test_minilm_embeddings_equal_sentence_transformers(tmp_path, offline, minilm
     np.testing.assert_allclose(single, expected[6], rtol=0, atol=1e-5)
 
     # The opt-in bfloat16 products: other numbers, the same embeddings to 3 decimals.
-    rounded = onnx2jax.SentenceEncoder.from_hub("sentence-transformers/all-MiniLM-L6-v2",
-                                                cache_dir=tmp_path / "cache",
-                                                precision="bfloat16")
+    rounded = onnx2jax.SentenceEncoder.from_hub(
+        "sentence-transformers/all-MiniLM-L6-v2", cache_dir=tmp_path / "cache", precision="bfloat16"
+    )
     assert rounded.model.precision == "bfloat16"
     approx = rounded.encode(SENTENCES[:4])
     cosine = np.sum(approx * expected[:4], axis=1)  # both normalised
@@ -104,8 +110,9 @@ def test_minilm_embeddings_equal_sentence_transformers(tmp_path, offline, minilm
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # its import path moved in v6
-@pytest.mark.parametrize("mode", ["cls", "mean", "max", "mean_sqrt_len_tokens",
-                                  "weightedmean", "lasttoken"])
+@pytest.mark.parametrize(
+    "mode", ["cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
+)
 def test_pool_equals_sentence_transformers_pooling(mode):
     from sentence_transformers.models import Pooling
 
@@ -113,14 +120,18 @@ def test_pool_equals_sentence_transformers_pooling(mode):
     hidden = rng.standard_normal((3, 7, 5)).astype(np.float32)
     mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] + [0] * 6], np.int64)
     expected = Pooling(5, pooling_mode=mode)(
-        {"token_embeddings": torch.from_numpy(hidden),
-         "attention_mask": torch.from_numpy(mask)})["sentence_embedding"].numpy()
+        {"token_embeddings": torch.from_numpy(hidden), "attention_mask": torch.from_numpy(mask)}
+    )["sentence_embedding"].numpy()
     np.testing.assert_allclose(pool(hidden, mask, [mode]), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_pooling_config_forms():
-    legacy = {"word_embedding_dimension": 384, "pooling_mode_cls_token": False,
-              "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}
+    legacy = {
+        "word_embedding_dimension": 384,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": True,
+    }
     assert pooling_modes(legacy) == ("max", "mean")  # sentence-transformers' order
     assert pooling_modes({"pooling_mode": "cls"}) == ("cls",)
     assert pooling_modes({"word_embedding_dimension": 8}) == ("mean",)
@@ -143,8 +154,9 @@ def _tiny(folder, **options):
 
 
 def test_one_compilation_per_bucket_and_order_kept(tmp_path):
-    encoder = onnx2jax.SentenceEncoder.from_folder(_tiny(tmp_path), batch_size=4,
-                                                   buckets=(4, 8, 16))
+    encoder = onnx2jax.SentenceEncoder.from_folder(
+        _tiny(tmp_path), batch_size=4, buckets=(4, 8, 16)
+    )
     sentences = [" ".join(WORDS[: n % 9]) for n in range(40)]  # 2 to 10 tokens
     got = encoder.encode(sentences)
     assert encoder.compilations == 3  # lengths 2..10 fall in buckets 4, 8 and 16
@@ -171,5 +183,6 @@ def test_embed_is_pure_and_differentiable(tmp_path):
     plain = np.asarray(encoder.embed(encoder.params, tokens))
     options = inference_compiler_options(tokens, encoder.model.compiler_options)
     assert tuple(sorted(options.items())) in encoder._embed_jits
-    np.testing.assert_allclose(plain, np.asarray(jax.jit(encoder.embed)(encoder.params, tokens)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        plain, np.asarray(jax.jit(encoder.embed)(encoder.params, tokens)), rtol=1e-5, atol=1e-6
+    )

@@ -49,8 +49,14 @@ CLI_XFAIL: dict[str, str] = {}
 
 
 def _params(variants: list[Variant], xfail: dict[str, str]) -> list:
-    return [pytest.param(v, id=v.id, marks=[pytest.mark.xfail(strict=True, reason=xfail[v.id])]
-                         if v.id in xfail else []) for v in variants]
+    return [
+        pytest.param(
+            v,
+            id=v.id,
+            marks=[pytest.mark.xfail(strict=True, reason=xfail[v.id])] if v.id in xfail else [],
+        )
+        for v in variants
+    ]
 
 
 Built = tuple[Path, Feeds, Path]
@@ -76,8 +82,7 @@ def built(tmp_path_factory) -> Callable[[Variant], Built]:
     return build
 
 
-def _session(model: Path | onnx.ModelProto, optimize: bool = True
-             ) -> onnxruntime.InferenceSession:
+def _session(model: Path | onnx.ModelProto, optimize: bool = True) -> onnxruntime.InferenceSession:
     options = onnxruntime.SessionOptions()
     if not optimize:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -88,8 +93,11 @@ def _session(model: Path | onnx.ModelProto, optimize: bool = True
 def _feeds_for(session: onnxruntime.InferenceSession, feeds: Feeds) -> Feeds:
     """The feeds a model takes, float inputs cast to float16 where it declares them so."""
     types = {i.name: i.type for i in session.get_inputs()}
-    return {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v
-            for k, v in feeds.items() if k in types}
+    return {
+        k: v.astype(np.float16) if types[k] == "tensor(float16)" else v
+        for k, v in feeds.items()
+        if k in types
+    }
 
 
 def _ort(model: Path | onnx.ModelProto, feeds: Feeds, optimize: bool = True) -> dict:
@@ -123,8 +131,9 @@ def _check_fp32(got: dict, want: dict) -> None:
             np.testing.assert_array_equal(actual, expected, err_msg=name)
             continue
         bound = 1e-4 * float(np.abs(expected).max())
-        assert _max_error(actual, expected) <= bound, \
+        assert _max_error(actual, expected) <= bound, (
             f"{name}: worst error {_max_error(actual, expected):.3g}, allowed {bound:.3g}"
+        )
 
 
 def _check_fp16(got: dict, want16: dict, want32: dict) -> None:
@@ -134,13 +143,26 @@ def _check_fp16(got: dict, want16: dict, want32: dict) -> None:
         ours, theirs = _max_error(actual, want32[name]), _max_error(expected, want32[name])
         assert ours <= 1.2 * theirs, (
             f"{name}: onnx2jax is {ours:.3g} from the float32 result, onnxruntime's float16 "
-            f"{theirs:.3g} ({ours / theirs:.2f}x)")
+            f"{theirs:.3g} ({ours / theirs:.2f}x)"
+        )
 
 
-_QUANTIZING = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-               "QLinearAdd", "QLinearMul", "QLinearSoftmax", "QLinearGlobalAveragePool",
-               "QLinearAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid",
-               "QGemm", "QAttention"}
+_QUANTIZING = {
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearSoftmax",
+    "QLinearGlobalAveragePool",
+    "QLinearAveragePool",
+    "QLinearConcat",
+    "QLinearLeakyRelu",
+    "QLinearSigmoid",
+    "QGemm",
+    "QAttention",
+}
 _INTEGER_PRODUCTS = {"MatMulInteger", "ConvInteger"}
 
 
@@ -165,10 +187,16 @@ def _one_node(node: onnx.NodeProto, values: dict, opsets) -> tuple[onnx.ModelPro
     """``node`` as a model of its own, and its inputs from ``values``."""
     inputs = [i for i in node.input if i]
     graph = onnx.helper.make_graph(
-        [node], "one", [onnx.helper.make_tensor_value_info(
-            i, onnx.helper.np_dtype_to_tensor_dtype(values[i].dtype), values[i].shape)
-            for i in inputs], [onnx.helper.make_empty_tensor_value_info(o)
-                               for o in node.output if o])
+        [node],
+        "one",
+        [
+            onnx.helper.make_tensor_value_info(
+                i, onnx.helper.np_dtype_to_tensor_dtype(values[i].dtype), values[i].shape
+            )
+            for i in inputs
+        ],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o],
+    )
     return onnx.helper.make_model(graph, opset_imports=opsets), {i: values[i] for i in inputs}
 
 
@@ -199,8 +227,11 @@ def _check_quant(model: onnx2jax.Model, path: Path, feeds: Feeds) -> None:
     everything.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in inner)
     plain = _ort(everything, feeds, optimize=False)
     ours = model(**feeds, outputs=inner)
-    values = {**feeds, **initializers, **{k: np.asarray(v) for k, v in ours.items()
-                                          if not isinstance(v, list)}}
+    values = {
+        **feeds,
+        **initializers,
+        **{k: np.asarray(v) for k, v in ours.items() if not isinstance(v, list)},
+    }
     for node in graph.node:
         if node.op_type in _QUANTIZING:
             # On the same inputs: a one-step difference upstream may grow through a product.
@@ -210,18 +241,23 @@ def _check_quant(model: onnx2jax.Model, path: Path, feeds: Feeds) -> None:
                     steps = np.abs(values[out].astype(np.int64) - want.astype(np.int64))
                     assert steps.max() <= 1, (
                         f"{node.op_type} {node.name!r}: {int((steps > 1).sum())} elements "
-                        f"more than one step from onnxruntime (worst {int(steps.max())})")
+                        f"more than one step from onnxruntime (worst {int(steps.max())})"
+                    )
         elif node.op_type in _INTEGER_PRODUCTS:
             exact = _exact_integer_product(node, values, proto.opset_import)
-            np.testing.assert_array_equal(values[node.output[0]], exact,
-                                          err_msg=f"{node.op_type} {node.name!r}")
+            np.testing.assert_array_equal(
+                values[node.output[0]], exact, err_msg=f"{node.op_type} {node.name!r}"
+            )
     fused = _ort(path, feeds)
     for name in outputs:
         if isinstance(plain[name], list):
             tol = max(1e-4, _output_step(graph, name))
             _assert_zipmap(name, ours[name], plain[name], tol)
-            apart = max(abs(float(f[k]) - float(p[k]))
-                        for f, p in zip(fused[name], plain[name], strict=True) for k in p)
+            apart = max(
+                abs(float(f[k]) - float(p[k]))
+                for f, p in zip(fused[name], plain[name], strict=True)
+                for k in p
+            )
             _assert_zipmap(name, ours[name], fused[name], tol + apart)
             continue
         want = np.asarray(plain[name])
@@ -264,12 +300,12 @@ def test_variant_matches_onnxruntime(variant: Variant, built, ours) -> None:
             got = np.asarray(ours(variant)[name])
             assert got.shape == want.shape and got.dtype == want.dtype, name
             bound = 4 * float(np.finfo(np.float16).eps) * float(np.abs(want).max())
-            assert _max_error(got, want) <= bound, \
+            assert _max_error(got, want) <= bound, (
                 f"{name}: {_max_error(got, want):.3g} from onnxruntime, allowed {bound:.3g}"
+            )
 
 
-@pytest.mark.parametrize("variant", _params([v for v in VARIANTS if v.check == "fp16"],
-                                            FP16_XFAIL))
+@pytest.mark.parametrize("variant", _params([v for v in VARIANTS if v.check == "fp16"], FP16_XFAIL))
 def test_float16_error_as_onnxruntime(variant: Variant, built, ours) -> None:
     path, feeds, base = built(variant)
     _check_fp16(ours(variant), _ort(path, feeds), _ort(base, feeds))

@@ -62,8 +62,9 @@ def _build_base(name: str, path: Path) -> Feeds:
     return export_transformers_variant(kind, path, int(opset), attn)
 
 
-def calibration_batches(feeds: Mapping[str, np.ndarray], count: int = 4,
-                        seed: int = 1) -> list[Feeds]:
+def calibration_batches(
+    feeds: Mapping[str, np.ndarray], count: int = 4, seed: int = 1
+) -> list[Feeds]:
     """Calibration inputs like ``feeds``: the feeds themselves and noisy copies of float inputs.
 
     Integer inputs (ids, masks) are kept as they are, so ids stay valid; floats get unit noise
@@ -72,26 +73,38 @@ def calibration_batches(feeds: Mapping[str, np.ndarray], count: int = 4,
     rng = np.random.default_rng(seed)
     batches = [dict(feeds)]
     for _ in range(count - 1):
-        batches.append({k: (v + rng.normal(size=v.shape).astype(v.dtype)
-                            if v.dtype.kind == "f" else v) for k, v in feeds.items()})
+        batches.append(
+            {
+                k: (v + rng.normal(size=v.shape).astype(v.dtype) if v.dtype.kind == "f" else v)
+                for k, v in feeds.items()
+            }
+        )
     return batches
 
 
 # -------------------------------------------------------------------------- variants
-def quantize_dynamic(base: Path, out: Path, feeds: Feeds, weight_type: str = "QInt8",
-                     per_channel: bool = False) -> Path:
+def quantize_dynamic(
+    base: Path, out: Path, feeds: Feeds, weight_type: str = "QInt8", per_channel: bool = False
+) -> Path:
     """onnxruntime.quantization.quantize_dynamic (MatMulInteger / DynamicQuantizeLinear)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as quantize
 
-    quantize(str(base), str(out), weight_type=getattr(QuantType, weight_type),
-             per_channel=per_channel)
+    quantize(
+        str(base), str(out), weight_type=getattr(QuantType, weight_type), per_channel=per_channel
+    )
     return out
 
 
-def quantize_static(base: Path, out: Path, feeds: Feeds, quant_format: str = "QDQ",
-                    activation_type: str = "QUInt8", weight_type: str = "QInt8",
-                    per_channel: bool = False) -> Path:
+def quantize_static(
+    base: Path,
+    out: Path,
+    feeds: Feeds,
+    quant_format: str = "QDQ",
+    activation_type: str = "QUInt8",
+    weight_type: str = "QInt8",
+    per_channel: bool = False,
+) -> Path:
     """onnxruntime.quantization.quantize_static with a CalibrationDataReader over ``feeds``.
 
     The base first goes through ``quant_pre_process`` (shape inference and onnxruntime's basic
@@ -113,14 +126,21 @@ def quantize_static(base: Path, out: Path, feeds: Feeds, quant_format: str = "QD
 
     prepared = out.with_name(out.stem + "-prepared.onnx")
     quant_pre_process(str(base), str(prepared), skip_symbolic_shape=True)
-    quantize(str(prepared), str(out), Reader(), quant_format=getattr(QuantFormat, quant_format),
-             activation_type=getattr(QuantType, activation_type),
-             weight_type=getattr(QuantType, weight_type), per_channel=per_channel)
+    quantize(
+        str(prepared),
+        str(out),
+        Reader(),
+        quant_format=getattr(QuantFormat, quant_format),
+        activation_type=getattr(QuantType, activation_type),
+        weight_type=getattr(QuantType, weight_type),
+        per_channel=per_channel,
+    )
     return out
 
 
-def float16_converter_common(base: Path, out: Path, feeds: Feeds,
-                             keep_io_types: bool = True) -> Path:
+def float16_converter_common(
+    base: Path, out: Path, feeds: Feeds, keep_io_types: bool = True
+) -> Path:
     """onnxconverter_common.float16.convert_float_to_float16."""
     from onnxconverter_common.float16 import convert_float_to_float16
 
@@ -129,10 +149,18 @@ def float16_converter_common(base: Path, out: Path, feeds: Feeds,
     return out
 
 
-def ort_optimize(base: Path, out: Path, feeds: Feeds, model_type: str = "bert",
-                 opt_level: int | None = 1, float16: bool = False, num_heads: int = 0,
-                 hidden_size: int = 0, mask_format: str | None = None,
-                 embed_layer_norm: bool = True) -> Path:
+def ort_optimize(
+    base: Path,
+    out: Path,
+    feeds: Feeds,
+    model_type: str = "bert",
+    opt_level: int | None = 1,
+    float16: bool = False,
+    num_heads: int = 0,
+    hidden_size: int = 0,
+    mask_format: str | None = None,
+    embed_layer_norm: bool = True,
+) -> Path:
     """onnxruntime.transformers.optimizer.optimize_model, optionally then its float16 pass.
 
     ``opt_level`` 1 and 2 first run onnxruntime's own basic or extended graph optimizations
@@ -151,9 +179,14 @@ def ort_optimize(base: Path, out: Path, feeds: Feeds, model_type: str = "bert",
     if mask_format is not None:
         options.attention_mask_format = getattr(AttentionMaskFormat, mask_format)
     options.enable_embed_layer_norm = embed_layer_norm
-    optimized = optimize_model(str(base), model_type=model_type, num_heads=num_heads,
-                               hidden_size=hidden_size, optimization_options=options,
-                               opt_level=opt_level)
+    optimized = optimize_model(
+        str(base),
+        model_type=model_type,
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        optimization_options=options,
+        opt_level=opt_level,
+    )
     if float16:
         optimized.convert_float_to_float16(keep_io_types=True)
     optimized.save_model_to_file(str(out))
@@ -200,69 +233,244 @@ _OPT = "onnxruntime.transformers.optimizer"
 #: The matrix: every tool and option at least once, spread over the model kinds.
 VARIANTS: list[Variant] = [
     # The exports themselves, so a variant's failure is never a base's.
-    *[_v(base, "fp32", "torch.onnx (TorchScript)", "fp32") for base in (
-        "minilm", "bert-14-eager", "bert-17-eager", "bert-17-sdpa", "gpt2-17-eager", "gpt2-14-sdpa",
-        "t5-17-eager", "vit-17-eager", "vit-14-sdpa", "whisper-17-eager", "whisper-17-sdpa",
-        "resnet-17-eager")],
+    *[
+        _v(base, "fp32", "torch.onnx (TorchScript)", "fp32")
+        for base in (
+            "minilm",
+            "bert-14-eager",
+            "bert-17-eager",
+            "bert-17-sdpa",
+            "gpt2-17-eager",
+            "gpt2-14-sdpa",
+            "t5-17-eager",
+            "vit-17-eager",
+            "vit-14-sdpa",
+            "whisper-17-eager",
+            "whisper-17-sdpa",
+            "resnet-17-eager",
+        )
+    ],
     _v("skl-logistic", "fp32", "skl2onnx (ZipMap)", "fp32"),
     _v("skl-mlp", "fp32", "skl2onnx (ZipMap)", "fp32"),
     # Dynamic quantization.
     _v("minilm", "dynamic-qint8", _DYN, "quant", quantize_dynamic, weight_type="QInt8"),
-    _v("minilm", "dynamic-quint8-per-channel", _DYN, "quant", quantize_dynamic,
-       weight_type="QUInt8", per_channel=True),
+    _v(
+        "minilm",
+        "dynamic-quint8-per-channel",
+        _DYN,
+        "quant",
+        quantize_dynamic,
+        weight_type="QUInt8",
+        per_channel=True,
+    ),
     _v("gpt2-14-sdpa", "dynamic-quint8", _DYN, "quant", quantize_dynamic, weight_type="QUInt8"),
-    _v("t5-17-eager", "dynamic-qint8-per-channel", _DYN, "quant", quantize_dynamic,
-       weight_type="QInt8", per_channel=True),
-    _v("whisper-17-eager", "dynamic-quint8", _DYN, "quant", quantize_dynamic,
-       weight_type="QUInt8"),
+    _v(
+        "t5-17-eager",
+        "dynamic-qint8-per-channel",
+        _DYN,
+        "quant",
+        quantize_dynamic,
+        weight_type="QInt8",
+        per_channel=True,
+    ),
+    _v("whisper-17-eager", "dynamic-quint8", _DYN, "quant", quantize_dynamic, weight_type="QUInt8"),
     _v("skl-mlp", "dynamic-quint8", _DYN, "quant", quantize_dynamic, weight_type="QUInt8"),
     # Static quantization, QDQ and QOperator formats.
-    _v("resnet-17-eager", "qdq-quint8", _STATIC, "quant", quantize_static,
-       activation_type="QUInt8"),
-    _v("resnet-17-eager", "qdq-qint8-per-channel", _STATIC, "quant", quantize_static,
-       activation_type="QInt8", per_channel=True),
-    _v("resnet-17-eager", "qoperator-quint8", _STATIC, "quant", quantize_static,
-       quant_format="QOperator", activation_type="QUInt8"),
-    _v("vit-17-eager", "qdq-qint8-per-channel", _STATIC, "quant", quantize_static,
-       activation_type="QInt8", per_channel=True),
-    _v("bert-14-eager", "qdq-quint16", _STATIC, "quant", quantize_static,
-       activation_type="QUInt16", weight_type="QInt8"),
-    _v("bert-14-eager", "qoperator-quint8", _STATIC, "quant", quantize_static,
-       quant_format="QOperator", activation_type="QUInt8"),
+    _v(
+        "resnet-17-eager", "qdq-quint8", _STATIC, "quant", quantize_static, activation_type="QUInt8"
+    ),
+    _v(
+        "resnet-17-eager",
+        "qdq-qint8-per-channel",
+        _STATIC,
+        "quant",
+        quantize_static,
+        activation_type="QInt8",
+        per_channel=True,
+    ),
+    _v(
+        "resnet-17-eager",
+        "qoperator-quint8",
+        _STATIC,
+        "quant",
+        quantize_static,
+        quant_format="QOperator",
+        activation_type="QUInt8",
+    ),
+    _v(
+        "vit-17-eager",
+        "qdq-qint8-per-channel",
+        _STATIC,
+        "quant",
+        quantize_static,
+        activation_type="QInt8",
+        per_channel=True,
+    ),
+    _v(
+        "bert-14-eager",
+        "qdq-quint16",
+        _STATIC,
+        "quant",
+        quantize_static,
+        activation_type="QUInt16",
+        weight_type="QInt8",
+    ),
+    _v(
+        "bert-14-eager",
+        "qoperator-quint8",
+        _STATIC,
+        "quant",
+        quantize_static,
+        quant_format="QOperator",
+        activation_type="QUInt8",
+    ),
     # float16 (onnxconverter-common writes models onnxruntime rejects for GPT-2, T5, Whisper and
     # ViT's eager export: Casts to float whose outputs it retypes float16; not covered).
-    _v("bert-14-eager", "fp16-occ-io32", _OCC, "fp16", float16_converter_common,
-       keep_io_types=True),
-    _v("bert-17-sdpa", "fp16-occ-io16", _OCC, "fp16", float16_converter_common,
-       keep_io_types=False),
+    _v(
+        "bert-14-eager", "fp16-occ-io32", _OCC, "fp16", float16_converter_common, keep_io_types=True
+    ),
+    _v(
+        "bert-17-sdpa", "fp16-occ-io16", _OCC, "fp16", float16_converter_common, keep_io_types=False
+    ),
     _v("minilm", "fp16-occ-io16", _OCC, "fp16", float16_converter_common, keep_io_types=False),
-    _v("vit-14-sdpa", "fp16-occ-io16", _OCC, "fp16", float16_converter_common,
-       keep_io_types=False),
-    _v("resnet-17-eager", "fp16-occ-io32", _OCC, "fp16", float16_converter_common,
-       keep_io_types=True),
+    _v("vit-14-sdpa", "fp16-occ-io16", _OCC, "fp16", float16_converter_common, keep_io_types=False),
+    _v(
+        "resnet-17-eager",
+        "fp16-occ-io32",
+        _OCC,
+        "fp16",
+        float16_converter_common,
+        keep_io_types=True,
+    ),
     # onnxruntime.transformers' optimizer (and its float16 pass).
-    _v("minilm", "ort-opt1", _OPT, "fp32", ort_optimize, model_type="bert", opt_level=1,
-       num_heads=12, hidden_size=384),
-    _v("minilm", "ort-opt2-fp16", _OPT, "fp16", ort_optimize, model_type="bert", opt_level=2,
-       float16=True, num_heads=12, hidden_size=384),
-    _v("bert-14-eager", "ort-opt2", _OPT, "fp32", ort_optimize, model_type="bert",
-       opt_level=2, num_heads=4, hidden_size=32),
-    _v("bert-17-sdpa", "ort-opt1", _OPT, "fp32", ort_optimize, model_type="bert", opt_level=1,
-       num_heads=4, hidden_size=32),
-    _v("bert-17-sdpa", "ort-opt2-fp16", _OPT, "fp16", ort_optimize, model_type="bert",
-       opt_level=2, float16=True, num_heads=4, hidden_size=32),
+    _v(
+        "minilm",
+        "ort-opt1",
+        _OPT,
+        "fp32",
+        ort_optimize,
+        model_type="bert",
+        opt_level=1,
+        num_heads=12,
+        hidden_size=384,
+    ),
+    _v(
+        "minilm",
+        "ort-opt2-fp16",
+        _OPT,
+        "fp16",
+        ort_optimize,
+        model_type="bert",
+        opt_level=2,
+        float16=True,
+        num_heads=12,
+        hidden_size=384,
+    ),
+    _v(
+        "bert-14-eager",
+        "ort-opt2",
+        _OPT,
+        "fp32",
+        ort_optimize,
+        model_type="bert",
+        opt_level=2,
+        num_heads=4,
+        hidden_size=32,
+    ),
+    _v(
+        "bert-17-sdpa",
+        "ort-opt1",
+        _OPT,
+        "fp32",
+        ort_optimize,
+        model_type="bert",
+        opt_level=1,
+        num_heads=4,
+        hidden_size=32,
+    ),
+    _v(
+        "bert-17-sdpa",
+        "ort-opt2-fp16",
+        _OPT,
+        "fp16",
+        ort_optimize,
+        model_type="bert",
+        opt_level=2,
+        float16=True,
+        num_heads=4,
+        hidden_size=32,
+    ),
     # The fused com.microsoft Attention's three mask forms.
-    *[_v("bert-17-eager", f"ort-opt2-{form.lower()}", _OPT, "fp32", ort_optimize,
-         model_type="bert", opt_level=2, num_heads=4, hidden_size=32, mask_format=form,
-         embed_layer_norm=False) for form in ("MaskIndexEnd", "AttentionMask", "NoMask")],
-    _v("gpt2-17-eager", "ort-opt2", _OPT, "fp32", ort_optimize, model_type="gpt2",
-       opt_level=2, num_heads=4, hidden_size=32),
-    _v("gpt2-14-sdpa", "ort-opt1-fp16", _OPT, "fp16", ort_optimize, model_type="gpt2",
-       opt_level=1, float16=True, num_heads=4, hidden_size=32),
-    _v("t5-17-eager", "ort-opt1", _OPT, "fp32", ort_optimize, model_type="t5", opt_level=1,
-       num_heads=4, hidden_size=32),
-    _v("vit-14-sdpa", "ort-opt2", _OPT, "fp32", ort_optimize, model_type="vit", opt_level=2,
-       num_heads=4, hidden_size=32),
-    _v("whisper-17-sdpa", "ort-opt2", _OPT, "fp32", ort_optimize, model_type="bart",
-       opt_level=2, num_heads=4, hidden_size=32),
+    *[
+        _v(
+            "bert-17-eager",
+            f"ort-opt2-{form.lower()}",
+            _OPT,
+            "fp32",
+            ort_optimize,
+            model_type="bert",
+            opt_level=2,
+            num_heads=4,
+            hidden_size=32,
+            mask_format=form,
+            embed_layer_norm=False,
+        )
+        for form in ("MaskIndexEnd", "AttentionMask", "NoMask")
+    ],
+    _v(
+        "gpt2-17-eager",
+        "ort-opt2",
+        _OPT,
+        "fp32",
+        ort_optimize,
+        model_type="gpt2",
+        opt_level=2,
+        num_heads=4,
+        hidden_size=32,
+    ),
+    _v(
+        "gpt2-14-sdpa",
+        "ort-opt1-fp16",
+        _OPT,
+        "fp16",
+        ort_optimize,
+        model_type="gpt2",
+        opt_level=1,
+        float16=True,
+        num_heads=4,
+        hidden_size=32,
+    ),
+    _v(
+        "t5-17-eager",
+        "ort-opt1",
+        _OPT,
+        "fp32",
+        ort_optimize,
+        model_type="t5",
+        opt_level=1,
+        num_heads=4,
+        hidden_size=32,
+    ),
+    _v(
+        "vit-14-sdpa",
+        "ort-opt2",
+        _OPT,
+        "fp32",
+        ort_optimize,
+        model_type="vit",
+        opt_level=2,
+        num_heads=4,
+        hidden_size=32,
+    ),
+    _v(
+        "whisper-17-sdpa",
+        "ort-opt2",
+        _OPT,
+        "fp32",
+        ort_optimize,
+        model_type="bart",
+        opt_level=2,
+        num_heads=4,
+        hidden_size=32,
+    ),
 ]

@@ -29,11 +29,17 @@ def main() -> None:
     train, test = order[:1500], order[1500:]
 
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Flatten(), nn.Dropout(0.1), nn.Linear(32 * 2 * 2, 10),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(32 * 2 * 2, 10),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     x_train, y_train = torch.from_numpy(images[train]), torch.from_numpy(labels[train])
@@ -52,9 +58,15 @@ def main() -> None:
     print(f"held-out accuracy after {epochs} epochs: {accuracy:.3f} on {len(test)} images")
 
     torch.onnx.export(
-        model, (x_train[:1],), str(HERE / "digits_cnn.onnx"), input_names=["image"],
-        output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        opset_version=17, dynamo=False)
+        model,
+        (x_train[:1],),
+        str(HERE / "digits_cnn.onnx"),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
     np.savez(HERE / "digits_samples.npz", images=images[test[:16]], labels=labels[test[:16]])
 
 

@@ -51,10 +51,12 @@ class Report:
     def summary(self) -> str:
         """The one line the CLI ends with."""
         skipped = sum(self.skipped.values())
-        return (f"fuzz seed {self.seed}: {self.graphs} graphs ({self.nodes} nodes, "
-                f"{len(self.ops)} op types) in {self.seconds:.0f}s: {self.passed} passed, "
-                f"{skipped} skipped, {len(self.departures)} onnxruntime departures, "
-                f"{len(self.failures)} mismatches")
+        return (
+            f"fuzz seed {self.seed}: {self.graphs} graphs ({self.nodes} nodes, "
+            f"{len(self.ops)} op types) in {self.seconds:.0f}s: {self.passed} passed, "
+            f"{skipped} skipped, {len(self.departures)} onnxruntime departures, "
+            f"{len(self.failures)} mismatches"
+        )
 
 
 def case_rng(seed: int, index: int) -> np.random.Generator:
@@ -68,13 +70,17 @@ def _ops_of(model: onnx.ModelProto) -> list[str]:
         out.append(node.op_type)
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                out.extend(f"{node.op_type}/{n.op_type}" for n in attr.g.node
-                           if n.op_type != "Identity" or n.output[0] != "cond_out")
+                out.extend(
+                    f"{node.op_type}/{n.op_type}"
+                    for n in attr.g.node
+                    if n.op_type != "Identity" or n.output[0] != "cond_out"
+                )
     return out
 
 
-def write_repro(out: Path, stem: str, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                note: str) -> Path:
+def write_repro(
+    out: Path, stem: str, model: onnx.ModelProto, feeds: dict[str, np.ndarray], note: str
+) -> Path:
     """``stem.onnx``, its inputs as ``stem.npz`` and what failed as ``stem.txt`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}.onnx"
@@ -84,9 +90,16 @@ def write_repro(out: Path, stem: str, model: onnx.ModelProto, feeds: dict[str, n
     return path
 
 
-def fuzz(seed: int, count: int, out: Path | None = None, ops: Sequence[str] | None = None,
-         time_limit: float | None = None, max_nodes: int = 6, first: int = 0,
-         progress: Callable[[int, Outcome], None] | None = None) -> Report:
+def fuzz(
+    seed: int,
+    count: int,
+    out: Path | None = None,
+    ops: Sequence[str] | None = None,
+    time_limit: float | None = None,
+    max_nodes: int = 6,
+    first: int = 0,
+    progress: Callable[[int, Outcome], None] | None = None,
+) -> Report:
     """Check ``count`` random graphs (fewer when ``time_limit`` seconds run out).
 
     Graphs are numbered from ``first``; failures are shrunk and written to ``out`` (when
@@ -95,8 +108,9 @@ def fuzz(seed: int, count: int, out: Path | None = None, ops: Sequence[str] | No
     ops = list(ops or CORE_OPS)
     unknown = sorted(set(ops) - set(GENERATORS))
     if unknown:
-        raise ValueError(f"no generator for {', '.join(unknown)}; known: "
-                         f"{', '.join(sorted(GENERATORS))}")
+        raise ValueError(
+            f"no generator for {', '.join(unknown)}; known: {', '.join(sorted(GENERATORS))}"
+        )
     report = Report(seed)
     start = time.monotonic()
     for index in range(first, first + count):
@@ -130,18 +144,23 @@ def fuzz(seed: int, count: int, out: Path | None = None, ops: Sequence[str] | No
         elif outcome.kind == "skip":
             report.skipped[re.split(r"[:(']", outcome.message)[0].strip()] += 1
         elif outcome.kind == "departure":
-            report.departures.append(f"graph {index} ({', '.join(_ops_of(model))}): "
-                                     f"{outcome.message}")
+            report.departures.append(
+                f"graph {index} ({', '.join(_ops_of(model))}): {outcome.message}"
+            )
         else:
             failure = Failure(index, outcome.message, _ops_of(model))
             if out is not None:
                 stem = f"seed{seed}_graph{index}"
                 write_repro(out, f"{stem}_full", model, feeds, outcome.message)
                 failure.path = write_repro(
-                    out, stem, small, small_feeds,
+                    out,
+                    stem,
+                    small,
+                    small_feeds,
                     f"{small_outcome.message}\nops: {', '.join(_ops_of(small))}\n"
                     f"reproduce: python -m onnx2jax.fuzz --seed {seed} --first {index} "
-                    "--count 1")
+                    "--count 1",
+                )
             failure.ops = _ops_of(small)
             failure.message = small_outcome.message
             report.failures.append(failure)

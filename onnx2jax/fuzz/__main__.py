@@ -26,13 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=500, help="graphs to check")
     parser.add_argument("--first", type=int, default=0, help="number of the first graph")
-    parser.add_argument("--out", type=Path, default=Path("fuzz-out"),
-                        help="folder for the repros of failing graphs")
+    parser.add_argument(
+        "--out", type=Path, default=Path("fuzz-out"), help="folder for the repros of failing graphs"
+    )
     parser.add_argument("--ops", default="", help="comma-separated op types to draw from")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds")
     parser.add_argument("--max-nodes", type=int, default=6)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="one line per graph that is not ok")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="one line per graph that is not ok"
+    )
     args = parser.parse_args(argv)
 
     def progress(index: int, outcome: Outcome) -> None:
@@ -41,13 +43,23 @@ def main(argv: list[str] | None = None) -> int:
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] or None
     try:
-        report = fuzz(args.seed, args.count, args.out, ops, args.time_limit, args.max_nodes,
-                      args.first, progress)
+        report = fuzz(
+            args.seed,
+            args.count,
+            args.out,
+            ops,
+            args.time_limit,
+            args.max_nodes,
+            args.first,
+            progress,
+        )
     except ValueError as exc:  # an op without a generator
         parser.error(str(exc))
     for failure in report.failures:
-        print(f"FAIL graph {failure.index} [{', '.join(failure.ops)}] -> {failure.path}: "
-              f"{failure.message[:300]}")
+        print(
+            f"FAIL graph {failure.index} [{', '.join(failure.ops)}] -> {failure.path}: "
+            f"{failure.message[:300]}"
+        )
     if args.verbose:
         for line in report.departures:
             print(f"departure: {line[:300]}")

@@ -21,10 +21,18 @@ MAX_RANK = 4
 # The dtypes graphs use (others, such as bfloat16 and float8, lack onnxruntime CPU kernels for
 # most ops and would only measure onnxruntime's gaps).
 _ONNX_TO_NUMPY = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8, "tensor(int16)": np.int16, "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
 }
 FLOATS = (np.float32, np.float64, np.float16)
 
@@ -70,9 +78,16 @@ class Case:
         self.counter += 1
         return f"{prefix}{self.counter}"
 
-    def data(self, dtype: type, shape: tuple[int, ...], *, low: float | None = None,
-             high: float | None = None, nonzero: bool = False, finite: bool = False
-             ) -> np.ndarray:
+    def data(
+        self,
+        dtype: type,
+        shape: tuple[int, ...],
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        nonzero: bool = False,
+        finite: bool = False,
+    ) -> np.ndarray:
         """Random data: small integers, normal floats, special floats in some cases."""
         rng = self.rng
         dtype = np.dtype(dtype)
@@ -111,8 +126,9 @@ class Case:
             out.append(max(d, min_dim))
         return tuple(out)
 
-    def fresh(self, dtype: type, shape: tuple[int, ...], *, init: bool | None = None,
-              **data_kw: object) -> str:
+    def fresh(
+        self, dtype: type, shape: tuple[int, ...], *, init: bool | None = None, **data_kw: object
+    ) -> str:
         """A new graph input (or, sometimes, initializer) of this dtype and shape."""
         if init is None:
             init = self.rng.random() < 0.15
@@ -129,17 +145,29 @@ class Case:
         self.values[name] = Value(np.asarray(array).dtype.type, np.shape(array), True)
         return name
 
-    def pick(self, dtypes: list[type], *, min_rank: int = 0, max_rank: int = MAX_RANK,
-             min_dim: int = 0, reuse: float = 0.65, **data_kw: object) -> str:
+    def pick(
+        self,
+        dtypes: list[type],
+        *,
+        min_rank: int = 0,
+        max_rank: int = MAX_RANK,
+        min_dim: int = 0,
+        reuse: float = 0.65,
+        **data_kw: object,
+    ) -> str:
         """An existing tensor of one of ``dtypes`` (chaining the nodes) or a fresh one."""
         dtypes = [np.dtype(d).type for d in dtypes]
         if not dtypes:
             raise Reject("no dtype")
         if self.rng.random() < reuse and not data_kw:
-            usable = [n for n, v in self.values.items()
-                      if v.dtype in dtypes and v.shape is not None
-                      and min_rank <= len(v.shape) <= max_rank
-                      and all(d >= min_dim for d in v.shape)]
+            usable = [
+                n
+                for n, v in self.values.items()
+                if v.dtype in dtypes
+                and v.shape is not None
+                and min_rank <= len(v.shape) <= max_rank
+                and all(d >= min_dim for d in v.shape)
+            ]
             produced = [n for n in usable if n not in self.inputs]
             pool = produced if produced and self.rng.random() < 0.8 else usable
             if pool:
@@ -161,7 +189,7 @@ class Case:
         rng = self.rng
         out = [1 if rng.random() < 0.25 else d for d in shape]
         if out and rng.random() < 0.3:
-            out = out[int(rng.integers(len(out) + 1)):]
+            out = out[int(rng.integers(len(out) + 1)) :]
         elif len(out) < MAX_RANK and rng.random() < 0.15:
             out = [int(rng.choice([1, 2]))] + out
         if shape and all(d == 1 for d in shape) and rng.random() < 0.3:
@@ -174,13 +202,18 @@ class Case:
         if outputs is None:
             outputs = [o for n in self.nodes for o in n.output if o]
         graph = helper.make_graph(
-            list(self.nodes), "fuzz",
-            [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-             for n, a in self.inputs.items()],
+            list(self.nodes),
+            "fuzz",
+            [
+                helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                for n, a in self.inputs.items()
+            ],
             [self._output_info(n) for n in outputs],
-            initializer=[numpy_helper.from_array(a, n) for n, a in self.initializers.items()])
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                 ir_version=10)
+            initializer=[numpy_helper.from_array(a, n) for n, a in self.initializers.items()],
+        )
+        return helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=10
+        )
 
     def _output_info(self, name: str) -> onnx.ValueInfoProto:
         value = self.values.get(name)
@@ -189,21 +222,28 @@ class Case:
         if value.type is not None:
             return helper.make_value_info(name, value.type)
         return helper.make_tensor_value_info(
-            name, helper.np_dtype_to_tensor_dtype(np.dtype(value.dtype)), value.shape)
+            name, helper.np_dtype_to_tensor_dtype(np.dtype(value.dtype)), value.shape
+        )
 
     def add(self, node: onnx.NodeProto) -> None:
         """Append ``node`` after shape inference validates it; record its outputs' types."""
         self.nodes.append(node)
         try:
             inferred = onnx.shape_inference.infer_shapes(
-                self.model([o for o in node.output if o]), check_type=True, strict_mode=True,
-                data_prop=True)
+                self.model([o for o in node.output if o]),
+                check_type=True,
+                strict_mode=True,
+                data_prop=True,
+            )
         except Exception as exc:
             self.nodes.pop()
             raise Reject(f"shape inference: {exc}") from exc
         types = {v.name: v.type for v in inferred.graph.output}
-        static = all(self.values[i].static for i in node.input if i) and bool(node.input) \
+        static = (
+            all(self.values[i].static for i in node.input if i)
+            and bool(node.input)
             and node.op_type not in ("If", "Loop")
+        )
         for out in node.output:
             if not out:
                 continue
@@ -231,6 +271,7 @@ def gen(*ops: str) -> Callable[[Generator], Generator]:
         for op in ops:
             GENERATORS[op] = function
         return function
+
     return decorate
 
 
@@ -240,10 +281,41 @@ def _rank_axis(c: Case, rank: int) -> int:
 
 
 # ---------------------------------------------------------------- elementwise
-UNARY = ("Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
-         "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh",
-         "Erf", "Tanh", "Sigmoid", "Relu", "Softplus", "Softsign", "HardSwish", "Mish", "Not",
-         "IsNaN", "BitwiseNot", "Identity")
+UNARY = (
+    "Abs",
+    "Neg",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Sin",
+    "Cos",
+    "Tan",
+    "Asin",
+    "Acos",
+    "Atan",
+    "Sinh",
+    "Cosh",
+    "Asinh",
+    "Acosh",
+    "Atanh",
+    "Erf",
+    "Tanh",
+    "Sigmoid",
+    "Relu",
+    "Softplus",
+    "Softsign",
+    "HardSwish",
+    "Mish",
+    "Not",
+    "IsNaN",
+    "BitwiseNot",
+    "Identity",
+)
 
 
 @gen(*UNARY)
@@ -279,9 +351,27 @@ def _unary_attrs(c: Case, op: str) -> tuple[list[str], dict, int]:
     return [c.pick(schema_dtypes(op, 0, c.opset))], attrs, 1
 
 
-BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "And", "Or", "Xor", "Equal", "Less", "Greater",
-          "LessOrEqual", "GreaterOrEqual", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "Mod",
-          "BitShift", "PRelu")
+BINARY = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "And",
+    "Or",
+    "Xor",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "BitwiseAnd",
+    "BitwiseOr",
+    "BitwiseXor",
+    "Mod",
+    "BitShift",
+    "PRelu",
+)
 
 
 @gen(*BINARY)
@@ -292,7 +382,7 @@ def _binary(c: Case, op: str) -> tuple[list[str], dict, int]:
     kw: dict = {}
     if op == "PRelu":  # the slope broadcasts to X (unidirectionally)
         other = tuple(d if c.rng.random() < 0.5 else 1 for d in shape)
-        other = other[int(c.rng.integers(len(other) + 1)):] if other else other
+        other = other[int(c.rng.integers(len(other) + 1)) :] if other else other
     else:
         other = c.partner(shape)
     if op in ("Div", "Mod") and np.dtype(dtype).kind in "iu":
@@ -305,11 +395,13 @@ def _binary(c: Case, op: str) -> tuple[list[str], dict, int]:
     if op == "Pow" and np.dtype(dtype).kind in "iu":
         kw.update(low=0, high=3)  # negative integer exponents are undefined
     if op == "Pow":
-        b = c.fresh(c.rng.choice(schema_dtypes(op, 1, c.opset)) if np.dtype(dtype).kind == "f"
-                    else dtype, other, **kw)
+        b = c.fresh(
+            c.rng.choice(schema_dtypes(op, 1, c.opset)) if np.dtype(dtype).kind == "f" else dtype,
+            other,
+            **kw,
+        )
     else:
-        b = c.fresh(dtype, other, **kw) if kw or c.rng.random() < 0.6 else \
-            c.pick([dtype], **kw)
+        b = c.fresh(dtype, other, **kw) if kw or c.rng.random() < 0.6 else c.pick([dtype], **kw)
         if op != "PRelu" and not kw and b in c.values and c.values[b].shape is not None:
             try:
                 np.broadcast_shapes(shape, c.shape(b))
@@ -366,8 +458,18 @@ def _cast(c: Case, op: str) -> tuple[list[str], dict, int]:
 
 
 # ---------------------------------------------------------------- reductions and softmax
-REDUCE = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
-          "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+REDUCE = (
+    "ReduceSum",
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+)
 
 
 def _axes(c: Case, rank: int) -> list[int]:
@@ -405,8 +507,11 @@ def _reduce(c: Case, op: str) -> tuple[list[str], dict, int]:
 def _arg(c: Case, op: str) -> tuple[list[str], dict, int]:
     a = c.pick(schema_dtypes(op, 0, c.opset), min_rank=1, min_dim=1)
     rank = len(c.shape(a))
-    attrs = {"axis": _rank_axis(c, rank), "keepdims": int(c.rng.integers(2)),
-             "select_last_index": int(c.rng.integers(2))}
+    attrs = {
+        "axis": _rank_axis(c, rank),
+        "keepdims": int(c.rng.integers(2)),
+        "select_last_index": int(c.rng.integers(2)),
+    }
     return [a], attrs, 1
 
 
@@ -443,7 +548,7 @@ def _reshape(c: Case, op: str) -> tuple[list[str], dict, int]:
         if c.rng.random() < 0.3:
             target.insert(int(c.rng.integers(len(target) + 1)), 1)
         if len(target) > MAX_RANK:
-            target = [int(np.prod(target[:-MAX_RANK + 1]))] + target[-MAX_RANK + 1:]
+            target = [int(np.prod(target[: -MAX_RANK + 1]))] + target[-MAX_RANK + 1 :]
         if c.rng.random() < 0.4:
             target[int(c.rng.integers(len(target)))] = -1
         elif c.rng.random() < 0.3 and len(target) <= len(shape):
@@ -457,8 +562,9 @@ def _reshape(c: Case, op: str) -> tuple[list[str], dict, int]:
 def _transpose(c: Case, op: str) -> tuple[list[str], dict, int]:
     a = c.pick(schema_dtypes(op, 0, c.opset))
     rank = len(c.shape(a))
-    attrs = {"perm": [int(p) for p in c.rng.permutation(rank)]} \
-        if rank and c.rng.random() < 0.8 else {}
+    attrs = (
+        {"perm": [int(p) for p in c.rng.permutation(rank)]} if rank and c.rng.random() < 0.8 else {}
+    )
     return [a], attrs, 1
 
 
@@ -607,8 +713,10 @@ def _gather_elements(c: Case, op: str) -> tuple[list[str], dict, int]:
     a = c.pick(schema_dtypes(op, 0, c.opset), min_rank=1)
     shape = c.shape(a)
     axis = _rank_axis(c, len(shape))
-    ishape = tuple(int(c.rng.integers(0, d + 1)) if i != axis % len(shape)
-                   else int(c.rng.integers(0, 4)) for i, d in enumerate(shape))
+    ishape = tuple(
+        int(c.rng.integers(0, d + 1)) if i != axis % len(shape) else int(c.rng.integers(0, 4))
+        for i, d in enumerate(shape)
+    )
     return [a, _indices(c, shape[axis], ishape)], {"axis": axis}, 1
 
 
@@ -697,7 +805,7 @@ def _matmul(c: Case, op: str) -> tuple[list[str], dict, int]:
         other = (k,)
     else:
         batch = c.partner(shape[:-2]) if len(shape) > 2 else c.dims(rank_b - 2)
-        other = (*batch[:max(rank_b - 2, 0)], k, int(c.rng.integers(0, 4)))
+        other = (*batch[: max(rank_b - 2, 0)], k, int(c.rng.integers(0, 4)))
     b = c.fresh(c.dtype(a), other)
     return [a, b], {}, 1
 
@@ -744,8 +852,10 @@ def _conv(c: Case, op: str) -> tuple[list[str], dict, int]:
     if c.rng.random() < 0.3:
         attrs["dilations"] = [int(c.rng.integers(1, 3)) for _ in range(spatial)]
     dil = attrs.get("dilations", [1] * spatial)
-    size = tuple(int(c.rng.integers((k - 1) * d + 1, (k - 1) * d + 5))
-                 for k, d in zip(kernel, dil, strict=True))
+    size = tuple(
+        int(c.rng.integers((k - 1) * d + 1, (k - 1) * d + 5))
+        for k, d in zip(kernel, dil, strict=True)
+    )
     dtype = c.rng.choice(schema_dtypes(op, 0, c.opset))
     x = c.fresh(dtype, (n, cin, *size))
     w = c.fresh(dtype, (cout, cin // group, *kernel))
@@ -767,8 +877,10 @@ def _pool(c: Case, op: str) -> tuple[list[str], dict, int]:
     if op in ("MaxPool", "LpPool") and c.rng.random() < 0.3 and "auto_pad" not in attrs:
         attrs["dilations"] = [int(c.rng.integers(1, 3)) for _ in range(spatial)]
     dil = attrs.get("dilations", [1] * spatial)
-    size = tuple(int(c.rng.integers((k - 1) * d + 1, (k - 1) * d + 5))
-                 for k, d in zip(kernel, dil, strict=True))
+    size = tuple(
+        int(c.rng.integers((k - 1) * d + 1, (k - 1) * d + 5))
+        for k, d in zip(kernel, dil, strict=True)
+    )
     if op != "LpPool" and c.rng.random() < 0.3 and "auto_pad" not in attrs:
         attrs["ceil_mode"] = 1
     if op == "AveragePool" and c.rng.random() < 0.5:
@@ -790,7 +902,7 @@ def _layernorm(c: Case, op: str) -> tuple[list[str], dict, int]:
     x = c.pick(schema_dtypes(op, 0, c.opset), min_rank=1)
     shape = c.shape(x)
     axis = _rank_axis(c, len(shape))
-    norm = shape[axis % len(shape):]
+    norm = shape[axis % len(shape) :]
     if 0 in norm:
         raise Reject("normalizing over nothing")  # onnxruntime refuses it
     inputs = [x, c.fresh(c.dtype(x), norm)]
@@ -838,8 +950,13 @@ def _gather_nd(c: Case, op: str) -> tuple[list[str], dict, int]:
     depth = int(c.rng.integers(1, len(shape) - batch + 1))
     lead = c.dims(int(c.rng.integers(0, 2)), min_dim=1)
     ishape = (*shape[:batch], *lead, depth)
-    idx = np.stack([c.rng.integers(-shape[batch + k], shape[batch + k], size=ishape[:-1])
-                    for k in range(depth)], axis=-1).astype(np.int64)
+    idx = np.stack(
+        [
+            c.rng.integers(-shape[batch + k], shape[batch + k], size=ishape[:-1])
+            for k in range(depth)
+        ],
+        axis=-1,
+    ).astype(np.int64)
     name = c.name("i")
     (c.initializers if c.rng.random() < 0.3 else c.inputs)[name] = idx
     c.values[name] = Value(np.int64, idx.shape, name in c.initializers)
@@ -857,11 +974,14 @@ def _scatter_elements(c: Case, op: str) -> tuple[list[str], dict, int]:
     if reduction == "none":
         # Distinct targets per line: with duplicates the winner is unspecified.
         along = ushape[axis % len(shape)]
-        perm = np.stack([c.rng.permutation(n)[:along] for _ in range(int(np.prod(ushape))
-                                                                      // along)])
-        idx = np.moveaxis(perm.reshape(*[d for i, d in enumerate(ushape)
-                                         if i != axis % len(shape)], along), -1,
-                          axis % len(shape))
+        perm = np.stack(
+            [c.rng.permutation(n)[:along] for _ in range(int(np.prod(ushape)) // along)]
+        )
+        idx = np.moveaxis(
+            perm.reshape(*[d for i, d in enumerate(ushape) if i != axis % len(shape)], along),
+            -1,
+            axis % len(shape),
+        )
     else:
         idx = c.rng.integers(0, n, size=ushape)
     idx = np.where(c.rng.random(idx.shape) < 0.3, idx - n, idx).astype(np.int64)
@@ -877,11 +997,14 @@ def _one_hot(c: Case, op: str) -> tuple[list[str], dict, int]:
     depth_value = int(c.rng.integers(1, 5))
     # Integer indices: onnxruntime has no kernel for float ones and the reference evaluator
     # mishandles them.
-    idx = c.fresh(c.rng.choice([np.int64, np.int32]),
-                  c.dims(int(c.rng.integers(0, 3))), low=-depth_value, high=depth_value - 1)
+    idx = c.fresh(
+        c.rng.choice([np.int64, np.int32]),
+        c.dims(int(c.rng.integers(0, 3))),
+        low=-depth_value,
+        high=depth_value - 1,
+    )
     depth = c.const(np.array(depth_value, np.int64))
-    values = c.fresh(c.rng.choice([np.float32, np.int64, np.int32]), (2,), init=True,
-                     finite=True)
+    values = c.fresh(c.rng.choice([np.float32, np.int64, np.int32]), (2,), init=True, finite=True)
     rank = len(c.shape(idx)) + 1
     return [idx, depth, values], {"axis": int(c.rng.integers(-rank, rank))}, 1
 
@@ -889,15 +1012,23 @@ def _one_hot(c: Case, op: str) -> tuple[list[str], dict, int]:
 @gen("Einsum")
 def _einsum(c: Case, op: str) -> tuple[list[str], dict, int]:
     equation, shapes = [
-        ("ij,jk->ik", ["ij", "jk"]), ("bij,bjk->bik", ["bij", "bjk"]), ("ij->ji", ["ij"]),
-        ("ii->i", ["ii"]), ("ij,ij->i", ["ij", "ij"]), ("i,j->ij", ["i", "j"]),
-        ("bhqd,bhkd->bhqk", ["bhqd", "bhkd"]), ("ij->", ["ij"]), ("...ij,...jk->...ik",
-                                                                   ["xij", "xjk"]),
+        ("ij,jk->ik", ["ij", "jk"]),
+        ("bij,bjk->bik", ["bij", "bjk"]),
+        ("ij->ji", ["ij"]),
+        ("ii->i", ["ii"]),
+        ("ij,ij->i", ["ij", "ij"]),
+        ("i,j->ij", ["i", "j"]),
+        ("bhqd,bhkd->bhqk", ["bhqd", "bhkd"]),
+        ("ij->", ["ij"]),
+        ("...ij,...jk->...ik", ["xij", "xjk"]),
     ][int(c.rng.integers(9))]
     sizes = {letter: int(c.rng.integers(1, 4)) for letter in "ijkbhqdx"}
     dtype = c.rng.choice([np.float32, np.float64, np.int32, np.int64])
-    return [c.fresh(dtype, tuple(sizes[x] for x in spec)) for spec in shapes], \
-        {"equation": equation}, 1
+    return (
+        [c.fresh(dtype, tuple(sizes[x] for x in spec)) for spec in shapes],
+        {"equation": equation},
+        1,
+    )
 
 
 @gen("Compress")
@@ -924,8 +1055,11 @@ def _eye_like(c: Case, op: str) -> tuple[list[str], dict, int]:
     a = c.fresh(c.rng.choice(schema_dtypes(op, 0, c.opset)), c.dims(2))
     attrs: dict = {"k": int(c.rng.integers(-2, 3))}
     if c.rng.random() < 0.5:
-        attrs["dtype"] = int(helper.np_dtype_to_tensor_dtype(np.dtype(
-            c.rng.choice([np.float32, np.int64, np.int32, np.float64]))))
+        attrs["dtype"] = int(
+            helper.np_dtype_to_tensor_dtype(
+                np.dtype(c.rng.choice([np.float32, np.int64, np.int32, np.float64]))
+            )
+        )
     return [a], attrs, 1
 
 
@@ -953,16 +1087,24 @@ def _dropout(c: Case, op: str) -> tuple[list[str], dict, int]:
 def _det(c: Case, op: str) -> tuple[list[str], dict, int]:
     n = int(c.rng.integers(1, 4))
     batch = c.dims(int(c.rng.integers(0, 2)), min_dim=1)
-    return [c.fresh(c.rng.choice(schema_dtypes(op, 0, c.opset)), (*batch, n, n),
-                    finite=True)], {}, 1
+    return (
+        [c.fresh(c.rng.choice(schema_dtypes(op, 0, c.opset)), (*batch, n, n), finite=True)],
+        {},
+        1,
+    )
 
 
 @gen("CastLike")
 def _cast_like(c: Case, op: str) -> tuple[list[str], dict, int]:
     to = c.rng.choice([np.float32, np.float64, np.float16, np.int32, np.int64, np.bool_])
     if np.dtype(to).kind in "ib":
-        a = c.fresh(c.rng.choice([np.float32, np.float64]), c.dims(int(c.rng.integers(0, 3))),
-                    low=-50, high=50, finite=True)
+        a = c.fresh(
+            c.rng.choice([np.float32, np.float64]),
+            c.dims(int(c.rng.integers(0, 3))),
+            low=-50,
+            high=50,
+            finite=True,
+        )
     else:
         a = c.pick(schema_dtypes(op, 0, c.opset))
     return [a, c.fresh(to, (1,))], {}, 1
@@ -978,10 +1120,12 @@ def _resize(c: Case, op: str) -> tuple[list[str], dict, int]:
     x = c.fresh(np.float32, (n, ch, *spatial))
     attrs: dict = {"mode": mode}
     if mode == "nearest":
-        attrs["nearest_mode"] = str(c.rng.choice(["round_prefer_floor", "round_prefer_ceil",
-                                                  "floor", "ceil"]))
-    attrs["coordinate_transformation_mode"] = str(c.rng.choice(
-        ["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"]))
+        attrs["nearest_mode"] = str(
+            c.rng.choice(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"])
+        )
+    attrs["coordinate_transformation_mode"] = str(
+        c.rng.choice(["half_pixel", "asymmetric", "align_corners", "pytorch_half_pixel"])
+    )
     if mode == "cubic":
         attrs["cubic_coeff_a"] = -0.75 if c.rng.random() < 0.5 else -0.5
     inputs = [x, ""]
@@ -1002,8 +1146,9 @@ def add_random_node(c: Case, op: str) -> onnx.NodeProto:
     """Generate and append one valid node of ``op`` (raises Reject when the draw is invalid)."""
     generator = GENERATORS[op]
     inputs, attrs, n_out = generator(c, op)
-    node = helper.make_node(op, inputs, [c.name("t") for _ in range(n_out)],
-                            name=c.name(f"{op}_"), **attrs)
+    node = helper.make_node(
+        op, inputs, [c.name("t") for _ in range(n_out)], name=c.name(f"{op}_"), **attrs
+    )
     c.add(node)
     return node
 
@@ -1022,15 +1167,20 @@ def wrap_in_if(c: Case, node: onnx.NodeProto) -> None:
     then_node.output.extend(then_outs)
     del else_node.output[:]
     else_node.output.extend(else_outs)
-    out_types = [helper.make_value_info(n, c.values[o].type)
-                 for n, o in zip(then_outs, outs, strict=True)]
+    out_types = [
+        helper.make_value_info(n, c.values[o].type) for n, o in zip(then_outs, outs, strict=True)
+    ]
     then_graph = helper.make_graph([then_node], "then", [], out_types)
     else_graph = helper.make_graph(
-        [else_node], "else", [],
-        [helper.make_value_info(e, t.type) for e, t in zip(else_outs, out_types, strict=True)])
+        [else_node],
+        "else",
+        [],
+        [helper.make_value_info(e, t.type) for e, t in zip(else_outs, out_types, strict=True)],
+    )
     cond = c.fresh(np.bool_, (), init=c.rng.random() < 0.3)
-    wrapper = helper.make_node("If", [cond], outs, name=c.name("If_"),
-                               then_branch=then_graph, else_branch=else_graph)
+    wrapper = helper.make_node(
+        "If", [cond], outs, name=c.name("If_"), then_branch=then_graph, else_branch=else_graph
+    )
     for o in outs:
         del c.values[o]
     c.add(wrapper)
@@ -1047,12 +1197,18 @@ def wrap_in_loop(c: Case, node: onnx.NodeProto) -> None:
     body_node.output.extend(body_outs)
     cond_out = helper.make_node("Identity", ["cond_in"], ["cond_out"])
     body = helper.make_graph(
-        [body_node, cond_out], "body",
-        [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [body_node, cond_out],
+        "body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        ],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])]
-        + [helper.make_value_info(b, c.values[o].type)
-           for b, o in zip(body_outs, outs, strict=True)])
+        + [
+            helper.make_value_info(b, c.values[o].type)
+            for b, o in zip(body_outs, outs, strict=True)
+        ],
+    )
     trips = c.const(np.array(int(c.rng.integers(1, 4)), np.int64))
     cond = c.const(np.array(True))
     wrapper = helper.make_node("Loop", [trips, cond], outs, name=c.name("Loop_"), body=body)
@@ -1061,8 +1217,9 @@ def wrap_in_loop(c: Case, node: onnx.NodeProto) -> None:
     c.add(wrapper)
 
 
-def random_case(rng: np.random.Generator, ops: list[str], *, max_nodes: int = 6,
-                attempts: int = 60) -> Case:
+def random_case(
+    rng: np.random.Generator, ops: list[str], *, max_nodes: int = 6, attempts: int = 60
+) -> Case:
     """A random graph of 1 to ``max_nodes`` nodes drawn from ``ops``."""
     case = Case(rng, special=rng.random() < 0.15)
     target = int(rng.integers(1, max_nodes + 1))
@@ -1070,8 +1227,7 @@ def random_case(rng: np.random.Generator, ops: list[str], *, max_nodes: int = 6,
         if len(case.nodes) >= target:
             break
         op = str(rng.choice(ops))
-        saved = (list(case.nodes), dict(case.inputs), dict(case.initializers),
-                 dict(case.values))
+        saved = (list(case.nodes), dict(case.inputs), dict(case.initializers), dict(case.values))
         try:
             node = add_random_node(case, op)
             roll = rng.random()
@@ -1081,7 +1237,11 @@ def random_case(rng: np.random.Generator, ops: list[str], *, max_nodes: int = 6,
                 wrap_in_loop(case, node)
         except Reject:
             case.nodes, case.inputs, case.initializers, case.values = (
-                saved[0], saved[1], saved[2], saved[3])
+                saved[0],
+                saved[1],
+                saved[2],
+                saved[3],
+            )
     if not case.nodes:
         raise Reject("no node could be generated")
     return case

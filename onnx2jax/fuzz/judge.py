@@ -24,15 +24,29 @@ from onnx2jax.errors import DataDependentShapeError, UnsupportedOpError
 # cancellation in a chain does not read as an error.
 # onnxruntime's float64 kernels of several ops (Erf, Gelu, Cos) and the reference evaluator's
 # Erf are only accurate to about 1e-8, so float64 is held to 1e-6.
-TOLERANCES = {np.dtype(np.float16): (1e-2, 2e-3), np.dtype(np.float32): (2e-5, 2e-6),
-              np.dtype(np.float64): (1e-6, 1e-7)}
+TOLERANCES = {
+    np.dtype(np.float16): (1e-2, 2e-3),
+    np.dtype(np.float32): (2e-5, 2e-6),
+    np.dtype(np.float64): (1e-6, 1e-7),
+}
 
 
 # Ops whose result for NaN inputs engines define differently: onnxruntime's max pooling and
 # max/min reductions skip NaN, onnx2jax (like NumPy) propagates it. Outputs of such a node
 # that reads a NaN, and everything computed from them, are not compared.
-NAN_UNDEFINED = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "ArgMax",
-                           "ArgMin", "Hardmax", "TopK", "LpPool"})
+NAN_UNDEFINED = frozenset(
+    {
+        "MaxPool",
+        "GlobalMaxPool",
+        "ReduceMax",
+        "ReduceMin",
+        "ArgMax",
+        "ArgMin",
+        "Hardmax",
+        "TopK",
+        "LpPool",
+    }
+)
 
 
 _QUICK_COMPILE = {"xla_backend_optimization_level": 0}
@@ -47,10 +61,28 @@ NONFINITE_UNDEFINED = frozenset({"Resize", "Conv"})
 # Ops where an input that differs in its last bits (within tolerance) may change the output
 # entirely (a step, a comparison, an order): their outputs are only compared when their float
 # inputs are identical in both engines.
-DISCONTINUOUS = frozenset({
-    "Mod", "Floor", "Ceil", "Round", "Sign", "Equal", "Less", "Greater", "LessOrEqual",
-    "GreaterOrEqual", "Cast", "CastLike", "ArgMax", "ArgMin", "Hardmax", "TopK",
-    "ThresholdedRelu", "Shrink"})
+DISCONTINUOUS = frozenset(
+    {
+        "Mod",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Equal",
+        "Less",
+        "Greater",
+        "LessOrEqual",
+        "GreaterOrEqual",
+        "Cast",
+        "CastLike",
+        "ArgMax",
+        "ArgMin",
+        "Hardmax",
+        "TopK",
+        "ThresholdedRelu",
+        "Shrink",
+    }
+)
 
 
 class Skip(Exception):
@@ -83,13 +115,15 @@ def _session_options():  # noqa: ANN202 - onnxruntime is imported lazily
 def run_onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(model.SerializeToString(), _session_options(),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), _session_options(), providers=["CPUExecutionProvider"]
+    )
     return [np.asarray(v) for v in session.run(None, dict(feeds))]
 
 
-def run_reference_evaluator(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
-                            ) -> list[np.ndarray]:
+def run_reference_evaluator(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
@@ -102,8 +136,7 @@ def _lacks_kernel(exc: Exception) -> bool:
     return "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text
 
 
-def _checked_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
-                       ) -> list[np.ndarray]:
+def _checked_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """The reference evaluator's outputs, where they agree with the model's declared types."""
     try:
         outputs = run_reference_evaluator(model, feeds)
@@ -114,20 +147,28 @@ def _checked_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     for info, value in zip(model.graph.output, outputs, strict=False):
         declared = info.type.tensor_type.elem_type
         if declared and np.asarray(value).dtype != helper.tensor_dtype_to_np_dtype(declared):
-            raise Skip(f"reference evaluator's dtype {np.asarray(value).dtype} for "
-                       f"{info.name!r} contradicts the model")
+            raise Skip(
+                f"reference evaluator's dtype {np.asarray(value).dtype} for "
+                f"{info.name!r} contradicts the model"
+            )
         dims = info.type.tensor_type.shape.dim
         if info.type.tensor_type.HasField("shape") and (
-                len(dims) != np.ndim(value)
-                or any(d.HasField("dim_value") and d.dim_value != n
-                       for d, n in zip(dims, np.shape(value), strict=False))):
-            raise Skip(f"reference evaluator's shape {np.shape(value)} for {info.name!r} "
-                       "contradicts shape inference")
+            len(dims) != np.ndim(value)
+            or any(
+                d.HasField("dim_value") and d.dim_value != n
+                for d, n in zip(dims, np.shape(value), strict=False)
+            )
+        ):
+            raise Skip(
+                f"reference evaluator's shape {np.shape(value)} for {info.name!r} "
+                "contradicts shape inference"
+            )
     return outputs
 
 
-def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
-                  ) -> tuple[list[np.ndarray], str]:
+def run_reference(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+) -> tuple[list[np.ndarray], str]:
     """Outputs of onnxruntime; where it lacks a kernel for a node, the graph runs node by node,
     each node in onnxruntime when it can and in the reference evaluator otherwise."""
     try:
@@ -135,8 +176,9 @@ def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     except Exception as exc:
         if not _lacks_kernel(exc):
             raise Skip(f"onnxruntime: {str(exc).splitlines()[0][:200]}") from exc
-    values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
-                                     for t in model.graph.initializer}
+    values: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+    }
     values.update(feeds)
     static = static_names(model)
     for node in model.graph.node:
@@ -151,21 +193,22 @@ def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
     return [values[o.name] for o in model.graph.output], "onnxruntime+reference"
 
 
-def run_onnx2jax(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
-                 ) -> dict[str, list[np.ndarray] | None]:
+def run_onnx2jax(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]
+) -> dict[str, list[np.ndarray] | None]:
     """Outputs of ``model(...)`` and of ``jax.jit(model.apply)`` (None where that mode cannot
     run the graph by design: data-dependent shapes under the caller's jit)."""
     compiled = onnx2jax.load(model)
     names = compiled.output_names
     out = compiled(**feeds)
     results: dict[str, list[np.ndarray] | None] = {
-        "model(...)": [np.asarray(out[n]) for n in names]}
+        "model(...)": [np.asarray(out[n]) for n in names]
+    }
     try:
         # This run checks the trace under a caller's jit (static versus traced values);
         # model(...) above runs the optimised program, so this one compiles unoptimised, in
         # half the time.
-        applied = jax.jit(compiled.apply, compiler_options=_QUICK_COMPILE)(compiled.params,
-                                                                           **feeds)
+        applied = jax.jit(compiled.apply, compiler_options=_QUICK_COMPILE)(compiled.params, **feeds)
         results["jax.jit(apply)"] = [np.asarray(applied[n]) for n in names]
     except DataDependentShapeError:
         results["jax.jit(apply)"] = None
@@ -183,8 +226,10 @@ def compare(got: np.ndarray, want: np.ndarray) -> str | None:
         if not bad.any():
             return None
         where = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-        return f"{int(bad.sum())} of {bad.size} differ, first at {where}: {got[where]!r} != " \
-               f"{want[where]!r}"
+        return (
+            f"{int(bad.sum())} of {bad.size} differ, first at {where}: {got[where]!r} != "
+            f"{want[where]!r}"
+        )
     g, w = got.astype(np.float64), want.astype(np.float64)
     nan_g, nan_w = np.isnan(g), np.isnan(w)
     inf_g, inf_w = np.isinf(g), np.isinf(w)
@@ -197,8 +242,10 @@ def compare(got: np.ndarray, want: np.ndarray) -> str | None:
     if not bad.any():
         return None
     where = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
-    return f"{int(bad.sum())} of {bad.size} differ, first at {where}: {g[where]!r} != " \
-           f"{w[where]!r} (rtol {rtol}, atol {atol} x {scale:g})"
+    return (
+        f"{int(bad.sum())} of {bad.size} differ, first at {where}: {g[where]!r} != "
+        f"{w[where]!r} (rtol {rtol}, atol {atol} x {scale:g})"
+    )
 
 
 def _inner_ops(node: onnx.NodeProto) -> set[str]:
@@ -217,9 +264,12 @@ def _float_differs(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a.shape != b.shape or not np.array_equal(a, b, equal_nan=True)
 
 
-def unjudged(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
-             expected: Sequence[np.ndarray], actual: Sequence[Sequence[np.ndarray]] = ()
-             ) -> set[str]:
+def unjudged(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    expected: Sequence[np.ndarray],
+    actual: Sequence[Sequence[np.ndarray]] = (),
+) -> set[str]:
     """Outputs not compared: those of a node that reads a NaN where engines define NaN
     differently (NAN_UNDEFINED; any non-finite value for NONFINITE_UNDEFINED), or whose float
     inputs already differ within tolerance where a tiny difference changes the result
@@ -233,20 +283,30 @@ def unjudged(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
     for node in model.graph.node:
         reads = node_reads(node)
         ops = _inner_ops(node)
-        nan_in = any(np.asarray(values[n]).dtype.kind == "f" and np.isnan(values[n]).any()
-                     for n in reads if n in values)
+        nan_in = any(
+            np.asarray(values[n]).dtype.kind == "f" and np.isnan(values[n]).any()
+            for n in reads
+            if n in values
+        )
         drift = ops & DISCONTINUOUS and any(
-            _float_differs(other.get(n), values.get(n)) for other in others for n in reads)
+            _float_differs(other.get(n), values.get(n)) for other in others for n in reads
+        )
         nonfinite_in = ops & NONFINITE_UNDEFINED and any(
             np.asarray(values[n]).dtype.kind == "f" and not np.isfinite(values[n]).all()
-            for n in reads if n in values)
+            for n in reads
+            if n in values
+        )
         if reads & out or (nan_in and ops & NAN_UNDEFINED) or drift or nonfinite_in:
             out |= set(node.output)
     return out
 
 
-def _first_difference(actual: Sequence[np.ndarray], expected: Sequence[np.ndarray],
-                      names: Sequence[str], skip: set[str] = frozenset()) -> str | None:
+def _first_difference(
+    actual: Sequence[np.ndarray],
+    expected: Sequence[np.ndarray],
+    names: Sequence[str],
+    skip: set[str] = frozenset(),
+) -> str | None:
     if len(actual) != len(expected):
         return f"{len(actual)} outputs != {len(expected)}"
     for name, got, want in zip(names, actual, expected, strict=True):
@@ -274,13 +334,18 @@ def _check(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> Outcome:
     except UnsupportedOpError as exc:
         return Outcome("skip", f"unsupported: {str(exc).splitlines()[-1].strip()}")
     except Exception as exc:
-        return Outcome("fail", f"onnx2jax raised {type(exc).__name__}: {exc}",
-                       type(exc).__name__, engine)
+        return Outcome(
+            "fail", f"onnx2jax raised {type(exc).__name__}: {exc}", type(exc).__name__, engine
+        )
     names = [o.name for o in model.graph.output]
-    skip = unjudged(model, feeds, expected,
-                    [values for values in results.values() if values is not None])
-    problems = {mode: _first_difference(values, expected, names, skip)
-                for mode, values in results.items() if values is not None}
+    skip = unjudged(
+        model, feeds, expected, [values for values in results.values() if values is not None]
+    )
+    problems = {
+        mode: _first_difference(values, expected, names, skip)
+        for mode, values in results.items()
+        if values is not None
+    }
     problems = {mode: p for mode, p in problems.items() if p}
     if not problems:
         return Outcome("ok", engine=engine)
@@ -289,10 +354,16 @@ def _check(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> Outcome:
         spec = run_reference_evaluator(model, feeds)
     except Exception:
         spec = None
-    if spec is not None and all(_first_difference(values, spec, names, skip) is None
-                                for values in results.values() if values is not None):
-        return Outcome("departure", f"onnx2jax equals onnx.reference, onnxruntime differs: "
-                       f"{message}", engine=engine)
+    if spec is not None and all(
+        _first_difference(values, spec, names, skip) is None
+        for values in results.values()
+        if values is not None
+    ):
+        return Outcome(
+            "departure",
+            f"onnx2jax equals onnx.reference, onnxruntime differs: {message}",
+            engine=engine,
+        )
     return Outcome("fail", message, "mismatch", engine)
 
 
@@ -327,8 +398,11 @@ def static_names(model: onnx.ModelProto) -> set[str]:
         with jax.enable_x64(True):
             params = set(onnx2jax.load(model).params)
     except Exception:
-        params = {t.name for t in model.graph.initializer
-                  if np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).kind == "f"}
+        params = {
+            t.name
+            for t in model.graph.initializer
+            if np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).kind == "f"
+        }
     static = {t.name for t in model.graph.initializer if t.name not in params}
     for node in model.graph.node:
         reads = node_reads(node)
@@ -337,9 +411,12 @@ def static_names(model: onnx.ModelProto) -> set[str]:
     return static
 
 
-def submodel(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto],
-             values: Mapping[str, np.ndarray], static: set[str]
-             ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def submodel(
+    model: onnx.ModelProto,
+    nodes: Sequence[onnx.NodeProto],
+    values: Mapping[str, np.ndarray],
+    static: set[str],
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A model of ``nodes`` alone; what they read from elsewhere becomes inputs (initializers
     where it was static) holding ``values``."""
     produced: set[str] = set()
@@ -356,21 +433,35 @@ def submodel(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto],
         if name in original and name not in static:
             initializers.append(numpy_helper.from_array(array, name))
         elif name in static:  # a Constant node keeps it static (a float initializer would not)
-            constants.append(helper.make_node("Constant", [], [name],
-                                              value=numpy_helper.from_array(array)))
+            constants.append(
+                helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array))
+            )
         else:
-            inputs.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
+            inputs.append(
+                helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape
+                )
+            )
             feeds[name] = array
     declared = {v.name: v for v in model.graph.output}
-    outputs = [declared[o] if o in declared else helper.make_tensor_value_info(
-        o, helper.np_dtype_to_tensor_dtype(np.asarray(values[o]).dtype), None)
-        if o in values else helper.make_value_info(o, onnx.TypeProto())
-        for n in nodes for o in n.output if o]
-    graph = helper.make_graph(constants + list(nodes), "repro", inputs, outputs,
-                              initializer=initializers)
-    small = helper.make_model(graph, opset_imports=list(model.opset_import),
-                              ir_version=model.ir_version)
+    outputs = [
+        declared[o]
+        if o in declared
+        else helper.make_tensor_value_info(
+            o, helper.np_dtype_to_tensor_dtype(np.asarray(values[o]).dtype), None
+        )
+        if o in values
+        else helper.make_value_info(o, onnx.TypeProto())
+        for n in nodes
+        for o in n.output
+        if o
+    ]
+    graph = helper.make_graph(
+        constants + list(nodes), "repro", inputs, outputs, initializer=initializers
+    )
+    small = helper.make_model(
+        graph, opset_imports=list(model.opset_import), ir_version=model.ir_version
+    )
     return small, feeds
 
 
@@ -389,8 +480,9 @@ def _unwrapped(node: onnx.NodeProto) -> onnx.NodeProto | None:
     return plain
 
 
-def shrink(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outcome: Outcome,
-           budget: int = 40) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Outcome]:
+def shrink(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outcome: Outcome, budget: int = 40
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Outcome]:
     """The smallest run of consecutive nodes that still fails the same way (at most ``budget``
     graphs tried); intermediate values come from the reference engine."""
     try:
@@ -398,8 +490,9 @@ def shrink(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outcome: Out
             expected, _ = run_reference(model, feeds)
     except Skip:
         return model, dict(feeds), outcome
-    values: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
-                                     for t in model.graph.initializer}
+    values: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+    }
     values.update(feeds)
     values.update(zip((o.name for o in model.graph.output), expected, strict=True))
     static = static_names(model)
@@ -410,7 +503,7 @@ def shrink(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outcome: Out
         for start in range(len(nodes) - length + 1):
             if tried >= budget:
                 return best
-            window = nodes[start:start + length]
+            window = nodes[start : start + length]
             candidate, cfeeds = submodel(model, window, values, static)
             tried += 1
             result = check(candidate, cfeeds)
@@ -418,7 +511,8 @@ def shrink(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outcome: Out
             # from the spec explains the difference (the reference evaluator could not run the
             # whole graph to tell).
             departs = result.kind == "departure" and any(
-                f"output {o!r}" in outcome.message for n in window for o in n.output)
+                f"output {o!r}" in outcome.message for n in window for o in n.output
+            )
             if departs or (result.kind == "fail" and result.category == outcome.category):
                 best = (candidate, cfeeds, result)
                 break
@@ -431,7 +525,8 @@ def shrink(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], outcome: Out
             result = check(candidate, cfeeds)
             # The node alone may show onnxruntime departing from the spec, which the wrapper
             # hid (the reference evaluator cannot run every If/Loop).
-            if result.kind == "departure" or (result.kind == "fail"
-                                               and result.category == outcome.category):
+            if result.kind == "departure" or (
+                result.kind == "fail" and result.category == outcome.category
+            ):
                 best = (candidate, cfeeds, result)
     return best

@@ -76,12 +76,18 @@ class Seed:
         return onnx.load_model_from_string(self.files[MODEL_FILE])
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
-           outputs: list[onnx.ValueInfoProto], initializers: list[onnx.TensorProto],
-           name: str, opsets: dict[str, int] | None = None,
-           sparse: list[onnx.SparseTensorProto] | None = None) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=initializers,
-                              sparse_initializer=sparse or [])
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: list[onnx.TensorProto],
+    name: str,
+    opsets: dict[str, int] | None = None,
+    sparse: list[onnx.SparseTensorProto] | None = None,
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, name, inputs, outputs, initializer=initializers, sparse_initializer=sparse or []
+    )
     opset_imports = [helper.make_opsetid(d, v) for d, v in (opsets or {"": 17}).items()]
     model = helper.make_model(graph, opset_imports=opset_imports, producer_name="onnx2jax-fuzz")
     model.ir_version = 8
@@ -97,20 +103,28 @@ def _transformer() -> onnx.ModelProto:
     def w(name: str, *shape: int) -> onnx.TensorProto:
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
 
-    inits = [w("embed", vocab, d), w("wq", d, d), w("wk", d, d), w("wv", d, d),
-             numpy_helper.from_array(np.ones(d, np.float32), "gamma"),
-             numpy_helper.from_array(np.zeros(d, np.float32), "beta"),
-             numpy_helper.from_array(np.array([0, 2, 1], np.int64), "perm_unused"),
-             numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
-             numpy_helper.from_array(np.array(d ** -0.5, np.float32), "scale")]
+    inits = [
+        w("embed", vocab, d),
+        w("wq", d, d),
+        w("wk", d, d),
+        w("wv", d, d),
+        numpy_helper.from_array(np.ones(d, np.float32), "gamma"),
+        numpy_helper.from_array(np.zeros(d, np.float32), "beta"),
+        numpy_helper.from_array(np.array([0, 2, 1], np.int64), "perm_unused"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        numpy_helper.from_array(np.array(d**-0.5, np.float32), "scale"),
+    ]
     n = helper.make_node
     nodes = [
         n("Gather", ["embed", "ids"], ["h"]),
-        n("MatMul", ["h", "wq"], ["q"]), n("MatMul", ["h", "wk"], ["k"]),
+        n("MatMul", ["h", "wq"], ["q"]),
+        n("MatMul", ["h", "wk"], ["k"]),
         n("MatMul", ["h", "wv"], ["v"]),
         n("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-        n("MatMul", ["q", "kt"], ["s0"]), n("Mul", ["s0", "scale"], ["s"]),
-        n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["a"]),
+        n("MatMul", ["q", "kt"], ["s0"]),
+        n("Mul", ["s0", "scale"], ["s"]),
+        n("Softmax", ["s"], ["p"], axis=-1),
+        n("MatMul", ["p", "v"], ["a"]),
         n("Add", ["h", "a"], ["r"]),
         n("LayerNormalization", ["r", "gamma", "beta"], ["ln"], axis=-1, epsilon=1e-5),
         n("Shape", ["ln"], ["shape"]),
@@ -119,73 +133,114 @@ def _transformer() -> onnx.ModelProto:
         n("Reshape", ["ln", "flat_shape"], ["hidden"]),
     ]
     inits.append(numpy_helper.from_array(np.array([0], np.int64), "zero"))
-    return _model(nodes,
-                  [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
-                  [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", None])],
-                  inits, "transformer")
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", None])],
+        inits,
+        "transformer",
+    )
 
 
 def _control_flow() -> onnx.ModelProto:
     """An If on a traced condition and a Loop with a constant trip count."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
     then_g = helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["t_out"])], "then", [],
+        [helper.make_node("Mul", ["x", "two"], ["t_out"])],
+        "then",
+        [],
         [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)],
-        initializer=[numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+        initializer=[numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
     else_g = helper.make_graph(
-        [helper.make_node("Neg", ["x"], ["e_out"])], "else", [],
-        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+        [helper.make_node("Neg", ["x"], ["e_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)],
+    )
     body = helper.make_graph(
-        [helper.make_node("Add", ["v_in", "one"], ["v_out"]),
-         helper.make_node("Identity", ["c_in"], ["c_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)])
+        [
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+            helper.make_node("Identity", ["c_in"], ["c_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+    )
     nodes = [
         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
         helper.make_node("Greater", ["s", "zero"], ["c"]),
         helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g),
         helper.make_node("Loop", ["trips", "true", "x"], ["z"], body=body),
     ]
-    inits = [numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-             numpy_helper.from_array(np.array(3, np.int64), "trips"),
-             numpy_helper.from_array(np.array(True), "true")]
-    return _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3]),
-                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 3])],
-                  inits, "control")
+    inits = [
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(3, np.int64), "trips"),
+        numpy_helper.from_array(np.array(True), "true"),
+    ]
+    return _model(
+        nodes,
+        [x],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 3]),
+        ],
+        inits,
+        "control",
+    )
 
 
 def _typed_initializers() -> onnx.ModelProto:
     """Integer, boolean, string and sparse initializers and a Constant node."""
     sparse = helper.make_sparse_tensor(
         numpy_helper.from_array(np.array([1.5, -2.0], np.float32), "sp"),
-        numpy_helper.from_array(np.array([1, 4], np.int64), "sp_idx"), [6])
+        numpy_helper.from_array(np.array([1, 4], np.int64), "sp_idx"),
+        [6],
+    )
     nodes = [
         helper.make_node("Add", ["x", "offset"], ["x1"]),
         helper.make_node("Cast", ["x1"], ["x2"], to=TensorProto.INT32),
         helper.make_node("Mul", ["x2", "factor"], ["ints"]),
         helper.make_node("Cast", ["bytes"], ["bytes_f"], to=TensorProto.FLOAT),
         helper.make_node("Where", ["mask", "bytes_f", "sp"], ["mixed"]),
-        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(
-            np.array([7, 8], np.int16), "c_value")),
+        helper.make_node(
+            "Constant",
+            [],
+            ["c"],
+            value=numpy_helper.from_array(np.array([7, 8], np.int16), "c_value"),
+        ),
         helper.make_node("Cast", ["c"], ["c64"], to=TensorProto.INT64),
         helper.make_node("Identity", ["labels"], ["names"]),
         helper.make_node("Gather", ["x", "c64"], ["picked"], axis=0),
     ]
-    inits = [numpy_helper.from_array(np.array([3], np.int64), "offset"),
-             numpy_helper.from_array(np.array([-2], np.int32), "factor"),
-             numpy_helper.from_array(np.array([0, 1, 2, 250, 255, 9], np.uint8), "bytes"),
-             numpy_helper.from_array(np.array([True, False, True, False, True, False]), "mask"),
-             numpy_helper.from_array(np.array(["cat", "dog", "émeu"], object), "labels")]
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.INT64, [10])],
-                  [helper.make_tensor_value_info("ints", TensorProto.INT32, [10]),
-                   helper.make_tensor_value_info("mixed", TensorProto.FLOAT, [6]),
-                   helper.make_tensor_value_info("names", TensorProto.STRING, [3]),
-                   helper.make_tensor_value_info("picked", TensorProto.INT64, [2])],
-                  inits, "typed", sparse=[sparse])
+    inits = [
+        numpy_helper.from_array(np.array([3], np.int64), "offset"),
+        numpy_helper.from_array(np.array([-2], np.int32), "factor"),
+        numpy_helper.from_array(np.array([0, 1, 2, 250, 255, 9], np.uint8), "bytes"),
+        numpy_helper.from_array(np.array([True, False, True, False, True, False]), "mask"),
+        numpy_helper.from_array(np.array(["cat", "dog", "émeu"], object), "labels"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [10])],
+        [
+            helper.make_tensor_value_info("ints", TensorProto.INT32, [10]),
+            helper.make_tensor_value_info("mixed", TensorProto.FLOAT, [6]),
+            helper.make_tensor_value_info("names", TensorProto.STRING, [3]),
+            helper.make_tensor_value_info("picked", TensorProto.INT64, [2]),
+        ],
+        inits,
+        "typed",
+        sparse=[sparse],
+    )
 
 
 @functools.cache
@@ -201,8 +256,9 @@ def _sklearn_pipeline() -> bytes | None:
         return None
     x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
     pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, x[:, 0] > 0)
-    model = to_onnx(pipeline, x[:1], options={"zipmap": False},
-                    target_opset={"": 17, "ai.onnx.ml": 3})
+    model = to_onnx(
+        pipeline, x[:1], options={"zipmap": False}, target_opset={"": 17, "ai.onnx.ml": 3}
+    )
     return model.SerializeToString()
 
 
@@ -213,10 +269,23 @@ def seed_models(folder: Path) -> list[Seed]:
     seeds = [Seed("cnn", {MODEL_FILE: Path(example_path()).read_bytes()})]
     external = folder / "transformer"
     external.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(_transformer(), str(external / MODEL_FILE), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
-    seeds.append(Seed("transformer", {MODEL_FILE: (external / MODEL_FILE).read_bytes(),
-                                      DATA_FILE: (external / DATA_FILE).read_bytes()}))
+    onnx.save_model(
+        _transformer(),
+        str(external / MODEL_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=0,
+    )
+    seeds.append(
+        Seed(
+            "transformer",
+            {
+                MODEL_FILE: (external / MODEL_FILE).read_bytes(),
+                DATA_FILE: (external / DATA_FILE).read_bytes(),
+            },
+        )
+    )
     seeds.append(Seed("control", {MODEL_FILE: _control_flow().SerializeToString()}))
     seeds.append(Seed("typed", {MODEL_FILE: _typed_initializers().SerializeToString()}))
     sklearn = _sklearn_pipeline()
@@ -254,8 +323,8 @@ class Mutant:
         return folder / MODEL_FILE
 
 
-HUGE = [2 ** 31 - 1, 2 ** 31, 2 ** 32 + 1, 2 ** 40, 2 ** 62, 2 ** 63 - 1]
-ODD_INTS = [-1, -2, -(2 ** 31), -(2 ** 63), 0, 1, 2, 3, 7, 255, *HUGE]
+HUGE = [2**31 - 1, 2**31, 2**32 + 1, 2**40, 2**62, 2**63 - 1]
+ODD_INTS = [-1, -2, -(2**31), -(2**63), 0, 1, 2, 3, 7, 255, *HUGE]
 
 
 def _pick(rng: np.random.Generator, items: list):
@@ -334,17 +403,17 @@ def m_dims(model: onnx.ModelProto, rng: np.random.Generator) -> str:
         i = int(rng.integers(len(tensor.dims)))
         tensor.dims[i] = _pick(rng, ODD_INTS)
     elif choice == 1:
-        tensor.dims.append(_pick(rng, [0, 1, 2, 2 ** 40, -1]))
+        tensor.dims.append(_pick(rng, [0, 1, 2, 2**40, -1]))
     elif choice == 2 and tensor.dims:
         del tensor.dims[int(rng.integers(len(tensor.dims)))]
     else:
-        tensor.dims[:] = [_pick(rng, [1, 2 ** 20, 2 ** 31]) for _ in range(int(rng.integers(4)))]
+        tensor.dims[:] = [_pick(rng, [1, 2**20, 2**31]) for _ in range(int(rng.integers(4)))]
     return f"dims of tensor {tensor.name!r} -> {list(tensor.dims)}"
 
 
 def m_data_type(model: onnx.ModelProto, rng: np.random.Generator) -> str:
     tensor = _pick(rng, _tensors(model))
-    tensor.data_type = _pick(rng, [*range(-1, 26), 40, 2 ** 31 - 1, -(2 ** 31)])
+    tensor.data_type = _pick(rng, [*range(-1, 26), 40, 2**31 - 1, -(2**31)])
     return f"data_type of tensor {tensor.name!r} -> {tensor.data_type}"
 
 
@@ -352,7 +421,7 @@ def m_tensor_data(model: onnx.ModelProto, rng: np.random.Generator) -> str:
     tensor = _pick(rng, _tensors(model))
     choice = int(rng.integers(6))
     if choice == 0 and tensor.raw_data:
-        tensor.raw_data = tensor.raw_data[:int(rng.integers(len(tensor.raw_data)))]
+        tensor.raw_data = tensor.raw_data[: int(rng.integers(len(tensor.raw_data)))]
         return f"raw_data of {tensor.name!r} truncated"
     if choice == 1:
         tensor.ClearField("raw_data")
@@ -371,11 +440,34 @@ def m_tensor_data(model: onnx.ModelProto, rng: np.random.Generator) -> str:
     return f"data_location of {tensor.name!r} -> {tensor.data_location}"
 
 
-EXTERNAL_LOCATIONS = ["", "../outside.data", "/etc/passwd", "/dev/zero", "/proc/self/mem",
-                      "missing.data", MODEL_FILE, ".", "sub/../" + DATA_FILE, DATA_FILE,
-                      "\x00", DATA_FILE + "\x00x", "a" * 300]
-EXTERNAL_NUMBERS = ["-1", "0", "4", "1e3", "0x10", " 8", "99999999999999999999", "", "abc",
-                    str(2 ** 63), "٣"]
+EXTERNAL_LOCATIONS = [
+    "",
+    "../outside.data",
+    "/etc/passwd",
+    "/dev/zero",
+    "/proc/self/mem",
+    "missing.data",
+    MODEL_FILE,
+    ".",
+    "sub/../" + DATA_FILE,
+    DATA_FILE,
+    "\x00",
+    DATA_FILE + "\x00x",
+    "a" * 300,
+]
+EXTERNAL_NUMBERS = [
+    "-1",
+    "0",
+    "4",
+    "1e3",
+    "0x10",
+    " 8",
+    "99999999999999999999",
+    "",
+    "abc",
+    str(2**63),
+    "٣",
+]
 
 
 def m_external(model: onnx.ModelProto, rng: np.random.Generator) -> str:
@@ -469,8 +561,9 @@ def m_initializers(model: onnx.ModelProto, rng: np.random.Generator) -> str:
         graph.initializer.add().CopyFrom(graph.initializer[i])
         return f"initializer {name!r} duplicated"
     if choice == 2:
-        graph.initializer[i].name = _pick(rng, [*(v.name for v in graph.input), "",
-                                               *(o for n in graph.node for o in n.output)])
+        graph.initializer[i].name = _pick(
+            rng, [*(v.name for v in graph.input), "", *(o for n in graph.node for o in n.output)]
+        )
         return f"initializer {name!r} renamed to {graph.initializer[i].name!r}"
     graph.input.add().CopyFrom(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return f"initializer {name!r} also declared as an input"
@@ -481,8 +574,23 @@ def m_attribute(model: onnx.ModelProto, rng: np.random.Generator) -> str:
     choice = int(rng.integers(7))
     if choice == 0 or not node.attribute:
         attr = node.attribute.add()
-        attr.name = _pick(rng, ["axis", "perm", "to", "epsilon", "kernel_shape", "pads",
-                                "strides", "keepdims", "bogus", "then_branch", "body", "value"])
+        attr.name = _pick(
+            rng,
+            [
+                "axis",
+                "perm",
+                "to",
+                "epsilon",
+                "kernel_shape",
+                "pads",
+                "strides",
+                "keepdims",
+                "bogus",
+                "then_branch",
+                "body",
+                "value",
+            ],
+        )
         attr.type = _pick(rng, ATTRIBUTE_TYPES)
         attr.i = _pick(rng, ODD_INTS)
         attr.ints[:] = [_pick(rng, ODD_INTS) for _ in range(int(rng.integers(0, 5)))]
@@ -526,8 +634,9 @@ def m_graph_io(model: onnx.ModelProto, rng: np.random.Generator) -> str:
         return f"a dim of {value.name!r} changed"
     if choice == 2:
         value.type.ClearField("tensor_type")
-        kind = _pick(rng, ["sequence_type", "map_type", "optional_type", "sparse_tensor_type",
-                           "none"])
+        kind = _pick(
+            rng, ["sequence_type", "map_type", "optional_type", "sparse_tensor_type", "none"]
+        )
         if kind == "sequence_type":
             value.type.sequence_type.elem_type.tensor_type.elem_type = TensorProto.FLOAT
         elif kind == "map_type":
@@ -574,22 +683,34 @@ def m_nesting(model: onnx.ModelProto, rng: np.random.Generator) -> str:
         renamed = [f"{o}__nest{level}" for o in outputs]
         else_g = helper.make_graph(
             [helper.make_node("Identity", [escape], [f"{o}__else{level}"]) for o in outputs],
-            f"else{level}", [],
-            [helper.make_tensor_value_info(f"{o}__else{level}", TensorProto.UNDEFINED, None)
-             for o in outputs])
-        node = helper.make_node("If", ["nest_cond"], renamed, then_branch=body,
-                                else_branch=else_g)
+            f"else{level}",
+            [],
+            [
+                helper.make_tensor_value_info(f"{o}__else{level}", TensorProto.UNDEFINED, None)
+                for o in outputs
+            ],
+        )
+        node = helper.make_node("If", ["nest_cond"], renamed, then_branch=body, else_branch=else_g)
         wrapper = helper.make_graph(
-            [node], f"level{level}", [],
-            [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in renamed])
+            [node],
+            f"level{level}",
+            [],
+            [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in renamed],
+        )
         body = wrapper
     final = body.node[0]
     final.output[:] = outputs
     graph.ClearField("node")
     graph.ClearField("initializer")
     graph.ClearField("sparse_initializer")
-    graph.node.extend([helper.make_node("Constant", [], ["nest_cond"],
-                                        value=numpy_helper.from_array(np.array(True))), final])
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Constant", [], ["nest_cond"], value=numpy_helper.from_array(np.array(True))
+            ),
+            final,
+        ]
+    )
     return f"graph nested {depth} If nodes deep"
 
 
@@ -598,11 +719,17 @@ def m_function(model: onnx.ModelProto, rng: np.random.Generator) -> str:
     node = _pick(rng, _nodes(model))
     domain = "local.fn"
     recursive = bool(rng.integers(2))
-    inner = helper.make_node("Self" if recursive else "Relu", ["a"], ["b"],
-                             domain=domain if recursive else "")
-    function = helper.make_function(domain, "Self" if recursive else "Wrap", ["a"], ["b"],
-                                    [inner], [helper.make_opsetid("", 17),
-                                              helper.make_opsetid(domain, 1)])
+    inner = helper.make_node(
+        "Self" if recursive else "Relu", ["a"], ["b"], domain=domain if recursive else ""
+    )
+    function = helper.make_function(
+        domain,
+        "Self" if recursive else "Wrap",
+        ["a"],
+        ["b"],
+        [inner],
+        [helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)],
+    )
     model.functions.append(function)
     model.opset_import.append(helper.make_opsetid(domain, 1))
     node.domain, node.op_type = domain, function.name
@@ -610,10 +737,18 @@ def m_function(model: onnx.ModelProto, rng: np.random.Generator) -> str:
 
 
 PROTO_MUTATIONS: dict[str, Callable[[onnx.ModelProto, np.random.Generator], str]] = {
-    "dims": m_dims, "data_type": m_data_type, "tensor_data": m_tensor_data,
-    "external": m_external, "opset": m_opset, "ir_version": m_ir_version,
-    "op_type": m_op_type, "node_io": m_node_io, "initializers": m_initializers,
-    "attribute": m_attribute, "graph_io": m_graph_io, "nesting": m_nesting,
+    "dims": m_dims,
+    "data_type": m_data_type,
+    "tensor_data": m_tensor_data,
+    "external": m_external,
+    "opset": m_opset,
+    "ir_version": m_ir_version,
+    "op_type": m_op_type,
+    "node_io": m_node_io,
+    "initializers": m_initializers,
+    "attribute": m_attribute,
+    "graph_io": m_graph_io,
+    "nesting": m_nesting,
     "function": m_function,
 }
 
@@ -637,12 +772,14 @@ def byte_mutation(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
         extra = bytes(rng.integers(0, 256, int(rng.integers(1, 32)), dtype=np.uint8))
         return data[:start] + extra + data[start:], f"{len(extra)} bytes inserted at {start}"
     if choice == 3:
-        return data[:start] + data[start + length:], f"{length} bytes deleted at {start}"
+        return data[:start] + data[start + length :], f"{length} bytes deleted at {start}"
     if choice == 4:
-        return (data[:start + length] + data[start:start + length] + data[start + length:],
-                f"{length} bytes duplicated at {start}")
+        return (
+            data[: start + length] + data[start : start + length] + data[start + length :],
+            f"{length} bytes duplicated at {start}",
+        )
     fill = 0xFF if choice == 5 else 0x00
-    buf[start:start + length] = bytes([fill]) * length
+    buf[start : start + length] = bytes([fill]) * length
     return bytes(buf), f"{length} bytes at {start} set to {fill:#04x}"
 
 
@@ -655,8 +792,10 @@ def non_utf8_name(data: bytes, names: list[str], rng: np.random.Generator) -> tu
     if at < 0:
         raise Skip("name not found")
     i = at + int(rng.integers(len(name)))
-    return (data[:i] + _pick(rng, [b"\xff", b"\xc3", b"\x80", b"\xed"]) + data[i + 1:],
-            f"name {name!r} made invalid UTF-8")
+    return (
+        data[:i] + _pick(rng, [b"\xff", b"\xc3", b"\x80", b"\xed"]) + data[i + 1 :],
+        f"name {name!r} made invalid UTF-8",
+    )
 
 
 def data_file_mutation(files: dict, rng: np.random.Generator) -> str:
@@ -778,7 +917,8 @@ def _inputs(model, rng: np.random.Generator) -> dict[str, np.ndarray] | str:
             value = (rng.standard_normal(shape) + 1j).astype(dtype)
         elif dtype.kind in "OSU":
             value = np.array(["a", "bb"] * (int(np.prod(shape)) // 2 + 1), object)[
-                :int(np.prod(shape))].reshape(shape)
+                : int(np.prod(shape))
+            ].reshape(shape)
         else:
             return f"input {info.name!r} has dtype {dtype}"
         feeds[info.name] = value
@@ -806,8 +946,9 @@ def _compare(path: str, feeds: dict[str, np.ndarray], ours: dict[str, np.ndarray
         if got.shape != expected.shape:
             return f"output {name!r}: shape {got.shape}, onnxruntime {expected.shape}"
         if expected.dtype.kind in "fc":
-            ok = np.allclose(got.astype(expected.dtype), expected, rtol=1e-3, atol=1e-4,
-                             equal_nan=True)
+            ok = np.allclose(
+                got.astype(expected.dtype), expected, rtol=1e-3, atol=1e-4, equal_nan=True
+            )
         else:
             ok = np.array_equal(got.astype(expected.dtype), expected)
         if not ok:
@@ -824,10 +965,14 @@ def run_mutant(path: str, index: int, compare: bool, send: Callable[[dict], None
 
     def finding(stage: str, exc: BaseException) -> dict:
         tb = traceback.extract_tb(exc.__traceback__)
-        return {"status": "finding", "stage": stage, "error": type(exc).__name__,
-                "key": f"{type(exc).__name__} in {_innermost_frame(tb)}",
-                "message": str(exc)[:500],
-                "traceback": "".join(traceback.format_exception(exc))[-8000:]}
+        return {
+            "status": "finding",
+            "stage": stage,
+            "error": type(exc).__name__,
+            "key": f"{type(exc).__name__} in {_innermost_frame(tb)}",
+            "message": str(exc)[:500],
+            "traceback": "".join(traceback.format_exception(exc))[-8000:],
+        }
 
     send({"stage": "load"})
     try:
@@ -851,8 +996,14 @@ def run_mutant(path: str, index: int, compare: bool, send: Callable[[dict], None
         send({"stage": "onnxruntime"})
         difference = _compare(path, feeds, out)
         if difference:
-            return {"status": "finding", "stage": "compare", "error": "Mismatch",
-                    "key": None, "message": difference, "traceback": ""}
+            return {
+                "status": "finding",
+                "stage": "compare",
+                "error": "Mismatch",
+                "key": None,
+                "message": difference,
+                "traceback": "",
+            }
     return {"status": "ran"}
 
 
@@ -883,7 +1034,8 @@ WORKER_CODE = (
     "limit = int(os.environ['ONNX2JAX_FUZZ_MEMORY_LIMIT'])\n"
     "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
     "from onnx2jax.fuzz.loader import worker_main\n"
-    "sys.exit(worker_main())\n")
+    "sys.exit(worker_main())\n"
+)
 
 
 class Worker:
@@ -892,18 +1044,30 @@ class Worker:
 
     def __init__(self, log: Path, memory_limit: int):
         env = dict(os.environ)
-        env.update({"JAX_PLATFORMS": "cpu", "ONNX2JAX_NATIVE": "0",
-                    "XLA_FLAGS": (env.get("XLA_FLAGS", "") +
-                                  " --xla_cpu_multi_thread_eigen=false").strip(),
-                    "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+        env.update(
+            {
+                "JAX_PLATFORMS": "cpu",
+                "ONNX2JAX_NATIVE": "0",
+                "XLA_FLAGS": (
+                    env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                ).strip(),
+                "OMP_NUM_THREADS": "1",
+                "PYTHONFAULTHANDLER": "1",
+            }
+        )
         env.pop("ONNX2JAX_CACHE_DIR", None)
         self.log = log
         self.stderr = open(log, "wb")  # noqa: SIM115  (closed in stop)
         env["ONNX2JAX_FUZZ_MEMORY_LIMIT"] = str(memory_limit)
         # A session of its own: a stray child dies with its process group.
         self.process = subprocess.Popen(
-            [sys.executable, "-c", WORKER_CODE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.stderr, env=env, start_new_session=True)
+            [sys.executable, "-c", WORKER_CODE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            env=env,
+            start_new_session=True,
+        )
         self.buffer = b""
         self.used = 0
         self.started = False
@@ -949,9 +1113,14 @@ class Worker:
         self.stop()
         tail = self.log.read_bytes()[-4000:].decode(errors="replace")
         if alive:
-            return {"status": "finding", "stage": stage, "error": "Timeout",
-                    "key": f"Timeout in {stage}",
-                    "message": f"no outcome after {timeout:.0f}s", "traceback": tail}
+            return {
+                "status": "finding",
+                "stage": stage,
+                "error": "Timeout",
+                "key": f"Timeout in {stage}",
+                "message": f"no outcome after {timeout:.0f}s",
+                "traceback": tail,
+            }
         code = self.process.returncode
         try:
             what = signal.Signals(-code).name if code < 0 else f"exit status {code}"
@@ -959,9 +1128,14 @@ class Worker:
             what = f"signal {-code}"
         if stage == "onnxruntime":  # onnxruntime's own crash on a mutant, not onnx2jax's
             return {"status": "ort_crash", "stage": stage, "error": what}
-        return {"status": "finding", "stage": stage, "error": "Crash",
-                "key": f"Crash ({what}) in {stage}",
-                "message": f"the worker died ({what})", "traceback": tail}
+        return {
+            "status": "finding",
+            "stage": stage,
+            "error": "Crash",
+            "key": f"Crash ({what}) in {stage}",
+            "message": f"the worker died ({what})",
+            "traceback": tail,
+        }
 
     def stop(self) -> None:
         """End the worker (and its process group) if it still runs."""
@@ -1002,21 +1176,32 @@ class LoaderReport:
         """The one line the command line ends with."""
         o = self.outcomes
         rejected = sum(v for k, v in o.items() if k.startswith("rejected"))
-        return (f"loader fuzz seed {self.seed}: {self.mutants} mutants in {self.seconds:.0f}s: "
-                f"{rejected} rejected with an onnx2jax error, {o['loaded']} loaded (not run), "
-                f"{o['ran']} loaded and ran, {o['ort_crash']} onnxruntime crashes ignored, "
-                f"{sum(f.count for f in self.findings.values())} findings "
-                f"({len(self.findings)} distinct)")
+        return (
+            f"loader fuzz seed {self.seed}: {self.mutants} mutants in {self.seconds:.0f}s: "
+            f"{rejected} rejected with an onnx2jax error, {o['loaded']} loaded (not run), "
+            f"{o['ran']} loaded and ran, {o['ort_crash']} onnxruntime crashes ignored, "
+            f"{sum(f.count for f in self.findings.values())} findings "
+            f"({len(self.findings)} distinct)"
+        )
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80]
 
 
-def fuzz_loader(seed: int, count: int, out: Path | None, time_limit: float | None = None,
-                progress: Callable[[int, Mutant, dict], None] | None = None, *,
-                first: int = 0, workers: int = 2, timeout: float = TIMEOUT,
-                memory_limit: int = MEMORY_LIMIT, compare: bool = True) -> LoaderReport:
+def fuzz_loader(
+    seed: int,
+    count: int,
+    out: Path | None,
+    time_limit: float | None = None,
+    progress: Callable[[int, Mutant, dict], None] | None = None,
+    *,
+    first: int = 0,
+    workers: int = 2,
+    timeout: float = TIMEOUT,
+    memory_limit: int = MEMORY_LIMIT,
+    compare: bool = True,
+) -> LoaderReport:
     """Check ``count`` mutants (fewer when ``time_limit`` seconds run out), numbered from
     ``first``; each is reproducible alone from (``seed``, its number).
 
@@ -1033,8 +1218,20 @@ def fuzz_loader(seed: int, count: int, out: Path | None, time_limit: float | Non
         pool = [Worker(root / f"worker{i}.log", memory_limit) for i in range(max(1, workers))]
         pending = iter(range(first, first + count))
         try:
-            _run(report, seeds, pool, pending, root, out, time_limit, start, progress,
-                 timeout, memory_limit, compare)
+            _run(
+                report,
+                seeds,
+                pool,
+                pending,
+                root,
+                out,
+                time_limit,
+                start,
+                progress,
+                timeout,
+                memory_limit,
+                compare,
+            )
         finally:
             for worker in pool:
                 worker.stop()
@@ -1048,10 +1245,20 @@ def make_mutant(seeds: list[Seed], seed: int, index: int) -> Mutant:
     return mutate(seeds[int(rng.integers(len(seeds)))], rng)
 
 
-def _run(report: LoaderReport, seeds: list[Seed], pool: list[Worker], pending: Iterator[int],
-         root: Path, out: Path | None, time_limit: float | None, start: float,
-         progress: Callable[[int, Mutant, dict], None] | None, timeout: float,
-         memory_limit: int, compare: bool) -> None:
+def _run(
+    report: LoaderReport,
+    seeds: list[Seed],
+    pool: list[Worker],
+    pending: Iterator[int],
+    root: Path,
+    out: Path | None,
+    time_limit: float | None,
+    start: float,
+    progress: Callable[[int, Mutant, dict], None] | None,
+    timeout: float,
+    memory_limit: int,
+    compare: bool,
+) -> None:
     """Hand each free worker the next mutant; a thread per worker waits on its reply (the
     workers are processes, the threads only wait on their pipes)."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -1092,8 +1299,9 @@ def _run(report: LoaderReport, seeds: list[Seed], pool: list[Worker], pending: I
                 free.append(slot)
 
 
-def _record(report: LoaderReport, index: int, mutant: Mutant, folder: Path, result: dict,
-            out: Path | None) -> None:
+def _record(
+    report: LoaderReport, index: int, mutant: Mutant, folder: Path, result: dict, out: Path | None
+) -> None:
     report.mutants += 1
     status = result["status"]
     if status == "rejected":
@@ -1120,41 +1328,61 @@ def _record(report: LoaderReport, index: int, mutant: Mutant, folder: Path, resu
         + "".join(f"  {s}\n" for s in mutant.steps)
         + f"stage: {result['stage']}\nmessage: {result['message']}\n"
         + f"reproduce: python -m onnx2jax.fuzz.loader --seed {report.seed} --first {index} "
-          "--count 1\n\n"
-        + result.get("traceback", ""), errors="replace")
+        "--count 1\n\n" + result.get("traceback", ""),
+        errors="replace",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the loader fuzzer; exit status 1 when something was found, 0 otherwise."""
-    parser = argparse.ArgumentParser(prog="python -m onnx2jax.fuzz.loader",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m onnx2jax.fuzz.loader", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=500, help="mutants to check")
     parser.add_argument("--first", type=int, default=0, help="number of the first mutant")
-    parser.add_argument("--out", type=Path, default=Path("fuzz-loader-out"),
-                        help="folder for the mutants that produced findings")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("fuzz-loader-out"),
+        help="folder for the mutants that produced findings",
+    )
     parser.add_argument("--time-limit", type=float, default=None, help="seconds")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per mutant")
-    parser.add_argument("--no-compare", action="store_true",
-                        help="do not compare results with onnxruntime")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="one line per mutant (and its mutations)")
+    parser.add_argument(
+        "--no-compare", action="store_true", help="do not compare results with onnxruntime"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="one line per mutant (and its mutations)"
+    )
     args = parser.parse_args(argv)
 
     def progress(index: int, mutant: Mutant, result: dict) -> None:
         status = result["status"]
         if args.verbose or status == "finding":
             what = result.get("key") or result.get("error") or result.get("note") or ""
-            print(f"mutant {index} ({mutant.seed}; {'; '.join(mutant.steps)[:200]}): "
-                  f"{status} {what}", flush=True)
+            print(
+                f"mutant {index} ({mutant.seed}; {'; '.join(mutant.steps)[:200]}): {status} {what}",
+                flush=True,
+            )
 
-    report = fuzz_loader(args.seed, args.count, args.out, args.time_limit, progress,
-                         first=args.first, workers=args.workers, timeout=args.timeout,
-                         compare=not args.no_compare)
+    report = fuzz_loader(
+        args.seed,
+        args.count,
+        args.out,
+        args.time_limit,
+        progress,
+        first=args.first,
+        workers=args.workers,
+        timeout=args.timeout,
+        compare=not args.no_compare,
+    )
     for finding in report.findings.values():
-        print(f"FINDING {finding.key} (x{finding.count}, first mutant {finding.index}) -> "
-              f"{finding.path}: {finding.message[:200]}")
+        print(
+            f"FINDING {finding.key} (x{finding.count}, first mutant {finding.index}) -> "
+            f"{finding.path}: {finding.message[:200]}"
+        )
     if args.verbose:
         for outcome, n in report.outcomes.most_common():
             print(f"{n:6d} {outcome}")

@@ -134,8 +134,9 @@ def swish(ctx):
 @register("SwiGLU", since=28)
 def swiglu(ctx, gate, value):
     if np.shape(gate) != np.shape(value):
-        raise ctx.error(f"A and B must have the same shape, got {np.shape(gate)} and "
-                        f"{np.shape(value)}")
+        raise ctx.error(
+            f"A and B must have the same shape, got {np.shape(gate)} and {np.shape(value)}"
+        )
     alpha = ctx.attr("alpha", 1.0)
     return _apply(lambda a, b: a * jax.nn.sigmoid(alpha * a) * b, gate, value)
 

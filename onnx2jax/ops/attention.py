@@ -30,8 +30,7 @@ def _split_heads(ctx, x, heads, what):
 def _masked_softmax(x):
     """Softmax over the last axis where a row of only -inf gives zeros instead of NaN."""
     row_max = jnp.max(x, axis=-1, keepdims=True)
-    row_max = lax.stop_gradient(jnp.where(jnp.isneginf(row_max), jnp.zeros((), x.dtype),
-                                          row_max))
+    row_max = lax.stop_gradient(jnp.where(jnp.isneginf(row_max), jnp.zeros((), x.dtype), row_max))
     e = jnp.exp(x - row_max)
     total = jnp.sum(e, axis=-1, keepdims=True)
     return e / jnp.where(total == 0, jnp.ones((), x.dtype), total)
@@ -60,12 +59,12 @@ def _position_bias(is_causal, left, right, q_len, kv_len, offset, dtype):
 
 
 @register("Attention", since=(23, 24, 25))
-def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
-              nonpad_kv_seqlen=None):
+def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None, nonpad_kv_seqlen=None):
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if not q.ndim == k.ndim == v.ndim or q.ndim not in (3, 4):
-        raise ctx.error(f"Q, K and V must all be 3-D or all 4-D, got ranks "
-                        f"{q.ndim}, {k.ndim}, {v.ndim}")
+        raise ctx.error(
+            f"Q, K and V must all be 3-D or all 4-D, got ranks {q.ndim}, {k.ndim}, {v.ndim}"
+        )
     if (past_key is None) != (past_value is None):
         raise ctx.error("past_key and past_value must be given together")
     if nonpad_kv_seqlen is not None and past_key is not None:
@@ -82,8 +81,9 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
     batch, q_heads, q_len, head_size = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_heads % kv_heads or v.shape[1] != kv_heads:
-        raise ctx.error(f"{q_heads} query heads cannot share {kv_heads} key and "
-                        f"{v.shape[1]} value heads")
+        raise ctx.error(
+            f"{q_heads} query heads cannot share {kv_heads} key and {v.shape[1]} value heads"
+        )
     groups = q_heads // kv_heads
 
     scale = ctx.attr("scale")
@@ -104,24 +104,31 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None,
             # A mask covering only the first keys leaves the rest masked out.
             fill = jnp.asarray(False if is_bool else -np.inf, mask.dtype)
             mask = lax.pad(mask, fill, [(0, 0, 0)] * (mask.ndim - 1) + [(0, short, 0)])
-        bias = jnp.where(mask, jnp.zeros((), dtype), jnp.asarray(-np.inf, dtype)) \
-            if is_bool else mask.astype(dtype)
+        bias = (
+            jnp.where(mask, jnp.zeros((), dtype), jnp.asarray(-np.inf, dtype))
+            if is_bool
+            else mask.astype(dtype)
+        )
     if nonpad_kv_seqlen is not None:
         valid = jnp.reshape(jnp.asarray(nonpad_kv_seqlen), (-1, 1, 1, 1))
         offset = valid - q_len
     else:
         valid = None
         offset = 0 if past_key is None else int(np.shape(past_key)[2])
-    positional = _position_bias(bool(ctx.attr("is_causal", 0)),
-                                int(ctx.attr("left_window_size", -1)),
-                                int(ctx.attr("right_window_size", -1)),
-                                q_len, kv_len, offset, dtype)
+    positional = _position_bias(
+        bool(ctx.attr("is_causal", 0)),
+        int(ctx.attr("left_window_size", -1)),
+        int(ctx.attr("right_window_size", -1)),
+        q_len,
+        kv_len,
+        offset,
+        dtype,
+    )
     if positional is not None:
         bias = positional if bias is None else bias + positional
     if valid is not None:
         keys = lax.broadcasted_iota(valid.dtype, (kv_len,), 0)
-        padding = jnp.where(keys < valid, jnp.zeros((), dtype),
-                            jnp.asarray(-np.inf, dtype))
+        padding = jnp.where(keys < valid, jnp.zeros((), dtype), jnp.asarray(-np.inf, dtype))
         bias = padding if bias is None else bias + padding
 
     mode = int(ctx.attr("qk_matmul_output_mode", 0))
@@ -180,16 +187,19 @@ def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
     head_size = heads_last.shape[-1]
     dim = int(ctx.attr("rotary_embedding_dim", 0)) or head_size
     if dim % 2 or dim > head_size:
-        raise ctx.error(f"rotary_embedding_dim={dim} must be even and at most the head size "
-                        f"{head_size}")
+        raise ctx.error(
+            f"rotary_embedding_dim={dim} must be even and at most the head size {head_size}"
+        )
     cos = jnp.asarray(cos_cache).astype(x.dtype)
     sin = jnp.asarray(sin_cache).astype(x.dtype)
     if position_ids is not None:
         cos = jnp.take(cos, jnp.asarray(position_ids), axis=0)
         sin = jnp.take(sin, jnp.asarray(position_ids), axis=0)
     if cos.shape[-1] != dim // 2 or sin.shape[-1] != dim // 2:
-        raise ctx.error(f"cos/sin caches end in {cos.shape[-1]}/{sin.shape[-1]} values, "
-                        f"rotary_embedding_dim / 2 is {dim // 2}")
+        raise ctx.error(
+            f"cos/sin caches end in {cos.shape[-1]}/{sin.shape[-1]} values, "
+            f"rotary_embedding_dim / 2 is {dim // 2}"
+        )
     # (batch, seq, dim / 2) -> (batch, seq, 1, dim / 2), one rotation shared by all heads.
     cos = cos[:, :, None, :]
     sin = sin[:, :, None, :]
@@ -198,7 +208,7 @@ def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None):
     if interleaved:
         x1, x2 = rotate[..., 0::2], rotate[..., 1::2]
     else:
-        x1, x2 = rotate[..., :dim // 2], rotate[..., dim // 2:]
+        x1, x2 = rotate[..., : dim // 2], rotate[..., dim // 2 :]
     real = cos * x1 - sin * x2
     imag = sin * x1 + cos * x2
     if interleaved:
@@ -230,8 +240,9 @@ def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=N
         raise ctx.error("query, key and value must be rank 3 (batch, time, heads * size)")
     q_heads, kv_heads = ctx.attr("q_num_heads"), ctx.attr("kv_num_heads")
     if q_heads is None or kv_heads is None or kv_heads <= 0 or q_heads % kv_heads:
-        raise ctx.error(f"q_num_heads={q_heads} must be a positive multiple of "
-                        f"kv_num_heads={kv_heads}")
+        raise ctx.error(
+            f"q_num_heads={q_heads} must be a positive multiple of kv_num_heads={kv_heads}"
+        )
     out_dtype = query.dtype
     batch, steps, _ = query.shape
     # The recurrence accumulates in float32 whatever the activation type.
@@ -263,8 +274,7 @@ def linear_attention(ctx, query, key, value, past_state=None, decay=None, beta=N
     else:
         state = jnp.asarray(past_state)
         if state.shape != (batch, kv_heads, d_k, d_v):
-            raise ctx.error(f"past_state shape {state.shape} is not "
-                            f"{(batch, kv_heads, d_k, d_v)}")
+            raise ctx.error(f"past_state shape {state.shape} is not {(batch, kv_heads, d_k, d_v)}")
         state_dtype = state.dtype
         state = state.astype(jnp.float32)
     scale = float(ctx.attr("scale", 0.0)) or 1.0 / np.sqrt(d_k)
@@ -328,10 +338,13 @@ def softmax_attention(ctx, q, kt, v, mask=None, scale=None):
     chain's own ops."""
     divide, to = ctx.attr("divide", 0), ctx.attr("cast_to", 0)
     factor = 1.0 if scale is None else (1.0 / scale if divide else scale)
-    if (native.active("attention") and to in (0, onnx.TensorProto.FLOAT)
-            and not all(is_static(x) for x in (q, kt, v))
-            and product_operands(ctx, q)[1] is None
-            and native.attention_applies(q, kt, v, mask, factor)):
+    if (
+        native.active("attention")
+        and to in (0, onnx.TensorProto.FLOAT)
+        and not all(is_static(x) for x in (q, kt, v))
+        and product_operands(ctx, q)[1] is None
+        and native.attention_applies(q, kt, v, mask, factor)
+    ):
         return native.attention(q, kt, v, mask, factor)
     scores = matmul(ctx, q, kt)
     if scale is not None:

@@ -18,18 +18,32 @@ from onnx2jax.convert import is_static
 from onnx2jax.dtypes import numpy_dtype, onnx_elem_type
 from onnx2jax.ops.registry import register
 
-_FLOAT8 = (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
-           TensorProto.FLOAT8E5M2FNUZ)
+_FLOAT8 = (
+    TensorProto.FLOAT8E4M3FN,
+    TensorProto.FLOAT8E4M3FNUZ,
+    TensorProto.FLOAT8E5M2,
+    TensorProto.FLOAT8E5M2FNUZ,
+)
 # NumPy knows these through ml_dtypes, XLA does not: only static values can take them.
 _HOST_ONLY = (TensorProto.FLOAT6E2M3, TensorProto.FLOAT6E3M2)
 # Sub-byte integers: (bits, signed). Out-of-range values wrap, as for every fixed-point target.
-_SUB_BYTE = {TensorProto.INT4: (4, True), TensorProto.UINT4: (4, False),
-             TensorProto.INT2: (2, True), TensorProto.UINT2: (2, False)}
+_SUB_BYTE = {
+    TensorProto.INT4: (4, True),
+    TensorProto.UINT4: (4, False),
+    TensorProto.INT2: (2, True),
+    TensorProto.UINT2: (2, False),
+}
 _ROUND_MODES = ("up", "down", "nearest")
 # Bit widths where NumPy's itemsize (one byte per element) is not the ONNX width.
-_NARROW_BITS = {TensorProto.INT4: 4, TensorProto.UINT4: 4, TensorProto.FLOAT4E2M1: 4,
-                TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.FLOAT6E2M3: 6,
-                TensorProto.FLOAT6E3M2: 6}
+_NARROW_BITS = {
+    TensorProto.INT4: 4,
+    TensorProto.UINT4: 4,
+    TensorProto.FLOAT4E2M1: 4,
+    TensorProto.INT2: 2,
+    TensorProto.UINT2: 2,
+    TensorProto.FLOAT6E2M3: 6,
+    TensorProto.FLOAT6E3M2: 6,
+}
 
 
 @register("Cast", since=(1, 6, 9, 13, 19, 21, 23, 24, 25, 28))
@@ -66,15 +80,20 @@ def bit_cast(ctx, x):
         raise ctx.error(f"unsupported target type {to}") from None
     if not is_static(x):
         if to in _HOST_ONLY:
-            raise ctx.error(f"XLA has no {dtype.name} type; only a constant input can be "
-                            "bit-cast to it")
+            raise ctx.error(
+                f"XLA has no {dtype.name} type; only a constant input can be bit-cast to it"
+            )
         # Checked before the widths: with x64 off a 64-bit input already arrives as 32 bits.
         if jax.dtypes.canonicalize_dtype(dtype) != dtype:
-            raise ctx.error(f"BitCast to {dtype.name} needs 64-bit types: enable jax x64 "
-                            "(jax.config.update('jax_enable_x64', True))")
+            raise ctx.error(
+                f"BitCast to {dtype.name} needs 64-bit types: enable jax x64 "
+                "(jax.config.update('jax_enable_x64', True))"
+            )
     if _bit_width(source) != _bit_width(dtype):
-        raise ctx.error(f"BitCast needs types of the same width; {source.name} has "
-                        f"{_bit_width(source)} bits and {dtype.name} {_bit_width(dtype)}")
+        raise ctx.error(
+            f"BitCast needs types of the same width; {source.name} has "
+            f"{_bit_width(source)} bits and {dtype.name} {_bit_width(dtype)}"
+        )
     if is_static(x):
         # ml_dtypes keeps sub-byte values in the low bits of a byte, so a view is exact there too.
         return np.asarray(x).view(dtype)
@@ -123,8 +142,9 @@ def cast_to_type(ctx, x, to):
     xp = ctx.xp(x)
     if xp is not np:
         if to in _HOST_ONLY:
-            raise ctx.error(f"XLA has no {dtype.name} type; only a constant input can be cast "
-                            "to it")
+            raise ctx.error(
+                f"XLA has no {dtype.name} type; only a constant input can be cast to it"
+            )
         dtype = jax.dtypes.canonicalize_dtype(dtype)
     if np.dtype(x.dtype) == dtype:
         return x
@@ -153,8 +173,9 @@ def _format_strings(values):
     if values.dtype == object:
         return values
     if values.dtype.kind == "V":  # ml_dtypes types: NumPy formats them through a wide type
-        values = values.astype(np.int64 if onnx_elem_type(values.dtype) in _SUB_BYTE
-                               else np.float32)
+        values = values.astype(
+            np.int64 if onnx_elem_type(values.dtype) in _SUB_BYTE else np.float32
+        )
     return values.astype(np.str_).astype(object)
 
 

@@ -88,11 +88,14 @@ def fused_conv(ctx, x, w, b=None, z=None):
     if activation in ("", "Relu"):
         return convolve(ctx, x, w, b, residual=z, relu=activation == "Relu")
     if activation not in _CONV_ACTIVATIONS:
-        raise ctx.error(f"activation {activation!r} is not one of Relu, "
-                        f"{', '.join(_CONV_ACTIVATIONS)}")
+        raise ctx.error(
+            f"activation {activation!r} is not one of Relu, {', '.join(_CONV_ACTIVATIONS)}"
+        )
     if len(params) < _CONV_ACTIVATION_PARAMS.get(activation, 0):
-        raise ctx.error(f"activation {activation} needs {_CONV_ACTIVATION_PARAMS[activation]} "
-                        f"activation_params, got {params}")
+        raise ctx.error(
+            f"activation {activation} needs {_CONV_ACTIVATION_PARAMS[activation]} "
+            f"activation_params, got {params}"
+        )
     return _CONV_ACTIVATIONS[activation](convolve(ctx, x, w, b, residual=z), params)
 
 
@@ -144,16 +147,26 @@ def simplified_layer_norm(ctx, x, scale):
     # Normalize over every axis from ``axis`` on, like LayerNormalization.
     lead = x.shape[:axis]
     flat = x.reshape(lead + (-1,))
-    y, _, inv_std = _layer_norm(flat, jnp.asarray(scale).reshape(-1), None,
-                                ctx.attr("epsilon", 1e-5), simplified=True)
+    y, _, inv_std = _layer_norm(
+        flat, jnp.asarray(scale).reshape(-1), None, ctx.attr("epsilon", 1e-5), simplified=True
+    )
     inv_std = inv_std.reshape(lead + (1,) * (x.ndim - axis))
     return y.reshape(x.shape), inv_std
 
 
 @register("EmbedLayerNormalization", since=1, domain=MS)
-def embed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embedding,
-                     segment_embedding=None, gamma=None, beta=None, mask=None,
-                     position_ids=None):
+def embed_layer_norm(
+    ctx,
+    input_ids,
+    segment_ids,
+    word_embedding,
+    position_embedding,
+    segment_embedding=None,
+    gamma=None,
+    beta=None,
+    mask=None,
+    position_ids=None,
+):
     input_ids = jnp.asarray(input_ids)
     batch, length = input_ids.shape
     if position_ids is None:
@@ -163,8 +176,9 @@ def embed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embed
     dtype = jnp.asarray(word_embedding).dtype
     # 16-bit embeddings are summed in float32 into the normalization, as in onnxruntime.
     compute = jnp.promote_types(dtype, jnp.float32)
-    total = (jnp.asarray(word_embedding)[input_ids].astype(compute)
-             + jnp.asarray(position_embedding)[position_ids].astype(compute))
+    total = jnp.asarray(word_embedding)[input_ids].astype(compute) + jnp.asarray(
+        position_embedding
+    )[position_ids].astype(compute)
     if segment_ids is not None and segment_embedding is not None:
         total = total + jnp.asarray(segment_embedding)[jnp.asarray(segment_ids)].astype(compute)
     y, _, _ = _layer_norm(total, gamma, beta, ctx.attr("epsilon", 1e-12), simplified=False)
@@ -211,14 +225,21 @@ def _key_mask(ctx, mask, batch, length, total, past_length, fill):
         return None
     elif len(shape) == 3 and shape == (batch, length, total):
         keep = jnp.asarray(mask) > 0
-    elif (len(shape) == 4 and shape[0] == batch and shape[1] == 1 and shape[2] == shape[3]
-          and shape[2] >= total):
+    elif (
+        len(shape) == 4
+        and shape[0] == batch
+        and shape[1] == 1
+        and shape[2] == shape[3]
+        and shape[2] >= total
+    ):
         rows = past_length + jnp.arange(length)
         keep = jnp.asarray(mask)[:, 0][:, rows, :total] > 0
     else:
-        raise ctx.error(f"mask of shape {shape} is none of onnxruntime's forms for batch "
-                        f"{batch}, sequence {length}, total {total}: [batch], [2*batch], "
-                        "[batch, total], [batch, sequence, total], [batch, 1, max, max]")
+        raise ctx.error(
+            f"mask of shape {shape} is none of onnxruntime's forms for batch "
+            f"{batch}, sequence {length}, total {total}: [batch], [2*batch], "
+            "[batch, total], [batch, sequence, total], [batch, 1, max, max]"
+        )
     return jnp.where(keep, jnp.float32(0), jnp.float32(fill))
 
 
@@ -248,8 +269,12 @@ def _attend_heads(ctx, q, k, v, key_mask=None, causal=False, extra_bias=None, pa
         future = jnp.arange(total)[None, :] > jnp.arange(length)[:, None] + past_length
         scores = jnp.where(future, jnp.finfo(jnp.float32).min, scores)
     weights = softmax_over(scores, (scores.ndim - 1,)).astype(v.dtype)
-    out = jnp.einsum("bhsl,bhld->bhsd", weights, v,
-                     preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
+    out = jnp.einsum(
+        "bhsl,bhld->bhsd",
+        weights,
+        v,
+        preferred_element_type=jnp.promote_types(v.dtype, jnp.float32),
+    )
     return out.astype(v.dtype).transpose(0, 2, 1, 3).reshape(batch, length, -1)
 
 
@@ -258,37 +283,58 @@ def _attend(ctx, q, k, v, num_heads, mask=None, causal=False, extra_bias=None):
     of :func:`_key_mask`'s forms; returns [B, S, Dv]. For ops that project q, k, v themselves
     (quantized attention)."""
     q, k, v = (_heads(jnp.asarray(t), num_heads) for t in (q, k, v))
-    key_mask = _key_mask(ctx, mask, q.shape[0], q.shape[2], k.shape[2], 0,
-                         ctx.attr("mask_filter_value", -10000.0))
+    key_mask = _key_mask(
+        ctx, mask, q.shape[0], q.shape[2], k.shape[2], 0, ctx.attr("mask_filter_value", -10000.0)
+    )
     return _attend_heads(ctx, q, k, v, key_mask, causal, extra_bias)
 
 
 @register("Attention", since=1, domain=MS)
-def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_bias=None,
-              past_sequence_length=None):
+def attention(
+    ctx,
+    x,
+    weights,
+    bias=None,
+    mask_index=None,
+    past=None,
+    attention_bias=None,
+    past_sequence_length=None,
+):
     """Self-attention with the q/k/v projection packed in ``weights``; optional ``present``
     output is [2, B, N, past + S, H], the past keys and values with this step's appended."""
     num_heads = ctx.attr("num_heads")
     if num_heads is None:
         raise ctx.error("needs the num_heads attribute")
     if ctx.attr("do_rotary", 0):
-        raise ctx.error("do_rotary=1 is not supported (onnxruntime's CPU kernel lacks it too); "
-                        "export the rotary embedding as separate nodes")
+        raise ctx.error(
+            "do_rotary=1 is not supported (onnxruntime's CPU kernel lacks it too); "
+            "export the rotary embedding as separate nodes"
+        )
     if ctx.attr("past_present_share_buffer", 0) or past_sequence_length is not None:
-        raise ctx.error("past_present_share_buffer / past_sequence_length (a preallocated "
-                        "key-value buffer, a CUDA-only form) are not supported; pass past "
-                        "with its real length")
+        raise ctx.error(
+            "past_present_share_buffer / past_sequence_length (a preallocated "
+            "key-value buffer, a CUDA-only form) are not supported; pass past "
+            "with its real length"
+        )
     x = jnp.asarray(x)
     dtype = x.dtype
     if x.ndim != 3 or np.ndim(weights) != 2 or weights.shape[0] != x.shape[2]:
-        raise ctx.error(f"input must be [batch, sequence, hidden] and weights [hidden, "
-                        f"q+k+v], got {x.shape} and {np.shape(weights)}")
+        raise ctx.error(
+            f"input must be [batch, sequence, hidden] and weights [hidden, "
+            f"q+k+v], got {x.shape} and {np.shape(weights)}"
+        )
     sizes = [int(s) for s in ctx.attr("qkv_hidden_sizes", [])] or [weights.shape[1] // 3] * 3
-    if len(sizes) != 3 or sum(sizes) != weights.shape[1] or sizes[0] != sizes[1] or any(
-            s % num_heads for s in sizes):
-        raise ctx.error(f"qkv_hidden_sizes {sizes} must be three sizes (q equal to k, each "
-                        f"divisible by num_heads={num_heads}) summing to the weights' "
-                        f"{weights.shape[1]} columns")
+    if (
+        len(sizes) != 3
+        or sum(sizes) != weights.shape[1]
+        or sizes[0] != sizes[1]
+        or any(s % num_heads for s in sizes)
+    ):
+        raise ctx.error(
+            f"qkv_hidden_sizes {sizes} must be three sizes (q equal to k, each "
+            f"divisible by num_heads={num_heads}) summing to the weights' "
+            f"{weights.shape[1]} columns"
+        )
     # 16-bit models run in float32 from the projection to the output, rounded once at the
     # end, as onnxruntime runs this op (its CPU kernel is float32 only).
     compute = jnp.promote_types(dtype, jnp.float32)
@@ -299,20 +345,34 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
     past_length = 0
     if past is not None:
         past = jnp.asarray(past)
-        if (past.ndim != 5 or past.shape[:3] != (2, x.shape[0], num_heads)
-                or past.shape[4] != k.shape[3] or k.shape[3] != v.shape[3]):
-            raise ctx.error(f"past must be [2, batch, num_heads, past_length, head_size] "
-                            f"with equal k and v head sizes, got {past.shape}")
+        if (
+            past.ndim != 5
+            or past.shape[:3] != (2, x.shape[0], num_heads)
+            or past.shape[4] != k.shape[3]
+            or k.shape[3] != v.shape[3]
+        ):
+            raise ctx.error(
+                f"past must be [2, batch, num_heads, past_length, head_size] "
+                f"with equal k and v head sizes, got {past.shape}"
+            )
         past_length = past.shape[3]
         k = jnp.concatenate([past[0].astype(compute), k], axis=2)
         v = jnp.concatenate([past[1].astype(compute), v], axis=2)
     unidirectional = bool(ctx.attr("unidirectional", 0))
     if mask_index is not None and np.ndim(mask_index) == 4 and unidirectional:
         raise ctx.error("a 4-D mask_index needs unidirectional=0")
-    key_mask = _key_mask(ctx, mask_index, x.shape[0], x.shape[1], k.shape[2], past_length,
-                         ctx.attr("mask_filter_value", -10000.0))
-    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias,
-                        past_length).astype(dtype)
+    key_mask = _key_mask(
+        ctx,
+        mask_index,
+        x.shape[0],
+        x.shape[1],
+        k.shape[2],
+        past_length,
+        ctx.attr("mask_filter_value", -10000.0),
+    )
+    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length).astype(
+        dtype
+    )
     if ctx.has_output(1):
         if k.shape[3] != v.shape[3]:
             raise ctx.error("the present output needs equal k and v head sizes")
@@ -321,16 +381,27 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
 
 
 @register("MultiHeadAttention", since=1, domain=MS)
-def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_padding_mask=None,
-                         attention_bias=None, past_key=None, past_value=None, *rest):
+def multi_head_attention(
+    ctx,
+    query,
+    key=None,
+    value=None,
+    bias=None,
+    key_padding_mask=None,
+    attention_bias=None,
+    past_key=None,
+    past_value=None,
+    *rest,
+):
     """Attention of separate query, key and value [B, L, D] (optional past_key/past_value
     [B, N, P, H] are prepended; present_key/present_value return the concatenation)."""
     if any(r is not None for r in rest):
-        raise ctx.error("past_sequence_length and cache_indirection (decoder-masked "
-                        "attention's inputs) are not supported")
+        raise ctx.error(
+            "past_sequence_length and cache_indirection (decoder-masked "
+            "attention's inputs) are not supported"
+        )
     if key is None or value is None or query.ndim != 3 or key.ndim != 3 or value.ndim != 3:
-        raise ctx.error("only 3-D query, key and value ([batch, length, hidden]) are "
-                        "supported")
+        raise ctx.error("only 3-D query, key and value ([batch, length, hidden]) are supported")
     if (past_key is None) != (past_value is None):
         raise ctx.error("past_key and past_value come together")
     if ctx.has_output(3):
@@ -346,8 +417,8 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
         bias = jnp.asarray(bias).astype(compute)
         dq, dk = query.shape[-1], key.shape[-1]
         query = query + bias[:dq]
-        key = key + bias[dq:dq + dk]
-        value = value + bias[dq + dk:]
+        key = key + bias[dq : dq + dk]
+        value = value + bias[dq + dk :]
     q, k, v = _heads(query, num_heads), _heads(key, num_heads), _heads(value, num_heads)
     past_length = 0
     if past_key is not None:
@@ -355,15 +426,25 @@ def multi_head_attention(ctx, query, key=None, value=None, bias=None, key_paddin
         k = jnp.concatenate([jnp.asarray(past_key).astype(compute), k], axis=2)
         v = jnp.concatenate([jnp.asarray(past_value).astype(compute), v], axis=2)
     # The key padding mask covers the past and the new keys.
-    key_mask = _key_mask(ctx, key_padding_mask, query.shape[0], query.shape[1], k.shape[2],
-                         past_length, ctx.attr("mask_filter_value", -10000.0))
+    key_mask = _key_mask(
+        ctx,
+        key_padding_mask,
+        query.shape[0],
+        query.shape[1],
+        k.shape[2],
+        past_length,
+        ctx.attr("mask_filter_value", -10000.0),
+    )
     unidirectional = bool(ctx.attr("unidirectional", 0))
     if unidirectional and key.shape[1] != query.shape[1]:
         # onnxruntime's CPU kernel gives no consistent causal alignment for this case.
-        raise ctx.error(f"unidirectional=1 needs as many new keys as queries, got "
-                        f"{key.shape[1]} keys for {query.shape[1]} queries")
-    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias,
-                        past_length).astype(dtype)
+        raise ctx.error(
+            f"unidirectional=1 needs as many new keys as queries, got "
+            f"{key.shape[1]} keys for {query.shape[1]} queries"
+        )
+    out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length).astype(
+        dtype
+    )
     if ctx.has_output(1) or ctx.has_output(2):
         return out, k.astype(dtype), v.astype(dtype)
     return out

@@ -87,8 +87,9 @@ def if_(ctx, cond):
             raise ctx.error(f"it has no {branch}")
         count = len(ctx.attr(branch).output)
         if count != ctx.num_outputs:
-            raise ctx.error(f"its {branch} gives {count} output(s), but the node has "
-                            f"{ctx.num_outputs}")
+            raise ctx.error(
+                f"its {branch} gives {count} output(s), but the node has {ctx.num_outputs}"
+            )
     if is_concrete(cond):
         branch = "then_branch" if _flag(cond) else "else_branch"
         compiled = _EagerBranch.of(ctx, branch)
@@ -99,14 +100,18 @@ def if_(ctx, cond):
         raise ctx.error(f"the condition must hold one element, got shape {np.shape(cond)}")
     pred = jnp.reshape(cond, ()).astype(bool)
     try:
-        outputs = lax.cond(pred, lambda: _to_jax(ctx.run_subgraph("then_branch", [])),
-                           lambda: _to_jax(ctx.run_subgraph("else_branch", [])))
+        outputs = lax.cond(
+            pred,
+            lambda: _to_jax(ctx.run_subgraph("then_branch", [])),
+            lambda: _to_jax(ctx.run_subgraph("else_branch", [])),
+        )
     except TypeError as exc:
         # Differing branch outputs are fine in eager mode, where the condition is concrete.
         raise DataDependentShapeError(
             f"{ctx.name}: the condition depends on the model's inputs, so both branches run as "
             "lax.cond, which needs outputs of the same shapes, dtypes and structure; call the "
-            f"model directly (model(...)) to run it eagerly. {exc}") from exc
+            f"model directly (model(...)) to run it eagerly. {exc}"
+        ) from exc
     except (OpError, ValueError) as exc:
         # lax.cond traces the branch not taken too, on values it was never meant for (silero-vad
         # feeds its 8 kHz branch a 16 kHz frame, whose shape-dependent Squeeze then leaves the
@@ -114,7 +119,8 @@ def if_(ctx, cond):
         raise DataDependentShapeError(
             f"{ctx.name}: the condition depends on the model's inputs, so both branches run as "
             "lax.cond, and one of them cannot run on these inputs; call the model directly "
-            f"(model(...)), which runs only the branch taken. {exc}") from exc
+            f"(model(...)), which runs only the branch taken. {exc}"
+        ) from exc
     return tuple(outputs)
 
 
@@ -127,8 +133,9 @@ class _EagerBranch:
     """
 
     # Interpreter -> id(branch graph) -> its _EagerBranch (the graph kept alive with it).
-    _cache: weakref.WeakKeyDictionary[Interpreter, dict[int, _EagerBranch]] = \
+    _cache: weakref.WeakKeyDictionary[Interpreter, dict[int, _EagerBranch]] = (
         weakref.WeakKeyDictionary()
+    )
 
     def __init__(self, interpreter: Interpreter, graph: onnx.GraphProto):
         # A weak reference: the cache's values must not keep its key alive.
@@ -166,8 +173,11 @@ class _EagerBranch:
         # The enclosing graph's constants never change: known by name, not hashed per call.
         constants = ctx.plan.constants
         fixed = tuple(sorted(n for n, v in static.items() if constants.get(n) is v))
-        key = (_signature(dynamic), fixed,
-               _content_key({n: v for n, v in static.items() if n not in fixed}))
+        key = (
+            _signature(dynamic),
+            fixed,
+            _content_key({n: v for n, v in static.items() if n not in fixed}),
+        )
         entry = self._compiled.get(key)
         if entry is None:
             entry = self._compiled[key] = self._compile(static)
@@ -178,8 +188,7 @@ class _EagerBranch:
             self.op_by_op = True
             del self._compiled[key]
             return ctx.interpreter.run_subgraph(self.graph, [], scope)
-        return [recorded[i] if i in recorded else traced[i]
-                for i in range(len(self.graph.output))]
+        return [recorded[i] if i in recorded else traced[i] for i in range(len(self.graph.output))]
 
     def _compile(self, static: dict[str, Any]) -> tuple[Callable[..., Any], dict[int, Any]]:
         recorded: dict[int, Any] = {}
@@ -222,8 +231,10 @@ def loop(ctx, trip_count=None, cond=None, *initial):
     n_state = len(initial)
     n_scan = len(body.output) - 1 - n_state
     if n_scan < 0 or len(body.input) != n_state + 2:
-        raise ctx.error(f"the body takes {len(body.input)} inputs and gives {len(body.output)} "
-                        f"outputs, which does not fit {n_state} loop-carried values")
+        raise ctx.error(
+            f"the body takes {len(body.input)} inputs and gives {len(body.output)} "
+            f"outputs, which does not fit {n_state} loop-carried values"
+        )
     if trip_count is None and cond is None:
         raise ctx.error("a Loop with neither trip count nor condition never ends")
     runner = _LoopRunner(ctx, list(initial), n_scan, use_cond=cond is not None)
@@ -243,7 +254,8 @@ def loop(ctx, trip_count=None, cond=None, *initial):
         raise DataDependentShapeError(
             f"{ctx.name}: the trip count or condition depends on the model's inputs, so the "
             f"loop must run as a lax loop, which it cannot: {exc}. Call the model directly "
-            "(model(...)), which runs such loops eagerly.") from exc
+            "(model(...)), which runs such loops eagerly."
+        ) from exc
 
 
 _TRUE = np.asarray(True)
@@ -262,7 +274,7 @@ class _LoopRunner:
     def body(self, i, cond, state):
         outs = self.ctx.run_subgraph("body", [i, cond, *state])
         n_state = len(self.initial)
-        return outs[0], list(outs[1:1 + n_state]), list(outs[1 + n_state:])
+        return outs[0], list(outs[1 : 1 + n_state]), list(outs[1 + n_state :])
 
     def unroll(self, limit, cond):
         state = self.initial
@@ -276,7 +288,8 @@ class _LoopRunner:
                     f"the loop would run {'an unknown number of' if limit is None else limit} "
                     f"times unrolled at trace time (its carried values change shape, so it "
                     f"cannot compile to one lax loop), past the limit of {bound} iterations "
-                    f"(${MAX_UNROLL_ENV} raises it)")
+                    f"(${MAX_UNROLL_ENV} raises it)"
+                )
             if self.use_cond:
                 if not is_concrete(flag):
                     try:
@@ -286,7 +299,8 @@ class _LoopRunner:
                             f"{self.ctx.name}: the loop's condition depends on the model's "
                             f"inputs, so the rest of the loop must run as lax.while_loop, "
                             f"which it cannot: {exc}. Call the model directly (model(...)), "
-                            "which runs such loops eagerly.") from exc
+                            "which runs such loops eagerly."
+                        ) from exc
                 if not _flag(flag):
                     break
             flag, state, outs = self.body(np.asarray(i, dtype=np.int64), flag, state)
@@ -302,18 +316,23 @@ class _LoopRunner:
     def empty_scans(self):
         """Scan outputs of a loop that ran zero times: shapes from tracing the body once."""
         try:
-            shapes = jax.eval_shape(lambda: _to_jax(
-                self.body(np.asarray(0, dtype=np.int64), _TRUE, self.initial)[2]))
+            shapes = jax.eval_shape(
+                lambda: _to_jax(self.body(np.asarray(0, dtype=np.int64), _TRUE, self.initial)[2])
+            )
         except (OpError, DataDependentShapeError, TypeError, ValueError) as exc:
-            raise self.ctx.error("the loop runs zero times and the shapes of its scan outputs "
-                                 f"cannot be inferred from its body: {exc}") from exc
+            raise self.ctx.error(
+                "the loop runs zero times and the shapes of its scan outputs "
+                f"cannot be inferred from its body: {exc}"
+            ) from exc
         return tuple(jnp.zeros((0, *s.shape), s.dtype) for s in shapes)
 
     def traced(self, limit, cond):
         if isinstance(limit, int) and limit > _SCAN_MAX_LENGTH:
             if self.n_scan:
-                raise self.ctx.error(f"a trip count of {limit} cannot stack scan outputs (at "
-                                     f"most {_SCAN_MAX_LENGTH} iterations)")
+                raise self.ctx.error(
+                    f"a trip count of {limit} cannot stack scan outputs (at "
+                    f"most {_SCAN_MAX_LENGTH} iterations)"
+                )
             # The loop counter's type bounds the count (int32 unless x64 is on).
             widest = np.iinfo(np.int64 if jax.config.jax_enable_x64 else np.int32).max
             return self.while_loop(np.asarray(min(limit, widest)), cond, self.initial, start=0)
@@ -323,8 +342,10 @@ class _LoopRunner:
                     return self.scan(limit)
                 except _NeedsWhile:
                     if self.n_scan:
-                        raise _NotLoopable("the loop may stop early, so the length of its "
-                                           "scan outputs depends on the data") from None
+                        raise _NotLoopable(
+                            "the loop may stop early, so the length of its "
+                            "scan outputs depends on the data"
+                        ) from None
             return self.while_loop(limit, cond, self.initial, start=0)
         except _LAX_FAILURES as exc:
             raise _NotLoopable(str(exc)) from exc
@@ -343,12 +364,14 @@ class _LoopRunner:
 
     def while_loop(self, limit, cond, state, start):
         if self.n_scan:
-            raise _NotLoopable("the loop may stop early, so the length of its scan outputs "
-                               "depends on the data")
+            raise _NotLoopable(
+                "the loop may stop early, so the length of its scan outputs depends on the data"
+            )
         counter = jnp.asarray(np.int64(start))
         if limit is not None:
-            limit = jnp.minimum(jnp.reshape(jnp.asarray(limit), ()),
-                                np.iinfo(counter.dtype).max).astype(counter.dtype)
+            limit = jnp.minimum(
+                jnp.reshape(jnp.asarray(limit), ()), np.iinfo(counter.dtype).max
+            ).astype(counter.dtype)
 
         def keep_going(carry):
             i, flag, _ = carry
@@ -362,8 +385,7 @@ class _LoopRunner:
             return i + 1, flag, _coerce_state(new, state, "a loop-carried value")
 
         flag = jnp.asarray(True) if cond is None else jnp.reshape(jnp.asarray(cond), ())
-        _, _, state = lax.while_loop(keep_going, step,
-                                     (counter, flag.astype(bool), _to_jax(state)))
+        _, _, state = lax.while_loop(keep_going, step, (counter, flag.astype(bool), _to_jax(state)))
         return tuple(state)
 
 
@@ -434,8 +456,7 @@ def _scan_core(ctx, states, xs, n_out):
 
     def step(carry, x_t):
         outs = ctx.run_subgraph("body", [*carry, *x_t])
-        return (_coerce_state(outs[:n_state], carry, "a scan state"),
-                _to_jax(outs[n_state:]))
+        return (_coerce_state(outs[:n_state], carry, "a scan state"), _to_jax(outs[n_state:]))
 
     try:
         states, ys = lax.scan(step, _to_jax(states), xs)

@@ -108,8 +108,7 @@ def divide_correctly_rounded(a, b):
     if is_static(b) and np.size(b) == 1 and _exact_reciprocal(np.asarray(b)):
         return jnp.divide(a, b)
     shape = jnp.broadcast_shapes(np.shape(a), np.shape(b))
-    a, divisor = lax.optimization_barrier((jnp.asarray(a),
-                                           jnp.broadcast_to(jnp.asarray(b), shape)))
+    a, divisor = lax.optimization_barrier((jnp.asarray(a), jnp.broadcast_to(jnp.asarray(b), shape)))
     return jnp.divide(a, divisor)
 
 
@@ -121,8 +120,11 @@ def _exact_reciprocal(value: np.ndarray) -> bool:
         mantissa, _ = np.frexp(value.astype(np.float64))
         reciprocal = (1 / value).astype(value.dtype)
         tiny = np.finfo(value.dtype).tiny
-    return bool(np.all(np.abs(mantissa) == 0.5) and np.all(np.abs(reciprocal) >= tiny)
-                and np.all(np.isfinite(reciprocal)))
+    return bool(
+        np.all(np.abs(mantissa) == 0.5)
+        and np.all(np.abs(reciprocal) >= tiny)
+        and np.all(np.isfinite(reciprocal))
+    )
 
 
 def _is_float(dtype) -> bool:

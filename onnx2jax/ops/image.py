@@ -24,11 +24,23 @@ _DENSE_RESIZE_LIMIT = 1 << 22
 
 _COORDINATE_MODES = {
     10: ("asymmetric",),
-    11: ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn",
-         "tf_crop_and_resize"),
+    11: (
+        "half_pixel",
+        "pytorch_half_pixel",
+        "align_corners",
+        "asymmetric",
+        "tf_half_pixel_for_nn",
+        "tf_crop_and_resize",
+    ),
     13: ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_crop_and_resize"),
-    19: ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
-         "tf_crop_and_resize"),
+    19: (
+        "half_pixel",
+        "half_pixel_symmetric",
+        "pytorch_half_pixel",
+        "align_corners",
+        "asymmetric",
+        "tf_crop_and_resize",
+    ),
 }
 _NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
@@ -175,13 +187,15 @@ def _apply_axis(x, axis, index, weights):
     out_size, taps = index.shape
     if out_size * in_size <= _DENSE_RESIZE_LIMIT:
         matrix = np.zeros((out_size, in_size))
-        np.add.at(matrix, (np.repeat(np.arange(out_size), taps), index.reshape(-1)),
-                  weights.reshape(-1))
-        y = jnp.tensordot(x, jnp.asarray(matrix.T, x.dtype), axes=([axis], [0]),
-                          precision=lax.Precision.HIGHEST)
+        np.add.at(
+            matrix, (np.repeat(np.arange(out_size), taps), index.reshape(-1)), weights.reshape(-1)
+        )
+        y = jnp.tensordot(
+            x, jnp.asarray(matrix.T, x.dtype), axes=([axis], [0]), precision=lax.Precision.HIGHEST
+        )
         return jnp.moveaxis(y, -1, axis)
     gathered = jnp.take(x, index.reshape(-1), axis=axis, mode="clip")
-    gathered = gathered.reshape(x.shape[:axis] + (out_size, taps) + x.shape[axis + 1:])
+    gathered = gathered.reshape(x.shape[:axis] + (out_size, taps) + x.shape[axis + 1 :])
     w = jnp.asarray(weights, x.dtype).reshape((out_size, taps) + (1,) * (x.ndim - axis - 1))
     return jnp.sum(gathered * w, axis=axis + 1)
 
@@ -204,8 +218,10 @@ def _resize(ctx, x, mode, scales, sizes, roi, axes, attrs):
             factors = [scale] * len(axes)
             out_sizes = [int(scale * shape[a] + 0.5) for a in axes]
         else:
-            raise ctx.error(f"keep_aspect_ratio_policy={policy!r} is not one of stretch, "
-                            "not_larger, not_smaller")
+            raise ctx.error(
+                f"keep_aspect_ratio_policy={policy!r} is not one of stretch, "
+                "not_larger, not_smaller"
+            )
     else:
         if len(scales) != len(axes):
             raise ctx.error(f"scales has {len(scales)} values for {len(axes)} axes")
@@ -224,15 +240,19 @@ def _resize(ctx, x, mode, scales, sizes, roi, axes, attrs):
     y = jnp.asarray(x) if mode == "nearest" else jnp.asarray(x, _compute_dtype(dtype))
     for axis, out_size, scale, axis_roi in zip(axes, out_sizes, factors, rois, strict=True):
         in_size = shape[axis]
-        if out_size == in_size and math.isclose(scale, 1.0) and (
-                axis_roi is None or (math.isclose(axis_roi[0], 0.0, abs_tol=1e-9)
-                                     and math.isclose(axis_roi[1], 1.0))):
+        if (
+            out_size == in_size
+            and math.isclose(scale, 1.0)
+            and (
+                axis_roi is None
+                or (math.isclose(axis_roi[0], 0.0, abs_tol=1e-9) and math.isclose(axis_roi[1], 1.0))
+            )
+        ):
             continue
         if in_size == 0 or out_size == 0:
-            y = jnp.zeros(y.shape[:axis] + (out_size,) + y.shape[axis + 1:], y.dtype)
+            y = jnp.zeros(y.shape[:axis] + (out_size,) + y.shape[axis + 1 :], y.dtype)
             continue
-        index, weights, outside = _resize_axis_plan(mode, in_size, out_size, scale, axis_roi,
-                                                    attrs)
+        index, weights, outside = _resize_axis_plan(mode, in_size, out_size, scale, axis_roi, attrs)
         if weights is None:
             y = _take_axis(y, index[:, 0], axis)
         else:
@@ -254,11 +274,14 @@ def _resize_attrs(ctx, coord_default, coord_modes):
         "policy": ctx.attr("keep_aspect_ratio_policy", "stretch"),
     }
     if attrs["coord_mode"] not in coord_modes:
-        raise ctx.error(f"coordinate_transformation_mode={attrs['coord_mode']!r} is not one of "
-                        f"{', '.join(coord_modes)} at opset {ctx.opset}")
+        raise ctx.error(
+            f"coordinate_transformation_mode={attrs['coord_mode']!r} is not one of "
+            f"{', '.join(coord_modes)} at opset {ctx.opset}"
+        )
     if coord_default != "asymmetric" and attrs["nearest_mode"] not in _NEAREST_MODES:
-        raise ctx.error(f"nearest_mode={attrs['nearest_mode']!r} is not one of "
-                        f"{', '.join(_NEAREST_MODES)}")
+        raise ctx.error(
+            f"nearest_mode={attrs['nearest_mode']!r} is not one of {', '.join(_NEAREST_MODES)}"
+        )
     return attrs
 
 
@@ -286,8 +309,11 @@ def resize(ctx, x, roi=None, scales=None, sizes=None):
     if (scales is None) == (sizes is None):
         raise ctx.error("exactly one of scales and sizes must be given")
     sizes = None if sizes is None else [int(s) for s in sizes]
-    roi = _optional_static(ctx, roi, 1, "the roi") if attrs["coord_mode"] == \
-        "tf_crop_and_resize" else None
+    roi = (
+        _optional_static(ctx, roi, 1, "the roi")
+        if attrs["coord_mode"] == "tf_crop_and_resize"
+        else None
+    )
     return _resize(ctx, x, mode, scales, sizes, roi, axes, attrs)
 
 
@@ -356,15 +382,19 @@ def _grid_taps(coords, mode):
         offsets = np.arange(-1, 3)
         a = -0.75
         d = jnp.abs(t - offsets)
-        weights = jnp.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
-                            ((a * d - 5 * a) * d + 8 * a) * d - 4 * a)
+        weights = jnp.where(
+            d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        )
     return base[..., None] + offsets, weights
 
 
 @register("GridSample", since=(16, 20, 22))
 def grid_sample(ctx, x, grid):
-    names = ({"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"} if ctx.opset < 20
-             else {"linear": "linear", "cubic": "cubic", "nearest": "nearest"})
+    names = (
+        {"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"}
+        if ctx.opset < 20
+        else {"linear": "linear", "cubic": "cubic", "nearest": "nearest"}
+    )
     mode = names.get(ctx.attr("mode", "bilinear" if ctx.opset < 20 else "linear"))
     if mode is None:
         raise ctx.error(f"mode={ctx.attr('mode')!r} is not one of {', '.join(names)}")
@@ -426,8 +456,9 @@ def grid_sample(ctx, x, grid):
     # Channels last, so each tap gathers one contiguous row of C values.
     rows = jnp.moveaxis(jnp.asarray(x, data_dtype), 1, -1).reshape(n, -1, c)
     gathered = jax.vmap(lambda r, i: jnp.take(r, i, axis=0, mode="clip"))(rows, flat)
-    y = jnp.einsum("nptc,npt->ncp", gathered, weight.astype(data_dtype),
-                   precision=lax.Precision.HIGHEST)
+    y = jnp.einsum(
+        "nptc,npt->ncp", gathered, weight.astype(data_dtype), precision=lax.Precision.HIGHEST
+    )
     return y.reshape((n, c) + tuple(out_spatial)).astype(x.dtype)
 
 
@@ -451,8 +482,9 @@ def affine_grid(ctx, theta, size):
     xp = ctx.xp(theta)
     if xp is np:
         return np.einsum("nij,...j->n...i", theta.astype(np.float64), base).astype(theta.dtype)
-    return jnp.einsum("nij,...j->n...i", theta, base.astype(theta.dtype),
-                      precision=lax.Precision.HIGHEST)
+    return jnp.einsum(
+        "nij,...j->n...i", theta, base.astype(theta.dtype), precision=lax.Precision.HIGHEST
+    )
 
 
 # --------------------------------------------------------------------------------- RoiAlign
@@ -467,8 +499,11 @@ def _roi_axis_samples(xp, start, bin_size, grid, pooled, max_grid, limit):
     p = xp.arange(pooled, dtype=dtype)[None, :, None]
     i = xp.arange(max_grid, dtype=dtype)[None, None, :]
     count = grid[:, None, None]
-    pos = start[:, None, None] + p * bin_size[:, None, None] \
+    pos = (
+        start[:, None, None]
+        + p * bin_size[:, None, None]
         + (i + 0.5) * bin_size[:, None, None] / xp.maximum(count, 1).astype(dtype)
+    )
     valid = (pos >= -1.0) & (pos <= limit) & (i < count)
     pos = xp.maximum(pos, 0)
     low = xp.floor(pos)
@@ -494,13 +529,17 @@ def _roi_align(ctx, x, rois, batch_indices, half_pixel):
         return jnp.zeros((0, c, pooled_h, pooled_w), x.dtype)
     if sampling_ratio <= 0:
         # Adaptive sampling: the number of samples per bin depends on each roi's size.
-        rois = np.asarray(ctx.static(rois, 1, "the rois (sampling_ratio=0 sizes the sampling "
-                                              "grid from them)"))
+        rois = np.asarray(
+            ctx.static(rois, 1, "the rois (sampling_ratio=0 sizes the sampling grid from them)")
+        )
     # With known rois (constants, or eager runs) all the geometry folds to NumPy.
     xp = ctx.xp(rois)
     compute = np.promote_types(rois.dtype, np.float32)
-    boxes = rois.astype(compute) if xp is np else \
-        jnp.asarray(rois, jax.dtypes.canonicalize_dtype(compute))
+    boxes = (
+        rois.astype(compute)
+        if xp is np
+        else jnp.asarray(rois, jax.dtypes.canonicalize_dtype(compute))
+    )
     offset = 0.5 if half_pixel else 0.0
     start_w = boxes[:, 0] * spatial_scale - offset
     start_h = boxes[:, 1] * spatial_scale - offset
@@ -518,10 +557,12 @@ def _roi_align(ctx, x, rois, batch_indices, half_pixel):
         grid_h = np.ceil(bin_h).astype(np.int32)
         grid_w = np.ceil(bin_w).astype(np.int32)
         max_h, max_w = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
-    y_low, y_high, hy, ly, valid_y = _roi_axis_samples(xp, start_h, bin_h, grid_h, pooled_h,
-                                                       max_h, height)
-    x_low, x_high, hx, lx, valid_x = _roi_axis_samples(xp, start_w, bin_w, grid_w, pooled_w,
-                                                       max_w, width)
+    y_low, y_high, hy, ly, valid_y = _roi_axis_samples(
+        xp, start_h, bin_h, grid_h, pooled_h, max_h, height
+    )
+    x_low, x_high, hx, lx, valid_x = _roi_axis_samples(
+        xp, start_w, bin_w, grid_w, pooled_w, max_w, width
+    )
     # Corner order (low/low, low/high, high/low, high/high), shapes (R, PH, GH, PW, GW, 4).
     ys = xp.stack([y_low, y_low, y_high, y_high], -1)[:, :, :, None, None, :]
     xs = xp.stack([x_low, x_high, x_low, x_high], -1)[:, None, None, :, :, :]
@@ -541,8 +582,9 @@ def _roi_align(ctx, x, rois, batch_indices, half_pixel):
         y = y / count[:, None, None, None]
     else:
         weighted = jnp.max(values * weights[..., None], axis=5)
-        sampled = (xp.arange(max_h)[None, :] < grid_h[:, None])[:, None, :, None, None] & \
-            (xp.arange(max_w)[None, :] < grid_w[:, None])[:, None, None, None, :]
+        sampled = (xp.arange(max_h)[None, :] < grid_h[:, None])[:, None, :, None, None] & (
+            xp.arange(max_w)[None, :] < grid_w[:, None]
+        )[:, None, None, None, :]
         weighted = jnp.where(sampled[..., None], weighted, -jnp.inf)
         y = jnp.moveaxis(jnp.max(weighted, axis=(2, 4)), -1, 1)
         # A reversed roi under adaptive sampling has no samples; its bins read 0.
@@ -560,8 +602,9 @@ def roi_align_v10(ctx, x, rois, batch_indices):
 def roi_align(ctx, x, rois, batch_indices):
     mode = ctx.attr("coordinate_transformation_mode", "half_pixel")
     if mode not in ("half_pixel", "output_half_pixel"):
-        raise ctx.error(f"coordinate_transformation_mode={mode!r} is not one of half_pixel, "
-                        "output_half_pixel")
+        raise ctx.error(
+            f"coordinate_transformation_mode={mode!r} is not one of half_pixel, output_half_pixel"
+        )
     return _roi_align(ctx, x, rois, batch_indices, half_pixel=mode == "half_pixel")
 
 
@@ -585,15 +628,17 @@ def _suppressed_by(corners, i, threshold):
     inter = inter_h * inter_w
     area = (y1 - y0) * (x1 - x0)
     union = area + area[i] - inter
-    overlapping = (inter_h > 0) & (inter_w > 0) & (inter > 0) & (area > 0) & (area[i] > 0) \
-        & (union > 0)
+    overlapping = (
+        (inter_h > 0) & (inter_w > 0) & (inter > 0) & (area > 0) & (area[i] > 0) & (union > 0)
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         return overlapping & (inter / np.where(union > 0, union, 1) > threshold)
 
 
 @register("NonMaxSuppression", since=(10, 11), static_inputs=(2, 3, 4))
-def non_max_suppression(ctx, boxes, scores, max_output=None, iou_threshold=None,
-                        score_threshold=None):
+def non_max_suppression(
+    ctx, boxes, scores, max_output=None, iou_threshold=None, score_threshold=None
+):
     # The number of selected boxes depends on the values, so everything is read on the host.
     what = "the boxes and scores (the number of selected boxes depends on them)"
     boxes = np.asarray(ctx.static(boxes, 0, what))
@@ -604,10 +649,17 @@ def non_max_suppression(ctx, boxes, scores, max_output=None, iou_threshold=None,
     limit = 0 if max_output is None else max(int(max_output[0]), 0)
     threshold = boxes.dtype.type(0) if iou_threshold is None else iou_threshold[0]
     center_point_box = int(ctx.attr("center_point_box", 0))
-    if boxes.ndim != 3 or boxes.shape[2] != 4 or scores.ndim != 3 \
-            or scores.shape[0] != boxes.shape[0] or scores.shape[2] != boxes.shape[1]:
-        raise ctx.error(f"boxes {boxes.shape} and scores {scores.shape} do not match "
-                        "[batch, boxes, 4] and [batch, classes, boxes]")
+    if (
+        boxes.ndim != 3
+        or boxes.shape[2] != 4
+        or scores.ndim != 3
+        or scores.shape[0] != boxes.shape[0]
+        or scores.shape[2] != boxes.shape[1]
+    ):
+        raise ctx.error(
+            f"boxes {boxes.shape} and scores {scores.shape} do not match "
+            "[batch, boxes, 4] and [batch, classes, boxes]"
+        )
     selected = []
     for b in range(boxes.shape[0]):
         corners = _box_corners(boxes[b], center_point_box)
@@ -641,8 +693,9 @@ def image_decoder(ctx, encoded):
     pixel_format = ctx.attr("pixel_format", "RGB")
     if pixel_format not in ("RGB", "BGR", "Grayscale"):
         raise ctx.error(f"pixel_format={pixel_format!r} is not one of RGB, BGR, Grayscale")
-    data = np.asarray(ctx.static(encoded, 0, "the encoded image (its size sets the output "
-                                              "shape)"), dtype=np.uint8).tobytes()
+    data = np.asarray(
+        ctx.static(encoded, 0, "the encoded image (its size sets the output shape)"), dtype=np.uint8
+    ).tobytes()
     try:
         image = Image.open(io.BytesIO(data))
         image.load()

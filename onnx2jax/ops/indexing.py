@@ -56,7 +56,7 @@ def _take(x, indices, axis):
         if flat.size and np.all(np.diff(flat) == 1):
             part = x[before + (slice(int(flat[0]), int(flat[-1]) + 1),)]
             dims = np.shape(x)
-            return jnp.reshape(part, dims[:axis] + indices.shape + dims[axis + 1:])
+            return jnp.reshape(part, dims[:axis] + indices.shape + dims[axis + 1 :])
     return jnp.take(x, indices, axis=axis, mode="clip")
 
 
@@ -78,8 +78,7 @@ def gather_elements(ctx, data, indices):
     if any(i > d for a, (i, d) in enumerate(zip(index_dims, dims, strict=True)) if a != axis):
         raise ctx.error(f"indices of shape {list(index_dims)} exceed data of shape {list(dims)}")
     # Indices may be smaller than the data on the other axes; only that corner is read.
-    data = data[tuple(slice(None) if a == axis else slice(0, i)
-                      for a, i in enumerate(index_dims))]
+    data = data[tuple(slice(None) if a == axis else slice(0, i) for a, i in enumerate(index_dims))]
     indices = _wrap(ctx, indices, dims[axis])
     if is_static(data) and is_static(indices):
         return np.take_along_axis(data, indices, axis=axis)
@@ -92,20 +91,27 @@ def gather_nd(ctx, data, indices):
     batch_dims = ctx.attr("batch_dims", 0)
     dims, index_dims = np.shape(data), np.shape(indices)
     depth = index_dims[-1] if index_dims else 0
-    if not index_dims or batch_dims + depth > len(dims) or batch_dims >= len(index_dims) \
-            or index_dims[:batch_dims] != dims[:batch_dims]:
-        raise ctx.error(f"indices of shape {list(index_dims)} with batch_dims={batch_dims} do "
-                        f"not fit data of shape {list(dims)}")
+    if (
+        not index_dims
+        or batch_dims + depth > len(dims)
+        or batch_dims >= len(index_dims)
+        or index_dims[:batch_dims] != dims[:batch_dims]
+    ):
+        raise ctx.error(
+            f"indices of shape {list(index_dims)} with batch_dims={batch_dims} do "
+            f"not fit data of shape {list(dims)}"
+        )
     xp = ctx.xp(data, indices)
-    indices = _wrap(ctx, indices, dims[batch_dims:batch_dims + depth])
+    indices = _wrap(ctx, indices, dims[batch_dims : batch_dims + depth])
     batch = int(np.prod(dims[:batch_dims], dtype=np.int64))
     count = int(np.prod(index_dims[batch_dims:-1], dtype=np.int64))
     # asarray: static data with traced indices must become a jax array before the indexing.
     data = xp.reshape(xp.asarray(data), (batch,) + dims[batch_dims:])
     indices = ctx.xp(indices).reshape(indices, (batch, count, depth))
-    picked = data[(np.arange(batch).reshape(batch, 1),)
-                  + tuple(indices[..., i] for i in range(depth))]
-    return xp.reshape(picked, index_dims[:-1] + dims[batch_dims + depth:])
+    picked = data[
+        (np.arange(batch).reshape(batch, 1),) + tuple(indices[..., i] for i in range(depth))
+    ]
+    return xp.reshape(picked, index_dims[:-1] + dims[batch_dims + depth :])
 
 
 _SCATTER_UFUNCS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
@@ -113,8 +119,11 @@ _SCATTER_UFUNCS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": 
 
 def _reduction(ctx):
     reduction = ctx.attr("reduction", "none")
-    allowed = ["none"] + (["add", "mul"] if ctx.opset >= 16 else []) + \
-        (["max", "min"] if ctx.opset >= 18 else [])
+    allowed = (
+        ["none"]
+        + (["add", "mul"] if ctx.opset >= 16 else [])
+        + (["max", "min"] if ctx.opset >= 18 else [])
+    )
     if reduction not in allowed:
         raise ctx.error(f"unsupported reduction {reduction!r} at opset {ctx.opset}")
     return reduction
@@ -134,13 +143,13 @@ def _scatter(ctx, data, index, updates, reduction):
         # Bool add/max are a logical or and mul/min a logical and (as in onnxruntime); JAX
         # scatters numbers only, so through uint8.
         reduction = {"add": "max", "mul": "min"}.get(reduction, reduction)
-        return _scatter(ctx, data.astype(jnp.uint8), index,
-                        jnp.asarray(updates).astype(jnp.uint8), reduction).astype(jnp.bool_)
+        return _scatter(
+            ctx, data.astype(jnp.uint8), index, jnp.asarray(updates).astype(jnp.uint8), reduction
+        ).astype(jnp.bool_)
     ref = data.at[index]
     if reduction == "none":
         return ref.set(updates)
-    return {"add": ref.add, "mul": ref.multiply, "max": ref.max, "min": ref.min}[reduction](
-        updates)
+    return {"add": ref.add, "mul": ref.multiply, "max": ref.max, "min": ref.min}[reduction](updates)
 
 
 def _scatter_elements(ctx, data, indices, updates, reduction):
@@ -148,12 +157,15 @@ def _scatter_elements(ctx, data, indices, updates, reduction):
     axis = _axis(ctx, ctx.attr("axis", 0), rank)
     index_dims = np.shape(indices)
     if len(index_dims) != rank or np.shape(updates) != index_dims:
-        raise ctx.error(f"indices {list(index_dims)} and updates {list(np.shape(updates))} "
-                        f"must have the same shape and the data's rank {rank}")
+        raise ctx.error(
+            f"indices {list(index_dims)} and updates {list(np.shape(updates))} "
+            f"must have the same shape and the data's rank {rank}"
+        )
     indices = _wrap(ctx, indices, np.shape(data)[axis])
-    index = tuple(indices if a == axis else
-                  np.arange(n).reshape([n if b == a else 1 for b in range(rank)])
-                  for a, n in enumerate(index_dims))
+    index = tuple(
+        indices if a == axis else np.arange(n).reshape([n if b == a else 1 for b in range(rank)])
+        for a, n in enumerate(index_dims)
+    )
     return _scatter(ctx, data, index, updates, reduction)
 
 
@@ -171,10 +183,11 @@ def scatter_elements(ctx, data, indices, updates):
 def scatter_nd(ctx, data, indices, updates):
     dims, index_dims = np.shape(data), np.shape(indices)
     depth = index_dims[-1] if index_dims else 0
-    if not index_dims or depth > len(dims) or \
-            np.shape(updates) != index_dims[:-1] + dims[depth:]:
-        raise ctx.error(f"indices {list(index_dims)} and updates {list(np.shape(updates))} do "
-                        f"not fit data of shape {list(dims)}")
+    if not index_dims or depth > len(dims) or np.shape(updates) != index_dims[:-1] + dims[depth:]:
+        raise ctx.error(
+            f"indices {list(index_dims)} and updates {list(np.shape(updates))} do "
+            f"not fit data of shape {list(dims)}"
+        )
     indices = _wrap(ctx, indices, dims[:depth])
     index = tuple(indices[..., i] for i in range(depth))
     return _scatter(ctx, data, index, updates, _reduction(ctx))
@@ -188,10 +201,16 @@ def tensor_scatter(ctx, past_cache, update, write_indices=None):
     dims, update_dims = np.shape(past_cache), np.shape(update)
     rank = len(dims)
     axis = _axis(ctx, ctx.attr("axis", -2), rank)
-    if axis == 0 or len(update_dims) != rank or update_dims[axis] > dims[axis] or any(
-            u != d for a, (u, d) in enumerate(zip(update_dims, dims, strict=True)) if a != axis):
-        raise ctx.error(f"update of shape {list(update_dims)} does not fit a cache of shape "
-                        f"{list(dims)} along axis {axis}")
+    if (
+        axis == 0
+        or len(update_dims) != rank
+        or update_dims[axis] > dims[axis]
+        or any(u != d for a, (u, d) in enumerate(zip(update_dims, dims, strict=True)) if a != axis)
+    ):
+        raise ctx.error(
+            f"update of shape {list(update_dims)} does not fit a cache of shape "
+            f"{list(dims)} along axis {axis}"
+        )
     batch, length, capacity = dims[0], update_dims[axis], dims[axis]
     if write_indices is None:
         write_indices = np.zeros(batch, np.int64)
@@ -201,8 +220,10 @@ def tensor_scatter(ctx, past_cache, update, write_indices=None):
         positions = positions % capacity
     # Two index arrays (batch, sequence) and slices elsewhere: XLA sees one scatter of
     # contiguous windows, and NumPy indexing puts the (batch, sequence) dims first.
-    index = tuple(np.arange(batch).reshape(batch, 1) if a == 0 else positions if a == axis
-                  else slice(None) for a in range(rank))
+    index = tuple(
+        np.arange(batch).reshape(batch, 1) if a == 0 else positions if a == axis else slice(None)
+        for a in range(rank)
+    )
     moved = ctx.xp(update).moveaxis(update, axis, 1)
     return _scatter(ctx, past_cache, index, moved, "none")
 
@@ -251,16 +272,25 @@ def unique(ctx, x):
         values, axis = values.reshape(-1), 0
     else:
         axis = _axis(ctx, axis, values.ndim)
-    y, first, inverse, counts = np.unique(values, return_index=True, return_inverse=True,
-                                          return_counts=True, axis=axis)
+    y, first, inverse, counts = np.unique(
+        values, return_index=True, return_inverse=True, return_counts=True, axis=axis
+    )
     if not ctx.attr("sorted", 1):
         order = np.argsort(first, kind="stable")
         rank = np.empty_like(order)
         rank[order] = np.arange(order.size)
-        y, first, inverse, counts = (np.take(y, order, axis=axis), first[order],
-                                     rank[inverse], counts[order])
-    return (y, first.astype(np.int64), inverse.reshape(-1).astype(np.int64),
-            counts.astype(np.int64))
+        y, first, inverse, counts = (
+            np.take(y, order, axis=axis),
+            first[order],
+            rank[inverse],
+            counts[order],
+        )
+    return (
+        y,
+        first.astype(np.int64),
+        inverse.reshape(-1).astype(np.int64),
+        counts.astype(np.int64),
+    )
 
 
 @register("Compress", since=(9, 11, 28), static_inputs=(1,))
@@ -273,6 +303,7 @@ def compress(ctx, x, condition):
         axis = _axis(ctx, axis, np.ndim(x))
     dim = np.shape(x)[axis]
     if keep[dim:].any():
-        raise ctx.error(f"condition selects index {dim + int(np.argmax(keep[dim:]))} of an "
-                        f"axis of size {dim}")
+        raise ctx.error(
+            f"condition selects index {dim + int(np.argmax(keep[dim:]))} of an axis of size {dim}"
+        )
     return _take(x, np.nonzero(keep[:dim])[0].astype(np.int64), axis)

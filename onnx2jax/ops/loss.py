@@ -45,8 +45,10 @@ def _check(ctx, x, target, weight):
     if x.ndim < 2:
         raise ctx.error(f"the input needs shape (N, C, ...), got {tuple(x.shape)}")
     if tuple(target.shape) != (x.shape[0],) + tuple(x.shape[2:]):
-        raise ctx.error(f"target of shape {tuple(target.shape)} does not match input of shape "
-                        f"{tuple(x.shape)} (expected (N, d1, ...))")
+        raise ctx.error(
+            f"target of shape {tuple(target.shape)} does not match input of shape "
+            f"{tuple(x.shape)} (expected (N, d1, ...))"
+        )
     if weight is not None and tuple(weight.shape) != (x.shape[1],):
         raise ctx.error(f"weight of shape {tuple(weight.shape)} does not match C={x.shape[1]}")
     if ctx.attr("reduction", "mean") not in _REDUCTIONS:
@@ -72,8 +74,11 @@ def _nll(ctx, log_prob, target, weight):
         if reduction == "mean":
             return xp.mean(loss)
         return xp.sum(loss) if reduction == "sum" else loss
-    weights = (xp.ones(target.shape, log_prob.dtype) if weight is None
-               else xp.take(weight.astype(log_prob.dtype), index))
+    weights = (
+        xp.ones(target.shape, log_prob.dtype)
+        if weight is None
+        else xp.take(weight.astype(log_prob.dtype), index)
+    )
     if ignore_index is not None:
         # where() rather than a zero weight alone: an ignored position may hold -inf.
         ignored = target == ignore_index

@@ -33,7 +33,8 @@ def product_operands(ctx, *values):
     arithmetic) always stay exact.
     """
     if ctx.interpreter.precision == "bfloat16" and all(
-            not is_static(v) and v.dtype == jnp.float32 for v in values):
+        not is_static(v) and v.dtype == jnp.float32 for v in values
+    ):
         return [v.astype(jnp.bfloat16) for v in values], jnp.float32
     return list(values), None
 
@@ -46,8 +47,14 @@ def gemm(ctx, a, b, c=None):
     alpha = ctx.attr("alpha", 1.0)
     beta = ctx.attr("beta", 1.0)
     transposed = ctx.attr("transA", 0) or ctx.attr("transB", 0)
-    if (accumulate is None and native.active("matrix") and not transposed and alpha == 1.0
-            and not is_static(a) and native.matmul_applies(a, b)):
+    if (
+        accumulate is None
+        and native.active("matrix")
+        and not transposed
+        and alpha == 1.0
+        and not is_static(a)
+        and native.matmul_applies(a, b)
+    ):
         columns = np.shape(b)[1]
         row_bias = c is not None and beta == 1.0 and np.shape(c) in ((columns,), (1, columns))
         y = native.matmul(a, b, jnp.reshape(c, (-1,)) if row_bias else None)
@@ -60,8 +67,11 @@ def gemm(ctx, a, b, c=None):
         accumulate = jnp.float32
     axes = (0 if ctx.attr("transA", 0) else 1, 1 if ctx.attr("transB", 0) else 0)
     # tensordot contracts the right axes directly (a dot_general with no transpose copies).
-    y = (xp.tensordot(a, b, axes=axes) if accumulate is None
-         else jnp.tensordot(a, b, axes=axes, preferred_element_type=accumulate))
+    y = (
+        xp.tensordot(a, b, axes=axes)
+        if accumulate is None
+        else jnp.tensordot(a, b, axes=axes, preferred_element_type=accumulate)
+    )
     if alpha != 1.0:
         y = y * alpha
     # Before opset 7, C broadcasts only with broadcast=1, where NumPy rules give the same result.
@@ -141,8 +151,11 @@ def softmax_over(v, axes: tuple[int, ...]):
     lead = v.ndim - len(axes)
     size = int(np.prod(v.shape[lead:]))
     groups = _row_groups(size) if axes == tuple(range(lead, v.ndim)) else None
-    if (groups is None or v.dtype not in (jnp.float32, jnp.float64)
-            or jax.default_backend() != "cpu"):
+    if (
+        groups is None
+        or v.dtype not in (jnp.float32, jnp.float64)
+        or jax.default_backend() != "cpu"
+    ):
         return jax.nn.softmax(v, axis=axes)
     rows = v.reshape(*v.shape[:lead], size)
     peak = lax.stop_gradient(_reduce_in_two_steps(rows, jnp.max, groups))
@@ -190,7 +203,7 @@ def hardmax(ctx, x):
     xp = ctx.xp(x)
     shape = np.shape(x)
     # Before opset 13 the axes from ``axis`` on act as one flattened axis.
-    flat = xp.reshape(x, shape[:axes[0]] + (-1,) + shape[axes[-1] + 1:])
+    flat = xp.reshape(x, shape[: axes[0]] + (-1,) + shape[axes[-1] + 1 :])
     axis = axes[0]
     # The first maximum wins ties, as in argmax.
     index = xp.argmax(flat, axis=axis, keepdims=True)

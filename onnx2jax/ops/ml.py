@@ -99,8 +99,9 @@ def linear_classifier(ctx, x):
         if mode != "NONE":
             scores = xp.stack([1 - scores[:, 1], scores[:, 1]], axis=1)
     elif coefficients.shape[0] != len(labels):
-        raise ctx.error(f"{coefficients.shape[0]} rows of coefficients for {len(labels)} "
-                        "class labels")
+        raise ctx.error(
+            f"{coefficients.shape[0]} rows of coefficients for {len(labels)} class labels"
+        )
     else:
         index = xp.argmax(scores, axis=1)
         scores = _post_transform(ctx, xp, scores, mode)
@@ -166,8 +167,9 @@ def _lookup(ctx, x, keys, values, default):
     if np.issubdtype(keys.dtype, np.floating):
         hits = hits | (xp.isnan(x)[..., None] & np.isnan(keys))
     found = hits.any(axis=-1)
-    return xp.where(found, xp.asarray(values)[xp.argmax(hits, axis=-1)],
-                    np.asarray(default, values.dtype)).astype(values.dtype)
+    return xp.where(
+        found, xp.asarray(values)[xp.argmax(hits, axis=-1)], np.asarray(default, values.dtype)
+    ).astype(values.dtype)
 
 
 def _key(value):
@@ -181,37 +183,53 @@ def _key(value):
 def label_encoder_v1(ctx, x):
     classes = np.asarray(ctx.attr("classes_strings", []), dtype=object)
     if x.dtype == object:
-        return _lookup(ctx, x, classes, np.arange(len(classes), dtype=np.int64),
-                       ctx.attr("default_int64", -1))
-    return _lookup(ctx, x, np.arange(len(classes), dtype=np.int64), classes,
-                   ctx.attr("default_string", "_Unused"))
+        return _lookup(
+            ctx, x, classes, np.arange(len(classes), dtype=np.int64), ctx.attr("default_int64", -1)
+        )
+    return _lookup(
+        ctx,
+        x,
+        np.arange(len(classes), dtype=np.int64),
+        classes,
+        ctx.attr("default_string", "_Unused"),
+    )
 
 
 @register("LabelEncoder", since=(2, 4), domain=ML)
 def label_encoder(ctx, x):
     keys = values = None
-    for name, dtype in (("keys_strings", object), ("keys_int64s", np.int64),
-                        ("keys_floats", np.float32)):
+    for name, dtype in (
+        ("keys_strings", object),
+        ("keys_int64s", np.int64),
+        ("keys_floats", np.float32),
+    ):
         if ctx.attr(name) is not None:
             keys = np.asarray(ctx.attr(name), dtype=dtype)
     if ctx.attr("keys_tensor") is not None:
         keys = ctx.attr("keys_tensor").reshape(-1)
     default = None
-    for name, dtype, default_name in (("values_strings", object, "default_string"),
-                                      ("values_int64s", np.int64, "default_int64"),
-                                      ("values_floats", np.float32, "default_float")):
+    for name, dtype, default_name in (
+        ("values_strings", object, "default_string"),
+        ("values_int64s", np.int64, "default_int64"),
+        ("values_floats", np.float32, "default_float"),
+    ):
         if ctx.attr(name) is not None:
             values = np.asarray(ctx.attr(name), dtype=dtype)
-            default = ctx.attr(default_name, {"default_string": "_Unused",
-                                              "default_int64": -1}.get(default_name, -0.0))
+            default = ctx.attr(
+                default_name,
+                {"default_string": "_Unused", "default_int64": -1}.get(default_name, -0.0),
+            )
     if ctx.attr("values_tensor") is not None:
         values = ctx.attr("values_tensor").reshape(-1)
         default_tensor = ctx.attr("default_tensor")
         if default_tensor is not None:
             default = default_tensor.reshape(-1)[0]
         else:
-            default = "_Unused" if values.dtype == object else values.dtype.type(
-                -1 if np.issubdtype(values.dtype, np.integer) else -0.0)
+            default = (
+                "_Unused"
+                if values.dtype == object
+                else values.dtype.type(-1 if np.issubdtype(values.dtype, np.integer) else -0.0)
+            )
     if keys is None or values is None:
         raise ctx.error("needs keys_* and values_* attributes")
     if len(keys) != len(values):
@@ -242,8 +260,11 @@ def one_hot_encoder(ctx, x):
         x = ctx.static(x, 0, "the categories")
     xp = ctx.xp(x)
     if x.dtype != object:
-        cats = cats.astype(x.dtype) if np.issubdtype(x.dtype, np.integer) else \
-            cats.astype(np.float64).astype(x.dtype)
+        cats = (
+            cats.astype(x.dtype)
+            if np.issubdtype(x.dtype, np.integer)
+            else cats.astype(np.float64).astype(x.dtype)
+        )
     out = (x[..., None] == cats).astype(np.float32)
     if strict and not np.all(out.sum(axis=-1) > 0):
         raise ctx.error("an input value is not among the categories (zeros=0)")
@@ -354,8 +375,9 @@ def _row(ctx, values, dtype, pad):
     if all(v is None or is_static(v) for v in values):
         return np.array([pad if v is None else v for v in values], dtype=dtype).reshape(1, -1)
     dtype = jax.dtypes.canonicalize_dtype(dtype)
-    return jnp.stack([jnp.asarray(pad if v is None else v).astype(dtype).reshape(())
-                      for v in values]).reshape(1, -1)
+    return jnp.stack(
+        [jnp.asarray(pad if v is None else v).astype(dtype).reshape(()) for v in values]
+    ).reshape(1, -1)
 
 
 @register("DictVectorizer", since=1, domain=ML)
@@ -371,8 +393,7 @@ def dict_vectorizer(ctx, x):
         raise ctx.error(f"map key {wrong[0]!r} does not match the {key_type.__name__} vocabulary")
     dtype = _map_value_dtype(ctx, mapping.values())
     # Keys missing from the vocabulary are dropped, as onnxruntime does.
-    return _row(ctx, [mapping.get(k) for k in vocabulary], dtype,
-                "" if dtype.kind == "O" else 0)
+    return _row(ctx, [mapping.get(k) for k in vocabulary], dtype, "" if dtype.kind == "O" else 0)
 
 
 @register("CastMap", since=1, domain=ML)
@@ -401,8 +422,14 @@ def cast_map(ctx, x):
         texts = [None if v is None else _map_value_text(ctx, v) for v in values]
         return _row(ctx, texts, np.dtype(object), _STRING_PAD)
     dtype = np.dtype(np.float32 if cast_to == "TO_FLOAT" else np.int64)
-    values = [None if v is None else _parse_map_value(ctx, v, dtype) if _is_text(v)
-              else v.astype(np.float32) for v in values]
+    values = [
+        None
+        if v is None
+        else _parse_map_value(ctx, v, dtype)
+        if _is_text(v)
+        else v.astype(np.float32)
+        for v in values
+    ]
     # float32 to int64 truncates toward zero (astype), as a C++ static_cast.
     return _row(ctx, values, dtype, 0)
 
@@ -425,16 +452,35 @@ def _parse_map_value(ctx, value, dtype):
 
 # ---------------------------------------------------------------------------- tree ensembles
 
-_MODES = {"BRANCH_LEQ": 0, "BRANCH_LT": 1, "BRANCH_GTE": 2, "BRANCH_GT": 3, "BRANCH_EQ": 4,
-          "BRANCH_NEQ": 5, "BRANCH_MEMBER": 6}
+_MODES = {
+    "BRANCH_LEQ": 0,
+    "BRANCH_LT": 1,
+    "BRANCH_GTE": 2,
+    "BRANCH_GT": 3,
+    "BRANCH_EQ": 4,
+    "BRANCH_NEQ": 5,
+    "BRANCH_MEMBER": 6,
+}
 _AGGREGATES = ("AVERAGE", "SUM", "MIN", "MAX")
 
 
 class _Forest:
     """Trees as flat arrays over one index space; leaves point to themselves."""
 
-    def __init__(self, ctx, feature, split, mode, true_next, false_next, missing_true,
-                 is_leaf, roots, members=None, member_row=None):
+    def __init__(
+        self,
+        ctx,
+        feature,
+        split,
+        mode,
+        true_next,
+        false_next,
+        missing_true,
+        is_leaf,
+        roots,
+        members=None,
+        member_row=None,
+    ):
         self.feature = feature.astype(np.int32)
         self.split = split
         self.mode = mode.astype(np.int32)
@@ -453,8 +499,7 @@ class _Forest:
             branches = level[~self.is_leaf[level]]
             if not branches.size:
                 return depth
-            level = np.unique(np.concatenate([self.true_next[branches],
-                                              self.false_next[branches]]))
+            level = np.unique(np.concatenate([self.true_next[branches], self.false_next[branches]]))
         raise ctx.error("the trees contain a cycle")
 
     def leaves(self, x):
@@ -467,18 +512,25 @@ class _Forest:
             value = jnp.take_along_axis(x, jnp.asarray(self.feature)[index], axis=1)
             threshold = split[index]
             mode = jnp.asarray(self.mode)[index]
-            comparisons = {0: lambda: value <= threshold, 1: lambda: value < threshold,
-                           2: lambda: value >= threshold, 3: lambda: value > threshold,
-                           4: lambda: value == threshold, 5: lambda: value != threshold,
-                           6: lambda: (value[..., None] == jnp.asarray(self.members)[
-                               jnp.asarray(self.member_row)[index]]).any(axis=-1)}
+            comparisons = {
+                0: lambda: value <= threshold,
+                1: lambda: value < threshold,
+                2: lambda: value >= threshold,
+                3: lambda: value > threshold,
+                4: lambda: value == threshold,
+                5: lambda: value != threshold,
+                6: lambda: (
+                    value[..., None]
+                    == jnp.asarray(self.members)[jnp.asarray(self.member_row)[index]]
+                ).any(axis=-1),
+            }
             go_true = jnp.zeros(index.shape, bool)
             for code in sorted(present):
                 go_true = jnp.where(mode == code, comparisons[code](), go_true)
-            go_true = jnp.where(jnp.isnan(value), jnp.asarray(self.missing_true)[index],
-                                go_true)
-            return jnp.where(go_true, jnp.asarray(self.true_next)[index],
-                             jnp.asarray(self.false_next)[index])
+            go_true = jnp.where(jnp.isnan(value), jnp.asarray(self.missing_true)[index], go_true)
+            return jnp.where(
+                go_true, jnp.asarray(self.true_next)[index], jnp.asarray(self.false_next)[index]
+            )
 
         start = jnp.broadcast_to(jnp.asarray(self.roots), (x.shape[0], len(self.roots)))
         return lax.fori_loop(0, self.depth, step, start)
@@ -542,14 +594,24 @@ def _legacy_forest(ctx, x_dtype):
     true_next = np.zeros(size, np.int64)
     false_next = np.zeros(size, np.int64)
     branch = ~is_leaf
-    true_next[branch] = locate(tree_ids[branch], np.asarray(ctx.attr("nodes_truenodeids"))[
-        branch], "nodes_truenodeids")
-    false_next[branch] = locate(tree_ids[branch], np.asarray(ctx.attr("nodes_falsenodeids"))[
-        branch], "nodes_falsenodeids")
+    true_next[branch] = locate(
+        tree_ids[branch], np.asarray(ctx.attr("nodes_truenodeids"))[branch], "nodes_truenodeids"
+    )
+    false_next[branch] = locate(
+        tree_ids[branch], np.asarray(ctx.attr("nodes_falsenodeids"))[branch], "nodes_falsenodeids"
+    )
     _, roots = np.unique(tree_ids, return_index=True)
-    forest = _Forest(ctx, np.asarray(ctx.attr("nodes_featureids"), np.int64),
-                     split.astype(x_dtype), mode, true_next, false_next,
-                     np.asarray(missing), is_leaf, roots)
+    forest = _Forest(
+        ctx,
+        np.asarray(ctx.attr("nodes_featureids"), np.int64),
+        split.astype(x_dtype),
+        mode,
+        true_next,
+        false_next,
+        np.asarray(missing),
+        is_leaf,
+        roots,
+    )
     return forest, locate
 
 
@@ -570,15 +632,15 @@ def tree_ensemble_regressor(ctx, x):
     if targets.size and (targets.max() >= n_targets or targets.min() < 0):
         raise ctx.error(f"target_ids outside [0, {n_targets})")
     rows = locate(ctx.attr("target_treeids"), ctx.attr("target_nodeids"), "target_nodeids")
-    table, has = _leaf_table(len(forest.is_leaf), n_targets, rows, targets,
-                             _legacy_attr(ctx, "target_weights"), x.dtype)
+    table, has = _leaf_table(
+        len(forest.is_leaf), n_targets, rows, targets, _legacy_attr(ctx, "target_weights"), x.dtype
+    )
     aggregate = ctx.attr("aggregate_function", "SUM")
     scores = _aggregate(ctx, forest, x, table, has, aggregate)
     base = _legacy_attr(ctx, "base_values")
     if base is not None and base.size:
         scores = scores + base.astype(x.dtype)
-    return _post_transform(ctx, jnp, scores, ctx.attr("post_transform", "NONE")).astype(
-        np.float32)
+    return _post_transform(ctx, jnp, scores, ctx.attr("post_transform", "NONE")).astype(np.float32)
 
 
 @register("TreeEnsembleClassifier", since=(1, 3, 5), domain=ML)
@@ -592,14 +654,12 @@ def tree_ensemble_classifier(ctx, x):
         raise ctx.error(f"class_ids outside [0, {n_classes})")
     weights = _legacy_attr(ctx, "class_weights")
     rows = locate(ctx.attr("class_treeids"), ctx.attr("class_nodeids"), "class_nodeids")
-    table, has = _leaf_table(len(forest.is_leaf), n_classes, rows, class_ids, weights,
-                             x.dtype)
+    table, has = _leaf_table(len(forest.is_leaf), n_classes, rows, class_ids, weights, x.dtype)
     scores = _aggregate(ctx, forest, x, table, has, "SUM")
     base = _legacy_attr(ctx, "base_values")
     base = np.zeros(0, x.dtype) if base is None else base.astype(x.dtype)
     mode = ctx.attr("post_transform", "NONE")
-    if n_classes == 2 and len(np.unique(class_ids)) == 1 and class_ids[0] == 0 \
-            and base.size < 2:
+    if n_classes == 2 and len(np.unique(class_ids)) == 1 and class_ids[0] == 0 and base.size < 2:
         # onnxruntime's binary case: one score s for class 1 (its weights sit on class 0).
         score = scores[:, 0] + (base[0] if base.size else 0)
         positive = bool(np.all(weights >= 0))
@@ -648,19 +708,28 @@ def tree_ensemble(ctx, x):
     missing = ctx.attr("nodes_missing_value_tracks_true") or [0] * size
     splits = np.asarray(ctx.attr("nodes_splits")).reshape(-1).astype(x.dtype)
     members, member_row = _membership_sets(ctx, modes)
-    forest = _Forest(ctx, np.concatenate([np.asarray(ctx.attr("nodes_featureids")), pad]),
-                     np.concatenate([splits, pad.astype(x.dtype)]),
-                     np.concatenate([modes, pad - 1]),
-                     np.concatenate([true_next, pad]), np.concatenate([false_next, pad]),
-                     np.concatenate([np.asarray(missing, bool), pad.astype(bool)]), is_leaf,
-                     roots, members.astype(x.dtype), np.concatenate([member_row, pad]))
+    forest = _Forest(
+        ctx,
+        np.concatenate([np.asarray(ctx.attr("nodes_featureids")), pad]),
+        np.concatenate([splits, pad.astype(x.dtype)]),
+        np.concatenate([modes, pad - 1]),
+        np.concatenate([true_next, pad]),
+        np.concatenate([false_next, pad]),
+        np.concatenate([np.asarray(missing, bool), pad.astype(bool)]),
+        is_leaf,
+        roots,
+        members.astype(x.dtype),
+        np.concatenate([member_row, pad]),
+    )
     n_targets = ctx.attr("n_targets")
-    table, has = _leaf_table(total, n_targets, size + np.arange(n_leaves), leaf_targets,
-                             leaf_weights, x.dtype)
+    table, has = _leaf_table(
+        total, n_targets, size + np.arange(n_leaves), leaf_targets, leaf_weights, x.dtype
+    )
     aggregate = _AGGREGATES[ctx.attr("aggregate_function", 1)]
     scores = _aggregate(ctx, forest, x, table, has, aggregate)
-    return _post_transform(ctx, jnp, scores,
-                           _POST_TRANSFORMS[ctx.attr("post_transform", 0)]).astype(x.dtype)
+    return _post_transform(
+        ctx, jnp, scores, _POST_TRANSFORMS[ctx.attr("post_transform", 0)]
+    ).astype(x.dtype)
 
 
 def _membership_sets(ctx, modes):
@@ -687,12 +756,13 @@ def _membership_sets(ctx, modes):
     width = max(1, max(len(s) for s in sets))
     matrix = np.full((count, width), np.nan)
     for row, members in enumerate(sets):
-        matrix[row, :len(members)] = members
+        matrix[row, : len(members)] = members
     member_row[modes == 6] = np.arange(count)
     return matrix, member_row
 
 
 # ---------------------------------------------------------------------------- SVMs
+
 
 def _kernel(ctx, x, vectors):
     """Kernel matrix [samples, vectors] for kernel_type and kernel_params (gamma, coef0, d)."""
@@ -706,8 +776,11 @@ def _kernel(ctx, x, vectors):
     if kind == "SIGMOID":
         return ctx.xp(x).tanh(gamma * (x @ vectors.T) + coef0)
     if kind == "RBF":
-        squared = (x * x).sum(axis=1, keepdims=True) - 2 * (x @ vectors.T) + \
-            (vectors * vectors).sum(axis=1)
+        squared = (
+            (x * x).sum(axis=1, keepdims=True)
+            - 2 * (x @ vectors.T)
+            + (vectors * vectors).sum(axis=1)
+        )
         return ctx.xp(x).exp(-gamma * ctx.xp(x).maximum(squared, 0))
     raise ctx.error(f"unknown kernel_type {kind!r}")
 
@@ -780,11 +853,19 @@ def svm_classifier(ctx, x):
             for j in range(i + 1, classes):
                 rows_i = slice(starts[i], starts[i] + per_class[i])
                 rows_j = slice(starts[j], starts[j] + per_class[j])
-                score = rho[evaluation] + kernel[:, rows_i] @ coefs[j - 1, rows_i] + \
-                    kernel[:, rows_j] @ coefs[i, rows_j]
+                score = (
+                    rho[evaluation]
+                    + kernel[:, rows_i] @ coefs[j - 1, rows_i]
+                    + kernel[:, rows_j] @ coefs[i, rows_j]
+                )
                 win = (score > 0).astype(x.dtype)
-                votes = votes + xp.stack([win if c == i else (1 - win) if c == j else
-                                          xp.zeros_like(win) for c in range(classes)], axis=1)
+                votes = votes + xp.stack(
+                    [
+                        win if c == i else (1 - win) if c == j else xp.zeros_like(win)
+                        for c in range(classes)
+                    ],
+                    axis=1,
+                )
                 pair_scores.append(score)
                 evaluation += 1
         scores = xp.stack(pair_scores, axis=1)
@@ -821,4 +902,5 @@ def svm_classifier(ctx, x):
             raise ctx.error(f"post_transform {mode} on a binary SVMClassifier is not supported")
         return _pick_labels(ctx, labels, index), scores.astype(np.float32)
     return _pick_labels(ctx, labels, index), _post_transform(ctx, xp, scores, mode).astype(
-        np.float32)
+        np.float32
+    )

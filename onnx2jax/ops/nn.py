@@ -89,16 +89,26 @@ def convolve(ctx, x, w, b=None, residual=None, relu=False):
     padding = _conv_pads(ctx, np.shape(x)[2:], kernel, strides, dilations)
     group = int(ctx.attr("group", 1))
     if np.shape(x)[1] != np.shape(w)[1] * group:
-        raise ctx.error(f"input channels {np.shape(x)[1]} != weight channels "
-                        f"{np.shape(w)[1]} x group {group}")
-    if (native.active("conv") and native.conv2d_applies(x, w, group)
-            and native.addend_applies(residual, native.conv2d_shape(
-                np.shape(x), np.shape(w), strides, padding, dilations))):
-        return native.conv2d(x, w, b, strides, padding, dilations, residual=residual,
-                             relu=relu)
+        raise ctx.error(
+            f"input channels {np.shape(x)[1]} != weight channels {np.shape(w)[1]} x group {group}"
+        )
+    if (
+        native.active("conv")
+        and native.conv2d_applies(x, w, group)
+        and native.addend_applies(
+            residual, native.conv2d_shape(np.shape(x), np.shape(w), strides, padding, dilations)
+        )
+    ):
+        return native.conv2d(x, w, b, strides, padding, dilations, residual=residual, relu=relu)
     y = lax.conv_general_dilated(
-        jnp.asarray(x), jnp.asarray(w).astype(x.dtype), window_strides=strides, padding=padding,
-        rhs_dilation=dilations, dimension_numbers=_conv_layout(rank), feature_group_count=group)
+        jnp.asarray(x),
+        jnp.asarray(w).astype(x.dtype),
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilations,
+        dimension_numbers=_conv_layout(rank),
+        feature_group_count=group,
+    )
     if b is not None:
         y = y + _bias_shape(b, rank).astype(y.dtype)
     if residual is not None:
@@ -119,16 +129,21 @@ def conv_transpose(ctx, x, w, b=None):
     group = int(ctx.attr("group", 1))
     auto_pad = _auto_pad(ctx)
     output_shape = ctx.attr("output_shape")
-    full = [s * (n - 1) + op + (k - 1) * d + 1
-            for n, k, s, d, op in zip(in_shape, kernel, strides, dilations, output_padding,
-                                      strict=True)]
+    full = [
+        s * (n - 1) + op + (k - 1) * d + 1
+        for n, k, s, d, op in zip(in_shape, kernel, strides, dilations, output_padding, strict=True)
+    ]
     if output_shape is not None and len(output_shape):
         output_shape = [int(v) for v in output_shape][-rank:]
-        padding = [_same_split(f - o, "SAME_UPPER" if auto_pad == "SAME_UPPER" else "")
-                   for f, o in zip(full, output_shape, strict=True)]
+        padding = [
+            _same_split(f - o, "SAME_UPPER" if auto_pad == "SAME_UPPER" else "")
+            for f, o in zip(full, output_shape, strict=True)
+        ]
     elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        padding = [_same_split(f - n * s, auto_pad)
-                   for f, n, s in zip(full, in_shape, strides, strict=True)]
+        padding = [
+            _same_split(f - n * s, auto_pad)
+            for f, n, s in zip(full, in_shape, strides, strict=True)
+        ]
     elif auto_pad == "VALID":
         padding = [(0, 0)] * rank
     else:
@@ -146,13 +161,20 @@ def conv_transpose(ctx, x, w, b=None):
     w = jnp.swapaxes(w, 1, 2)
     w = jnp.reshape(w, (group * out_per_group, channels // group) + tuple(kernel))
     w = jnp.flip(w, axis=tuple(range(2, rank + 2)))
-    conv_padding = [((k - 1) * d - lo, (k - 1) * d - hi + op)
-                    for k, d, (lo, hi), op in zip(kernel, dilations, padding, output_padding,
-                                                  strict=True)]
+    conv_padding = [
+        ((k - 1) * d - lo, (k - 1) * d - hi + op)
+        for k, d, (lo, hi), op in zip(kernel, dilations, padding, output_padding, strict=True)
+    ]
     y = lax.conv_general_dilated(
-        jnp.asarray(x), w, window_strides=[1] * rank, padding=conv_padding,
-        lhs_dilation=strides, rhs_dilation=dilations, dimension_numbers=_conv_layout(rank),
-        feature_group_count=group)
+        jnp.asarray(x),
+        w,
+        window_strides=[1] * rank,
+        padding=conv_padding,
+        lhs_dilation=strides,
+        rhs_dilation=dilations,
+        dimension_numbers=_conv_layout(rank),
+        feature_group_count=group,
+    )
     if b is not None:
         y = y + _bias_shape(b, rank).astype(y.dtype)
     return y
@@ -171,15 +193,20 @@ def causal_conv_with_state(ctx, x, w, b=None, past_state=None):
     if past_state is None:
         past_state = jnp.zeros((batch, channels, k - 1), x.dtype)
     padded = jnp.concatenate([jnp.asarray(past_state).astype(x.dtype), x], axis=2)
-    y = lax.conv_general_dilated(padded, jnp.asarray(w).astype(x.dtype), [1], [(0, 0)],
-                                 dimension_numbers=_conv_layout(1),
-                                 feature_group_count=channels)
+    y = lax.conv_general_dilated(
+        padded,
+        jnp.asarray(w).astype(x.dtype),
+        [1],
+        [(0, 0)],
+        dimension_numbers=_conv_layout(1),
+        feature_group_count=channels,
+    )
     if b is not None:
         y = y + _bias_shape(b, 1).astype(x.dtype)
     if activation != "none":
         wide = y.astype(jnp.float32)
         y = (wide * jax.nn.sigmoid(wide)).astype(x.dtype)
-    return y, padded[:, :, padded.shape[2] - (k - 1):]
+    return y, padded[:, :, padded.shape[2] - (k - 1) :]
 
 
 @register("DeformConv", since=(19, 22))
@@ -197,13 +224,16 @@ def deform_conv(ctx, x, w, offset, b=None, mask=None):
     out_channels = np.shape(w)[0]
     oh, ow = np.shape(offset)[2:]
     if channels != np.shape(w)[1] * group or out_channels % group or channels % offset_groups:
-        raise ctx.error(f"input {x.shape}, weight {np.shape(w)}, group={group} and "
-                        f"offset_group={offset_groups} do not fit together")
+        raise ctx.error(
+            f"input {x.shape}, weight {np.shape(w)}, group={group} and "
+            f"offset_group={offset_groups} do not fit together"
+        )
     if np.shape(offset)[1] != offset_groups * kh * kw * 2:
-        raise ctx.error(f"offset has {np.shape(offset)[1]} channels, expected "
-                        f"offset_group * kh * kw * 2 = {offset_groups * kh * kw * 2}")
-    offset = jnp.reshape(jnp.asarray(offset).astype(x.dtype),
-                         (n, offset_groups, kh, kw, 2, oh, ow))
+        raise ctx.error(
+            f"offset has {np.shape(offset)[1]} channels, expected "
+            f"offset_group * kh * kw * 2 = {offset_groups * kh * kw * 2}"
+        )
+    offset = jnp.reshape(jnp.asarray(offset).astype(x.dtype), (n, offset_groups, kh, kw, 2, oh, ow))
     base_y = (np.arange(oh) * sh - top)[None, :, None] + (np.arange(kh) * dh)[:, None, None]
     base_x = (np.arange(ow) * sw - left)[None, None, :] + (np.arange(kw) * dw)[:, None, None]
     # Sampling points, shape (n, offset_groups, kh, kw, oh, ow).
@@ -218,18 +248,20 @@ def deform_conv(ctx, x, w, offset, b=None, mask=None):
         yy, xx = y0 + cy, x0 + cx
         weight = (1 - jnp.abs(py - yy)) * (1 - jnp.abs(px - xx))
         inside = (yy >= 0) & (yy <= height - 1) & (xx >= 0) & (xx <= width - 1)
-        index = (jnp.clip(yy, 0, height - 1) * width + jnp.clip(xx, 0, width - 1)).astype(
-            jnp.int32)
-        values = jnp.take_along_axis(images, jnp.reshape(index, (n, offset_groups, 1, taps)),
-                                     axis=-1)
+        index = (jnp.clip(yy, 0, height - 1) * width + jnp.clip(xx, 0, width - 1)).astype(jnp.int32)
+        values = jnp.take_along_axis(
+            images, jnp.reshape(index, (n, offset_groups, 1, taps)), axis=-1
+        )
         weight = jnp.where(inside, weight, jnp.zeros((), x.dtype))
         sampled = sampled + values * jnp.reshape(weight, (n, offset_groups, 1, taps))
     if mask is not None:
-        sampled = sampled * jnp.reshape(jnp.asarray(mask).astype(x.dtype),
-                                        (n, offset_groups, 1, taps))
+        sampled = sampled * jnp.reshape(
+            jnp.asarray(mask).astype(x.dtype), (n, offset_groups, 1, taps)
+        )
     sampled = jnp.reshape(sampled, (n, group, channels // group, kh * kw, oh * ow))
-    kernel = jnp.reshape(jnp.asarray(w).astype(x.dtype),
-                         (group, out_channels // group, channels // group, kh * kw))
+    kernel = jnp.reshape(
+        jnp.asarray(w).astype(x.dtype), (group, out_channels // group, channels // group, kh * kw)
+    )
     y = jnp.reshape(jnp.einsum("ngckp,gock->ngop", sampled, kernel), (n, out_channels, oh, ow))
     if b is not None:
         y = y + _bias_shape(b, 2).astype(x.dtype)
@@ -253,8 +285,9 @@ class _PoolGeometry:
         self.in_shape = list(in_shape)
         self.begin, self.end, self.out = [], [], []
         pads = _spatial_ints(ctx, "pads", 2 * rank, 0) if auto_pad == "NOTSET" else None
-        for i, (n, k, s, d) in enumerate(zip(in_shape, self.kernel, self.strides,
-                                             self.dilations, strict=True)):
+        for i, (n, k, s, d) in enumerate(
+            zip(in_shape, self.kernel, self.strides, self.dilations, strict=True)
+        ):
             extent = (k - 1) * d + 1
             if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
                 # onnxruntime sizes SAME padding with the undilated kernel.
@@ -300,9 +333,14 @@ class _PoolGeometry:
             # A NumPy init value stays concrete under jit, so JAX picks its differentiable
             # max/add window reducers rather than the generic, non-differentiable one.
             y = lax.reduce_window(
-                lax.pad(y, pad_value, config), np.asarray(init, x.dtype), computation,
-                (1, *self.kernel, 1), (1, *self.strides, 1), "VALID",
-                window_dilation=(1, *self.dilations, 1))
+                lax.pad(y, pad_value, config),
+                np.asarray(init, x.dtype),
+                computation,
+                (1, *self.kernel, 1),
+                (1, *self.strides, 1),
+                "VALID",
+                window_dilation=(1, *self.dilations, 1),
+            )
         return jnp.transpose(y, np.argsort(to_last))
 
     def _sliced(self, y, pad_value, computation):
@@ -366,8 +404,9 @@ def _pool_input(ctx, x):
 @register("AveragePool", since=(1, 7, 10, 11, 19, 22))
 def average_pool(ctx, x):
     x, kernel = _pool_input(ctx, x)
-    geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 19,
-                             ceil_mode=ctx.opset >= 10)
+    geometry = _PoolGeometry(
+        ctx, x.shape[2:], kernel, dilations=ctx.opset >= 19, ceil_mode=ctx.opset >= 10
+    )
     include_pad = bool(ctx.attr("count_include_pad", 0)) if ctx.opset >= 7 else False
     sums = geometry.pool(x, 0, 0, lax.add)
     counts = geometry.counts(include_pad)
@@ -378,8 +417,9 @@ def average_pool(ctx, x):
 def lp_pool(ctx, x):
     x, kernel = _pool_input(ctx, x)
     p = float(ctx.attr("p", 2.0))
-    geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 18,
-                             ceil_mode=ctx.opset >= 18)
+    geometry = _PoolGeometry(
+        ctx, x.shape[2:], kernel, dilations=ctx.opset >= 18, ceil_mode=ctx.opset >= 18
+    )
     powered = jnp.abs(x) ** jnp.asarray(p, x.dtype)
     sums = geometry.pool(powered, 0, 0, lax.add)
     return sums ** jnp.asarray(1.0 / p, x.dtype)
@@ -388,8 +428,9 @@ def lp_pool(ctx, x):
 @register("MaxPool", since=(1, 8, 10, 11, 12, 22))
 def max_pool(ctx, x):
     x, kernel = _pool_input(ctx, x)
-    geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=ctx.opset >= 10,
-                             ceil_mode=ctx.opset >= 10)
+    geometry = _PoolGeometry(
+        ctx, x.shape[2:], kernel, dilations=ctx.opset >= 10, ceil_mode=ctx.opset >= 10
+    )
     lowest = _lowest(x.dtype)
     if not ctx.has_output(1):
         return geometry.pool(x, lowest, lowest, lax.max)
@@ -433,8 +474,9 @@ def _max_pool_with_indices(x, geometry, lowest, storage_order):
     patches = jnp.where(inside, patches, jnp.asarray(lowest, x.dtype))
     best = jnp.argmax(patches, axis=-1)
     y = jnp.max(patches, axis=-1).reshape((n, c, *geometry.out))
-    index = jnp.take_along_axis(jnp.asarray(index_table)[None, None], best[..., None],
-                                axis=-1)[..., 0]
+    index = jnp.take_along_axis(jnp.asarray(index_table)[None, None], best[..., None], axis=-1)[
+        ..., 0
+    ]
     base = (np.arange(n)[:, None] * c + np.arange(c)[None, :]) * plane
     index = index + jnp.asarray(base)[:, :, None].astype(index.dtype)
     return y, index.reshape((n, c, *geometry.out))
@@ -448,7 +490,8 @@ def max_unpool(ctx, x, indices, output_shape=None):
     pads = _spatial_ints(ctx, "pads", 2 * rank, 0)
     inferred = list(np.shape(x)[:2]) + [
         (n - 1) * s - (pads[i] + pads[i + rank]) + k
-        for i, (n, k, s) in enumerate(zip(np.shape(x)[2:], kernel, strides, strict=True))]
+        for i, (n, k, s) in enumerate(zip(np.shape(x)[2:], kernel, strides, strict=True))
+    ]
     x = jnp.asarray(x)
     out = jnp.zeros(int(np.prod(inferred)), x.dtype)
     out = out.at[jnp.reshape(indices, -1)].set(x.reshape(-1), mode="drop").reshape(inferred)
@@ -459,8 +502,9 @@ def max_unpool(ctx, x, indices, output_shape=None):
     shape = ctx.static_ints(output_shape, 2, "the output shape")
     if len(shape) != len(inferred):
         raise ctx.error(f"output_shape {shape} must have rank {len(inferred)}")
-    return lax.pad(out, jnp.zeros((), x.dtype), [(0, o - i, 0) for o, i in zip(shape, inferred,
-                                                                            strict=True)])
+    return lax.pad(
+        out, jnp.zeros((), x.dtype), [(0, o - i, 0) for o, i in zip(shape, inferred, strict=True)]
+    )
 
 
 @register("GlobalAveragePool", since=(1, 22))
@@ -477,8 +521,9 @@ def global_max_pool(ctx, x):
 def global_lp_pool(ctx, x):
     p = float(ctx.attr("p", 2.0))
     x = jnp.asarray(x)
-    sums = jnp.sum(jnp.abs(x) ** jnp.asarray(p, x.dtype), axis=tuple(range(2, x.ndim)),
-                   keepdims=True)
+    sums = jnp.sum(
+        jnp.abs(x) ** jnp.asarray(p, x.dtype), axis=tuple(range(2, x.ndim)), keepdims=True
+    )
     return sums ** jnp.asarray(1.0 / p, x.dtype)
 
 
@@ -535,8 +580,9 @@ def lrn(ctx, x):
     after = size - 1 - before
     window = (1, size) + (1,) * (x.ndim - 2)
     padding = ((0, 0), (before, after)) + ((0, 0),) * (x.ndim - 2)
-    square_sum = lax.reduce_window(x * x, np.asarray(0, x.dtype), lax.add, window,
-                                   (1,) * x.ndim, padding)
+    square_sum = lax.reduce_window(
+        x * x, np.asarray(0, x.dtype), lax.add, window, (1,) * x.ndim, padding
+    )
     scale = jnp.asarray(bias, x.dtype) + jnp.asarray(alpha / size, x.dtype) * square_sum
     return x / scale ** jnp.asarray(beta, x.dtype)
 
@@ -551,21 +597,28 @@ def col2im(ctx, data, image_shape, block_shape):
     strides = _spatial_ints(ctx, "strides", rank, 1)
     dilations = _spatial_ints(ctx, "dilations", rank, 1)
     pads = _spatial_ints(ctx, "pads", 2 * rank, 0)
-    blocks = [(image[i] + pads[i] + pads[i + rank] - (block[i] - 1) * dilations[i] - 1)
-              // strides[i] + 1 for i in range(rank)]
+    blocks = [
+        (image[i] + pads[i] + pads[i + rank] - (block[i] - 1) * dilations[i] - 1) // strides[i] + 1
+        for i in range(rank)
+    ]
     n, rows, length = np.shape(data)
     taps = int(np.prod(block))
     if rows % taps or length != int(np.prod(blocks)):
-        raise ctx.error(f"input shape {np.shape(data)} does not fit block_shape {block} "
-                        f"sliding over image_shape {image} ({blocks} blocks)")
+        raise ctx.error(
+            f"input shape {np.shape(data)} does not fit block_shape {block} "
+            f"sliding over image_shape {image} ({blocks} blocks)"
+        )
     # Image position of every (tap, block) pair, summed over with a scatter-add; taps that
     # land in the padding go to one extra slot that is dropped afterwards.
     flat = np.zeros([1] * (2 * rank), dtype=np.int64)
     inside = np.ones([1] * (2 * rank), dtype=bool)
     plane_strides = np.cumprod([1] + image[::-1][:-1])[::-1]
     for axis in range(rank):
-        pos = (np.arange(block[axis])[:, None] * dilations[axis]
-               + np.arange(blocks[axis])[None, :] * strides[axis] - pads[axis])
+        pos = (
+            np.arange(block[axis])[:, None] * dilations[axis]
+            + np.arange(blocks[axis])[None, :] * strides[axis]
+            - pads[axis]
+        )
         shape = [1] * (2 * rank)
         shape[axis], shape[rank + axis] = pos.shape
         pos = pos.reshape(shape)
@@ -594,8 +647,7 @@ def _ones_like(x, dtype):
 
 @register("Dropout", since=(12, 13, 22))
 def dropout(ctx, x, ratio=None, training_mode=None):
-    if training_mode is None or (isinstance(training_mode, np.ndarray)
-                                 and not training_mode.any()):
+    if training_mode is None or (isinstance(training_mode, np.ndarray) and not training_mode.any()):
         return (x, _ones_like(x, np.bool_)) if ctx.has_output(1) else x
     x = jnp.asarray(x)
     ratio = jnp.asarray(0.5 if ratio is None else ratio, x.dtype)
@@ -611,4 +663,3 @@ def dropout(ctx, x, ratio=None, training_mode=None):
         y = jnp.where(training, y, x)
         keep = keep | ~training
     return (y, keep) if ctx.has_output(1) else y
-

@@ -36,8 +36,10 @@ def _moments(x, axes):
 @register("BatchNormalization", since=(1, 6, 7, 9))
 def batch_normalization_legacy(ctx, x, scale, bias, mean, var):
     if ctx.num_outputs > 1 and any(ctx.has_output(i) for i in range(1, ctx.num_outputs)):
-        raise ctx.error("the training outputs of BatchNormalization before opset 14 (running "
-                        "and saved statistics) are not supported; only Y is")
+        raise ctx.error(
+            "the training outputs of BatchNormalization before opset 14 (running "
+            "and saved statistics) are not supported; only Y is"
+        )
     return _batch_norm_inference(ctx, x, scale, bias, mean, var)
 
 
@@ -69,14 +71,13 @@ def batch_normalization(ctx, x, scale, bias, mean, var):
     axes = (0,) + tuple(range(2, x.ndim))
     batch_mean, centered, batch_var = _moments(x, axes)
     inv = lax.rsqrt(batch_var + jnp.asarray(epsilon, x.dtype))
-    y = centered * inv * _per_channel(scale, x.ndim).astype(x.dtype) + \
-        _per_channel(bias, x.ndim).astype(x.dtype)
+    y = centered * inv * _per_channel(scale, x.ndim).astype(x.dtype) + _per_channel(
+        bias, x.ndim
+    ).astype(x.dtype)
     mean = jnp.asarray(mean)
     var = jnp.asarray(var)
-    running_mean = mean * momentum + jnp.reshape(batch_mean, -1).astype(mean.dtype) * (
-        1 - momentum)
-    running_var = var * momentum + jnp.reshape(batch_var, -1).astype(var.dtype) * (
-        1 - momentum)
+    running_mean = mean * momentum + jnp.reshape(batch_mean, -1).astype(mean.dtype) * (1 - momentum)
+    running_var = var * momentum + jnp.reshape(batch_var, -1).astype(var.dtype) * (1 - momentum)
     return y, running_mean, running_var
 
 
@@ -86,8 +87,9 @@ def instance_normalization(ctx, x, scale, bias):
     epsilon = float(ctx.attr("epsilon", 1e-5))
     _, centered, var = _moments(x, tuple(range(2, x.ndim)))
     normalized = centered * lax.rsqrt(var + jnp.asarray(epsilon, x.dtype))
-    return normalized * _per_channel(scale, x.ndim).astype(x.dtype) + \
-        _per_channel(bias, x.ndim).astype(x.dtype)
+    return normalized * _per_channel(scale, x.ndim).astype(x.dtype) + _per_channel(
+        bias, x.ndim
+    ).astype(x.dtype)
 
 
 def _trailing_axes_setup(ctx, x):
@@ -95,8 +97,11 @@ def _trailing_axes_setup(ctx, x):
     axis = int(ctx.attr("axis", -1))
     if not -x.ndim <= axis < x.ndim:
         raise ctx.error(f"axis={axis} is out of range for rank {x.ndim}")
-    return tuple(range(axis % x.ndim, x.ndim)), float(ctx.attr("epsilon", 1e-5)), \
-        _stash_dtype(ctx, x)
+    return (
+        tuple(range(axis % x.ndim, x.ndim)),
+        float(ctx.attr("epsilon", 1e-5)),
+        _stash_dtype(ctx, x),
+    )
 
 
 # onnxruntime registers LayerNormalization in the ONNX domain from opset 1 (its contrib kernel,
@@ -145,14 +150,16 @@ def group_normalization(ctx, x, scale, bias):
     stash = _stash_dtype(ctx, x) if ctx.opset >= 21 else x.dtype
     grouped = jnp.reshape(x.astype(stash), (n, groups, -1))
     _, centered, var = _moments(grouped, (2,))
-    normalized = jnp.reshape(centered * lax.rsqrt(var + jnp.asarray(epsilon, stash)),
-                             x.shape).astype(x.dtype)
+    normalized = jnp.reshape(
+        centered * lax.rsqrt(var + jnp.asarray(epsilon, stash)), x.shape
+    ).astype(x.dtype)
     scale = jnp.asarray(scale).astype(x.dtype)
     bias = jnp.asarray(bias).astype(x.dtype)
     if ctx.opset < 21:
         if scale.shape[0] != groups:
-            raise ctx.error(f"opset-18 scale/bias hold one value per group ({groups}), "
-                            f"got {scale.shape[0]}")
+            raise ctx.error(
+                f"opset-18 scale/bias hold one value per group ({groups}), got {scale.shape[0]}"
+            )
         scale = jnp.repeat(scale, channels // groups)
         bias = jnp.repeat(bias, channels // groups)
     return normalized * _per_channel(scale, x.ndim) + _per_channel(bias, x.ndim)

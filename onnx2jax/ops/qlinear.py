@@ -80,8 +80,9 @@ def _check_integer(ctx, dtype):
 
 # ------------------------------------------------------------------------- elementwise
 @register("QLinearAdd", since=1, domain=MS)
-def qlinear_add(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale,
-                c_zero_point=None):
+def qlinear_add(
+    ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale, c_zero_point=None
+):
     """MlasQLinearAdd: ``(sa / sc) * (a - za) + (sb / sc) * (b - zb)``, requantized to c."""
     dtype = _out_dtype(c_zero_point, a)
     _check_integer(ctx, dtype)
@@ -96,14 +97,16 @@ def qlinear_add(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale
 
 
 @register("QLinearMul", since=1, domain=MS)
-def qlinear_mul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale,
-                c_zero_point=None):
+def qlinear_mul(
+    ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale, c_zero_point=None
+):
     """MlasQLinearMul: ``(a - za) * (b - zb) * (sa * sb / sc)``, requantized to c."""
     dtype = _out_dtype(c_zero_point, a)
     _check_integer(ctx, dtype)
     multiplier = divide_correctly_rounded(
         (jnp.asarray(_scalar(a_scale)) * jnp.asarray(_scalar(b_scale))).astype(jnp.float32),
-        jnp.asarray(_scalar(c_scale)).astype(jnp.float32))
+        jnp.asarray(_scalar(c_scale)).astype(jnp.float32),
+    )
     y = _dequantize(a, np.float32(1), a_zero_point) * _dequantize(b, np.float32(1), b_zero_point)
     y = y * multiplier
     y = jnp.round(y)
@@ -116,8 +119,7 @@ def _lookup_op(ctx, function, x, x_scale, x_zero_point, y_scale, y_zero_point):
     """onnxruntime's 256-entry table ops: dequantize, ``function`` in float32, quantize."""
     dtype = _out_dtype(y_zero_point, x)
     _check_integer(ctx, dtype)
-    return _quantize(function(_dequantize(x, x_scale, x_zero_point)), y_scale, y_zero_point,
-                     dtype)
+    return _quantize(function(_dequantize(x, x_scale, x_zero_point)), y_scale, y_zero_point, dtype)
 
 
 @register("QLinearSigmoid", since=1, domain=MS)
@@ -128,30 +130,42 @@ def qlinear_sigmoid(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=None):
 @register("QLinearLeakyRelu", since=1, domain=MS)
 def qlinear_leaky_relu(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=None):
     alpha = np.float32(ctx.attr("alpha", 0.01))
-    return _lookup_op(ctx, lambda v: jnp.where(v >= 0, v, v * alpha), x, x_scale,
-                      x_zero_point, y_scale, y_zero_point)
+    return _lookup_op(
+        ctx,
+        lambda v: jnp.where(v >= 0, v, v * alpha),
+        x,
+        x_scale,
+        x_zero_point,
+        y_scale,
+        y_zero_point,
+    )
 
 
 @register("QLinearConcat", since=1, domain=MS)
 def qlinear_concat(ctx, y_scale, y_zero_point, *inputs):
     """Concatenate ``(X, X_scale, X_zero_point)`` triples, each requantized to Y's scale."""
     if not inputs or len(inputs) % 3:
-        raise ctx.error(f"needs (tensor, scale, zero point) triples after Y_scale and "
-                        f"Y_zero_point, got {len(inputs)} inputs")
+        raise ctx.error(
+            f"needs (tensor, scale, zero point) triples after Y_scale and "
+            f"Y_zero_point, got {len(inputs)} inputs"
+        )
     dtype = _out_dtype(y_zero_point, inputs[0])
     _check_integer(ctx, dtype)
     axis = ctx.attr("axis")
     if axis is None:
         raise ctx.error("needs the axis attribute")
     # A part already in Y's scale comes back bit for bit: (q - z) * s / s rounds to q - z.
-    parts = [_quantize(_dequantize(x, s, z), y_scale, y_zero_point, dtype)
-             for x, s, z in zip(inputs[0::3], inputs[1::3], inputs[2::3], strict=True)]
+    parts = [
+        _quantize(_dequantize(x, s, z), y_scale, y_zero_point, dtype)
+        for x, s, z in zip(inputs[0::3], inputs[1::3], inputs[2::3], strict=True)
+    ]
     return jnp.concatenate(parts, axis=axis)
 
 
 @register("QLinearWhere", since=1, domain=MS)
-def qlinear_where(ctx, condition, x, x_scale, x_zero_point, y, y_scale, y_zero_point,
-                  z_scale, z_zero_point):
+def qlinear_where(
+    ctx, condition, x, x_scale, x_zero_point, y, y_scale, y_zero_point, z_scale, z_zero_point
+):
     dtype = _out_dtype(z_zero_point, x)
     _check_integer(ctx, dtype)
     x = _quantize(_dequantize(x, x_scale, x_zero_point), z_scale, z_zero_point, dtype)
@@ -184,8 +198,11 @@ def qlinear_softmax(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
     moved = x if opset < 13 else jnp.moveaxis(x, axis, -1)
     size = int(np.prod(moved.shape[axis:] if opset < 13 else moved.shape[-1:]))
     rows = moved.reshape(-1, size).astype(jnp.int32)
-    shift = np.maximum(0.0, np.log(np.float32(np.finfo(np.float32).max)
-                                   / np.float32(max(size, 1))).astype(np.float64) - 5)
+    shift = np.maximum(
+        0.0,
+        np.log(np.float32(np.finfo(np.float32).max) / np.float32(max(size, 1))).astype(np.float64)
+        - 5,
+    )
     distance = rows - jnp.max(rows, axis=1, keepdims=True)
     if ctx.xp(x_scale) is np:
         # onnxruntime's table, in double as it builds it, indexed by distance + 255.
@@ -197,10 +214,12 @@ def qlinear_softmax(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point):
         scale = jnp.asarray(_scalar(x_scale)).astype(wide)
         exps = jnp.exp((distance.astype(wide) + shift / scale) * scale).astype(jnp.float32)
     # onnxruntime adds a row's exponentials one after the other; a tree sum rounds otherwise.
-    total, _ = lax.scan(lambda acc, column: (acc + column, None),
-                        jnp.zeros(exps.shape[:1], jnp.float32), exps.T)
-    out_scale = jnp.floor(divide_correctly_rounded(jnp.float32(1),
-                                       jnp.asarray(_scalar(y_scale)).astype(jnp.float32)))
+    total, _ = lax.scan(
+        lambda acc, column: (acc + column, None), jnp.zeros(exps.shape[:1], jnp.float32), exps.T
+    )
+    out_scale = jnp.floor(
+        divide_correctly_rounded(jnp.float32(1), jnp.asarray(_scalar(y_scale)).astype(jnp.float32))
+    )
     y = jnp.round(divide_correctly_rounded(exps * out_scale, total[:, None]))
     y = _saturate(y + jnp.asarray(_scalar(y_zero_point)).astype(jnp.float32), dtype)
     y = y.reshape(moved.shape)
@@ -225,8 +244,9 @@ def _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype):
     spatial = tuple(range(2, x.ndim))
     acc = jnp.sum(_as_int32(jnp, x, _scalar(x_zero_point)), axis=spatial, keepdims=True)
     denominator = jnp.asarray(_scalar(y_scale)).astype(jnp.float32) * jnp.float32(count)
-    multiplier = divide_correctly_rounded(jnp.asarray(_scalar(x_scale)).astype(jnp.float32),
-                              denominator)
+    multiplier = divide_correctly_rounded(
+        jnp.asarray(_scalar(x_scale)).astype(jnp.float32), denominator
+    )
     return _requantize(jnp, acc, multiplier, _scalar(y_zero_point), dtype)
 
 
@@ -261,8 +281,10 @@ def qlinear_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=No
         return y if back is None else jnp.transpose(y, back)
     sums = geometry.pool(_dequantize(x, x_scale, x_zero_point), 0, 0, lax.add)
     counts = np.maximum(geometry.counts(bool(ctx.attr("count_include_pad", 0))), 1)
-    y = divide_correctly_rounded(divide_correctly_rounded(sums, counts.astype(np.float32)),
-                     jnp.asarray(_scalar(y_scale)).astype(jnp.float32))
+    y = divide_correctly_rounded(
+        divide_correctly_rounded(sums, counts.astype(np.float32)),
+        jnp.asarray(_scalar(y_scale)).astype(jnp.float32),
+    )
     # onnxruntime adds the zero point before it rounds (in float32), not after.
     if y_zero_point is not None:
         y = y + jnp.asarray(_scalar(y_zero_point)).astype(jnp.float32)
@@ -271,8 +293,9 @@ def qlinear_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=No
 
 
 @register("QLinearReduceMean", since=1, domain=MS)
-def qlinear_reduce_mean(ctx, data, data_scale, data_zero_point, reduced_scale,
-                        reduced_zero_point=None):
+def qlinear_reduce_mean(
+    ctx, data, data_scale, data_zero_point, reduced_scale, reduced_zero_point=None
+):
     """The mean of the dequantized input over ``axes``, quantized. onnxruntime's CPU provider
     has no kernel for it; this is exact int32 sums, then float32."""
     dtype = _out_dtype(reduced_zero_point, data)
@@ -283,27 +306,35 @@ def qlinear_reduce_mean(ctx, data, data_scale, data_zero_point, reduced_scale,
     data = jnp.asarray(data)
     axes = tuple(sorted({a + data.ndim if a < 0 else a for a in axes}))
     count = int(np.prod([data.shape[a] for a in axes]))
-    acc = jnp.sum(_as_int32(jnp, data, _scalar(data_zero_point)), axis=axes,
-                  keepdims=bool(keepdims))
+    acc = jnp.sum(
+        _as_int32(jnp, data, _scalar(data_zero_point)), axis=axes, keepdims=bool(keepdims)
+    )
     mean = divide_correctly_rounded(acc.astype(jnp.float32), jnp.float32(max(count, 1)))
-    return _quantize(mean * jnp.asarray(_scalar(data_scale)).astype(jnp.float32),
-                     reduced_scale, reduced_zero_point, dtype)
+    return _quantize(
+        mean * jnp.asarray(_scalar(data_scale)).astype(jnp.float32),
+        reduced_scale,
+        reduced_zero_point,
+        dtype,
+    )
 
 
 # ------------------------------------------------------------------------- conv, gemm, matmul
 @register("QLinearConv", since=1, domain=MS)
-def qlinear_conv_ms(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-                    y_zero_point, bias=None):
+def qlinear_conv_ms(
+    ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None
+):
     """QLinearConv with an optional channels_last (NHWC) input and output."""
     x, back = _channels_first(ctx, x)
-    y = qlinear_conv(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-                     y_zero_point, bias)
+    y = qlinear_conv(
+        ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias
+    )
     return y if back is None else jnp.transpose(y, back)
 
 
 @register("QGemm", since=1, domain=MS)
-def qgemm(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_scale=None,
-          y_zero_point=None):
+def qgemm(
+    ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_scale=None, y_zero_point=None
+):
     """``alpha * a_scale * b_scale * ((A - za) @ (B - zb) + C)`` with C an int32 bias; float
     output without y_scale, else requantized to y_zero_point's type (b per column allowed)."""
     a32 = _as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point))
@@ -317,8 +348,11 @@ def qgemm(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_sca
     acc = _int_matmul(jnp, a32, b32)
     if c is not None:
         acc = acc + jnp.asarray(c).astype(jnp.int32)
-    scale = (jnp.float32(ctx.attr("alpha", 1.0)) * jnp.asarray(_scalar(a_scale))
-             * jnp.asarray(_scalar(b_scale))).astype(jnp.float32)
+    scale = (
+        jnp.float32(ctx.attr("alpha", 1.0))
+        * jnp.asarray(_scalar(a_scale))
+        * jnp.asarray(_scalar(b_scale))
+    ).astype(jnp.float32)
     if y_scale is None:
         return acc.astype(jnp.float32) * scale
     if y_zero_point is None:
@@ -329,17 +363,22 @@ def qgemm(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_sca
 
 def _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias):
     """``float((A - za) @ (B - zb)) * (a_scale * b_scale) + bias``, b per column allowed."""
-    acc = _int_matmul(jnp, _as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point)),
-                      _as_int32(jnp, jnp.asarray(b), b_zero_point))
-    scale = _per_axis(jnp.asarray(_scalar(a_scale)) * jnp.asarray(_scalar(b_scale)),
-                      acc.ndim, acc.ndim - 1)
+    acc = _int_matmul(
+        jnp,
+        _as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point)),
+        _as_int32(jnp, jnp.asarray(b), b_zero_point),
+    )
+    scale = _per_axis(
+        jnp.asarray(_scalar(a_scale)) * jnp.asarray(_scalar(b_scale)), acc.ndim, acc.ndim - 1
+    )
     y = acc.astype(jnp.float32) * scale.astype(jnp.float32)
     return y if bias is None else y + jnp.asarray(bias).astype(jnp.float32)
 
 
 @register("MatMulIntegerToFloat", since=1, domain=MS)
-def matmul_integer_to_float(ctx, a, b, a_scale, b_scale, a_zero_point=None, b_zero_point=None,
-                            bias=None):
+def matmul_integer_to_float(
+    ctx, a, b, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None
+):
     return _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias)
 
 
@@ -364,8 +403,18 @@ def _dequantize_weight(x, scale, zero_point, axis):
 
 
 @register("QAttention", since=1, domain=MS)
-def qattention(ctx, x, weight, bias, input_scale, weight_scale, mask_index=None,
-               input_zero_point=None, weight_zero_point=None, past=None):
+def qattention(
+    ctx,
+    x,
+    weight,
+    bias,
+    input_scale,
+    weight_scale,
+    mask_index=None,
+    input_zero_point=None,
+    weight_zero_point=None,
+    past=None,
+):
     """com.microsoft Attention on a quantized input and weight (per-column weight scales and
     zero points allowed): the projection of the dequantized tensors, then Attention."""
     x = _dequantize(x, input_scale, input_zero_point)
@@ -374,24 +423,44 @@ def qattention(ctx, x, weight, bias, input_scale, weight_scale, mask_index=None,
 
 
 @register("QEmbedLayerNormalization", since=1, domain=MS)
-def qembed_layer_norm(ctx, input_ids, segment_ids, word_embedding, position_embedding,
-                      segment_embedding, gamma, beta, mask, word_embedding_scale,
-                      position_embedding_scale, segment_embedding_scale, gamma_scale,
-                      beta_scale, word_embedding_zero_point, position_embedding_zero_point,
-                      segment_embedding_zero_point=None, gamma_zero_point=None,
-                      beta_zero_point=None):
+def qembed_layer_norm(
+    ctx,
+    input_ids,
+    segment_ids,
+    word_embedding,
+    position_embedding,
+    segment_embedding,
+    gamma,
+    beta,
+    mask,
+    word_embedding_scale,
+    position_embedding_scale,
+    segment_embedding_scale,
+    gamma_scale,
+    beta_scale,
+    word_embedding_zero_point,
+    position_embedding_zero_point,
+    segment_embedding_zero_point=None,
+    gamma_zero_point=None,
+    beta_zero_point=None,
+):
     """EmbedLayerNormalization of the dequantized embedding tables, gamma and beta."""
     if segment_embedding is not None and segment_embedding_scale is None:
         raise ctx.error("segment_embedding needs segment_embedding_scale")
     word = _dequantize(word_embedding, word_embedding_scale, word_embedding_zero_point)
-    position = _dequantize(position_embedding, position_embedding_scale,
-                           position_embedding_zero_point)
-    segment = None if segment_embedding is None else _dequantize(
-        segment_embedding, segment_embedding_scale, segment_embedding_zero_point)
+    position = _dequantize(
+        position_embedding, position_embedding_scale, position_embedding_zero_point
+    )
+    segment = (
+        None
+        if segment_embedding is None
+        else _dequantize(segment_embedding, segment_embedding_scale, segment_embedding_zero_point)
+    )
     gamma = _dequantize(gamma, gamma_scale, gamma_zero_point)
     beta = _dequantize(beta, beta_scale, beta_zero_point)
-    out, mask_index, _ = contrib.embed_layer_norm(ctx, input_ids, segment_ids, word, position,
-                                                  segment, gamma, beta, mask)
+    out, mask_index, _ = contrib.embed_layer_norm(
+        ctx, input_ids, segment_ids, word, position, segment, gamma, beta, mask
+    )
     return out, mask_index
 
 
@@ -404,9 +473,21 @@ def _dynamic_matmul(a, w, w_scale, w_zero_point):
 
 
 @register("DynamicQuantizeLSTM", since=1, domain=MS)
-def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None,
-                          initial_c=None, p=None, w_scale=None, w_zero_point=None,
-                          r_scale=None, r_zero_point=None):
+def dynamic_quantize_lstm(
+    ctx,
+    x,
+    w,
+    r,
+    b=None,
+    sequence_lens=None,
+    initial_h=None,
+    initial_c=None,
+    p=None,
+    w_scale=None,
+    w_zero_point=None,
+    r_scale=None,
+    r_zero_point=None,
+):
     """LSTM with quantized W [D, input, 4H] and R [D, H, 4H] (transposed from LSTM's, gates
     i, o, f, c), scales and zero points per direction or per direction and column.
 
@@ -417,18 +498,22 @@ def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=No
         raise ctx.error("needs W_scale, W_zero_point, R_scale and R_zero_point")
     x = jnp.asarray(x).astype(jnp.float32)
     if x.ndim != 3 or np.ndim(w) != 3 or np.ndim(r) != 3:
-        raise ctx.error(f"X, W and R must have rank 3, got {x.shape}, {np.shape(w)}, "
-                        f"{np.shape(r)}")
+        raise ctx.error(f"X, W and R must have rank 3, got {x.shape}, {np.shape(w)}, {np.shape(r)}")
     seq, batch = x.shape[:2]
     direction = ctx.attr("direction", "forward")
     if direction not in ("forward", "reverse", "bidirectional"):
         raise ctx.error(f"unknown direction {direction!r}")
     num_dir = 2 if direction == "bidirectional" else 1
     hidden = ctx.attr("hidden_size", np.shape(r)[1])
-    if np.shape(w)[0] != num_dir or np.shape(w)[2] != 4 * hidden or np.shape(r)[1:] != (
-            hidden, 4 * hidden):
-        raise ctx.error(f"W {np.shape(w)} and R {np.shape(r)} must be [{num_dir}, input, "
-                        f"{4 * hidden}] and [{num_dir}, {hidden}, {4 * hidden}]")
+    if (
+        np.shape(w)[0] != num_dir
+        or np.shape(w)[2] != 4 * hidden
+        or np.shape(r)[1:] != (hidden, 4 * hidden)
+    ):
+        raise ctx.error(
+            f"W {np.shape(w)} and R {np.shape(r)} must be [{num_dir}, input, "
+            f"{4 * hidden}] and [{num_dir}, {hidden}, {4 * hidden}]"
+        )
     clip = ctx.attr("clip")
     input_forget = ctx.attr("input_forget", 0)
     acts = _activations(ctx, "LSTM", num_dir)
@@ -438,8 +523,9 @@ def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=No
             return jnp.zeros((num_dir, batch, hidden), jnp.float32)
         value = jnp.asarray(value).astype(jnp.float32)
         if value.shape != (num_dir, batch, hidden):
-            raise ctx.error(f"{name} has shape {value.shape}, expected "
-                            f"[{num_dir}, {batch}, {hidden}]")
+            raise ctx.error(
+                f"{name} has shape {value.shape}, expected [{num_dir}, {batch}, {hidden}]"
+            )
         return value
 
     init_h, init_c = state(initial_h, "initial_h"), state(initial_c, "initial_c")
@@ -464,16 +550,18 @@ def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=No
         else:
             wb, rb = jnp.split(jnp.asarray(b[d]).astype(jnp.float32), 2)
         peep = None if p is None else jnp.split(jnp.asarray(p[d]).astype(jnp.float32), 3)
-        r_d, rs, rz = jnp.asarray(r[d]), per_direction(r_scale, d), per_direction(
-            r_zero_point, d)
-        xw = _dynamic_matmul(x, jnp.asarray(w[d]), per_direction(w_scale, d),
-                             per_direction(w_zero_point, d)) + wb
+        r_d, rs, rz = jnp.asarray(r[d]), per_direction(r_scale, d), per_direction(r_zero_point, d)
+        xw = (
+            _dynamic_matmul(
+                x, jnp.asarray(w[d]), per_direction(w_scale, d), per_direction(w_zero_point, d)
+            )
+            + wb
+        )
         if reverse:
             xw = _reverse(xw, sequence_lens)
 
         def cell(xw_t, h, c, r_d=r_d, rs=rs, rz=rz, rb=rb, peep=peep, f=f, g=g, act_h=act_h):
-            x_i, x_o, x_f, x_c = jnp.split(xw_t + _dynamic_matmul(h, r_d, rs, rz) + rb, 4,
-                                           axis=-1)
+            x_i, x_o, x_f, x_c = jnp.split(xw_t + _dynamic_matmul(h, r_d, rs, rz) + rb, 4, axis=-1)
             if peep is not None:
                 x_i = x_i + peep[0] * c
                 x_f = x_f + peep[2] * c
@@ -484,8 +572,11 @@ def dynamic_quantize_lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=No
                 x_o = x_o + peep[1] * c_new
             return f(pre(x_o)) * act_h(c_new), c_new
 
-        (h, c), y = lax.scan(lambda carry, inputs, cell=cell: _step(cell, carry, inputs),
-                             (init_h[d], init_c[d]), (xw, mask))
+        (h, c), y = lax.scan(
+            lambda carry, inputs, cell=cell: _step(cell, carry, inputs),
+            (init_h[d], init_c[d]),
+            (xw, mask),
+        )
         if reverse:
             y = _reverse(y, sequence_lens)
         ys.append(y)

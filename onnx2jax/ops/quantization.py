@@ -19,11 +19,19 @@ from onnx2jax.ops.elementwise import divide_correctly_rounded
 from onnx2jax.ops.registry import register
 
 _INTEGER_TYPES = {
-    TensorProto.UINT8, TensorProto.INT8, TensorProto.UINT16, TensorProto.INT16,
-    TensorProto.UINT4, TensorProto.INT4, TensorProto.UINT2, TensorProto.INT2,
+    TensorProto.UINT8,
+    TensorProto.INT8,
+    TensorProto.UINT16,
+    TensorProto.INT16,
+    TensorProto.UINT4,
+    TensorProto.INT4,
+    TensorProto.UINT2,
+    TensorProto.INT2,
 }
 _FLOAT8_TYPES = {
-    TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+    TensorProto.FLOAT8E4M3FN,
+    TensorProto.FLOAT8E4M3FNUZ,
+    TensorProto.FLOAT8E5M2,
     TensorProto.FLOAT8E5M2FNUZ,
 }
 # No infinity encoding: a cast to these saturates whatever ``saturate`` says.
@@ -45,32 +53,41 @@ def _quant_param(ctx, xp, value, x_shape, axis, block_size):
         return value.reshape(())
     if not block_size:
         if value.ndim != 1:
-            raise ctx.error(f"a per-axis scale or zero point must be 1-D, got shape "
-                            f"{value.shape} (blocked quantization needs block_size)")
+            raise ctx.error(
+                f"a per-axis scale or zero point must be 1-D, got shape "
+                f"{value.shape} (blocked quantization needs block_size)"
+            )
         if value.shape[0] != x_shape[axis]:
-            raise ctx.error(f"per-axis scale has {value.shape[0]} values but the input has "
-                            f"{x_shape[axis]} along axis {axis}")
+            raise ctx.error(
+                f"per-axis scale has {value.shape[0]} values but the input has "
+                f"{x_shape[axis]} along axis {axis}"
+            )
         dims = [1] * len(x_shape)
         dims[axis] = value.shape[0]
         return value.reshape(dims)
     if block_size < 0:
         raise ctx.error(f"block_size must be positive, got {block_size}")
     if value.ndim != len(x_shape):
-        raise ctx.error(f"blocked scale must have the input's rank {len(x_shape)}, got shape "
-                        f"{value.shape}")
+        raise ctx.error(
+            f"blocked scale must have the input's rank {len(x_shape)}, got shape {value.shape}"
+        )
     expected = list(x_shape)
     expected[axis] = math.ceil(x_shape[axis] / block_size)
     if list(value.shape) != expected:
-        raise ctx.error(f"blocked scale of shape {value.shape} does not match input "
-                        f"{tuple(x_shape)} with block_size {block_size} on axis {axis}")
+        raise ctx.error(
+            f"blocked scale of shape {value.shape} does not match input "
+            f"{tuple(x_shape)} with block_size {block_size} on axis {axis}"
+        )
     value = xp.repeat(value, block_size, axis=axis)
     return xp.take(value, xp.arange(x_shape[axis]), axis=axis)
 
 
 def _check_host_only(ctx, xp, elem_type):
     if elem_type in _HOST_ONLY_TYPES and xp is not np:
-        raise ctx.error(f"{numpy_dtype(elem_type).name} tensors are not supported by XLA; "
-                        "only constant (static) values of this type can be (de)quantized")
+        raise ctx.error(
+            f"{numpy_dtype(elem_type).name} tensors are not supported by XLA; "
+            "only constant (static) values of this type can be (de)quantized"
+        )
 
 
 def _saturate_to(xp, y, elem_type, saturate):
@@ -98,8 +115,9 @@ def quantize_linear(ctx, x, scale, zero_point=None):
     if zero_point is not None:
         elem_type = onnx_elem_type(zero_point.dtype)
         if output_dtype and output_dtype != elem_type:
-            raise ctx.error(f"output_dtype {output_dtype} differs from the zero point's type "
-                            f"{elem_type}")
+            raise ctx.error(
+                f"output_dtype {output_dtype} differs from the zero point's type {elem_type}"
+            )
     else:
         elem_type = output_dtype or TensorProto.UINT8
     if elem_type not in _INTEGER_TYPES | _FLOAT8_TYPES | _SMALL_FLOAT_TYPES:
@@ -133,8 +151,9 @@ def dequantize_linear(ctx, x, scale, zero_point=None):
     block_size = ctx.attr("block_size", 0)
     output_dtype = ctx.attr("output_dtype", 0)
     out_dtype = numpy_dtype(output_dtype) if output_dtype else scale.dtype
-    compute = np.promote_types(np.float32, out_dtype) if out_dtype.itemsize > 4 \
-        else np.dtype(np.float32)
+    compute = (
+        np.promote_types(np.float32, out_dtype) if out_dtype.itemsize > 4 else np.dtype(np.float32)
+    )
     y = x.astype(compute)
     if zero_point is not None:
         zero_point = _quant_param(ctx, xp, zero_point, x.shape, axis, block_size)
@@ -164,8 +183,9 @@ def dynamic_quantize_uint8(xp, x):
     else:
         x_max = x_min = np.float32(0)
     span = x_max - x_min
-    scale = xp.where(span == 0, np.float32(1),
-                     divide_correctly_rounded(span, np.float32(high - low))).astype(np.float32)
+    scale = xp.where(
+        span == 0, np.float32(1), divide_correctly_rounded(span, np.float32(high - low))
+    ).astype(np.float32)
     zero_point = xp.round(xp.clip(low - divide_correctly_rounded(x_min, scale), low, high))
     y = xp.round(divide_correctly_rounded(x, scale)) + zero_point
     y = xp.where(xp.isnan(y), low, xp.clip(y, low, high))
@@ -218,13 +238,13 @@ def _per_axis(value, ndim, axis):
 
 
 @register("QLinearMatMul", since=(10, 21))
-def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
-                   y_zero_point):
+def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
     xp = ctx.xp(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point)
     out_dtype = y_zero_point.dtype if y_zero_point is not None else a.dtype
     if out_dtype.kind not in "iu":
-        raise ctx.error(f"QLinearMatMul to {out_dtype.name} is not supported (integer outputs "
-                        "only)")
+        raise ctx.error(
+            f"QLinearMatMul to {out_dtype.name} is not supported (integer outputs only)"
+        )
     a32 = _as_int32(xp, a, a_zero_point, (-1, 1))
     b32 = _as_int32(xp, b, b_zero_point)
     acc = _int_matmul(xp, a32, b32)
@@ -250,8 +270,9 @@ def _conv_padding(ctx, x_shape, kernel, strides, dilations):
         out = -(-size // s)
         total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
         small = total // 2
-        padding.append((small, total - small) if auto_pad == "SAME_UPPER"
-                       else (total - small, small))
+        padding.append(
+            (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
+        )
     return padding
 
 
@@ -263,14 +284,19 @@ def _int_conv(ctx, x32, w32):
     kernel = list(w32.shape[2:])
     declared = ctx.attr("kernel_shape")
     if declared is not None and list(declared) != kernel:
-        raise ctx.error(f"kernel_shape {list(declared)} does not match the weights' "
-                        f"{kernel}")
+        raise ctx.error(f"kernel_shape {list(declared)} does not match the weights' {kernel}")
     strides = list(ctx.attr("strides", [1] * spatial))
     dilations = list(ctx.attr("dilations", [1] * spatial))
     padding = _conv_padding(ctx, x32.shape, kernel, strides, dilations)
     return lax.conv_general_dilated(
-        jnp.asarray(x32), jnp.asarray(w32), strides, padding, rhs_dilation=dilations,
-        feature_group_count=ctx.attr("group", 1), preferred_element_type=jnp.int32)
+        jnp.asarray(x32),
+        jnp.asarray(w32),
+        strides,
+        padding,
+        rhs_dilation=dilations,
+        feature_group_count=ctx.attr("group", 1),
+        preferred_element_type=jnp.int32,
+    )
 
 
 @register("ConvInteger", since=10)
@@ -282,10 +308,10 @@ def conv_integer(ctx, x, w, x_zero_point=None, w_zero_point=None):
 
 
 @register("QLinearConv", since=10)
-def qlinear_conv(ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
-                 y_zero_point, bias=None):
-    xp = ctx.xp(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
-                bias)
+def qlinear_conv(
+    ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None
+):
+    xp = ctx.xp(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias)
     out_dtype = y_zero_point.dtype if y_zero_point is not None else x.dtype
     x32 = _as_int32(xp, x, x_zero_point)
     w32 = _as_int32(xp, w, w_zero_point, (-1,) + (1,) * (w.ndim - 1))

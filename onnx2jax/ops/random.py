@@ -57,8 +57,7 @@ def _normal(ctx, shape, dtype):
 
 def _uniform(ctx, shape, dtype):
     dtype = _float_dtype(ctx, dtype)
-    return jax.random.uniform(_key(ctx), shape, dtype, ctx.attr("low", 0.0),
-                              ctx.attr("high", 1.0))
+    return jax.random.uniform(_key(ctx), shape, dtype, ctx.attr("low", 0.0), ctx.attr("high", 1.0))
 
 
 @register("RandomNormal", since=(1, 22))
@@ -91,8 +90,7 @@ def multinomial(ctx, logits):
     samples = int(ctx.attr("sample_size", 1))
     batch = np.shape(logits)[0]
     # The input holds unnormalized log-probabilities, exactly categorical's logits.
-    drawn = jax.random.categorical(_key(ctx), jnp.asarray(logits), axis=-1,
-                                   shape=(samples, batch))
+    drawn = jax.random.categorical(_key(ctx), jnp.asarray(logits), axis=-1, shape=(samples, batch))
     return drawn.T.astype(jax.dtypes.canonicalize_dtype(dtype))
 
 

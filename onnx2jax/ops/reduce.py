@@ -50,8 +50,9 @@ def _mean(xp, x, axes, keepdims):
     if xp is not np:
         wide = jax.dtypes.canonicalize_dtype(wide)
     total = xp.sum(x, axis=axes, keepdims=keepdims, dtype=wide)
-    count = max(int(np.prod([np.shape(x)[a] for a in (range(np.ndim(x)) if axes is None
-                                                       else axes)])), 1)
+    count = max(
+        int(np.prod([np.shape(x)[a] for a in (range(np.ndim(x)) if axes is None else axes)])), 1
+    )
     if dtype.kind == "u":
         return (total // count).astype(dtype)
     return xp.where(total < 0, -((-total) // count), total // count).astype(dtype)
@@ -85,11 +86,13 @@ _REDUCTIONS = {
     "ReduceProd": lambda xp, x, axes, k: xp.prod(x, axis=axes, keepdims=k, dtype=x.dtype),
     "ReduceL1": lambda xp, x, axes, k: xp.sum(xp.abs(x), axis=axes, keepdims=k, dtype=x.dtype),
     "ReduceL2": _l2,
-    "ReduceLogSum": lambda xp, x, axes, k: xp.log(xp.sum(x, axis=axes, keepdims=k,
-                                                         dtype=x.dtype)).astype(x.dtype),
+    "ReduceLogSum": lambda xp, x, axes, k: xp.log(
+        xp.sum(x, axis=axes, keepdims=k, dtype=x.dtype)
+    ).astype(x.dtype),
     "ReduceLogSumExp": _log_sum_exp,
     "ReduceSumSquare": _sum_square,
 }
+
 
 def _reduce(ctx, reduction, x, axes):
     rank = np.ndim(x)
@@ -115,7 +118,7 @@ def _axes_attribute(op_type: str) -> OpFunction:
         axes = ctx.attr("axes")
         return _reduce(ctx, reduction, x, axes or list(range(np.ndim(x))))
 
-    name = op_type[len("Reduce"):].lower()
+    name = op_type[len("Reduce") :].lower()
     reduce_v1.__name__ = reduce_v1.__qualname__ = f"reduce_{name}_v1"
     return reduce_v1
 
@@ -128,7 +131,7 @@ def _axes_input(op_type: str) -> OpFunction:
         axes = None if axes is None else ctx.static_ints(axes, 1, "the axes")
         return _reduce(ctx, reduction, x, axes)
 
-    name = op_type[len("Reduce"):].lower()
+    name = op_type[len("Reduce") :].lower()
     reduce.__name__ = reduce.__qualname__ = f"reduce_{name}"
     return reduce
 

@@ -84,8 +84,9 @@ def register(
     if not versions_given or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions_given
     ):
-        raise ValueError(f"{op_type}: since must be a positive int or a tuple of them, "
-                         f"got {since!r}")
+        raise ValueError(
+            f"{op_type}: since must be a positive int or a tuple of them, got {since!r}"
+        )
     if len(set(versions_given)) != len(versions_given):
         raise ValueError(f"{op_type}: since {since!r} repeats a version")
 
@@ -95,7 +96,8 @@ def register(
         for version in versions_given:
             if version in versions.since:
                 raise ValueError(
-                    f"{domain or 'ai.onnx'}::{op_type} since {version} registered twice")
+                    f"{domain or 'ai.onnx'}::{op_type} since {version} registered twice"
+                )
         for version in versions_given:
             index = bisect.bisect(versions.since, version)
             versions.since.insert(index, version)

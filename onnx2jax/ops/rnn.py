@@ -58,7 +58,7 @@ def _activations(ctx, kind, num_dir):
         if beta is not None and betas:
             beta = betas.pop(0)
         functions.append(lambda x, f=function, a=alpha, b=beta: f(x, a, b))
-    return [functions[d * per_dir:(d + 1) * per_dir] for d in range(num_dir)]
+    return [functions[d * per_dir : (d + 1) * per_dir] for d in range(num_dir)]
 
 
 def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
@@ -80,8 +80,10 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
     gates = _GATES[kind]
     hidden = ctx.attr("hidden_size", np.shape(r)[-1])
     if np.shape(w)[0] != num_dir or np.shape(w)[1] != gates * hidden:
-        raise ctx.error(f"W has shape {np.shape(w)}, expected [{num_dir}, {gates * hidden}, "
-                        f"{x.shape[-1]}] for direction {direction!r}")
+        raise ctx.error(
+            f"W has shape {np.shape(w)}, expected [{num_dir}, {gates * hidden}, "
+            f"{x.shape[-1]}] for direction {direction!r}"
+        )
     clip = ctx.attr("clip")
     acts = _activations(ctx, kind, num_dir)
 
@@ -117,8 +119,9 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
         if reverse:
             xw = _reverse(xw, seq_lens)
         carry = (init_h[d], init_c[d] if init_c is not None else None)
-        (h, c), y = lax.scan(lambda carry, inputs, cell=cell: _step(cell, carry, inputs),
-                             carry, (xw, mask))
+        (h, c), y = lax.scan(
+            lambda carry, inputs, cell=cell: _step(cell, carry, inputs), carry, (xw, mask)
+        )
         if reverse:
             y = _reverse(y, seq_lens)
         ys.append(y)
@@ -127,8 +130,10 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
 
     y = jnp.stack(ys, axis=1)
     y_h = jnp.stack(hs)
-    outputs = [jnp.transpose(y, (2, 0, 1, 3)) if layout else y,
-               jnp.swapaxes(y_h, 0, 1) if layout else y_h]
+    outputs = [
+        jnp.transpose(y, (2, 0, 1, 3)) if layout else y,
+        jnp.swapaxes(y_h, 0, 1) if layout else y_h,
+    ]
     if kind == "LSTM":
         y_c = jnp.stack(cs)
         outputs.append(jnp.swapaxes(y_c, 0, 1) if layout else y_c)
@@ -170,8 +175,8 @@ def _cell(ctx, kind, r, rb, peep, acts, clip, hidden):
     if kind == "GRU":
         f, g = acts
         linear_before_reset = ctx.attr("linear_before_reset", 0)
-        r_zr, r_h = r[:2 * hidden], r[2 * hidden:]
-        rb_zr, rb_h = rb[:2 * hidden], rb[2 * hidden:]
+        r_zr, r_h = r[: 2 * hidden], r[2 * hidden :]
+        rb_zr, rb_h = rb[: 2 * hidden], rb[2 * hidden :]
 
         def gru_cell(xw, h, c):
             x_z, x_r, x_h = jnp.split(xw, 3, axis=-1)

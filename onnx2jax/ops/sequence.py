@@ -146,8 +146,10 @@ def sequence_map(ctx, seq, *extra):
     seq = _sequence(ctx, seq)
     for i, value in enumerate(extra):
         if isinstance(value, list) and len(value) != len(seq):
-            raise ctx.error(f"additional sequence input {i + 1} has {len(value)} elements, the "
-                            f"first has {len(seq)}")
+            raise ctx.error(
+                f"additional sequence input {i + 1} has {len(value)} elements, the "
+                f"first has {len(seq)}"
+            )
     outputs = [[] for _ in ctx.attr("body").output]
     for i in range(len(seq)):
         args = [seq[i]] + [v[i] if isinstance(v, list) else v for v in extra]

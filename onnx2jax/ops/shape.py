@@ -57,8 +57,12 @@ def identity(ctx, x):
 
 @register("Constant", since=(1, 9, 11, 12, 13, 19, 21, 23, 24, 25))
 def constant(ctx):
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
-                       ("value_int", np.int64), ("value_ints", np.int64)):
+    for key, dtype in (
+        ("value_float", np.float32),
+        ("value_floats", np.float32),
+        ("value_int", np.int64),
+        ("value_ints", np.int64),
+    ):
         if key in ctx.attrs:
             return np.asarray(ctx.attrs[key], dtype=dtype)
     if "value_string" in ctx.attrs:
@@ -77,9 +81,11 @@ def constant(ctx):
 def _reshape_target(ctx, data_shape, target, allowzero):
     target = [int(d) for d in target]
     if not allowzero:
-        if any(d == 0 for d in target[len(data_shape):]):
-            raise ctx.error(f"target shape {target} copies a dimension (0) that the input "
-                            f"of shape {list(data_shape)} does not have")
+        if any(d == 0 for d in target[len(data_shape) :]):
+            raise ctx.error(
+                f"target shape {target} copies a dimension (0) that the input "
+                f"of shape {list(data_shape)} does not have"
+            )
         target = [data_shape[i] if d == 0 else d for i, d in enumerate(target)]
     size = int(np.prod(data_shape, dtype=np.int64))
     if target.count(-1) > 1 or any(d < -1 for d in target):
@@ -148,8 +154,9 @@ def _squeeze(ctx, x, axes):
     axes = _axes(ctx, axes, len(dims))
     wide = [a for a in axes if dims[a] != 1]
     if wide:
-        raise ctx.error(f"cannot squeeze axis {wide[0]} of size {dims[wide[0]]} "
-                        f"(input shape {list(dims)})")
+        raise ctx.error(
+            f"cannot squeeze axis {wide[0]} of size {dims[wide[0]]} (input shape {list(dims)})"
+        )
     return ctx.xp(x).squeeze(x, tuple(axes))
 
 
@@ -178,16 +185,16 @@ def expand(ctx, x, shape):
     try:
         target = np.broadcast_shapes(np.shape(x), tuple(dims))
     except ValueError:
-        raise ctx.error(f"cannot expand a tensor of shape {list(np.shape(x))} to {dims}"
-                        ) from None
+        raise ctx.error(f"cannot expand a tensor of shape {list(np.shape(x))} to {dims}") from None
     return ctx.xp(x).broadcast_to(x, target)
 
 
 @register("Tile", since=1, static_inputs=(1, 2))
 def tile_v1(ctx, x, tiles, axis):
     reps = [1] * np.ndim(x)
-    reps[_axis(ctx, ctx.static_ints(axis, 2, "the axis")[0], np.ndim(x))] = \
-        ctx.static_ints(tiles, 1, "the tiles")[0]
+    reps[_axis(ctx, ctx.static_ints(axis, 2, "the axis")[0], np.ndim(x))] = ctx.static_ints(
+        tiles, 1, "the tiles"
+    )[0]
     return ctx.xp(x).tile(x, reps)
 
 
@@ -216,8 +223,10 @@ def constant_of_shape(ctx, shape):
 
 @register("Range", since=(11, 27), static_inputs=(0, 1, 2))
 def range_(ctx, start, limit, delta):
-    start, limit, delta = (np.asarray(ctx.static(v, i, what)).reshape(()) for i, (v, what) in
-                           enumerate(((start, "start"), (limit, "limit"), (delta, "delta"))))
+    start, limit, delta = (
+        np.asarray(ctx.static(v, i, what)).reshape(())
+        for i, (v, what) in enumerate(((start, "start"), (limit, "limit"), (delta, "delta")))
+    )
     dtype = start.dtype
     if delta == 0:
         raise ctx.error("delta must not be zero")
@@ -226,8 +235,9 @@ def range_(ctx, start, limit, delta):
         if stash not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
             raise ctx.error(f"stash_type {stash} is neither FLOAT (1) nor DOUBLE (11)")
         wide = numpy_dtype(stash)
-        return np.arange(start.astype(wide).item(), float(limit), float(delta),
-                         dtype=wide).astype(dtype)
+        return np.arange(start.astype(wide).item(), float(limit), float(delta), dtype=wide).astype(
+            dtype
+        )
     return np.arange(start.item(), limit.item(), delta.item()).astype(dtype)
 
 
@@ -308,8 +318,9 @@ def _pad(ctx, data, pads, value, axes):
     xp = ctx.xp(data)
     # Negative pads crop; the crop comes first, then every mode pads what is left.
     if any(b < 0 or e < 0 for b, e in widths):
-        data = data[tuple(slice(max(-b, 0), d - max(-e, 0))
-                          for (b, e), d in zip(widths, dims, strict=True))]
+        data = data[
+            tuple(slice(max(-b, 0), d - max(-e, 0)) for (b, e), d in zip(widths, dims, strict=True))
+        ]
         widths = [(max(b, 0), max(e, 0)) for b, e in widths]
     if not any(b or e for b, e in widths):
         return data
@@ -324,8 +335,7 @@ def _pad(ctx, data, pads, value, axes):
         return xp.pad(data, widths, mode="constant", constant_values=value)
     # A traced pad value goes in through a select: JAX cannot differentiate jnp.pad with
     # respect to constant_values alone (lax.pad's transpose needs the operand's cotangent).
-    inside = np.zeros([n + b + e for n, (b, e) in zip(np.shape(data), widths, strict=True)],
-                      bool)
+    inside = np.zeros([n + b + e for n, (b, e) in zip(np.shape(data), widths, strict=True)], bool)
     inside[tuple(slice(b, b + n) for n, (b, _) in zip(np.shape(data), widths, strict=True))] = True
     return jnp.where(inside, jnp.pad(data, widths), jnp.reshape(value, ()).astype(data.dtype))
 
@@ -398,9 +408,11 @@ def reverse_sequence(ctx, x, sequence_lens):
     dims = np.shape(x)
     xp = ctx.xp(x, sequence_lens)
     steps = np.arange(dims[time_axis]).reshape(
-        [dims[time_axis] if a == time_axis else 1 for a in range(rank)])
-    lens = xp.reshape(sequence_lens, [dims[batch_axis] if a == batch_axis else 1
-                                      for a in range(rank)])
+        [dims[time_axis] if a == time_axis else 1 for a in range(rank)]
+    )
+    lens = xp.reshape(
+        sequence_lens, [dims[batch_axis] if a == batch_axis else 1 for a in range(rank)]
+    )
     source = xp.broadcast_to(xp.where(steps < lens, lens - 1 - steps, steps), dims)
     if xp is np:
         return np.take_along_axis(x, source, axis=time_axis)
@@ -439,11 +451,14 @@ def _split(ctx, x, sizes, num_outputs):
     if sum(sizes) != dim or min(sizes) < 0:
         raise ctx.error(f"split sizes {sizes} do not add up to the axis size {dim}")
     if len(sizes) != ctx.num_outputs:
-        raise ctx.error(f"split into {len(sizes)} parts, but the node has "
-                        f"{ctx.num_outputs} outputs")
+        raise ctx.error(
+            f"split into {len(sizes)} parts, but the node has {ctx.num_outputs} outputs"
+        )
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    return tuple(x[_along(axis, slice(int(a), int(b)), rank)]
-                 for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+    return tuple(
+        x[_along(axis, slice(int(a), int(b)), rank)]
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+    )
 
 
 @register("Slice", since=1)
@@ -457,9 +472,13 @@ def slice_v1(ctx, x):
 @register("Slice", since=(10, 11, 13), static_inputs=(1, 2, 3, 4))
 def slice_(ctx, x, starts, ends, axes=None, steps=None):
     return _slice(
-        ctx, x, ctx.static_ints(starts, 1, "the starts"), ctx.static_ints(ends, 2, "the ends"),
+        ctx,
+        x,
+        ctx.static_ints(starts, 1, "the starts"),
+        ctx.static_ints(ends, 2, "the ends"),
         None if axes is None else ctx.static_ints(axes, 3, "the axes"),
-        None if steps is None else ctx.static_ints(steps, 4, "the steps"))
+        None if steps is None else ctx.static_ints(steps, 4, "the steps"),
+    )
 
 
 def _slice(ctx, x, starts, ends, axes, steps):

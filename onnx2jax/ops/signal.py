@@ -16,8 +16,9 @@ from onnx2jax.ops.registry import register
 
 
 def _real_dtype(dtype):
-    return jax.dtypes.canonicalize_dtype(np.float64 if np.dtype(dtype) == np.float64
-                                         else np.float32)
+    return jax.dtypes.canonicalize_dtype(
+        np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    )
 
 
 def _to_complex(x):
@@ -37,8 +38,9 @@ def _from_complex(y, dtype):
 def _dft(ctx, x, length, axis, inverse, onesided):
     rank = np.ndim(x)
     if x.shape[-1] not in (1, 2):
-        raise ctx.error(f"the last axis holds (real, imaginary) and must be 1 or 2, not "
-                        f"{x.shape[-1]}")
+        raise ctx.error(
+            f"the last axis holds (real, imaginary) and must be 1 or 2, not {x.shape[-1]}"
+        )
     if not -rank <= axis <= rank - 2 or axis == -1:
         raise ctx.error(f"axis={axis} is not a signal axis of a rank-{rank} input")
     axis %= rank
@@ -74,15 +76,27 @@ def _dft_length(ctx, value):
 
 @register("DFT", since=17, static_inputs=(1,))
 def dft_v17(ctx, x, dft_length=None):
-    return _dft(ctx, x, _dft_length(ctx, dft_length), int(ctx.attr("axis", 1)),
-                bool(ctx.attr("inverse", 0)), bool(ctx.attr("onesided", 0)))
+    return _dft(
+        ctx,
+        x,
+        _dft_length(ctx, dft_length),
+        int(ctx.attr("axis", 1)),
+        bool(ctx.attr("inverse", 0)),
+        bool(ctx.attr("onesided", 0)),
+    )
 
 
 @register("DFT", since=20, static_inputs=(1, 2))
 def dft(ctx, x, dft_length=None, axis=None):
     axis = -2 if axis is None else ctx.static_ints(axis, 2, "the axis")[0]
-    return _dft(ctx, x, _dft_length(ctx, dft_length), axis, bool(ctx.attr("inverse", 0)),
-                bool(ctx.attr("onesided", 0)))
+    return _dft(
+        ctx,
+        x,
+        _dft_length(ctx, dft_length),
+        axis,
+        bool(ctx.attr("inverse", 0)),
+        bool(ctx.attr("onesided", 0)),
+    )
 
 
 @register("STFT", since=17, static_inputs=(1, 3))
@@ -140,8 +154,9 @@ def blackman_window(ctx, size):
 
 
 @register("MelWeightMatrix", since=17, static_inputs=(0, 1, 2, 3, 4))
-def mel_weight_matrix(ctx, num_mel_bins, dft_length, sample_rate, lower_edge_hertz,
-                      upper_edge_hertz):
+def mel_weight_matrix(
+    ctx, num_mel_bins, dft_length, sample_rate, lower_edge_hertz, upper_edge_hertz
+):
     bins = ctx.static_ints(num_mel_bins, 0, "num_mel_bins")[0]
     length = ctx.static_ints(dft_length, 1, "dft_length")[0]
     rate = ctx.static_ints(sample_rate, 2, "sample_rate")[0]
@@ -159,7 +174,7 @@ def mel_weight_matrix(ctx, num_mel_bins, dft_length, sample_rate, lower_edge_her
         if center == left:
             out[center, i] = 1
         else:
-            out[left:center + 1, i] = (np.arange(left, center + 1) - left) / (center - left)
+            out[left : center + 1, i] = (np.arange(left, center + 1) - left) / (center - left)
         if right > center:
             out[center:right, i] = (right - np.arange(center, right)) / (right - center)
     return out.astype(numpy_dtype(ctx.attr("output_datatype", 1)))

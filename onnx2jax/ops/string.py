@@ -30,8 +30,7 @@ def string_normalizer(ctx, x):
     sensitive = ctx.attr("is_case_sensitive", 0)
     stopwords = ctx.attr("stopwords", [])
     stops = set(stopwords) if sensitive else {w.lower() for w in stopwords}
-    kept = [s for s in x.reshape(-1)
-            if (s if sensitive else s.lower()) not in stops]
+    kept = [s for s in x.reshape(-1) if (s if sensitive else s.lower()) not in stops]
     if action == "LOWER":
         kept = [s.lower() for s in kept]
     elif action == "UPPER":
@@ -60,7 +59,7 @@ def string_split(ctx, x):
     width = max((len(p) for p in parts), default=0)
     out = np.full((len(parts), width), "", dtype=object)
     for row, pieces in enumerate(parts):
-        out[row, :len(pieces)] = pieces
+        out[row, : len(pieces)] = pieces
     return out.reshape(*x.shape, width), counts
 
 
@@ -119,8 +118,8 @@ def tfidf_vectorizer(ctx, x):
     counts = xp.zeros((rows.shape[0], size), np.float32)
     gram_id = 0
     for n, start, number in _pool_grams(ctx, len(pool)):
-        grams = pool[start:start + n * number].reshape(number, n).astype(rows.dtype)
-        targets = indexes[gram_id:gram_id + number]
+        grams = pool[start : start + n * number].reshape(number, n).astype(rows.dtype)
+        targets = indexes[gram_id : gram_id + number]
         gram_id += number
         if not number or n < min_n or n > max_n:
             continue
@@ -130,8 +129,9 @@ def tfidf_vectorizer(ctx, x):
             span = (n - 1) * distance
             if span >= length:
                 break
-            windows = xp.stack([rows[:, k * distance:length - span + k * distance]
-                                for k in range(n)], axis=-1)
+            windows = xp.stack(
+                [rows[:, k * distance : length - span + k * distance] for k in range(n)], axis=-1
+            )
             matches = (windows[:, :, None, :] == grams).all(axis=-1).sum(axis=1)
             counts = counts + matches.astype(np.float32) @ one_hot
     weights = ctx.attr("weights")
@@ -163,8 +163,10 @@ def _compile_longest(ctx, pattern, what):
         if _posix_re is not None:
             return _posix_re.compile(pattern, _posix_re.POSIX | _posix_re.ASCII)
         if "|" in pattern or "?" in pattern:
-            raise ctx.error(f"{what} {pattern!r} needs leftmost-longest matching, which needs "
-                            "the `regex` package (pip install regex)")
+            raise ctx.error(
+                f"{what} {pattern!r} needs leftmost-longest matching, which needs "
+                "the `regex` package (pip install regex)"
+            )
         return re.compile(pattern, re.ASCII)
     except (re.error, getattr(_posix_re, "error", re.error)) as exc:
         raise ctx.error(f"invalid {what} {pattern!r}: {exc}") from None
@@ -181,7 +183,7 @@ def _split_by(pattern, text, mincharnum):
                 pieces.append(text[start:])
             break
         if found.start() - start >= mincharnum:
-            pieces.append(text[start:found.start()])
+            pieces.append(text[start : found.start()])
         start = found.end() if found.end() > found.start() else found.start() + 1
     return pieces
 
@@ -228,6 +230,7 @@ def tokenizer(ctx, x):
         raise ctx.error(f"mincharnum {mincharnum} is too big for character tokenization")
 
     if by_char:
+
         def split(text):
             return list(text)
     elif separators is not None:
@@ -241,9 +244,11 @@ def tokenizer(ctx, x):
     else:
         pattern = _compile_longest(ctx, tokenexp, "tokenexp")
         if ctx.attr("tokenexpsplit", 0):
+
             def split(text):
                 return _split_by(pattern, text, mincharnum)
         else:
+
             def split(text):
                 return _matches_of(pattern, text, mincharnum)
 
@@ -255,5 +260,5 @@ def tokenizer(ctx, x):
     out = np.full((len(rows), width), pad, dtype=object)
     for i, row in enumerate(rows):
         framed = [_START_TEXT, *row, _END_TEXT] if mark else row
-        out[i, :len(framed)] = framed
+        out[i, : len(framed)] = framed
     return out.reshape(*x.shape, width)

@@ -21,7 +21,7 @@ def _split_groups(ctx, inputs, groups):
     if len(rest) % groups:
         raise ctx.error(f"expected 2 + {groups}*n inputs, got {len(inputs)}")
     n = len(rest) // groups
-    return inputs[0], inputs[1], [rest[i * n:(i + 1) * n] for i in range(groups)]
+    return inputs[0], inputs[1], [rest[i * n : (i + 1) * n] for i in range(groups)]
 
 
 @register("Adagrad", since=1, domain=TRAINING)
@@ -51,7 +51,7 @@ def adam(ctx, *inputs):
     norm = ctx.attr("norm_coefficient", 0.0)
     norm_post = ctx.attr("norm_coefficient_post", 0.0)
     # Bias correction only from the first step on (T > 0).
-    rate = xp.where(t > 0, r * xp.sqrt(1 - beta ** t) / (1 - alpha ** t), r)
+    rate = xp.where(t > 0, r * xp.sqrt(1 - beta**t) / (1 - alpha**t), r)
     outputs: list[list] = [[], [], []]
     for x, g, v, h in zip(xs, gs, vs, hs, strict=True):
         g = norm * x + g
@@ -107,14 +107,19 @@ def _forward_graph(ctx, xs, y):
         if index in needed:
             continue
         needed.add(index)
-        stack.extend(plan.producer[name] for name in plan.node_reads[index]
-                     if name in plan.producer and name not in xs)
+        stack.extend(
+            plan.producer[name]
+            for name in plan.node_reads[index]
+            if name in plan.producer and name not in xs
+        )
     if plan.nodes.index(ctx.node) in needed:
         raise ctx.error(f"y {y!r} depends on the Gradient node itself")
     graph = onnx.helper.make_graph(
-        [plan.nodes[i] for i in sorted(needed)], f"gradient_{ctx.node.name}",
+        [plan.nodes[i] for i in sorted(needed)],
+        f"gradient_{ctx.node.name}",
         [onnx.helper.make_value_info(name, onnx.TypeProto()) for name in xs],
-        [onnx.helper.make_value_info(y, onnx.TypeProto())])
+        [onnx.helper.make_value_info(y, onnx.TypeProto())],
+    )
     graphs[id(ctx.node)] = (ctx.node, graph)
     return graph
 
@@ -127,8 +132,9 @@ def gradient(ctx, *inputs):
     if not xs or y is None:
         raise ctx.error("needs the xs and y attributes")
     if len(inputs) != len(xs) + len(zs):
-        raise ctx.error(f"takes the {len(xs)} xs and {len(zs)} zs tensors as inputs, got "
-                        f"{len(inputs)}")
+        raise ctx.error(
+            f"takes the {len(xs)} xs and {len(zs)} zs tensors as inputs, got {len(inputs)}"
+        )
     graph = _forward_graph(ctx, xs, y)
 
     def forward(*values):
@@ -137,5 +143,6 @@ def gradient(ctx, *inputs):
         return jnp.sum(jnp.asarray(out))
 
     grads = jax.grad(forward, argnums=tuple(range(len(xs))))(
-        *[jnp.asarray(v) for v in inputs[:len(xs)]])
+        *[jnp.asarray(v) for v in inputs[: len(xs)]]
+    )
     return tuple(grads)

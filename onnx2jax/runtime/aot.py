@@ -42,8 +42,12 @@ from onnx2jax.runtime.options import default_compiler_options, inference_compile
 ARTIFACT_FORMAT = "onnx2jax-aot/1"
 
 
-def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
-                outputs: Sequence[str] | None = None) -> dict[str, Any]:
+def cached_call(
+    model: Any,
+    cache: ExecutableCache,
+    inputs: Mapping[str, Any],
+    outputs: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Run ``model`` with its params on ``inputs`` through ``cache``.
 
     The same as ``model(**inputs)`` for models that run under jit, but the compiled executable
@@ -60,8 +64,12 @@ def cached_call(model: Any, cache: ExecutableCache, inputs: Mapping[str, Any],
     return model.engine.cached_run(cache, bound, tuple(outputs) if outputs else None)
 
 
-def export_model(model: Any, inputs: Mapping[str, Any], path: str | os.PathLike,
-                 outputs: Sequence[str] | None = None) -> Path:
+def export_model(
+    model: Any,
+    inputs: Mapping[str, Any],
+    path: str | os.PathLike,
+    outputs: Sequence[str] | None = None,
+) -> Path:
     """Write ``model`` traced for the shapes and dtypes of ``inputs`` to an artifact at ``path``.
 
     The artifact holds the serialized :class:`jax.export.Exported` (StableHLO; params are
@@ -85,8 +93,11 @@ def export_model(model: Any, inputs: Mapping[str, Any], path: str | os.PathLike,
     param_names = list(prepared)
 
     def run(params: list[Any], *args: Any) -> tuple[Any, ...]:
-        result = engine.apply_prepared(dict(zip(param_names, params, strict=True)),
-                                       dict(zip(names, args, strict=True)), tuple(wanted))
+        result = engine.apply_prepared(
+            dict(zip(param_names, params, strict=True)),
+            dict(zip(names, args, strict=True)),
+            tuple(wanted),
+        )
         return tuple(result[name] for name in wanted)
 
     def spec(value: Any) -> jax.ShapeDtypeStruct:
@@ -95,14 +106,23 @@ def export_model(model: Any, inputs: Mapping[str, Any], path: str | os.PathLike,
 
     params = [prepared[name] for name in param_names]
     try:
-        exported = jax.export.export(jax.jit(run))([spec(p) for p in params],
-                                                   *[spec(bound[n]) for n in names])
+        exported = jax.export.export(jax.jit(run))(
+            [spec(p) for p in params], *[spec(bound[n]) for n in names]
+        )
     except Exception as exc:
         raise Onnx2JaxError(f"cannot export the model ahead of time: {exc}") from exc
-    meta = {"format": ARTIFACT_FORMAT, "inputs": names, "outputs": wanted,
-            "params": param_names, "jax": jax.__version__, "precision": model.precision,
-            "input_specs": [{"shape": list(s.shape), "dtype": str(s.dtype)}
-                            for s in exported.in_avals[len(params):]]}
+    meta = {
+        "format": ARTIFACT_FORMAT,
+        "inputs": names,
+        "outputs": wanted,
+        "params": param_names,
+        "jax": jax.__version__,
+        "precision": model.precision,
+        "input_specs": [
+            {"shape": list(s.shape), "dtype": str(s.dtype)}
+            for s in exported.in_avals[len(params) :]
+        ],
+    }
     weights = io.BytesIO()
     np.savez(weights, **{f"p{i}": np.asarray(p) for i, p in enumerate(params)})
     buffer = io.BytesIO()
@@ -122,6 +142,7 @@ def _read_artifact(path: Path) -> tuple[dict[str, Any], bytes, list[np.ndarray]]
     ``allow_pickle=False``, and only stored (uncompressed) members are read, so a member
     cannot expand beyond the file's own size.
     """
+
     def bad(why: str) -> Onnx2JaxError:
         return Onnx2JaxError(f"{path} is not a valid onnx2jax artifact: {why}")
 
@@ -158,10 +179,12 @@ def _check_meta(meta: dict[str, Any], bad: Callable[[str], Exception]) -> None:
     for spec in specs:
         shape = spec.get("shape") if isinstance(spec, dict) else None
         dtype = spec.get("dtype") if isinstance(spec, dict) else None
-        if (not isinstance(shape, list)
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                           for d in shape)
-                or not isinstance(dtype, str) or np.dtype(dtype).kind not in "biufc"):
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not isinstance(dtype, str)
+            or np.dtype(dtype).kind not in "biufc"
+        ):
             raise bad(f"meta.json has an invalid input spec {spec!r}")
 
 
@@ -183,11 +206,16 @@ def _check_custom_calls(exported: Any, path: str | os.PathLike) -> None:
     text = exported.mlir_module()
     targets = set(re.findall(r"custom_call\s+@([^\s(]+)", text))
     targets |= set(re.findall(r'call_target_name\s*=\s*"([^"]*)"', text))
-    refused = sorted(t for t in targets
-                     if (t not in allowed if allowed is not None else t.startswith("onnx2jax")))
+    refused = sorted(
+        t
+        for t in targets
+        if (t not in allowed if allowed is not None else t.startswith("onnx2jax"))
+    )
     if refused:
-        raise Onnx2JaxError(f"{path} calls native code outside JAX's stable set "
-                            f"({', '.join(refused)}); refusing to load it")
+        raise Onnx2JaxError(
+            f"{path} calls native code outside JAX's stable set "
+            f"({', '.join(refused)}); refusing to load it"
+        )
 
 
 class AotModel:
@@ -203,8 +231,9 @@ class AotModel:
         try:
             self.exported = jax.export.deserialize(bytearray(blob))
         except Exception as exc:  # the flatbuffer's reader raises several types
-            raise Onnx2JaxError(f"{path} is not a valid onnx2jax artifact: its program "
-                                f"cannot be read ({exc})") from None
+            raise Onnx2JaxError(
+                f"{path} is not a valid onnx2jax artifact: its program cannot be read ({exc})"
+            ) from None
         _check_custom_calls(self.exported, path)
         self.input_names: list[str] = list(meta["inputs"])
         self.output_names: list[str] = list(meta["outputs"])
@@ -213,11 +242,14 @@ class AotModel:
         self._specs = [(tuple(s["shape"]), np.dtype(s["dtype"])) for s in meta["input_specs"]]
         # The XLA options model(...) would compile these inputs with.
         self.compiler_options = inference_compiler_options(
-            {name: jax.ShapeDtypeStruct(shape, dtype)
-             for name, (shape, dtype) in zip(self.input_names, self._specs, strict=True)},
-            default_compiler_options(), meta.get("precision", "float32"))
-        self._jitted = jax.jit(self.exported.call,
-                               compiler_options=self.compiler_options or None)
+            {
+                name: jax.ShapeDtypeStruct(shape, dtype)
+                for name, (shape, dtype) in zip(self.input_names, self._specs, strict=True)
+            },
+            default_compiler_options(),
+            meta.get("precision", "float32"),
+        )
+        self._jitted = jax.jit(self.exported.call, compiler_options=self.compiler_options or None)
         directory = resolve_cache_dir(cache_dir)
         self.cache = ExecutableCache(directory) if directory is not None else None
         self._digest = hashlib.sha256(blob).hexdigest()
@@ -238,13 +270,15 @@ class AotModel:
 
     def _bind(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> list[Any]:
         if len(inputs) > len(self.input_names):
-            raise InputError(f"the artifact takes {len(self.input_names)} inputs, got "
-                             f"{len(inputs)}")
+            raise InputError(
+                f"the artifact takes {len(self.input_names)} inputs, got {len(inputs)}"
+            )
         bound = dict(zip(self.input_names, inputs, strict=False))
         for name, value in named.items():
             if name not in self.input_names or name in bound:
-                raise InputError(f"unexpected or repeated input {name!r}; the artifact takes "
-                                 f"{self.input_names}")
+                raise InputError(
+                    f"unexpected or repeated input {name!r}; the artifact takes {self.input_names}"
+                )
             bound[name] = value
         args = []
         for name, (shape, dtype) in zip(self.input_names, self._specs, strict=True):
@@ -252,15 +286,16 @@ class AotModel:
                 raise InputError(f"missing input {name!r}")
             value = bound[name]
             if tuple(np.shape(value)) != shape:
-                raise InputError(f"input {name!r} has shape {tuple(np.shape(value))}; the "
-                                 f"artifact was compiled for {shape}")
+                raise InputError(
+                    f"input {name!r} has shape {tuple(np.shape(value))}; the "
+                    f"artifact was compiled for {shape}"
+                )
             value = value if hasattr(value, "dtype") else np.asarray(value)
             args.append(value.astype(dtype) if value.dtype != dtype else value)
         return args
 
 
-def load_artifact(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
-                  ) -> AotModel:
+def load_artifact(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> AotModel:
     """Load an artifact written by :func:`export_model` (or ``onnx2jax compile``).
 
     With ``cache_dir`` (or ``$ONNX2JAX_CACHE_DIR``) the XLA executable is cached too.

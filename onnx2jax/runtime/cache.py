@@ -53,20 +53,32 @@ def environment_key() -> str:
     """What an executable depends on besides the program: versions, backend, device, x64."""
     device = jax.devices()[0]
     backend = jax.extend.backend.get_backend() if hasattr(jax, "extend") else None
-    parts = [jax.__version__, getattr(jax.lib, "__version__", ""),
-             device.platform, getattr(device, "device_kind", ""),
-             getattr(backend, "platform_version", ""), str(jax.config.jax_enable_x64),
-             os.environ.get("XLA_FLAGS", "")]
+    parts = [
+        jax.__version__,
+        getattr(jax.lib, "__version__", ""),
+        device.platform,
+        getattr(device, "device_kind", ""),
+        getattr(backend, "platform_version", ""),
+        str(jax.config.jax_enable_x64),
+        os.environ.get("XLA_FLAGS", ""),
+    ]
     return "|".join(str(p) for p in parts)
 
 
 def signature_key(tree: Any) -> str:
     """Structure, shapes and dtypes of a pytree of arrays (values ignored)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    specs = [(tuple(np.shape(v)), str(jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)
-                                       if not hasattr(v, "dtype") else
-                                       jax.dtypes.canonicalize_dtype(v.dtype)))
-             for v in leaves]
+    specs = [
+        (
+            tuple(np.shape(v)),
+            str(
+                jax.dtypes.canonicalize_dtype(np.asarray(v).dtype)
+                if not hasattr(v, "dtype")
+                else jax.dtypes.canonicalize_dtype(v.dtype)
+            ),
+        )
+        for v in leaves
+    ]
     return f"{treedef}|{specs}"
 
 
@@ -126,12 +138,15 @@ class ExecutableCache:
                     problem = str(exc)
             if problem is not None:
                 self._refused = problem
-                safety.warn_once(f"the executable cache {self.directory} is not used: "
-                                 f"{problem}. Models run, compiled in each process.")
+                safety.warn_once(
+                    f"the executable cache {self.directory} is not used: "
+                    f"{problem}. Models run, compiled in each process."
+                )
         return self._secret is not None
 
-    def compiled(self, key: str, lower: Callable[[], Any],
-                 devices: Sequence[jax.Device] | None = None) -> Any:
+    def compiled(
+        self, key: str, lower: Callable[[], Any], devices: Sequence[jax.Device] | None = None
+    ) -> Any:
         """The executable for ``key``: from memory, else from disk, else ``lower().compile()``.
 
         ``lower`` returns a :class:`jax.stages.Lowered`; it is only called on a miss.
@@ -153,12 +168,14 @@ class ExecutableCache:
                 try:
                     payload, in_tree, out_tree = pickle.loads(body)
                     compiled = serialize_executable.deserialize_and_load(
-                        payload, in_tree, out_tree,
-                        execution_devices=list(devices or jax.devices()[:1]))
+                        payload,
+                        in_tree,
+                        out_tree,
+                        execution_devices=list(devices or jax.devices()[:1]),
+                    )
                     self.hits += 1
                 except Exception as exc:  # signed but stale for this jaxlib: compile again
-                    log.info("onnx2jax: cache entry %s does not load (%s); recompiling", file,
-                             exc)
+                    log.info("onnx2jax: cache entry %s does not load (%s); recompiling", file, exc)
                     compiled = None
         if compiled is None:
             self.misses += 1
@@ -196,20 +213,20 @@ class ExecutableCache:
         if not data.startswith(ENTRY_MAGIC) or len(data) < len(ENTRY_MAGIC) + 8:
             return None, "is not an onnx2jax cache entry of this version"
         start = len(ENTRY_MAGIC) + 8
-        size = int.from_bytes(data[len(ENTRY_MAGIC):start], "big")
+        size = int.from_bytes(data[len(ENTRY_MAGIC) : start], "big")
         if size > len(data) - start:
             return None, "is truncated"
         try:
-            header = json.loads(data[start:start + size])
-            recorded_key, checksum, signature = (header["key"], header["sha256"],
-                                                 header["hmac"])
+            header = json.loads(data[start : start + size])
+            recorded_key, checksum, signature = (header["key"], header["sha256"], header["hmac"])
         except (ValueError, KeyError, TypeError):
             return None, "has a damaged header"
-        body = data[start + size:]
+        body = data[start + size :]
         if recorded_key != full_key:
             return None, "was compiled for another key"
         if not isinstance(checksum, str) or not hmac.compare_digest(
-                checksum, hashlib.sha256(body).hexdigest()):
+            checksum, hashlib.sha256(body).hexdigest()
+        ):
             return None, "is corrupt (checksum mismatch)"
         assert self._secret is not None
         expected = safety.sign(self._secret, full_key.encode(), body)
@@ -219,9 +236,13 @@ class ExecutableCache:
 
     def _write(self, file: Path, full_key: str, body: bytes) -> None:
         assert self._secret is not None
-        header = json.dumps({"key": full_key, "sha256": hashlib.sha256(body).hexdigest(),
-                             "hmac": safety.sign(self._secret, full_key.encode(), body)}
-                            ).encode()
+        header = json.dumps(
+            {
+                "key": full_key,
+                "sha256": hashlib.sha256(body).hexdigest(),
+                "hmac": safety.sign(self._secret, full_key.encode(), body),
+            }
+        ).encode()
         try:
             _atomic_write(file, ENTRY_MAGIC + len(header).to_bytes(8, "big") + header + body)
         except OSError as exc:  # a full or read-only disk: the model still runs
@@ -262,4 +283,3 @@ def model_digest(model: Any) -> str:
         if tensor.name not in model.params:
             h.update(tensor.SerializeToString())
     return h.hexdigest()
-

@@ -62,14 +62,18 @@ def place_inputs(inputs: Mapping[str, Any], devices: list[jax.Device]) -> dict[s
     split = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     whole = NamedSharding(mesh, PartitionSpec())
     batch = next(iter(inputs.values())).shape[0]
-    return {k: jax.device_put(canonical_input(v),
-                              split if v.ndim and v.shape[0] == batch else whole)
-            for k, v in inputs.items()}
+    return {
+        k: jax.device_put(canonical_input(v), split if v.ndim and v.shape[0] == batch else whole)
+        for k, v in inputs.items()
+    }
 
 
-def replicate(values: Mapping[str, Any], devices: list[jax.Device],
-              before: Mapping[str, Any] | None = None,
-              copies: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def replicate(
+    values: Mapping[str, Any],
+    devices: list[jax.Device],
+    before: Mapping[str, Any] | None = None,
+    copies: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """``values`` copied to every device in ``devices``.
 
     ``copies``, an earlier result for the same devices made from ``before``, lends the copies
@@ -77,8 +81,10 @@ def replicate(values: Mapping[str, Any], devices: list[jax.Device],
     """
     whole = NamedSharding(Mesh(np.array(devices), (BATCH_AXIS,)), PartitionSpec())
     before, copies = before or {}, copies or {}
-    return {k: copies[k] if k in copies and before.get(k) is v else jax.device_put(v, whole)
-            for k, v in values.items()}
+    return {
+        k: copies[k] if k in copies and before.get(k) is v else jax.device_put(v, whole)
+        for k, v in values.items()
+    }
 
 
 def _is_array(value: Any) -> bool:

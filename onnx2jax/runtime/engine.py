@@ -76,15 +76,19 @@ class GraphModel(Protocol):
     @property
     def output_names(self) -> list[str]: ...
 
-    def environment(self, params: Mapping[str, Any], bound: Mapping[str, Any],
-                    wanted: Sequence[str]) -> dict[str, Any]: ...
+    def environment(
+        self, params: Mapping[str, Any], bound: Mapping[str, Any], wanted: Sequence[str]
+    ) -> dict[str, Any]: ...
 
-    def apply_plan(self, plan: GraphPlan, params: Mapping[str, Any],
-                   bound: Mapping[str, Any], outputs: tuple[str, ...] | None
-                   ) -> dict[str, Any]: ...
+    def apply_plan(
+        self,
+        plan: GraphPlan,
+        params: Mapping[str, Any],
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None,
+    ) -> dict[str, Any]: ...
 
-    def collect_outputs(self, names: Sequence[str], values: Sequence[Any]
-                        ) -> dict[str, Any]: ...
+    def collect_outputs(self, names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]: ...
 
 
 class Engine:
@@ -123,8 +127,10 @@ class Engine:
         # Attention chains that the native attention kernel computes as one node.
         self.has_attention = fuse_attention(model.plan) is not model.plan
         # More of the weights native kernels read are Conv weights than matrices.
-        sizes = {kind: sum(int(np.size(params[k])) for k, v in self.native_weights.items()
-                           if v == kind) for kind in native.KINDS}
+        sizes = {
+            kind: sum(int(np.size(params[k])) for k, v in self.native_weights.items() if v == kind)
+            for kind in native.KINDS
+        }
         self.convolutional = sizes["conv"] > sizes["matrix"]
         # The kinds of native kernels used (native.KINDS; none: XLA's) -> (the params
         # prepared from, the prepared params).
@@ -139,13 +145,15 @@ class Engine:
         self._segmented: dict[tuple[str, ...] | None, SegmentedRunner] = {}
         # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
         directory = cache_module.resolve_cache_dir(cache_dir)
-        self.cache: ExecutableCache | None = (ExecutableCache(directory)
-                                              if directory is not None else None)
+        self.cache: ExecutableCache | None = (
+            ExecutableCache(directory) if directory is not None else None
+        )
         self._digest: str | None = None
 
     # ---------------------------------------------------------------- running
-    def run(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
-            ) -> dict[str, Any]:
+    def run(
+        self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
         """What ``model(...)`` returns for checked inputs ``bound`` (see ``Model.bind_inputs``).
 
         Under jit when the graph allows it (through the executable cache if the model has
@@ -166,20 +174,24 @@ class Engine:
         if runner is None:
             names = list(outputs) if outputs else model.output_names
             runner = self._segmented[outputs] = SegmentedRunner(
-                model.plan, model.interpreter, names, restore=self.restore_layouts)
+                model.plan, model.interpreter, names, restore=self.restore_layouts
+            )
         # The segments run the program model(...) would: prepared params, the same options.
         env = model.environment(self.prepared_params(), bound, runner.wanted)
         options = inference_compiler_options(bound, self.compiler_options, model.precision)
         values = runner.run(env, options)
         return _runtime_types(model.collect_outputs(runner.wanted, values))
 
-    def segmented_runner(self, outputs: tuple[str, ...] | None = None
-                         ) -> SegmentedRunner | None:
+    def segmented_runner(self, outputs: tuple[str, ...] | None = None) -> SegmentedRunner | None:
         """The segmented runner ``model(...)`` uses for ``outputs``, once a call needed one."""
         return self._segmented.get(outputs)
 
-    def cached_run(self, cache: ExecutableCache, bound: Mapping[str, Any],
-                   outputs: tuple[str, ...] | None = None) -> dict[str, Any]:
+    def cached_run(
+        self,
+        cache: ExecutableCache,
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
         """:meth:`run` under jit with the executable read from (or written to) ``cache``."""
         model = self.model
         if self._digest is None:
@@ -189,28 +201,30 @@ class Engine:
         # program of its own.
         params, placed, devices = self.placed(bound, kernels)
         key = f"model:{self._digest}|{signature_key((model.params, bound))}|{outputs}|"
-        key += str(sorted(options.items())) + "".join(f"|native {kind}"
-                                                      for kind in sorted(kernels))
-        key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}"
-                                                  if devices else "")
-        compiled = cache.compiled(key, lambda: function.lower(params, placed, outputs=outputs),
-                                  devices or None)
+        key += str(sorted(options.items())) + "".join(f"|native {kind}" for kind in sorted(kernels))
+        key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}" if devices else "")
+        compiled = cache.compiled(
+            key, lambda: function.lower(params, placed, outputs=outputs), devices or None
+        )
         return compiled(params, {k: canonical_input(v) for k, v in placed.items()})
 
-    def inference_function(self, bound: Mapping[str, Any]
-                           ) -> tuple[Any, dict[str, Any], frozenset[str]]:
+    def inference_function(
+        self, bound: Mapping[str, Any]
+    ) -> tuple[Any, dict[str, Any], frozenset[str]]:
         """The jitted function ``model(...)`` uses for these inputs, its XLA options, and the
         kinds of native kernels it calls (onnx2jax/native.py): "conv", "matrix", "attention".
 
         It takes ``(params, inputs, outputs=...)`` with the params of :meth:`placed`.
         """
-        options = inference_compiler_options(bound, self.compiler_options,
-                                             self.model.precision)
+        options = inference_compiler_options(bound, self.compiler_options, self.model.precision)
         kernels: frozenset[str] = frozenset()
         # The kernels have no gradient, batching or sharding rule: inside someone's trace, or
         # for a batch split over devices, the program is XLA's alone.
-        if (native.available() and not self.split_devices(bound)
-                and not any(isinstance(v, jax.core.Tracer) for v in bound.values())):
+        if (
+            native.available()
+            and not self.split_devices(bound)
+            and not any(isinstance(v, jax.core.Tracer) for v in bound.values())
+        ):
             # Native convolutions with their epilogues fused measured faster at every batch
             # (paired with onnxruntime: ResNet-50 b1 1.27x against XLA's 1.61x, b8 1.31x
             # against 1.43x), and so did native attention (MiniLM b32 0.92x against 1.05x, b1
@@ -219,34 +233,40 @@ class Engine:
             used = set(self.native_weights.values())
             if self.has_attention:
                 used.add("attention")
-            kernels = frozenset(kind for kind in used
-                                if kind != "matrix" or input_rows(bound) <= FEW_ROWS)
+            kernels = frozenset(
+                kind for kind in used if kind != "matrix" or input_rows(bound) <= FEW_ROWS
+            )
         function = jit_with_options(
             self._inference_jits.setdefault(kernels, {}),
-            functools.partial(self.apply_prepared, native_kernels=kernels), options,
-            static_argnames=("outputs",))
+            functools.partial(self.apply_prepared, native_kernels=kernels),
+            options,
+            static_argnames=("outputs",),
+        )
         return function, options, kernels
 
-    def lower(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
-              ) -> Any:
+    def lower(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None) -> Any:
         """The :class:`jax.stages.Lowered` program ``model(...)`` runs on ``bound`` (its
         compiled HLO: ``.compile().as_text()``)."""
         function, _, kernels = self.inference_function(bound)
         params, placed, _ = self.placed(bound, kernels)
         return function.lower(params, placed, outputs=outputs)
 
-    def lower_xla(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
-                  ) -> Any:
+    def lower_xla(self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None) -> Any:
         """The :class:`jax.stages.Lowered` graph on ``model.params`` as they are, XLA's kernels
         only, compiled with :attr:`compiler_options` (for XLA's cost analysis: a native
         kernel's work is invisible to it)."""
-        function = jit_with_options(self._xla_jits, self.apply_for_jit, self.compiler_options,
-                                    static_argnames=("outputs",))
+        function = jit_with_options(
+            self._xla_jits, self.apply_for_jit, self.compiler_options, static_argnames=("outputs",)
+        )
         return function.lower(self.model.params, bound, outputs=outputs)
 
-    def apply_for_jit(self, params: Mapping[str, Any], bound: Mapping[str, Any],
-                      outputs: tuple[str, ...] | None,
-                      kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def apply_for_jit(
+        self,
+        params: Mapping[str, Any],
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None,
+        kernels: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
         """The graph (rewritten for native ``kernels``) on ONNX-layout ``params``; raises
         :class:`DataDependentShapeError` for outputs that XLA cannot return."""
         plan = self.fused_plan(kernels, outputs) if kernels else self.model.plan
@@ -256,20 +276,25 @@ class Engine:
                 # A jitted function cannot return strings; run() reruns outside jit.
                 kind = getattr(value, "dtype", type(value).__name__)
                 raise DataDependentShapeError(
-                    f"output {name!r} holds {kind} values, which XLA cannot return")
+                    f"output {name!r} holds {kind} values, which XLA cannot return"
+                )
         return result
 
-    def apply_prepared(self, prepared: Mapping[str, Any], bound: Mapping[str, Any],
-                       outputs: tuple[str, ...] | None,
-                       native_kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def apply_prepared(
+        self,
+        prepared: Mapping[str, Any],
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None,
+        native_kernels: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
         """The graph on params in their prepared layouts (:meth:`prepared_params` for
         ``native_kernels``), with those kernels on: the body of ``model(...)``'s program."""
         with native.kernels(native_kernels):
-            return self.apply_for_jit(self.restore_layouts(prepared, native_kernels), bound,
-                                      outputs, native_kernels)
+            return self.apply_for_jit(
+                self.restore_layouts(prepared, native_kernels), bound, outputs, native_kernels
+            )
 
-    def fused_plan(self, kernels: frozenset[str], outputs: tuple[str, ...] | None
-                   ) -> GraphPlan:
+    def fused_plan(self, kernels: frozenset[str], outputs: tuple[str, ...] | None) -> GraphPlan:
         """The plan rewritten for these kinds of native kernels (onnx2jax.runtime.fusion),
         keeping ``outputs`` (None: the graph's)."""
         wanted = tuple(outputs) if outputs else tuple(self.model.output_names)
@@ -284,12 +309,19 @@ class Engine:
         these kinds of native ``kernels``); redone for the params that changed."""
         current = self.model.params
         cached = self._prepared.get(kernels)
-        if (cached is None or cached[0].keys() != current.keys()
-                or any(cached[0][k] is not v for k, v in current.items())):
+        if (
+            cached is None
+            or cached[0].keys() != current.keys()
+            or any(cached[0][k] is not v for k, v in current.items())
+        ):
             before, done = cached or ({}, {})
             layouts = self.layouts(kernels)
-            prepared = {k: (done[k] if before.get(k) is v else prepared_weight(v, layouts[k]))
-                        if k in layouts else v for k, v in current.items()}
+            prepared = {
+                k: (done[k] if before.get(k) is v else prepared_weight(v, layouts[k]))
+                if k in layouts
+                else v
+                for k, v in current.items()
+            }
             cached = self._prepared[kernels] = (dict(current), prepared)
         return cached[1]
 
@@ -304,23 +336,28 @@ class Engine:
             if kind not in kernels:
                 continue
             shape = np.shape(self.model.params[name])
-            if name in self._winograd_candidates and native.winograd_applies(
-                    shape, (1, 1), (1, 1)):
+            if name in self._winograd_candidates and native.winograd_applies(shape, (1, 1), (1, 1)):
                 layouts[name] = "winograd"
-            elif (native.weight_block(int(shape[0])) if kind == "conv"
-                  else native.matrix_blocked(int(shape[1]))):
+            elif (
+                native.weight_block(int(shape[0]))
+                if kind == "conv"
+                else native.matrix_blocked(int(shape[1]))
+            ):
                 layouts[name] = kind
         return layouts
 
-    def restore_layouts(self, values: Mapping[str, Any],
-                        kernels: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def restore_layouts(
+        self, values: Mapping[str, Any], kernels: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
         """``values`` with prepared weights back in ONNX's layout (under jit, XLA cancels the
         pair with the preparation, or the native kernel reads the prepared weights itself:
         onnx2jax.native._remember)."""
         layouts = self.layouts(kernels)
         params = self.model.params
-        return {k: restored_weight(v, layouts[k], np.shape(params[k])) if k in layouts
-                else v for k, v in values.items()}
+        return {
+            k: restored_weight(v, layouts[k], np.shape(params[k])) if k in layouts else v
+            for k, v in values.items()
+        }
 
     # ---------------------------------------------------------------- devices
     def split_devices(self, bound: Mapping[str, Any]) -> list[jax.Device]:
@@ -338,8 +375,9 @@ class Engine:
             return []
         return split_devices(bound)
 
-    def placed(self, bound: Mapping[str, Any], kernels: frozenset[str] = frozenset()
-               ) -> tuple[Params, dict[str, Any], list[jax.Device]]:
+    def placed(
+        self, bound: Mapping[str, Any], kernels: frozenset[str] = frozenset()
+    ) -> tuple[Params, dict[str, Any], list[jax.Device]]:
         """The params and inputs ``model(...)`` passes to its jitted function (with these kinds
         of native ``kernels``), and the devices they are on: one device ([]), or several CPU
         devices splitting the batch (onnx2jax.runtime.devices)."""
@@ -370,14 +408,17 @@ def host_only(value: Any) -> bool:
     if isinstance(value, dict):  # ONNX maps (ai.onnx.ml CastMap, DictVectorizer)
         return True
     return isinstance(value, np.ndarray) and (
-        value.dtype == object or value.dtype.kind in "SU"
-        or value.dtype.name in _HOST_ONLY_DTYPE_NAMES)
+        value.dtype == object
+        or value.dtype.kind in "SU"
+        or value.dtype.name in _HOST_ONLY_DTYPE_NAMES
+    )
 
 
 def _runtime_types(outputs: dict[str, Any]) -> dict[str, Any]:
     """``outputs`` with the map values onnxruntime gives: a map (a ZipMap row, in a list) holds
     Python ints and strings as keys and Python scalars as values, not 0-d arrays. Tensors, and
     sequences of them (lists), stay arrays."""
+
     def convert(value: Any) -> Any:
         if isinstance(value, list):
             return [convert(v) for v in value]
@@ -392,7 +433,10 @@ def _runtime_types(outputs: dict[str, Any]) -> dict[str, Any]:
 
 def _python_scalar(value: Any) -> Any:
     # A tracer (model(...) called inside someone's jit) has no Python value: it stays.
-    if (isinstance(value, np.ndarray | np.generic | jax.Array) and np.ndim(value) == 0
-            and not isinstance(value, jax.core.Tracer)):
+    if (
+        isinstance(value, np.ndarray | np.generic | jax.Array)
+        and np.ndim(value) == 0
+        and not isinstance(value, jax.core.Tracer)
+    ):
         value = np.asarray(value).item()
     return value.decode() if isinstance(value, bytes) else value

@@ -75,8 +75,9 @@ class _Rewrite:
                 specs.append(plan.specs[index])
                 node_reads.append(plan.node_reads[index])
         producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
-        return dataclasses.replace(plan, nodes=nodes, specs=specs, node_reads=node_reads,
-                                   producer=producer)
+        return dataclasses.replace(
+            plan, nodes=nodes, specs=specs, node_reads=node_reads, producer=producer
+        )
 
 
 def fuse(plan: GraphPlan, kinds: Collection[str], keep: Collection[str] = ()) -> GraphPlan:
@@ -160,8 +161,9 @@ def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
         chain, scale, divide, mask, cast_to = [index], "", 0, "", 0
         at = node.output[0]
         scaled = rewrite.sole_reader(at)
-        if scaled is not None and (_is(plan.nodes[scaled], "Mul") or
-                                   _is(plan.nodes[scaled], "Div")):
+        if scaled is not None and (
+            _is(plan.nodes[scaled], "Mul") or _is(plan.nodes[scaled], "Div")
+        ):
             inputs = list(plan.nodes[scaled].input)
             divide = int(plan.nodes[scaled].op_type == "Div")
             if len(inputs) == 2 and inputs.count(at) == 1 and (not divide or inputs[0] == at):
@@ -169,8 +171,11 @@ def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
                 chain.append(scaled)
                 at = plan.nodes[scaled].output[0]
         add = rewrite.next_if(at, "Add")
-        if (add is not None and len(plan.nodes[add].input) == 2
-                and list(plan.nodes[add].input).count(at) == 1):
+        if (
+            add is not None
+            and len(plan.nodes[add].input) == 2
+            and list(plan.nodes[add].input).count(at) == 1
+        ):
             inputs = list(plan.nodes[add].input)
             mask = inputs[1 - inputs.index(at)]
             chain.append(add)
@@ -183,8 +188,9 @@ def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
         chain.append(softmax)
         at = plan.nodes[softmax].output[0]
         # ViT's export casts twice: a second Cast to the same type changes nothing.
-        while (cast := rewrite.next_if(at, "Cast")) is not None and \
-                _attribute(plan.nodes[cast], "to", 0) == onnx.TensorProto.FLOAT:
+        while (cast := rewrite.next_if(at, "Cast")) is not None and _attribute(
+            plan.nodes[cast], "to", 0
+        ) == onnx.TensorProto.FLOAT:
             chain.append(cast)
             at = plan.nodes[cast].output[0]
             cast_to = onnx.TensorProto.FLOAT
@@ -193,10 +199,14 @@ def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
             continue
         chain.append(product)
         fused = onnx.helper.make_node(
-            "SoftmaxAttention", [node.input[0], node.input[1], plan.nodes[product].input[1],
-                                 mask, scale],
-            [plan.nodes[product].output[0]], name=f"{node.name or 'MatMul'}/SoftmaxAttention",
-            domain=ONNX2JAX, divide=divide, cast_to=cast_to)
+            "SoftmaxAttention",
+            [node.input[0], node.input[1], plan.nodes[product].input[1], mask, scale],
+            [plan.nodes[product].output[0]],
+            name=f"{node.name or 'MatMul'}/SoftmaxAttention",
+            domain=ONNX2JAX,
+            divide=divide,
+            cast_to=cast_to,
+        )
         rewrite.replace(chain, fused)
     return rewrite.result()
 

@@ -28,6 +28,7 @@ def prepared_weight(value: Any, layout: Layout) -> Any:
     """``value`` in ``layout`` (see Engine.layouts); by NumPy when it is in host memory. An XLA
     transpose per weight shape is a compilation each: ResNet-50's 53 Conv weights took 1.22 s
     on its first call, NumPy 0.16 s."""
+
     def arrange(array: Any) -> Any:
         if layout == "conv":
             return native.blocked_weights(array)
@@ -56,8 +57,9 @@ def restored_weight(value: Any, layout: Layout, shape: Sequence[int]) -> Any:
     return jnp.transpose(value, np.argsort(layout))
 
 
-def conv_weight_layouts(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
-                         ) -> dict[str, tuple[int, ...]]:
+def conv_weight_layouts(
+    nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
+) -> dict[str, tuple[int, ...]]:
     """Params used as the weight of an ai.onnx Conv, with the permutation OIHW... -> HW...IO."""
     layouts = {}
     for node in nodes:
@@ -68,8 +70,9 @@ def conv_weight_layouts(nodes: Sequence[onnx.NodeProto], params: Mapping[str, An
     return layouts
 
 
-def native_weight_kinds(nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
-                    ) -> dict[str, str]:
+def native_weight_kinds(
+    nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
+) -> dict[str, str]:
     """Float32 params that native kernels read, and how: "conv" (the weights of 2-D, one-group
     Convs) or "matrix" (the right operand of MatMul, or of Gemm without transposes or alpha).
     A param with any other use is left out: a blocked weight would be laid out again on every
@@ -83,18 +86,30 @@ def native_weight_kinds(nodes: Sequence[onnx.NodeProto], params: Mapping[str, An
                 continue
             weight = params[name]
             kind = None
-            conv = ((node.op_type == "Conv" and node.domain in ("", "ai.onnx"))
-                    or (node.op_type == "FusedConv" and node.domain == "com.microsoft"))
-            if index == 1 and weight.dtype == np.float32 and (
-                    conv or node.domain in ("", "ai.onnx")):
-                if (conv and weight.ndim == 4
-                        and attributes.get("group", onnx.AttributeProto(i=1)).i == 1):
+            conv = (node.op_type == "Conv" and node.domain in ("", "ai.onnx")) or (
+                node.op_type == "FusedConv" and node.domain == "com.microsoft"
+            )
+            if (
+                index == 1
+                and weight.dtype == np.float32
+                and (conv or node.domain in ("", "ai.onnx"))
+            ):
+                if (
+                    conv
+                    and weight.ndim == 4
+                    and attributes.get("group", onnx.AttributeProto(i=1)).i == 1
+                ):
                     kind = "conv"
-                elif weight.ndim == 2 and (node.op_type == "MatMul" or (
+                elif weight.ndim == 2 and (
+                    node.op_type == "MatMul"
+                    or (
                         node.op_type == "Gemm"
-                        and not any(attributes[a].i for a in ("transA", "transB")
-                                    if a in attributes)
-                        and attributes.get("alpha", onnx.AttributeProto(f=1.0)).f == 1.0)):
+                        and not any(
+                            attributes[a].i for a in ("transA", "transB") if a in attributes
+                        )
+                        and attributes.get("alpha", onnx.AttributeProto(f=1.0)).f == 1.0
+                    )
+                ):
                     kind = "matrix"
             if kind is None or kinds.get(name, kind) != kind:
                 other.add(name)
@@ -103,17 +118,20 @@ def native_weight_kinds(nodes: Sequence[onnx.NodeProto], params: Mapping[str, An
     return {name: kind for name, kind in kinds.items() if name not in other}
 
 
-def winograd_candidates(nodes: Sequence[onnx.NodeProto], native_weights: Mapping[str, str]
-                         ) -> set[str]:
+def winograd_candidates(
+    nodes: Sequence[onnx.NodeProto], native_weights: Mapping[str, str]
+) -> set[str]:
     """The "conv" ``native_weights`` that only 3x3 Convs of stride and dilation 1 read."""
     candidates, other = set(), set()
     for node in nodes:
         if len(node.input) < 2 or native_weights.get(node.input[1]) != "conv":
             continue
         attributes = {a.name: list(a.ints) for a in node.attribute}
-        if (list(attributes.get("kernel_shape", [3, 3])) == [3, 3]
-                and all(v == 1 for v in attributes.get("strides", []))
-                and all(v == 1 for v in attributes.get("dilations", []))):
+        if (
+            list(attributes.get("kernel_shape", [3, 3])) == [3, 3]
+            and all(v == 1 for v in attributes.get("strides", []))
+            and all(v == 1 for v in attributes.get("dilations", []))
+        ):
             candidates.add(node.input[1])
         else:
             other.add(node.input[1])

@@ -38,13 +38,17 @@ FEW_ROWS = 1024
 def input_rows(bound: Mapping[str, Any]) -> int:
     """The most rows a matrix product of these inputs may have: the tokens of an integer input
     (every element), else all dimensions of an input but the last."""
-    rows = [int(np.prod(v.shape if np.issubdtype(v.dtype, np.integer) else v.shape[:-1]))
-            for v in bound.values() if hasattr(v, "shape") and hasattr(v, "dtype")]
+    rows = [
+        int(np.prod(v.shape if np.issubdtype(v.dtype, np.integer) else v.shape[:-1]))
+        for v in bound.values()
+        if hasattr(v, "shape") and hasattr(v, "dtype")
+    ]
     return max(rows, default=0)
 
 
-def inference_compiler_options(bound: Mapping[str, Any], options: dict[str, Any],
-                               precision: str = "float32") -> dict[str, Any]:
+def inference_compiler_options(
+    bound: Mapping[str, Any], options: dict[str, Any], precision: str = "float32"
+) -> dict[str, Any]:
     """``options``, with YNNPACK dots switched on for few rows or bfloat16 products.
 
     XLA's own (Eigen) dots compute bfloat16 no faster than float32; YNNPACK's run it at about
@@ -53,19 +57,23 @@ def inference_compiler_options(bound: Mapping[str, Any], options: dict[str, Any]
     if options.get("xla_cpu_experimental_ynn_fusion_type") != "":
         return options
     if precision == "bfloat16" or input_rows(bound) <= FEW_ROWS:
-        return {**options,
-                "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+        return {
+            **options,
+            "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+        }
     return options
 
 
-def jit_with_options(cache: dict[tuple, Any], function: Any, options: Mapping[str, Any],
-                     **jit_kwargs: Any) -> Any:
+def jit_with_options(
+    cache: dict[tuple, Any], function: Any, options: Mapping[str, Any], **jit_kwargs: Any
+) -> Any:
     """``jax.jit(function)`` compiled with ``options``: one per distinct set, kept in ``cache``."""
     key = tuple(sorted(options.items()))
     jitted = cache.get(key)
     if jitted is None:
-        jitted = cache[key] = jax.jit(function, compiler_options=dict(options) or None,
-                                      **jit_kwargs)
+        jitted = cache[key] = jax.jit(
+            function, compiler_options=dict(options) or None, **jit_kwargs
+        )
     return jitted
 
 

@@ -34,8 +34,14 @@ class Segment:
 class SegmentedRunner:
     """Runs ``wanted`` of a plan with host nodes outside jit and the rest in jitted segments."""
 
-    def __init__(self, plan: GraphPlan, interpreter: Interpreter, wanted: Sequence[str], *,
-                 restore: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        plan: GraphPlan,
+        interpreter: Interpreter,
+        wanted: Sequence[str],
+        *,
+        restore: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ):
         self.plan = plan
         self.interpreter = interpreter
         self.wanted = list(wanted)
@@ -60,8 +66,9 @@ class SegmentedRunner:
         compiled so far, in compilation order."""
         return list(self._compiled)
 
-    def run(self, env: dict[str, Any], compiler_options: Mapping[str, Any] | None = None
-            ) -> list[Any]:
+    def run(
+        self, env: dict[str, Any], compiler_options: Mapping[str, Any] | None = None
+    ) -> list[Any]:
         """Evaluate ``wanted`` from ``env`` (inputs, params, constants), learning host nodes.
 
         Jitted segments compile with the XLA ``compiler_options``.
@@ -97,12 +104,14 @@ class SegmentedRunner:
             reads = {n for i in group for n in self.plan.node_reads[i]} - produced
             writes = produced & needed_later
             needed_later = (needed_later - produced) | reads
-            segments.append(Segment(tuple(group), host, tuple(sorted(reads)),
-                                    tuple(sorted(writes))))
+            segments.append(
+                Segment(tuple(group), host, tuple(sorted(reads)), tuple(sorted(writes)))
+            )
         return segments[::-1]
 
-    def _run_segment(self, position: int, segment: Segment, scope: dict[str, Any],
-                     options: dict[str, Any]) -> None:
+    def _run_segment(
+        self, position: int, segment: Segment, scope: dict[str, Any], options: dict[str, Any]
+    ) -> None:
         if segment.host:
             local = self.restore({n: scope[n] for n in segment.reads if n in scope})
             self.interpreter.run_nodes(self.plan, local, segment.indices)
@@ -110,20 +119,26 @@ class SegmentedRunner:
             return
         static = {n: scope[n] for n in segment.reads if n in scope and _is_host_value(scope[n])}
         dynamic = {n: scope[n] for n in segment.reads if n in scope and n not in static}
-        key = (position, _signature(dynamic), _static_key(static, self.plan.constants),
-               tuple(sorted(options.items())))
+        key = (
+            position,
+            _signature(dynamic),
+            _static_key(static, self.plan.constants),
+            tuple(sorted(options.items())),
+        )
         compiled = self._compiled.get(key)
         if compiled is None:
             recorded: dict[str, Any] = {}
-            function = jax.jit(self._segment_function(segment, static, recorded),
-                               compiler_options=options or None)
+            function = jax.jit(
+                self._segment_function(segment, static, recorded), compiler_options=options or None
+            )
             compiled = self._compiled[key] = (function, recorded)
         function, recorded = compiled
         scope.update(function(dynamic))
         scope.update(recorded)
 
-    def _segment_function(self, segment: Segment, static: Mapping[str, Any],
-                          recorded: dict[str, Any]):
+    def _segment_function(
+        self, segment: Segment, static: Mapping[str, Any], recorded: dict[str, Any]
+    ):
         def run(dynamic: dict[str, Any]) -> dict[str, Any]:
             local = {**static, **self.restore(dynamic)}
             self.interpreter.run_nodes(self.plan, local, segment.indices)
