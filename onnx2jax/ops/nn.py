@@ -268,11 +268,11 @@ def deform_conv(ctx, x, w, offset, b=None, mask=None):
     return y
 
 
-# Windows of at most this many positions are reduced as strided slices (_PoolGeometry._sliced).
+# Windows of at most this many positions are reduced as strided slices (PoolGeometry._sliced).
 SLICED_WINDOW = 27
 
 
-class _PoolGeometry:
+class PoolGeometry:
     """Output size and explicit padding of a pooling window over the spatial axes."""
 
     def __init__(self, ctx, in_shape, kernel, *, dilations=True, ceil_mode=True):
@@ -392,7 +392,7 @@ def _lowest(dtype):
     return np.iinfo(dtype).min
 
 
-def _pool_input(ctx, x):
+def pool_input(ctx, x):
     if np.ndim(x) < 3:
         raise ctx.error(f"{ctx.node.op_type} needs an input of rank 3 or more, got {np.shape(x)}")
     kernel = ctx.attr("kernel_shape")
@@ -403,8 +403,8 @@ def _pool_input(ctx, x):
 
 @register("AveragePool", since=(1, 7, 10, 11, 19, 22))
 def average_pool(ctx, x):
-    x, kernel = _pool_input(ctx, x)
-    geometry = _PoolGeometry(
+    x, kernel = pool_input(ctx, x)
+    geometry = PoolGeometry(
         ctx, x.shape[2:], kernel, dilations=ctx.opset >= 19, ceil_mode=ctx.opset >= 10
     )
     include_pad = bool(ctx.attr("count_include_pad", 0)) if ctx.opset >= 7 else False
@@ -415,9 +415,9 @@ def average_pool(ctx, x):
 
 @register("LpPool", since=(1, 2, 11, 18, 22))
 def lp_pool(ctx, x):
-    x, kernel = _pool_input(ctx, x)
+    x, kernel = pool_input(ctx, x)
     p = float(ctx.attr("p", 2.0))
-    geometry = _PoolGeometry(
+    geometry = PoolGeometry(
         ctx, x.shape[2:], kernel, dilations=ctx.opset >= 18, ceil_mode=ctx.opset >= 18
     )
     powered = jnp.abs(x) ** jnp.asarray(p, x.dtype)
@@ -427,8 +427,8 @@ def lp_pool(ctx, x):
 
 @register("MaxPool", since=(1, 8, 10, 11, 12, 22))
 def max_pool(ctx, x):
-    x, kernel = _pool_input(ctx, x)
-    geometry = _PoolGeometry(
+    x, kernel = pool_input(ctx, x)
+    geometry = PoolGeometry(
         ctx, x.shape[2:], kernel, dilations=ctx.opset >= 10, ceil_mode=ctx.opset >= 10
     )
     lowest = _lowest(x.dtype)

@@ -17,7 +17,7 @@ from jax import lax
 
 from onnx2jax.ops import contrib
 from onnx2jax.ops.elementwise import divide_correctly_rounded
-from onnx2jax.ops.nn import _pool_input, _PoolGeometry
+from onnx2jax.ops.nn import PoolGeometry, pool_input
 from onnx2jax.ops.quantization import (
     _as_int32,
     _int_matmul,
@@ -31,7 +31,7 @@ from onnx2jax.ops.quantization import (
     quantize_linear,
 )
 from onnx2jax.ops.registry import MS, register
-from onnx2jax.ops.rnn import _activations, _reverse, _step
+from onnx2jax.ops.rnn import cell_activations, lstm_update, masked_step, reverse_by_length
 
 # onnxruntime's com.microsoft QuantizeLinear/DequantizeLinear (written by the quantizer for 16-bit
 # types or with use_qdq_contrib_ops) are the ai.onnx ops with only the ``axis`` attribute.
@@ -273,8 +273,8 @@ def qlinear_average_pool(ctx, x, x_scale, x_zero_point, y_scale, y_zero_point=No
     dtype = _out_dtype(y_zero_point, x)
     _check_integer(ctx, dtype)
     x, back = _channels_first(ctx, x)
-    x, kernel = _pool_input(ctx, x)
-    geometry = _PoolGeometry(ctx, x.shape[2:], kernel, dilations=False, ceil_mode=True)
+    x, kernel = pool_input(ctx, x)
+    geometry = PoolGeometry(ctx, x.shape[2:], kernel, dilations=False, ceil_mode=True)
     if list(x.shape[2:]) == kernel and not any(geometry.begin + geometry.end):
         # onnxruntime runs a window as large as the unpadded input as a global average pool.
         y = _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype)
@@ -516,7 +516,7 @@ def dynamic_quantize_lstm(
         )
     clip = ctx.attr("clip")
     input_forget = ctx.attr("input_forget", 0)
-    acts = _activations(ctx, "LSTM", num_dir)
+    acts = cell_activations(ctx, "LSTM", num_dir)
 
     def state(value, name):
         if value is None:
@@ -558,27 +558,19 @@ def dynamic_quantize_lstm(
             + wb
         )
         if reverse:
-            xw = _reverse(xw, sequence_lens)
+            xw = reverse_by_length(xw, sequence_lens)
 
-        def cell(xw_t, h, c, r_d=r_d, rs=rs, rz=rz, rb=rb, peep=peep, f=f, g=g, act_h=act_h):
-            x_i, x_o, x_f, x_c = jnp.split(xw_t + _dynamic_matmul(h, r_d, rs, rz) + rb, 4, axis=-1)
-            if peep is not None:
-                x_i = x_i + peep[0] * c
-                x_f = x_f + peep[2] * c
-            i = f(pre(x_i))
-            forget = 1 - i if input_forget else f(pre(x_f))
-            c_new = forget * c + i * g(pre(x_c))
-            if peep is not None:
-                x_o = x_o + peep[1] * c_new
-            return f(pre(x_o)) * act_h(c_new), c_new
+        def cell(xw_t, h, c, r_d=r_d, rs=rs, rz=rz, rb=rb, peep=peep, acts=(f, g, act_h)):
+            gates = xw_t + _dynamic_matmul(h, r_d, rs, rz) + rb
+            return lstm_update(gates, c, peep, acts, input_forget, pre)
 
         (h, c), y = lax.scan(
-            lambda carry, inputs, cell=cell: _step(cell, carry, inputs),
+            lambda carry, inputs, cell=cell: masked_step(cell, carry, inputs),
             (init_h[d], init_c[d]),
             (xw, mask),
         )
         if reverse:
-            y = _reverse(y, sequence_lens)
+            y = reverse_by_length(y, sequence_lens)
         ys.append(y)
         hs.append(h)
         cs.append(c)

@@ -37,7 +37,7 @@ _DEFAULT_ACTIVATIONS = {
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 
 
-def _activations(ctx, kind, num_dir):
+def cell_activations(ctx, kind, num_dir):
     """Per direction, the activation functions with their alpha/beta bound."""
     names = ctx.attr("activations")
     per_dir = len(_DEFAULT_ACTIVATIONS[kind])
@@ -85,7 +85,7 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
             f"{x.shape[-1]}] for direction {direction!r}"
         )
     clip = ctx.attr("clip")
-    acts = _activations(ctx, kind, num_dir)
+    acts = cell_activations(ctx, kind, num_dir)
 
     def state(value, name):
         if value is None:
@@ -117,13 +117,13 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
         cell = _cell(ctx, kind, r_d, rb, p_d, acts[d], clip, hidden)
         xw = jnp.einsum("tbi,gi->tbg", x, w_d) + wb
         if reverse:
-            xw = _reverse(xw, seq_lens)
+            xw = reverse_by_length(xw, seq_lens)
         carry = (init_h[d], init_c[d] if init_c is not None else None)
         (h, c), y = lax.scan(
-            lambda carry, inputs, cell=cell: _step(cell, carry, inputs), carry, (xw, mask)
+            lambda carry, inputs, cell=cell: masked_step(cell, carry, inputs), carry, (xw, mask)
         )
         if reverse:
-            y = _reverse(y, seq_lens)
+            y = reverse_by_length(y, seq_lens)
         ys.append(y)
         hs.append(h)
         cs.append(c)
@@ -140,7 +140,7 @@ def _recurrent(ctx, kind, x, w, r, b, seq_lens, init_h, init_c=None, peep=None):
     return tuple(outputs)
 
 
-def _step(cell, carry, inputs):
+def masked_step(cell, carry, inputs):
     h, c = carry
     xw_t, mask_t = inputs
     h_new, c_new = cell(xw_t, h, c)
@@ -151,7 +151,7 @@ def _step(cell, carry, inputs):
     return (h_out, c_out), jnp.where(mask_t, h_new, 0).astype(h_new.dtype)
 
 
-def _reverse(values, seq_lens):
+def reverse_by_length(values, seq_lens):
     """Reverse time (axis 0) within each batch entry's valid steps; padding stays in place."""
     if seq_lens is None:
         return jnp.flip(values, 0)
@@ -194,18 +194,25 @@ def _cell(ctx, kind, r, rb, peep, acts, clip, hidden):
     input_forget = ctx.attr("input_forget", 0)
 
     def lstm_cell(xw, h, c):
-        x_i, x_o, x_f, x_c = jnp.split(xw + h @ r.T + rb, 4, axis=-1)
-        if peep is not None:
-            x_i = x_i + peep[0] * c
-            x_f = x_f + peep[2] * c
-        i = f(pre(x_i))
-        forget = 1 - i if input_forget else f(pre(x_f))
-        c_new = forget * c + i * g(pre(x_c))
-        if peep is not None:
-            x_o = x_o + peep[1] * c_new
-        return f(pre(x_o)) * act_h(c_new), c_new
+        return lstm_update(xw + h @ r.T + rb, c, peep, (f, g, act_h), input_forget, pre)
 
     return lstm_cell
+
+
+def lstm_update(gates, c, peep, acts, input_forget, pre):
+    """One LSTM step from its gates' pre-activations (ONNX's i, o, f, c order) and the cell
+    state: ``(h, c)`` after the step. DynamicQuantizeLSTM shares it (ops/qlinear.py)."""
+    f, g, act_h = acts
+    x_i, x_o, x_f, x_c = jnp.split(gates, 4, axis=-1)
+    if peep is not None:
+        x_i = x_i + peep[0] * c
+        x_f = x_f + peep[2] * c
+    i = f(pre(x_i))
+    forget = 1 - i if input_forget else f(pre(x_f))
+    c_new = forget * c + i * g(pre(x_c))
+    if peep is not None:
+        x_o = x_o + peep[1] * c_new
+    return f(pre(x_o)) * act_h(c_new), c_new
 
 
 @register("RNN", since=(1, 7, 14, 22))
