@@ -225,11 +225,9 @@ class Engine:
             and not self.split_devices(bound)
             and not any(isinstance(v, jax.core.Tracer) for v in bound.values())
         ):
-            # Native convolutions with their epilogues fused measured faster at every batch
-            # (paired with onnxruntime: ResNet-50 b1 1.27x against XLA's 1.61x, b8 1.31x
-            # against 1.43x), and so did native attention (MiniLM b32 0.92x against 1.05x, b1
-            # 1.14x against 1.19x); native matrix products only for few rows (MiniLM and GPT-2
-            # b1).
+            # Native convolutions with their epilogues fused measured faster at every batch,
+            # and so did native attention; native matrix products only for few rows
+            # (benchmarks/LOG.md, "which native kernels model(...) uses").
             used = set(self.native_weights.values())
             if self.has_attention:
                 used.add("attention")
