@@ -3,9 +3,11 @@
 from onnx2jax.ops import (  # noqa: F401
     activation,
     attention,
+    blockwise_quant,
     cast,
     contrib,
     control_flow,
+    decoder_attention,
     elementwise,
     image,
     indexing,

@@ -1,0 +1,240 @@
+"""The com.microsoft block-quantized weight ops of onnxruntime-genai's model builder and
+onnxruntime's weight-only quantizers: MatMulNBits and GatherBlockQuantized.
+
+The packed weights are read as they are stored (uint8 bytes holding 2, 4 or 8 bit values, low
+bits first) and dequantized inside the traced program, ``(q - zero_point) * scale`` per block,
+so a model holds its weights at the size its file gives them, never as float constants.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax import lax
+
+from onnx2jax.ops.registry import MS, register
+
+_PACKED_BITS = (2, 4, 8)
+
+
+def unpack_low_first(packed, bits: int):
+    """uint8 ``packed`` [..., n] as [..., n * 8 // bits] unsigned ``bits``-bit values, each byte's
+    lowest bits first (onnxruntime's packing of MatMulNBits and GatherBlockQuantized), in int32.
+
+    Example:
+        >>> import numpy as np
+        >>> unpack_low_first(np.array([[0x21, 0x43]], np.uint8), 4).tolist()
+        [[1, 2, 3, 4]]
+    """
+    values = jnp.asarray(packed).astype(jnp.int32)
+    if bits == 8:
+        return values
+    per_byte = 8 // bits
+    shifts = jnp.arange(per_byte, dtype=jnp.int32) * bits
+    parts = (values[..., None] >> shifts) & ((1 << bits) - 1)
+    return parts.reshape(values.shape[:-1] + (values.shape[-1] * per_byte,))
+
+
+def _barrier(packed):
+    """The packed bytes behind an optimization barrier: a static weight is an XLA constant, and
+    XLA would otherwise fold its unpacking into a float constant several times its size."""
+    return lax.optimization_barrier(jnp.asarray(packed))
+
+
+def _block_zero_points(ctx, zero_points, n, blocks, bits, dtype):
+    """MatMulNBits' zero points as [N, blocks] in ``dtype``: packed uint8 (``bits`` per value,
+    rows padded to whole bytes), unpacked floats, or the default 2^(bits - 1)."""
+    if zero_points is None:
+        return jnp.full((n, blocks), 2 ** (bits - 1), dtype)
+    if np.dtype(zero_points.dtype) == np.uint8:
+        per_row = -(-blocks * bits // 8)
+        if zero_points.size != n * per_row:
+            raise ctx.error(
+                f"packed uint8 zero_points of shape {tuple(zero_points.shape)} do not hold "
+                f"[N={n}, ceil({blocks} blocks * {bits} bits / 8) = {per_row}] bytes"
+            )
+        unpacked = unpack_low_first(jnp.reshape(jnp.asarray(zero_points), (n, per_row)), bits)
+        return unpacked[:, :blocks].astype(dtype)
+    if zero_points.size != n * blocks:
+        raise ctx.error(
+            f"float zero_points of shape {tuple(zero_points.shape)} are not [N={n}, "
+            f"blocks={blocks}]"
+        )
+    return jnp.reshape(jnp.asarray(zero_points), (n, blocks)).astype(dtype)
+
+
+def dequantize_nbits(ctx, packed, scales, zero_points, g_idx, n: int, k: int, bits: int, block):
+    """The [N, K] float weight of MatMulNBits' packed ``B`` [N, blocks, block * bits / 8].
+
+    Example:
+        >>> import numpy as np
+        >>> from types import SimpleNamespace
+        >>> ctx = SimpleNamespace(error=ValueError)
+        >>> packed = np.full((1, 1, 8), 0x98, np.uint8)  # 16 4-bit values, 8 then 9
+        >>> scales = np.array([[0.5]], np.float32)
+        >>> w = dequantize_nbits(ctx, packed, scales, None, None, 1, 16, 4, 16)
+        >>> w[0, :4].tolist()  # (q - 8) * 0.5
+        [0.0, 0.5, 0.0, 0.5]
+    """
+    blocks = -(-k // block)
+    blob = block * bits // 8
+    if packed.size != n * blocks * blob:
+        raise ctx.error(
+            f"B of shape {tuple(packed.shape)} is not [N={n}, blocks={blocks}, "
+            f"blob={blob}] for K={k}, block_size={block}, bits={bits}"
+        )
+    if scales.size != n * blocks:
+        raise ctx.error(f"scales of shape {tuple(scales.shape)} are not [N={n}, blocks={blocks}]")
+    compute = jnp.promote_types(jnp.asarray(scales).dtype, jnp.float32)
+    q = unpack_low_first(jnp.reshape(_barrier(packed), (n, blocks, blob)), bits)
+    scale = jnp.reshape(jnp.asarray(scales), (n, blocks)).astype(compute)
+    zero = _block_zero_points(ctx, zero_points, n, blocks, bits, compute)
+    if g_idx is not None:
+        # Each of the K rows names its block (act-order quantization): per-row scales.
+        if np.size(g_idx) != k:
+            raise ctx.error(f"g_idx has {np.size(g_idx)} entries, K is {k}")
+        group = jnp.reshape(jnp.asarray(g_idx), (k,)).astype(jnp.int32)
+        values = jnp.reshape(q, (n, blocks * block))[:, :k].astype(compute)
+        return (values - jnp.take(zero, group, axis=1)) * jnp.take(scale, group, axis=1)
+    weight = (q.astype(compute) - zero[:, :, None]) * scale[:, :, None]
+    return jnp.reshape(weight, (n, blocks * block))[:, :k]
+
+
+@register("MatMulNBits", since=1, domain=MS)
+def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
+    """``A @ dequantize(B).T + bias``, computed in float32 whatever ``accuracy_level`` asks.
+
+    ``accuracy_level`` is the *lowest* accuracy the op allows: at 4 onnxruntime's CPU kernel
+    rounds A to int8 per block for speed; computing in float32 is within that allowance and does
+    not depend on the machine, so results differ from onnxruntime's level-4 path by its own
+    activation rounding, and match its level-0 path.
+    """
+    n, k = ctx.attr("N"), ctx.attr("K")
+    bits, block = int(ctx.attr("bits", 4)), ctx.attr("block_size")
+    if n is None or k is None or block is None:
+        raise ctx.error("needs the K, N and block_size attributes")
+    n, k, block = int(n), int(k), int(block)
+    if bits not in _PACKED_BITS:
+        raise ctx.error(f"bits={bits} is not supported (2, 4 or 8)")
+    if block < 16 or block & (block - 1):
+        raise ctx.error(f"block_size={block} is not a power of two of at least 16")
+    if ctx.attr("weight_prepacked", 0):
+        raise ctx.error(
+            f"weight_prepacked={ctx.attr('weight_prepacked')} (a CUDA layout) is not supported"
+        )
+    a = jnp.asarray(a)
+    if a.shape[-1] != k:
+        raise ctx.error(f"A ends in {a.shape[-1]} features, K is {k}")
+    dtype = a.dtype
+    compute = jnp.promote_types(dtype, jnp.float32)
+    if b.size == 0:
+        # An omitted projection: zeros, or the broadcast bias.
+        out = jnp.zeros(a.shape[:-1] + (n,), compute)
+    else:
+        weight = dequantize_nbits(ctx, b, scales, zero_points, g_idx, n, k, bits, block)
+        out = jnp.einsum("...k,nk->...n", a.astype(compute), weight, preferred_element_type=compute)
+    if bias is not None:
+        out = out + jnp.reshape(jnp.asarray(bias), (n,)).astype(compute)
+    return out.astype(dtype)
+
+
+_FLOAT_CODES = {
+    np.dtype(ml_dtypes.float8_e4m3fn),
+    np.dtype(ml_dtypes.float8_e4m3fnuz),
+    np.dtype(ml_dtypes.float8_e5m2),
+    np.dtype(ml_dtypes.float8_e5m2fnuz),
+    np.dtype(ml_dtypes.float4_e2m1fn),
+}
+
+
+@register("GatherBlockQuantized", since=1, domain=MS)
+def gather_block_quantized(ctx, data, indices, scales, zero_points=None):
+    """Gather of block-quantized ``data``, dequantized after the gather (only the rows read are
+    ever widened); an out-of-range index gives zeros, as in onnxruntime."""
+    data_dtype = np.dtype(data.dtype)
+    is_float = data_dtype in _FLOAT_CODES
+    bits = int(ctx.attr("bits", 4))
+    block = int(ctx.attr("block_size", 128))
+    rank = data.ndim
+    gather_axis = int(ctx.attr("gather_axis", 0))
+    quantize_axis = int(ctx.attr("quantize_axis", 1))
+    if not -rank <= gather_axis < rank or not -rank <= quantize_axis < rank:
+        raise ctx.error(f"gather_axis/quantize_axis out of range for rank {rank}")
+    gather_axis %= rank
+    quantize_axis %= rank
+    packed = data_dtype == np.uint8 and bits < 8
+    if data_dtype == np.uint8:
+        if bits not in _PACKED_BITS:
+            raise ctx.error(f"bits={bits} is not 2, 4 or 8")
+        if gather_axis != 0 or (packed and quantize_axis == gather_axis):
+            raise ctx.error(
+                "uint8 data needs gather_axis=0 (and, packed below 8 bits, another quantize_axis)"
+            )
+    elif data_dtype not in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)) and not is_float:
+        raise ctx.error(f"data of type {data_dtype.name} is not int4, uint4, uint8, float8 or fp4")
+    if is_float and zero_points is not None:
+        raise ctx.error("float8/fp4 data takes no zero_points")
+    if block == 0 and not is_float or block and (block < 16 or block & (block - 1)):
+        raise ctx.error(f"block_size={block} is not a power of two of at least 16")
+
+    table = _barrier(data) if not is_float else jnp.asarray(data)
+    logical = list(data.shape)
+    if packed:
+        logical[-1] *= 8 // bits
+    size = logical[gather_axis]
+    index = jnp.asarray(indices).astype(jnp.int32)
+    inside = (index >= -size) & (index < size)
+    index = jnp.where(index < 0, index + size, index)
+    index = jnp.where(inside, index, 0)
+
+    def gathered(value, by):
+        return jnp.take(value, by, axis=gather_axis)
+
+    rows = gathered(table, index)
+    values = unpack_low_first(rows, bits) if packed else rows.astype(jnp.float32)
+    values = values.astype(jnp.float32)
+    out_axis = quantize_axis if quantize_axis < gather_axis else quantize_axis + index.ndim - 1
+    length = logical[quantize_axis]
+    span = block or length
+    block_of = index // span if quantize_axis == gather_axis else index
+
+    def per_element(param):
+        """A per-block ``param`` gathered like the data and widened to one value per element."""
+        param = jnp.asarray(param)
+        if param.ndim != rank:
+            raise ctx.error(f"scales/zero_points must have rank {rank}, got {param.shape}")
+        if param.shape[gather_axis] == 1 and logical[gather_axis] != 1:
+            picked = jnp.take(param, jnp.zeros_like(block_of), axis=gather_axis)
+        else:
+            picked = gathered(param, block_of)
+        if quantize_axis != gather_axis:
+            picked = jnp.repeat(picked, span, axis=out_axis)
+            picked = lax.slice_in_dim(picked, 0, length, axis=out_axis)
+        return picked
+
+    expected = list(logical)
+    expected[quantize_axis] = -(-length // span)
+    scales_shape = list(scales.shape)
+    if len(scales_shape) != rank or any(
+        s != e and not (is_float and s == 1 and axis != quantize_axis)
+        for axis, (s, e) in enumerate(zip(scales_shape, expected, strict=True))
+    ):
+        raise ctx.error(
+            f"scales of shape {tuple(scales_shape)} do not match data {tuple(logical)} "
+            f"with block_size {block} on axis {quantize_axis}"
+        )
+    scale = per_element(scales).astype(jnp.float32)
+    if not is_float:
+        if zero_points is None:
+            zero = np.float32(2 ** (bits - 1) if data_dtype == np.uint8 else 0)
+        else:
+            zp = _barrier(zero_points)
+            if packed:
+                zp = unpack_low_first(zp, bits)
+                zp = lax.slice_in_dim(zp, 0, expected[-1], axis=rank - 1)
+            zero = per_element(zp).astype(jnp.float32)
+        values = values - zero
+    out = values * scale
+    keep = jnp.reshape(inside, (1,) * gather_axis + inside.shape + (1,) * (rank - gather_axis - 1))
+    return jnp.where(keep, out, 0).astype(jnp.asarray(scales).dtype)
