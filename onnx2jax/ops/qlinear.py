@@ -19,16 +19,16 @@ from onnx2jax.ops import contrib
 from onnx2jax.ops.elementwise import divide_correctly_rounded
 from onnx2jax.ops.nn import PoolGeometry, pool_input
 from onnx2jax.ops.quantization import (
-    _as_int32,
-    _int_matmul,
-    _integer_range,
-    _per_axis,
-    _requantize,
+    as_int32,
     dequantize_linear,
     dynamic_quantize_uint8,
+    int_matmul,
+    integer_range,
     matmul_integer,
+    per_axis,
     qlinear_conv,
     quantize_linear,
+    requantize,
 )
 from onnx2jax.ops.registry import MS, register
 from onnx2jax.ops.rnn import cell_activations, lstm_update, masked_step, reverse_by_length
@@ -61,7 +61,7 @@ def _dequantize(x, scale, zero_point):
 
 def _saturate(y, dtype):
     """Round a float32 ``y`` (the zero point already added) half to even and saturate."""
-    low, high = _integer_range(dtype)
+    low, high = integer_range(dtype)
     return jnp.where(jnp.isnan(y), low, jnp.clip(jnp.round(y), low, high)).astype(dtype)
 
 
@@ -242,12 +242,12 @@ def _global_average(x, x_scale, x_zero_point, y_scale, y_zero_point, dtype):
     ``y_zero_point``."""
     count = int(np.prod(x.shape[2:]))
     spatial = tuple(range(2, x.ndim))
-    acc = jnp.sum(_as_int32(jnp, x, _scalar(x_zero_point)), axis=spatial, keepdims=True)
+    acc = jnp.sum(as_int32(jnp, x, _scalar(x_zero_point)), axis=spatial, keepdims=True)
     denominator = jnp.asarray(_scalar(y_scale)).astype(jnp.float32) * jnp.float32(count)
     multiplier = divide_correctly_rounded(
         jnp.asarray(_scalar(x_scale)).astype(jnp.float32), denominator
     )
-    return _requantize(jnp, acc, multiplier, _scalar(y_zero_point), dtype)
+    return requantize(jnp, acc, multiplier, _scalar(y_zero_point), dtype)
 
 
 @register("QLinearGlobalAveragePool", since=1, domain=MS)
@@ -306,9 +306,7 @@ def qlinear_reduce_mean(
     data = jnp.asarray(data)
     axes = tuple(sorted({a + data.ndim if a < 0 else a for a in axes}))
     count = int(np.prod([data.shape[a] for a in axes]))
-    acc = jnp.sum(
-        _as_int32(jnp, data, _scalar(data_zero_point)), axis=axes, keepdims=bool(keepdims)
-    )
+    acc = jnp.sum(as_int32(jnp, data, _scalar(data_zero_point)), axis=axes, keepdims=bool(keepdims))
     mean = divide_correctly_rounded(acc.astype(jnp.float32), jnp.float32(max(count, 1)))
     return _quantize(
         mean * jnp.asarray(_scalar(data_scale)).astype(jnp.float32),
@@ -337,7 +335,7 @@ def qgemm(
 ):
     """``alpha * a_scale * b_scale * ((A - za) @ (B - zb) + C)`` with C an int32 bias; float
     output without y_scale, else requantized to y_zero_point's type (b per column allowed)."""
-    a32 = _as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point))
+    a32 = as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point))
     b32 = jnp.asarray(b).astype(jnp.int32)
     if ctx.attr("transA", 0):
         a32 = a32.T
@@ -345,7 +343,7 @@ def qgemm(
         b32 = b32.T
     if b_zero_point is not None:
         b32 = b32 - jnp.asarray(b_zero_point).astype(jnp.int32)
-    acc = _int_matmul(jnp, a32, b32)
+    acc = int_matmul(jnp, a32, b32)
     if c is not None:
         acc = acc + jnp.asarray(c).astype(jnp.int32)
     scale = (
@@ -358,17 +356,17 @@ def qgemm(
     if y_zero_point is None:
         raise ctx.error("a quantized output needs y_zero_point with y_scale")
     scale = divide_correctly_rounded(scale, jnp.asarray(_scalar(y_scale)).astype(jnp.float32))
-    return _requantize(jnp, acc, scale, _scalar(y_zero_point), np.dtype(y_zero_point.dtype))
+    return requantize(jnp, acc, scale, _scalar(y_zero_point), np.dtype(y_zero_point.dtype))
 
 
 def _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias):
     """``float((A - za) @ (B - zb)) * (a_scale * b_scale) + bias``, b per column allowed."""
-    acc = _int_matmul(
+    acc = int_matmul(
         jnp,
-        _as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point)),
-        _as_int32(jnp, jnp.asarray(b), b_zero_point),
+        as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point)),
+        as_int32(jnp, jnp.asarray(b), b_zero_point),
     )
-    scale = _per_axis(
+    scale = per_axis(
         jnp.asarray(_scalar(a_scale)) * jnp.asarray(_scalar(b_scale)), acc.ndim, acc.ndim - 1
     )
     y = acc.astype(jnp.float32) * scale.astype(jnp.float32)
@@ -393,9 +391,9 @@ def dynamic_quantize_matmul(ctx, a, b, b_scale, b_zero_point=None, bias=None):
 def _dequantize_weight(x, scale, zero_point, axis):
     """Dequantize with a per-tensor or a 1-D per-``axis`` scale and zero point."""
     x = jnp.asarray(x)
-    scale = _per_axis(jnp.asarray(_scalar(scale)), x.ndim, axis)
+    scale = per_axis(jnp.asarray(_scalar(scale)), x.ndim, axis)
     if zero_point is not None:
-        zero_point = _per_axis(jnp.asarray(_scalar(zero_point)), x.ndim, axis)
+        zero_point = per_axis(jnp.asarray(_scalar(zero_point)), x.ndim, axis)
     y = x.astype(jnp.float32)
     if zero_point is not None:
         y = y - zero_point.astype(jnp.float32)

@@ -7,6 +7,8 @@ quantized tensors keep their ONNX type. Rounding is half-to-even everywhere, as 
 from __future__ import annotations
 
 import math
+from types import ModuleType
+from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -40,7 +42,13 @@ _SMALL_FLOAT_TYPES = {TensorProto.FLOAT4E2M1, TensorProto.FLOAT6E2M3, TensorProt
 _HOST_ONLY_TYPES = {TensorProto.FLOAT6E2M3, TensorProto.FLOAT6E3M2}
 
 
-def _integer_range(dtype: np.dtype) -> tuple[int, int]:
+def integer_range(dtype: np.dtype) -> tuple[int, int]:
+    """The smallest and largest value of integer ``dtype`` (narrow ml_dtypes types included).
+
+    Example:
+        >>> integer_range(np.dtype(np.int8))
+        (-128, 127)
+    """
     info = ml_dtypes.iinfo(dtype)
     return int(info.min), int(info.max)
 
@@ -94,7 +102,7 @@ def _saturate_to(xp, y, elem_type, saturate):
     """Round/clip float ``y`` into ONNX type ``elem_type`` the way QuantizeLinear does."""
     dtype = numpy_dtype(elem_type)
     if elem_type in _INTEGER_TYPES:
-        low, high = _integer_range(dtype)
+        low, high = integer_range(dtype)
         # NaN becomes the type's minimum, as in onnxruntime (its clamp keeps the bound).
         y = xp.where(xp.isnan(y), low, xp.clip(xp.round(y), low, high))
         return y.astype(dtype)
@@ -192,8 +200,15 @@ def dynamic_quantize_uint8(xp, x):
     return y.astype(np.uint8), scale, zero_point.astype(np.uint8)
 
 
-def _as_int32(xp, value, zero_point, zero_point_shape=None):
-    """``value - zero_point`` in int32; ``zero_point_shape`` reshapes a per-row/channel zp."""
+def as_int32(
+    xp: ModuleType, value: Any, zero_point: Any, zero_point_shape: tuple[int, ...] | None = None
+) -> Any:
+    """``value - zero_point`` in int32; ``zero_point_shape`` reshapes a per-row/channel zp.
+
+    Example:
+        >>> as_int32(np, np.array([0, 255], np.uint8), np.uint8(128)).tolist()
+        [-128, 127]
+    """
     out = value.astype(np.int32)
     if zero_point is None:
         return out
@@ -203,7 +218,13 @@ def _as_int32(xp, value, zero_point, zero_point_shape=None):
     return out - zero_point
 
 
-def _int_matmul(xp, a, b):
+def int_matmul(xp: ModuleType, a: Any, b: Any) -> Any:
+    """The exact int32 matrix product of int32 ``a`` and ``b``.
+
+    Example:
+        >>> int_matmul(np, np.array([[2, 3]], np.int32), np.array([[4], [5]], np.int32)).tolist()
+        [[23]]
+    """
     if xp is np:
         return np.matmul(a, b).astype(np.int32)
     return jnp.matmul(a, b, preferred_element_type=jnp.int32)
@@ -213,23 +234,36 @@ def _int_matmul(xp, a, b):
 def matmul_integer(ctx, a, b, a_zero_point=None, b_zero_point=None):
     xp = ctx.xp(a, b, a_zero_point, b_zero_point)
     # A 1-D a_zero_point is per row of A; a 1-D b_zero_point per column of B.
-    a32 = _as_int32(xp, a, a_zero_point, (-1, 1))
-    b32 = _as_int32(xp, b, b_zero_point)
-    return _int_matmul(xp, a32, b32)
+    a32 = as_int32(xp, a, a_zero_point, (-1, 1))
+    b32 = as_int32(xp, b, b_zero_point)
+    return int_matmul(xp, a32, b32)
 
 
-def _requantize(xp, acc, multiplier, zero_point, out_dtype):
-    """Scale an int32 accumulator into ``out_dtype`` (round half to even, saturate)."""
+def requantize(
+    xp: ModuleType, acc: Any, multiplier: Any, zero_point: Any, out_dtype: np.dtype
+) -> Any:
+    """Scale an int32 accumulator into ``out_dtype`` (round half to even, saturate).
+
+    Example:
+        >>> acc = np.array([5, 1000], np.int32)
+        >>> requantize(np, acc, np.float32(0.5), np.uint8(10), np.dtype(np.uint8)).tolist()
+        [12, 255]
+    """
     compute = np.promote_types(np.float32, multiplier.dtype)
     y = xp.round(acc.astype(compute) * multiplier.astype(compute))
     if zero_point is not None:
         y = y + zero_point.astype(compute)
-    low, high = _integer_range(out_dtype)
+    low, high = integer_range(out_dtype)
     return xp.clip(y, low, high).astype(out_dtype)
 
 
-def _per_axis(value, ndim, axis):
-    """A 1-D per-row/column/channel scale reshaped to broadcast along ``axis`` of the result."""
+def per_axis(value: Any, ndim: int, axis: int) -> Any:
+    """A 1-D per-row/column/channel scale reshaped to broadcast along ``axis`` of the result.
+
+    Example:
+        >>> per_axis(np.ones(3, np.float32), 4, 1).shape
+        (1, 3, 1, 1)
+    """
     if value.ndim != 1 or value.size == 1:
         return value
     dims = [1] * ndim
@@ -245,14 +279,14 @@ def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_sc
         raise ctx.error(
             f"QLinearMatMul to {out_dtype.name} is not supported (integer outputs only)"
         )
-    a32 = _as_int32(xp, a, a_zero_point, (-1, 1))
-    b32 = _as_int32(xp, b, b_zero_point)
-    acc = _int_matmul(xp, a32, b32)
+    a32 = as_int32(xp, a, a_zero_point, (-1, 1))
+    b32 = as_int32(xp, b, b_zero_point)
+    acc = int_matmul(xp, a32, b32)
     nd = acc.ndim
-    a_scale = _per_axis(a_scale, nd, nd - 2)
-    b_scale = _per_axis(b_scale, nd, nd - 1)
+    a_scale = per_axis(a_scale, nd, nd - 2)
+    b_scale = per_axis(b_scale, nd, nd - 1)
     multiplier = divide_correctly_rounded(a_scale * b_scale, y_scale)
-    return _requantize(xp, acc, multiplier, y_zero_point, out_dtype)
+    return requantize(xp, acc, multiplier, y_zero_point, out_dtype)
 
 
 def _conv_padding(ctx, x_shape, kernel, strides, dilations):
@@ -302,8 +336,8 @@ def _int_conv(ctx, x32, w32):
 @register("ConvInteger", since=10)
 def conv_integer(ctx, x, w, x_zero_point=None, w_zero_point=None):
     xp = ctx.xp(x, w, x_zero_point, w_zero_point)
-    x32 = _as_int32(xp, x, x_zero_point)
-    w32 = _as_int32(xp, w, w_zero_point, (-1,) + (1,) * (w.ndim - 1))
+    x32 = as_int32(xp, x, x_zero_point)
+    w32 = as_int32(xp, w, w_zero_point, (-1,) + (1,) * (w.ndim - 1))
     return _int_conv(ctx, x32, w32)
 
 
@@ -313,11 +347,11 @@ def qlinear_conv(
 ):
     xp = ctx.xp(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias)
     out_dtype = y_zero_point.dtype if y_zero_point is not None else x.dtype
-    x32 = _as_int32(xp, x, x_zero_point)
-    w32 = _as_int32(xp, w, w_zero_point, (-1,) + (1,) * (w.ndim - 1))
+    x32 = as_int32(xp, x, x_zero_point)
+    w32 = as_int32(xp, w, w_zero_point, (-1,) + (1,) * (w.ndim - 1))
     acc = _int_conv(ctx, x32, w32)
     if bias is not None:
         acc = acc + jnp.asarray(bias, jnp.int32).reshape((-1,) + (1,) * (acc.ndim - 2))
-    w_scale = _per_axis(w_scale, acc.ndim, 1)
+    w_scale = per_axis(w_scale, acc.ndim, 1)
     multiplier = divide_correctly_rounded(x_scale * w_scale, y_scale)
-    return _requantize(jnp, acc, multiplier, y_zero_point, out_dtype)
+    return requantize(jnp, acc, multiplier, y_zero_point, out_dtype)
