@@ -1,0 +1,881 @@
+"""Text generation from decoder models with a KV cache, compiled once per shape, never per step.
+
+:func:`generate` runs a decoder-only ONNX model whose graph takes the keys and values of the
+tokens before (``past_key_values.{i}.key`` / ``.value``) and returns them with the new tokens'
+appended (``present.{i}.key`` / ``.value``), as torch.onnx and optimum export transformers'
+models. The cache is one preallocated buffer of ``max_length`` tokens per past input. Each step
+feeds the whole buffer as the past, with ``attention_mask`` zero on the slots not filled yet and
+explicit ``position_ids``, takes the new keys and values from the end of ``present`` and writes
+them into the buffer (``jax.lax.dynamic_update_slice`` in a jitted, donating program). So the
+shapes never change: prefill (the prompt, padded to a length bucket) and decode (one token) are
+two programs, each compiled once per (batch, prompt bucket, ``max_length``).
+
+:class:`TextGenerator` is the text pipeline on top: a folder or hub repo with the ONNX model,
+``tokenizer.json`` and ``generation_config.json`` / ``genai_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onnx2jax.errors import InputError, ModelLoadError, Onnx2JaxError
+from onnx2jax.hub import download_model, hub_file, optional_hub_file
+from onnx2jax.model import Model, load
+from onnx2jax.runtime.options import (
+    inference_compiler_options,
+    jit_with_options,
+    options_outside_traces,
+)
+
+
+class GenerationError(Onnx2JaxError, ValueError):
+    """The model does not have the inputs and outputs of a decoder with a KV cache, or the
+    generation's arguments do not fit it."""
+
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# Inputs a decoder graph may take beside the past: the token ids are required, the rest is fed
+# when present (optimum's merged decoders take use_cache_branch).
+_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "use_cache_branch")
+SMALLEST_BUCKET = 16
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where a decoder graph takes and returns its KV cache, found from its inputs and outputs.
+
+    ``past`` and ``present`` are matching input and output names (layer by layer, key then
+    value); ``shapes`` are the past inputs' shapes with the batch (axis 0) and the sequence axis
+    (``seq_axis``) as 0; ``dtypes`` their element types.
+    """
+
+    input_ids: str
+    attention_mask: str
+    position_ids: str | None
+    use_cache_branch: str | None
+    logits: str
+    past: tuple[str, ...]
+    present: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    seq_axis: int
+
+    def buffers(self, batch: int, length: int) -> tuple[tuple[int, ...], ...]:
+        """The cache buffers' shapes for ``batch`` rows of ``length`` tokens."""
+        shapes = []
+        for shape in self.shapes:
+            full = list(shape)
+            full[0], full[self.seq_axis] = batch, length
+            shapes.append(tuple(full))
+        return tuple(shapes)
+
+
+def cache_layout(model: Model) -> CacheLayout:
+    """Find a decoder graph's KV-cache inputs and outputs, or say what is missing.
+
+    Accepted: ``input_ids``, ``attention_mask``, ``position_ids`` (and optimum's
+    ``use_cache_branch``) beside ``past_key_values.{i}.key`` / ``.value`` inputs, with
+    ``present.{i}.key`` / ``.value`` outputs and a ``logits`` output. The past inputs' shapes
+    must name every axis but the batch (axis 0) and the sequence.
+
+    Example:
+        >>> import onnx2jax
+        >>> cache_layout(onnx2jax.load(onnx2jax.example_path()))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+    """
+    inputs = {info.name: info for info in model.inputs}
+    outputs = set(model.output_names)
+    past = sorted(
+        (int(m.group(1)), m.group(2) != "key", name) for name in inputs if (m := _PAST.match(name))
+    )
+    missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
+    if not past:
+        missing.append("past_key_values.{i}.key/value inputs")
+    if "logits" not in outputs:
+        missing.append("a logits output")
+    if missing:
+        raise GenerationError(
+            f"the model is not a decoder with a KV cache: it lacks {', '.join(missing)}; its "
+            f"inputs are {model.input_names} and its outputs {model.output_names}"
+        )
+    if "position_ids" not in inputs:
+        # The buffer is fed whole as the past, so a graph that counts positions from the past's
+        # length would put every new token at position max_length and beyond.
+        raise GenerationError(
+            "the decoder has no position_ids input: it derives positions from the past's length, "
+            "which the fixed-size cache cannot give it (export with position_ids as an input)"
+        )
+    extra = [n for n in inputs if n not in _TOKEN_INPUTS and not _PAST.match(n)]
+    if extra:
+        raise GenerationError(
+            f"the decoder takes inputs that generate() cannot feed: {extra} (known: "
+            f"{list(_TOKEN_INPUTS)} and past_key_values.{{i}}.key/value)"
+        )
+    names = tuple(name for _, _, name in past)
+    layers = {i for i, _, _ in past}
+    if len(names) != 2 * len(layers) or layers != set(range(len(layers))):
+        raise GenerationError(f"the past inputs are not a key and a value per layer: {names}")
+    present = tuple("present." + n.removeprefix("past_key_values.") for n in names)
+    absent = [n for n in present if n not in outputs]
+    if absent:
+        raise GenerationError(
+            f"the decoder lacks the outputs {absent} that return the cache; its outputs are "
+            f"{model.output_names}"
+        )
+    shapes, axes, dtypes = [], set(), []
+    for name in names:
+        info = inputs[name]
+        free = [a for a, d in enumerate(info.shape or ()) if a and not (isinstance(d, int) and d)]
+        if info.shape is None or len(free) != 1 or info.dtype is None:
+            raise GenerationError(
+                f"past input {info.describe()} must have a known dtype and known sizes on every "
+                f"axis but the batch (0) and one sequence axis"
+            )
+        axes.add(free[0])
+        shapes.append(
+            tuple(
+                d if isinstance(d, int) and a and a != free[0] else 0
+                for a, d in enumerate(info.shape)
+            )
+        )
+        dtypes.append(info.dtype)
+    if len(axes) != 1:
+        raise GenerationError(f"the past inputs {names} do not share one sequence axis")
+    return CacheLayout(
+        input_ids="input_ids",
+        attention_mask="attention_mask",
+        position_ids="position_ids",
+        use_cache_branch="use_cache_branch" if "use_cache_branch" in inputs else None,
+        logits="logits",
+        past=names,
+        present=present,
+        shapes=tuple(shapes),
+        dtypes=tuple(dtypes),
+        seq_axis=axes.pop(),
+    )
+
+
+def next_tokens(
+    logits: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    temperature: float | jax.Array = 0.0,
+    top_k: int | jax.Array | None = None,
+    top_p: float | jax.Array | None = None,
+    greedy: bool | None = None,
+) -> jax.Array:
+    """Choose one token per row of ``logits`` [batch, vocab]: int32 [batch].
+
+    Greedy (the first highest logit) when ``temperature`` is 0, else a sample from
+    ``softmax(logits / temperature)`` restricted, as transformers' warpers do in this order, to
+    the ``top_k`` highest logits (ties kept) and then to the most probable tokens whose
+    probabilities reach ``top_p``. ``greedy`` overrides the choice by temperature (under jit,
+    where ``temperature`` is traced, it must be given).
+
+    Example:
+        >>> import jax, numpy as np
+        >>> logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]], np.float32)
+        >>> next_tokens(logits).tolist()
+        [1, 0]
+        >>> next_tokens(logits, jax.random.key(0), temperature=1.0, top_k=1).tolist()
+        [1, 0]
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    if greedy is None:
+        greedy = float(temperature) == 0.0
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if key is None:
+        raise GenerationError("sampling (temperature > 0) needs a jax.random key")
+    vocab = logits.shape[-1]
+    logits = logits / jnp.asarray(temperature, jnp.float32)
+    ordered = -jnp.sort(-logits, axis=-1)
+    k = jnp.clip(jnp.asarray(vocab if top_k is None else top_k, jnp.int32), 1, vocab)
+    kth = jnp.take(ordered, k - 1, axis=-1)[..., None]
+    ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # the mass of the more probable tokens
+    keep = (before < jnp.asarray(1.0 if top_p is None else top_p, jnp.float32)).at[..., 0].set(True)
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length: the smallest power of two at least ``length`` (and 16).
+
+    Example:
+        >>> [prompt_bucket(n) for n in (1, 16, 17, 100)]
+        [16, 16, 32, 128]
+    """
+    return max(SMALLEST_BUCKET, 1 << max(length - 1, 0).bit_length())
+
+
+class Decoder:
+    """The two jitted programs of generation for one model: prefill and decode.
+
+    Get a model's with :func:`decoder` (one per model, kept as long as the model): its programs
+    and their compilations are shared by every :func:`generate` call on that model.
+    :attr:`compilations` counts the traces of both programs: one each per (batch, prompt
+    bucket, ``max_length``, greedy or sampling).
+
+    It holds the model by a weak reference, so caching it per model keeps no model alive.
+
+    Example:
+        >>> import onnx2jax
+        >>> decoder(onnx2jax.load(onnx2jax.example_path()))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+    """
+
+    def __init__(self, model: Model):
+        self.layout = cache_layout(model)
+        self._model = weakref.ref(model)
+        self.compilations = 0
+        self._prefill_jits: dict[tuple, Any] = {}
+        self._decode_jits: dict[tuple, Any] = {}
+
+    @property
+    def model(self) -> Model:
+        model = self._model()
+        if model is None:
+            raise GenerationError("the model of this decoder was garbage collected")
+        return model
+
+    # ---------------------------------------------------------------- the two programs
+    def _run_graph(
+        self,
+        params: Mapping[str, Any],
+        cache: tuple[jax.Array, ...],
+        ids: jax.Array,
+        mask: jax.Array,
+        positions: jax.Array,
+    ) -> tuple[jax.Array, list[jax.Array]]:
+        """Logits and the keys/values of the new tokens, the whole cache fed as the past."""
+        layout = self.layout
+        feeds = {
+            layout.input_ids: ids,
+            layout.attention_mask: mask,
+            layout.position_ids: positions,
+            **dict(zip(layout.past, cache, strict=True)),
+        }
+        if layout.use_cache_branch:
+            feeds[layout.use_cache_branch] = jnp.ones((1,), bool)
+        out = self.model.apply(params, outputs=[layout.logits, *layout.present], **feeds)
+        length, new = cache[0].shape[layout.seq_axis], ids.shape[1]
+        news = []
+        for name, buffer in zip(layout.present, cache, strict=True):
+            present = out[name]
+            expected = list(buffer.shape)
+            expected[layout.seq_axis] += new
+            if list(present.shape) != expected:
+                raise GenerationError(
+                    f"output {name} has shape {tuple(present.shape)} for a past of shape "
+                    f"{tuple(buffer.shape)} and {new} new token(s): not the past with the new "
+                    f"tokens appended on axis {layout.seq_axis}"
+                )
+            news.append(
+                jax.lax.slice_in_dim(present, length, length + new, axis=layout.seq_axis).astype(
+                    buffer.dtype
+                )
+            )
+        return out[layout.logits], news
+
+    def _written(
+        self, cache: tuple[jax.Array, ...], news: list[jax.Array], valid: jax.Array, slot: Any
+    ) -> tuple[jax.Array, ...]:
+        """The cache with ``news`` written from ``slot`` on; padding tokens' entries as zeros,
+        so nothing but zeros ever sits in a masked slot."""
+        axis = self.layout.seq_axis
+        written = []
+        for buffer, new in zip(cache, news, strict=True):
+            shape = [1] * new.ndim
+            shape[0], shape[axis] = valid.shape
+            new = jnp.where(valid.reshape(shape) != 0, new, jnp.zeros((), new.dtype))
+            written.append(jax.lax.dynamic_update_slice_in_dim(buffer, new, slot, axis=axis))
+        return tuple(written)
+
+    def _prefill(
+        self,
+        params: Mapping[str, Any],
+        ids: jax.Array,
+        mask: jax.Array,
+        sampling: dict[str, jax.Array],
+        *,
+        length: int,
+        greedy: bool,
+    ) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
+        self.compilations += 1  # runs only while tracing, i.e. once per compilation
+        batch, prompt = ids.shape
+        mask = mask.astype(jnp.int32)
+        cache = tuple(
+            jnp.zeros(shape, dtype)
+            for shape, dtype in zip(
+                self.layout.buffers(batch, length), self.layout.dtypes, strict=True
+            )
+        )
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        graph_mask = jnp.concatenate([jnp.zeros((batch, length), jnp.int32), mask], axis=1)
+        logits, news = self._run_graph(params, cache, ids, graph_mask, positions)
+        cache = self._written(cache, news, mask, 0)
+        # Each row's next token comes from its last real token, wherever the padding is.
+        last = prompt - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        key = jax.random.fold_in(sampling["key"], 0)
+        token = self._choose(logits, key, sampling, greedy, jnp.zeros((batch,), bool))
+        valid = jnp.zeros((batch, length), jnp.int32).at[:, :prompt].set(mask)
+        state = {
+            "token": token,
+            "done": self._stops(token, sampling),
+            "valid": valid,
+            "position": mask.sum(axis=1),
+            "slot": jnp.asarray(prompt, jnp.int32),
+            "step": jnp.asarray(1, jnp.int32),
+        }
+        return cache, state
+
+    def _decode(
+        self,
+        params: Mapping[str, Any],
+        cache: tuple[jax.Array, ...],
+        state: dict[str, jax.Array],
+        sampling: dict[str, jax.Array],
+        *,
+        greedy: bool,
+    ) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
+        self.compilations += 1  # runs only while tracing, i.e. once per compilation
+        batch = state["token"].shape[0]
+        slot = state["slot"]
+        ones = jnp.ones((batch, 1), jnp.int32)
+        graph_mask = jnp.concatenate([state["valid"], ones], axis=1)
+        logits, news = self._run_graph(
+            params, cache, state["token"][:, None], graph_mask, state["position"][:, None]
+        )
+        cache = self._written(cache, news, ones, slot)
+        key = jax.random.fold_in(sampling["key"], state["step"])
+        token = self._choose(logits[:, -1], key, sampling, greedy, state["done"])
+        return cache, {
+            "token": token,
+            "done": state["done"] | self._stops(token, sampling),
+            "valid": jax.lax.dynamic_update_slice_in_dim(state["valid"], ones, slot, axis=1),
+            "position": state["position"] + 1,
+            "slot": slot + 1,
+            "step": state["step"] + 1,
+        }
+
+    @staticmethod
+    def _choose(
+        logits: jax.Array,
+        key: jax.Array,
+        sampling: dict[str, jax.Array],
+        greedy: bool,
+        done: jax.Array,
+    ) -> jax.Array:
+        token = next_tokens(
+            logits,
+            key,
+            temperature=sampling["temperature"],
+            top_k=sampling["top_k"],
+            top_p=sampling["top_p"],
+            greedy=greedy,
+        )
+        return jnp.where(done, sampling["pad"], token)
+
+    @staticmethod
+    def _stops(token: jax.Array, sampling: dict[str, jax.Array]) -> jax.Array:
+        return (token[:, None] == sampling["eos"][None, :]).any(axis=1)
+
+    # ---------------------------------------------------------------- the loop
+    def stream(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        *,
+        attention_mask: Any = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        max_length: int | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield each step's new tokens, int array [batch], as :func:`generate` makes them.
+
+        Arguments as :func:`generate`'s. A row that has stopped yields ``pad_token_id``; the
+        iterator ends after ``max_new_tokens`` steps or when every row has stopped.
+        """
+        ids, mask = _prompt(input_ids, attention_mask)
+        batch, prompt = ids.shape
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        bucket = prompt_bucket(prompt)
+        needed = bucket + max_new_tokens - 1
+        if max_length is None:
+            max_length = prompt_bucket(needed)
+        elif max_length < needed:
+            raise GenerationError(
+                f"max_length={max_length} cache slots cannot hold the prompt's bucket ({bucket} "
+                f"for {prompt} tokens) and {max_new_tokens} new tokens: it needs {needed}"
+            )
+        padded_ids = np.zeros((batch, bucket), np.int32)
+        padded_mask = np.zeros((batch, bucket), np.int32)
+        padded_ids[:, :prompt], padded_mask[:, :prompt] = ids, mask
+        sampling, greedy, eos = _sampling(
+            temperature, top_k, top_p, seed, eos_token_id, pad_token_id
+        )
+        model = self.model
+        params = model.params if params is None else params
+        options = options_outside_traces(
+            inference_compiler_options(
+                {"input_ids": padded_ids}, model.compiler_options, model.precision
+            ),
+            params,
+        )
+        prefill = jit_with_options(
+            self._prefill_jits, self._prefill, options, static_argnames=("length", "greedy")
+        )
+        cache, state = prefill(
+            params, padded_ids, padded_mask, sampling, length=max_length, greedy=greedy
+        )
+        options = options_outside_traces(
+            inference_compiler_options(
+                {"input_ids": padded_ids[:, :1]}, model.compiler_options, model.precision
+            ),
+            params,
+        )
+        decode = jit_with_options(
+            self._decode_jits,
+            self._decode,
+            options,
+            static_argnames=("greedy",),
+            donate_argnums=(1, 2),
+        )
+        for step in range(max_new_tokens):
+            if step:
+                cache, state = decode(params, cache, state, sampling, greedy=greedy)
+            token, done = np.asarray(state["token"]), np.asarray(state["done"])
+            yield token
+            if eos and done.all():
+                return
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        *,
+        stream: Callable[[int, np.ndarray], Any] | None = None,
+        **options: Any,
+    ) -> np.ndarray:
+        """:func:`generate` with this decoder's programs (the arguments are the same)."""
+        ids, _ = _prompt(input_ids, options.get("attention_mask"))
+        steps = []
+        for step, tokens in enumerate(self.stream(input_ids, max_new_tokens, **options)):
+            if stream is not None:
+                stream(step, tokens)
+            steps.append(tokens)
+        return np.concatenate([ids, np.stack(steps, axis=1).astype(ids.dtype)], axis=1)
+
+
+_DECODERS: weakref.WeakKeyDictionary[Model, Decoder] = weakref.WeakKeyDictionary()
+
+
+def decoder(model: Model) -> Decoder:
+    """The :class:`Decoder` of ``model``: made on the first call, the same one afterwards.
+
+    Example:
+        >>> import onnx2jax
+        >>> decoder(onnx2jax.load(onnx2jax.example_path()))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+    """
+    found = _DECODERS.get(model)
+    if found is None:
+        found = _DECODERS[model] = Decoder(model)
+    return found
+
+
+def generate(
+    model: Model,
+    input_ids: Any,
+    max_new_tokens: int = 32,
+    *,
+    attention_mask: Any = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    max_length: int | None = None,
+    params: Mapping[str, Any] | None = None,
+    stream: Callable[[int, np.ndarray], Any] | None = None,
+) -> np.ndarray:
+    """Generate tokens after ``input_ids`` [batch, prompt] with a decoder that has a KV cache.
+
+    Returns an int array [batch, prompt + n] (``input_ids``' dtype, NumPy): the prompt as given,
+    then the ``n`` new tokens, ``n`` being ``max_new_tokens`` or fewer when every row stopped
+    earlier. ``attention_mask`` [batch, prompt] (1 on real tokens) lets rows of different
+    lengths share a batch, padded on the left or the right: each row gets the tokens it would
+    get alone (positions count its real tokens only).
+
+    Greedy by default (``temperature=0``); with ``temperature > 0`` tokens are sampled, after
+    ``top_k`` and ``top_p`` filtering, with keys from ``jax.random.key(seed)``: a seed gives the
+    same tokens on every call. A row stops after it makes ``eos_token_id`` (an id or a list); its
+    later tokens are ``pad_token_id`` (default: the first eos id, else 0).
+
+    The cache holds ``max_length`` tokens per layer (default: the smallest power of two that
+    holds the prompt's bucket and the new tokens); the prompt is padded to its bucket
+    (:func:`prompt_bucket`). Prefill and decode compile once per (batch, bucket,
+    ``max_length``, greedy or sampling) and are reused by every later call on the model.
+    ``stream(step, tokens)`` is called with each step's tokens [batch] as they come;
+    :func:`generate_stream` is the iterator form. ``params`` replaces ``model.params``.
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> generate(model, [[1, 2, 3]])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+    """
+    return decoder(model).generate(
+        input_ids,
+        max_new_tokens,
+        stream=stream,
+        attention_mask=attention_mask,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        max_length=max_length,
+        params=params,
+    )
+
+
+def generate_stream(
+    model: Model, input_ids: Any, max_new_tokens: int = 32, **options: Any
+) -> Iterator[np.ndarray]:
+    """Iterate over the new tokens of :func:`generate`, an int array [batch] per step.
+
+    Takes :func:`generate`'s arguments but ``stream``.
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> next(generate_stream(model, [[1, 2, 3]]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+    """
+    return decoder(model).stream(input_ids, max_new_tokens, **options)
+
+
+def _prompt(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] == 0:
+        raise GenerationError(
+            f"input_ids must be integers [batch, prompt] with a prompt of at least one token, "
+            f"got {ids.dtype} {ids.shape}"
+        )
+    if attention_mask is None:
+        return ids, np.ones(ids.shape, np.int32)
+    mask = np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise GenerationError(
+            f"attention_mask has shape {mask.shape}, input_ids {ids.shape}: they must match"
+        )
+    mask = (mask != 0).astype(np.int32)
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise GenerationError(f"rows {empty.tolist()} of attention_mask have no token")
+    return ids, mask
+
+
+def _sampling(
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+) -> tuple[dict[str, jax.Array], bool, list[int]]:
+    """The sampling arguments as the programs take them (traced, so new values never
+    recompile), whether decoding is greedy, and the eos ids."""
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if eos_token_id is None:
+        eos = []
+    elif isinstance(eos_token_id, int | np.integer):
+        eos = [int(eos_token_id)]
+    else:
+        eos = [int(e) for e in eos_token_id]
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    sampling = {
+        "temperature": jnp.asarray(temperature, jnp.float32),
+        # No top_k is every token: next_tokens clips k to the vocabulary.
+        "top_k": jnp.asarray(top_k or np.iinfo(np.int32).max, jnp.int32),
+        "top_p": jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        "key": jax.random.key(seed),
+        "eos": jnp.asarray(eos or [-1], jnp.int32),
+        "pad": jnp.asarray(pad_token_id, jnp.int32),
+    }
+    return sampling, temperature == 0, eos
+
+
+# Sampling settings a generation_config.json or genai_config.json ("search") may hold.
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+
+
+def generation_settings(
+    generation_config: Mapping[str, Any] | None = None,
+    genai_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:class:`TextGenerator`'s settings from a repo's ``generation_config.json`` (transformers)
+    and ``genai_config.json`` (onnxruntime-genai); the former wins where both say something.
+
+    Read: the eos and pad ids, ``max_length`` (prompt plus new tokens, at most), and the sampling
+    settings, which apply only where ``do_sample`` is true (else generation is greedy).
+
+    Example:
+        >>> generation_settings({"eos_token_id": [2, 7], "do_sample": True, "top_p": 0.9})
+        {'eos_token_id': [2, 7], 'top_p': 0.9, 'temperature': 1.0}
+        >>> generation_settings(genai_config={"model": {"eos_token_id": 2, "context_length": 64},
+        ...                                   "search": {"do_sample": False, "top_k": 5}})
+        {'eos_token_id': 2, 'max_length': 64, 'temperature': 0.0}
+    """
+    settings: dict[str, Any] = {}
+    sources = []
+    if genai_config:
+        model = dict(genai_config.get("model") or {})
+        search = dict(genai_config.get("search") or {})
+        model["max_length"] = search.get("max_length", model.get("context_length"))
+        sources.append({**model, **{k: v for k, v in search.items() if k != "max_length"}})
+    if generation_config:
+        sources.append(dict(generation_config))
+    sample = False
+    for source in sources:
+        for key in ("eos_token_id", "pad_token_id", "max_length"):
+            if source.get(key) is not None:
+                settings[key] = source[key]
+        if "do_sample" in source:
+            sample = bool(source["do_sample"])
+            if not sample:
+                for key in _SAMPLING_KEYS:
+                    settings.pop(key, None)
+        for key in _SAMPLING_KEYS:
+            if sample and source.get(key) is not None:
+                settings[key] = source[key]
+    if sources:
+        settings["temperature"] = settings.get("temperature", 1.0) if sample else 0.0
+    return settings
+
+
+class TextGenerator:
+    """Text in, text out, from an ONNX decoder with a KV cache and its ``tokenizer.json``.
+
+    Build it with :meth:`from_hub` or :meth:`from_folder` (which read the repo's tokenizer and
+    ``generation_config.json`` / ``genai_config.json``), or from a loaded model and a
+    ``tokenizers.Tokenizer``. ``max_length`` caps the prompt plus the new tokens, as in
+    transformers; the other settings are :func:`generate`'s defaults, which
+    :meth:`generate` may override per call.
+
+    Example (needs the hub, or the files in the cache):
+        >>> generator = TextGenerator.from_hub("org/tiny-llama-onnx")  # doctest: +SKIP
+        >>> generator.generate(["Once upon a time"], max_new_tokens=16)  # doctest: +SKIP
+        [' there was a ...']
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Any,
+        *,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        max_length: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.decoder = decoder(model)
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self.max_length = max_length
+        self.defaults: dict[str, Any] = {
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+        }
+
+    @classmethod
+    def from_hub(
+        cls,
+        repo_id: str,
+        filename: str | None = None,
+        revision: str | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        precision: str = "float32",
+        **options: Any,
+    ) -> TextGenerator:
+        """Load a repo from the hub (or the cache, offline): its ONNX decoder, ``tokenizer.json``
+        and, when present, ``generation_config.json`` and ``genai_config.json``.
+
+        ``filename`` is the decoder's path in the repo: by default the one ``genai_config.json``
+        names, else ``model.onnx``. ``options`` (``eos_token_id``, ``max_length``,
+        ``temperature``...) override what the repo's files say.
+
+        Example (needs the hub, or the files in the cache):
+            >>> generator = TextGenerator.from_hub("org/tiny-llama-onnx")  # doctest: +SKIP
+            >>> generator.defaults["eos_token_id"]  # doctest: +SKIP
+            2
+        """
+
+        def fetch(name: str, required: bool) -> Path | None:
+            if required:
+                return hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
+            return optional_hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
+
+        def model(name: str) -> Model:
+            path = download_model(repo_id, name, revision, cache_dir=cache_dir, token=token)
+            return load(path, precision=precision)
+
+        return cls._from_files(fetch, model, filename, options)
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | os.PathLike,
+        filename: str | None = None,
+        *,
+        precision: str = "float32",
+        **options: Any,
+    ) -> TextGenerator:
+        """Load a folder laid out as a hub repo; the arguments are :meth:`from_hub`'s.
+
+        Example:
+            >>> TextGenerator.from_folder("/no/such/folder")  # doctest: +IGNORE_EXCEPTION_DETAIL
+            Traceback (most recent call last):
+            ...
+            ModelLoadError: /no/such/folder/tokenizer.json is missing
+        """
+        root = Path(folder)
+
+        def fetch(name: str, required: bool) -> Path | None:
+            path = root / name
+            if path.is_file():
+                return path
+            if required:
+                raise ModelLoadError(f"{path} is missing")
+            return None
+
+        return cls._from_files(
+            fetch, lambda name: load(root / name, precision=precision), filename, options
+        )
+
+    @classmethod
+    def _from_files(
+        cls,
+        fetch: Callable[[str, bool], Path | None],
+        load_model: Callable[[str], Model],
+        filename: str | None,
+        options: dict[str, Any],
+    ) -> TextGenerator:
+        from tokenizers import Tokenizer
+
+        tokenizer_path = fetch("tokenizer.json", True)
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise ModelLoadError(f"{tokenizer_path} is not a valid tokenizer.json: {exc}") from None
+        configs = {}
+        for name in ("generation_config.json", "genai_config.json"):
+            path = fetch(name, False)
+            configs[name] = _read_json(path) if path else None
+        genai = configs["genai_config.json"]
+        if filename is None:
+            decoder_config = ((genai or {}).get("model") or {}).get("decoder") or {}
+            filename = decoder_config.get("filename", "model.onnx")
+        settings = generation_settings(configs["generation_config.json"], genai)
+        settings.update(options)
+        return cls(load_model(filename), tokenizer, **settings)
+
+    def generate(
+        self, texts: str | Sequence[str], max_new_tokens: int = 32, **options: Any
+    ) -> list[str]:
+        """The text each prompt continues with: one string per text (a single string counts as
+        a list of one), decoded without special tokens and cut at the first eos.
+
+        The prompts share one batch, left-padded; ``options`` override :attr:`defaults` (see
+        :func:`generate`).
+
+        Example (needs the hub, or the files in the cache):
+            >>> generator.generate("Once upon a time", max_new_tokens=8)  # doctest: +SKIP
+            [' there was a little']
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InputError("generate() needs at least one text")
+        encodings = self.tokenizer.encode_batch(texts)
+        width = max(len(e.ids) for e in encodings)
+        if not min(len(e.ids) for e in encodings):
+            raise InputError("a text tokenizes to no token at all: nothing to continue")
+        if self.max_length is not None:
+            max_new_tokens = min(max_new_tokens, self.max_length - width)
+            if max_new_tokens < 1:
+                raise GenerationError(
+                    f"the longest prompt has {width} tokens: max_length={self.max_length} "
+                    f"leaves no room for new ones"
+                )
+        ids = np.zeros((len(texts), width), np.int64)
+        mask = np.zeros_like(ids)
+        for row, encoding in enumerate(encodings):
+            ids[row, width - len(encoding.ids) :] = encoding.ids
+            mask[row, width - len(encoding.ids) :] = 1
+        settings = {**self.defaults, **options}
+        tokens = self.decoder.generate(ids, max_new_tokens, attention_mask=mask, **settings)
+        eos = settings["eos_token_id"]
+        stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        texts_out = []
+        for row in tokens[:, width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts_out.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
+        return texts_out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None

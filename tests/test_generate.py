@@ -1,0 +1,330 @@
+"""onnx2jax.generation: greedy tokens equal to transformers' generate, compiled once per shape.
+
+Tiny random GPT-2 and Llama decoders are exported by torch.onnx with their KV cache as
+``past_key_values.{i}.key/value`` inputs and ``present.{i}.key/value`` outputs, the layout
+optimum writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import huggingface_hub
+import huggingface_hub.constants
+import jax
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import onnx2jax
+from onnx2jax.generation import (
+    GenerationError,
+    TextGenerator,
+    cache_layout,
+    decoder,
+    generate,
+    generate_stream,
+    next_tokens,
+)
+from tests.hub_cache import put_in_cache
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 100
+EOS = 2
+
+
+def tiny_decoder(kind: str):
+    """A transformers causal LM from a tiny config with random weights (2 layers, hidden 64).
+
+    The weights are drawn wider than transformers' default so that the logits of competing
+    tokens are far apart: greedy tokens then do not hang on rounding.
+    """
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        **common,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def export_with_cache(module, path, position_ids: bool = True):
+    """torch.onnx (TorchScript exporter, opset 17) of ``module`` with its KV cache as graph
+    inputs and outputs, every length and the batch dynamic."""
+    layers = module.config.num_hidden_layers
+    heads = getattr(module.config, "num_key_value_heads", module.config.num_attention_heads)
+    head_dim = module.config.hidden_size // module.config.num_attention_heads
+
+    class WithCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, input_ids, attention_mask, *rest):
+            positions, past = (rest[0], rest[1:]) if position_ids else (None, rest)
+            cache = transformers.DynamicCache()
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            flat = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *flat)
+
+    batch, new, old = 2, 3, 5
+    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    names = ["input_ids", "attention_mask", *(["position_ids"] * position_ids), *past_names]
+    outputs = ["logits", *(n.replace("past_key_values", "present") for n in past_names)]
+    sample = [
+        torch.randint(0, VOCAB, (batch, new)),
+        torch.ones(batch, old + new, dtype=torch.long),
+        *([torch.arange(old, old + new).repeat(batch, 1)] * position_ids),
+        *(torch.randn(batch, heads, old, head_dim) for _ in past_names),
+    ]
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+    }
+    axes.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
+    axes.update({n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]})
+    with torch.no_grad():
+        torch.onnx.export(
+            WithCache().eval(),
+            tuple(sample),
+            str(path),
+            input_names=names,
+            output_names=outputs,
+            dynamic_axes={n: axes[n] for n in names + outputs},
+            opset_version=17,
+            dynamo=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def exported(request, tmp_path_factory):
+    """(transformers module, onnx2jax model) of one tiny decoder."""
+    module = tiny_decoder(request.param)
+    path = tmp_path_factory.mktemp(request.param) / "model.onnx"
+    return module, onnx2jax.load(export_with_cache(module, path))
+
+
+def transformers_greedy(module, prompt, new_tokens, eos_token_id=None):
+    """transformers' greedy tokens after one unpadded prompt: the reference."""
+    with torch.no_grad():
+        out = module.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            min_new_tokens=0 if eos_token_id is not None else new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+PROMPTS = [[5, 17, 42, 8, 99, 3, 61], [11, 23, 4]]
+
+
+def test_greedy_tokens_equal_transformers_generate(exported):
+    module, model = exported
+    for prompt in PROMPTS:
+        tokens = generate(model, np.array([prompt]), 24)
+        assert tokens.shape == (1, len(prompt) + 24)
+        assert tokens[0, : len(prompt)].tolist() == prompt
+        assert tokens[0, len(prompt) :].tolist() == transformers_greedy(module, prompt, 24)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_batch_gives_each_row_its_own_tokens(exported, side):
+    module, model = exported
+    width = max(map(len, PROMPTS))
+    ids = np.zeros((len(PROMPTS), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(PROMPTS):
+        cols = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+        ids[row, cols], mask[row, cols] = prompt, 1
+    tokens = generate(model, ids, 24, attention_mask=mask)
+    assert tokens.shape == (2, width + 24) and tokens.dtype == ids.dtype
+    np.testing.assert_array_equal(tokens[:, :width], ids)
+    for row, prompt in enumerate(PROMPTS):
+        assert tokens[row, width:].tolist() == transformers_greedy(module, prompt, 24)
+
+
+def test_generate_compiles_two_programs_for_a_hundred_steps(exported):
+    _, model = exported
+    compiled = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    traces = decoder(model).compilations
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        # Batch 3 is a shape no other test uses; both prompts fall in the bucket of 16 tokens.
+        tokens = generate(model, np.array([PROMPTS[1]] * 3), 100)
+        first = len(compiled)
+        again = generate(model, np.array([PROMPTS[0]] * 3), 100, max_length=tokens.shape[1] + 25)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert tokens.shape == (3, 103) and again.shape == (3, 107)
+    assert decoder(model).compilations - traces == 2  # prefill and decode, once each
+    assert first == 2
+    assert len(compiled) == first  # same batch, bucket and max_length: nothing new
+
+
+def test_eos_stops_a_row_and_pads_it(exported):
+    module, model = exported
+    free = [transformers_greedy(module, p, 24) for p in PROMPTS]
+    eos = free[0][5]  # a token the first row makes at step 5 or before
+    stops = [row.index(eos) + 1 if eos in row else 24 for row in free]
+    ids = np.zeros((2, 7), np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(PROMPTS):
+        ids[row, 7 - len(prompt) :], mask[row, 7 - len(prompt) :] = prompt, 1
+    tokens = generate(model, ids, 24, attention_mask=mask, eos_token_id=[eos], pad_token_id=0)
+    assert tokens.shape[1] == 7 + max(stops)
+    for row, prompt in enumerate(PROMPTS):
+        new = tokens[row, 7:].tolist()
+        assert new[: stops[row]] == free[row][: stops[row]]
+        assert new[stops[row] :] == [0] * (max(stops) - stops[row])
+        assert new[: stops[row]] == transformers_greedy(module, prompt, 24, eos_token_id=eos)
+    single = generate(model, np.array([PROMPTS[0]]), 24, eos_token_id=eos)
+    assert single[0, 7:].tolist() == free[0][: stops[0]]
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy(exported):
+    _, model = exported
+    ids = np.array([PROMPTS[0], PROMPTS[0]])
+    greedy = generate(model, ids, 20)
+    sample = generate(model, ids, 20, temperature=1.5, seed=3)
+    assert np.array_equal(sample, generate(model, ids, 20, temperature=1.5, seed=3))
+    assert not np.array_equal(sample, generate(model, ids, 20, temperature=1.5, seed=4))
+    assert not np.array_equal(sample[0], sample[1])  # each row draws its own tokens
+    assert not np.array_equal(sample, greedy)
+    np.testing.assert_array_equal(generate(model, ids, 20, temperature=1.5, top_k=1), greedy)
+    np.testing.assert_array_equal(generate(model, ids, 20, temperature=0.7, top_p=1e-6), greedy)
+
+
+def test_next_tokens_samples_from_the_filtered_softmax():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    keys = jax.random.split(jax.random.key(0), 4000)
+
+    def draw(**options):
+        picks = jax.vmap(lambda k: next_tokens(logits, k, temperature=1.0, **options))(keys)
+        return np.bincount(np.asarray(picks).ravel(), minlength=4) / len(keys)
+
+    np.testing.assert_allclose(draw(), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    np.testing.assert_allclose(draw(top_k=2), [0.625, 0.375, 0, 0], atol=0.03)
+    # top_p keeps the most probable tokens until their mass reaches p: 0.5 + 0.3 >= 0.7.
+    np.testing.assert_allclose(draw(top_p=0.7), [0.625, 0.375, 0, 0], atol=0.03)
+    np.testing.assert_allclose(draw(top_p=0.85), [0.526, 0.316, 0.158, 0], atol=0.03)
+    assert draw(top_p=0.4).tolist() == [1, 0, 0, 0]
+    hot = jax.vmap(lambda k: next_tokens(logits, k, temperature=1e-3))(keys)
+    assert set(np.asarray(hot).ravel().tolist()) == {0}
+
+
+def test_streaming_gives_each_step_as_it_comes(exported):
+    _, model = exported
+    ids = np.array([PROMPTS[0]])
+    seen = []
+    tokens = generate(model, ids, 12, stream=lambda step, new: seen.append((step, new.tolist())))
+    assert [step for step, _ in seen] == list(range(12))
+    assert [new for _, new in seen] == tokens[:, 7:].T.tolist()
+    steps = list(generate_stream(model, ids, 12))
+    assert len(steps) == 12
+    np.testing.assert_array_equal(np.stack(steps, axis=1), tokens[:, 7:])
+
+
+def test_a_model_that_does_not_fit_is_refused_with_what_it_lacks(tmp_path):
+    with pytest.raises(GenerationError, match="lacks input_ids, attention_mask, past_key_values"):
+        cache_layout(onnx2jax.load(onnx2jax.example_path()))
+    no_positions = export_with_cache(tiny_decoder("gpt2"), tmp_path / "m.onnx", position_ids=False)
+    with pytest.raises(GenerationError, match="no position_ids input"):
+        generate(onnx2jax.load(no_positions), [[1, 2, 3]], 4)
+
+
+def test_bad_arguments_are_refused(exported):
+    _, model = exported
+    with pytest.raises(GenerationError, match="max_length=20 cache slots"):
+        generate(model, [[1, 2, 3]], 8, max_length=20)
+    with pytest.raises(GenerationError, match="rows \\[1\\] of attention_mask have no token"):
+        generate(model, [[1, 2], [3, 4]], 4, attention_mask=[[1, 1], [0, 0]])
+    with pytest.raises(GenerationError, match="top_p"):
+        generate(model, [[1, 2]], 4, temperature=1.0, top_p=0.0)
+
+
+WORDS = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """Words ``w3`` ... ``w99`` are the token ids 3 ... 99; [BOS] comes first."""
+    tokenizer = Tokenizer(models.WordLevel(WORDS, unk_token="[PAD]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", 1)]
+    )
+    return tokenizer
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this test (huggingface_hub reads the variable once, at import)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_text_generator_from_the_hub_reads_tokenizer_and_generation_config(
+    tmp_path, offline, exported
+):
+    _, model = exported
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    model.save(folder / "decoder.onnx")
+    tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    texts = ["w5 w17 w42 w8", "w11 w23"]
+    prompts = [[1, 5, 17, 42, 8], [1, 11, 23]]
+    free = [generate(model, np.array([p]), 16)[0, len(p) :].tolist() for p in prompts]
+    eos = free[1][3]
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos, "pad_token_id": 0, "do_sample": False, "top_k": 4})
+    )
+    (folder / "genai_config.json").write_text(
+        json.dumps({"model": {"decoder": {"filename": "decoder.onnx"}, "eos_token_id": 7}})
+    )
+    cache = tmp_path / "cache"
+    files = {p.name: p for p in folder.iterdir()}
+    put_in_cache(cache, "org/tiny-decoder", files)
+    generator = TextGenerator.from_hub("org/tiny-decoder", cache_dir=cache)
+    assert generator.defaults["eos_token_id"] == eos and generator.defaults["temperature"] == 0
+    expected = [
+        " ".join(f"w{t}" for t in row[: row.index(eos) if eos in row else 16]) for row in free
+    ]
+    assert generator.generate(texts, 16) == expected
+    assert TextGenerator.from_folder(folder).generate(texts[1], 16) == expected[1:]
+    capped = TextGenerator.from_folder(folder, max_length=7, eos_token_id=None)
+    assert capped.generate(texts[1:], 16) == [" ".join(f"w{t}" for t in free[1][:4])]
