@@ -9,7 +9,7 @@ Example:
 
 from pathlib import Path
 
-from onnx2jax.errors import (
+from onnx2jax.core.errors import (
     DataDependentShapeError,
     InputError,
     ModelLoadError,
@@ -17,9 +17,9 @@ from onnx2jax.errors import (
     OpError,
     UnsupportedOpError,
 )
+from onnx2jax.core.model import Model, load
 from onnx2jax.hub import from_hub
-from onnx2jax.model import Model, load
-from onnx2jax.process import tune_process
+from onnx2jax.runtime.process import tune_process
 from onnx2jax.text import SentenceEncoder
 
 __version__ = "0.1.0"

@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
 
-from onnx2jax.dtypes import onnx_elem_type
-from onnx2jax.graph import TensorInfo
-from onnx2jax.model import Model
+from onnx2jax.core.dtypes import onnx_elem_type
+from onnx2jax.core.graph import TensorInfo
+from onnx2jax.core.model import Model
 from onnx2jax.ops.sequence import EmptyOptional
 
 

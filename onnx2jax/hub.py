@@ -3,7 +3,7 @@
 Downloads go to the ordinary Hugging Face cache (``HF_HUB_CACHE``), so a file fetched once is
 reused, ``HF_HUB_OFFLINE=1`` works from that cache alone, and a token comes from ``HF_TOKEN`` or
 ``hf auth login`` unless one is passed. Every failure is a
-:class:`~onnx2jax.errors.ModelLoadError` naming the repo, the file and the revision.
+:class:`~onnx2jax.core.errors.ModelLoadError` naming the repo, the file and the revision.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 
 import onnx
 
-from onnx2jax.errors import ModelLoadError
-from onnx2jax.model import Model, load
+from onnx2jax.core.errors import ModelLoadError
+from onnx2jax.core.model import Model, load
 
 HUB_PREFIX = "hf://"
 
@@ -41,7 +41,7 @@ def hub_file(
 ) -> Path:
     """The local path of one file of a hub repo, downloaded into the cache if needed.
 
-    Raises :class:`~onnx2jax.errors.ModelLoadError` saying which repo, file and revision failed
+    Raises :class:`~onnx2jax.core.errors.ModelLoadError` saying which repo, file and revision failed
     and why (offline and not cached, no such repo, revision or file, gated or private repo).
 
     Example (needs the hub, or the file in the cache):

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.errors import InputError, ModelLoadError
+from onnx2jax.core.errors import InputError, ModelLoadError
+from onnx2jax.core.model import Model, load
 from onnx2jax.hub import download_model, hub_file, optional_hub_file
-from onnx2jax.model import Model, load
 from onnx2jax.runtime.options import (
     inference_compiler_options,
     jit_with_options,
@@ -277,7 +277,7 @@ class SentenceEncoder:
             >>> SentenceEncoder.from_folder("/no/such/folder")  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            onnx2jax.errors.ModelLoadError: model file not found: /no/such/folder/onnx/model.onnx
+            onnx2jax.core.errors.ModelLoadError: model file not found: /no/such/folder/onnx/...
         """
         root = Path(folder)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.models import export_minilm
+from tests.models.exports import export_minilm
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,7 +11,7 @@ import onnx
 from onnx import helper
 
 import onnx2jax
-from onnx2jax.dtypes import onnx_elem_type
+from onnx2jax.core.dtypes import onnx_elem_type
 
 
 def single_node_model(

@@ -1,19 +1,26 @@
 """The package's layering: modules import only "downwards", with no import cycles.
 
-Layers, from the bottom (a module imports its own layer and those below, never above):
+Layers, from the bottom (a module imports its own layer and those below, never above). A
+module's layer is its package's (the first name under ``onnx2jax``), with one exception named
+below, ``core.model``:
 
-1. **core**: what reads and runs a graph: ``errors``, ``dtypes``, ``settings``, ``safety``,
-   ``hostmem``, ``cputhreads``, ``process``, ``loader``, ``graph``, ``convert``, ``ops``,
-   ``native`` (the kernels the ops call) and ``export`` (writing params back into the proto,
-   typed against a protocol of the model, not the model).
+1. **core**: what reads and traces a graph: ``core`` (errors, dtypes, settings, safety,
+   loader, the plan ``graph``, the interpreter ``convert``, ``export``), ``ops`` (the op
+   functions and their registry, which the plan and the interpreter look up) and ``native``
+   (the CPU kernels some op functions call).
 2. **runtime**: the compiled engine behind ``model(...)``: ``runtime`` (engine, weight
-   layouts, fusion, XLA options, devices, segments, executable cache, AOT artifacts) and the
-   old modules that re-export it (``aot``, ``devices``, ``segments``, ``fusion``).
-3. **model**: :class:`~onnx2jax.model.Model` (graph, params, pure ``apply``; it creates its
-   engine) and ``backend`` (the ONNX backend API over it).
-4. **training**: ``train``, ``checkpoint``, ``lora``, ``nnx``.
-5. **applications**: ``hub``, ``text``, ``bench``, ``coverage``, ``cli``, ``__main__``,
-   ``fuzz``, ``examples`` and the package's ``__init__`` (the public API gathered).
+   layouts, fusion, XLA options, devices, segments, executable cache, AOT artifacts, the
+   process-level settings).
+3. **model**: ``core.model``, :class:`~onnx2jax.core.model.Model` (graph, params, pure
+   ``apply``). It lives in ``core/`` with the pipeline it exposes, but it creates its
+   runtime engine, so it sits above the runtime; and ``backend`` (the ONNX backend API over it).
+4. **training**: ``train`` (split/fit, LoRA, checkpoints, the Flax module).
+5. **applications**: ``hub``, ``text``, ``generation``, ``cli`` (with ``bench`` and
+   ``coverage``), ``__main__``, ``fuzz``, ``examples`` and the package's ``__init__`` (the
+   public API gathered).
+
+The modules that moved keep a tiny module at their old path (:data:`OLD_PATHS`) that only
+forwards to the new one; each belongs to the layer of what it forwards to.
 
 Every import counts: at module level, inside functions, and under ``TYPE_CHECKING`` (a type a
 module needs is a dependency too), so no cycle hides behind a lazy import. An import of
@@ -33,28 +40,50 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "onnx2jax"
 
+# Names under onnx2jax: a package, a module, or (core.model) a module named apart from its
+# package; the longest name that matches gives a module's layer.
 LAYERS = {
-    "core": (
-        "errors",
-        "dtypes",
-        "settings",
-        "safety",
-        "hostmem",
-        "cputhreads",
-        "process",
-        "loader",
-        "graph",
-        "convert",
-        "ops",
-        "native",
-        "export",
+    "core": ("core", "ops", "native"),
+    "runtime": ("runtime",),
+    "model": ("core.model", "backend"),
+    "training": ("train",),
+    "applications": (
+        "hub",
+        "text",
+        "generation",
+        "cli",
+        "__main__",
+        "fuzz",
+        "examples",
+        "",
     ),
-    "runtime": ("runtime", "aot", "devices", "segments", "fusion"),
-    "model": ("model", "backend"),
-    "training": ("train", "checkpoint", "lora", "nnx"),
-    "applications": ("hub", "text", "bench", "coverage", "cli", "__main__", "fuzz", "examples", ""),
 }
 ORDER = list(LAYERS)
+
+# The modules that moved, by old path: the module(s) each old path forwards to.
+OLD_PATHS = {
+    "errors": ("core.errors",),
+    "dtypes": ("core.dtypes",),
+    "settings": ("core.settings",),
+    "safety": ("core.safety",),
+    "loader": ("core.loader",),
+    "graph": ("core.graph",),
+    "convert": ("core.convert",),
+    "export": ("core.export",),
+    "model": ("core.model",),
+    "aot": ("runtime.aot", "runtime.cache"),
+    "devices": ("runtime.devices",),
+    "segments": ("runtime.segments",),
+    "fusion": ("runtime.fusion",),
+    "process": ("runtime.process",),
+    "cputhreads": ("runtime.cputhreads",),
+    "hostmem": ("runtime.hostmem",),
+    "lora": ("train.lora",),
+    "checkpoint": ("train.checkpoint",),
+    "nnx": ("train.nnx",),
+    "bench": ("cli.bench",),
+    "coverage": ("cli.coverage",),
+}
 
 
 def _module_name(path: Path) -> str:
@@ -68,12 +97,20 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _layer(module: str) -> str:
-    """The layer of an onnx2jax module, by its first name under the package."""
-    first = module.split(".")[1] if "." in module else ""
-    for layer, names in LAYERS.items():
-        if first in names:
-            return layer
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")
+    """The layer of an onnx2jax module: that of the longest name in LAYERS it is or is
+    under; an old path's is that of the module it forwards to."""
+    name = module.partition(".")[2]  # "" for the package's __init__
+    if name in OLD_PATHS:
+        return _layer(f"onnx2jax.{OLD_PATHS[name][0]}")
+    matches = [
+        (len(prefix), layer)
+        for layer, prefixes in LAYERS.items()
+        for prefix in prefixes
+        if name == prefix or (prefix and name.startswith(f"{prefix}."))
+    ]
+    if not matches:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS in {__file__}")
+    return max(matches)[1]
 
 
 def _resolve(name: str) -> str:
@@ -177,13 +214,13 @@ def test_only_the_model_module_reads_the_models_private_members():
     private = re.compile(r"\bmodel\._[A-Za-z]")
     files = [
         *PACKAGE.rglob("*.py"),
-        *(ROOT / "tests").glob("*.py"),
+        *(ROOT / "tests").rglob("*.py"),
         *(ROOT / "benchmarks").glob("*.py"),
     ]
     found = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
         for path in files
-        if path != PACKAGE / "model.py"
+        if path != PACKAGE / "core" / "model.py"
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if private.search(line)
     ]
@@ -193,25 +230,46 @@ def test_only_the_model_module_reads_the_models_private_members():
 def test_the_checks_see_a_cycle_and_an_upward_import():
     """The checks above can fail: the graph has the edges real imports make, and a cycle
     through a lazy import is found."""
-    assert "onnx2jax.runtime.engine" in GRAPH["onnx2jax.model"]
-    assert "onnx2jax.model" not in GRAPH["onnx2jax.runtime.engine"]
-    assert "onnx2jax.ops.registry" in GRAPH["onnx2jax.convert"]
-    assert "onnx2jax.runtime.options" in GRAPH["onnx2jax.train"]
+    assert "onnx2jax.runtime.engine" in GRAPH["onnx2jax.core.model"]
+    assert "onnx2jax.core.model" not in GRAPH["onnx2jax.runtime.engine"]
+    assert "onnx2jax.ops.registry" in GRAPH["onnx2jax.core.convert"]
+    assert "onnx2jax.runtime.options" in GRAPH["onnx2jax.train.steps"]
+    assert "onnx2jax.core.graph" in GRAPH["onnx2jax.graph"]
     assert _resolve("onnx2jax.example_path") == "onnx2jax"
-    assert ORDER.index(_layer("onnx2jax.model")) > ORDER.index(_layer("onnx2jax.runtime.aot"))
+    assert ORDER.index(_layer("onnx2jax.core.model")) > ORDER.index(_layer("onnx2jax.runtime.aot"))
+    assert _layer("onnx2jax.core.graph") == _layer("onnx2jax.graph") == "core"
+    assert _layer("onnx2jax.model") == "model" and _layer("onnx2jax") == "applications"
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+@pytest.mark.parametrize("old", sorted(OLD_PATHS))
+def test_old_paths_only_forward(old):
+    """A moved module's old path is a module at the package's top that imports nothing but
+    where the module went, and gives the same objects."""
+    module = f"onnx2jax.{old}"
+    targets = [f"onnx2jax.{target}" for target in OLD_PATHS[old]]
+    assert MODULES[module].parent == PACKAGE
+    assert GRAPH[module] <= set(targets), f"{module} imports more than {targets}"
+    forwarder = importlib.import_module(module)
+    forwards_all = "__getattr__" in vars(forwarder)
+    for target in map(importlib.import_module, targets):
+        for name, value in vars(target).items():
+            if not name.startswith("_") and (forwards_all or name in vars(forwarder)):
+                assert getattr(forwarder, name) is value, f"{module}.{name}"
+
+
 def test_old_import_paths_keep_working():
-    """The modules moved into runtime/ are still importable from where they were, as the same
-    objects."""
-    from onnx2jax import aot, devices, fusion, model, segments
+    """The names users and docs import from the old paths are the new modules' objects."""
+    from onnx2jax import aot, checkpoint, devices, fusion, graph, lora, model, nnx, segments
     from onnx2jax.runtime import aot as runtime_aot
     from onnx2jax.runtime import cache, options
     from onnx2jax.runtime import devices as runtime_devices
     from onnx2jax.runtime import fusion as runtime_fusion
     from onnx2jax.runtime import segments as runtime_segments
+    from onnx2jax.train import checkpoint as train_checkpoint
+    from onnx2jax.train import lora as train_lora
+    from onnx2jax.train import nnx as train_nnx
 
     assert aot.export_model is runtime_aot.export_model
     assert aot.load_artifact is runtime_aot.load_artifact
@@ -222,3 +280,7 @@ def test_old_import_paths_keep_working():
     assert fusion.fuse_attention is runtime_fusion.fuse_attention
     assert model.inference_compiler_options is options.inference_compiler_options
     assert model.default_compiler_options is options.default_compiler_options
+    assert lora.LoRA is train_lora.LoRA and nnx.OnnxModule is train_nnx.OnnxModule
+    assert checkpoint.Checkpointer is train_checkpoint.Checkpointer
+    # A private name, as onnx2jax/ops/shape.py imports it, forwards too.
+    assert graph._sparse_to_dense is importlib.import_module("onnx2jax.core.graph")._sparse_to_dense

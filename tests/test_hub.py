@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.errors import ModelLoadError
+from onnx2jax.core.errors import ModelLoadError
 from onnx2jax.hub import external_data_files, parse_hub_uri
 from tests.hub_cache import COMMIT, WORDS, put_in_cache, tiny_text_repo, tiny_text_tables
 

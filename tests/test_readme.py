@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from onnx2jax.coverage import render_operators, render_readme
+from onnx2jax.cli.coverage import render_operators, render_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_readme_generated_sections_are_current():
     readme = (ROOT / "README.md").read_text()
     assert render_readme(readme, ROOT) == readme, (
-        "README.md is out of date: run `python -m onnx2jax.coverage`"
+        "README.md is out of date: run `python -m onnx2jax.cli.coverage`"
     )
 
 
@@ -20,7 +20,7 @@ def test_operator_table_is_current():
     text = (ROOT / "docs" / "operators.md").read_text()
     assert "<!-- coverage:start -->" in text and "<!-- coverage:end -->" in text
     assert render_operators(text) == text, (
-        "docs/operators.md is out of date: run `python -m onnx2jax.coverage`"
+        "docs/operators.md is out of date: run `python -m onnx2jax.cli.coverage`"
     )
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import onnx2jax
-from onnx2jax.errors import InputError, ModelLoadError
-from onnx2jax.model import inference_compiler_options
+from onnx2jax.core.errors import InputError, ModelLoadError
+from onnx2jax.core.model import inference_compiler_options
 from onnx2jax.text import length_buckets, pad_tokens, pool, pooling_modes
 from tests.hub_cache import WORDS, put_in_cache, tiny_text_repo
-from tests.models import minilm_dir
+from tests.models.exports import minilm_dir
 
 ST_FILES = (
     "tokenizer.json",

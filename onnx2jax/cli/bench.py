@@ -26,8 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from onnx2jax.errors import Onnx2JaxError
-from onnx2jax.model import Model, load
+from onnx2jax.core.errors import Onnx2JaxError
+from onnx2jax.core.model import Model, load
 
 
 @dataclass(frozen=True)
@@ -433,7 +433,7 @@ def peak_memory(
         command = [
             sys.executable,
             "-m",
-            "onnx2jax.bench",
+            "onnx2jax.cli.bench",
             "--memory-child",
             engine,
             str(Path(path).resolve()),
@@ -452,8 +452,8 @@ def peak_memory(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-if __name__ == "__main__":  # python -m onnx2jax.bench --memory-child ENGINE MODEL FEEDS RUNS
+if __name__ == "__main__":  # python -m onnx2jax.cli.bench --memory-child ENGINE MODEL FEEDS RUNS
     if len(sys.argv) == 6 and sys.argv[1] == "--memory-child":
         print(json.dumps(_memory_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))))
     else:
-        sys.exit("usage: python -m onnx2jax.bench --memory-child ENGINE MODEL FEEDS.npz RUNS")
+        sys.exit("usage: python -m onnx2jax.cli.bench --memory-child ENGINE MODEL FEEDS.npz RUNS")

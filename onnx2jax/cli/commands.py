@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx2jax.errors import InputError, Onnx2JaxError, UnsupportedOpError
-from onnx2jax.graph import TensorInfo, find_unsupported, model_opsets, subgraphs, tensor_info
+from onnx2jax.core.errors import InputError, Onnx2JaxError, UnsupportedOpError
+from onnx2jax.core.graph import TensorInfo, find_unsupported, model_opsets, subgraphs, tensor_info
+from onnx2jax.core.loader import read_model
+from onnx2jax.core.model import PRECISIONS, Model, load
 from onnx2jax.hub import HUB_PREFIX, describe, download_model, parse_hub_uri
-from onnx2jax.loader import read_model
-from onnx2jax.model import PRECISIONS, Model, load
-from onnx2jax.process import tune_process
+from onnx2jax.runtime.process import tune_process
 
-EXAMPLE_SAMPLES = Path(__file__).parent / "examples" / "digits_samples.npz"
+EXAMPLE_SAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits_samples.npz"
 
 
 class Progress:
@@ -499,7 +499,7 @@ def _comparable(got: Any, want: Any) -> tuple[np.ndarray, np.ndarray, str | None
 
 
 def cmd_check(args: argparse.Namespace, progress: Progress) -> int:
-    from onnx2jax.bench import onnxruntime_session
+    from onnx2jax.cli.bench import onnxruntime_session
 
     model, path = load_model(args.model, progress, args.precision)
     feeds = read_inputs(args, model)
@@ -609,7 +609,7 @@ def _holds_half_floats(graph: onnx.GraphProto) -> bool:
 
 # -------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
-    from onnx2jax.bench import compare
+    from onnx2jax.cli.bench import compare
 
     model, path = load_model(args.model, progress, args.precision)
     feeds = read_inputs(args, model)
@@ -634,7 +634,7 @@ def cmd_bench(args: argparse.Namespace, progress: Progress) -> int:
 
 # -------------------------------------------------------------------- compile
 def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
-    from onnx2jax.aot import export_model
+    from onnx2jax.runtime.aot import export_model
 
     model, _ = load_model(args.model, progress)
     feeds = read_inputs(args, model)
@@ -652,7 +652,8 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
     lines = [
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s for inputs "
         + ", ".join(f"{k} {_shape_text(v)}" for k, v in document["inputs"].items()),
-        "run it with onnx2jax.aot.load_artifact(path)(**inputs): no ONNX parsing, no tracing",
+        "run it with onnx2jax.runtime.aot.load_artifact(path)(**inputs): "
+        "no ONNX parsing, no tracing",
     ]
     emit(args, document, lines)
     return 0
@@ -775,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ahead-of-time artifact (jax.export) for fixed input shapes",
         description="Trace MODEL once for the input shapes given by --dim (and --input) and "
         "write FILE: the exported StableHLO and the weights. "
-        "onnx2jax.aot.load_artifact(FILE) runs it without parsing ONNX or tracing.",
+        "onnx2jax.runtime.aot.load_artifact(FILE) runs it without parsing ONNX or tracing.",
     )
     compile_.add_argument("model", metavar="MODEL")
     compile_.add_argument(
@@ -804,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
-    tune_process()  # the command line runs models for speed; see onnx2jax/process.py
+    tune_process()  # the command line runs models for speed; see onnx2jax/runtime/process.py
     progress = Progress(enabled=not args.quiet)
     if getattr(args, "x64", False):
         import jax

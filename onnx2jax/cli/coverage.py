@@ -1,8 +1,8 @@
 """Doc sections generated from the code: the operator table and the backend-suite count.
 
-``python -m onnx2jax.coverage`` rewrites the operator table in docs/operators.md and the suite
-count in README.md in place; tests/test_readme.py keeps both equal to what this module
-generates.
+``python -m onnx2jax.cli.coverage`` (the command the docs give; ``onnx2jax.cli.coverage`` works too)
+rewrites the operator table in docs/operators.md and the suite count in README.md in place;
+tests/test_readme.py keeps both equal to what this module generates.
 """
 
 from __future__ import annotations
@@ -137,11 +137,17 @@ def expected_failures(path: Path) -> list[str]:
     return [name for name in lines if not name.startswith("#")]
 
 
-if __name__ == "__main__":
-    root = Path(__file__).resolve().parent.parent
+def main() -> None:
+    """Rewrite the generated sections of the checkout's README.md and docs/operators.md in
+    place: what ``python -m onnx2jax.cli.coverage`` runs."""
+    root = Path(__file__).resolve().parents[2]
     for path, render in (
         (root / "README.md", lambda text: render_readme(text, root)),
         (root / "docs" / "operators.md", render_operators),
     ):
         path.write_text(render(path.read_text()))
         print(f"updated {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax.errors import DataDependentShapeError, OpError
-from onnx2jax.graph import GraphPlan, node_label, plan_graph
-from onnx2jax.loader import tensor_to_numpy
+from onnx2jax.core.errors import DataDependentShapeError, OpError
+from onnx2jax.core.graph import GraphPlan, node_label, plan_graph
+from onnx2jax.core.loader import tensor_to_numpy
+from onnx2jax.core.settings import max_static_bytes
 from onnx2jax.ops.registry import canonical_domain
-from onnx2jax.settings import max_static_bytes
 
 
 def is_static(value: Any) -> bool:
@@ -153,7 +153,7 @@ class Interpreter:
     ):
         self.opsets = dict(opsets)
         self.base_dir = base_dir
-        self.precision = precision  # see PRECISIONS in onnx2jax/model.py
+        self.precision = precision  # see PRECISIONS in onnx2jax/core/model.py
         # float16 values held in float32 between ops (Model.float16_compute), and the names
         # of those seen, whose ONNX type is float16 (outputs go back to it).
         self.widen_float16 = widen_float16

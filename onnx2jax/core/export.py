@@ -24,9 +24,9 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
-from onnx2jax.dtypes import numpy_dtype
-from onnx2jax.errors import InputError
-from onnx2jax.loader import external_data_bytes, tensor_to_numpy
+from onnx2jax.core.dtypes import numpy_dtype
+from onnx2jax.core.errors import InputError
+from onnx2jax.core.loader import external_data_bytes, tensor_to_numpy
 
 try:
     import fcntl
@@ -42,7 +42,7 @@ _TEMPORARY_SUFFIX = ".onnx2jax-tmp"
 
 
 class ModelLike(Protocol):
-    """What this module reads of a model (:class:`onnx2jax.model.Model` provides it): typed
+    """What this module reads of a model (:class:`onnx2jax.core.model.Model` provides it): typed
     here so that export, which the model imports, does not import the model back."""
 
     proto: onnx.ModelProto

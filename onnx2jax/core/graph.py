@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx2jax.errors import ModelLoadError, UnsupportedOpError
-from onnx2jax.loader import tensor_to_numpy
+from onnx2jax.core.errors import ModelLoadError, UnsupportedOpError
+from onnx2jax.core.loader import tensor_to_numpy
 from onnx2jax.ops.registry import OpSpec, canonical_domain, lookup
 
 

@@ -12,8 +12,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from onnx2jax.errors import ModelLoadError
-from onnx2jax.safety import within
+from onnx2jax.core.errors import ModelLoadError
+from onnx2jax.core.safety import within
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 # Folders of repos in a Hugging Face hub cache (see checked_link).

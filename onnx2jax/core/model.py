@@ -18,19 +18,20 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax import export, ops  # noqa: F401  (ops registers every op family)
-from onnx2jax.convert import Interpreter
-from onnx2jax.errors import InputError
-from onnx2jax.graph import (
+from onnx2jax import ops  # noqa: F401  (registers every op family)
+from onnx2jax.core import export
+from onnx2jax.core.convert import Interpreter
+from onnx2jax.core.errors import InputError
+from onnx2jax.core.graph import (
     GraphPlan,
     TensorInfo,
     find_unsupported,
     model_opsets,
     plan_graph,
 )
-from onnx2jax.hostmem import release_free_memory
-from onnx2jax.loader import ModelSource, read_model
+from onnx2jax.core.loader import ModelSource, read_model
 from onnx2jax.runtime.engine import Engine, host_only
+from onnx2jax.runtime.hostmem import release_free_memory
 
 # Kept importable from here, where they were first defined (docs and users name them so).
 from onnx2jax.runtime.options import (  # noqa: F401
@@ -114,7 +115,7 @@ class Model:
                     base_dir,
                     decoded={**self.plan.constants, **self.plan.param_values},
                 )
-                # The allocator keeps freed blocks (onnx2jax/hostmem.py): the file's and the
+                # The allocator keeps freed blocks (onnx2jax/runtime/hostmem.py): the file's and the
                 # proto's bytes would stay resident under the device copies.
                 release_free_memory()
         # Host copies go one by one as the device copies are made (peak: one tensor more).
@@ -166,7 +167,7 @@ class Model:
 
     @property
     def interpreter(self) -> Interpreter:
-        """The interpreter that runs the graph's nodes (onnx2jax/convert.py)."""
+        """The interpreter that runs the graph's nodes (onnx2jax/core/convert.py)."""
         return self._interpreter
 
     @property
@@ -289,7 +290,7 @@ class Model:
 
     # ---------------------------------------------------------------- export
     def to_onnx(self, params: Mapping[str, Any] | None = None) -> onnx.ModelProto:
-        """The original proto with ``params`` written into its initializers (see onnx2jax.export).
+        """The original proto with ``params`` written into its initializers (core/export.py).
 
         Example:
             >>> import onnx2jax
@@ -307,9 +308,9 @@ class Model:
         external_data: bool = False,
         verify: bool | Mapping[str, Any] = False,
     ) -> export.Verification | None:
-        """Write the model with ``params`` to ``path`` atomically (see onnx2jax.export.save).
+        """Write the model with ``params`` to ``path`` atomically (see onnx2jax.core.export.save).
 
-        With ``verify`` it returns an ``onnx2jax.export.Verification`` of the saved file.
+        With ``verify`` it returns an ``onnx2jax.core.export.Verification`` of the saved file.
 
         Example:
             >>> import os, tempfile, onnx2jax
@@ -473,7 +474,7 @@ def load(
     configuration is left alone.
 
     Every operator the model needs is checked at once: a model using ops onnx2jax lacks raises
-    :class:`~onnx2jax.errors.UnsupportedOpError` listing them all with the nodes that use them.
+    :class:`~onnx2jax.core.errors.UnsupportedOpError` listing them all with the nodes that use them.
 
     ``precision="bfloat16"`` is an opt-in trade of accuracy for speed: matrix products (MatMul,
     Gemm, Einsum) round their float32 operands to bfloat16 and accumulate in float32, which

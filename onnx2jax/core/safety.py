@@ -25,8 +25,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from onnx2jax import settings
-from onnx2jax.errors import UnsafeCacheWarning
+from onnx2jax.core import settings
+from onnx2jax.core.errors import UnsafeCacheWarning
 
 log = logging.getLogger("onnx2jax")
 
@@ -50,7 +50,7 @@ def _owner_ok(st: os.stat_result) -> bool:
 
 
 def warn_once(message: str) -> None:
-    """Warn (:class:`~onnx2jax.errors.UnsafeCacheWarning`) once per process for each message."""
+    """Warn (:class:`~onnx2jax.core.errors.UnsafeCacheWarning`) once per process per message."""
     with _warned_lock:
         if message in _warned:
             return

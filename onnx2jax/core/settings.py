@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from onnx2jax.errors import Onnx2JaxError
+from onnx2jax.core.errors import Onnx2JaxError
 
 MAX_STATIC_BYTES_ENV = "ONNX2JAX_MAX_STATIC_BYTES"
 MAX_STATIC_BYTES_DEFAULT = 64 * 2**20

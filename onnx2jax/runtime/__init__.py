@@ -11,5 +11,5 @@
 - :mod:`~onnx2jax.runtime.aot`: ahead-of-time artifacts.
 
 This package imports the core (the graph, the interpreter, the ops, the native kernels) and
-never :mod:`onnx2jax.model` or anything above it (tests/test_architecture.py checks it).
+never :mod:`onnx2jax.core.model` or anything above it (tests/test_architecture.py checks it).
 """

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from onnx2jax.errors import InputError, Onnx2JaxError
+from onnx2jax.core.errors import InputError, Onnx2JaxError
 
 # Re-exported: the cache's names were first importable from here (onnx2jax.aot).
 from onnx2jax.runtime.cache import (  # noqa: F401

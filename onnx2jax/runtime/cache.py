@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from onnx2jax import safety, settings
+from onnx2jax.core import safety, settings
 
 CACHE_ENV = settings.CACHE_DIR_ENV
 # An executable cache entry: this, the header's length (8 bytes), a JSON header (the full key,

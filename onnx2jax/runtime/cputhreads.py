@@ -17,7 +17,7 @@ onnx2jax never calls it by itself: :func:`onnx2jax.tune_process` does, at the us
 
 Example (Linux, CPU):
     >>> import os, jax, onnx2jax
-    >>> from onnx2jax.cputhreads import pin_xla_workers, xla_workers
+    >>> from onnx2jax.runtime.cputhreads import pin_xla_workers, xla_workers
     >>> model = onnx2jax.load(onnx2jax.example_path())
     >>> on = (jax.default_backend() == "cpu"
     ...       and 1 < len(xla_workers()) <= len(os.sched_getaffinity(0)))

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from onnx2jax import settings
+from onnx2jax.core import settings
 
 BATCH_AXIS = "batch"
 

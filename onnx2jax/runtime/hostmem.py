@@ -16,7 +16,7 @@ parsing garbage back when the thresholds are in force.
 
 Example:
     >>> import os, sys
-    >>> import onnx2jax.hostmem as hostmem
+    >>> import onnx2jax.runtime.hostmem as hostmem
     >>> glibc = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
     >>> hostmem.keep_call_buffers() == glibc
     True

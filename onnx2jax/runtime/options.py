@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from onnx2jax import settings
+from onnx2jax.core import settings
 
 
 def default_compiler_options() -> dict[str, Any]:

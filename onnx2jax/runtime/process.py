@@ -3,11 +3,11 @@
 Two settings help ``model(...)`` on the CPU but change the whole process, so they are the
 user's call, made once, early (the command line and the benchmarks make it):
 
-- **the allocator keeps call buffers** (:func:`onnx2jax.hostmem.keep_call_buffers`): glibc
+- **the allocator keeps call buffers** (:func:`onnx2jax.runtime.hostmem.keep_call_buffers`): glibc
   returns freed blocks above 32 MB to the kernel, so every call of a large model faults its
   buffers in again; raised thresholds keep them for reuse, as onnxruntime's arena does. Freed
   memory then stays resident (up to 1 GiB). The number of malloc arenas is left alone.
-- **XLA's worker threads one to a CPU** (:func:`onnx2jax.cputhreads.pin_xla_workers`): Linux
+- **XLA's worker threads one to a CPU** (:func:`onnx2jax.runtime.cputhreads.pin_xla_workers`): Linux
   may wake two sleeping workers onto one CPU and leave the other idle.
 
 The figures behind both are in benchmarks/LOG.md.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from onnx2jax import cputhreads, hostmem
+from onnx2jax.runtime import cputhreads, hostmem
 
 
 def tune_process(

@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from onnx2jax.convert import Interpreter, is_static
-from onnx2jax.errors import DataDependentShapeError
-from onnx2jax.graph import GraphPlan
+from onnx2jax.core.convert import Interpreter, is_static
+from onnx2jax.core.errors import DataDependentShapeError
+from onnx2jax.core.graph import GraphPlan
 
 
 @dataclass(frozen=True)

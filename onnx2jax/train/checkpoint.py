@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from onnx2jax.errors import InputError
+from onnx2jax.core.errors import InputError
 
 
 class Checkpointer:

@@ -8,7 +8,7 @@ graph and no extra nodes.
 
 Example:
     >>> import jax, numpy as np, onnx2jax
-    >>> from onnx2jax.lora import LoRA
+    >>> from onnx2jax.train.lora import LoRA
     >>> model = onnx2jax.load(onnx2jax.example_path())
     >>> lora = LoRA(model, targets="/4/*", rank=2)     # the second Conv, by node name
     >>> adapters = lora.init(jax.random.key(0))
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import onnx
 
-from onnx2jax.errors import InputError
-from onnx2jax.model import Model, Params
+from onnx2jax.core.errors import InputError
+from onnx2jax.core.model import Model, Params
 
 A_SUFFIX = "::lora_a"
 B_SUFFIX = "::lora_b"

@@ -7,7 +7,7 @@ variables, which ``nnx.Optimizer(..., wrt=nnx.Param)`` and ``nnx.grad`` leave al
 Example:
     >>> import jax.numpy as jnp, optax, onnx2jax
     >>> from flax import nnx
-    >>> from onnx2jax.nnx import OnnxModule
+    >>> from onnx2jax.train.nnx import OnnxModule
     >>> class Classifier(nnx.Module):
     ...     def __init__(self, rngs: nnx.Rngs):
     ...         self.backbone = OnnxModule(onnx2jax.load(onnx2jax.example_path()),
@@ -36,7 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from onnx2jax.model import Model, Params
+from onnx2jax.core.model import Model, Params
 from onnx2jax.train import Selector, trainable_names
 
 

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from onnx2jax.errors import InputError
-from onnx2jax.graph import is_trainable_dtype
+from onnx2jax.core.errors import InputError
+from onnx2jax.core.graph import is_trainable_dtype
 from onnx2jax.runtime.options import (
     default_compiler_options,
     jit_with_options,
@@ -49,8 +49,8 @@ from onnx2jax.runtime.options import (
 )
 
 if TYPE_CHECKING:
-    from onnx2jax.checkpoint import Checkpointer
-    from onnx2jax.model import Model
+    from onnx2jax.core.model import Model
+    from onnx2jax.train.checkpoint import Checkpointer
 
 Params = dict[str, jax.Array]
 PyTree = Any
@@ -78,7 +78,7 @@ def trainable_names(
     is searched in the name, a callable gets ``(name, value)``. With ``model``, globs and
     patterns also match the names of the nodes that read a param (exporters name some weights
     ``onnx::MatMul_717`` but their node ``/encoder/layer.5/attention/self/query/MatMul``). A
-    glob or pattern that selects nothing raises :class:`~onnx2jax.errors.InputError`, as that
+    glob or pattern that selects nothing raises :class:`~onnx2jax.core.errors.InputError`, as that
     is almost always a typo.
 
     Example:
@@ -335,9 +335,9 @@ def fit(
     """An example loop: ``steps`` train steps with a tqdm progress bar.
 
     ``batches`` is a function of the step number (which makes a resumed run see the same data)
-    or an iterable. With a :class:`~onnx2jax.checkpoint.Checkpointer` the loop resumes from its
-    latest checkpoint (skipping the batches already used) and saves as the manager's interval
-    says, and at the end. ``result.params`` is ``merge(trained, frozen)``.
+    or an iterable. With a :class:`~onnx2jax.train.checkpoint.Checkpointer` the loop resumes
+    from its latest checkpoint (skipping the batches already used) and saves as the manager's
+    interval says, and at the end. ``result.params`` is ``merge(trained, frozen)``.
     ``compiler_options`` go to :func:`make_train_step`.
 
     Example:

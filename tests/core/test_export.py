@@ -17,8 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax import export
-from onnx2jax.errors import InputError
+from onnx2jax.core import export
+from onnx2jax.core.errors import InputError
 
 
 def tiny_model(dtype: type = np.float32, size: int = 4) -> onnx.ModelProto:
@@ -317,8 +317,8 @@ def test_killed_saves_temporaries_are_removed_by_the_next_save(tmp_path: Path):
             "-c",
             f"""
 import os, signal, onnx2jax
-from onnx2jax import export
-from tests.test_export import tiny_model
+from onnx2jax.core import export
+from tests.core.test_export import tiny_model
 model = onnx2jax.load(tiny_model(size=64))
 def die(graph, handle, location):
     handle.write(b"x" * 4096)
@@ -328,7 +328,7 @@ export._move_to_external = die
 model.save({str(path)!r}, external_data=True)
 """,
         ],
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
         timeout=300,

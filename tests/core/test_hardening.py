@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnx2jax
-from onnx2jax.errors import ModelLoadError, Onnx2JaxError, UnsupportedOpError
+from onnx2jax.core.errors import ModelLoadError, Onnx2JaxError, UnsupportedOpError
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_limited(code: str, memory_gb: float = 4.0, timeout: float = 300) -> str:
@@ -51,7 +51,7 @@ def test_graph_stored_in_reverse_order_is_planned_in_linear_time():
         """
         import time
         from tests.test_hardening import chain_model
-        from onnx2jax.graph import plan_graph
+        from onnx2jax.core.graph import plan_graph
         model = chain_model(30000, reverse=True)
         start = time.perf_counter()
         plan = plan_graph(model.graph, {"": 17}, None)

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.errors import (
+from onnx2jax.core.errors import (
     DataDependentShapeError,
     InputError,
     ModelLoadError,
@@ -344,7 +344,7 @@ def test_backend_run_node():
 
 
 def test_few_rows_choose_ynnpack_dots_and_many_rows_do_not():
-    from onnx2jax.model import inference_compiler_options
+    from onnx2jax.core.model import inference_compiler_options
 
     off = {"xla_cpu_experimental_ynn_fusion_type": ""}
     few = inference_compiler_options({"ids": np.zeros((1, 128), np.int64)}, off)

@@ -23,11 +23,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax import aot, loader, native, safety
-from onnx2jax.errors import ModelLoadError, Onnx2JaxError, UnsafeCacheWarning
+from onnx2jax import native
+from onnx2jax.core import loader, safety
+from onnx2jax.core.errors import ModelLoadError, Onnx2JaxError, UnsafeCacheWarning
+from onnx2jax.runtime import aot
 from tests.hub_cache import put_in_cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 W = np.arange(4, dtype=np.float32) * 10
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 POSIX = hasattr(os, "getuid")
@@ -213,7 +215,7 @@ FLIPPED = r"""
 import sys
 from pathlib import Path
 import numpy as np
-from tests.test_security import W, entry_files, run_cached, x_of
+from tests.core.test_security import W, entry_files, run_cached, x_of
 
 folder = Path(sys.argv[1])
 (entry,) = entry_files(folder)
@@ -591,7 +593,7 @@ def test_bad_external_data_extents_are_clear_errors(tmp_path, entries, message):
 HUGE = r"""
 import resource, sys, time
 import onnx2jax
-from onnx2jax.errors import ModelLoadError
+from onnx2jax.core.errors import ModelLoadError
 
 def virtual_bytes():
     with open("/proc/self/status") as status:

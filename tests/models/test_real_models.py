@@ -13,7 +13,7 @@ import pytest
 
 import onnx2jax
 from onnx2jax import native
-from tests.models import export_tiny_transformers, minilm_inputs
+from tests.models.exports import export_tiny_transformers, minilm_inputs
 
 # Exports and runs real models: after the fast tests (tests/conftest.py).
 pytestmark = pytest.mark.slow

@@ -33,8 +33,8 @@ import pytest
 from onnx import numpy_helper
 
 import onnx2jax
-from onnx2jax import cli
-from tests.variants import VARIANTS, Feeds, Variant, build_base
+from onnx2jax.cli import commands as cli
+from tests.models.variants import VARIANTS, Feeds, Variant, build_base
 
 # Exports and runs real models: after the fast tests (tests/conftest.py).
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tests.models import (
+from tests.models.exports import (
     export_minilm,
     export_transformers_variant,
     minilm_inputs,

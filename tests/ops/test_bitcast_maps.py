@@ -17,10 +17,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.convert import Interpreter
-from onnx2jax.dtypes import numpy_dtype
-from onnx2jax.errors import OpError
-from onnx2jax.graph import plan_graph
+from onnx2jax.core.convert import Interpreter
+from onnx2jax.core.dtypes import numpy_dtype
+from onnx2jax.core.errors import OpError
+from onnx2jax.core.graph import plan_graph
 from tests.helpers import run_onnx2jax, single_node_model
 
 RNG = np.random.default_rng(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx2jax.errors import OpError
+from onnx2jax.core.errors import OpError
 from tests.helpers import (
     assert_matches_reference,
     run_onnx2jax,

@@ -10,7 +10,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 import onnx2jax
-from onnx2jax.errors import DataDependentShapeError
+from onnx2jax.core.errors import DataDependentShapeError
 from onnx2jax.ops.sequence import EMPTY
 from tests.helpers import assert_matches_reference, run_onnx2jax, run_reference
 

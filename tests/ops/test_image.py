@@ -228,7 +228,7 @@ def test_resize_rejects_bad_modes():
         {"mode": "nearest", "antialias": 1},
     ):
         model = model_with_constants("Resize", inputs, ("scales",), **attrs)
-        with pytest.raises(onnx2jax.errors.OpError):
+        with pytest.raises(onnx2jax.core.errors.OpError):
             run_onnx2jax(model, {"x": IMAGE})
 
 
@@ -275,7 +275,7 @@ def test_grid_sample_opset16_names_and_float64():
     # The reference rounds the sampling positions to float32.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     model = single_node_model("GridSample", {"x": x, "grid": grid}, opset=16, mode="linear")
-    with pytest.raises(onnx2jax.errors.OpError, match="mode"):
+    with pytest.raises(onnx2jax.core.errors.OpError, match="mode"):
         run_onnx2jax(model, {"x": x, "grid": grid})
 
 
@@ -390,7 +390,7 @@ def test_roi_align_adaptive_sampling_needs_concrete_rois():
         "RoiAlign", inputs, opset=16, mode="max", output_height=3, output_width=2, spatial_scale=0.9
     )
     compiled = onnx2jax.load(model)
-    with pytest.raises(onnx2jax.errors.DataDependentShapeError):
+    with pytest.raises(onnx2jax.core.errors.DataDependentShapeError):
         jax.jit(compiled.apply)(compiled.params, FEATURES, ROIS, BATCH)
     # model(...) falls back to running eagerly, where the rois are known.
     (want,) = run_reference(model, inputs)

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.errors import OpError
+from onnx2jax.core.errors import OpError
 from tests.helpers import assert_matches_reference, run_onnx2jax, run_reference, single_node_model
 
 RNG = np.random.default_rng(0)

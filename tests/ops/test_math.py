@@ -564,7 +564,7 @@ def test_equal_on_static_strings_folds():
 
 def test_static_values_stay_static():
     """Softmax/Erf/ReduceMax of constants fold to NumPy at trace time (no HLO constants)."""
-    from onnx2jax.convert import OpContext
+    from onnx2jax.core.convert import OpContext
     from onnx2jax.ops.registry import lookup
 
     node = helper.make_node("Softmax", ["x"], ["y"], axis=0)
@@ -713,7 +713,7 @@ def test_bad_attributes_raise(op_type, attributes, message):
     x = np.array([1, 2], np.uint8) if op_type == "BitShift" else np.ones(2, np.float32)
     inputs = {"x": x} if op_type == "Gelu" else {"x": x, "b": x}
     model = single_node_model(op_type, inputs, opset=20, **attributes)
-    with pytest.raises(onnx2jax.errors.OpError, match=message):
+    with pytest.raises(onnx2jax.core.errors.OpError, match=message):
         run_onnx2jax(model, inputs)
 
 

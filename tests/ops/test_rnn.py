@@ -14,7 +14,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 
 import onnx2jax
-from onnx2jax.errors import DataDependentShapeError, OpError
+from onnx2jax.core.errors import DataDependentShapeError, OpError
 from tests.helpers import run_onnx2jax, run_reference
 
 RNG = np.random.default_rng(7)

@@ -94,7 +94,7 @@ def test_dft_rejects_the_complex_axis():
         opset=20,
         initializers={"axis": scalar(-1)},
     )
-    with pytest.raises(onnx2jax.errors.OpError, match="axis"):
+    with pytest.raises(onnx2jax.core.errors.OpError, match="axis"):
         run_onnx2jax(model, {"x": x})
 
 

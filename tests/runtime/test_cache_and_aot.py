@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 import onnx2jax
-from onnx2jax import aot
-from onnx2jax.bench import interleaved, max_errors, run_case
 from onnx2jax.cli import main
-from onnx2jax.errors import InputError
+from onnx2jax.cli.bench import interleaved, max_errors, run_case
+from onnx2jax.core.errors import InputError
+from onnx2jax.runtime import aot
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGES = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
 
 
@@ -398,7 +398,7 @@ def test_artifact_with_cache_in_a_second_process(tmp_path):
     file = aot.export_model(model, {"image": IMAGES}, tmp_path / "digits.o2j")
     np.savez(tmp_path / "feeds.npz", image=IMAGES)
     script = (
-        "import json, sys, numpy as np; from onnx2jax import aot\n"
+        "import json, sys, numpy as np; from onnx2jax.runtime import aot\n"
         "m = aot.load_artifact(sys.argv[1], cache_dir=sys.argv[2])\n"
         "y = np.asarray(m(np.load(sys.argv[3])['image'])['logits'])\n"
         "print(json.dumps({'hits': m.cache.hits, 'y': y.tolist()}))\n"

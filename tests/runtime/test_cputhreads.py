@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
@@ -24,7 +24,7 @@ import json, os, sys
 import jax
 import numpy as np
 import onnx2jax
-from onnx2jax.cputhreads import pin_xla_workers, xla_workers
+from onnx2jax.runtime.cputhreads import pin_xla_workers, xla_workers
 jax.devices()  # starts XLA:CPU and its worker pool
 allowed = sorted(os.sched_getaffinity(0))
 if sys.argv[1] == "placed":  # the user puts the first worker on the last CPU first

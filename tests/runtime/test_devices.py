@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import onnx2jax
-from onnx2jax.devices import split_devices
+from onnx2jax.runtime.devices import split_devices
 
 # Runs in a process with two CPU devices: JAX fixes its device count when it starts.
 TWO_DEVICES = r"""

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from onnx2jax import hostmem
+from onnx2jax.runtime import hostmem
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 glibc_only = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")),
@@ -27,7 +27,7 @@ import json, resource, sys, time
 import numpy as np, onnx
 from onnx import TensorProto, helper
 import onnx2jax
-from onnx2jax import hostmem
+from onnx2jax.runtime import hostmem
 if sys.argv[1] == "1":
     onnx2jax.tune_process(pin_threads=False)
 nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Sigmoid", ["r"], ["s"]),

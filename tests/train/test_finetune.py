@@ -18,11 +18,11 @@ import pytest
 
 import onnx2jax
 from onnx2jax import train
-from onnx2jax.checkpoint import Checkpointer
-from onnx2jax.errors import InputError
-from onnx2jax.lora import LoRA
-from tests.models import minilm_inputs
-from tests.test_export import tiny_model
+from onnx2jax.core.errors import InputError
+from onnx2jax.train.checkpoint import Checkpointer
+from onnx2jax.train.lora import LoRA
+from tests.core.test_export import tiny_model
+from tests.models.exports import minilm_inputs
 
 
 def ort_outputs(path: Path, feeds: dict) -> dict[str, np.ndarray]:
@@ -220,7 +220,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path: Path):
 def test_xla_flags_give_every_jit_in_a_process_the_models_options():
     """The README's way to give jits that take no options (``nnx.jit``) model(...)'s: XLA_FLAGS
     with the option the model passes to its own jit."""
-    from onnx2jax.model import default_compiler_options
+    from onnx2jax.core.model import default_compiler_options
 
     options = default_compiler_options()
     if not options:
@@ -245,7 +245,7 @@ def test_xla_flags_give_every_jit_in_a_process_the_models_options():
 def test_nnx_head_on_imported_backbone(tmp_path: Path):
     from flax import nnx
 
-    from onnx2jax.nnx import OnnxFrozen, OnnxModule
+    from onnx2jax.train.nnx import OnnxFrozen, OnnxModule
 
     model, _, batches = digits_task()
 

@@ -1,0 +1,7 @@
+"""Moved to :mod:`onnx2jax.train.checkpoint`; this old import path keeps working."""
+
+from onnx2jax.train import checkpoint as _moved
+
+
+def __getattr__(name: str) -> object:
+    return getattr(_moved, name)

@@ -1,0 +1,1 @@
+"""Tests of onnx2jax/cli/: the onnx2jax command."""

@@ -1,0 +1,1 @@
+"""Tests of onnx2jax/core/: loading, the Model API, export, safety."""

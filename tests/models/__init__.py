@@ -1,0 +1,1 @@
+"""Real exported models and the variants people deploy, compared with onnxruntime."""

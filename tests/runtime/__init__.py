@@ -1,0 +1,1 @@
+"""Tests of onnx2jax/runtime/: the compiled engine, its cache, AOT artifacts, devices."""

@@ -1,0 +1,1 @@
+"""Tests of onnx2jax/train/: fine-tuning."""
