@@ -206,7 +206,10 @@ def group_query_attention(
         if cos_cache is None:
             raise ctx.error("do_rotary=1 needs cos_cache and sin_cache")
         if position_ids is not None:
-            positions = jnp.asarray(position_ids).reshape(batch, length)
+            positions = jnp.asarray(position_ids).reshape(batch, length).astype(jnp.int32)
+            if first_prompt:
+                # onnxruntime reads a prompt's first position only; the rest follow it.
+                positions = positions[:, :1] + jnp.arange(length, dtype=jnp.int32)[None, :]
         else:
             positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
         interleaved = bool(ctx.attr("rotary_interleaved", 0))
@@ -236,12 +239,12 @@ def group_query_attention(
             else scores + jnp.pad(bias, [(0, 0)] * (bias.ndim - 1) + [(0, rows - bias.shape[-1])])
         )
     # Query s of row b sits at position start[b] + s; it reads keys up to there (all the row's
-    # keys when not causal), and with a window only the last local_window_size + 1 of them.
+    # keys when not causal), and with a window only the last local_window_size of them.
     at = start[:, None, None] + jnp.arange(length)[None, :, None]
     keys = jnp.arange(rows)[None, None, :]
     allowed = keys <= at if causal else keys < valid[:, None, None]
     if window > 0:
-        allowed = allowed & (keys >= at - window)
+        allowed = allowed & (keys > at - window)
     scores = jnp.where(allowed[:, None], scores, -jnp.inf)
     smooth = ctx.attr("smooth_softmax", -1) == 1 or head_sink is not None
     if smooth:

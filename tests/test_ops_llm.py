@@ -1,0 +1,502 @@
+"""The com.microsoft ops of decoder language models (onnxruntime-genai's builder): MatMulNBits,
+GatherBlockQuantized, GroupQueryAttention and RotaryEmbedding, one node at a time against
+onnxruntime's CPU kernels (a NumPy reference where onnxruntime refuses or departs from the spec)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper
+
+import onnx2jax
+from onnx2jax.errors import OpError
+from tests.helpers import single_node_model
+
+MS = "com.microsoft"
+RNG = np.random.default_rng(0)
+
+
+def _ours(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    compiled = onnx2jax.load(model)
+    out = jax.jit(compiled.apply)(compiled.params, **feeds)
+    return [np.asarray(out[name]) for name in compiled.output_names]
+
+
+def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, feeds)
+
+
+def _node_model(op, inputs, initializers, outputs=("y",), **attrs):
+    return single_node_model(
+        op, inputs, outputs=outputs, domain=MS, initializers=initializers, **attrs
+    )
+
+
+# ----------------------------------------------------------------------------- MatMulNBits
+
+
+def _nbits_case(bits, block, k, n, zero_kind, g_idx=False, bias=False, lead=(2, 3)):
+    blocks = -(-k // block)
+    packed = RNG.integers(0, 256, size=(n, blocks, block * bits // 8), dtype=np.uint8)
+    scales = RNG.uniform(0.01, 0.1, size=(n, blocks)).astype(np.float32)
+    inits = {"b": packed, "scales": scales}
+    if zero_kind == "packed":
+        inits["zp"] = RNG.integers(0, 256, size=(n, -(-blocks * bits // 8)), dtype=np.uint8)
+    elif zero_kind == "float":
+        inits["zp"] = RNG.uniform(0, 2**bits - 1, size=(n, blocks)).astype(np.float32)
+    if g_idx:
+        group = (np.arange(k) // block).astype(np.int32)
+        RNG.shuffle(group)
+        inits["g"] = group
+    if bias:
+        inits["bias"] = RNG.normal(size=(n,)).astype(np.float32)
+    a = RNG.normal(size=(*lead, k)).astype(np.float32)
+    inputs = {"a": a, **{name: inits.get(name) for name in ("b", "scales", "zp", "g", "bias")}}
+    return inputs, inits
+
+
+def _nbits_weight(inputs, bits, block, k, n):
+    """The [K, N] float weight, dequantized in NumPy straight from the spec."""
+    packed, scales = inputs["b"], inputs["scales"]
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte) * bits
+    q = ((packed[..., None] >> shifts) & (2**bits - 1)).reshape(n, -1)[:, :k].astype(np.float64)
+    blocks = scales.shape[1]
+    zp = inputs["zp"]
+    if zp is None:
+        zero = np.full((n, blocks), 2 ** (bits - 1), np.float64)
+    elif zp.dtype == np.uint8:
+        zero = ((zp[..., None] >> shifts) & (2**bits - 1)).reshape(n, -1)[:, :blocks]
+    else:
+        zero = zp.astype(np.float64)
+    group = inputs["g"] if inputs["g"] is not None else np.arange(k) // block
+    return ((q - zero[:, group]) * scales[:, group]).T
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block", [16, 32, 128])
+@pytest.mark.parametrize("zero_kind", ["none", "packed", "float"])
+def test_matmul_nbits_matches_onnxruntime(bits, block, zero_kind):
+    # K = 50 is no multiple of any block size: the last block is partly padding.
+    k, n = 50, 7
+    inputs, inits = _nbits_case(bits, block, k, n, zero_kind)
+    model = _node_model("MatMulNBits", inputs, inits, K=k, N=n, bits=bits, block_size=block)
+    feeds = {"a": inputs["a"]}
+    got = _ours(model, feeds)[0]
+    if bits == 8 and zero_kind == "float":
+        # onnxruntime's CPU kernel refuses 8-bit weights with float zero points.
+        want = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, bits, block, k, n)
+    else:
+        want = _ort(model, feeds)[0]
+    assert got.shape == want.shape == (2, 3, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nbits_bias_and_two_dim_input():
+    inputs, inits = _nbits_case(4, 16, 64, 9, "packed", bias=True, lead=(5,))
+    model = _node_model("MatMulNBits", inputs, inits, K=64, N=9, bits=4, block_size=16)
+    feeds = {"a": inputs["a"]}
+    np.testing.assert_allclose(_ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("zero_kind", ["none", "float"])
+def test_matmul_nbits_g_idx(zero_kind):
+    inputs, inits = _nbits_case(4, 32, 96, 8, zero_kind, g_idx=True)
+    model = _node_model("MatMulNBits", inputs, inits, K=96, N=8, bits=4, block_size=32)
+    feeds = {"a": inputs["a"]}
+    want = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, 4, 32, 96, 8)
+    np.testing.assert_allclose(_ours(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_ort(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nbits_g_idx_with_packed_zero_points_follows_the_spec():
+    # onnxruntime 1.32 drops packed zero points when g_idx is given (it uses 8); the spec and
+    # onnx2jax subtract them, as without g_idx.
+    inputs, inits = _nbits_case(4, 32, 64, 8, "packed", g_idx=True)
+    model = _node_model("MatMulNBits", inputs, inits, K=64, N=8, bits=4, block_size=32)
+    feeds = {"a": inputs["a"]}
+    want = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, 4, 32, 64, 8)
+    np.testing.assert_allclose(_ours(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_matmul_nbits_accuracy_level_4_within_int8_activation_rounding(block):
+    # onnx2jax computes in float32 at every accuracy_level (the attribute is the lowest accuracy
+    # allowed); onnxruntime's level 4 rounds A to int8 per block of K, scale max|A| / 127. Its
+    # error is therefore at most sum over blocks of (max|A_block| / 254) * sum |W| there.
+    k, n = 64, 16
+    inputs, inits = _nbits_case(4, block, k, n, "none", lead=(4,))
+    model = _node_model(
+        "MatMulNBits", inputs, inits, K=k, N=n, bits=4, block_size=block, accuracy_level=4
+    )
+    feeds = {"a": inputs["a"]}
+    got, want = _ours(model, feeds)[0], _ort(model, feeds)[0]
+    exact = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, 4, block, k, n)
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+    a_blocks = np.abs(inputs["a"]).reshape(4, -1, block).max(-1) / 254
+    w_blocks = np.abs(_nbits_weight(inputs, 4, block, k, n)).reshape(-1, block, n).sum(1)
+    bound = a_blocks @ w_blocks
+    assert np.all(np.abs(want - exact) <= bound * 1.01 + 1e-5)
+    assert np.abs(want - exact).max() > 0  # onnxruntime did round: the bound is not vacuous
+
+
+def test_matmul_nbits_weights_stay_packed_in_the_program():
+    # The packed weight is a static constant: XLA must not fold its unpacking into a float (or
+    # int32) constant several times its size.
+    k, n = 256, 64
+    inputs, inits = _nbits_case(4, 32, k, n, "packed", lead=(2,))
+    model = _node_model("MatMulNBits", inputs, inits, K=k, N=n, bits=4, block_size=32)
+    compiled = onnx2jax.load(model)
+    text = jax.jit(compiled.apply).lower(compiled.params, a=inputs["a"]).compile().as_text() or ""
+    constants = re.findall(r"(\w+)\[([\d,]*)\]\{[^}]*\} constant\(", text)
+    sizes = {
+        (dtype, int(np.prod([int(d) for d in dims.split(",") if d]))) for dtype, dims in constants
+    }
+    assert all(size < k * n // 2 or dtype == "u8" for dtype, size in sizes), sizes
+
+
+def test_matmul_nbits_symbolic_dims_and_inside_if():
+    # A is [batch, seq, K] with named dims; the node sits in an If branch reading the outer
+    # graph's packed initializers.
+    k, n = 48, 8
+    inputs, inits = _nbits_case(4, 16, k, n, "packed")
+    node = helper.make_node(
+        "MatMulNBits", ["a", "b", "scales", "zp"], ["y_then"], domain=MS,
+        K=k, N=n, bits=4, block_size=16,
+    )  # fmt: skip
+    then = helper.make_graph(
+        [node], "then", [], [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, None)]
+    )
+    negated = helper.make_node(
+        "MatMulNBits", ["a", "b", "scales", "zp"], ["t"], domain=MS,
+        K=k, N=n, bits=4, block_size=16,
+    )  # fmt: skip
+    other = helper.make_graph(
+        [negated, helper.make_node("Neg", ["t"], ["y_else"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], then_branch=then, else_branch=other)],
+        "if_nbits",
+        [
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq", k]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(v, name) for name, v in inits.items()],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+        ir_version=10,
+    )
+    for flag, shape in [(True, (1, 3, k)), (False, (2, 5, k))]:
+        feeds = {"flag": np.array(flag), "a": RNG.normal(size=shape).astype(np.float32)}
+        np.testing.assert_allclose(
+            _ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5
+        )
+
+
+def test_matmul_nbits_refuses_what_it_lacks():
+    inputs, inits = _nbits_case(4, 16, 32, 4, "none")
+    model = _node_model("MatMulNBits", inputs, inits, K=32, N=4, bits=3, block_size=16)
+    with pytest.raises(OpError, match="bits=3"):
+        _ours(model, {"a": inputs["a"]})
+
+
+# ----------------------------------------------------------------------- GatherBlockQuantized
+
+
+def _gather_case(data, scales, zero_points, indices, **attrs):
+    inits = {"data": data, "scales": scales}
+    if zero_points is not None:
+        inits["zp"] = zero_points
+    inputs = {"data": data, "indices": indices, "scales": scales, "zp": zero_points}
+    model = _node_model("GatherBlockQuantized", inputs, inits, **attrs)
+    feeds = {"indices": indices}
+    got, want = _ours(model, feeds)[0], _ort(model, feeds)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("with_zero", [False, True])
+def test_gather_block_quantized_uint8_packed(block, with_zero):
+    rows, width = 10, 64
+    data = RNG.integers(0, 256, size=(rows, width // 2), dtype=np.uint8)
+    scales = RNG.uniform(0.1, 1, size=(rows, width // block)).astype(np.float32)
+    zp = RNG.integers(0, 256, size=(rows, width // block // 2), dtype=np.uint8)
+    # Negative indices count from the end; out-of-range ones give zeros, as in onnxruntime.
+    indices = np.array([[0, 3, -1], [9, 12, -11]], np.int64)
+    _gather_case(
+        data, scales, zp if with_zero else None, indices, bits=4, block_size=block, quantize_axis=1
+    )
+
+
+def test_gather_block_quantized_uint8_eight_bits():
+    data = RNG.integers(0, 256, size=(6, 32), dtype=np.uint8)
+    scales = RNG.uniform(0.1, 1, size=(6, 2)).astype(np.float32)
+    zp = RNG.integers(0, 256, size=(6, 2), dtype=np.uint8)
+    _gather_case(data, scales, zp, np.array([5, 0, 2], np.int32), bits=8, block_size=16)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("quantize_axis", [0, 1])
+def test_gather_block_quantized_int4(signed, quantize_axis):
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(TensorProto.INT4 if signed else TensorProto.UINT4)
+    low, high = (-8, 8) if signed else (0, 16)
+    data = RNG.integers(low, high, size=(32, 48)).astype(dtype)
+    shape = [32, 48]
+    shape[quantize_axis] //= 16
+    scales = RNG.uniform(0.1, 1, size=shape).astype(np.float32)
+    zp = RNG.integers(low, high, size=shape).astype(dtype)
+    indices = np.array([[1, 31], [-2, 7]], np.int64)
+    _gather_case(data, scales, zp, indices, block_size=16, quantize_axis=quantize_axis)
+    _gather_case(data, scales, None, indices, block_size=16, quantize_axis=quantize_axis)
+
+
+# ---------------------------------------------------------------------------- RotaryEmbedding
+
+
+def _caches(positions, half):
+    freq = 1.0 / (10000 ** (np.arange(half) / half))
+    angles = np.arange(positions)[:, None] * freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("layout", ["3d", "4d"])
+@pytest.mark.parametrize("positions", ["offset", "ids"])
+@pytest.mark.parametrize("rotary_dim", [0, 8])
+def test_rotary_embedding_ms(interleaved, layout, positions, rotary_dim):
+    batch, length, heads, size = 2, 5, 3, 16
+    cos, sin = _caches(32, (rotary_dim or size) // 2)
+    x = RNG.normal(size=(batch, length, heads * size)).astype(np.float32)
+    if layout == "4d":
+        x = x.reshape(batch, length, heads, size).transpose(0, 2, 1, 3).copy()
+    ids = (
+        np.array([4], np.int64)
+        if positions == "offset"
+        else RNG.integers(0, 32, size=(batch, length)).astype(np.int64)
+    )
+    inputs = {"x": x, "pos": ids, "cos": cos, "sin": sin}
+    attrs = {"interleaved": interleaved}
+    if rotary_dim:
+        attrs.update(rotary_embedding_dim=rotary_dim, num_heads=heads)
+    model = _node_model("RotaryEmbedding", inputs, {}, **attrs)
+    feeds = {k: v for k, v in inputs.items()}
+    np.testing.assert_allclose(_ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- GroupQueryAttention
+
+_GQA_INPUTS = (
+    "query",
+    "key",
+    "value",
+    "past_key",
+    "past_value",
+    "seqlens_k",
+    "total_sequence_length",
+    "cos_cache",
+    "sin_cache",
+    "position_ids",
+    "attention_bias",
+    "head_sink",
+)
+
+
+def _gqa(
+    *,
+    batch=2,
+    length=4,
+    heads=4,
+    kv_heads=2,
+    size=16,
+    past=0,
+    buffer=None,
+    valid=None,
+    total=None,
+    packed=False,
+    rotary=False,
+    garbage_tail=False,
+    extra=None,
+    **attrs,
+):
+    """One GroupQueryAttention node, run by both: (ours, onnxruntime's, valid, feeds)."""
+    valid = np.array(valid if valid is not None else [past + length] * batch, np.int32)
+    total = total if total is not None else int(valid.max())
+    values = {}
+    q = RNG.normal(size=(batch, length, heads * size)).astype(np.float32)
+    k = RNG.normal(size=(batch, length, kv_heads * size)).astype(np.float32)
+    v = RNG.normal(size=(batch, length, kv_heads * size)).astype(np.float32)
+    if packed:
+        values["query"] = np.concatenate([q, k, v], axis=-1)
+    else:
+        values.update(query=q, key=k, value=v)
+    rows = buffer if buffer is not None else past
+    if past or buffer is not None:
+        shape = (batch, kv_heads, rows, size)
+        pk = RNG.normal(size=shape).astype(np.float32)
+        pv = RNG.normal(size=shape).astype(np.float32)
+        if not garbage_tail:
+            # Rows past each batch row's cached tokens are zero, as onnxruntime writes them.
+            cached = (valid - length)[:, None, None, None]
+            tail = np.arange(rows)[None, None, :, None] >= cached
+            pk, pv = np.where(tail, 0, pk), np.where(tail, 0, pv)
+        values.update(past_key=pk, past_value=pv)
+    values["seqlens_k"] = valid - 1
+    values["total_sequence_length"] = np.array(total, np.int32)
+    if rotary:
+        values["cos_cache"], values["sin_cache"] = _caches(64, size // 2)
+    values.update(extra or {})
+    inputs = {name: values.get(name) for name in _GQA_INPUTS}
+    outputs = ("y", "present_key", "present_value")
+    model = _node_model(
+        "GroupQueryAttention",
+        inputs,
+        {"total_sequence_length": values["total_sequence_length"]},
+        outputs=outputs,
+        num_heads=heads,
+        kv_num_heads=kv_heads,
+        do_rotary=int(rotary),
+        **attrs,
+    )
+    feeds = {n: v for n, v in values.items() if n != "total_sequence_length"}
+    return _ours(model, feeds), _ort(model, feeds), valid, feeds
+
+
+def _assert_gqa(ours, theirs, valid, first_prompt=False, whole_present=True):
+    """Output rows of real tokens match, and the present cache's rows of the row's tokens (all
+    of it when ``whole_present``)."""
+    (y, pk, pv), (ty, tpk, tpv) = ours, theirs
+    assert y.shape == ty.shape and pk.shape == tpk.shape and pv.shape == tpv.shape
+    length = y.shape[1]
+    for b, count in enumerate(valid):
+        rows = min(count, length) if first_prompt else length
+        np.testing.assert_allclose(y[b, :rows], ty[b, :rows], rtol=1e-5, atol=1e-5)
+        if whole_present and not first_prompt:
+            np.testing.assert_allclose(pk[b], tpk[b], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(pv[b], tpv[b], rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_allclose(pk[b, :, :count], tpk[b, :, :count], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(pv[b, :, :count], tpv[b, :, :count], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("rotary", ["none", "halves", "interleaved"])
+def test_gqa_first_prompt(packed, rotary):
+    ours, theirs, valid, feeds = _gqa(
+        length=5,
+        packed=packed,
+        rotary=rotary != "none",
+        rotary_interleaved=int(rotary == "interleaved"),
+    )
+    _assert_gqa(ours, theirs, valid, first_prompt=True)
+
+
+def test_gqa_first_prompt_batch_of_different_lengths():
+    # Row 1 is right-padded: its outputs past its 3 tokens are unspecified.
+    ours, theirs, valid, feeds = _gqa(length=6, valid=[6, 3], rotary=True)
+    _assert_gqa(ours, theirs, valid, first_prompt=True)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2), (4, 1)])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_gqa_decode_step_with_past(heads, kv_heads, rotary):
+    ours, theirs, valid, feeds = _gqa(
+        length=1, past=5, heads=heads, kv_heads=kv_heads, rotary=rotary, valid=[6, 4]
+    )
+    _assert_gqa(ours, theirs, valid)
+
+
+@pytest.mark.parametrize("garbage_tail", [False, True])
+def test_gqa_past_buffer_longer_than_its_tokens(garbage_tail):
+    # A preallocated cache of 12 rows holding 5 and 3 tokens: present keeps the buffer's
+    # length with the new token written at each row's position. onnxruntime (its buffers not
+    # shared here) zeroes the rows after the tokens; onnx2jax keeps what the buffer held, so
+    # with a garbage tail only the rows of real tokens are compared.
+    ours, theirs, valid, feeds = _gqa(
+        length=1, buffer=12, valid=[6, 4], total=6, rotary=True, garbage_tail=garbage_tail
+    )
+    assert ours[1].shape[2] == 12
+    _assert_gqa(ours, theirs, valid, whole_present=not garbage_tail)
+    for b, count in enumerate(valid):
+        np.testing.assert_array_equal(ours[1][b, :, count:], feeds["past_key"][b, :, count:])
+        np.testing.assert_array_equal(ours[2][b, :, count:], feeds["past_value"][b, :, count:])
+
+
+def test_gqa_later_prompt_of_several_tokens():
+    ours, theirs, valid, feeds = _gqa(batch=1, length=3, past=4, rotary=True)
+    _assert_gqa(ours, theirs, valid)
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_gqa_local_window(window):
+    ours, theirs, valid, feeds = _gqa(length=6, local_window_size=window)
+    _assert_gqa(ours, theirs, valid, first_prompt=True)
+    ours, theirs, valid, feeds = _gqa(length=1, past=7, valid=[8, 6], local_window_size=window)
+    _assert_gqa(ours, theirs, valid)
+
+
+def test_gqa_softcap_and_scale():
+    ours, theirs, valid, feeds = _gqa(length=4, softcap=2.0, scale=0.7)
+    _assert_gqa(ours, theirs, valid, first_prompt=True)
+    ours, theirs, valid, feeds = _gqa(length=1, past=3, softcap=1.5)
+    _assert_gqa(ours, theirs, valid)
+
+
+def test_gqa_smooth_softmax_and_head_sink():
+    ours, theirs, valid, feeds = _gqa(length=4, smooth_softmax=1)
+    _assert_gqa(ours, theirs, valid, first_prompt=True)
+    sink = {"head_sink": RNG.normal(size=(4,)).astype(np.float32)}
+    ours, theirs, valid, feeds = _gqa(length=1, past=3, extra=sink, smooth_softmax=1)
+    _assert_gqa(ours, theirs, valid)
+
+
+def test_gqa_refuses_what_it_lacks():
+    with pytest.raises(OpError, match="sliding_window_cache"):
+        _gqa(length=4, local_window_size=2, sliding_window_cache=1)
+
+
+@pytest.mark.parametrize("step", ["prompt", "decode"])
+def test_gqa_not_causal(step):
+    if step == "prompt":
+        ours, theirs, valid, feeds = _gqa(length=5, causal=0, valid=[5, 3])
+    else:
+        ours, theirs, valid, feeds = _gqa(length=1, past=4, causal=0, valid=[5, 3])
+    _assert_gqa(ours, theirs, valid, first_prompt=step == "prompt")
+
+
+def test_gqa_attention_bias():
+    bias = {"attention_bias": RNG.normal(size=(2, 4, 4, 4)).astype(np.float32)}
+    ours, theirs, valid, feeds = _gqa(length=4, extra=bias)
+    _assert_gqa(ours, theirs, valid, first_prompt=True)
+    bias = {"attention_bias": RNG.normal(size=(1, 1, 1, 4)).astype(np.float32)}
+    ours, theirs, valid, feeds = _gqa(length=1, past=3, extra=bias)
+    _assert_gqa(ours, theirs, valid)
+
+
+def test_gqa_position_ids():
+    # A later step rotates at the given positions.
+    ids = {"position_ids": np.array([[7], [1]], np.int64)}
+    ours, theirs, valid, feeds = _gqa(length=1, past=3, rotary=True, valid=[4, 2], extra=ids)
+    _assert_gqa(ours, theirs, valid)
+    # A prompt reads each row's first position only, the others follow it. onnxruntime's
+    # present key of the rows after the first is rotated at the first row's positions though
+    # its attention used the row's own: only the output and row 0's cache are compared.
+    ids = {"position_ids": np.array([[2, 9, 1, 0], [5, 0, 0, 0]], np.int64)}
+    ours, theirs, valid, feeds = _gqa(length=4, rotary=True, extra=ids)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[1][0], theirs[1][0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-6, atol=1e-6)
