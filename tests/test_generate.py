@@ -17,6 +17,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import onnx2jax
+from benchmarks.generate import export_with_cache, tiny_decoder
 from onnx2jax.generation import (
     GenerationError,
     TextGenerator,
@@ -31,96 +32,7 @@ from tests.hub_cache import put_in_cache
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 100
-EOS = 2
-
-
-def tiny_decoder(kind: str):
-    """A transformers causal LM from a tiny config with random weights (2 layers, hidden 64).
-
-    The weights are drawn wider than transformers' default so that the logits of competing
-    tokens are far apart: greedy tokens then do not hang on rounding.
-    """
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=VOCAB,
-        bos_token_id=1,
-        eos_token_id=EOS,
-        pad_token_id=0,
-        initializer_range=0.2,
-    )
-    if kind == "gpt2":
-        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
-        return transformers.GPT2LMHeadModel(config).eval()
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        **common,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def export_with_cache(module, path, position_ids: bool = True):
-    """torch.onnx (TorchScript exporter, opset 17) of ``module`` with its KV cache as graph
-    inputs and outputs, every length and the batch dynamic."""
-    layers = module.config.num_hidden_layers
-    heads = getattr(module.config, "num_key_value_heads", module.config.num_attention_heads)
-    head_dim = module.config.hidden_size // module.config.num_attention_heads
-
-    class WithCache(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = module
-
-        def forward(self, input_ids, attention_mask, *rest):
-            positions, past = (rest[0], rest[1:]) if position_ids else (None, rest)
-            cache = transformers.DynamicCache()
-            for i in range(layers):
-                cache.update(past[2 * i], past[2 * i + 1], i)
-            out = self.inner(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            flat = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
-            return (out.logits, *flat)
-
-    batch, new, old = 2, 3, 5
-    past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    names = ["input_ids", "attention_mask", *(["position_ids"] * position_ids), *past_names]
-    outputs = ["logits", *(n.replace("past_key_values", "present") for n in past_names)]
-    sample = [
-        torch.randint(0, VOCAB, (batch, new)),
-        torch.ones(batch, old + new, dtype=torch.long),
-        *([torch.arange(old, old + new).repeat(batch, 1)] * position_ids),
-        *(torch.randn(batch, heads, old, head_dim) for _ in past_names),
-    ]
-    axes = {
-        "input_ids": {0: "batch", 1: "sequence"},
-        "attention_mask": {0: "batch", 1: "total_sequence"},
-        "position_ids": {0: "batch", 1: "sequence"},
-        "logits": {0: "batch", 1: "sequence"},
-    }
-    axes.update({n: {0: "batch", 2: "past_sequence"} for n in past_names})
-    axes.update({n: {0: "batch", 2: "total_sequence"} for n in outputs[1:]})
-    with torch.no_grad():
-        torch.onnx.export(
-            WithCache().eval(),
-            tuple(sample),
-            str(path),
-            input_names=names,
-            output_names=outputs,
-            dynamic_axes={n: axes[n] for n in names + outputs},
-            opset_version=17,
-            dynamo=False,
-        )
-    return path
+VOCAB = 100  # tiny_decoder's vocabulary
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -268,6 +180,21 @@ def test_a_model_that_does_not_fit_is_refused_with_what_it_lacks(tmp_path):
         generate(onnx2jax.load(no_positions), [[1, 2, 3]], 4)
 
 
+def test_the_benchmark_runs_the_same_greedy_tokens_as_onnxruntime(tmp_path, capsys):
+    from benchmarks.generate import main
+
+    assert (
+        main(
+            ["--batch", "2", "--prompt", "9", "--new", "5", "--runs", "1"]
+            + ["--models", str(tmp_path), "--json"]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert [case["same_tokens"] for case in result["cases"]] == [True]
+    assert result["cases"][0]["onnx2jax"]["decode_tokens_per_s"] > 0
+
+
 def test_bad_arguments_are_refused(exported):
     _, model = exported
     with pytest.raises(GenerationError, match="max_length=20 cache slots"):
@@ -298,6 +225,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.mark.parametrize("exported", ["gpt2"], indirect=True)
 def test_text_generator_from_the_hub_reads_tokenizer_and_generation_config(
     tmp_path, offline, exported
 ):
@@ -320,11 +248,12 @@ def test_text_generator_from_the_hub_reads_tokenizer_and_generation_config(
     files = {p.name: p for p in folder.iterdir()}
     put_in_cache(cache, "org/tiny-decoder", files)
     generator = TextGenerator.from_hub("org/tiny-decoder", cache_dir=cache)
+    # generation_config.json wins over genai_config.json; do_sample false: greedy, no top_k.
     assert generator.defaults["eos_token_id"] == eos and generator.defaults["temperature"] == 0
+    assert generator.defaults["top_k"] is None
     expected = [
         " ".join(f"w{t}" for t in row[: row.index(eos) if eos in row else 16]) for row in free
     ]
     assert generator.generate(texts, 16) == expected
-    assert TextGenerator.from_folder(folder).generate(texts[1], 16) == expected[1:]
     capped = TextGenerator.from_folder(folder, max_length=7, eos_token_id=None)
     assert capped.generate(texts[1:], 16) == [" ".join(f"w{t}" for t in free[1][:4])]
