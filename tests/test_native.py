@@ -1,4 +1,5 @@
-"""The native convolution kernel of model(...) (onnx2jax/native.py, onnx2jax/kernels/conv2d.cc)."""
+"""The native convolution kernel of model(...) (onnx2jax/native/, native/kernels/conv2d.cc)
+and the explicit native nodes that call it (onnx2jax/ops/native_calls.py)."""
 
 import os
 import subprocess
@@ -13,11 +14,21 @@ from jax import lax
 
 import onnx2jax
 from onnx2jax import native
+from onnx2jax.native import calls, layouts
 from tests.helpers import f32, single_node_model
 
 needs_kernels = pytest.mark.skipif(
     not native.available(), reason=f"native kernels unavailable: {native.status()}"
 )
+
+
+def conv2d(x, w, b, strides, pads, dilations, residual=None, relu=False):
+    """The kernel's Conv of OIHW weights ``w``, laid out as model(...) would lay them out."""
+    layout = layouts.conv_layout(np.shape(w), strides, dilations)
+    weights = layouts.prepare(jnp.asarray(w), layout)
+    return calls.conv2d(
+        x, weights, layout, b, strides, pads, dilations, residual=residual, relu=relu
+    )
 
 
 def _compiled_text(model: onnx2jax.Model, feeds: dict) -> str:
@@ -52,12 +63,10 @@ def test_conv2d_matches_xla(out_channels, kernel, stride, dilation, pads, width)
     x, w, b = f32(2, 5, 10, width), f32(out_channels, 5, kernel, kernel), f32(out_channels)
     want = lax.conv_general_dilated(x, w, (stride, stride), pads, rhs_dilation=(dilation,) * 2)
     want = want + b[None, :, None, None]
-    got = jax.jit(lambda x, w, b: native.conv2d(x, w, b, (stride,) * 2, pads, (dilation,) * 2))(
-        x, w, b
-    )
+    got = jax.jit(lambda x, w, b: conv2d(x, w, b, (stride,) * 2, pads, (dilation,) * 2))(x, w, b)
     # Sums of up to 245 products of standard-normal values, in another order than XLA's.
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    without_bias = native.conv2d(x, w, None, (stride,) * 2, pads, (dilation,) * 2)
+    without_bias = conv2d(x, w, None, (stride,) * 2, pads, (dilation,) * 2)
     np.testing.assert_allclose(
         np.asarray(without_bias), np.asarray(want - b[None, :, None, None]), rtol=1e-4, atol=1e-4
     )
@@ -73,9 +82,7 @@ def test_a_large_output_with_residual_and_relu_matches_xla(channels, size):
     want = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1))) + b[None, :, None, None]
     want = jax.nn.relu(want + residual)
     got = jax.jit(
-        lambda x, w, b, r: native.conv2d(
-            x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1), residual=r, relu=True
-        )
+        lambda x, w, b, r: conv2d(x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1), residual=r, relu=True)
     )(x, w, b, residual)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
@@ -91,9 +98,7 @@ def test_large_weights_split_between_threads_match_xla(in_channels, out_channels
     want = lax.conv_general_dilated(x, w, (1, 1), ((0, 0), (0, 0))) + b[None, :, None, None]
     want = jax.nn.relu(want + residual)
     got = jax.jit(
-        lambda x, w, b, r: native.conv2d(
-            x, w, b, (1, 1), ((0, 0), (0, 0)), (1, 1), residual=r, relu=True
-        )
+        lambda x, w, b, r: conv2d(x, w, b, (1, 1), ((0, 0), (0, 0)), (1, 1), residual=r, relu=True)
     )(x, w, b, residual)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
@@ -114,21 +119,19 @@ def test_large_weights_split_between_threads_match_xla(in_channels, out_channels
 def test_winograd_matches_xla(x_shape, out_channels, pads, residual, relu):
     c = x_shape[1]
     x, w, b = f32(*x_shape), f32(out_channels, c, 3, 3) / np.sqrt(9 * c), f32(out_channels)
-    assert native.winograd_applies(w.shape, (1, 1), (1, 1))
+    assert layouts.winograd_applies(w.shape, (1, 1), (1, 1))
     want = lax.conv_general_dilated(x, w, (1, 1), pads) + b[None, :, None, None]
     addend = f32(*want.shape) if residual else None
     if residual:
         want = want + addend
     if relu:
         want = jax.nn.relu(want)
-    got = jax.jit(
-        lambda x, w, b, r: native.conv2d(x, w, b, (1, 1), pads, (1, 1), residual=r, relu=relu)
-    )(x, w, b, addend)
+    got = jax.jit(lambda x, w, b, r: conv2d(x, w, b, (1, 1), pads, (1, 1), residual=r, relu=relu))(
+        x, w, b, addend
+    )
     assert (
         "onnx2jax_winograd"
-        in jax.jit(lambda x, w: native.conv2d(x, w, None, (1, 1), pads, (1, 1)))
-        .lower(x, w)
-        .as_text()
+        in jax.jit(lambda x, w: conv2d(x, w, None, (1, 1), pads, (1, 1))).lower(x, w).as_text()
     )
     # The transforms add and subtract up to 16 values (F(2x2, 3x3)'s error is a few ulps).
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
@@ -137,28 +140,28 @@ def test_winograd_matches_xla(x_shape, out_channels, pads, residual, relu):
 def test_winograd_applies_to_3x3_convolutions_of_stride_1_up_to_256_channels():
     if not native.status().get("block"):
         pytest.skip("no kernels on this machine")
-    assert native.winograd_applies((64, 64, 3, 3), (1, 1), (1, 1))
-    assert native.winograd_applies((128, 256, 3, 3), (1, 1), (1, 1))
-    assert not native.winograd_applies((512, 512, 3, 3), (1, 1), (1, 1))  # slower there
-    assert not native.winograd_applies((64, 64, 3, 3), (2, 2), (1, 1))
-    assert not native.winograd_applies((64, 64, 3, 3), (1, 1), (2, 2))
-    assert not native.winograd_applies((64, 64, 1, 1), (1, 1), (1, 1))
-    assert not native.winograd_applies((64, 8, 3, 3), (1, 1), (1, 1))  # under a vector wide
-    assert not native.winograd_applies((48, 64, 3, 3), (1, 1), (1, 1))  # under a block
+    assert layouts.winograd_applies((64, 64, 3, 3), (1, 1), (1, 1))
+    assert layouts.winograd_applies((128, 256, 3, 3), (1, 1), (1, 1))
+    assert not layouts.winograd_applies((512, 512, 3, 3), (1, 1), (1, 1))  # slower there
+    assert not layouts.winograd_applies((64, 64, 3, 3), (2, 2), (1, 1))
+    assert not layouts.winograd_applies((64, 64, 3, 3), (1, 1), (2, 2))
+    assert not layouts.winograd_applies((64, 64, 1, 1), (1, 1), (1, 1))
+    assert not layouts.winograd_applies((64, 8, 3, 3), (1, 1), (1, 1))  # under a vector wide
+    assert not layouts.winograd_applies((48, 64, 3, 3), (1, 1), (1, 1))  # under a block
 
 
 def test_winograd_weights_invert():
     if not native.status().get("block"):
         pytest.skip("no kernels on this machine")
     w = f32(128, 32, 3, 3)
-    u = native.winograd_weights(w)
+    u = layouts.winograd_weights(w)
     assert u.shape == (2, 16, 32, 64)
     np.testing.assert_allclose(
-        np.asarray(native.restored_winograd_weights(jnp.asarray(u))), w, rtol=1e-6, atol=1e-6
+        np.asarray(layouts.unwinograd_weights(jnp.asarray(u))), w, rtol=1e-6, atol=1e-6
     )
     # NumPy (at load) and JAX (inside a trace) give the same layout.
     np.testing.assert_allclose(
-        np.asarray(native.winograd_weights(jnp.asarray(w))), u, rtol=1e-6, atol=1e-6
+        np.asarray(layouts.winograd_weights(jnp.asarray(w))), u, rtol=1e-6, atol=1e-6
     )
 
 
@@ -182,8 +185,8 @@ def test_winograd_weights_are_kept_transformed_and_follow_param_changes():
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model = onnx2jax.load(proto)
-    layouts = model.engine.layouts(frozenset({"conv"}))
-    assert layouts["w1"] == "winograd" and layouts["w3"] == "conv"
+    prepared = model.engine.layouts(frozenset({"conv"}))
+    assert prepared["w1"] == "winograd" and prepared["w3"] == "blocked"
     x = f32(2, 32, 10, 10)
     want = onnxruntime.InferenceSession(
         proto.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -316,14 +319,12 @@ def test_the_built_library_is_reused(tmp_path):
     assert os.stat(paths[0]).st_mtime_ns == modified
 
 
-def test_conv2d_applies_to_float32_single_group_2d_only():
+def test_the_kernel_computes_single_group_2d_convolutions_of_whole_vectors_only():
     lanes = native.status().get("lanes")
-    x, w = jnp.zeros((1, 4, 8, 8)), jnp.zeros((64, 4, 3, 3))
-    assert native.conv2d_applies(x, w, 1) == (lanes is not None)
-    assert not native.conv2d_applies(x, w, 2)
-    assert not native.conv2d_applies(x.astype(jnp.float16), w, 1)
-    assert not native.conv2d_applies(jnp.zeros((1, 4, 8)), jnp.zeros((64, 4, 3)), 1)
-    assert not native.conv2d_applies(x, jnp.zeros((60, 4, 3, 3)), 1)
+    assert layouts.conv_applies((64, 4, 3, 3), 1) == (lanes is not None)
+    assert not layouts.conv_applies((64, 4, 3, 3), 2)
+    assert not layouts.conv_applies((64, 4, 3), 1)
+    assert not layouts.conv_applies((60, 4, 3, 3), 1)
 
 
 def test_grouped_and_1d_convolutions_keep_their_weights_for_xla():
@@ -554,15 +555,15 @@ def test_blocked_layouts_invert_exactly():
         pytest.skip("no kernels on this machine")
     block = native.status()["block"]
     w, b = f32(2 * block, 3, 3, 5), f32(7, 3 * block)
-    np.testing.assert_array_equal(native.unblocked_weights(native.blocked_weights(w)), w)
-    np.testing.assert_array_equal(native.unblocked_matrix(native.blocked_matrix(b)), b)
+    np.testing.assert_array_equal(layouts.unblocked_weights(layouts.blocked_weights(w)), w)
+    np.testing.assert_array_equal(layouts.unblocked_matrix(layouts.blocked_matrix(b)), b)
     # Columns that are not whole blocks are padded with zeros, and the padding dropped again.
     ragged = f32(7, 2 * block + 3)
-    padded = native.blocked_matrix(ragged)
+    padded = layouts.blocked_matrix(ragged)
     assert padded.shape == (3, 1, 1, 7, block) and not padded[2, 0, 0, :, 3:].any()
-    np.testing.assert_array_equal(native.unblocked_matrix(padded, 2 * block + 3), ragged)
+    np.testing.assert_array_equal(layouts.unblocked_matrix(padded, 2 * block + 3), ragged)
     # A block holds `block` consecutive output channels (columns) at each input position.
-    np.testing.assert_array_equal(native.blocked_matrix(b)[1, 0, 0, 4], b[4, block : 2 * block])
+    np.testing.assert_array_equal(layouts.blocked_matrix(b)[1, 0, 0, 4], b[4, block : 2 * block])
 
 
 def test_a_weight_with_another_use_keeps_its_layout():
@@ -599,3 +600,101 @@ def test_a_build_without_avx512_is_not_used(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "need AVX-512" in done.stdout
+
+
+def _attributes(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@needs_kernels
+def test_the_program_holds_native_nodes_that_read_the_prepared_weights():
+    """model(...)'s plan says what the kernels compute: each native node reads a weight in the
+    kernel's layout, a value of its own that the engine feeds from its prepared params, and
+    model.apply (the graph as it is, XLA's ops) agrees with it."""
+    model = onnx2jax.load(_resnet_block())
+    x = f32(2, 16, 9, 9)
+    kernels = model.inference_function(model.bind_inputs((x,), {}))[2]
+    assert kernels == frozenset({"conv"})
+    plan = model.engine.fused_plan(kernels, None)
+    assert [(n.op_type, n.domain) for n in plan.nodes] == [("NativeConv", "ai.onnx2jax")] * 4
+    assert not any(n.domain == "ai.onnx2jax" for n in model.plan.nodes)
+    inputs = model.engine.native_inputs(kernels)
+    prepared = model.engine.prepared_params(kernels)
+    by_value = {native_input.value: name for name, native_input in inputs.items()}
+    for node in plan.nodes:
+        layout = _attributes(node)["layout"].decode()
+        name = by_value[node.input[1]]  # the weight, under a name of its own
+        assert node.input[1] not in model.params and inputs[name].layout == layout
+        np.testing.assert_allclose(
+            np.asarray(layouts.restore(prepared[name], layout, inputs[name].shape)),
+            np.asarray(model.params[name]),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    assert {_attributes(n)["layout"] for n in plan.nodes} == {b"blocked", b"winograd"}
+    assert [_attributes(n)["relu"] for n in plan.nodes] == [1, 1, 0, 1]
+    want = np.asarray(jax.jit(model.apply)(model.params, x)["y"])
+    tolerance = 2e-6 * float(np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), want, rtol=1e-5, atol=tolerance)
+
+
+@needs_kernels
+def test_matrix_products_are_native_nodes_under_float32_products_only():
+    proto, x = _matmul_model(True, columns=150)  # a Gemm, its weight padded to whole blocks
+    model = onnx2jax.load(proto)
+    kernels = model.inference_function(model.bind_inputs((x,), {}))[2]
+    (node,) = model.engine.fused_plan(kernels, None).nodes
+    assert node.op_type == "NativeMatMul" and list(node.input) == ["x", "w:blocked_matrix", "c"]
+    assert _attributes(node) == {
+        "layout": b"blocked_matrix",
+        "columns": 150,
+        "beta": 1.0,
+        "precision": b"float32",
+    }
+    np.testing.assert_allclose(
+        np.asarray(model(x)["y"]),
+        np.asarray(jax.jit(model.apply)(model.params, x)["y"]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    rounded = onnx2jax.load(proto, precision="bfloat16")
+    kernels = rounded.inference_function(rounded.bind_inputs((x,), {}))[2]
+    assert "matrix" not in kernels
+    assert [n.op_type for n in rounded.engine.fused_plan(kernels, None).nodes] == ["Gemm"]
+    assert rounded.engine.prepared_params(kernels)["w"].shape == (24, 150)
+
+
+@needs_kernels
+def test_a_native_node_written_by_hand_runs_and_checks_its_attributes():
+    """The native nodes are ordinary ops of the onnx2jax domain: a graph may hold one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx2jax.errors import OpError
+
+    def model(precision):
+        node = helper.make_node(
+            "NativeMatMul",
+            ["x", "w"],
+            ["y"],
+            domain="ai.onnx2jax",
+            layout="matrix",
+            columns=32,
+            precision=precision,
+        )
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            initializer=[numpy_helper.from_array(w, "w")],
+        )
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx2jax", 1)]
+        return onnx2jax.load(helper.make_model(graph, opset_imports=opsets))
+
+    x, w = f32(3, 8), f32(8, 32)
+    got = model("float32").apply({"w": w}, x)["y"]
+    np.testing.assert_allclose(np.asarray(got), x @ w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(OpError, match="float32 products only"):
+        model("bfloat16").apply({"w": w}, x)

@@ -1,5 +1,6 @@
-"""The native attention kernel of model(...) (onnx2jax/native.py, onnx2jax/kernels/attention.cc)
-and the graph rewrite that feeds it (onnx2jax/fusion.py, fuse_attention)."""
+"""The native attention kernel of model(...) (onnx2jax/native/calls.py, kernels/attention.cc)
+and the graph rewrites that feed it (onnx2jax/runtime/fusion.py: fuse_attention, then the
+NativeAttention node)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx2jax
 from onnx2jax import native
 from onnx2jax.fusion import fuse_attention
+from onnx2jax.native import calls
 from tests.helpers import f32
 
 needs_kernels = pytest.mark.skipif(
@@ -49,8 +51,8 @@ def test_kernel_matches_the_unfused_computation(lead, s, d, t, e, mask_shape):
     q, kt, v = f32(*lead, s, d), f32(*lead, d, t), f32(*lead, t, e)
     mask = None if mask_shape is None else _mask(mask_shape)
     scale = np.float32(d**-0.5)
-    assert native.attention_applies(q, kt, v, mask, scale)
-    got = jax.jit(native.attention)(q, kt, v, mask, scale)
+    assert calls.attention_applies(q, kt, v, mask, scale)
+    got = jax.jit(calls.attention)(q, kt, v, mask, scale)
     np.testing.assert_allclose(
         np.asarray(got), np.asarray(_reference(q, kt, v, mask, scale)), rtol=1e-5, atol=1e-5
     )
@@ -61,7 +63,7 @@ def test_a_row_of_only_minus_infinity_is_nan_as_in_the_graph():
     q, kt, v = f32(1, 1, 4, 8), f32(1, 1, 8, 20), f32(1, 1, 20, 16)
     mask = np.zeros((1, 1, 4, 20), np.float32)
     mask[0, 0, 2] = -np.inf
-    got = np.asarray(native.attention(q, kt, v, mask, np.float32(1)))
+    got = np.asarray(calls.attention(q, kt, v, mask, np.float32(1)))
     want = np.asarray(_reference(q, kt, v, mask, 1.0))
     assert np.isnan(want[0, 0, 2]).all() and np.isnan(got[0, 0, 2]).all()
     np.testing.assert_allclose(
@@ -73,15 +75,15 @@ def test_a_row_of_only_minus_infinity_is_nan_as_in_the_graph():
 def test_attention_applies_only_where_the_kernel_can():
     q, kt, v = f32(2, 3, 8, 16), f32(2, 3, 16, 10), f32(2, 3, 10, 32)
     one = np.float32(0.25)
-    assert native.attention_applies(q, kt, v, None, one)
-    assert not native.attention_applies(q, kt, f32(2, 3, 10, 8), None, one)  # 8 values wide
-    assert not native.attention_applies(q, f32(1, 3, 16, 10), v, None, one)  # broadcast heads
-    assert not native.attention_applies(q.astype(np.float64), kt, v, None, one)
-    assert not native.attention_applies(q, kt, v, None, np.ones(2, np.float32))
-    assert not native.attention_applies(q, kt, v, f32(2, 3, 8, 11), one)
-    assert not native.attention_applies(q[0, 0], kt[0, 0], v[0, 0], None, one)  # 2-D
-    assert native.attention_applies(q, kt, v, f32(8, 1), one)  # constant along the keys
-    assert not native.attention_applies(q, kt[..., :0], v[..., :0, :], None, one)  # no keys
+    assert calls.attention_applies(q, kt, v, None, one)
+    assert not calls.attention_applies(q, kt, f32(2, 3, 10, 8), None, one)  # 8 values wide
+    assert not calls.attention_applies(q, f32(1, 3, 16, 10), v, None, one)  # broadcast heads
+    assert not calls.attention_applies(q.astype(np.float64), kt, v, None, one)
+    assert not calls.attention_applies(q, kt, v, None, np.ones(2, np.float32))
+    assert not calls.attention_applies(q, kt, v, f32(2, 3, 8, 11), one)
+    assert not calls.attention_applies(q[0, 0], kt[0, 0], v[0, 0], None, one)  # 2-D
+    assert calls.attention_applies(q, kt, v, f32(8, 1), one)  # constant along the keys
+    assert not calls.attention_applies(q, kt[..., :0], v[..., :0, :], None, one)  # no keys
 
 
 def _attention_model(
@@ -186,6 +188,37 @@ def test_model_call_runs_the_kernel_and_matches_onnxruntime(scale_op, mask, cast
 def test_a_fused_chain_the_kernel_cannot_take_runs_as_its_own_ops():
     proto, feeds = _attention_model(e=8)  # values 8 wide: not a multiple of the vector width
     model = onnx2jax.load(proto)
-    assert "attention" in model.inference_function(model.bind_inputs((), feeds))[2]
+    bound = model.bind_inputs((), feeds)
+    kernels = model.inference_function(bound)[2]
+    assert "attention" in kernels
+    # The node is NativeAttention (the rewrite sees no shapes), which runs SoftmaxAttention's
+    # ops when its operands do not fit the kernel.
+    assert [n.op_type for n in model.engine.fused_plan(kernels, None).nodes] == ["NativeAttention"]
+    assert "onnx2jax_attention" not in model.engine.lower(bound).compile().as_text()
     (want,) = _session(proto).run(None, feeds)
     np.testing.assert_allclose(np.asarray(model(**feeds)["out"]), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_the_program_holds_a_native_attention_node_under_float32_only():
+    proto, feeds = _attention_model()
+    model = onnx2jax.load(proto)
+    kernels = model.inference_function(model.bind_inputs((), feeds))[2]
+    (node,) = model.engine.fused_plan(kernels, None).nodes
+    assert (node.op_type, node.domain) == ("NativeAttention", "ai.onnx2jax")
+    assert list(node.input) == ["q", "kt", "v", "mask", "scale"]
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attributes == {"divide": 1, "cast_to": TensorProto.FLOAT, "precision": b"float32"}
+    # model.apply runs the graph as it is, and agrees with model(...).
+    assert [n.op_type for n in model.plan.nodes][-1] == "MatMul"
+    np.testing.assert_allclose(
+        np.asarray(model(**feeds)["out"]),
+        np.asarray(jax.jit(model.apply)(model.params, **feeds)["out"]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # Under bfloat16 products the kernel, which computes float32 ones, is not used.
+    rounded = onnx2jax.load(proto, precision="bfloat16")
+    kernels = rounded.inference_function(rounded.bind_inputs((), feeds))[2]
+    assert "attention" not in kernels
+    assert "Native" not in str([n.op_type for n in rounded.engine.fused_plan(kernels, None).nodes])

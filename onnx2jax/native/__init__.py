@@ -1,24 +1,32 @@
-"""Native CPU kernels for ``model(...)``: compiled on first use, called through JAX's FFI.
+"""Native CPU kernels for ``model(...)``: their build, checked loading and registration.
 
 XLA:CPU's convolutions (Eigen) are well behind onnxruntime's on ResNet's shapes, and so are its
 dots of few rows (YNNPACK, Eigen) on MiniLM's and GPT-2's; no XLA option in jaxlib changes that
-(benchmarks/LOG.md). ``onnx2jax/kernels/conv2d.cc`` is a direct convolution
-that keeps its output tile in vector registers (a matrix product is its 1x1 case), and a
-Winograd F(2x2, 3x3) convolution for 3x3 ones of stride 1, whose weights ``model(...)`` keeps
-transformed.
-``onnx2jax/kernels/attention.cc`` computes softmax attention a few query rows at a time with
-their scores in cache (XLA wrote the scores out between its ops and ran the batched products
-on one thread). They are compiled here, once per machine, with the machine's C++ compiler and
+(benchmarks/LOG.md). ``kernels/conv2d.cc`` is a direct convolution that keeps its output tile
+in vector registers (a matrix product is its 1x1 case), and a Winograd F(2x2, 3x3) convolution
+for 3x3 ones of stride 1, whose weights ``model(...)`` keeps transformed.
+``kernels/attention.cc`` computes softmax attention a few query rows at a time with their
+scores in cache (XLA wrote the scores out between its ops and ran the batched products on one
+thread). They are compiled here, once per machine, with the machine's C++ compiler and
 ``-march=native`` (the result is cached, see :func:`library_path`), and registered with XLA as
 the custom calls ``onnx2jax_conv2d``, ``onnx2jax_winograd`` and ``onnx2jax_attention``.
 
-Only the program ``model(...)`` compiles on the CPU uses them: for 2-D float32 Convs of one
-group, with a residual Add and a ReLU after them fused in (onnx2jax/fusion.py); for attention
-chains (MatMul, scale, mask, Softmax, MatMul) rewritten into one node (onnx2jax/fusion.py);
-and, for inputs of few rows, for MatMul and Gemm by a float32 weight matrix (many rows keep
-XLA's dots, measured faster there). :meth:`Model.apply` (so gradients, ``vmap`` and other
-backends are unaffected), a batch split over devices and :func:`onnx2jax.aot.export_model`
-artifacts keep XLA's kernels.
+The package:
+
+- this module: the build, the checks before a library is loaded, :func:`status`;
+- :mod:`~onnx2jax.native.layouts`: the weight layouts the kernels read (blocked, Winograd);
+- :mod:`~onnx2jax.native.calls`: the custom calls, from JAX arrays;
+- ``kernels/``: the C++ sources.
+
+Nothing here decides when a kernel runs. The program ``model(...)`` compiles on the CPU
+rewrites the nodes the kernels compute into explicit onnx2jax nodes (NativeConv,
+NativeMatMul, NativeAttention: onnx2jax/runtime/fusion.py, onnx2jax/ops/native_calls.py)
+whose inputs are the weights in the kernels' layouts: 2-D float32 Convs of one group, with
+a residual Add and a ReLU after them fused in; attention chains (MatMul, scale, mask,
+Softmax, MatMul); and, for inputs of few rows, MatMul and Gemm by a float32 weight matrix.
+:meth:`Model.apply` (so gradients, ``vmap`` and other backends are unaffected), a batch split
+over devices and :func:`onnx2jax.aot.export_model` artifacts keep XLA's kernels.
+
 Without a compiler, on a CPU without AVX-512 (decided before anything is built or loaded), or
 with ``ONNX2JAX_NATIVE=0``, XLA's kernels are used; :func:`status` says which and why. The
 library is only loaded from a folder no other user can write, and only when the manifest its
@@ -41,13 +49,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from onnx2jax import safety, settings
 
@@ -59,15 +65,10 @@ HEADERS = (KERNELS / "parallel.h",)
 TARGET = "onnx2jax_conv2d"
 ATTENTION_TARGET = "onnx2jax_attention"
 WINOGRAD_TARGET = "onnx2jax_winograd"
-# Winograd F(2x2, 3x3) for 3x3 convolutions of stride and dilation 1 with at most this many input
-# channels (a multiple of the vector width): faster than the direct kernel up to 256 channels,
-# slower at 512, where a block's transformed weights leave L2 (conv2d.cc; benchmarks/LOG.md).
-WINOGRAD_MAX_CHANNELS = 256
 MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.cc)
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "lanes" once registered, or "reason" why not
-_active = threading.local()
 
 
 def enabled_by_env() -> bool:
@@ -400,386 +401,29 @@ def available() -> bool:
     return jax.default_backend() == "cpu" and enabled_by_env() and "lanes" in status()
 
 
-# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (onnx2jax/fusion.py)
+# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (runtime/fusion.py)
 KINDS = ("conv", "matrix", "attention")
 
 
-@contextlib.contextmanager
-def kernels(kinds: Collection[str]) -> Iterator[None]:
-    """Ops traced inside use these kinds of native kernels where they apply (:func:`active`)."""
-    unknown = set(kinds) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown kinds of native kernels {sorted(unknown)}; known: {KINDS}")
-    before = getattr(_active, "kinds", frozenset()), getattr(_active, "prepared", {})
-    _active.kinds, _active.prepared = frozenset(kinds), {}
-    try:
-        yield
-    finally:
-        _active.kinds, _active.prepared = before
+def lanes() -> int | None:
+    """The kernels' vector width in float32 values (16), or None without kernels.
 
-
-def active(kind: str) -> bool:
-    """Whether the trace in progress is ``model(...)``'s with native kernels of this kind."""
-    return kind in getattr(_active, "kinds", frozenset())
-
-
-def weight_block(out_channels: int) -> int | None:
-    """B when the kernel takes weights of this many output channels (columns of a matrix)
-    blocked, ``[O / B, KH, KW, I, B]``: when B divides them. Otherwise it takes them HWIO."""
-    block = _state.get("block")
-    return block if block and out_channels % block == 0 else None
-
-
-def blocked_weights(w: Any) -> Any:
-    """OIHW Conv weights in the kernel's blocked layout (NumPy or JAX; see weight_block)."""
-    o, i, kh, kw = np.shape(w)
-    block = _state["block"]
-    return w.reshape(o // block, block, i, kh, kw).transpose(0, 3, 4, 2, 1)
-
-
-def unblocked_weights(w: Any) -> Any:
-    """The inverse of :func:`blocked_weights`: OIHW."""
-    blocks, kh, kw, i, block = np.shape(w)
-    return w.transpose(0, 4, 3, 1, 2).reshape(blocks * block, i, kh, kw)
-
-
-def winograd_applies(
-    w_shape: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
-) -> bool:
-    """Whether a Conv of these OIHW weights is computed by Winograd F(2x2, 3x3): 3x3 of stride
-    and dilation 1, input channels a multiple of the vector width up to
-    WINOGRAD_MAX_CHANNELS, output channels a multiple of the weight block."""
-    lanes, block = _state.get("lanes"), _state.get("block")
-    o, i, kh, kw = w_shape
-    return (
-        lanes is not None
-        and block is not None
-        and (kh, kw) == (3, 3)
-        and tuple(strides) == (1, 1)
-        and tuple(dilations) == (1, 1)
-        and i % lanes == 0
-        and i <= WINOGRAD_MAX_CHANNELS
-        and o % block == 0
-    )
-
-
-# G of F(2x2, 3x3), and its exact left inverse (rows 0, 1 - 2 and 3 of G g give g).
-_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-_WINOGRAD_G_INVERSE = np.array([[1, 0, 0, 0], [0, 1, -1, 0], [0, 0, 0, 1]], np.float32)
-
-
-def winograd_weights(w: Any) -> Any:
-    """OIHW 3x3 weights as the Winograd kernel reads them: U = G w G^T, [O / B, 16, I, B]
-    (NumPy or JAX)."""
-    o, i, _, _ = np.shape(w)
-    block = _state["block"]
-    xp = jnp if isinstance(w, jax.Array) else np
-    u = xp.einsum("ak,oikl,bl->oiab", _WINOGRAD_G, w, _WINOGRAD_G)
-    return u.reshape(o // block, block, i, 16).transpose(0, 3, 2, 1)
-
-
-def restored_winograd_weights(u: Any) -> Any:
-    """The OIHW weights of :func:`winograd_weights`' ``u``. Inside ``model(...)``'s trace the
-    result is remembered with ``u``, so that :func:`conv2d` reads ``u`` itself."""
-    blocks, _, i, block = np.shape(u)
-    w = jnp.einsum(
-        "ka,oiab,lb->oikl",
-        _WINOGRAD_G_INVERSE,
-        jnp.transpose(u, (0, 3, 2, 1)).reshape(blocks * block, i, 4, 4),
-        _WINOGRAD_G_INVERSE,
-    )
-    _remember(w, u, "conv")
-    return w
-
-
-def _remember(weight: Any, prepared: Any, kind: str) -> None:
-    """Inside ``model(...)``'s trace with ``kind`` kernels, notes that ``weight`` was restored
-    from the ``prepared`` weights ``model(...)`` keeps, so that the kernel reads ``prepared``
-    itself (_prepared_for)."""
-    remembered = getattr(_active, "prepared", None)
-    if remembered is not None and active(kind):
-        remembered[id(weight)] = (weight, prepared)
-
-
-def _prepared_for(weight: Any) -> Any | None:
-    """The prepared weights ``weight`` was restored from in this trace (_remember), if any."""
-    found = getattr(_active, "prepared", {}).get(id(weight))
-    return found[1] if found is not None and found[0] is weight else None
-
-
-def matrix_blocked(columns: int) -> bool:
-    """Whether the kernel reads a [K, N] matrix of this many columns blocked (by blocked_matrix):
-    when the block divides them, or when the vector width does not, the last block then padded
-    with zero columns (GPT-2's LM head of 50,257). Otherwise it reads the matrix as it is."""
-    lanes = _state.get("lanes")
-    return weight_block(columns) is not None or (lanes is not None and columns % lanes != 0)
-
-
-def blocked_matrix(b: Any) -> Any:
-    """A [K, N] matrix in the blocked layout of a 1x1 convolution's weights, its columns padded
-    with zeros to whole blocks (NumPy or JAX)."""
-    k, n = np.shape(b)
-    block = _state["block"]
-    blocks = -(-n // block)
-    if blocks * block != n:
-        xp = jnp if isinstance(b, jax.Array) else np
-        b = xp.pad(b, ((0, 0), (0, blocks * block - n)))
-    return b.reshape(k, blocks, block).transpose(1, 0, 2).reshape(blocks, 1, 1, k, block)
-
-
-def unblocked_matrix(w: Any, columns: int | None = None) -> Any:
-    """The inverse of :func:`blocked_matrix`: [K, N], the first ``columns`` (default all)."""
-    blocks, _, _, k, block = np.shape(w)
-    return w.reshape(blocks, k, block).transpose(1, 0, 2).reshape(k, blocks * block)[:, :columns]
-
-
-def restored_matrix(w: Any, columns: int) -> Any:
-    """:func:`unblocked_matrix`, remembered inside ``model(...)``'s trace with ``w``, so that
-    :func:`matmul` reads ``w`` itself (XLA cancels the transposes of a round trip, but not the
-    slice and padding of a padded one)."""
-    b = unblocked_matrix(w, columns)
-    _remember(b, w, "matrix")
-    return b
-
-
-def conv2d_applies(x: Any, w: Any, group: int) -> bool:
-    """Whether :func:`conv2d` computes this Conv: float32, 2-D, one group, output channels a
-    multiple of the vector width."""
-    lanes = _state.get("lanes")
-    return (
-        lanes is not None
-        and group == 1
-        and np.ndim(x) == 4
-        and np.ndim(w) == 4
-        and x.dtype == np.float32
-        and w.dtype == np.float32
-        and np.shape(w)[0] % lanes == 0
-    )
-
-
-def conv2d_shape(
-    x_shape: Sequence[int],
-    w_shape: Sequence[int],
-    strides: Sequence[int],
-    padding: Sequence[tuple[int, int]],
-    dilations: Sequence[int],
-) -> tuple[int, int, int, int]:
-    """The NCHW shape of a 2-D Conv's output."""
-    n, _, h, width = x_shape
-    out_channels, _, kh, kw = w_shape
-    (top, bottom), (left, right) = padding
-    oh = (h + top + bottom - (kh - 1) * dilations[0] - 1) // strides[0] + 1
-    ow = (width + left + right - (kw - 1) * dilations[1] - 1) // strides[1] + 1
-    return n, out_channels, oh, ow
-
-
-def addend_applies(addend: Any | None, shape: Sequence[int]) -> bool:
-    """Whether the kernel can add ``addend`` to its result of ``shape``: none, or float32
-    and broadcasting to that shape."""
-    return addend is None or (
-        getattr(addend, "dtype", None) == np.float32
-        and np.broadcast_shapes(np.shape(addend), tuple(shape)) == tuple(shape)
-    )
-
-
-def matmul_applies(a: Any, b: Any) -> bool:
-    """Whether :func:`matmul` computes ``a @ b``: float32, ``b`` a matrix, ``a`` of at least 2
-    dimensions."""
-    return (
-        _state.get("lanes") is not None
-        and np.ndim(a) >= 2
-        and np.ndim(b) == 2
-        and a.dtype == np.float32
-        and b.dtype == np.float32
-        and np.shape(a)[-1] == np.shape(b)[0]
-    )
-
-
-def matmul(a: Any, b: Any, bias: Any | None = None) -> jax.Array:
-    """``a @ b (+ bias)`` for a matrix ``b`` [K, N] by the convolution kernel, as a 1x1
-    convolution of one row of ``a``'s rows, ``b`` read blocked where :func:`matrix_blocked`
-    says so (the blocked copy ``model(...)`` keeps of its params, else laid out here). For
-    the 128 rows of MiniLM's and GPT-2's products it is closer to onnxruntime than XLA's Eigen
-    or YNNPACK dots (benchmarks/LOG.md)."""
-    *lead, k = np.shape(a)
-    rows, n = int(np.prod(lead)), np.shape(b)[1]
-    if rows == 0:
-        return jnp.zeros((*lead, n), jnp.float32) + (0 if bias is None else bias)
-    weights = _prepared_for(b)
-    blocked = weights is not None or matrix_blocked(n)
-    if weights is None:
-        b = jnp.asarray(b)
-        weights = blocked_matrix(b) if blocked else jnp.reshape(b, (1, 1, k, n))
-    y = _kernel(jnp.reshape(a, (1, 1, rows, k)), weights, blocked, bias, (1, 1, rows, n))
-    return jnp.reshape(y, (*lead, n))
-
-
-def conv2d(
-    x: Any,
-    w: Any,
-    b: Any | None,
-    strides: Sequence[int],
-    padding: Sequence[tuple[int, int]],
-    dilations: Sequence[int],
-    *,
-    residual: Any | None = None,
-    relu: bool = False,
-) -> jax.Array:
-    """ONNX Conv (NCHW input, OIHW weights, optional bias) by the native kernel, optionally
-    followed by ``+ residual`` (the output's shape) and a ReLU, in the kernel's registers.
-
-    The kernel reads NHWC and blocked (or HWIO) weights: the transposes here cancel against
-    XLA's layout of the neighbouring ops and the weights ``model(...)`` keeps in that layout
-    (:func:`weight_block`).
+    Example:
+        >>> import onnx2jax.native
+        >>> onnx2jax.native.lanes() in (None, 16)
+        True
     """
-    n, out_channels, oh, ow = conv2d_shape(np.shape(x), np.shape(w), strides, padding, dilations)
-    (top, _), (left, _) = padding
-    if residual is not None:
-        residual = jnp.transpose(
-            jnp.broadcast_to(residual, (n, out_channels, oh, ow)), (0, 2, 3, 1)
-        )
-    if winograd_applies(np.shape(w), strides, dilations):
-        # Weights prepared by model(...) (restored_winograd_weights) are read as they are;
-        # any others are transformed here, on every call.
-        u = _prepared_for(w)
-        if u is None:
-            u = winograd_weights(jnp.asarray(w))
-        bias, addend = _bias_and_addend(b, residual, out_channels)
-        call = jax.ffi.ffi_call(
-            WINOGRAD_TARGET, jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32)
-        )
-        y = call(
-            jnp.transpose(x, (0, 2, 3, 1)),
-            u,
-            bias,
-            addend,
-            pad_h=np.int64(top),
-            pad_w=np.int64(left),
-            relu=relu,
-            add_residual=residual is not None,
-        )
-        return jnp.transpose(y, (0, 3, 1, 2))
-    block = weight_block(out_channels)
-    w = jnp.asarray(w)
-    weights = blocked_weights(w) if block else jnp.transpose(w, (2, 3, 1, 0))
-    y = _kernel(
-        jnp.transpose(x, (0, 2, 3, 1)),
-        weights,
-        block is not None,
-        b,
-        (n, oh, ow, out_channels),
-        strides,
-        dilations,
-        (top, left),
-        residual,
-        relu,
-    )
-    return jnp.transpose(y, (0, 3, 1, 2))
+    return status().get("lanes")
 
 
-def _bias_and_addend(
-    bias: Any | None, residual: Any | None, channels: int
-) -> tuple[jax.Array, jax.Array]:
-    """The convolution kernels' bias (zeros when none) and residual (empty when none)."""
-    bias = jnp.zeros((channels,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
-    addend = (
-        jnp.zeros((0,), jnp.float32) if residual is None else jnp.asarray(residual, jnp.float32)
-    )
-    return bias, addend
+def block() -> int | None:
+    """How many output channels (columns of a matrix) the kernels' blocked weights hold per
+    block, or None without kernels.
 
-
-def _kernel(
-    x: Any,
-    weights: Any,
-    blocked: bool,
-    bias: Any | None,
-    shape: tuple[int, ...],
-    strides: Sequence[int] = (1, 1),
-    dilations: Sequence[int] = (1, 1),
-    pads: Sequence[int] = (0, 0),
-    residual: Any | None = None,
-    relu: bool = False,
-) -> jax.Array:
-    """The custom call: NHWC ``x`` (``pads`` = zero rows above it, zero columns left of it),
-    weights HWIO or blocked, an NHWC result of ``shape``, plus ``residual`` (NHWC) and a ReLU
-    if asked. Blocked weights may have more columns than the result (a padded matrix): the
-    bias is padded to them."""
-    columns = np.shape(weights)[0] * np.shape(weights)[-1] if blocked else shape[-1]
-    if bias is not None and np.shape(bias)[0] < columns:
-        bias = jnp.pad(jnp.asarray(bias, jnp.float32), (0, columns - np.shape(bias)[0]))
-    bias, addend = _bias_and_addend(bias, residual, columns)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))
-    return call(
-        x,
-        weights,
-        bias,
-        addend,
-        stride_h=np.int64(strides[0]),
-        stride_w=np.int64(strides[1]),
-        dilation_h=np.int64(dilations[0]),
-        dilation_w=np.int64(dilations[1]),
-        pad_h=np.int64(pads[0]),
-        pad_w=np.int64(pads[1]),
-        blocked=blocked,
-        relu=relu,
-        add_residual=residual is not None,
-    )
-
-
-def attention_applies(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> bool:
-    """Whether :func:`attention` computes ``softmax(scale * (q @ kt) + mask) @ v``: float32
-    operands of 3 or 4 dimensions with the same leading ones (no broadcasting between them),
-    values a multiple of the vector width wide, a scalar scale and a mask that broadcasts to
-    the scores along whole dimensions."""
-    lanes = _state.get("lanes")
-    operands = (q, kt, v) if mask is None else (q, kt, v, mask)
-    if (
-        lanes is None
-        or np.ndim(q) not in (3, 4)
-        or not np.ndim(q) == np.ndim(kt) == np.ndim(v)
-        or any(getattr(x, "dtype", None) != np.float32 for x in operands)
-        or np.size(scale) != 1
-    ):
-        return False
-    *lead, s, d = np.shape(q)
-    *kt_lead, kt_d, t = np.shape(kt)
-    *v_lead, v_t, e = np.shape(v)
-    # No keys: the softmax is empty and the product zero, which the graph's own ops give.
-    if lead != kt_lead or lead != v_lead or kt_d != d or v_t != t or e % lanes or not e or not t:
-        return False
-    if mask is None:
-        return True
-    scores = (*lead, s, t)
-    try:
-        return np.broadcast_shapes(np.shape(mask), scores) == scores
-    except ValueError:
-        return False
-
-
-def attention(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> jax.Array:
-    """``softmax(scale * (q @ kt) + mask, axis=-1) @ v`` by the native kernel, which keeps each
-    query row's scores in cache (onnx2jax/kernels/attention.cc); see :func:`attention_applies`.
-    ``q`` [..., S, D], ``kt`` the keys transposed [..., D, T], ``v`` [..., T, E]."""
-    q, kt, v = jnp.asarray(q), jnp.asarray(kt), jnp.asarray(v)
-    three_d = q.ndim == 3
-    if three_d:
-        q, kt, v = q[None], kt[None], v[None]
-    b, h, s, _ = q.shape
-    t, e = v.shape[-2:]
-    if mask is None:
-        addend = jnp.zeros((0, 0, 0, 0), jnp.float32)
-    else:
-        addend = jnp.asarray(mask)
-        addend = jnp.reshape(addend, (1,) * (4 - addend.ndim) + addend.shape)
-        if addend.shape[-1] != t:  # a mask constant along the keys
-            addend = jnp.broadcast_to(addend, (*addend.shape[:3], t))
-    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, s, e), jnp.float32))
-    out = call(
-        q,
-        kt,
-        v,
-        addend,
-        jnp.reshape(jnp.asarray(scale, jnp.float32), (1,)),
-        masked=mask is not None,
-    )
-    return out[0] if three_d else out
+    Example:
+        >>> import onnx2jax.native
+        >>> block = onnx2jax.native.block()
+        >>> block is None or block % 16 == 0
+        True
+    """
+    return status().get("block")

@@ -14,6 +14,7 @@ from onnx2jax.ops import (  # noqa: F401
     loss,
     math,
     ml,
+    native_calls,
     nn,
     normalization,
     qlinear,
@@ -24,6 +25,7 @@ from onnx2jax.ops import (  # noqa: F401
     sequence,
     shape,
     signal,
+    softmax,
     string,
     training,
 )

@@ -5,16 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import onnx
 from jax import lax
 
-from onnx2jax import native
-from onnx2jax.convert import is_static
 from onnx2jax.dtypes import numpy_dtype
 from onnx2jax.ops.cast import cast_to_type
 from onnx2jax.ops.elementwise import jax_on
-from onnx2jax.ops.math import matmul, product_operands, softmax_over
+from onnx2jax.ops.math import matmul
 from onnx2jax.ops.registry import ONNX2JAX, PREVIEW, register
+from onnx2jax.ops.softmax import softmax_over
 
 
 def _split_heads(ctx, x, heads, what):
@@ -332,20 +330,11 @@ def flex_attention(ctx, q, k, v):
 @register("SoftmaxAttention", since=1, domain=ONNX2JAX)
 def softmax_attention(ctx, q, kt, v, mask=None, scale=None):
     """``MatMul(Cast(Softmax(MatMul(q, kt) * scale + mask, axis=-1)), v)``, the chain
-    onnx2jax.fusion.fuse_attention replaces (``divide``: the scores are divided by ``scale``;
-    ``cast_to``: the probabilities are cast to that type, 0 for no Cast). The native kernel
-    computes it where it applies (onnx2jax.native.attention_applies); elsewhere it runs as the
-    chain's own ops."""
+    onnx2jax.runtime.fusion.fuse_attention replaces (``divide``: the scores are divided by
+    ``scale``; ``cast_to``: the probabilities are cast to that type, 0 for no Cast), as the
+    chain's own ops. NativeAttention (ops/native_calls.py) is the same node computed by the
+    native kernel."""
     divide, to = ctx.attr("divide", 0), ctx.attr("cast_to", 0)
-    factor = 1.0 if scale is None else (1.0 / scale if divide else scale)
-    if (
-        native.active("attention")
-        and to in (0, onnx.TensorProto.FLOAT)
-        and not all(is_static(x) for x in (q, kt, v))
-        and product_operands(ctx, q)[1] is None
-        and native.attention_applies(q, kt, v, mask, factor)
-    ):
-        return native.attention(q, kt, v, mask, factor)
     scores = matmul(ctx, q, kt)
     if scale is not None:
         scores = scores / scale if divide else scores * scale

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from onnx2jax import native
 from onnx2jax.ops.registry import register
 
 _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
@@ -38,8 +37,9 @@ def _same_split(total, auto_pad):
     return (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
 
 
-def _conv_pads(ctx, in_shape, kernel, strides, dilations):
-    """(begin, end) padding per spatial axis of a convolution."""
+def conv_pads(ctx, in_shape, kernel, strides, dilations):
+    """(begin, end) padding per spatial axis of the node's convolution of an input of spatial
+    shape ``in_shape`` (its ``auto_pad`` or ``pads``); NativeConv reads it too."""
     auto_pad = _auto_pad(ctx)
     rank = len(kernel)
     if auto_pad == "NOTSET":
@@ -60,9 +60,9 @@ def _conv_layout(rank):
     return lax.ConvDimensionNumbers(axes, axes, axes)
 
 
-def _kernel_shape(ctx, w):
+def _kernel_shape(ctx, w_shape):
     kernel = ctx.attr("kernel_shape")
-    shape = [int(d) for d in np.shape(w)[2:]]
+    shape = [int(d) for d in w_shape[2:]]
     if kernel is not None and len(kernel) and [int(k) for k in kernel] != shape:
         raise ctx.error(f"kernel_shape={list(kernel)} does not match the weight shape {shape}")
     return shape
@@ -77,29 +77,31 @@ def conv(ctx, x, w, b=None):
     return convolve(ctx, x, w, b)
 
 
-def convolve(ctx, x, w, b=None, residual=None, relu=False):
-    """The node's Conv of ``x`` by ``w`` (+ ``b``), then ``+ residual`` and a ReLU if asked
-    (com.microsoft FusedConv): one native kernel call where it applies (onnx2jax/native.py)."""
-    rank = np.ndim(x) - 2
+def conv_geometry(ctx, x_shape, w_shape):
+    """The node's strides, (begin, end) pads and dilations for a Conv of an input of
+    ``x_shape`` by weights of OIHW... ``w_shape`` (NativeConv reads them too); raises for
+    shapes the node's attributes do not fit."""
+    rank = len(x_shape) - 2
     if rank < 1:
-        raise ctx.error(f"Conv needs an input of rank 3 or more, got shape {np.shape(x)}")
-    kernel = _kernel_shape(ctx, w)
+        raise ctx.error(f"Conv needs an input of rank 3 or more, got shape {tuple(x_shape)}")
+    kernel = _kernel_shape(ctx, w_shape)
     strides = _spatial_ints(ctx, "strides", rank, 1)
     dilations = _spatial_ints(ctx, "dilations", rank, 1)
-    padding = _conv_pads(ctx, np.shape(x)[2:], kernel, strides, dilations)
+    padding = conv_pads(ctx, x_shape[2:], kernel, strides, dilations)
     group = int(ctx.attr("group", 1))
-    if np.shape(x)[1] != np.shape(w)[1] * group:
+    if x_shape[1] != w_shape[1] * group:
         raise ctx.error(
-            f"input channels {np.shape(x)[1]} != weight channels {np.shape(w)[1]} x group {group}"
+            f"input channels {x_shape[1]} != weight channels {w_shape[1]} x group {group}"
         )
-    if (
-        native.active("conv")
-        and native.conv2d_applies(x, w, group)
-        and native.addend_applies(
-            residual, native.conv2d_shape(np.shape(x), np.shape(w), strides, padding, dilations)
-        )
-    ):
-        return native.conv2d(x, w, b, strides, padding, dilations, residual=residual, relu=relu)
+    return strides, padding, dilations
+
+
+def convolve(ctx, x, w, b=None, residual=None, relu=False):
+    """The node's Conv of ``x`` by ``w`` (+ ``b``), then ``+ residual`` and a ReLU if asked
+    (com.microsoft FusedConv), by XLA."""
+    strides, padding, dilations = conv_geometry(ctx, np.shape(x), np.shape(w))
+    rank = len(strides)
+    group = int(ctx.attr("group", 1))
     y = lax.conv_general_dilated(
         jnp.asarray(x),
         jnp.asarray(w).astype(x.dtype),
@@ -122,7 +124,7 @@ def conv_transpose(ctx, x, w, b=None):
     if rank < 1:
         raise ctx.error(f"ConvTranspose needs an input of rank 3 or more, got {np.shape(x)}")
     in_shape = np.shape(x)[2:]
-    kernel = _kernel_shape(ctx, w)
+    kernel = _kernel_shape(ctx, np.shape(w))
     strides = _spatial_ints(ctx, "strides", rank, 1)
     dilations = _spatial_ints(ctx, "dilations", rank, 1)
     output_padding = _spatial_ints(ctx, "output_padding", rank, 0)
@@ -215,7 +217,7 @@ def deform_conv(ctx, x, w, offset, b=None, mask=None):
     if x.ndim != 4:
         raise ctx.error(f"DeformConv supports 2-D images (rank-4 input), got shape {x.shape}")
     n, channels, height, width = x.shape
-    kh, kw = _kernel_shape(ctx, w)
+    kh, kw = _kernel_shape(ctx, np.shape(w))
     sh, sw = _spatial_ints(ctx, "strides", 2, 1)
     dh, dw = _spatial_ints(ctx, "dilations", 2, 1)
     top, left = _spatial_ints(ctx, "pads", 4, 0)[:2]

@@ -4,8 +4,9 @@ A :class:`~onnx2jax.model.Model` is the graph, its params and the pure ``apply``
 everything that makes ``model(...)`` fast and nothing that changes its results:
 
 - the params kept in the layouts the program reads (:mod:`onnx2jax.runtime.layouts`), for XLA
-  and for the native kernels (onnx2jax/native.py) the inputs call for;
-- the graph rewritten for those kernels (:mod:`onnx2jax.runtime.fusion`);
+  and for the native kernels (onnx2jax/native/) the inputs call for;
+- the graph rewritten for those kernels (:mod:`onnx2jax.runtime.fusion`): explicit native
+  nodes whose inputs are the weights in the kernels' layouts, fed from the prepared params;
 - the XLA options of the model and of each input signature (:mod:`onnx2jax.runtime.options`)
   and one jitted function per set of them;
 - the batch split over several CPU devices (:mod:`onnx2jax.runtime.devices`);
@@ -33,10 +34,12 @@ from onnx2jax import native
 from onnx2jax.convert import Interpreter
 from onnx2jax.errors import DataDependentShapeError
 from onnx2jax.graph import GraphPlan
+from onnx2jax.native import layouts as native_layouts
+from onnx2jax.ops.native_calls import PRECISION
 from onnx2jax.runtime import cache as cache_module
 from onnx2jax.runtime.cache import ExecutableCache, model_digest, signature_key
 from onnx2jax.runtime.devices import canonical_input, place_inputs, replicate, split_devices
-from onnx2jax.runtime.fusion import fuse, fuse_attention
+from onnx2jax.runtime.fusion import NativeInput, fuse, fuse_attention
 from onnx2jax.runtime.layouts import (
     Layout,
     conv_weight_layouts,
@@ -117,11 +120,15 @@ class Engine:
         # no weight is transposed per call.
         self.weight_layouts: dict[str, tuple[int, ...]] = conv_weight_layouts(nodes, params)
         # With native kernels, the weights they read (these Conv weights and MatMul matrices)
-        # are kept in their blocked layout: name -> "conv" or "matrix".
-        self.native_weights: dict[str, str] = native_weight_kinds(nodes, params)
+        # are kept in their layouts: name -> "conv" or "matrix".
+        self.native_weights: dict[str, str] = native_weight_kinds(model.plan, params)
         # Of those, the weights of 3x3 Convs of stride and dilation 1 only, which the native
-        # Winograd kernel may compute (native.winograd_applies) from weights kept transformed.
+        # Winograd kernel may compute (native_layouts.winograd_applies) from weights kept
+        # transformed.
         self._winograd_candidates = winograd_candidates(nodes, self.native_weights)
+        # Every name in the graph: the values native nodes read get names of their own.
+        self._names = {*params, *model.plan.constants, *(v.name for v in model.plan.inputs)}
+        self._names.update(out for node in nodes for out in node.output)
         # (kinds of native kernels, outputs kept) -> the plan rewritten for them (fusion.py).
         self._fused_plans: dict[tuple[frozenset[str], tuple[str, ...]], GraphPlan] = {}
         # Attention chains that the native attention kernel computes as one node.
@@ -212,7 +219,7 @@ class Engine:
         self, bound: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any], frozenset[str]]:
         """The jitted function ``model(...)`` uses for these inputs, its XLA options, and the
-        kinds of native kernels it calls (onnx2jax/native.py): "conv", "matrix", "attention".
+        kinds of native kernels it calls (onnx2jax/native/): "conv", "matrix", "attention".
 
         It takes ``(params, inputs, outputs=...)`` with the params of :meth:`placed`.
         """
@@ -227,12 +234,17 @@ class Engine:
         ):
             # Native convolutions with their epilogues fused measured faster at every batch,
             # and so did native attention; native matrix products only for few rows
-            # (benchmarks/LOG.md, "which native kernels model(...) uses").
+            # (benchmarks/LOG.md, "which native kernels model(...) uses"). The kernels compute
+            # float32 products: under another precision products and attention are XLA's.
             used = set(self.native_weights.values())
             if self.has_attention:
                 used.add("attention")
+            few_rows = input_rows(bound) <= FEW_ROWS
+            float32 = self.model.precision == PRECISION
             kernels = frozenset(
-                kind for kind in used if kind != "matrix" or input_rows(bound) <= FEW_ROWS
+                kind
+                for kind in used
+                if kind == "conv" or (float32 and (kind == "attention" or few_rows))
             )
         function = jit_with_options(
             self._inference_jits.setdefault(kernels, {}),
@@ -265,7 +277,8 @@ class Engine:
         outputs: tuple[str, ...] | None,
         kernels: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
-        """The graph (rewritten for native ``kernels``) on ONNX-layout ``params``; raises
+        """The graph (rewritten for native ``kernels``) on ONNX-layout ``params``, with the
+        values its native nodes read (:meth:`restore_layouts`); raises
         :class:`DataDependentShapeError` for outputs that XLA cannot return."""
         plan = self.fused_plan(kernels, outputs) if kernels else self.model.plan
         result = self.model.apply_plan(plan, params, bound, outputs)
@@ -285,20 +298,26 @@ class Engine:
         outputs: tuple[str, ...] | None,
         native_kernels: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
-        """The graph on params in their prepared layouts (:meth:`prepared_params` for
-        ``native_kernels``), with those kernels on: the body of ``model(...)``'s program."""
-        with native.kernels(native_kernels):
-            return self.apply_for_jit(
-                self.restore_layouts(prepared, native_kernels), bound, outputs, native_kernels
-            )
+        """The graph rewritten for ``native_kernels`` on params in their prepared layouts
+        (:meth:`prepared_params` for those kernels): the body of ``model(...)``'s program."""
+        return self.apply_for_jit(
+            self.restore_layouts(prepared, native_kernels), bound, outputs, native_kernels
+        )
 
     def fused_plan(self, kernels: frozenset[str], outputs: tuple[str, ...] | None) -> GraphPlan:
         """The plan rewritten for these kinds of native kernels (onnx2jax.runtime.fusion),
-        keeping ``outputs`` (None: the graph's)."""
+        keeping ``outputs`` (None: the graph's): its native nodes read the values of
+        :meth:`native_inputs`."""
         wanted = tuple(outputs) if outputs else tuple(self.model.output_names)
         plan = self._fused_plans.get((kernels, wanted))
         if plan is None:
-            plan = self._fused_plans[kernels, wanted] = fuse(self.model.plan, kernels, wanted)
+            plan = self._fused_plans[kernels, wanted] = fuse(
+                self.model.plan,
+                kernels,
+                wanted,
+                self.native_inputs(kernels),
+                self.model.precision,
+            )
         return plan
 
     # ---------------------------------------------------------------- weights
@@ -325,37 +344,60 @@ class Engine:
 
     def layouts(self, kernels: frozenset[str] = frozenset()) -> dict[str, Layout]:
         """Weight -> its prepared layout: a permutation of a Conv's OIHW, or (for the kinds of
-        native ``kernels`` used) "conv" or "matrix", onnx2jax.native's blocked layouts, or
-        "winograd", its transformed 3x3 weights."""
-        if not kernels:
-            return self.weight_layouts
+        native ``kernels`` used) one of onnx2jax.native.layouts': "blocked" and "winograd"
+        Conv weights, "blocked_matrix" matrices."""
         layouts: dict[str, Layout] = dict(self.weight_layouts)
+        for name, native_input in self.native_inputs(kernels).items():
+            if native_input.layout == "hwio":  # the permutation XLA's convolutions read too
+                layouts[name] = (2, 3, 1, 0)
+            elif native_input.layout != "matrix":
+                layouts[name] = native_input.layout
+        return layouts
+
+    def native_inputs(self, kernels: frozenset[str] = frozenset()) -> dict[str, NativeInput]:
+        """The weights the native nodes of these ``kernels`` read, each as the value that holds
+        it in the kernel's layout (onnx2jax.runtime.fusion.NativeInput): a name of its own,
+        unless the kernel reads the weight as it is (a matrix of whole vectors)."""
+        found: dict[str, NativeInput] = {}
         for name, kind in self.native_weights.items():
             if kind not in kernels:
                 continue
-            shape = np.shape(self.model.params[name])
-            if name in self._winograd_candidates and native.winograd_applies(shape, (1, 1), (1, 1)):
-                layouts[name] = "winograd"
-            elif (
-                native.weight_block(int(shape[0]))
-                if kind == "conv"
-                else native.matrix_blocked(int(shape[1]))
-            ):
-                layouts[name] = kind
-        return layouts
+            shape = tuple(int(d) for d in np.shape(self.model.params[name]))
+            if kind == "conv":
+                if not native_layouts.conv_applies(shape, 1):
+                    continue
+                layout = native_layouts.conv_layout(shape)
+                if layout == "winograd" and name not in self._winograd_candidates:
+                    layout = "blocked"
+            else:
+                layout = native_layouts.matrix_layout(shape[1])
+            value = name if layout == "matrix" else self._own_name(f"{name}:{layout}")
+            found[name] = NativeInput(value, layout, shape)
+        return found
+
+    def _own_name(self, name: str) -> str:
+        """``name``, or ``name`` with a suffix, that no value of the graph has."""
+        own, count = name, 1
+        while own in self._names:
+            own, count = f"{name}.{count}", count + 1
+        return own
 
     def restore_layouts(
         self, values: Mapping[str, Any], kernels: frozenset[str] = frozenset()
     ) -> dict[str, Any]:
-        """``values`` with prepared weights back in ONNX's layout (under jit, XLA cancels the
-        pair with the preparation, or the native kernel reads the prepared weights itself:
-        onnx2jax.native._remember)."""
+        """``values`` (prepared params) with prepared weights back in ONNX's layout, and the
+        values the native nodes of ``kernels`` read as they are, under their own names
+        (:meth:`native_inputs`). Under jit XLA cancels a transposition with the preparation,
+        and drops a restored weight only native nodes read."""
         layouts = self.layouts(kernels)
         params = self.model.params
-        return {
+        restored = {
             k: restored_weight(v, layouts[k], np.shape(params[k])) if k in layouts else v
             for k, v in values.items()
         }
+        for name, native_input in self.native_inputs(kernels).items():
+            restored[native_input.value] = values[name]
+        return restored
 
     # ---------------------------------------------------------------- devices
     def split_devices(self, bound: Mapping[str, Any]) -> list[jax.Device]:

@@ -1,27 +1,43 @@
 """Graph rewrites for the program ``model(...)`` compiles with native kernels.
 
 A Conv followed by a residual Add and a ReLU (ResNet's blocks), or by one of them, becomes one
-com.microsoft FusedConv node, which the native kernel computes in one pass
-(onnx2jax/native.py). Run as separate XLA ops, the Add and the ReLU each read and wrote the
-whole activation again, a large share of ResNet-50's time (benchmarks/LOG.md).
+com.microsoft FusedConv node, which the native kernel computes in one pass. Run as separate
+XLA ops, the Add and the ReLU each read and wrote the whole activation again, a large share of
+ResNet-50's time (benchmarks/LOG.md).
 
 Attention as exported (MatMul, scale, mask, Softmax, MatMul) becomes one onnx2jax
 SoftmaxAttention node, which the native kernel computes a few query rows at a time without
-writing the scores out (onnx2jax/kernels/attention.cc).
+writing the scores out (onnx2jax/native/kernels/attention.cc).
+
+Then every node a kernel computes becomes an explicit onnx2jax node (:func:`native_nodes`):
+NativeConv, NativeMatMul, NativeAttention (onnx2jax/ops/native_calls.py), whose inputs
+include the weights in the layout the kernel reads, a graph value of their own that the
+engine feeds from its prepared params. The rewritten plan says what runs natively; no op
+looks at any other state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import NamedTuple
 
 import onnx
 
 from onnx2jax.graph import GraphPlan
-from onnx2jax.ops.attention import ONNX2JAX
-from onnx2jax.ops.contrib import MS
-from onnx2jax.ops.registry import canonical_domain, lookup
+from onnx2jax.native import layouts
+from onnx2jax.ops.native_calls import PRECISION
+from onnx2jax.ops.registry import MS, ONNX2JAX, canonical_domain, lookup
+
+
+class NativeInput(NamedTuple):
+    """A weight as a native node reads it: the graph value that holds it, in ``layout``
+    (onnx2jax.native.layouts), and its ONNX ``shape``."""
+
+    value: str
+    layout: str
+    shape: tuple[int, ...]
 
 
 def _is(node: onnx.NodeProto, op_type: str) -> bool:
@@ -80,14 +96,130 @@ class _Rewrite:
         )
 
 
-def fuse(plan: GraphPlan, kinds: Collection[str], keep: Collection[str] = ()) -> GraphPlan:
+def fuse(
+    plan: GraphPlan,
+    kinds: Collection[str],
+    keep: Collection[str] = (),
+    native_inputs: Mapping[str, NativeInput] | None = None,
+    precision: str = PRECISION,
+) -> GraphPlan:
     """``plan`` rewritten for these kinds of native kernels (onnx2jax.native.KINDS): Conv
-    epilogues for "conv", attention for "attention"."""
+    epilogues fused for "conv", attention chains as one node for "attention", then the nodes
+    the kernels compute as native nodes (:func:`native_nodes`)."""
     if "conv" in kinds:
         plan = fuse_conv_epilogues(plan, keep)
     if "attention" in kinds:
         plan = fuse_attention(plan, keep)
-    return plan
+    return native_nodes(plan, kinds, native_inputs or {}, precision)
+
+
+def native_nodes(
+    plan: GraphPlan,
+    kinds: Collection[str],
+    native_inputs: Mapping[str, NativeInput],
+    precision: str = PRECISION,
+) -> GraphPlan:
+    """``plan`` with each node these kinds of native kernels compute replaced by its native
+    node, which reads the weights in the kernel's layout:
+
+    - "conv": a Conv, or a FusedConv with a ReLU or no activation, whose weight is in
+      ``native_inputs`` with a Conv layout -> NativeConv;
+    - "matrix": a MatMul, or a Gemm (its weight is only there without transposes or alpha),
+      whose weight is in ``native_inputs`` with a matrix layout -> NativeMatMul;
+    - "attention": a SoftmaxAttention -> NativeAttention.
+
+    ``native_inputs`` maps a weight's name to the value that holds it in the kernel's layout
+    (:class:`NativeInput`). The kernels compute float32
+    products: under another ``precision`` (Model.precision) matrix products and attention
+    are left to XLA.
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> import numpy as np, onnx2jax
+        >>> from onnx2jax.runtime.fusion import NativeInput, native_nodes
+        >>> f = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        >>> w = onnx.numpy_helper.from_array(np.ones((4, 16), np.float32), "w")
+        >>> graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        ...                           [f("x")], [f("y")], initializer=[w])
+        >>> plan = onnx2jax.load(helper.make_model(graph)).plan
+        >>> weights = {"w": NativeInput("w", "matrix", (4, 16))}
+        >>> node = native_nodes(plan, {"matrix"}, weights).nodes[0]
+        >>> node.op_type, list(node.input)
+        ('NativeMatMul', ['x', 'w'])
+    """
+    products = precision == PRECISION
+    nodes, specs, node_reads = list(plan.nodes), list(plan.specs), list(plan.node_reads)
+    changed = False
+    for index, node in enumerate(plan.nodes):
+        native = None
+        weight = native_inputs.get(node.input[1]) if len(node.input) > 1 else None
+        if "conv" in kinds and weight is not None and weight.layout in layouts.CONV_LAYOUTS:
+            native = _native_conv(node, weight)
+        elif (
+            "matrix" in kinds
+            and products
+            and weight is not None
+            and weight.layout in layouts.MATRIX_LAYOUTS
+            and (_is(node, "MatMul") or _is(node, "Gemm"))
+        ):
+            native = _native_matmul(node, weight)
+        elif (
+            "attention" in kinds
+            and products
+            and node.op_type == "SoftmaxAttention"
+            and node.domain == ONNX2JAX
+            and _attribute(node, "cast_to", 0) in (0, onnx.TensorProto.FLOAT)
+        ):
+            native = onnx.NodeProto()
+            native.CopyFrom(node)
+            native.op_type = "NativeAttention"
+            native.attribute.append(onnx.helper.make_attribute("precision", precision))
+        if native is not None:
+            nodes[index] = native
+            specs[index] = lookup(ONNX2JAX, native.op_type, 1)
+            node_reads[index] = [n for n in native.input if n]
+            changed = True
+    if not changed:
+        return plan
+    return dataclasses.replace(plan, nodes=nodes, specs=specs, node_reads=node_reads)
+
+
+def _native_conv(node: onnx.NodeProto, weight: NativeInput) -> onnx.NodeProto | None:
+    """The NativeConv of a Conv or FusedConv node, reading ``weight``."""
+    fused = node.op_type == "FusedConv" and node.domain == MS
+    activation = _attribute(node, "activation", b"")
+    if not (_is(node, "Conv") or (fused and activation in (b"", b"Relu"))):
+        return None
+    inputs = list(node.input) + [""] * (4 - len(node.input))
+    inputs[1] = weight.value
+    native = onnx.helper.make_node(
+        "NativeConv",
+        inputs,
+        list(node.output),
+        name=node.name,
+        domain=ONNX2JAX,
+        layout=weight.layout,
+        relu=int(activation == b"Relu"),
+    )
+    native.attribute.extend(
+        a for a in node.attribute if a.name not in ("activation", "activation_params")
+    )
+    return native
+
+
+def _native_matmul(node: onnx.NodeProto, weight: NativeInput) -> onnx.NodeProto:
+    """The NativeMatMul of a MatMul or Gemm node, reading ``weight`` [K, N]."""
+    return onnx.helper.make_node(
+        "NativeMatMul",
+        [node.input[0], weight.value, *node.input[2:3]],
+        list(node.output),
+        name=node.name,
+        domain=ONNX2JAX,
+        layout=weight.layout,
+        columns=int(weight.shape[1]),
+        beta=float(_attribute(node, "beta", 1.0)),
+        precision=PRECISION,
+    )
 
 
 def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:

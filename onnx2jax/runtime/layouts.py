@@ -1,10 +1,11 @@
 """Weights kept in the layouts ``model(...)``'s program reads, and back.
 
-The program computes with the ONNX weights, but keeps some in another layout between calls so
-that no weight is rearranged per call: Conv weights transposed to the layout XLA's CPU
-convolution reads (OIHW -> HWIO; the trace transposes them back and XLA cancels the pair),
-and, with native kernels (onnx2jax/native.py), the blocked layouts those kernels read.
-Values are unchanged; ``model.apply`` is unaffected.
+The program keeps some weights in another layout between calls so that no weight is
+rearranged per call: Conv weights transposed to the layout XLA's CPU convolution reads
+(OIHW -> HWIO; the trace transposes them back and XLA cancels the pair), and, with native
+kernels, the layouts those kernels read (onnx2jax/native/layouts.py), which the native nodes
+take as inputs of their own (onnx2jax/runtime/fusion.py). Values are unchanged;
+``model.apply`` is unaffected.
 """
 
 from __future__ import annotations
@@ -17,25 +18,23 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax import native
+from onnx2jax.graph import GraphPlan
+from onnx2jax.native import layouts as native_layouts
+from onnx2jax.ops.registry import MS
 
-# A prepared weight's layout: a permutation of a Conv's OIHW..., or one of native.py's
-# "conv", "matrix" (blocked) or "winograd" (transformed 3x3 weights).
+# A prepared weight's layout: a permutation of a Conv's OIHW..., or one of the native kernels'
+# (onnx2jax.native.layouts: "blocked", "winograd", "blocked_matrix").
 Layout = tuple[int, ...] | str
 
 
 def prepared_weight(value: Any, layout: Layout) -> Any:
     """``value`` in ``layout`` (see Engine.layouts); by NumPy when it is in host memory. An XLA
-    transpose per weight shape is a compilation each: ResNet-50's 53 Conv weights took 1.22 s
-    on its first call, NumPy 0.16 s."""
+    transpose per weight shape is a compilation each, far slower than NumPy's on ResNet-50's
+    53 Conv weights (benchmarks/LOG.md)."""
 
     def arrange(array: Any) -> Any:
-        if layout == "conv":
-            return native.blocked_weights(array)
-        if layout == "matrix":
-            return native.blocked_matrix(array)
-        if layout == "winograd":
-            return native.winograd_weights(array)
+        if isinstance(layout, str):
+            return native_layouts.prepare(array, layout)
         return array.transpose(layout)
 
     if not isinstance(value, jax.Array):
@@ -48,12 +47,8 @@ def prepared_weight(value: Any, layout: Layout) -> Any:
 
 def restored_weight(value: Any, layout: Layout, shape: Sequence[int]) -> Any:
     """``value`` of ``layout`` (prepared_weight's) back as the param of ``shape``."""
-    if layout == "conv":
-        return native.unblocked_weights(value)
-    if layout == "matrix":
-        return native.restored_matrix(value, shape[1])
-    if layout == "winograd":
-        return native.restored_winograd_weights(value)
+    if isinstance(layout, str):
+        return native_layouts.restore(jnp.asarray(value), layout, shape)
     return jnp.transpose(value, np.argsort(layout))
 
 
@@ -70,16 +65,16 @@ def conv_weight_layouts(
     return layouts
 
 
-def native_weight_kinds(
-    nodes: Sequence[onnx.NodeProto], params: Mapping[str, Any]
-) -> dict[str, str]:
+def native_weight_kinds(plan: GraphPlan, params: Mapping[str, Any]) -> dict[str, str]:
     """Float32 params that native kernels read, and how: "conv" (the weights of 2-D, one-group
-    Convs) or "matrix" (the right operand of MatMul, or of Gemm without transposes or alpha).
-    A param with any other use is left out: a blocked weight would be laid out again on every
-    call."""
+    Convs, and of FusedConvs with a ReLU or no activation) or "matrix" (the right operand of
+    MatMul, or of Gemm without transposes or alpha). A param with any other use (subgraphs
+    included) is left out: a prepared weight would be laid out again on every call."""
     kinds: dict[str, str] = {}
     other = set()
-    for node in nodes:
+    for node, reads in zip(plan.nodes, plan.node_reads, strict=True):
+        # node_reads lists the node's inputs, then the names its subgraphs capture.
+        other.update(reads[sum(1 for n in node.input if n) :])
         attributes = {a.name: a for a in node.attribute}
         for index, name in enumerate(node.input):
             if name not in params:
@@ -87,7 +82,9 @@ def native_weight_kinds(
             weight = params[name]
             kind = None
             conv = (node.op_type == "Conv" and node.domain in ("", "ai.onnx")) or (
-                node.op_type == "FusedConv" and node.domain == "com.microsoft"
+                node.op_type == "FusedConv"
+                and node.domain == MS
+                and attributes.get("activation", onnx.AttributeProto(s=b"")).s in (b"", b"Relu")
             )
             if (
                 index == 1
