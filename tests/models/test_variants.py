@@ -1,6 +1,6 @@
 """Real models in the variants people deploy (quantized, float16, onnxruntime-optimized),
-compared with onnxruntime on the same inputs. The matrix is tests/variants.py's VARIANTS and
-docs/variants.md; each base export is built once per session.
+compared with onnxruntime on the same inputs. The matrix is tests/models/variants.py's VARIANTS
+and docs/variants.md; each base export is built once per session.
 
 How each kind of variant is judged:
 

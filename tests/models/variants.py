@@ -1,11 +1,11 @@
-"""Variants of real models as people deploy them, built offline from tests/models.py's exports.
+"""Variants of real models as people deploy them, built offline from tests/models/exports.py.
 
 A *base* is one export (MiniLM with its real weights, a small-config transformers model at an
 opset and attention implementation, a ResNet-style CNN, a scikit-learn pipeline). A *variant*
 is what a deployment tool makes of it: onnxruntime's dynamic and static quantization (QDQ and
 QOperator formats), onnxconverter-common's and onnxruntime.transformers' float16 converters,
-and onnxruntime.transformers' optimizer. docs/variants.md lists the matrix tests/test_variants.py
-runs.
+and onnxruntime.transformers' optimizer. docs/variants.md lists the matrix
+tests/models/test_variants.py runs.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class Variant:
 
     ``check`` is ``fp32`` (within 1e-4 of the output's scale of onnxruntime on the same file),
     ``fp16`` (no further from onnxruntime's fp32 result than 1.2x onnxruntime's own fp16
-    result) or ``quant`` (see tests/test_variants.py).
+    result) or ``quant`` (see tests/models/test_variants.py).
     """
 
     base: str
