@@ -1,0 +1,197 @@
+"""Models written by onnxruntime-genai's model builder (random small Llama, Qwen2 and Phi-3,
+fp32 and int4) against onnxruntime: prefill and decode steps that feed each step's present
+keys and values back as the next step's past, as genai_config.json names them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+import onnx2jax
+
+pytestmark = pytest.mark.slow
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime_genai")
+tokenizers = pytest.importorskip("tokenizers")
+
+ARCHITECTURES = ["llama", "qwen2", "phi3"]
+VOCAB = 256
+
+
+def _save_tiny(kind: str, folder: Path) -> None:
+    """A random 2-layer, hidden-64 model of ``kind`` and a word-level tokenizer (the builder
+    reads one) saved with save_pretrained."""
+    import torch
+
+    torch.manual_seed(0)
+    common = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
+    if kind == "llama":
+        module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif kind == "qwen2":
+        module = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        # Equal context lengths make the builder's Phi-3 mini (no long-rope caches).
+        config = transformers.Phi3Config(
+            **{**common, "num_key_value_heads": 4},
+            original_max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        module = transformers.Phi3ForCausalLM(config)
+    module.save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t0"
+    )
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def builder_models(tmp_path_factory):
+    """Built once per session: {(kind, precision): folder}, precision fp32, int4, and
+    int4-acc0 (the int4 model with accuracy_level 0, so onnxruntime computes it in float)."""
+    root = tmp_path_factory.mktemp("builder")
+    built = {}
+    for kind in ARCHITECTURES:
+        source = root / f"{kind}_hf"
+        _save_tiny(kind, source)
+        for precision in ("fp32", "int4"):
+            out = root / f"{kind}_{precision}"
+            subprocess.run(
+                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
+                 "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "cache")],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            built[kind, precision] = out
+        exact = root / f"{kind}_int4-acc0"
+        shutil.copytree(built[kind, "int4"], exact)
+        proto = onnx.load(exact / "model.onnx")
+        for node in proto.graph.node:
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 0
+        (exact / "model.onnx.data").unlink()
+        onnx.save(
+            proto, exact / "model.onnx", save_as_external_data=True, location="model.onnx.data"
+        )
+        built[kind, "int4-acc0"] = exact
+    return built
+
+
+def _run_steps(folder: Path, prompt: np.ndarray, steps: int, run) -> list[np.ndarray]:
+    """Logits of the prompt and of ``steps`` greedy tokens, with ``run(feeds) -> dict``; past
+    inputs named by genai_config.json, the first ones empty."""
+    config = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+    names, layers = config["inputs"], config["num_hidden_layers"]
+    outs = config["outputs"]
+    batch = prompt.shape[0]
+    empty = np.zeros((batch, config["num_key_value_heads"], 0, config["head_size"]), np.float32)
+    past = {names[f"past_{kv}_names"] % i: empty for i in range(layers) for kv in ("key", "value")}
+    ids, length, logits = prompt, prompt.shape[1], []
+    for _ in range(steps + 1):
+        feeds = {
+            names["input_ids"]: ids.astype(np.int64),
+            names["attention_mask"]: np.ones((batch, length), np.int64),
+            **past,
+        }
+        result = run(feeds)
+        step_logits = np.asarray(result[outs["logits"]])
+        logits.append(step_logits)
+        past = {
+            names[f"past_{kv}_names"] % i: np.asarray(result[outs[f"present_{kv}_names"] % i])
+            for i in range(layers)
+            for kv in ("key", "value")
+        }
+        ids = step_logits[:, -1].argmax(-1)[:, None]
+        length += 1
+    return logits
+
+
+def _ort_runner(folder: Path):
+    session = onnxruntime.InferenceSession(
+        str(folder / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(None, feeds), strict=True))
+
+
+def _our_runner(folder: Path):
+    model = onnx2jax.load(folder / "model.onnx")
+    apply = jax.jit(model.apply)
+    return lambda feeds: apply(model.params, **feeds)
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+PROMPT = np.random.default_rng(0).integers(3, VOCAB, size=(2, 7))
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+@pytest.mark.parametrize("precision", ["fp32", "int4-acc0"])
+def test_builder_model_matches_onnxruntime(builder_models, kind, precision):
+    # fp32, and int4 with onnxruntime computing in float (accuracy_level 0): the same numbers.
+    folder = builder_models[kind, precision]
+    ours = _run_steps(folder, PROMPT, 4, _our_runner(folder))
+    theirs = _run_steps(folder, PROMPT, 4, _ort_runner(folder))
+    for got, want in zip(ours, theirs, strict=True):
+        assert got.shape == want.shape
+        assert _relative(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_builder_int4_model_within_onnxruntimes_own_rounding(builder_models, kind):
+    # As built (accuracy_level 4) onnxruntime rounds activations to int8 per block, onnx2jax
+    # computes in float32: their distance must stay well inside what int4 quantization itself
+    # moves the logits (onnxruntime's int4 model from its fp32 model), and the steps feed the
+    # same tokens (onnxruntime's, so both runs see one sequence).
+    int4, fp32 = builder_models[kind, "int4"], builder_models[kind, "fp32"]
+    theirs = _run_steps(int4, PROMPT, 4, _ort_runner(int4))
+    tokens = [PROMPT] + [step[:, -1].argmax(-1)[:, None] for step in theirs[:-1]]
+    ours_run, fp32_run = _our_runner(int4), _ort_runner(fp32)
+    for index, want in enumerate(theirs):
+        context = np.concatenate(tokens[: index + 1], axis=1)
+        got = _run_steps(int4, context, 0, ours_run)[0][:, -want.shape[1] :]
+        reference = _run_steps(fp32, context, 0, fp32_run)[0][:, -want.shape[1] :]
+        assert _relative(got, want) < 0.5 * _relative(reference, want)
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_builder_model_greedy_tokens_match_genai(builder_models, kind):
+    import onnxruntime_genai as og
+
+    folder = builder_models[kind, "fp32"]
+    prompt, steps = PROMPT[:1], 32
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt.shape[1] + steps, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = np.asarray(generator.get_sequence(0))[prompt.shape[1] :]
+    logits = _run_steps(folder, prompt, steps - 1, _our_runner(folder))
+    ours = np.array([step[0, -1].argmax() for step in logits])
+    np.testing.assert_array_equal(ours, theirs)
