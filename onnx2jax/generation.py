@@ -55,11 +55,14 @@ SMALLEST_BUCKET = 16
 class CacheLayout:
     """Where a decoder graph takes and returns its KV cache, found from its inputs and outputs.
 
-    ``past`` and ``present`` are matching input and output names (layer by layer, key then
+    ``kind`` is ``"concat"`` (present = past + new tokens) or ``"shared"`` (present = the past
+    buffer with the new tokens written in it): see :func:`cache_layout`. ``past`` and
+    ``present`` are matching input and output names (layer by layer, key then
     value); ``shapes`` are the past inputs' shapes with the batch (axis 0) and the sequence axis
     (``seq_axis``) as 0; ``dtypes`` their element types.
     """
 
+    kind: str
     input_ids: str
     attention_mask: str
     position_ids: str | None
@@ -84,10 +87,18 @@ class CacheLayout:
 def cache_layout(model: Model) -> CacheLayout:
     """Find a decoder graph's KV-cache inputs and outputs, or say what is missing.
 
-    Accepted: ``input_ids``, ``attention_mask``, ``position_ids`` (and optimum's
-    ``use_cache_branch``) beside ``past_key_values.{i}.key`` / ``.value`` inputs, with
-    ``present.{i}.key`` / ``.value`` outputs and a ``logits`` output. The past inputs' shapes
-    must name every axis but the batch (axis 0) and the sequence.
+    Two layouts are accepted, both with ``input_ids``, ``attention_mask``,
+    ``past_key_values.{i}.key`` / ``.value`` inputs, ``present.{i}.key`` / ``.value`` outputs
+    and a ``logits`` output:
+
+    - ``"concat"`` (torch.onnx and optimum exports): ``present`` is the past with the new
+      tokens appended; a ``position_ids`` input is required (and optimum's
+      ``use_cache_branch`` is fed). The past inputs' shapes must name every axis but the batch
+      (axis 0) and the sequence.
+    - ``"shared"`` (onnxruntime-genai's model builder): the past feeds com.microsoft
+      ``GroupQueryAttention``, whose ``present`` is the past buffer with the new tokens
+      written at each row's length (``attention_mask``'s sum); the head size is read from the
+      attention's query.
 
     Example:
         >>> import onnx2jax
@@ -111,12 +122,25 @@ def cache_layout(model: Model) -> CacheLayout:
             f"the model is not a decoder with a KV cache: it lacks {', '.join(missing)}; its "
             f"inputs are {model.input_names} and its outputs {model.output_names}"
         )
-    if "position_ids" not in inputs:
+    names = tuple(name for _, _, name in past)
+    attention = {
+        node.input[3 + k]: node
+        for node in model.plan.nodes
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+        for k in (0, 1)
+        if len(node.input) > 3 + k and node.input[3 + k] in names
+    }
+    kind = "shared" if attention else "concat"
+    if kind == "concat" and "position_ids" not in inputs:
         # The buffer is fed whole as the past, so a graph that counts positions from the past's
         # length would put every new token at position max_length and beyond.
         raise GenerationError(
             "the decoder has no position_ids input: it derives positions from the past's length, "
             "which the fixed-size cache cannot give it (export with position_ids as an input)"
+        )
+    if kind == "shared" and len(attention) != len(names):
+        raise GenerationError(
+            f"only some past inputs feed GroupQueryAttention: {sorted(attention)} of {names}"
         )
     extra = [n for n in inputs if n not in _TOKEN_INPUTS and not _PAST.match(n)]
     if extra:
@@ -124,7 +148,6 @@ def cache_layout(model: Model) -> CacheLayout:
             f"the decoder takes inputs that generate() cannot feed: {extra} (known: "
             f"{list(_TOKEN_INPUTS)} and past_key_values.{{i}}.key/value)"
         )
-    names = tuple(name for _, _, name in past)
     layers = {i for i, _, _ in past}
     if len(names) != 2 * len(layers) or layers != set(range(len(layers))):
         raise GenerationError(f"the past inputs are not a key and a value per layer: {names}")
@@ -136,28 +159,34 @@ def cache_layout(model: Model) -> CacheLayout:
             f"{model.output_names}"
         )
     shapes, axes, dtypes = [], set(), []
-    for name in names:
+    if kind == "shared":
+        # GroupQueryAttention's cache is [batch, kv heads, sequence, head size].
+        found = _attention_cache_shapes(model, [attention[name] for name in names])
+    for index, name in enumerate(names):
         info = inputs[name]
-        free = [a for a, d in enumerate(info.shape or ()) if a and not (isinstance(d, int) and d)]
-        if info.shape is None or len(free) != 1 or info.dtype is None:
-            raise GenerationError(
-                f"past input {info.describe()} must have a known dtype and known sizes on every "
-                f"axis but the batch (0) and one sequence axis"
-            )
-        axes.add(free[0])
-        shapes.append(
-            tuple(
-                d if isinstance(d, int) and a and a != free[0] else 0
-                for a, d in enumerate(info.shape)
-            )
-        )
+        if info.shape is None or info.dtype is None:
+            raise GenerationError(f"past input {info.describe()} needs a known dtype and rank")
+        if kind == "shared":
+            shape, axis = found[index], 2
+        else:
+            free = [a for a, d in enumerate(info.shape) if a and not (isinstance(d, int) and d)]
+            if len(free) != 1:
+                raise GenerationError(
+                    f"past input {info.describe()} must have known sizes on every axis but the "
+                    f"batch (0) and one sequence axis"
+                )
+            axis = free[0]
+            shape = tuple(d if a and a != axis else 0 for a, d in enumerate(info.shape))
+        axes.add(axis)
+        shapes.append(shape)
         dtypes.append(info.dtype)
     if len(axes) != 1:
         raise GenerationError(f"the past inputs {names} do not share one sequence axis")
     return CacheLayout(
+        kind=kind,
         input_ids="input_ids",
         attention_mask="attention_mask",
-        position_ids="position_ids",
+        position_ids="position_ids" if "position_ids" in inputs else None,
         use_cache_branch="use_cache_branch" if "use_cache_branch" in inputs else None,
         logits="logits",
         past=names,
@@ -166,6 +195,47 @@ def cache_layout(model: Model) -> CacheLayout:
         dtypes=tuple(dtypes),
         seq_axis=axes.pop(),
     )
+
+
+def _attention_cache_shapes(model: Model, nodes: Sequence[Any]) -> list[tuple[int, ...]]:
+    """[0, kv heads, 0, head size] of each GroupQueryAttention node's cache: the head size from
+    the width of the first node's query (packed with the keys and values when its key input is
+    empty), which every node must share."""
+    settings = []
+    for node in nodes:
+        attrs = {a.name: a.i for a in node.attribute}
+        packed = len(node.input) < 2 or not node.input[1]
+        settings.append((attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0), packed))
+    if len(set(settings)) != 1:
+        raise GenerationError(
+            f"the GroupQueryAttention nodes differ in num_heads, kv_num_heads or packing: "
+            f"{sorted(set(settings))}; generate() needs one cache shape for every layer"
+        )
+    heads, kv_heads, packed = settings[0]
+    # Any sizes do for the probe: the first layer's query does not depend on the past.
+    probe = {
+        info.name: jax.ShapeDtypeStruct(
+            tuple(d if isinstance(d, int) and d > 0 else 1 for d in info.shape or ()),
+            jax.dtypes.canonicalize_dtype(info.dtype or np.float32),
+        )
+        for info in model.inputs
+    }
+    query = nodes[0].input[0]
+    try:
+        width = jax.eval_shape(
+            lambda params, feeds: model.apply(params, outputs=[query], **feeds)[query],
+            model.params,
+            probe,
+        ).shape[-1]
+    except Onnx2JaxError as exc:
+        raise GenerationError(f"cannot find the attention's head size: {exc}") from None
+    size = width // (heads + 2 * kv_heads) if packed else width // max(heads, 1)
+    if not heads or not kv_heads or size <= 0:
+        raise GenerationError(
+            f"GroupQueryAttention node {nodes[0].name!r} has num_heads={heads}, "
+            f"kv_num_heads={kv_heads} and a query of width {width}: no head size fits"
+        )
+    return [(0, kv_heads, 0, size)] * len(nodes)
 
 
 def next_tokens(
@@ -257,57 +327,61 @@ class Decoder:
         return model
 
     # ---------------------------------------------------------------- the two programs
-    def _run_graph(
+    # Both take the prompt right-packed (each row's tokens first), so a row's tokens sit at
+    # its positions 0, 1, ... in the prompt and, in a "shared" cache, in the buffer.
+    def _step(
         self,
         params: Mapping[str, Any],
         cache: tuple[jax.Array, ...],
         ids: jax.Array,
         mask: jax.Array,
         positions: jax.Array,
-    ) -> tuple[jax.Array, list[jax.Array]]:
-        """Logits and the keys/values of the new tokens, the whole cache fed as the past."""
+        written: jax.Array,
+        slot: Any,
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Run the graph on ``ids`` with ``cache`` as the past: the logits and the new cache.
+
+        In a "concat" layout the whole buffer is the past, ``mask`` covers it and the new
+        tokens, and the new keys and values (the end of each present) are written into the
+        buffer from ``slot`` on, zeros where ``written`` is 0, so that a masked slot holds
+        nothing but zeros. In a "shared" layout the present is the new buffer.
+        """
         layout = self.layout
         feeds = {
             layout.input_ids: ids,
             layout.attention_mask: mask,
-            layout.position_ids: positions,
             **dict(zip(layout.past, cache, strict=True)),
         }
+        if layout.position_ids:
+            feeds[layout.position_ids] = positions
         if layout.use_cache_branch:
             feeds[layout.use_cache_branch] = jnp.ones((1,), bool)
         out = self.model.apply(params, outputs=[layout.logits, *layout.present], **feeds)
-        length, new = cache[0].shape[layout.seq_axis], ids.shape[1]
-        news = []
+        axis, new = layout.seq_axis, ids.shape[1]
+        updated = []
         for name, buffer in zip(layout.present, cache, strict=True):
             present = out[name]
+            length = buffer.shape[axis]
             expected = list(buffer.shape)
-            expected[layout.seq_axis] += new
+            expected[axis] += new if layout.kind == "concat" else 0
             if list(present.shape) != expected:
+                grows = "with the new tokens appended" if layout.kind == "concat" else "itself"
                 raise GenerationError(
                     f"output {name} has shape {tuple(present.shape)} for a past of shape "
-                    f"{tuple(buffer.shape)} and {new} new token(s): not the past with the new "
-                    f"tokens appended on axis {layout.seq_axis}"
+                    f"{tuple(buffer.shape)} and {new} new token(s): not the past {grows} "
+                    f"on axis {axis}"
                 )
-            news.append(
-                jax.lax.slice_in_dim(present, length, length + new, axis=layout.seq_axis).astype(
-                    buffer.dtype
+            present = present.astype(buffer.dtype)
+            if layout.kind == "concat":
+                present = jax.lax.slice_in_dim(present, length, length + new, axis=axis)
+                shape = [1] * present.ndim
+                shape[0], shape[axis] = written.shape
+                present = jnp.where(
+                    written.reshape(shape) != 0, present, jnp.zeros((), present.dtype)
                 )
-            )
-        return out[layout.logits], news
-
-    def _written(
-        self, cache: tuple[jax.Array, ...], news: list[jax.Array], valid: jax.Array, slot: Any
-    ) -> tuple[jax.Array, ...]:
-        """The cache with ``news`` written from ``slot`` on; padding tokens' entries as zeros,
-        so nothing but zeros ever sits in a masked slot."""
-        axis = self.layout.seq_axis
-        written = []
-        for buffer, new in zip(cache, news, strict=True):
-            shape = [1] * new.ndim
-            shape[0], shape[axis] = valid.shape
-            new = jnp.where(valid.reshape(shape) != 0, new, jnp.zeros((), new.dtype))
-            written.append(jax.lax.dynamic_update_slice_in_dim(buffer, new, slot, axis=axis))
-        return tuple(written)
+                present = jax.lax.dynamic_update_slice_in_dim(buffer, present, slot, axis=axis)
+            updated.append(present)
+        return out[layout.logits], tuple(updated)
 
     def _prefill(
         self,
@@ -328,21 +402,22 @@ class Decoder:
                 self.layout.buffers(batch, length), self.layout.dtypes, strict=True
             )
         )
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        graph_mask = jnp.concatenate([jnp.zeros((batch, length), jnp.int32), mask], axis=1)
-        logits, news = self._run_graph(params, cache, ids, graph_mask, positions)
-        cache = self._written(cache, news, mask, 0)
-        # Each row's next token comes from its last real token, wherever the padding is.
-        last = prompt - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        positions = jnp.arange(prompt, dtype=jnp.int32)[None, :] * mask  # padding at 0
+        if self.layout.kind == "concat":
+            # The empty buffer as the past, masked out whole.
+            graph_mask = jnp.concatenate([jnp.zeros((batch, length), jnp.int32), mask], axis=1)
+        else:
+            graph_mask = mask
+        logits, cache = self._step(params, cache, ids, graph_mask, positions, mask, 0)
+        counts = mask.sum(axis=1)
+        logits = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
         key = jax.random.fold_in(sampling["key"], 0)
         token = self._choose(logits, key, sampling, greedy, jnp.zeros((batch,), bool))
-        valid = jnp.zeros((batch, length), jnp.int32).at[:, :prompt].set(mask)
         state = {
             "token": token,
             "done": self._stops(token, sampling),
-            "valid": valid,
-            "position": mask.sum(axis=1),
+            "valid": jnp.zeros((batch, length), jnp.int32).at[:, :prompt].set(mask),
+            "position": counts,
             "slot": jnp.asarray(prompt, jnp.int32),
             "step": jnp.asarray(1, jnp.int32),
         }
@@ -358,21 +433,26 @@ class Decoder:
         greedy: bool,
     ) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
         self.compilations += 1  # runs only while tracing, i.e. once per compilation
-        batch = state["token"].shape[0]
-        slot = state["slot"]
+        batch, length = state["valid"].shape
+        slot, position = state["slot"], state["position"]
         ones = jnp.ones((batch, 1), jnp.int32)
-        graph_mask = jnp.concatenate([state["valid"], ones], axis=1)
-        logits, news = self._run_graph(
-            params, cache, state["token"][:, None], graph_mask, state["position"][:, None]
+        if self.layout.kind == "concat":
+            # The buffer's filled slots, and the new token.
+            graph_mask = jnp.concatenate([state["valid"], ones], axis=1)
+        else:
+            # The row's tokens so far and the new one, at its position (GroupQueryAttention
+            # reads the row's length from the mask's sum).
+            graph_mask = (jnp.arange(length)[None, :] <= position[:, None]).astype(jnp.int32)
+        logits, cache = self._step(
+            params, cache, state["token"][:, None], graph_mask, position[:, None], ones, slot
         )
-        cache = self._written(cache, news, ones, slot)
         key = jax.random.fold_in(sampling["key"], state["step"])
         token = self._choose(logits[:, -1], key, sampling, greedy, state["done"])
         return cache, {
             "token": token,
             "done": state["done"] | self._stops(token, sampling),
             "valid": jax.lax.dynamic_update_slice_in_dim(state["valid"], ones, slot, axis=1),
-            "position": state["position"] + 1,
+            "position": position + 1,
             "slot": slot + 1,
             "step": state["step"] + 1,
         }
@@ -435,7 +515,9 @@ class Decoder:
             )
         padded_ids = np.zeros((batch, bucket), np.int32)
         padded_mask = np.zeros((batch, bucket), np.int32)
-        padded_ids[:, :prompt], padded_mask[:, :prompt] = ids, mask
+        for row in range(batch):  # each row's tokens first, whatever side its padding was on
+            real = ids[row][mask[row] != 0]
+            padded_ids[row, : len(real)], padded_mask[row, : len(real)] = real, 1
         sampling, greedy, eos = _sampling(
             temperature, top_k, top_p, seed, eos_token_id, pad_token_id
         )

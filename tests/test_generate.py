@@ -33,6 +33,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 100  # tiny_decoder's vocabulary
+EOS_ID = 2  # tiny_decoder's eos
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -257,3 +258,70 @@ def test_text_generator_from_the_hub_reads_tokenizer_and_generation_config(
     assert generator.generate(texts, 16) == expected
     capped = TextGenerator.from_folder(folder, max_length=7, eos_token_id=None)
     assert capped.generate(texts[1:], 16) == [" ".join(f"w{t}" for t in free[1][:4])]
+
+
+@pytest.fixture(scope="module")
+def builder_folder(tmp_path_factory):
+    """A tiny random Llama written by onnxruntime-genai's model builder (fp32, CPU), and the
+    transformers module it came from."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime_genai")
+    root = tmp_path_factory.mktemp("builder")
+    module = tiny_decoder("llama")
+    module.save_pretrained(root / "hf")
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer(), bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]"
+    ).save_pretrained(root / "hf")
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(root / "hf")]
+    command += ["-o", str(root / "out"), "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")]
+    subprocess.run(command, check=True, capture_output=True)
+    return module, root / "out"
+
+
+def genai_greedy(folder, prompt, new_tokens):
+    """onnxruntime-genai's greedy tokens after one prompt."""
+    import onnxruntime_genai
+
+    model = onnxruntime_genai.Model(str(folder))
+    params = onnxruntime_genai.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + new_tokens)
+    generator = onnxruntime_genai.Generator(model, params)
+    generator.append_tokens(np.array([prompt], np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+
+
+@pytest.mark.slow
+def test_builder_models_generate_onnxruntime_genais_tokens(builder_folder):
+    module, folder = builder_folder
+    model = onnx2jax.load(folder / "model.onnx")
+    layout = cache_layout(model)
+    assert layout.kind == "shared" and layout.position_ids is None
+    assert layout.shapes[0] == (0, 2, 0, 16)
+    prompts = [[1, *p] for p in PROMPTS]
+    alone = []
+    for prompt in prompts:
+        free = genai_greedy(folder, prompt, 32)
+        expected = free[: free.index(EOS_ID) + 1] if EOS_ID in free else free
+        tokens = generate(model, np.array([prompt]), 32, eos_token_id=EOS_ID)[0, len(prompt) :]
+        assert tokens.tolist() == expected
+        assert expected == transformers_greedy(module, prompt, 32, eos_token_id=EOS_ID)
+        alone.append(expected)
+    # A batch left-padded: each row as alone (the cache holds each row's tokens first).
+    ids = np.zeros((2, 8), np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 8 - len(prompt) :], mask[row, 8 - len(prompt) :] = prompt, 1
+    batch = generate(model, ids, 32, attention_mask=mask, eos_token_id=EOS_ID)
+    for row, tokens in enumerate(alone):
+        assert batch[row, 8 : 8 + len(tokens)].tolist() == tokens
+    # genai_config.json gives the decoder's file and the eos id.
+    generator = TextGenerator.from_folder(folder)
+    assert generator.defaults["eos_token_id"] == EOS_ID and generator.max_length == 1024
+    texts = [" ".join(f"w{t}" for t in prompt) for prompt in PROMPTS]
+    # The builder's tokenizer.json marks [PAD], [BOS] and [EOS] special: decoding skips them.
+    words = [" ".join(f"w{t}" for t in tokens if t > EOS_ID) for tokens in alone]
+    assert generator.generate(texts, 32) == words
