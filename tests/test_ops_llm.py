@@ -500,3 +500,42 @@ def test_gqa_position_ids():
     np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ours[1][0], theirs[1][0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ours[2], theirs[2], rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------- MultiHeadAttention with a shared buffer
+
+
+@pytest.mark.parametrize(
+    "length,buffer,cached,unidirectional", [(1, 6, 3, 0), (3, 8, 2, 0), (3, 8, 2, 1), (1, 6, 0, 1)]
+)
+def test_multi_head_attention_past_sequence_length(length, buffer, cached, unidirectional):
+    # past_key/past_value are a buffer of ``buffer`` rows holding ``cached`` tokens: this
+    # step's keys go after them, the rest of the buffer is kept and never attended.
+    batch, heads, size = 2, 2, 8
+    q, k, v = (RNG.normal(size=(batch, length, heads * size)).astype(np.float32) for _ in "qkv")
+    pk, pv = (RNG.normal(size=(batch, heads, buffer, size)).astype(np.float32) for _ in "kv")
+    inputs = {
+        "q": q,
+        "k": k,
+        "v": v,
+        "bias": None,
+        "mask": None,
+        "attention_bias": None,
+        "pk": pk,
+        "pv": pv,
+        "past_sequence_length": np.array(cached, np.int32),
+    }
+    model = _node_model(
+        "MultiHeadAttention",
+        inputs,
+        {},
+        outputs=("y", "present_key", "present_value"),
+        num_heads=heads,
+        unidirectional=unidirectional,
+    )
+    feeds = {name: value for name, value in inputs.items() if value is not None}
+    ours, theirs = _ours(model, feeds), _ort(model, feeds)
+    for got, want in zip(ours, theirs, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert ours[1].shape[2] == buffer

@@ -380,6 +380,11 @@ def attention(
     return out
 
 
+def _write_after(buffer, new, start):
+    """``buffer`` [B, N, M, H] with ``new`` [B, N, S, H] written from row ``start`` on."""
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, start, 0))
+
+
 @register("MultiHeadAttention", since=1, domain=MS)
 def multi_head_attention(
     ctx,
@@ -391,15 +396,19 @@ def multi_head_attention(
     attention_bias=None,
     past_key=None,
     past_value=None,
-    *rest,
+    past_sequence_length=None,
+    cache_indirection=None,
 ):
     """Attention of separate query, key and value [B, L, D] (optional past_key/past_value
-    [B, N, P, H] are prepended; present_key/present_value return the concatenation)."""
-    if any(r is not None for r in rest):
-        raise ctx.error(
-            "past_sequence_length and cache_indirection (decoder-masked "
-            "attention's inputs) are not supported"
-        )
+    [B, N, P, H] are prepended; present_key/present_value return the concatenation).
+
+    With ``past_sequence_length`` the past is a buffer shared with present: its first
+    past_sequence_length rows are the cache, this step's keys and values are written after
+    them, and present keeps the buffer's length."""
+    if cache_indirection is not None:
+        raise ctx.error("cache_indirection (beam search's input) is not supported")
+    if past_sequence_length is not None and past_key is None:
+        raise ctx.error("past_sequence_length needs past_key and past_value (the shared buffer)")
     if key is None or value is None or query.ndim != 3 or key.ndim != 3 or value.ndim != 3:
         raise ctx.error("only 3-D query, key and value ([batch, length, hidden]) are supported")
     if (past_key is None) != (past_value is None):
@@ -421,7 +430,11 @@ def multi_head_attention(
         value = value + bias[dq + dk :]
     q, k, v = _heads(query, num_heads), _heads(key, num_heads), _heads(value, num_heads)
     past_length = 0
-    if past_key is not None:
+    if past_sequence_length is not None:
+        past_length = jnp.reshape(jnp.asarray(past_sequence_length), ()).astype(jnp.int32)
+        k = _write_after(jnp.asarray(past_key).astype(compute), k, past_length)
+        v = _write_after(jnp.asarray(past_value).astype(compute), v, past_length)
+    elif past_key is not None:
         past_length = past_key.shape[2]
         k = jnp.concatenate([jnp.asarray(past_key).astype(compute), k], axis=2)
         v = jnp.concatenate([jnp.asarray(past_value).astype(compute), v], axis=2)
@@ -435,6 +448,11 @@ def multi_head_attention(
         past_length,
         ctx.attr("mask_filter_value", -10000.0),
     )
+    if past_sequence_length is not None:
+        # The buffer's rows after this step's keys hold no token: never attended.
+        unused = jnp.arange(k.shape[2]) >= past_length + key.shape[1]
+        unused = jnp.where(unused, jnp.finfo(jnp.float32).min, jnp.float32(0))[None, None, :]
+        key_mask = unused if key_mask is None else key_mask + unused
     unidirectional = bool(ctx.attr("unidirectional", 0))
     if unidirectional and key.shape[1] != query.shape[1]:
         # onnxruntime's CPU kernel gives no consistent causal alignment for this case.
