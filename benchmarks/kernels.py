@@ -8,7 +8,7 @@ Each group times one kind of operation at the shapes of a benchmark model. Every
 small ONNX model (the operation with its bias, activation or mask) run by onnx2jax (the program
 ``model(...)`` compiles, on inputs already on the device) and by onnxruntime (CPU, every
 optimization, the same thread count), in five turns of back-to-back calls per engine
-(``onnx2jax.bench.interleaved`` with ``block``); the outputs must agree first. A row's
+(``onnx2jax.cli.bench.interleaved`` with ``block``); the outputs must agree first. A row's
 ``count`` is how often the shape occurs in the model, and the total weighs by it.
 """
 
@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.bench import default_threads, interleaved, onnxruntime_session
+from onnx2jax.cli.bench import default_threads, interleaved, onnxruntime_session
 
 OPSET = 17
 
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=50, help="timed calls per engine (50)")
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    onnx2jax.tune_process()  # what the command line does; see onnx2jax/process.py
+    onnx2jax.tune_process()  # what the command line does; see onnx2jax/runtime/process.py
     results = []
     for name in args.group or list(GROUPS):
         results.append(run_group(name, GROUPS[name](), args.runs))

@@ -30,8 +30,8 @@ import numpy as np
 
 import onnx2jax
 from onnx2jax import native
-from onnx2jax.bench import default_threads, onnxruntime_session, wait_until_quiet
 from onnx2jax.cli import make_inputs, parse_assignments
+from onnx2jax.cli.bench import default_threads, onnxruntime_session, wait_until_quiet
 
 # An instruction of the compiled program: its name and its first (output) shape.
 _HLO_OP = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = \(?\w+\[([\d,]*)\]")
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=10, help="profiled calls per engine (10)")
     parser.add_argument("--output", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    onnx2jax.tune_process()  # what the command line does; see onnx2jax/process.py
+    onnx2jax.tune_process()  # what the command line does; see onnx2jax/runtime/process.py
     dims = {name: int(size) for name, size in parse_assignments(args.dim, "--dim").items()}
     feeds = make_inputs(onnx2jax.load(args.model).inputs, {}, dims)
     rows = compare_layers(args.model, feeds, args.runs)

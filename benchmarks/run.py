@@ -1,7 +1,7 @@
 """onnx2jax and onnxruntime side by side on real-size models: ``python -m benchmarks.run``.
 
 Builds the models offline (``benchmarks/models.py``), then for every case runs both engines in
-one fresh process on the same inputs with interleaved calls (``onnx2jax.bench.run_case``),
+one fresh process on the same inputs with interleaved calls (``onnx2jax.cli.bench.run_case``),
 measures each engine's peak memory in processes of its own, and times the start-up of fresh
 processes (plain, with the executable cache, from an ahead-of-time artifact). Writes
 ``benchmarks/results/<name>.json`` and the table in ``benchmarks/README.md``.
@@ -175,7 +175,7 @@ def run_case_in_child(
     precision: str = "float32",
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``onnx2jax.bench.run_case`` in a fresh process (first-call times are then honest),
+    """``onnx2jax.cli.bench.run_case`` in a fresh process (first-call times are then honest),
     with ``env`` added to its environment."""
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = Path(folder) / "feeds.npz"
@@ -282,7 +282,7 @@ def run(
     cpu_devices: int | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``cases``; return the results document."""
-    from onnx2jax.bench import peak_memory
+    from onnx2jax.cli.bench import peak_memory
 
     document: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -492,9 +492,9 @@ def _child(argv: Sequence[str]) -> int:
     parser.add_argument("--precision", default="float32")
     args = parser.parse_args(argv)
     import onnx2jax
-    from onnx2jax.bench import run_case
+    from onnx2jax.cli.bench import run_case
 
-    onnx2jax.tune_process()  # what the command line does; see onnx2jax/process.py
+    onnx2jax.tune_process()  # what the command line does; see onnx2jax/runtime/process.py
 
     with np.load(args.feeds) as data:
         feeds = {k: data[k] for k in data.files}
