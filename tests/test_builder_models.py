@@ -136,8 +136,12 @@ def _ort_runner(folder: Path):
     return lambda feeds: dict(zip(names, session.run(None, feeds), strict=True))
 
 
-def _our_runner(folder: Path):
+def _our_runner(folder: Path, call: bool = False):
+    """onnx2jax on the folder's model: ``jax.jit(model.apply)``, or ``model(...)`` (its
+    engine's program) with ``call``."""
     model = onnx2jax.load(folder / "model.onnx")
+    if call:
+        return lambda feeds: model(**feeds)
     apply = jax.jit(model.apply)
     return lambda feeds: apply(model.params, **feeds)
 
@@ -154,11 +158,12 @@ PROMPT = np.random.default_rng(0).integers(3, VOCAB, size=(2, 7))
 def test_builder_model_matches_onnxruntime(builder_models, kind, precision):
     # fp32, and int4 with onnxruntime computing in float (accuracy_level 0): the same numbers.
     folder = builder_models[kind, precision]
-    ours = _run_steps(folder, PROMPT, 4, _our_runner(folder))
     theirs = _run_steps(folder, PROMPT, 4, _ort_runner(folder))
-    for got, want in zip(ours, theirs, strict=True):
-        assert got.shape == want.shape
-        assert _relative(got, want) < 1e-4
+    for call in (False, True):
+        ours = _run_steps(folder, PROMPT, 4, _our_runner(folder, call))
+        for got, want in zip(ours, theirs, strict=True):
+            assert got.shape == want.shape
+            assert _relative(got, want) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)

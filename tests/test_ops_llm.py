@@ -331,6 +331,7 @@ def _gqa(
     rotary=False,
     garbage_tail=False,
     extra=None,
+    dtype=np.float32,
     **attrs,
 ):
     """One GroupQueryAttention node, run by both: (ours, onnxruntime's, valid, feeds)."""
@@ -360,6 +361,7 @@ def _gqa(
     if rotary:
         values["cos_cache"], values["sin_cache"] = _caches(64, size // 2)
     values.update(extra or {})
+    values = {n: v.astype(dtype) if v.dtype == np.float32 else v for n, v in values.items()}
     inputs = {name: values.get(name) for name in _GQA_INPUTS}
     outputs = ("y", "present_key", "present_value")
     model = _node_model(
@@ -539,3 +541,25 @@ def test_multi_head_attention_past_sequence_length(length, buffer, cached, unidi
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert ours[1].shape[2] == buffer
+
+
+def test_gqa_float16():
+    # onnxruntime computes float16 attention in float32 and rounds once, as onnx2jax does.
+    ours, theirs, valid, feeds = _gqa(length=5, rotary=True, dtype=np.float16)
+    assert ours[0].dtype == theirs[0].dtype == np.float16
+    for got, want in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    ours, theirs, valid, feeds = _gqa(length=1, past=4, rotary=True, dtype=np.float16)
+    for got, want in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+def test_matmul_nbits_float16():
+    inputs, inits = _nbits_case(4, 32, 64, 8, "packed", bias=True)
+    for name in ("scales", "bias"):
+        inits[name] = inputs[name] = inits[name].astype(np.float16)
+    inputs["a"] = inputs["a"].astype(np.float16)
+    model = _node_model("MatMulNBits", inputs, inits, K=64, N=8, bits=4, block_size=32)
+    got, want = _ours(model, {"a": inputs["a"]})[0], _ort(model, {"a": inputs["a"]})[0]
+    assert got.dtype == want.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
