@@ -495,29 +495,33 @@ class Decoder:
         max_length: int | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> Iterator[np.ndarray]:
-        """Yield each step's new tokens, int array [batch], as :func:`generate` makes them.
+        """An iterator over each step's new tokens, int array [batch], as :func:`generate`
+        makes them.
 
-        Arguments as :func:`generate`'s. A row that has stopped yields ``pad_token_id``; the
-        iterator ends after ``max_new_tokens`` steps or when every row has stopped.
+        Arguments as :func:`generate`'s; they are checked, and the prompt is run (prefill),
+        before this returns. A row that has stopped yields ``pad_token_id``; the iterator ends
+        after ``max_new_tokens`` steps or when every row has stopped.
         """
         ids, mask = _prompt(input_ids, attention_mask)
-        batch, prompt = ids.shape
+        batch = ids.shape[0]
+        counts = mask.sum(axis=1)
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        bucket = prompt_bucket(prompt)
+        bucket = prompt_bucket(int(counts.max()))
         needed = bucket + max_new_tokens - 1
         if max_length is None:
             max_length = prompt_bucket(needed)
         elif max_length < needed:
             raise GenerationError(
                 f"max_length={max_length} cache slots cannot hold the prompt's bucket ({bucket} "
-                f"for {prompt} tokens) and {max_new_tokens} new tokens: it needs {needed}"
+                f"for {int(counts.max())} tokens) and {max_new_tokens} new tokens: it needs "
+                f"{needed}"
             )
         padded_ids = np.zeros((batch, bucket), np.int32)
         padded_mask = np.zeros((batch, bucket), np.int32)
         for row in range(batch):  # each row's tokens first, whatever side its padding was on
-            real = ids[row][mask[row] != 0]
-            padded_ids[row, : len(real)], padded_mask[row, : len(real)] = real, 1
+            padded_ids[row, : counts[row]] = ids[row][mask[row] != 0]
+            padded_mask[row, : counts[row]] = 1
         sampling, greedy, eos = _sampling(
             temperature, top_k, top_p, seed, eos_token_id, pad_token_id
         )
@@ -548,13 +552,18 @@ class Decoder:
             static_argnames=("greedy",),
             donate_argnums=(1, 2),
         )
-        for step in range(max_new_tokens):
-            if step:
-                cache, state = decode(params, cache, state, sampling, greedy=greedy)
-            token, done = np.asarray(state["token"]), np.asarray(state["done"])
-            yield token
-            if eos and done.all():
-                return
+
+        def steps() -> Iterator[np.ndarray]:
+            nonlocal cache, state
+            for step in range(max_new_tokens):
+                if step:
+                    cache, state = decode(params, cache, state, sampling, greedy=greedy)
+                token, done = np.asarray(state["token"]), np.asarray(state["done"])
+                yield token
+                if eos and done.all():
+                    return
+
+        return steps()
 
     def generate(
         self,
@@ -623,8 +632,9 @@ def generate(
     later tokens are ``pad_token_id`` (default: the first eos id, else 0).
 
     The cache holds ``max_length`` tokens per layer (default: the smallest power of two that
-    holds the prompt's bucket and the new tokens); the prompt is padded to its bucket
-    (:func:`prompt_bucket`). Prefill and decode compile once per (batch, bucket,
+    holds the prompt's bucket and the new tokens); the prompts are packed to the left of their
+    rows and padded to the bucket of the longest (:func:`prompt_bucket`), so it needs at least
+    ``bucket + max_new_tokens - 1``. Prefill and decode compile once per (batch, bucket,
     ``max_length``, greedy or sampling) and are reused by every later call on the model.
     ``stream(step, tokens)`` is called with each step's tokens [batch] as they come;
     :func:`generate_stream` is the iterator form. ``params`` replaces ``model.params``.
@@ -663,7 +673,7 @@ def generate_stream(
     Example:
         >>> import onnx2jax
         >>> model = onnx2jax.load(onnx2jax.example_path())
-        >>> next(generate_stream(model, [[1, 2, 3]]))  # doctest: +ELLIPSIS
+        >>> generate_stream(model, [[1, 2, 3]])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...

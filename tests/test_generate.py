@@ -173,6 +173,16 @@ def test_streaming_gives_each_step_as_it_comes(exported):
     np.testing.assert_array_equal(np.stack(steps, axis=1), tokens[:, 7:])
 
 
+def test_params_replace_the_models_weights(exported, tmp_path):
+    _, model = exported
+    ids = np.array([PROMPTS[0]])
+    tuned = {name: value * 0.7 for name, value in model.params.items()}
+    tokens = generate(model, ids, 12, params=tuned)
+    assert not np.array_equal(tokens, generate(model, ids, 12))
+    model.save(tmp_path / "tuned.onnx", tuned)
+    np.testing.assert_array_equal(tokens, generate(onnx2jax.load(tmp_path / "tuned.onnx"), ids, 12))
+
+
 def test_a_model_that_does_not_fit_is_refused_with_what_it_lacks(tmp_path):
     with pytest.raises(GenerationError, match="lacks input_ids, attention_mask, past_key_values"):
         cache_layout(onnx2jax.load(onnx2jax.example_path()))
