@@ -310,7 +310,7 @@ def test_the_built_library_is_reused(tmp_path):
         ).stdout.strip()
         for _ in range(2)
     ]
-    # The library and the manifest that vouches for it (onnx2jax/native.py).
+    # The library and the manifest that vouches for it (onnx2jax/native/__init__.py).
     assert paths[0] == paths[1] and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [os.path.basename(paths[0]), Path(paths[0]).with_suffix(".json").name]
     )

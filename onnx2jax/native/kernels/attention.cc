@@ -1,8 +1,8 @@
-// Scaled, masked softmax attention for XLA:CPU, called through JAX's FFI (onnx2jax/native.py):
+// Scaled, masked softmax attention for XLA:CPU, called through JAX's FFI (native/calls.py):
 // out = softmax(scale * (q @ kt) + mask) @ v, one query row's scores at a time kept in cache.
 //
 // Exported transformers spell attention as MatMul -> Mul -> Add -> Softmax -> MatMul
-// (onnx2jax/fusion.py turns that chain into one node). As XLA ops, the scores of every head
+// (runtime/fusion.py turns that chain into one node). As XLA ops, the scores of every head
 // are written out and read back by each step, and the two batched products run on one thread
 // (XLA's DotThunk loops over the heads; figures in benchmarks/LOG.md). Here each thread takes
 // a few query rows of one head, computes their scores in registers, the softmax in its L1

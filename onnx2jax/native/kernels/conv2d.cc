@@ -1,4 +1,4 @@
-// A direct 2-D float32 convolution for XLA:CPU, called through JAX's FFI (onnx2jax/native.py).
+// A direct 2-D float32 convolution for XLA:CPU, called through JAX's FFI (native/calls.py).
 //
 // XLA:CPU's convolutions (Eigen) were well behind onnxruntime's MLAS on ResNet's shapes
 // (benchmarks/LOG.md). This kernel keeps a tile of RW output pixels by NV vectors of
@@ -42,7 +42,7 @@ constexpr int kLanes = 16;
 constexpr int kMaxVectors = 4;
 constexpr int kTileWidth = 7;
 #else
-// Builds without AVX-512 report 8 (or 4) lanes, and onnx2jax/native.py leaves them unused: an
+// Builds without AVX-512 report 8 (or 4) lanes, and native/__init__.py leaves them unused: an
 // AVX2 build of this kernel (6 x 2 tiles) was slower than XLA's kernels limited to AVX2
 // (benchmarks/LOG.md).
 #if defined(__AVX2__)
@@ -404,14 +404,14 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // is A^T [(G g G^T) . (B^T d B)] A over its 4x4 input window d, so the products become 16
 // matrix products [tiles x C] x [C x O], one per point xi of the 4x4 transform: 16 multiply-adds
 // per tile and channel pair where the direct kernel does 36. The weights come transformed,
-// U = G g G^T, laid out [O / B][16][C][B] (onnx2jax/native.py, winograd_weights).
+// U = G g G^T, laid out [O / B][16][C][B] (native/layouts.py, winograd_weights).
 //
 // A work item is kWinogradTiles tiles (counted over images, tile rows and columns) and one
 // channel block: their transformed input V [16][tiles][C] is computed first (again for each
 // block: a 16th of the products' work at C = 256), then the 16 products, tile groups of
 // kTileWidth in registers, into M [16][tiles][B], then the output transform with the bias,
 // residual and ReLU. Against the direct kernel it wins up to 256 channels and loses at 512 (a
-// block's U, 2 MB, no longer stays in L2), which onnx2jax/native.py therefore leaves to the
+// block's U, 2 MB, no longer stays in L2), which native/layouts.py therefore leaves to the
 // direct kernel (benchmarks/LOG.md).
 constexpr int64_t kWinogradTiles = 4 * kTileWidth;
 
@@ -586,7 +586,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Onnx2jaxWinograd, WinogradImpl,
                                   .Attr<bool>("relu")
                                   .Attr<bool>("add_residual"));
 
-// The number of float32 lanes the kernel was compiled for: onnx2jax/native.py uses it only
+// The number of float32 lanes the kernel was compiled for: onnx2jax/native/ uses it only
 // with output channels a multiple of this, and only at 16 lanes (AVX-512).
 extern "C" int onnx2jax_conv2d_lanes() { return kLanes; }
 
