@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 import onnx2jax
-from onnx2jax.bench import default_threads, interleaved, onnxruntime_session
+from onnx2jax.cli.bench import default_threads, interleaved, onnxruntime_session
 from onnx2jax.generation import cache_layout, generate, prompt_bucket
 
 

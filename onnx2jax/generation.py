@@ -2,13 +2,15 @@
 
 :func:`generate` runs a decoder-only ONNX model whose graph takes the keys and values of the
 tokens before (``past_key_values.{i}.key`` / ``.value``) and returns them with the new tokens'
-appended (``present.{i}.key`` / ``.value``), as torch.onnx and optimum export transformers'
-models. The cache is one preallocated buffer of ``max_length`` tokens per past input. Each step
-feeds the whole buffer as the past, with ``attention_mask`` zero on the slots not filled yet and
-explicit ``position_ids``, takes the new keys and values from the end of ``present`` and writes
-them into the buffer (``jax.lax.dynamic_update_slice`` in a jitted, donating program). So the
-shapes never change: prefill (the prompt, padded to a length bucket) and decode (one token) are
-two programs, each compiled once per (batch, prompt bucket, ``max_length``).
+(``present.{i}.key`` / ``.value``), as torch.onnx, optimum and onnxruntime-genai's model builder
+export language models (:func:`cache_layout`). The cache is one preallocated buffer of
+``max_length`` tokens per past input. Prefill runs the prompt (padded to a length bucket) after
+an empty past and writes its keys and values into the buffer; each decode step feeds the whole
+buffer as the past, with ``attention_mask`` zero on the slots not filled yet (and explicit
+``position_ids``), and writes the new token's keys and values into it
+(``jax.lax.dynamic_update_slice`` in a jitted program that donates the buffer). So the shapes
+never change: prefill and decode are two programs, each compiled once per (batch, prompt
+bucket, ``max_length``).
 
 :class:`TextGenerator` is the text pipeline on top: a folder or hub repo with the ONNX model,
 ``tokenizer.json`` and ``generation_config.json`` / ``genai_config.json``.
@@ -29,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.errors import InputError, ModelLoadError, Onnx2JaxError
+from onnx2jax.core.errors import InputError, ModelLoadError, Onnx2JaxError
+from onnx2jax.core.model import Model, load
 from onnx2jax.hub import download_model, hub_file, optional_hub_file
-from onnx2jax.model import Model, load
 from onnx2jax.runtime.options import (
     inference_compiler_options,
     jit_with_options,
@@ -332,25 +334,27 @@ class Decoder:
     def _step(
         self,
         params: Mapping[str, Any],
-        cache: tuple[jax.Array, ...],
+        past: tuple[jax.Array, ...],
         ids: jax.Array,
         mask: jax.Array,
         positions: jax.Array,
         written: jax.Array,
+        into: tuple[jax.Array, ...],
         slot: Any,
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Run the graph on ``ids`` with ``cache`` as the past: the logits and the new cache.
+        """Run the graph on ``ids`` after ``past``: the logits, and the cache ``into`` with the
+        new tokens' keys and values written from ``slot`` on (zeros where ``written`` is 0, so
+        that a masked slot holds nothing but zeros).
 
-        In a "concat" layout the whole buffer is the past, ``mask`` covers it and the new
-        tokens, and the new keys and values (the end of each present) are written into the
-        buffer from ``slot`` on, zeros where ``written`` is 0, so that a masked slot holds
-        nothing but zeros. In a "shared" layout the present is the new buffer.
+        A "concat" graph's present is the past and the new entries; a "shared" graph's is the
+        past buffer with the new entries written in it (which is then the new cache), or, after
+        an empty past, the new entries alone.
         """
         layout = self.layout
         feeds = {
             layout.input_ids: ids,
             layout.attention_mask: mask,
-            **dict(zip(layout.past, cache, strict=True)),
+            **dict(zip(layout.past, past, strict=True)),
         }
         if layout.position_ids:
             feeds[layout.position_ids] = positions
@@ -359,28 +363,30 @@ class Decoder:
         out = self.model.apply(params, outputs=[layout.logits, *layout.present], **feeds)
         axis, new = layout.seq_axis, ids.shape[1]
         updated = []
-        for name, buffer in zip(layout.present, cache, strict=True):
-            present = out[name]
-            length = buffer.shape[axis]
-            expected = list(buffer.shape)
-            expected[axis] += new if layout.kind == "concat" else 0
+        for name, before, buffer in zip(layout.present, past, into, strict=True):
+            present = out[name].astype(buffer.dtype)
+            length = before.shape[axis]
+            expected = list(before.shape)
+            if layout.kind == "concat":
+                expected[axis] += new
+            elif not length:
+                expected[axis] = new
             if list(present.shape) != expected:
-                grows = "with the new tokens appended" if layout.kind == "concat" else "itself"
+                grows = "with the new tokens appended" if layout.kind == "concat" else "updated"
                 raise GenerationError(
                     f"output {name} has shape {tuple(present.shape)} for a past of shape "
-                    f"{tuple(buffer.shape)} and {new} new token(s): not the past {grows} "
+                    f"{tuple(before.shape)} and {new} new token(s): not the past {grows} "
                     f"on axis {axis}"
                 )
-            present = present.astype(buffer.dtype)
-            if layout.kind == "concat":
-                present = jax.lax.slice_in_dim(present, length, length + new, axis=axis)
-                shape = [1] * present.ndim
-                shape[0], shape[axis] = written.shape
-                present = jnp.where(
-                    written.reshape(shape) != 0, present, jnp.zeros((), present.dtype)
-                )
-                present = jax.lax.dynamic_update_slice_in_dim(buffer, present, slot, axis=axis)
-            updated.append(present)
+            if layout.kind == "shared" and length:
+                updated.append(present)
+                continue
+            present = jax.lax.slice_in_dim(present, length, length + new, axis=axis)
+            shape = [1] * present.ndim
+            shape[0], shape[axis] = written.shape
+            zero = jnp.zeros((), present.dtype)
+            present = jnp.where(written.reshape(shape) != 0, present, zero)
+            updated.append(jax.lax.dynamic_update_slice_in_dim(buffer, present, slot, axis=axis))
         return out[layout.logits], tuple(updated)
 
     def _prefill(
@@ -396,22 +402,20 @@ class Decoder:
         self.compilations += 1  # runs only while tracing, i.e. once per compilation
         batch, prompt = ids.shape
         mask = mask.astype(jnp.int32)
-        cache = tuple(
-            jnp.zeros(shape, dtype)
-            for shape, dtype in zip(
-                self.layout.buffers(batch, length), self.layout.dtypes, strict=True
+        layout = self.layout
+        empty, cache = (
+            tuple(
+                jnp.zeros(shape, dtype)
+                for shape, dtype in zip(layout.buffers(batch, size), layout.dtypes, strict=True)
             )
+            for size in (0, length)
         )
+        # The prompt after an empty past; its keys and values go to the buffer's first slots.
         positions = jnp.arange(prompt, dtype=jnp.int32)[None, :] * mask  # padding at 0
-        if self.layout.kind == "concat":
-            # The empty buffer as the past, masked out whole.
-            graph_mask = jnp.concatenate([jnp.zeros((batch, length), jnp.int32), mask], axis=1)
-        else:
-            graph_mask = mask
-        logits, cache = self._step(params, cache, ids, graph_mask, positions, mask, 0)
+        logits, cache = self._step(params, empty, ids, mask, positions, mask, cache, 0)
         counts = mask.sum(axis=1)
         logits = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
-        key = jax.random.fold_in(sampling["key"], 0)
+        key = jax.random.fold_in(jax.random.key(sampling["seed"]), 0)
         token = self._choose(logits, key, sampling, greedy, jnp.zeros((batch,), bool))
         state = {
             "token": token,
@@ -444,9 +448,9 @@ class Decoder:
             # reads the row's length from the mask's sum).
             graph_mask = (jnp.arange(length)[None, :] <= position[:, None]).astype(jnp.int32)
         logits, cache = self._step(
-            params, cache, state["token"][:, None], graph_mask, position[:, None], ones, slot
+            params, cache, state["token"][:, None], graph_mask, position[:, None], ones, cache, slot
         )
-        key = jax.random.fold_in(sampling["key"], state["step"])
+        key = jax.random.fold_in(jax.random.key(sampling["seed"]), state["step"])
         token = self._choose(logits[:, -1], key, sampling, greedy, state["done"])
         return cache, {
             "token": token,
@@ -709,7 +713,7 @@ def _sampling(
     seed: int,
     eos_token_id: int | Sequence[int] | None,
     pad_token_id: int | None,
-) -> tuple[dict[str, jax.Array], bool, list[int]]:
+) -> tuple[dict[str, Any], bool, list[int]]:
     """The sampling arguments as the programs take them (traced, so new values never
     recompile), whether decoding is greedy, and the eos ids."""
     if temperature < 0:
@@ -718,6 +722,8 @@ def _sampling(
         raise GenerationError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= seed < 2**32:
+        raise GenerationError(f"seed must be in [0, 2**32), got {seed}")
     if eos_token_id is None:
         eos = []
     elif isinstance(eos_token_id, int | np.integer):
@@ -727,13 +733,13 @@ def _sampling(
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     sampling = {
-        "temperature": jnp.asarray(temperature, jnp.float32),
+        "temperature": np.float32(temperature),
         # No top_k is every token: next_tokens clips k to the vocabulary.
-        "top_k": jnp.asarray(top_k or np.iinfo(np.int32).max, jnp.int32),
-        "top_p": jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
-        "key": jax.random.key(seed),
-        "eos": jnp.asarray(eos or [-1], jnp.int32),
-        "pad": jnp.asarray(pad_token_id, jnp.int32),
+        "top_k": np.int32(top_k or np.iinfo(np.int32).max),
+        "top_p": np.float32(1.0 if top_p is None else top_p),
+        "seed": np.uint32(seed),
+        "eos": np.asarray(eos or [-1], np.int32),
+        "pad": np.int32(pad_token_id),
     }
     return sampling, temperature == 0, eos
 
