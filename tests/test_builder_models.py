@@ -47,6 +47,22 @@ def _save_tiny(kind: str, folder: Path) -> None:
         module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif kind == "qwen2":
         module = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif kind == "phi3-longrope":
+        # A longer context than the original: the builder's Phi-3 with two cos/sin caches, the
+        # long ones chosen by an If past 64 tokens.
+        config = transformers.Phi3Config(
+            **{**common, "num_key_value_heads": 4, "max_position_embeddings": 256},
+            original_max_position_embeddings=64,
+            rope_scaling={
+                "type": "longrope",
+                "long_factor": [1.0 + 0.1 * i for i in range(8)],
+                "short_factor": [1.0] * 8,
+            },
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        module = transformers.Phi3ForCausalLM(config)
     else:
         # Equal context lengths make the builder's Phi-3 mini (no long-rope caches).
         config = transformers.Phi3Config(
@@ -70,20 +86,27 @@ def _save_tiny(kind: str, folder: Path) -> None:
 @pytest.fixture(scope="session")
 def builder_models(tmp_path_factory):
     """Built once per session: {(kind, precision): folder}, precision fp32, int4, and
-    int4-acc0 (the int4 model with accuracy_level 0, so onnxruntime computes it in float)."""
+    int4-acc0 (the int4 model with accuracy_level 0, so onnxruntime computes it in float) for
+    each of ARCHITECTURES, and ("phi3-longrope", "fp32")."""
     root = tmp_path_factory.mktemp("builder")
     built = {}
-    for kind in ARCHITECTURES:
+
+    def build(kind, precision):
         source = root / f"{kind}_hf"
-        _save_tiny(kind, source)
-        for precision in ("fp32", "int4"):
-            out = root / f"{kind}_{precision}"
-            subprocess.run(
-                [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
-                 "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "cache")],
-                check=True, capture_output=True,
-            )  # fmt: skip
-            built[kind, precision] = out
+        if not source.exists():
+            _save_tiny(kind, source)
+        out = root / f"{kind}_{precision}"
+        subprocess.run(
+            [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
+             "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "cache")],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        built[kind, precision] = out
+
+    build("phi3-longrope", "fp32")
+    for kind in ARCHITECTURES:
+        build(kind, "fp32")
+        build(kind, "int4")
         exact = root / f"{kind}_int4-acc0"
         shutil.copytree(built[kind, "int4"], exact)
         proto = onnx.load(exact / "model.onnx")
@@ -230,4 +253,22 @@ def test_builder_model_greedy_tokens_match_genai(builder_models, kind):
     np.testing.assert_array_equal(
         _greedy_in_buffer(folder, PROMPT, steps, _our_runner(folder, call=True)),
         _greedy_in_buffer(folder, PROMPT, steps, _ort_runner(folder)),
+    )
+
+
+def test_builder_phi3_longrope_past_the_original_context(builder_models):
+    # Prompts of 5 and of 70 tokens (the If picks the short or the long cos/sin caches), and
+    # greedy steps in one buffer that cross the original 64-token context.
+    folder = builder_models["phi3-longrope", "fp32"]
+    rng = np.random.default_rng(1)
+    for length in (5, 70):
+        prompt = rng.integers(3, VOCAB, size=(2, length))
+        theirs = _run_steps(folder, prompt, 2, _ort_runner(folder))
+        ours = _run_steps(folder, prompt, 2, _our_runner(folder, call=True))
+        for got, want in zip(ours, theirs, strict=True):
+            assert _relative(got, want) < 1e-4
+    prompt = rng.integers(3, VOCAB, size=(2, 60))
+    np.testing.assert_array_equal(
+        _greedy_in_buffer(folder, prompt, 10, _our_runner(folder, call=True)),
+        _greedy_in_buffer(folder, prompt, 10, _ort_runner(folder)),
     )
