@@ -14,7 +14,7 @@ import onnx
 
 from onnx2jax.core.errors import ModelLoadError, UnsupportedOpError
 from onnx2jax.core.loader import tensor_to_numpy
-from onnx2jax.ops.registry import OpSpec, canonical_domain, lookup
+from onnx2jax.ops.registry import ONNX2JAX, OpSpec, canonical_domain, lookup
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,7 @@ def plan_graph(
     nodes = _topological_order(
         graph, set(initializers) | {v.name for v in graph.input}, enclosed=not trainable
     )
+    nodes = fuse_quantize_pairs(nodes)
     specs = []
     for node in nodes:
         domain = canonical_domain(node.domain)
@@ -337,6 +338,67 @@ def _topological_order(
             f"(first stuck node: {node_label(stuck[0])})"
         )
     return order
+
+
+def fuse_quantize_pairs(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Each QuantizeLinear whose output only a DequantizeLinear reads, with that node, as one
+    onnx2jax FakeQuantizeLinear node (onnx2jax/ops/fake_quant.py) at the DequantizeLinear's
+    place: it runs the two original nodes (its ``quantize`` and ``dequantize`` graphs) and
+    gives the pair a straight-through gradient, where the integer between them gives zero.
+    Both outputs keep their names; the saved model is the original proto, pairs included.
+
+    Example:
+        >>> from onnx import helper
+        >>> pair = [
+        ...     helper.make_node("QuantizeLinear", ["w", "s"], ["q"]),
+        ...     helper.make_node("DequantizeLinear", ["q", "s"], ["y"]),
+        ... ]
+        >>> [(n.op_type, list(n.output)) for n in fuse_quantize_pairs(pair)]
+        [('FakeQuantizeLinear', ['q', 'y'])]
+    """
+    readers: dict[str, list[int]] = {}
+    for index, node in enumerate(nodes):
+        reads = {n for n in node.input if n}
+        for sub in subgraphs(node):
+            reads |= outer_names(sub)
+        for name in reads:
+            readers.setdefault(name, []).append(index)
+    fused: dict[int, onnx.NodeProto] = {}
+    absorbed: set[int] = set()
+    for index, node in enumerate(nodes):
+        if node.op_type != "QuantizeLinear" or canonical_domain(node.domain) != "":
+            continue
+        found = readers.get(node.output[0], []) if node.output else []
+        if len(found) != 1:
+            continue
+        pair = nodes[found[0]]
+        if pair.op_type != "DequantizeLinear" or canonical_domain(pair.domain) != "":
+            continue
+        if pair.input[0] != node.output[0] or not pair.output:
+            continue
+        q_inputs = [*node.input, "", ""][:3]
+        dq_inputs = [*pair.input[1:], ""][:2]
+        fused[found[0]] = onnx.helper.make_node(
+            "FakeQuantizeLinear",
+            [*q_inputs, *dq_inputs],
+            [node.output[0], *pair.output[:1]],
+            name=node.name or pair.name,
+            domain=ONNX2JAX,
+            quantize=_one_node_graph(node),
+            dequantize=_one_node_graph(pair),
+        )
+        absorbed.add(index)
+    return [fused.get(i, node) for i, node in enumerate(nodes) if i not in absorbed]
+
+
+def _one_node_graph(node: onnx.NodeProto) -> onnx.GraphProto:
+    """A graph of ``node`` alone, its present inputs the graph's inputs in order."""
+    return onnx.helper.make_graph(
+        [node],
+        f"{node.op_type} {node.name}",
+        [onnx.helper.make_empty_tensor_value_info(n) for n in node.input if n],
+        [onnx.helper.make_empty_tensor_value_info(node.output[0])],
+    )
 
 
 def find_unsupported(graph: onnx.GraphProto, opsets: dict[str, int]) -> None:

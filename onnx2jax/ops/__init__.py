@@ -9,6 +9,7 @@ from onnx2jax.ops import (  # noqa: F401
     control_flow,
     decoder_attention,
     elementwise,
+    fake_quant,
     image,
     indexing,
     loss,
