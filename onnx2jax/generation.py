@@ -5,7 +5,7 @@ tokens before (``past_key_values.{i}.key`` / ``.value``) and returns them with t
 (``present.{i}.key`` / ``.value``), as torch.onnx, optimum and onnxruntime-genai's model builder
 export language models (:func:`cache_layout`). The cache is one preallocated buffer of
 ``max_length`` tokens per past input. Prefill runs the prompt (padded to a length bucket) after
-an empty past and writes its keys and values into the buffer; each decode step feeds the whole
+a near-empty past and writes its keys and values into the buffer; each decode step feeds the whole
 buffer as the past, with ``attention_mask`` zero on the slots not filled yet (and explicit
 ``position_ids``), and writes the new token's keys and values into it
 (``jax.lax.dynamic_update_slice`` in a jitted program that donates the buffer). So the shapes
@@ -403,16 +403,21 @@ class Decoder:
         batch, prompt = ids.shape
         mask = mask.astype(jnp.int32)
         layout = self.layout
+        # The prompt runs after a past of one masked slot (a "concat" graph: no tensor of size
+        # 0 meets its shape arithmetic, where a Reshape reads a 0 as "keep this axis") or an
+        # empty one (GroupQueryAttention's first prompt); its keys and values then go to the
+        # buffer's first slots.
+        dummy = 1 if layout.kind == "concat" else 0
         empty, cache = (
             tuple(
                 jnp.zeros(shape, dtype)
                 for shape, dtype in zip(layout.buffers(batch, size), layout.dtypes, strict=True)
             )
-            for size in (0, length)
+            for size in (dummy, length)
         )
-        # The prompt after an empty past; its keys and values go to the buffer's first slots.
+        graph_mask = jnp.concatenate([jnp.zeros((batch, dummy), jnp.int32), mask], axis=1)
         positions = jnp.arange(prompt, dtype=jnp.int32)[None, :] * mask  # padding at 0
-        logits, cache = self._step(params, empty, ids, mask, positions, mask, cache, 0)
+        logits, cache = self._step(params, empty, ids, graph_mask, positions, mask, cache, 0)
         counts = mask.sum(axis=1)
         logits = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
         key = jax.random.fold_in(jax.random.key(sampling["seed"]), 0)
