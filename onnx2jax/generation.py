@@ -323,6 +323,7 @@ class Decoder:
 
     @property
     def model(self) -> Model:
+        """The model whose programs these are (held weakly: it must still exist)."""
         model = self._model()
         if model is None:
             raise GenerationError("the model of this decoder was garbage collected")
