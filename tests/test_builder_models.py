@@ -45,8 +45,9 @@ def _save_tiny(kind: str, folder: Path) -> None:
     )
     if kind == "llama":
         module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    elif kind == "qwen2":
-        module = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif kind in ("qwen2", "qwen2-tied"):
+        config = transformers.Qwen2Config(**common, tie_word_embeddings=kind == "qwen2-tied")
+        module = transformers.Qwen2ForCausalLM(config)
     elif kind == "phi3-longrope":
         # A longer context than the original: the builder's Phi-3 with two cos/sin caches, the
         # long ones chosen by an If past 64 tokens.
@@ -87,26 +88,29 @@ def _save_tiny(kind: str, folder: Path) -> None:
 def builder_models(tmp_path_factory):
     """Built once per session: {(kind, precision): folder}, precision fp32, int4, and
     int4-acc0 (the int4 model with accuracy_level 0, so onnxruntime computes it in float) for
-    each of ARCHITECTURES, and ("phi3-longrope", "fp32")."""
+    each of ARCHITECTURES, ("phi3-longrope", "fp32") and "qwen2-tied" int4 and int4-acc0."""
     root = tmp_path_factory.mktemp("builder")
     built = {}
 
-    def build(kind, precision):
+    def build(kind, precision, *extra):
         source = root / f"{kind}_hf"
         if not source.exists():
             _save_tiny(kind, source)
         out = root / f"{kind}_{precision}"
         subprocess.run(
             [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
-             "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "cache")],
+             "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "cache"), *extra],
             check=True, capture_output=True,
         )  # fmt: skip
         built[kind, precision] = out
 
     build("phi3-longrope", "fp32")
+    # Tied embeddings shared with the int4 lm_head: the embedding is a GatherBlockQuantized.
+    build("qwen2-tied", "int4", "--extra_options", "shared_embeddings=true")
     for kind in ARCHITECTURES:
         build(kind, "fp32")
         build(kind, "int4")
+    for kind in [*ARCHITECTURES, "qwen2-tied"]:
         exact = root / f"{kind}_int4-acc0"
         shutil.copytree(built[kind, "int4"], exact)
         proto = onnx.load(exact / "model.onnx")
@@ -272,3 +276,13 @@ def test_builder_phi3_longrope_past_the_original_context(builder_models):
         _greedy_in_buffer(folder, prompt, 10, _our_runner(folder, call=True)),
         _greedy_in_buffer(folder, prompt, 10, _ort_runner(folder)),
     )
+
+
+def test_builder_tied_int4_embeddings(builder_models):
+    folder = builder_models["qwen2-tied", "int4-acc0"]
+    ops = {node.op_type for node in onnx.load(folder / "model.onnx").graph.node}
+    assert "GatherBlockQuantized" in ops
+    theirs = _run_steps(folder, PROMPT, 3, _ort_runner(folder))
+    ours = _run_steps(folder, PROMPT, 3, _our_runner(folder, call=True))
+    for got, want in zip(ours, theirs, strict=True):
+        assert _relative(got, want) < 1e-4
