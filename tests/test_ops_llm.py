@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import jax
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime
@@ -563,3 +564,28 @@ def test_matmul_nbits_float16():
     got, want = _ours(model, {"a": inputs["a"]})[0], _ort(model, {"a": inputs["a"]})[0]
     assert got.dtype == want.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    "dtype", [ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2, ml_dtypes.float4_e2m1fn]
+)
+@pytest.mark.parametrize("block,scale_shape", [(16, (8, 2)), (0, (8, 1)), (16, (1, 2))])
+def test_gather_block_quantized_float_codes(dtype, block, scale_shape):
+    # No zero points; block_size 0 is one block per row; a scale dimension of 1 broadcasts.
+    data = RNG.normal(size=(8, 32)).astype(dtype)
+    scales = RNG.uniform(0.1, 1, size=scale_shape).astype(np.float32)
+    _gather_case(data, scales, None, np.array([[0, 7], [-1, 9]], np.int64), block_size=block)
+
+
+@pytest.mark.parametrize("quantize_axis", [0, 1])
+def test_gather_block_quantized_int4_gather_axis_1(quantize_axis):
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(TensorProto.INT4)
+    data = RNG.integers(-8, 8, size=(32, 32)).astype(dtype)
+    shape = [32, 32]
+    shape[quantize_axis] //= 16
+    scales = RNG.uniform(0.1, 1, size=shape).astype(np.float32)
+    zp = RNG.integers(-8, 8, size=shape).astype(dtype)
+    indices = np.array([[3, 31, -5]], np.int64)
+    _gather_case(
+        data, scales, zp, indices, block_size=16, quantize_axis=quantize_axis, gather_axis=1
+    )
