@@ -364,7 +364,7 @@ def _gqa(
     values.update(extra or {})
     values = {n: v.astype(dtype) if v.dtype == np.float32 else v for n, v in values.items()}
     inputs = {name: values.get(name) for name in _GQA_INPUTS}
-    outputs = ("y", "present_key", "present_value")
+    outputs = ("y", "present_key", "present_value") + (("qk",) if attrs.get("qk_output") else ())
     model = _node_model(
         "GroupQueryAttention",
         inputs,
@@ -382,7 +382,7 @@ def _gqa(
 def _assert_gqa(ours, theirs, valid, first_prompt=False, whole_present=True):
     """Output rows of real tokens match, and the present cache's rows of the row's tokens (all
     of it when ``whole_present``)."""
-    (y, pk, pv), (ty, tpk, tpv) = ours, theirs
+    (y, pk, pv), (ty, tpk, tpv) = ours[:3], theirs[:3]
     assert y.shape == ty.shape and pk.shape == tpk.shape and pv.shape == tpv.shape
     length = y.shape[1]
     for b, count in enumerate(valid):
@@ -589,3 +589,22 @@ def test_gather_block_quantized_int4_gather_axis_1(quantize_axis):
     _gather_case(
         data, scales, zp, indices, block_size=16, quantize_axis=quantize_axis, gather_axis=1
     )
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(length=4),
+        dict(length=1, past=3, valid=[4, 2]),
+        dict(length=4, softcap=1.0),
+        dict(length=1, past=5, valid=[6, 3], local_window_size=2),
+        dict(length=4, extra={"attention_bias": RNG.normal(size=(2, 4, 4, 4)).astype(np.float32)}),
+    ],
+)
+def test_gqa_qk_output(mode, case):
+    # The scores with softcap and bias (1) or the probabilities (2), zero where masked.
+    ours, theirs, valid, feeds = _gqa(qk_output=mode, **case)
+    _assert_gqa(ours, theirs, valid, first_prompt=case["length"] > 1)
+    assert ours[3].shape == theirs[3].shape
+    np.testing.assert_allclose(ours[3], theirs[3], rtol=1e-5, atol=1e-5)

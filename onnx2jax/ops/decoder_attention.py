@@ -149,8 +149,9 @@ def group_query_attention(
             raise ctx.error(f"{_UNSUPPORTED_INPUTS.get(index, f'input {index}')} is not supported")
     if ctx.attr("sliding_window_cache", 0):
         raise ctx.error("sliding_window_cache=1 (a window-sized cache) is not supported")
-    if ctx.attr("qk_output", 0) or ctx.has_output(3):
-        raise ctx.error("the output_qk output is not supported")
+    qk_output = int(ctx.attr("qk_output", 0))
+    if qk_output not in (0, 1, 2) or ctx.has_output(3) != bool(qk_output):
+        raise ctx.error(f"qk_output={qk_output} does not fit the node's {ctx.num_outputs} outputs")
     for what in ("k_quant_type", "v_quant_type"):
         if ctx.attr(what, "NONE") != "NONE":
             raise ctx.error(f"{what}={ctx.attr(what)!r} (a quantized cache) is not supported")
@@ -238,6 +239,8 @@ def group_query_attention(
             if bias.shape[-1] >= rows
             else scores + jnp.pad(bias, [(0, 0)] * (bias.ndim - 1) + [(0, rows - bias.shape[-1])])
         )
+    # onnxruntime's first qk output: the scores with softcap and bias, before the masks.
+    raw_scores = scores
     # Query s of row b sits at position start[b] + s; it reads keys up to there (all the row's
     # keys when not causal), and with a window only the last local_window_size of them.
     at = start[:, None, None] + jnp.arange(length)[None, :, None]
@@ -267,4 +270,11 @@ def group_query_attention(
         preferred_element_type=compute,
     )
     out = out.reshape(batch, num_heads, length, head_size).transpose(0, 2, 1, 3)
-    return out.reshape(batch, length, num_heads * head_size).astype(dtype), present_k, present_v
+    out = out.reshape(batch, length, num_heads * head_size).astype(dtype)
+    if not qk_output:
+        return out, present_k, present_v
+    # [B, N, S, present length]: the scores (1) or the probabilities (2), zero where a query
+    # reads no key.
+    qk = raw_scores if qk_output == 1 else probs
+    qk = jnp.where(allowed[:, None], qk, 0).astype(dtype)
+    return out, present_k, present_v, qk
