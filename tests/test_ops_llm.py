@@ -608,3 +608,16 @@ def test_gqa_qk_output(mode, case):
     _assert_gqa(ours, theirs, valid, first_prompt=case["length"] > 1)
     assert ours[3].shape == theirs[3].shape
     np.testing.assert_allclose(ours[3], theirs[3], rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nbits_omitted_projection():
+    # A packed weight with a zero dimension: zeros plus the broadcast bias.
+    packed, scales = np.zeros((8, 0, 16), np.uint8), np.zeros((8, 0), np.float32)
+    bias = RNG.normal(size=(8,)).astype(np.float32)
+    a = RNG.normal(size=(3, 64)).astype(np.float32)
+    inputs = {"a": a, "b": packed, "scales": scales, "zp": None, "g": None, "bias": bias}
+    inits = {"b": packed, "scales": scales, "bias": bias}
+    model = _node_model("MatMulNBits", inputs, inits, K=64, N=8, bits=4, block_size=32)
+    got, want = _ours(model, {"a": a})[0], _ort(model, {"a": a})[0]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.broadcast_to(bias, (3, 8)))

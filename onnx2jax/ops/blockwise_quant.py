@@ -175,7 +175,7 @@ def gather_block_quantized(ctx, data, indices, scales, zero_points=None):
         raise ctx.error(f"data of type {data_dtype.name} is not int4, uint4, uint8, float8 or fp4")
     if is_float and zero_points is not None:
         raise ctx.error("float8/fp4 data takes no zero_points")
-    if block == 0 and not is_float or block and (block < 16 or block & (block - 1)):
+    if (block == 0 and not is_float) or (block and (block < 16 or block & (block - 1))):
         raise ctx.error(f"block_size={block} is not a power of two of at least 16")
 
     table = _barrier(data) if not is_float else jnp.asarray(data)
