@@ -37,17 +37,7 @@ def qdq_mlp(folder: Path, per_channel: bool) -> tuple[Path, np.ndarray]:
         torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
     ).eval()
     x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-    base = folder / "mlp.onnx"
-    torch.onnx.export(
-        net,
-        (torch.from_numpy(x),),
-        str(base),
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}},
-        dynamo=False,
-        opset_version=17,
-    )
+    base = export_torch(net, x, folder / "mlp.onnx")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -68,6 +58,22 @@ def qdq_mlp(folder: Path, per_channel: bool) -> tuple[Path, np.ndarray]:
         extra_options={"AddQDQPairToWeight": True},
     )
     return out, x
+
+
+def export_torch(net: torch.nn.Module, x: np.ndarray, path: Path) -> Path:
+    """``net`` exported with the TorchScript exporter: input ``x``, output ``y``, every axis
+    but the last dynamic."""
+    torch.onnx.export(
+        net,
+        (torch.from_numpy(x),),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {axis: f"d{axis}" for axis in range(x.ndim - 1)}},
+        dynamo=False,
+        opset_version=17,
+    )
+    return path
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["per-tensor", "per-channel"])

@@ -1,0 +1,179 @@
+"""LoRA on 4-bit MatMulNBits models (QLoRA-style): the packed base stays packed and frozen, the
+float adapters train, and the saved file runs in onnxruntime, with the adapters as extra nodes
+(the default) or merged and re-quantized in the file's block format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime
+import optax
+import pytest
+
+import onnx2jax
+from onnx2jax import train
+from onnx2jax.core.errors import InputError
+from onnx2jax.ops.blockwise_quant import unpack_low_first
+from onnx2jax.train.lora import LoRA, pack_low_first, quantize_blocks
+from tests.train.test_qdq_finetune import export_torch
+
+torch = pytest.importorskip("torch")
+
+
+def nbits_mlp(folder: Path, symmetric: bool) -> tuple[Path, Path, np.ndarray]:
+    """A torch MLP (its Linear layers exported as MatMul + Add) and the same model with its
+    MatMuls 4-bit block-quantized by onnxruntime's MatMulNBitsQuantizer: (float, 4-bit, x)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+    ).eval()
+    x = np.random.default_rng(0).normal(size=(2, 5, 64)).astype(np.float32)
+    base = export_torch(net, x, folder / "mlp.onnx")
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(base)), block_size=32, is_symmetric=symmetric)
+    quantizer.process()
+    out = folder / "mlp-int4.onnx"
+    onnx.save(quantizer.model.model, str(out))
+    return base, out, x
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["zero-points", "symmetric"])
+def int4(request, tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
+    return nbits_mlp(tmp_path_factory.mktemp("int4"), request.param)
+
+
+def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"x": x})[0]
+
+
+def initializers(path: Path) -> dict[str, bytes]:
+    return {t.name: t.SerializeToString() for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def tuned(int4):
+    """30 adam steps of rank-4 adapters on both MatMulNBits nodes, towards reversed outputs."""
+    _, path, x = int4
+    model = onnx2jax.load(path)
+    lora = LoRA(model, targets="*", rank=4)
+    target = np.asarray(model(x)["y"])[..., ::-1].copy()
+
+    def loss_fn(params, batch):
+        return jnp.mean((lora.apply(params, batch)["y"] - target) ** 2)
+
+    result = train.fit(
+        loss_fn,
+        optax.adam(1e-2),
+        lora.init(jax.random.key(0)),
+        lambda step: x,
+        steps=30,
+        frozen=model.params,
+        progress=False,
+    )
+    return model, lora, result
+
+
+def test_packed_weights_are_targets_constants_and_never_params(int4):
+    _, path, x = int4
+    model = onnx2jax.load(path)
+    lora = LoRA(model, targets="*", rank=4)
+    assert [(t.op_type, t.shape) for t in lora.targets] == [
+        ("MatMulNBits", (64, 64)),
+        ("MatMulNBits", (8, 64)),
+    ]
+    for target in lora.targets:
+        assert target.weight not in model.params
+        assert model.plan.constants[target.weight].dtype == np.uint8
+    adapters = lora.init(jax.random.key(0))
+    params = {**model.params, **adapters}
+    # b starts at zero: the adapted model is the model, through its adapter nodes.
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lora.apply)(params, x)["y"]),
+        np.asarray(model.apply(model.params, x)["y"]),
+    )
+    assert [n.op_type for n in lora.plan.nodes].count("MatMulNBits") == 2
+    assert [n.op_type for n in lora.plan.nodes].count("MatMul") == 4
+    with pytest.raises(InputError, match="packed constants"):
+        lora.merge(params)
+
+
+def test_loss_falls_and_only_adapters_are_in_the_optimizer_state(int4, tuned):
+    _, path, _ = int4
+    model, lora, result = tuned
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert set(result.state.opt_state[0].mu) == set(lora.adapter_names)
+    assert set(result.state.params) == set(lora.adapter_names)
+    # The packed base is the file's, byte for byte.
+    for target in lora.targets:
+        stored = next(t for t in onnx.load(str(path)).graph.initializer if t.name == target.weight)
+        assert model.plan.constants[target.weight].tobytes() == stored.raw_data
+
+
+def test_saved_with_adapter_nodes_runs_in_onnxruntime_as_tuned(int4, tuned, tmp_path):
+    _, path, x = int4
+    model, lora, result = tuned
+    saved = tmp_path / "adapters.onnx"
+    report = lora.save(saved, result.params, verify={"x": x})
+    assert report.worst < 1e-4
+    np.testing.assert_allclose(
+        ort_run(saved, x), np.asarray(lora.apply(result.params, x)["y"]), atol=1e-4, rtol=0
+    )
+    before, after = initializers(path), initializers(saved)
+    assert all(after[name] == data for name, data in before.items())
+    assert set(after) - set(before) == {
+        t.weight + suffix
+        for t in lora.targets
+        for suffix in ("::lora_a", "::lora_b", "::lora_scale")
+    }
+    # onnx2jax reads the file back to the same numbers.
+    again = onnx2jax.load(saved)
+    np.testing.assert_allclose(
+        np.asarray(again(x)["y"]), np.asarray(lora.apply(result.params, x)["y"]), atol=1e-5
+    )
+
+
+def test_merged_and_requantized_within_the_formats_own_error(int4, tuned, tmp_path):
+    base, path, x = int4
+    model, lora, result = tuned
+    requantized = lora.requantize(result.params)
+    symmetric = all(
+        len(node.input) < 4 or not node.input[3]
+        for node in onnx.load(str(path)).graph.node
+        if node.op_type == "MatMulNBits"
+    )
+    for target in lora.targets:
+        # Each value within half a step of its block (the largest step bounds them all); a
+        # symmetric block clips the far end of the other sign by up to one step.
+        bound = (1.0 if symmetric else 0.5) * requantized.step[target.weight]
+        assert requantized.error[target.weight] <= bound * 1.001
+    saved = tmp_path / "merged.onnx"
+    lora.save(saved, result.params, merge=True)
+    assert [n.op_type for n in onnx.load(str(saved)).graph.node] == [
+        n.op_type for n in onnx.load(str(path)).graph.node
+    ]
+    served = ort_run(saved, x)
+    np.testing.assert_allclose(served, np.asarray(onnx2jax.load(saved)(x)["y"]), atol=1e-4, rtol=0)
+    # The re-quantized model is as far from the tuned one as the 4-bit file was from the float
+    # model it was quantized from: the format's own error, once more.
+    own_error = np.abs(ort_run(path, x) - ort_run(base, x)).max()
+    merged_error = np.abs(served - np.asarray(lora.apply(result.params, x)["y"])).max()
+    assert merged_error <= 2 * own_error
+
+
+def test_block_quantizer_round_trips_through_the_packed_layout():
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(3, 40)).astype(np.float32)
+    for asymmetric in (True, False):
+        q, scales, zero = quantize_blocks(weight, 4, 16, asymmetric)
+        assert q.shape == (3, 48) and scales.shape == zero.shape == (3, 3)
+        packed = pack_low_first(q, 4)
+        np.testing.assert_array_equal(np.asarray(unpack_low_first(packed, 4)), q)
+        back = (q.reshape(3, 3, 16) - zero[..., None]) * scales[..., None]
+        error = np.abs(back.reshape(3, 48)[:, :40] - weight)
+        assert error.max() <= (0.5 if asymmetric else 1.0) * np.abs(scales).max() * 1.001
