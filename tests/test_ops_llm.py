@@ -621,3 +621,60 @@ def test_matmul_nbits_omitted_projection():
     got, want = _ours(model, {"a": a})[0], _ort(model, {"a": a})[0]
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.broadcast_to(bias, (3, 8)))
+
+
+@pytest.mark.parametrize("zero_kind", ["none", "packed", "float"])
+def test_matmul_nbits_large_weight_in_slices(zero_kind):
+    # A weight of more than 2^20 values is multiplied a slice of rows at a time (two slices
+    # here, the second padded); N = 1100 is no multiple of the slice.
+    k, n = 1024, 1100
+    inputs, inits = _nbits_case(4, 32, k, n, zero_kind, bias=True, lead=(3,))
+    model = _node_model("MatMulNBits", inputs, inits, K=k, N=n, bits=4, block_size=32)
+    feeds = {"a": inputs["a"]}
+    np.testing.assert_allclose(_ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_nbits_float_weights_are_not_all_live_at_once():
+    # Four 2048 x 2048 int4 layers: 16 MiB each in float32. Unpacked up front (they depend on
+    # constants and params only) all four would be live together; sliced, the program's
+    # scratch memory stays under one layer's float size.
+    k = n = 2048
+    nodes, inits, previous = [], [], "x"
+    for i in range(4):
+        inputs, layer = _nbits_case(4, 32, k, n, "none", lead=(1,))
+        inits += [
+            onnx.numpy_helper.from_array(layer["b"], f"w{i}"),
+            onnx.numpy_helper.from_array(layer["scales"], f"s{i}"),
+        ]
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [previous, f"w{i}", f"s{i}"],
+                [f"h{i}"],
+                domain=MS,
+                K=k,
+                N=n,
+                bits=4,
+                block_size=32,
+            )  # fmt: skip
+        )
+        previous = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "layers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
+        ir_version=10,
+    )
+    compiled = onnx2jax.load(model)
+    x = RNG.normal(size=(1, k)).astype(np.float32)
+    program = jax.jit(compiled.apply).lower(compiled.params, x=x).compile()
+    assert program.memory_analysis().temp_size_in_bytes < k * n * 4
+    np.testing.assert_allclose(
+        _ours(model, {"x": x})[0], _ort(model, {"x": x})[0], rtol=1e-3, atol=1e-3
+    )

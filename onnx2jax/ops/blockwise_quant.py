@@ -101,6 +101,55 @@ def dequantize_nbits(ctx, packed, scales, zero_points, g_idx, n: int, k: int, bi
     return jnp.reshape(weight, (n, blocks * block))[:, :k]
 
 
+# The most weight values dequantized at once: larger weights are multiplied a slice of rows at
+# a time, so the float copy in flight stays small whatever the layer's size.
+_CHUNK_VALUES = 1 << 20
+
+
+def _chunked_product(ctx, a, packed, scales, zero_points, g_idx, n, k, bits, block):
+    """``a @ dequantize(packed).T`` with at most about _CHUNK_VALUES weights in float at once.
+
+    A weight larger than that is a ``lax.scan`` over slices of its N rows. The scan reads
+    ``a``, so XLA cannot dequantize every layer's weight before the first layer runs (it
+    would, the weights depending on constants and params only, holding them all at once).
+    """
+    blocks = -(-k // block)
+    rows = max(1, _CHUNK_VALUES // (blocks * block))
+    if n <= rows:
+        weight = dequantize_nbits(ctx, packed, scales, zero_points, g_idx, n, k, bits, block)
+        return jnp.einsum("...k,nk->...n", a, weight, preferred_element_type=a.dtype)
+    chunks = -(-n // rows)
+    rows = -(-n // chunks)
+    padded = chunks * rows
+
+    def sliced(value, per_row):
+        """``value``'s N rows, zero-padded to ``padded``, as [chunks, rows, per_row]."""
+        value = jnp.reshape(jnp.asarray(value), (n, per_row))
+        value = jnp.pad(value, ((0, padded - n), (0, 0)))
+        return jnp.reshape(value, (chunks, rows, per_row))
+
+    blob = block * bits // 8
+    if packed.size != n * blocks * blob or scales.size != n * blocks:
+        raise ctx.error(
+            f"B {tuple(packed.shape)} / scales {tuple(scales.shape)} do not fit N={n}, K={k}, "
+            f"block_size={block}, bits={bits}"
+        )
+    xs = {"b": sliced(_barrier(packed), blocks * blob), "scales": sliced(scales, blocks)}
+    if zero_points is not None:
+        xs["zp"] = sliced(zero_points, zero_points.size // n)
+
+    def step(carry, chunk):
+        weight = dequantize_nbits(
+            ctx, chunk["b"], chunk["scales"], chunk.get("zp"), g_idx, rows, k, bits, block
+        )
+        return carry, jnp.einsum("...k,nk->...n", a, weight, preferred_element_type=a.dtype)
+
+    _, out = lax.scan(step, None, xs)
+    # [chunks, ..., rows] -> [..., chunks * rows], the padding rows dropped.
+    out = jnp.moveaxis(out, 0, -2)
+    return jnp.reshape(out, out.shape[:-2] + (padded,))[..., :n]
+
+
 @register("MatMulNBits", since=1, domain=MS)
 def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
     """``A @ dequantize(B).T + bias``, computed in float32 whatever ``accuracy_level`` asks.
@@ -132,8 +181,9 @@ def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
         # An omitted projection: zeros, or the broadcast bias.
         out = jnp.zeros(a.shape[:-1] + (n,), compute)
     else:
-        weight = dequantize_nbits(ctx, b, scales, zero_points, g_idx, n, k, bits, block)
-        out = jnp.einsum("...k,nk->...n", a.astype(compute), weight, preferred_element_type=compute)
+        out = _chunked_product(
+            ctx, a.astype(compute), b, scales, zero_points, g_idx, n, k, bits, block
+        )
     if bias is not None:
         out = out + jnp.reshape(jnp.asarray(bias), (n,)).astype(compute)
     return out.astype(dtype)
