@@ -182,3 +182,20 @@ def test_qdq_model_fine_tunes_and_saves_with_its_scales(qdq, tmp_path):
         )
     )
     assert np.abs(served - ours).max() <= step * 1.0001
+
+
+def test_only_pairs_whose_integer_nothing_else_reads_are_fused():
+    shared = [
+        helper.make_node("QuantizeLinear", ["w", "s"], ["q"], "quantize"),
+        helper.make_node("DequantizeLinear", ["q", "s"], ["y"], "dequantize"),
+        helper.make_node("Identity", ["q"], ["q_copy"], "reader"),
+    ]
+    assert [n.op_type for n in graph.fuse_quantize_pairs(shared)] == [
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "Identity",
+    ]
+    fused = graph.fuse_quantize_pairs(shared[:2])
+    assert [(n.op_type, n.domain, n.name, list(n.input)) for n in fused] == [
+        ("FakeQuantizeLinear", "ai.onnx2jax", "quantize", ["w", "s", "", "s", ""])
+    ]

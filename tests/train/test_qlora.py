@@ -18,6 +18,7 @@ import onnx2jax
 from onnx2jax import train
 from onnx2jax.core.errors import InputError
 from onnx2jax.ops.blockwise_quant import unpack_low_first
+from onnx2jax.ops.registry import MS
 from onnx2jax.train.lora import LoRA, pack_low_first, quantize_blocks
 from tests.train.test_qdq_finetune import export_torch
 
@@ -177,3 +178,54 @@ def test_block_quantizer_round_trips_through_the_packed_layout():
         back = (q.reshape(3, 3, 16) - zero[..., None]) * scales[..., None]
         error = np.abs(back.reshape(3, 48)[:, :40] - weight)
         assert error.max() <= (0.5 if asymmetric else 1.0) * np.abs(scales).max() * 1.001
+
+
+def test_float16_node_adapter_nodes_run_in_onnxruntime(int4, tmp_path):
+    """A float16 MatMulNBits (one node of the 4-bit file, its scales float16): the adapter
+    nodes compute in float32 between two Casts, and onnxruntime agrees within a float16 step."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    _, path, _ = int4
+    source = onnx.load(str(path))
+    node = next(n for n in source.graph.node if n.op_type == "MatMulNBits")
+    stored = {t.name: t for t in source.graph.initializer}
+    scales = numpy_helper.to_array(stored[node.input[2]]).astype(np.float16)
+    tensors = [stored[node.input[1]], numpy_helper.from_array(scales, node.input[2])]
+    tensors += [stored[name] for name in node.input[3:4] if name]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    graph = helper.make_graph(
+        [helper.make_node("MatMulNBits", list(node.input[:4]), ["y"], "nbits", domain=MS, **attrs)],
+        "float16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None, 64])],
+        tensors,
+    )
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+    )
+    model = onnx2jax.load(proto)
+    lora = LoRA(model, targets="nbits", rank=4)
+    adapters = lora.init(jax.random.key(0))
+    assert {v.dtype for v in adapters.values()} == {np.dtype(np.float32)}
+    b = lora.targets[0].weight + "::lora_b"
+    adapters[b] = jax.random.normal(jax.random.key(1), adapters[b].shape) * 0.05
+    params = {**model.params, **adapters}
+    x = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float16)
+    ours = np.asarray(lora.apply(params, x)["y"])
+    assert ours.dtype == np.float16
+    assert np.abs(ours.astype(np.float32) - np.asarray(model(x)["y"], np.float32)).max() > 0.01
+    saved = tmp_path / "float16.onnx"
+    lora.save(saved, params)
+    assert [n.op_type for n in onnx.load(str(saved)).graph.node] == [
+        "MatMulNBits",
+        "Cast",
+        "MatMul",
+        "MatMul",
+        "Mul",
+        "Cast",
+        "Add",
+    ]
+    served = ort_run(saved, x)
+    assert served.dtype == np.float16
+    step = np.spacing(np.abs(served).max().astype(np.float16)).astype(np.float32)
+    assert np.abs(served.astype(np.float32) - ours.astype(np.float32)).max() <= 2 * step
