@@ -229,3 +229,89 @@ def test_float16_node_adapter_nodes_run_in_onnxruntime(int4, tmp_path):
     assert served.dtype == np.float16
     step = np.spacing(np.abs(served).max().astype(np.float16)).astype(np.float32)
     assert np.abs(served.astype(np.float32) - ours.astype(np.float32)).max() <= 2 * step
+
+
+@pytest.mark.slow
+def test_lora_on_an_int4_builder_llama(tmp_path):
+    """onnxruntime-genai's builder writes a random tiny Llama in int4: adapters on every
+    MatMulNBits train on next-token loss, the packed weights stay constants with their bytes,
+    and the saved model's logits in onnxruntime are lora.apply's."""
+    import json
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime_genai")
+    from tests.test_generate import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    source, built = tmp_path / "hf", tmp_path / "int4"
+    transformers.LlamaForCausalLM(config).save_pretrained(source)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tiny_tokenizer(), bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]"
+    ).save_pretrained(source)
+    subprocess.run(
+        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
+         "-o", str(built), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    proto = onnx.load(str(built / "model.onnx"))
+    # accuracy_level 0: onnxruntime computes in float, as onnx2jax does (no int8 activations).
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.name == "accuracy_level":
+                attr.i = 0
+    model = onnx2jax.load(proto)
+    lora = LoRA(model, targets="*", rank=4)
+    packed = [t for t in lora.targets if t.packed]
+    assert len(packed) >= 2 * 4 and all(t.weight not in model.params for t in packed)
+    before = {t.weight: model.plan.constants[t.weight].tobytes() for t in packed}
+
+    decoder = json.loads((built / "genai_config.json").read_text())["model"]["decoder"]
+    names = decoder["inputs"]
+    ids = np.random.default_rng(0).integers(3, 100, size=(2, 12))
+    empty = np.zeros((2, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    feeds = {
+        names["input_ids"]: ids.astype(np.int64),
+        names["attention_mask"]: np.ones(ids.shape, np.int64),
+        **{
+            names[f"past_{kv}_names"] % i: empty
+            for i in range(decoder["num_hidden_layers"])
+            for kv in ("key", "value")
+        },
+    }
+    logits_name = decoder["outputs"]["logits"]
+
+    def loss_fn(params, batch):
+        logits = lora.apply(params, **batch, outputs=[logits_name])[logits_name]
+        labels = batch[names["input_ids"]][:, 1:]
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], labels).mean()
+
+    result = train.fit(
+        loss_fn,
+        optax.adam(1e-2),
+        lora.init(jax.random.key(0)),
+        lambda step: feeds,
+        steps=15,
+        frozen=model.params,
+        progress=False,
+    )
+    assert result.losses[-1] < 0.8 * result.losses[0]
+    assert set(result.state.opt_state[0].mu) == set(lora.adapter_names)
+    assert {t.weight: model.plan.constants[t.weight].tobytes() for t in packed} == before
+
+    saved = tmp_path / "tuned.onnx"
+    lora.save(saved, result.params)
+    session = onnxruntime.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
+    served = session.run([logits_name], feeds)[0]
+    ours = np.asarray(lora.apply(result.params, **feeds)[logits_name])
+    np.testing.assert_allclose(served, ours, atol=1e-4, rtol=1e-4)
