@@ -57,6 +57,10 @@ def _take(x, indices, axis):
             part = x[before + (slice(int(flat[0]), int(flat[-1]) + 1),)]
             dims = np.shape(x)
             return jnp.reshape(part, dims[:axis] + indices.shape + dims[axis + 1 :])
+    dims = np.shape(x)
+    if dims[axis] == 0:
+        # jnp.take returns an empty axis' input unchanged, whatever the indices' shape.
+        return jnp.zeros(dims[:axis] + np.shape(indices) + dims[axis + 1 :], x.dtype)
     return jnp.take(x, indices, axis=axis, mode="clip")
 
 

@@ -133,6 +133,17 @@ def test_gather_traced_negative_indices_x64_off():
     np.testing.assert_array_equal(run_onnx2jax(model, {"x": x, "i": i}, x64=False)[0], expected)
 
 
+@pytest.mark.parametrize("data_shape", [(0,), (0, 3)])
+def test_gather_along_an_empty_axis_keeps_the_indices_shape(data_shape):
+    # Fuzzer seed 33, graph 1171: jnp.take returned the data unchanged, shape (0,) for (4, 0).
+    x = np.zeros(data_shape, np.float32)
+    i = np.zeros((4, 0), np.int64)
+    model = single_node_model("Gather", {"x": x, "i": i}, axis=0)
+    got = run_onnx2jax(model, {"x": x, "i": i})[0]
+    assert got.shape == (4, 0) + data_shape[1:]
+    assert_matches_reference(model, {"x": x, "i": i})
+
+
 def test_gather_elements_smaller_indices_and_gather_nd_batch_dims():
     x = RNG.normal(size=(3, 4)).astype(np.float32)
     i = np.array([[-1, 0], [2, 1]], np.int64)
