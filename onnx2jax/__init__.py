@@ -18,6 +18,7 @@ from onnx2jax.core.errors import (
     UnsupportedOpError,
 )
 from onnx2jax.core.model import Model, load
+from onnx2jax.core.sharding import ShardingError
 from onnx2jax.hub import from_hub
 from onnx2jax.runtime.process import tune_process
 from onnx2jax.text import SentenceEncoder
@@ -38,6 +39,7 @@ __all__ = [
     "Onnx2JaxError",
     "OpError",
     "SentenceEncoder",
+    "ShardingError",
     "UnsupportedOpError",
     "example_path",
     "from_hub",

@@ -5,9 +5,9 @@ module's layer is its package's (the first name under ``onnx2jax``), with one ex
 below, ``core.model``:
 
 1. **core**: what reads and traces a graph: ``core`` (errors, dtypes, settings, safety,
-   loader, the plan ``graph``, the interpreter ``convert``, ``export``), ``ops`` (the op
-   functions and their registry, which the plan and the interpreter look up) and ``native``
-   (the CPU kernels some op functions call).
+   loader, the plan ``graph``, the interpreter ``convert``, ``export``, the params' placement
+   on a mesh ``sharding``), ``ops`` (the op functions and their registry, which the plan and
+   the interpreter look up) and ``native`` (the CPU kernels some op functions call).
 2. **runtime**: the compiled engine behind ``model(...)``: ``runtime`` (engine, weight
    layouts, fusion, XLA options, devices, segments, executable cache, AOT artifacts, the
    process-level settings).

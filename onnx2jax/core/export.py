@@ -16,17 +16,23 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 import onnx
 
 from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.core.errors import InputError
-from onnx2jax.core.loader import external_data_bytes, tensor_to_numpy
+from onnx2jax.core.loader import (
+    external_data_bytes,
+    external_data_extent,
+    external_data_path,
+    tensor_to_numpy,
+)
 
 try:
     import fcntl
@@ -75,13 +81,7 @@ def to_onnx(model: ModelLike, params: Mapping[str, Any] | None = None) -> onnx.M
         ...     t.name for t in model.proto.graph.initializer]
         True
     """
-    params = model.params if params is None else params
-    unknown = [k for k in params if k not in model.params]
-    if unknown:
-        raise InputError(
-            f"params holds {len(unknown)} name(s) that are not params of the model "
-            f"(first: {unknown[:3]}); model.params lists the valid names"
-        )
+    params = _known_params(model, params)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     _restore_released(proto.graph, model.released_weights)
@@ -98,6 +98,71 @@ def to_onnx(model: ModelLike, params: Mapping[str, Any] | None = None) -> onnx.M
         if sparse.values.name in remaining:
             _update_sparse(graph, index, remaining.pop(sparse.values.name), model.base_dir)
     return proto
+
+
+def _known_params(model: ModelLike, params: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    params = model.params if params is None else params
+    unknown = [k for k in params if k not in model.params]
+    if unknown:
+        raise InputError(
+            f"params holds {len(unknown)} name(s) that are not params of the model "
+            f"(first: {unknown[:3]}); model.params lists the valid names"
+        )
+    return params
+
+
+def _streamed_proto(
+    model: ModelLike, params: Mapping[str, Any] | None
+) -> tuple[onnx.ModelProto, Callable[[onnx.TensorProto, bool], None]]:
+    """:func:`to_onnx`'s proto with no tensor's bytes filled in yet, and the function that
+    fills one in (``fill(tensor, is_initializer)``): what :func:`to_onnx` would put there. A
+    save streams the tensors one at a time through it, so sharded params are gathered one
+    param at a time and the model's bytes are never all in memory."""
+    params = _known_params(model, params)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    graph = proto.graph
+    remaining = dict(params)
+    for index in reversed(range(len(graph.sparse_initializer))):
+        sparse = graph.sparse_initializer[index]
+        if sparse.values.name in remaining:
+            _update_sparse(graph, index, remaining.pop(sparse.values.name), model.base_dir)
+    released = model.released_weights
+
+    def fill(tensor: onnx.TensorProto, is_initializer: bool) -> None:
+        if is_initializer and tensor.name in released and not tensor.HasField("raw_data"):
+            tensor.raw_data = _little_endian_bytes(np.asarray(released[tensor.name]))
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _inline_tensor(tensor, model.base_dir)
+        if is_initializer and tensor.name in remaining:
+            new = _updated_tensor(tensor, remaining.pop(tensor.name), model.base_dir)
+            if new is not None:
+                tensor.CopyFrom(new)
+
+    return proto, fill
+
+
+def _estimated_bytes(model: ModelLike, params: Mapping[str, Any] | None) -> int:
+    """About the bytes of :func:`to_onnx`'s tensors, from shapes alone (nothing gathered)."""
+    values = {**model.released_weights, **(params or {})}
+    total = 0
+    for tensor in _graph_tensors(model.proto.graph):
+        if tensor.name in values:
+            total += int(np.prod(tensor.dims)) * numpy_dtype(tensor.data_type).itemsize
+        elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += external_data_extent(tensor, external_data_path(tensor, model.base_dir))[1]
+        else:
+            total += tensor.ByteSize()
+    return total
+
+
+def _sharded(values: Iterable[Any]) -> bool:
+    """Whether any value is a ``jax.Array`` spread over several devices."""
+    return any(
+        isinstance(getattr(v, "sharding", None), jax.sharding.Sharding)
+        and len(v.sharding.device_set) > 1
+        for v in values
+    )
 
 
 def release_weight_bytes(
@@ -195,11 +260,19 @@ def save(
         True
     """
     path = Path(path)
-    proto = to_onnx(model, params)
+    # Sharded params go to external data one by one, each gathered alone (_streamed_proto).
+    fill = None
+    if _sharded({**model.params, **(params or {})}.values()):
+        if not external_data and _estimated_bytes(model, params) >= PROTO_LIMIT:
+            external_data = True
+        if external_data:
+            proto, fill = _streamed_proto(model, params)
+    if fill is None:
+        proto = to_onnx(model, params)
+        if not external_data and _tensor_bytes(proto.graph) >= PROTO_LIMIT:
+            external_data = True
     folder = path.resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
-    if not external_data and _tensor_bytes(proto.graph) >= PROTO_LIMIT:
-        external_data = True
     _remove_abandoned_temporaries(folder, path.name)
     # Data files the file being replaced points at, removed once nothing reads them.
     superseded = _own_data_files(path)
@@ -212,7 +285,10 @@ def save(
             data_name = f"{path.name}.{secrets.token_hex(4)}.data"
             data_tmp = _temporary(folder, data_name, cleanup)
             with open(data_tmp, "r+b") as handle:
-                _move_to_external(proto.graph, handle, data_name)
+                if fill is None:
+                    _move_to_external(proto.graph, handle, data_name)
+                else:
+                    _stream_to_external(proto.graph, handle, data_name, fill)
             written = folder / data_name
             os.replace(data_tmp, written)
             cleanup.callback(lambda: saved or written.unlink(missing_ok=True))
@@ -373,10 +449,14 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def _inline_external_data(graph: onnx.GraphProto, base_dir: Path | None) -> None:
     for tensor in _graph_tensors(graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raw = external_data_bytes(tensor, base_dir)
-            tensor.ClearField("external_data")
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = raw
+            _inline_tensor(tensor, base_dir)
+
+
+def _inline_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> None:
+    raw = external_data_bytes(tensor, base_dir)
+    tensor.ClearField("external_data")
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = raw
 
 
 def _tensor_bytes(graph: onnx.GraphProto) -> int:
@@ -386,25 +466,45 @@ def _tensor_bytes(graph: onnx.GraphProto) -> int:
 def _move_to_external(graph: onnx.GraphProto, handle: Any, location: str) -> None:
     """Write the raw bytes of every sizeable tensor to ``handle`` and point the tensor there."""
     for tensor in _graph_tensors(graph):
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
-            continue
-        raw = tensor.raw_data
-        offset = handle.tell()
-        padding = -offset % _ALIGNMENT
-        handle.write(b"\0" * padding)
-        offset += padding
-        handle.write(raw)
-        tensor.ClearField("raw_data")
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (
-            ("location", location),
-            ("offset", str(offset)),
-            ("length", str(len(raw))),
-        ):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        _move_tensor(tensor, handle, location)
     handle.flush()
     os.fsync(handle.fileno())
+
+
+def _stream_to_external(
+    graph: onnx.GraphProto,
+    handle: Any,
+    location: str,
+    fill: Callable[[onnx.TensorProto, bool], None],
+) -> None:
+    """:func:`_move_to_external` of the tensors of a :func:`_streamed_proto`, each filled in
+    just before it is written: the same file, with one tensor's bytes in memory at a time."""
+    initializers = len(graph.initializer)
+    for position, tensor in enumerate(_graph_tensors(graph)):
+        fill(tensor, position < initializers)
+        _move_tensor(tensor, handle, location)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _move_tensor(tensor: onnx.TensorProto, handle: Any, location: str) -> None:
+    if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
+        return
+    raw = tensor.raw_data
+    offset = handle.tell()
+    padding = -offset % _ALIGNMENT
+    handle.write(b"\0" * padding)
+    offset += padding
+    handle.write(raw)
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (
+        ("location", location),
+        ("offset", str(offset)),
+        ("length", str(len(raw))),
+    ):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def _temporary(folder: Path, name: str, cleanup: contextlib.ExitStack) -> Path:

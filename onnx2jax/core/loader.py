@@ -162,6 +162,33 @@ def tensor_to_numpy(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarr
         raise ModelLoadError(f"tensor {tensor.name!r} cannot be decoded: {exc}") from None
 
 
+def mapped_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray | None:
+    """A read-only memory map of an external-data tensor of a plain NumPy type, checked as
+    :func:`tensor_to_numpy` checks it, so that slices of it read only their own pages
+    (``None`` for a tensor stored inline or in a type onnx decodes itself).
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> mapped_tensor(model.proto.graph.initializer[0], None) is None
+        True
+    """
+    dtype = _PLAIN_DTYPES.get(tensor.data_type)
+    if (
+        tensor.data_location != onnx.TensorProto.EXTERNAL
+        or dtype is None
+        or any(d < 0 for d in tensor.dims)  # tensor_to_numpy says what is wrong
+    ):
+        return None
+    shape = tuple(int(d) for d in tensor.dims)
+    path = external_data_path(tensor, base_dir)
+    offset, length = external_data_extent(tensor, path)
+    _check_length(tensor, shape, dtype, length)
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype.newbyteorder("="))
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 def external_data_extent(tensor: onnx.TensorProto, path: Path) -> tuple[int, int]:
     """(offset, length) of ``tensor``'s bytes in its external file ``path``, checked against
     the file's size before anything is allocated or read."""
@@ -216,11 +243,7 @@ def _mapped_array(
     """The tensor's raw little-endian bytes decoded straight from a memory map, copied once."""
     shape = tuple(int(d) for d in tensor.dims)
     count = math.prod(shape)
-    if count * dtype.itemsize != length:
-        raise ModelLoadError(
-            f"tensor {tensor.name!r} of shape {list(shape)} and dtype {dtype} needs "
-            f"{count * dtype.itemsize} bytes, but its external data holds {length}"
-        )
+    _check_length(tensor, shape, dtype, length)
     if count == 0:
         return np.zeros(shape, dtype.newbyteorder("="))
     mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
@@ -228,6 +251,16 @@ def _mapped_array(
         return np.array(mapped, dtype=dtype.newbyteorder("="))
     finally:
         del mapped  # close the map now, not when the garbage collector gets to it
+
+
+def _check_length(
+    tensor: onnx.TensorProto, shape: tuple[int, ...], dtype: np.dtype, length: int
+) -> None:
+    if math.prod(shape) * dtype.itemsize != length:
+        raise ModelLoadError(
+            f"tensor {tensor.name!r} of shape {list(shape)} and dtype {dtype} needs "
+            f"{math.prod(shape) * dtype.itemsize} bytes, but its external data holds {length}"
+        )
 
 
 # ONNX types whose raw bytes are little-endian NumPy arrays as they are; the rest (strings,

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
+from jax.sharding import Mesh, NamedSharding
 
 from onnx2jax import ops  # noqa: F401  (registers every op family)
 from onnx2jax.core import export
@@ -29,7 +30,8 @@ from onnx2jax.core.graph import (
     model_opsets,
     plan_graph,
 )
-from onnx2jax.core.loader import ModelSource, read_model
+from onnx2jax.core.loader import ModelSource, mapped_tensor, read_model
+from onnx2jax.core.sharding import Sharding, default_mesh, param_specs, place_params
 from onnx2jax.runtime.engine import Engine, host_only
 from onnx2jax.runtime.hostmem import release_free_memory
 
@@ -72,6 +74,8 @@ class Model:
         cache_dir: str | os.PathLike | None = None,
         precision: str = "float32",
         float16_compute: str | None = None,
+        mesh: Mesh | None = None,
+        sharding: Sharding | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(
@@ -92,7 +96,17 @@ class Model:
         self.base_dir = base_dir
         self.opsets = model_opsets(proto)
         find_unsupported(proto.graph, self.opsets)
-        self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir)
+        sharded = mesh is not None or sharding is not None
+        # The mesh params live on (None: each param whole on the default device).
+        self.mesh: Mesh | None = (mesh or default_mesh()) if sharded else None
+        # Sharded params are read from memory maps of the external data, a shard at a time.
+        mapped = {}
+        if sharded:
+            for tensor in proto.graph.initializer:
+                value = mapped_tensor(tensor, base_dir)
+                if value is not None:
+                    mapped[tensor.name] = value
+        self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir, decoded=mapped)
         self._interpreter = Interpreter(
             self.opsets, base_dir, precision, widen_float16=float16_compute == "float32"
         )
@@ -123,13 +137,24 @@ class Model:
         # in a process (a 192 MB weight: 386 MB more resident), and device_put keeps an array
         # that happens to be aligned instead of copying it.
         host = self.plan.param_values
-        self.params: Params = {k: jax.device_put(host.pop(k)) for k in list(host)}
+        if self.mesh is None:
+            self.params: Params = {k: jax.device_put(host.pop(k)) for k in list(host)}
+        else:
+            specs = param_specs(self.plan, host, self.mesh, sharding or "replicated")
+            self.params = place_params(host, specs, self.mesh)
+            # Constants are read whole (shapes, indices); no map of the file stays open.
+            for name in mapped:
+                if name in self.plan.constants:
+                    self.plan.constants[name] = np.array(self.plan.constants[name])
+        del mapped
         jax.block_until_ready(self.params)  # the copies run on XLA's threads; load trims after
         self.released_weights: Params = {k: self.params[k] for k in released}
         self.proto = proto
         # What model(...) compiles and runs: weight layouts, XLA options, jitted functions,
         # devices, segments, the executable cache (onnx2jax/runtime/engine.py).
         self.engine = Engine(self, cache_dir)
+        # model(...)'s jit(apply) per outputs asked, for sharded params.
+        self._sharded_jits: dict[tuple[str, ...] | None, Any] = {}
 
     # ---------------------------------------------------------------- description
     @property
@@ -164,6 +189,20 @@ class Model:
     @compiler_options.setter
     def compiler_options(self, options: dict[str, Any]) -> None:
         self.engine.compiler_options = options
+
+    @property
+    def shardings(self) -> dict[str, NamedSharding] | None:
+        """Each param's ``NamedSharding`` on :attr:`mesh` as loaded (``None`` for a model
+        loaded without ``mesh`` or ``sharding``); see onnx2jax/core/sharding.py.
+
+        Example:
+            >>> import onnx2jax
+            >>> onnx2jax.load(onnx2jax.example_path()).shardings is None
+            True
+        """
+        if self.mesh is None:
+            return None
+        return {k: v.sharding for k, v in self.params.items()}
 
     @property
     def interpreter(self) -> Interpreter:
@@ -241,9 +280,27 @@ class Model:
 
         Map outputs (ZipMap's list of dicts) hold Python ints, strings and floats, as in
         onnxruntime; :meth:`apply` keeps them JAX arrays, so it stays differentiable.
+
+        A model loaded with a ``mesh`` or ``sharding`` runs ``apply`` under ``jax.jit`` with
+        its params where they are (the engine's native kernels and batch split have no
+        sharding rule), with :attr:`compiler_options`.
         """
         bound = self.bind_inputs(inputs, named_inputs)
+        if self.mesh is not None:
+            return self._run_sharded(bound, _as_tuple(outputs))
         return self.engine.run(bound, _as_tuple(outputs))
+
+    def _run_sharded(
+        self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None
+    ) -> dict[str, Any]:
+        """``jit(apply)`` on the sharded params; XLA propagates their shardings."""
+        function = self._sharded_jits.get(outputs)
+        if function is None:
+            function = self._sharded_jits[outputs] = jax.jit(
+                lambda params, inputs: self.apply_plan(self.plan, params, inputs, outputs),
+                compiler_options=dict(self.compiler_options) or None,
+            )
+        return function(self.params, dict(bound))
 
     def apply_plan(
         self,
@@ -465,6 +522,8 @@ def load(
     cache_dir: str | os.PathLike | None = None,
     precision: str = "float32",
     float16_compute: str | None = None,
+    mesh: Mesh | None = None,
+    sharding: Sharding | None = None,
 ) -> Model:
     """Load an ONNX model from a path, bytes or ``onnx.ModelProto``.
 
@@ -484,6 +543,13 @@ def load(
     ``float16_compute`` says how float16 models compute (see :attr:`Model.float16_compute`):
     by default as onnxruntime does on the same device, in float32 on the CPU.
 
+    ``mesh`` and ``sharding`` load the params as sharded ``jax.Array``s on a
+    ``jax.sharding.Mesh`` (by default a one-axis ``"data"`` mesh over every device):
+    ``sharding`` is a preset (``"replicated"``, the default with a mesh; ``"fsdp"``;
+    ``"tensor"``), a list of ``(pattern, PartitionSpec)`` rules over param names, or a function
+    of ``(name, shape, dtype)``; each device's shard is read alone, from a memory map of the
+    external data when the model has one (onnx2jax/core/sharding.py, docs/sharding.md).
+
     Example:
         >>> import onnx2jax
         >>> model = onnx2jax.load(onnx2jax.example_path())
@@ -493,19 +559,18 @@ def load(
         'bfloat16'
     """
     proto, base_dir = read_model(source)
+    options = dict(
+        cache_dir=cache_dir,
+        precision=precision,
+        float16_compute=float16_compute,
+        mesh=mesh,
+        sharding=sharding,
+    )
     if isinstance(source, onnx.ModelProto):
-        return Model(
-            proto,
-            base_dir,
-            cache_dir=cache_dir,
-            precision=precision,
-            float16_compute=float16_compute,
-        )
+        return Model(proto, base_dir, **options)
     owned = OwnedProto(proto)
     del proto
-    model = Model(
-        owned, base_dir, cache_dir=cache_dir, precision=precision, float16_compute=float16_compute
-    )
+    model = Model(owned, base_dir, **options)
     # The weights' host copies are garbage now, and so are the file's bytes and the full
     # proto where Model did not trim them already: hand their pages back.
     release_free_memory()

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from onnx2jax.core.errors import InputError
 from onnx2jax.core.graph import is_trainable_dtype
@@ -255,7 +256,67 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), {"loss": loss, **aux}
 
-    return _jit(step, compiler_options, donate_argnums=(0,) if donate else ())
+    donated = (0,) if donate else ()
+    plain = _jit(step, compiler_options, donate_argnums=donated)
+    # Sharded states: one jit per layout of the state, whose results keep it.
+    pinned: dict[tuple, Callable] = {}
+
+    @functools.wraps(step)
+    def call(state: TrainState, frozen: PyTree, batch: Batch) -> tuple[TrainState, dict]:
+        shardings = mesh_shardings(state)
+        if shardings is None:
+            return plain(state, frozen, batch)
+        function = pinned.get(shardings)
+        if function is None:
+            function = pinned[shardings] = _jit(
+                _keeping_shardings(step, shardings), compiler_options, donate_argnums=donated
+            )
+        return function(state, frozen, batch)
+
+    call.lower = plain.lower  # type: ignore[attr-defined]
+    return call
+
+
+def mesh_shardings(tree: PyTree) -> tuple[NamedSharding | None, ...] | None:
+    """The ``NamedSharding`` of each leaf of ``tree`` (``None`` for a leaf without one), or
+    ``None`` when no leaf is spread over several devices or a leaf is traced.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> mesh_shardings({"w": jnp.ones(2)}) is None
+        True
+    """
+    leaves = jax.tree.leaves(tree)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return None
+    shardings = tuple(
+        leaf.sharding
+        if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding)
+        else None
+        for leaf in leaves
+    )
+    if not any(s is not None and len(s.device_set) > 1 for s in shardings):
+        return None
+    return shardings
+
+
+def _keeping_shardings(
+    step: Callable[[TrainState, PyTree, Batch], tuple[TrainState, dict]],
+    shardings: tuple[NamedSharding | None, ...],
+) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, dict]]:
+    """``step`` whose new state has the shardings of the state it was given: XLA's propagation
+    may pick others (a bias split, a weight gathered), which would move the state each step."""
+
+    def kept(state: TrainState, frozen: PyTree, batch: Batch) -> tuple[TrainState, dict]:
+        new, metrics = step(state, frozen, batch)
+        leaves, tree = jax.tree.flatten(new)
+        leaves = [
+            leaf if sharding is None else jax.lax.with_sharding_constraint(leaf, sharding)
+            for leaf, sharding in zip(leaves, shardings, strict=True)
+        ]
+        return jax.tree.unflatten(tree, leaves), metrics
+
+    return kept
 
 
 def make_eval_step(
