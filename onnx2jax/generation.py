@@ -59,9 +59,11 @@ class CacheLayout:
 
     ``kind`` is ``"concat"`` (present = past + new tokens) or ``"shared"`` (present = the past
     buffer with the new tokens written in it): see :func:`cache_layout`. ``past`` and
-    ``present`` are matching input and output names (layer by layer, key then
-    value); ``shapes`` are the past inputs' shapes with the batch (axis 0) and the sequence axis
-    (``seq_axis``) as 0; ``dtypes`` their element types.
+    ``present`` are matching input and output names (layer by layer, key then value);
+    ``extra`` are the other inputs, which ``extra_inputs`` of :func:`generate` gives (the same
+    values every step: an encoder's output, say); ``shapes`` are the past inputs' shapes with
+    the batch (axis 0) and the sequence axis (``seq_axis``) as 0; ``dtypes`` their element
+    types.
     """
 
     kind: str
@@ -69,6 +71,7 @@ class CacheLayout:
     attention_mask: str
     position_ids: str | None
     use_cache_branch: str | None
+    extra: tuple[str, ...]
     logits: str
     past: tuple[str, ...]
     present: tuple[str, ...]
@@ -101,6 +104,9 @@ def cache_layout(model: Model) -> CacheLayout:
       ``GroupQueryAttention``, whose ``present`` is the past buffer with the new tokens
       written at each row's length (``attention_mask``'s sum); the head size is read from the
       attention's query.
+
+    Other inputs (an encoder's output, say) are listed in ``extra`` and fed as given by
+    :func:`generate`'s ``extra_inputs``.
 
     Example:
         >>> import onnx2jax
@@ -144,12 +150,7 @@ def cache_layout(model: Model) -> CacheLayout:
         raise GenerationError(
             f"only some past inputs feed GroupQueryAttention: {sorted(attention)} of {names}"
         )
-    extra = [n for n in inputs if n not in _TOKEN_INPUTS and not _PAST.match(n)]
-    if extra:
-        raise GenerationError(
-            f"the decoder takes inputs that generate() cannot feed: {extra} (known: "
-            f"{list(_TOKEN_INPUTS)} and past_key_values.{{i}}.key/value)"
-        )
+    extra = tuple(n for n in inputs if n not in _TOKEN_INPUTS and not _PAST.match(n))
     layers = {i for i, _, _ in past}
     if len(names) != 2 * len(layers) or layers != set(range(len(layers))):
         raise GenerationError(f"the past inputs are not a key and a value per layer: {names}")
@@ -190,6 +191,7 @@ def cache_layout(model: Model) -> CacheLayout:
         attention_mask="attention_mask",
         position_ids="position_ids" if "position_ids" in inputs else None,
         use_cache_branch="use_cache_branch" if "use_cache_branch" in inputs else None,
+        extra=extra,
         logits="logits",
         past=names,
         present=present,
@@ -336,6 +338,7 @@ class Decoder:
         self,
         params: Mapping[str, Any],
         past: tuple[jax.Array, ...],
+        extras: Mapping[str, jax.Array],
         ids: jax.Array,
         mask: jax.Array,
         positions: jax.Array,
@@ -356,6 +359,7 @@ class Decoder:
             layout.input_ids: ids,
             layout.attention_mask: mask,
             **dict(zip(layout.past, past, strict=True)),
+            **extras,
         }
         if layout.position_ids:
             feeds[layout.position_ids] = positions
@@ -393,6 +397,7 @@ class Decoder:
     def _prefill(
         self,
         params: Mapping[str, Any],
+        extras: Mapping[str, jax.Array],
         ids: jax.Array,
         mask: jax.Array,
         sampling: dict[str, jax.Array],
@@ -418,7 +423,9 @@ class Decoder:
         )
         graph_mask = jnp.concatenate([jnp.zeros((batch, dummy), jnp.int32), mask], axis=1)
         positions = jnp.arange(prompt, dtype=jnp.int32)[None, :] * mask  # padding at 0
-        logits, cache = self._step(params, empty, ids, graph_mask, positions, mask, cache, 0)
+        logits, cache = self._step(
+            params, empty, extras, ids, graph_mask, positions, mask, cache, 0
+        )
         counts = mask.sum(axis=1)
         logits = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
         key = jax.random.fold_in(jax.random.key(sampling["seed"]), 0)
@@ -436,6 +443,7 @@ class Decoder:
     def _decode(
         self,
         params: Mapping[str, Any],
+        extras: Mapping[str, jax.Array],
         cache: tuple[jax.Array, ...],
         state: dict[str, jax.Array],
         sampling: dict[str, jax.Array],
@@ -454,7 +462,15 @@ class Decoder:
             # reads the row's length from the mask's sum).
             graph_mask = (jnp.arange(length)[None, :] <= position[:, None]).astype(jnp.int32)
         logits, cache = self._step(
-            params, cache, state["token"][:, None], graph_mask, position[:, None], ones, cache, slot
+            params,
+            cache,
+            extras,
+            state["token"][:, None],
+            graph_mask,
+            position[:, None],
+            ones,
+            cache,
+            slot,
         )
         key = jax.random.fold_in(jax.random.key(sampling["seed"]), state["step"])
         token = self._choose(logits[:, -1], key, sampling, greedy, state["done"])
@@ -504,6 +520,7 @@ class Decoder:
         pad_token_id: int | None = None,
         max_length: int | None = None,
         params: Mapping[str, Any] | None = None,
+        extra_inputs: Mapping[str, Any] | None = None,
     ) -> Iterator[np.ndarray]:
         """An iterator over each step's new tokens, int array [batch], as :func:`generate`
         makes them.
@@ -535,6 +552,13 @@ class Decoder:
         sampling, greedy, eos = _sampling(
             temperature, top_k, top_p, seed, eos_token_id, pad_token_id
         )
+        extras = dict(extra_inputs or {})
+        if set(extras) != set(self.layout.extra):
+            raise GenerationError(
+                f"the decoder's inputs beside the tokens and the cache are "
+                f"{list(self.layout.extra)}: extra_inputs must give exactly those, got "
+                f"{sorted(extras)}"
+            )
         model = self.model
         params = model.params if params is None else params
         options = options_outside_traces(
@@ -547,7 +571,7 @@ class Decoder:
             self._prefill_jits, self._prefill, options, static_argnames=("length", "greedy")
         )
         cache, state = prefill(
-            params, padded_ids, padded_mask, sampling, length=max_length, greedy=greedy
+            params, extras, padded_ids, padded_mask, sampling, length=max_length, greedy=greedy
         )
         options = options_outside_traces(
             inference_compiler_options(
@@ -560,14 +584,14 @@ class Decoder:
             self._decode,
             options,
             static_argnames=("greedy",),
-            donate_argnums=(1, 2),
+            donate_argnums=(2, 3),
         )
 
         def steps() -> Iterator[np.ndarray]:
             nonlocal cache, state
             for step in range(max_new_tokens):
                 if step:
-                    cache, state = decode(params, cache, state, sampling, greedy=greedy)
+                    cache, state = decode(params, extras, cache, state, sampling, greedy=greedy)
                 token, done = np.asarray(state["token"]), np.asarray(state["done"])
                 yield token
                 if eos and done.all():
@@ -626,6 +650,7 @@ def generate(
     pad_token_id: int | None = None,
     max_length: int | None = None,
     params: Mapping[str, Any] | None = None,
+    extra_inputs: Mapping[str, Any] | None = None,
     stream: Callable[[int, np.ndarray], Any] | None = None,
 ) -> np.ndarray:
     """Generate tokens after ``input_ids`` [batch, prompt] with a decoder that has a KV cache.
@@ -648,6 +673,8 @@ def generate(
     ``max_length``, greedy or sampling) and are reused by every later call on the model.
     ``stream(step, tokens)`` is called with each step's tokens [batch] as they come;
     :func:`generate_stream` is the iterator form. ``params`` replaces ``model.params``.
+    ``extra_inputs`` gives the graph's other inputs (an encoder's output for a decoder with
+    cross-attention, say), the same every step, with the batch of ``input_ids``.
 
     Example:
         >>> import onnx2jax
@@ -670,6 +697,7 @@ def generate(
         pad_token_id=pad_token_id,
         max_length=max_length,
         params=params,
+        extra_inputs=extra_inputs,
     )
 
 
