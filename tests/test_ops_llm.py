@@ -678,3 +678,39 @@ def test_matmul_nbits_float_weights_are_not_all_live_at_once():
     np.testing.assert_allclose(
         _ours(model, {"x": x})[0], _ort(model, {"x": x})[0], rtol=1e-3, atol=1e-3
     )
+
+
+@pytest.mark.parametrize("length,unidirectional", [(1, 1), (3, 1), (2, 0)])
+def test_attention_past_present_share_buffer(length, unidirectional):
+    # onnxruntime's CPU kernel refuses the shared form, so the reference is onnxruntime on the
+    # same step with the buffer's tokens as an ordinary past; the buffer's later rows must
+    # come back unchanged.
+    batch, heads, size, rows, cached = 2, 2, 8, 8, 3
+    x = RNG.normal(size=(batch, length, 16)).astype(np.float32)
+    weights = RNG.normal(size=(16, 3 * heads * size)).astype(np.float32)
+    buffer = RNG.normal(size=(2, batch, heads, rows, size)).astype(np.float32)
+    common = dict(num_heads=heads, unidirectional=unidirectional)
+    inputs = {"x": x, "w": weights, "bias": None, "mask": None, "past": buffer}
+    shared = _node_model(
+        "Attention",
+        {**inputs, "attention_bias": None, "past_sequence_length": np.array(cached, np.int32)},
+        {"w": weights},
+        outputs=("y", "present"),
+        past_present_share_buffer=1,
+        **common,
+    )
+    feeds = {"x": x, "past": buffer, "past_sequence_length": np.array(cached, np.int32)}
+    y, present = _ours(shared, feeds)
+    plain = _node_model(
+        "Attention",
+        {**inputs, "past": buffer[:, :, :, :cached]},
+        {"w": weights},
+        outputs=("y", "present"),
+        **common,
+    )
+    want_y, want_present = _ort(plain, {"x": x, "past": buffer[:, :, :, :cached]})
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+    assert present.shape == buffer.shape
+    end = cached + length
+    np.testing.assert_allclose(present[:, :, :, :end], want_present, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(present[:, :, :, end:], buffer[:, :, :, end:])

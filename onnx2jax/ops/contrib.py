@@ -289,6 +289,19 @@ def _attend(ctx, q, k, v, num_heads, mask=None, causal=False, extra_bias=None):
     return _attend_heads(ctx, q, k, v, key_mask, causal, extra_bias)
 
 
+def _write_after(buffer, new, start):
+    """``buffer`` [B, N, M, H] with ``new`` [B, N, S, H] written from row ``start`` on."""
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, start, 0))
+
+
+def _shared_buffer_mask(key_mask, rows, end):
+    """``key_mask`` with the rows of a shared key-value buffer from ``end`` on (no token
+    there yet) excluded from every query."""
+    unused = jnp.arange(rows) >= end
+    unused = jnp.where(unused, jnp.finfo(jnp.float32).min, jnp.float32(0))[None, None, :]
+    return unused if key_mask is None else key_mask + unused
+
+
 @register("Attention", since=1, domain=MS)
 def attention(
     ctx,
@@ -301,7 +314,11 @@ def attention(
     past_sequence_length=None,
 ):
     """Self-attention with the q/k/v projection packed in ``weights``; optional ``present``
-    output is [2, B, N, past + S, H], the past keys and values with this step's appended."""
+    output is [2, B, N, past + S, H], the past keys and values with this step's appended.
+
+    With ``past_present_share_buffer`` the past is a [2, B, N, max, H] buffer holding
+    ``past_sequence_length`` tokens: this step's keys and values are written after them and
+    present keeps the buffer's shape (onnxruntime's CPU kernel refuses this form)."""
     num_heads = ctx.attr("num_heads")
     if num_heads is None:
         raise ctx.error("needs the num_heads attribute")
@@ -310,11 +327,11 @@ def attention(
             "do_rotary=1 is not supported (onnxruntime's CPU kernel lacks it too); "
             "export the rotary embedding as separate nodes"
         )
-    if ctx.attr("past_present_share_buffer", 0) or past_sequence_length is not None:
+    shared = bool(ctx.attr("past_present_share_buffer", 0))
+    if shared != (past_sequence_length is not None) or (shared and past is None):
         raise ctx.error(
-            "past_present_share_buffer / past_sequence_length (a preallocated "
-            "key-value buffer, a CUDA-only form) are not supported; pass past "
-            "with its real length"
+            "past_present_share_buffer=1 needs past (the buffer) and past_sequence_length, "
+            "and past_sequence_length needs past_present_share_buffer=1"
         )
     x = jnp.asarray(x)
     dtype = x.dtype
@@ -355,9 +372,14 @@ def attention(
                 f"past must be [2, batch, num_heads, past_length, head_size] "
                 f"with equal k and v head sizes, got {past.shape}"
             )
-        past_length = past.shape[3]
-        k = jnp.concatenate([past[0].astype(compute), k], axis=2)
-        v = jnp.concatenate([past[1].astype(compute), v], axis=2)
+        if shared:
+            past_length = jnp.reshape(jnp.asarray(past_sequence_length), ()).astype(jnp.int32)
+            k = _write_after(past[0].astype(compute), k, past_length)
+            v = _write_after(past[1].astype(compute), v, past_length)
+        else:
+            past_length = past.shape[3]
+            k = jnp.concatenate([past[0].astype(compute), k], axis=2)
+            v = jnp.concatenate([past[1].astype(compute), v], axis=2)
     unidirectional = bool(ctx.attr("unidirectional", 0))
     if mask_index is not None and np.ndim(mask_index) == 4 and unidirectional:
         raise ctx.error("a 4-D mask_index needs unidirectional=0")
@@ -370,6 +392,8 @@ def attention(
         past_length,
         ctx.attr("mask_filter_value", -10000.0),
     )
+    if shared:
+        key_mask = _shared_buffer_mask(key_mask, k.shape[2], past_length + x.shape[1])
     out = _attend_heads(ctx, q, k, v, key_mask, unidirectional, attention_bias, past_length).astype(
         dtype
     )
@@ -378,11 +402,6 @@ def attention(
             raise ctx.error("the present output needs equal k and v head sizes")
         return out, jnp.stack([k, v]).astype(dtype)
     return out
-
-
-def _write_after(buffer, new, start):
-    """``buffer`` [B, N, M, H] with ``new`` [B, N, S, H] written from row ``start`` on."""
-    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, 0, start, 0))
 
 
 @register("MultiHeadAttention", since=1, domain=MS)
@@ -449,10 +468,7 @@ def multi_head_attention(
         ctx.attr("mask_filter_value", -10000.0),
     )
     if past_sequence_length is not None:
-        # The buffer's rows after this step's keys hold no token: never attended.
-        unused = jnp.arange(k.shape[2]) >= past_length + key.shape[1]
-        unused = jnp.where(unused, jnp.finfo(jnp.float32).min, jnp.float32(0))[None, None, :]
-        key_mask = unused if key_mask is None else key_mask + unused
+        key_mask = _shared_buffer_mask(key_mask, k.shape[2], past_length + key.shape[1])
     unidirectional = bool(ctx.attr("unidirectional", 0))
     if unidirectional and key.shape[1] != query.shape[1]:
         # onnxruntime's CPU kernel gives no consistent causal alignment for this case.
