@@ -133,14 +133,20 @@ def test_gather_traced_negative_indices_x64_off():
     np.testing.assert_array_equal(run_onnx2jax(model, {"x": x, "i": i}, x64=False)[0], expected)
 
 
-@pytest.mark.parametrize("data_shape", [(0,), (0, 3)])
-def test_gather_along_an_empty_axis_keeps_the_indices_shape(data_shape):
+@pytest.mark.parametrize(
+    ("data_shape", "indices_shape", "axis", "want"),
+    [
+        ((0,), (4, 0), 0, (4, 0)),
+        ((0, 3), (4, 0), 0, (4, 0, 3)),
+        ((2, 0, 3), (0, 1), 1, (2, 0, 1, 3)),
+    ],
+)
+def test_gather_along_an_empty_axis_keeps_the_indices_shape(data_shape, indices_shape, axis, want):
     # Fuzzer seed 33, graph 1171: jnp.take returned the data unchanged, shape (0,) for (4, 0).
     x = np.zeros(data_shape, np.float32)
-    i = np.zeros((4, 0), np.int64)
-    model = single_node_model("Gather", {"x": x, "i": i}, axis=0)
-    got = run_onnx2jax(model, {"x": x, "i": i})[0]
-    assert got.shape == (4, 0) + data_shape[1:]
+    i = np.zeros(indices_shape, np.int64)
+    model = single_node_model("Gather", {"x": x, "i": i}, axis=axis)
+    assert run_onnx2jax(model, {"x": x, "i": i})[0].shape == want
     assert_matches_reference(model, {"x": x, "i": i})
 
 
