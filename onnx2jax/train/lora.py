@@ -235,6 +235,7 @@ class LoRA:
                     graph.node.insert(at + offset, node)
             for name, value in adapters.items():
                 graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+        self._check_keeps_model_data(Path(path))
         return export.save(_Written(proto, self, params), path, **kwargs)
 
     def requantize(self, params: Mapping[str, Any]) -> Requantized:
@@ -310,6 +311,19 @@ class LoRA:
             raise InputError(
                 f"params lack {len(missing)} name(s) (first: {missing[:3]}); pass "
                 "{**model.params, **adapters}"
+            )
+
+    def _check_keeps_model_data(self, path: Path) -> None:
+        """Refuse to replace a file whose external data the model still reads: the save
+        removes the data files of the file it replaces, and only the model itself (not the
+        proto built here) tells ``export.save`` which of them to keep."""
+        if self.model.base_dir is None or not path.is_file():
+            return
+        read = _data_files(self.model.proto, self.model.base_dir)
+        if read & _data_files(onnx.load(str(path), load_external_data=False), path.parent):
+            raise InputError(
+                f"{path} holds its weights in data files the model still reads; "
+                "save the tuned model under another name"
             )
 
     def _folded(self, params: Mapping[str, Any]) -> Params:
@@ -481,6 +495,16 @@ def pack_low_first(values: np.ndarray, bits: int) -> np.ndarray:
     parts = np.asarray(values, np.uint32).reshape(*values.shape[:-1], -1, per_byte)
     shifts = np.arange(per_byte, dtype=np.uint32) * bits
     return (parts << shifts).sum(-1).astype(np.uint8)
+
+
+def _data_files(proto: onnx.ModelProto, folder: Path) -> set[Path]:
+    """The external-data files the initializers of ``proto`` (in ``folder``) point at."""
+    return {
+        (folder / entry.value).resolve()
+        for tensor in proto.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
 
 
 class _Errors:

@@ -315,3 +315,22 @@ def test_lora_on_an_int4_builder_llama(tmp_path):
     served = session.run([logits_name], feeds)[0]
     ours = np.asarray(lora.apply(result.params, **feeds)[logits_name])
     np.testing.assert_allclose(served, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_save_refuses_to_replace_the_file_whose_data_the_model_reads(int4, tuned, tmp_path):
+    _, path, x = int4
+    _, _, result = tuned
+    folder = tmp_path / "external"
+    folder.mkdir()
+    stored = folder / "model.onnx"
+    onnx.save(onnx.load(str(path)), str(stored), save_as_external_data=True, size_threshold=0)
+    model = onnx2jax.load(stored)
+    lora = LoRA(model, targets="*", rank=4)
+    params = {**model.params, **{k: result.params[k] for k in lora.adapter_names}}
+    with pytest.raises(InputError, match="another name"):
+        lora.save(stored, params)
+    lora.save(folder / "tuned.onnx", params)
+    np.testing.assert_allclose(
+        ort_run(folder / "tuned.onnx", x), np.asarray(lora.apply(params, x)["y"]), atol=1e-4
+    )
+    assert ort_run(stored, x).shape == (2, 5, 8)  # the original still runs
