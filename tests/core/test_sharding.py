@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -121,15 +122,14 @@ def test_one_device_mesh_and_errors_in_process():
         onnx2jax.load(onnx2jax.example_path(), sharding=[("10.bias", P(None, "data"))])
 
 
-@pytest.mark.slow
-def test_gpt2_on_eight_devices(tmp_path: Path):
-    """fsdp and tensor: each device holds 1/8 of each split param; outputs, three adam steps,
-    fit and LoRA match the unsharded model; saves are byte-identical to unsharded ones and
-    onnxruntime agrees; orbax restores the shardings; rules, callables and their errors."""
-    inline = tmp_path / "gpt2.onnx"
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny GPT-2 exported by torch (batch and length dynamic), inline and with external data."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    inline = folder / "gpt2.onnx"
     export_transformers_variant("gpt2", inline)
-    (tmp_path / "ext").mkdir()
-    external = tmp_path / "ext" / "gpt2.onnx"
+    (folder / "ext").mkdir()
+    external = folder / "ext" / "gpt2.onnx"
     onnx.save_model(
         onnx.load(str(inline)),
         str(external),
@@ -137,18 +137,37 @@ def test_gpt2_on_eight_devices(tmp_path: Path):
         location="gpt2.onnx.data",
         size_threshold=0,
     )
+    return inline, external
+
+
+def _script(name: str, *args: str, devices: int, log: Path) -> subprocess.Popen:
+    """The script ``name`` of this folder with JAX on ``devices`` CPU devices; its output to
+    ``log`` (a file, so that processes that wait on each other never wait on a full pipe)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "core" / name), *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)},
+        )
+
+
+def _finished(process: subprocess.Popen, log: Path) -> None:
+    process.wait(timeout=1200)
+    assert process.returncode == 0, log.read_text()[-4000:]
+
+
+@pytest.mark.slow
+def test_gpt2_on_eight_devices(gpt2: tuple[Path, Path], tmp_path: Path):
+    """fsdp and tensor: each device holds 1/8 of each split param; outputs, three adam steps,
+    fit and LoRA match the unsharded model; saves are byte-identical to unsharded ones and
+    onnxruntime agrees; orbax restores the shardings; rules, callables and their errors."""
+    inline, external = gpt2
     out = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "core" / "sharding_check.py")]
-        + [str(inline), str(external), str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"},
-        check=False,
-        timeout=1200,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    log = tmp_path / "log.txt"
+    script = _script("sharding_check.py", str(inline), str(external), str(out), devices=8, log=log)
+    _finished(script, log)
     report = json.loads(out.read_text())
     unsharded = report["unsharded_losses"]
     for key in ("fsdp/inline", "fsdp/external", "tensor/inline", "tensor/external"):
@@ -200,3 +219,40 @@ def test_gpt2_on_eight_devices(tmp_path: Path):
     assert "names mesh axis 'model'" in errors["axis"]
     assert "axis 0 of size 100 into 8 parts" in errors["indivisible"]
     assert "not of type Auto" in errors["explicit"]
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_as_one(gpt2: tuple[Path, Path], tmp_path: Path):
+    """Two processes of four CPU devices joined by jax.distributed train a "fsdp" GPT-2 three
+    steps on a batch split over all eight devices: the same losses and params as one process
+    with eight devices."""
+    inline = str(gpt2[0])
+    logs = [tmp_path / f"log{i}.txt" for i in range(3)]
+    single = _script(
+        "sharding_processes.py", inline, str(tmp_path / "one.npz"), devices=8, log=logs[2]
+    )
+    _finished(single, logs[2])
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    pair = [
+        _script(
+            "sharding_processes.py",
+            *(inline, str(tmp_path / f"{i}.npz"), str(i), "2", port),
+            devices=4,
+            log=logs[i],
+        )
+        for i in range(2)
+    ]
+    for process, log in zip(pair, logs, strict=False):
+        _finished(process, log)
+    one = np.load(tmp_path / "one.npz")
+    held = set()
+    for i in range(2):
+        part = np.load(tmp_path / f"{i}.npz")
+        np.testing.assert_allclose(part["losses"], one["losses"], atol=1e-5)
+        for key in part.files:
+            np.testing.assert_allclose(part[key], one[key], atol=1e-5, err_msg=key)
+            held.add(key)
+    # Between them the two processes hold every shard of every param.
+    assert held == set(one.files)

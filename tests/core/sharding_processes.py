@@ -1,0 +1,69 @@
+"""Data-parallel fine-tuning of a sharded model in one process or in several.
+
+Run by tests/core/test_sharding.py: ``python tests/core/sharding_processes.py MODEL OUT
+[PROCESS COUNT PORT]``. With a process id, count and port it joins the others through
+``jax.distributed.initialize`` on 127.0.0.1 (CPU collectives over gloo); each process writes to
+OUT the losses and the shards of the trained params its own devices hold, by their index in
+the whole param, for the test to compare with a one-process run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+STEPS = 3
+
+
+def main(model_path: str, out: str, *joined: str) -> None:
+    if joined:
+        process, count, port = (int(v) for v in joined)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=count, process_id=process)
+    import onnx2jax
+    from onnx2jax import train
+
+    assert len(jax.devices()) == 8, jax.devices()
+    model = onnx2jax.load(model_path, sharding="fsdp")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 99, size=(8, 12)).astype(np.int64)
+    mask = np.ones((8, 12), np.int64)
+    rows = NamedSharding(model.mesh, P("data"))
+    # Each process builds only the rows its devices hold.
+    batch = tuple(
+        jax.make_array_from_callback(v.shape, rows, lambda index, v=v: v[index])
+        for v in (ids, mask)
+    )
+
+    def loss_fn(params, batch):
+        logits = model.apply(params, *batch)["logits"]
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1], batch[0][:, 1:]
+        ).mean()
+
+    optimizer = optax.adam(1e-3)
+    trainable, frozen = train.split(model.params)
+    state = train.init(trainable, optimizer)
+    step = train.make_train_step(loss_fn, optimizer)
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    shards = {"losses": np.array(losses)}
+    for name, value in state.params.items():
+        assert value.sharding == trainable[name].sharding, name
+        for shard in value.addressable_shards:
+            key = ";".join(f"{s.start}:{s.stop}" for s in shard.index)
+            shards[f"{name}|{key}"] = np.asarray(shard.data)
+    np.savez(out, **shards)
+    if joined:
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
