@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.models import MODELS_DIR, image_inputs, model_path, text_inputs  # noqa: E402
-from onnx2jax.model import PRECISIONS  # noqa: E402
+from onnx2jax.core.model import PRECISIONS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -612,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.no_startup, args.no_readme = True, True
     if args.model:
         from onnx2jax.cli import make_inputs, parse_assignments
-        from onnx2jax.model import load
+        from onnx2jax.core.model import load
 
         inputs = load(args.model).inputs
         dims = {k: int(v) for k, v in parse_assignments(args.dim, "--dim").items()}

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.errors import ModelLoadError
+from onnx2jax.core.errors import ModelLoadError
 from onnx2jax.fuzz import loader as fuzz_loader_module
 from onnx2jax.fuzz.loader import MODEL_FILE, Worker, fuzz_loader, make_mutant, seed_models
 

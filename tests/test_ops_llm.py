@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import onnx2jax
-from onnx2jax.errors import OpError
+from onnx2jax.core.errors import OpError
 from tests.helpers import single_node_model
 
 MS = "com.microsoft"

@@ -18,7 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 import onnx2jax
-from onnx2jax.errors import DataDependentShapeError, UnsupportedOpError
+from onnx2jax.core.errors import DataDependentShapeError, UnsupportedOpError
 
 # (rtol, atol) per float dtype; atol scales with the largest finite reference value so that
 # cancellation in a chain does not read as an error.

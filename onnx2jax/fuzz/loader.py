@@ -12,7 +12,7 @@ mutant to a worker process that runs ``onnx2jax.load`` and, when it loads, one
 ``model(**inputs)`` with inputs made from the declared input types.
 
 Workers run under an address-space limit and a per-mutant timeout. Every outcome must be an
-:class:`~onnx2jax.errors.Onnx2JaxError` or a result; a finding is any other exception, an
+:class:`~onnx2jax.core.errors.Onnx2JaxError` or a result; a finding is any other exception, an
 abort or other crash, a timeout, a memory blow-up, or (with ``compare``) a result that differs
 from onnxruntime's on a mutant onnxruntime accepts. Findings are deduplicated by (exception
 type, innermost onnx2jax function) and written to DIR, one folder each with the mutant and a
@@ -961,7 +961,7 @@ def run_mutant(path: str, index: int, compare: bool, send: Callable[[dict], None
     import jax
 
     import onnx2jax
-    from onnx2jax.errors import Onnx2JaxError
+    from onnx2jax.core.errors import Onnx2JaxError
 
     def finding(stage: str, exc: BaseException) -> dict:
         tb = traceback.extract_tb(exc.__traceback__)

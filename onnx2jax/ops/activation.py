@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.convert import is_static
+from onnx2jax.core.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import OpFunction, register
 

@@ -14,8 +14,8 @@ import numpy as np
 from jax import lax
 from onnx import TensorProto
 
-from onnx2jax.convert import is_static
-from onnx2jax.dtypes import numpy_dtype, onnx_elem_type
+from onnx2jax.core.convert import is_static
+from onnx2jax.core.dtypes import numpy_dtype, onnx_elem_type
 from onnx2jax.ops.registry import register
 
 _FLOAT8 = (

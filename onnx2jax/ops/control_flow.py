@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 from jax import lax
 
-from onnx2jax.convert import Interpreter, OpContext, is_concrete, is_static
-from onnx2jax.errors import DataDependentShapeError, OpError
-from onnx2jax.graph import outer_names
+from onnx2jax.core.convert import Interpreter, OpContext, is_concrete, is_static
+from onnx2jax.core.errors import DataDependentShapeError, OpError
+from onnx2jax.core.graph import outer_names
+from onnx2jax.core.settings import MAX_UNROLL_ENV, max_unroll
 from onnx2jax.ops.registry import register
-from onnx2jax.settings import MAX_UNROLL_ENV, max_unroll
 
 # Static trip counts up to this many iterations are unrolled in Python; longer loops are traced
 # once as lax.scan (falling back to unrolling when the body cannot be a fixed-shape loop).

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from onnx2jax.convert import is_static
+from onnx2jax.core.convert import is_static
 from onnx2jax.ops.registry import OpFunction, register
 
 

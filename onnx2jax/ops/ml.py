@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from onnx2jax.convert import is_static
-from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.core.convert import is_static
+from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.ops.cast import parse_int
 from onnx2jax.ops.registry import ML, register
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.ops.registry import register
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 from onnx import TensorProto
 
-from onnx2jax.dtypes import numpy_dtype, onnx_elem_type
+from onnx2jax.core.dtypes import numpy_dtype, onnx_elem_type
 from onnx2jax.ops.elementwise import divide_correctly_rounded
 from onnx2jax.ops.registry import register
 

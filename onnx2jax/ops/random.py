@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.ops.registry import register
 
 _FLOATS = (np.float16, np.float32, np.float64, jnp.bfloat16)

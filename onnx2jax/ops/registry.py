@@ -1,9 +1,9 @@
 """The one operator registry: ``(domain, op_type, since_version) -> op function``.
 
-An op function takes an :class:`~onnx2jax.convert.OpContext` and the node's inputs (``None`` for
-an absent optional input) and returns one value, or a ``tuple`` with one value per output.
-Values are NumPy arrays when static (known at trace time), JAX arrays when traced, Python lists
-for ONNX sequences.
+An op function takes an :class:`~onnx2jax.core.convert.OpContext` and the node's inputs
+(``None`` for an absent optional input) and returns one value, or a ``tuple`` with one value per
+output. Values are NumPy arrays when static (known at trace time), JAX arrays when traced,
+Python lists for ONNX sequences.
 
 The model's opset picks the newest registered version at or below it, so a model of opset 17
 runs the implementation registered ``since=13`` until the semantics change again.

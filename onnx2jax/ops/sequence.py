@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.convert import is_concrete
+from onnx2jax.core.convert import is_concrete
 from onnx2jax.ops.registry import register
 
 

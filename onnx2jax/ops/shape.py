@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax.convert import is_static
-from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.core.convert import is_static
+from onnx2jax.core.dtypes import numpy_dtype
+from onnx2jax.core.settings import max_static_bytes
 from onnx2jax.ops.registry import register
-from onnx2jax.settings import max_static_bytes
 
 
 def _axis(ctx, axis, rank, what="axis"):
@@ -70,7 +70,7 @@ def constant(ctx):
     if "value_strings" in ctx.attrs:
         return np.asarray(ctx.attrs["value_strings"], dtype=object)
     if "sparse_value" in ctx.attrs:
-        from onnx2jax.graph import _sparse_to_dense
+        from onnx2jax.core.graph import _sparse_to_dense
 
         return _sparse_to_dense(ctx.attrs["sparse_value"], ctx.interpreter.base_dir)
     if "value" not in ctx.attrs:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.ops.registry import register
 
 
