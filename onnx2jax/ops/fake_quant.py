@@ -33,13 +33,13 @@ def quantized_range(dtype: Any) -> tuple[float, float]:
     """The smallest and largest value of a quantized type (integer, float8 or float4).
 
     Example:
-        >>> quantized_range(np.dtype(np.uint8))
-        (0, 255)
+        >>> quantized_range(np.dtype(np.uint8)), quantized_range(np.dtype(ml_dtypes.int4))
+        ((0, 255), (-8, 7))
         >>> quantized_range(np.dtype(ml_dtypes.float8_e4m3fn))
         (-448.0, 448.0)
     """
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer) or dtype.kind in "iu":
+    if jnp.issubdtype(dtype, jnp.integer):  # ml_dtypes' int4 and int2 included
         return integer_range(dtype)
     largest = float(ml_dtypes.finfo(dtype).max)
     return -largest, largest

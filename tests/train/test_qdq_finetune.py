@@ -112,26 +112,28 @@ def test_pairs_planned_as_fake_quantize_compute_the_pair_bit_for_bit(qdq, monkey
     np.testing.assert_array_equal(np.asarray(pairs.apply(pairs.params, x)["y"]), fused)
 
 
-def test_straight_through_gradient_is_one_inside_the_range_and_zero_outside():
-    # uint8, scale 0.1, zero point 128: the pair represents [-12.8, 12.7].
+def pair_model(scale: float, zero_type: int, zero: int, opset: int, size: int) -> onnx2jax.Model:
+    """``y = DequantizeLinear(QuantizeLinear(x))`` with a scalar scale and zero point."""
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
     ]
-    proto = helper.make_model(
-        helper.make_graph(
-            nodes,
-            "pair",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6])],
-            [
-                helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
-                helper.make_tensor("z", TensorProto.UINT8, [], [128]),
-            ],
-        ),
-        opset_imports=[helper.make_opsetid("", 19)],
+    graph = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size])],
+        [
+            helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+            helper.make_tensor("z", zero_type, [], [zero]),
+        ],
     )
-    model = onnx2jax.load(proto)
+    return onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def test_straight_through_gradient_is_one_inside_the_range_and_zero_outside():
+    # uint8, scale 0.1, zero point 128: the pair represents [-12.8, 12.7].
+    model = pair_model(0.1, TensorProto.UINT8, 128, 19, size=6)
     x = np.array([-20.0, -12.8, -3.04, 0.0, 12.7, 13.5], np.float32)
     grad = jax.grad(lambda x: model.apply(model.params, x)["y"].sum())(x)
     np.testing.assert_array_equal(np.asarray(grad), [0, 1, 1, 1, 1, 0])
@@ -199,3 +201,16 @@ def test_only_pairs_whose_integer_nothing_else_reads_are_fused():
     assert [(n.op_type, n.domain, n.name, list(n.input)) for n in fused] == [
         ("FakeQuantizeLinear", "ai.onnx2jax", "quantize", ["w", "s", "", "s", ""])
     ]
+
+
+@pytest.mark.parametrize(
+    "elem_type,opset",
+    [(TensorProto.INT8, 13), (TensorProto.INT4, 21), (TensorProto.FLOAT8E4M3FN, 19)],
+    ids=["int8", "int4", "float8e4m3fn"],
+)
+def test_straight_through_gradient_clips_at_each_types_range(elem_type, opset):
+    # Scale 0.5: int8 represents [-64, 63.5], int4 [-4, 3.5], float8e4m3fn [-224, 224].
+    model = pair_model(0.5, elem_type, 0, opset, size=5)
+    x = np.array([-600.0, -3.9, 0.2, 3.4, 600.0], np.float32)
+    grad = jax.grad(lambda x: model.apply(model.params, x)["y"].sum())(x)
+    np.testing.assert_array_equal(np.asarray(grad), [0, 1, 1, 1, 0])
