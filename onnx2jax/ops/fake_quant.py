@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from onnx2jax.convert import is_static
+from onnx2jax.core.convert import is_static
 from onnx2jax.ops.quantization import integer_range
 from onnx2jax.ops.registry import ONNX2JAX, register
 
