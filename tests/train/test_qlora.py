@@ -316,6 +316,21 @@ def test_lora_on_an_int4_builder_llama(tmp_path):
     ours = np.asarray(lora.apply(result.params, **feeds)[logits_name])
     np.testing.assert_allclose(served, ours, atol=1e-4, rtol=1e-4)
 
+    # Re-quantized in the builder's block format: each value within a step of its block, and
+    # onnxruntime reads the packed bytes, scales and zero points as onnx2jax does.
+    requantized = lora.requantize(result.params)
+    assert all(requantized.error[t.weight] <= requantized.step[t.weight] for t in packed)
+    merged = tmp_path / "merged.onnx"
+    lora.save(merged, result.params, merge=True)
+    session = onnxruntime.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
+    again = onnx2jax.load(merged)
+    np.testing.assert_allclose(
+        session.run([logits_name], feeds)[0],
+        np.asarray(again.apply(again.params, **feeds)[logits_name]),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
 
 def test_save_refuses_to_replace_the_file_whose_data_the_model_reads(int4, tuned, tmp_path):
     _, path, x = int4
