@@ -50,7 +50,7 @@ def test_graph_stored_in_reverse_order_is_planned_in_linear_time():
     out = run_limited(
         """
         import time
-        from tests.test_hardening import chain_model
+        from tests.core.test_hardening import chain_model
         from onnx2jax.core.graph import plan_graph
         model = chain_model(30000, reverse=True)
         start = time.perf_counter()
@@ -148,7 +148,7 @@ def test_huge_static_values_are_left_to_xla(producer):
     out = run_limited(
         f"""
         import numpy as np, onnx2jax
-        from tests.test_hardening import huge_constant_model
+        from tests.core.test_hardening import huge_constant_model
         model = onnx2jax.load(huge_constant_model({producer!r}))
         print(float(model(x=np.float32(1))["y"]))
     """,

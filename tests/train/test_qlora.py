@@ -242,7 +242,7 @@ def test_lora_on_an_int4_builder_llama(tmp_path):
 
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("onnxruntime_genai")
-    from tests.test_generate import tiny_tokenizer
+    from tests.test_generation import tiny_tokenizer
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
