@@ -1,10 +1,12 @@
 """Data-parallel fine-tuning of a sharded model in one process or in several.
 
 Run by tests/core/test_sharding.py: ``python tests/core/sharding_processes.py MODEL OUT
-[PROCESS COUNT PORT]``. With a process id, count and port it joins the others through
-``jax.distributed.initialize`` on 127.0.0.1 (CPU collectives over gloo); each process writes to
-OUT the losses and the shards of the trained params its own devices hold, by their index in
-the whole param, for the test to compare with a one-process run.
+CHECKPOINTS [PROCESS COUNT PORT]``. With a process id, count and port it joins the others
+through ``jax.distributed.initialize`` on 127.0.0.1 (CPU collectives over gloo); each process
+writes to OUT the losses and the shards of the trained params its own devices hold, by their
+index in the whole param, for the test to compare with a one-process run. The trained state is
+checkpointed with orbax into the folder CHECKPOINTS (every process its own shards) and restored
+into a fresh state; OUT says whether it came back the same.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from jax.sharding import PartitionSpec as P
 STEPS = 3
 
 
-def main(model_path: str, out: str, *joined: str) -> None:
+def main(model_path: str, out: str, checkpoints: str, *joined: str) -> None:
     if joined:
         process, count, port = (int(v) for v in joined)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=count, process_id=process)
     import onnx2jax
     from onnx2jax import train
+    from onnx2jax.train.checkpoint import Checkpointer
 
     assert len(jax.devices()) == 8, jax.devices()
     model = onnx2jax.load(model_path, sharding="fsdp")
@@ -60,6 +63,24 @@ def main(model_path: str, out: str, *joined: str) -> None:
         for shard in value.addressable_shards:
             key = ";".join(f"{s.start}:{s.stop}" for s in shard.index)
             shards[f"{name}|{key}"] = np.asarray(shard.data)
+    with Checkpointer(checkpoints) as checkpointer:
+        checkpointer.save(STEPS, state, force=True)
+        checkpointer.wait()
+        restored = checkpointer.restore(train.init(trainable, optimizer))
+    # The moments and params come back in their shards; the counts (scalars) as the fresh
+    # state holds them.
+    pairs = zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True)
+    same = all(
+        float(a) == float(b)
+        if a.ndim == 0
+        else a.sharding == b.sharding
+        and all(
+            np.array_equal(np.asarray(x.data), np.asarray(y.data))
+            for x, y in zip(a.addressable_shards, b.addressable_shards, strict=True)
+        )
+        for a, b in pairs
+    )
+    shards["restored_same"] = np.array(same)
     np.savez(out, **shards)
     if joined:
         jax.distributed.shutdown()

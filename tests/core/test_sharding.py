@@ -225,12 +225,11 @@ def test_gpt2_on_eight_devices(gpt2: tuple[Path, Path], tmp_path: Path):
 def test_two_processes_fine_tune_as_one(gpt2: tuple[Path, Path], tmp_path: Path):
     """Two processes of four CPU devices joined by jax.distributed train a "fsdp" GPT-2 three
     steps on a batch split over all eight devices: the same losses and params as one process
-    with eight devices."""
+    with eight devices; an orbax checkpoint both write restores the same shards."""
     inline = str(gpt2[0])
     logs = [tmp_path / f"log{i}.txt" for i in range(3)]
-    single = _script(
-        "sharding_processes.py", inline, str(tmp_path / "one.npz"), devices=8, log=logs[2]
-    )
+    one_file, ckpt = str(tmp_path / "one.npz"), str(tmp_path / "one-ckpt")
+    single = _script("sharding_processes.py", inline, one_file, ckpt, devices=8, log=logs[2])
     _finished(single, logs[2])
     with socket.socket() as probe:  # a free port for the coordinator
         probe.bind(("127.0.0.1", 0))
@@ -238,7 +237,7 @@ def test_two_processes_fine_tune_as_one(gpt2: tuple[Path, Path], tmp_path: Path)
     pair = [
         _script(
             "sharding_processes.py",
-            *(inline, str(tmp_path / f"{i}.npz"), str(i), "2", port),
+            *(inline, str(tmp_path / f"{i}.npz"), str(tmp_path / "ckpt"), str(i), "2", port),
             devices=4,
             log=logs[i],
         )
@@ -251,8 +250,12 @@ def test_two_processes_fine_tune_as_one(gpt2: tuple[Path, Path], tmp_path: Path)
     for i in range(2):
         part = np.load(tmp_path / f"{i}.npz")
         np.testing.assert_allclose(part["losses"], one["losses"], atol=1e-5)
+        assert part["restored_same"] and one["restored_same"]
         for key in part.files:
             np.testing.assert_allclose(part[key], one[key], atol=1e-5, err_msg=key)
             held.add(key)
     # Between them the two processes hold every shard of every param.
     assert held == set(one.files)
+    # Each process wrote its own shards of the checkpoint (orbax's per-process stores).
+    written = {p.name for p in (tmp_path / "ckpt" / "3" / "default").glob("ocdbt.process_*")}
+    assert written == {"ocdbt.process_0", "ocdbt.process_1"}
