@@ -184,6 +184,7 @@ def test_gpt2_on_eight_devices(gpt2: tuple[Path, Path], tmp_path: Path):
             assert entry["step_error"] < 1e-5, (key, entry["step_error"])
             assert entry["save_identical"], key
             assert entry["onnxruntime_error"] < 1e-5, key
+            assert entry["auto_external"] and entry["auto_error"] < 1e-5, key
     assert (
         "P(None, 'data')"
         in report["tensor/inline"]["shards"]["inner.transformer.h.0.attn.c_attn.weight"]
