@@ -55,7 +55,7 @@ from typing import Any
 
 import jax
 
-from onnx2jax import safety, settings
+from onnx2jax.core import safety, settings
 
 log = logging.getLogger("onnx2jax")
 

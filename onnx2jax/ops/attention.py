@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from onnx2jax.dtypes import numpy_dtype
+from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.ops.cast import cast_to_type
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.math import matmul

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from onnx2jax.convert import is_static
+from onnx2jax.core.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import register
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax.convert import is_static
+from onnx2jax.core.convert import is_static
 from onnx2jax.native import calls, layouts
 from onnx2jax.ops.attention import softmax_attention
 from onnx2jax.ops.nn import conv_geometry

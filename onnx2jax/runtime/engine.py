@@ -31,9 +31,9 @@ import numpy as np
 import onnx
 
 from onnx2jax import native
-from onnx2jax.convert import Interpreter
-from onnx2jax.errors import DataDependentShapeError
-from onnx2jax.graph import GraphPlan
+from onnx2jax.core.convert import Interpreter
+from onnx2jax.core.errors import DataDependentShapeError
+from onnx2jax.core.graph import GraphPlan
 from onnx2jax.native import layouts as native_layouts
 from onnx2jax.ops.native_calls import PRECISION
 from onnx2jax.runtime import cache as cache_module

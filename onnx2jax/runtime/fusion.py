@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import onnx
 
-from onnx2jax.graph import GraphPlan
+from onnx2jax.core.graph import GraphPlan
 from onnx2jax.native import layouts
 from onnx2jax.ops.native_calls import PRECISION
 from onnx2jax.ops.registry import MS, ONNX2JAX, canonical_domain, lookup

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
-from onnx2jax.graph import GraphPlan
+from onnx2jax.core.graph import GraphPlan
 from onnx2jax.native import layouts as native_layouts
 from onnx2jax.ops.registry import MS
 
