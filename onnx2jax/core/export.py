@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 import onnx
+from jax.experimental import multihost_utils
 
 from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.core.errors import InputError
@@ -131,7 +132,7 @@ def _streamed_proto(
 
     def fill(tensor: onnx.TensorProto, is_initializer: bool) -> None:
         if is_initializer and tensor.name in released and not tensor.HasField("raw_data"):
-            tensor.raw_data = _little_endian_bytes(np.asarray(released[tensor.name]))
+            tensor.raw_data = _little_endian_bytes(host_array(released[tensor.name]))
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _inline_tensor(tensor, model.base_dir)
         if is_initializer and tensor.name in remaining:
@@ -154,6 +155,20 @@ def _estimated_bytes(model: ModelLike, params: Mapping[str, Any] | None) -> int:
         else:
             total += tensor.ByteSize()
     return total
+
+
+def host_array(value: Any) -> np.ndarray:
+    """``value`` as a NumPy array in this process; a ``jax.Array`` with shards in other
+    processes is gathered from all of them (every process must make the same call).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> host_array(jnp.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    return np.asarray(value)
 
 
 def _sharded(values: Iterable[Any]) -> bool:
@@ -251,6 +266,13 @@ def save(
     comparing it with ``model.apply``; pass a dict of inputs to choose them, else random
     ones with each free dimension set to 2 are used (zeros for integer inputs).
 
+    Sharded params (``jax.Array``s over several devices) are written to external data when
+    it is asked for or the model is over 2 GB, one param at a time, each gathered alone; the
+    files are the same bytes as a save of the same values unsharded. Params with shards in
+    several processes (``jax.distributed``) are always written so: every process calls
+    ``save`` with the same arguments and takes part in each param's gather, the first process
+    (``jax.process_index() == 0``) writes the files, and ``verify`` is refused.
+
     Example:
         >>> import os, tempfile, onnx2jax
         >>> model = onnx2jax.load(onnx2jax.example_path())
@@ -262,11 +284,23 @@ def save(
     path = Path(path)
     # Sharded params go to external data one by one, each gathered alone (_streamed_proto).
     fill = None
-    if _sharded({**model.params, **(params or {})}.values()):
-        if not external_data and _estimated_bytes(model, params) >= PROTO_LIMIT:
+    values = {**model.params, **(params or {})}.values()
+    if _sharded(values):
+        # Params of several processes: each process calls save and takes part in each
+        # param's gather; the first one writes.
+        elsewhere = any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in values)
+        if elsewhere and verify is not False:
+            raise InputError(
+                "verify runs the model in this process alone; save from several processes "
+                "without it, then verify the file in one"
+            )
+        if elsewhere or (not external_data and _estimated_bytes(model, params) >= PROTO_LIMIT):
             external_data = True
         if external_data:
             proto, fill = _streamed_proto(model, params)
+            if jax.process_index() != 0:
+                _gather_only(proto.graph, fill)
+                return None
     if fill is None:
         proto = to_onnx(model, params)
         if not external_data and _tensor_bytes(proto.graph) >= PROTO_LIMIT:
@@ -383,7 +417,7 @@ def _updated_tensor(
 ) -> onnx.TensorProto | None:
     """A tensor like ``original`` holding ``value``; ``None`` when the bytes are unchanged."""
     dtype = numpy_dtype(original.data_type)
-    new = np.asarray(value)
+    new = host_array(value)
     if tuple(new.shape) != tuple(original.dims):
         raise InputError(
             f"param {original.name!r} has shape {tuple(new.shape)}, but the "
@@ -485,6 +519,15 @@ def _stream_to_external(
         _move_tensor(tensor, handle, location)
     handle.flush()
     os.fsync(handle.fileno())
+
+
+def _gather_only(graph: onnx.GraphProto, fill: Callable[[onnx.TensorProto, bool], None]) -> None:
+    """What :func:`_stream_to_external` gathers, in its order, with nothing written: the part
+    of a save from several processes that the processes other than the first take."""
+    initializers = len(graph.initializer)
+    for position, tensor in enumerate(_graph_tensors(graph)):
+        fill(tensor, position < initializers)
+        tensor.ClearField("raw_data")
 
 
 def _move_tensor(tensor: onnx.TensorProto, handle: Any, location: str) -> None:

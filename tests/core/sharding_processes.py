@@ -6,12 +6,14 @@ through ``jax.distributed.initialize`` on 127.0.0.1 (CPU collectives over gloo);
 writes to OUT the losses and the shards of the trained params its own devices hold, by their
 index in the whole param, for the test to compare with a one-process run. The trained state is
 checkpointed with orbax into the folder CHECKPOINTS (every process its own shards) and restored
-into a fresh state; OUT says whether it came back the same.
+into a fresh state; OUT says whether it came back the same. Then the trained model is saved
+with external data as CHECKPOINTS-saved/tuned.onnx.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -81,6 +83,9 @@ def main(model_path: str, out: str, checkpoints: str, *joined: str) -> None:
         for a, b in pairs
     )
     shards["restored_same"] = np.array(same)
+    # Every process saves; the first writes the file, from each param gathered in turn.
+    saved = Path(f"{checkpoints}-saved") / "tuned.onnx"
+    model.save(saved, train.merge(state.params, frozen), external_data=True)
     np.savez(out, **shards)
     if joined:
         jax.distributed.shutdown()

@@ -260,3 +260,22 @@ def test_two_processes_fine_tune_as_one(gpt2: tuple[Path, Path], tmp_path: Path)
     # Each process wrote its own shards of the checkpoint (orbax's per-process stores).
     written = {p.name for p in (tmp_path / "ckpt" / "3" / "default").glob("ocdbt.process_*")}
     assert written == {"ocdbt.process_0", "ocdbt.process_1"}
+    # The two processes' save holds exactly the shards they trained, and the one process's
+    # save its own (the two trainings sum in different orders).
+    for saved, parts in (("ckpt-saved", ["0.npz", "1.npz"]), ("one-ckpt-saved", ["one.npz"])):
+        stored = onnx.load(str(tmp_path / saved / "tuned.onnx"))
+        values = {t.name: numpy_helper.to_array(t) for t in stored.graph.initializer}
+        for part in parts:
+            shards = np.load(tmp_path / part)
+            for key in shards.files:
+                if "|" in key:
+                    name, index = key.split("|")
+                    np.testing.assert_array_equal(values[name][_slices(index)], shards[key])
+
+
+def _slices(index: str) -> tuple[slice, ...]:
+    """The slices sharding_processes.py wrote as ``start:stop;start:stop``."""
+    return tuple(
+        slice(*(None if v == "None" else int(v) for v in part.split(":")))
+        for part in index.split(";")
+    )
