@@ -57,6 +57,8 @@ class Model:
     fusion off); pass them to your own ``jax.jit`` for the same speed:
     ``jax.jit(model.apply, compiler_options=model.compiler_options)``. ``engine`` is the
     compiled side of ``model(...)`` (onnx2jax/runtime/engine.py), for tools that inspect it.
+    ``mesh`` is the ``jax.sharding.Mesh`` the params are sharded on when the model was loaded
+    with ``mesh`` or ``sharding`` (else ``None``; see :attr:`shardings`, docs/sharding.md).
 
     Example:
         >>> import numpy as np, onnx2jax
