@@ -109,6 +109,9 @@ class Model:
                 if value is not None:
                     mapped[tensor.name] = value
         self.plan: GraphPlan = plan_graph(proto.graph, self.opsets, base_dir, decoded=mapped)
+        # Only the plan holds the maps, so each param's closes once its shards are made.
+        mapped_names = set(mapped)
+        del mapped
         self._interpreter = Interpreter(
             self.opsets, base_dir, precision, widen_float16=float16_compute == "float32"
         )
@@ -145,10 +148,8 @@ class Model:
             specs = param_specs(self.plan, host, self.mesh, sharding or "replicated")
             self.params = place_params(host, specs, self.mesh)
             # Constants are read whole (shapes, indices); no map of the file stays open.
-            for name in mapped:
-                if name in self.plan.constants:
-                    self.plan.constants[name] = np.array(self.plan.constants[name])
-        del mapped
+            for name in mapped_names & set(self.plan.constants):
+                self.plan.constants[name] = np.array(self.plan.constants[name])
         jax.block_until_ready(self.params)  # the copies run on XLA's threads; load trims after
         self.released_weights: Params = {k: self.params[k] for k in released}
         self.proto = proto
