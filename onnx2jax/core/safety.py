@@ -1,7 +1,7 @@
 """File-permission checks for what onnx2jax reads back from disk and then trusts.
 
-The compile cache (onnx2jax/aot.py) and the native kernels (onnx2jax/native.py) load things
-that run code in this process: an unpickled executable, a shared library. They are only read
+The compile cache (onnx2jax/runtime/cache.py) and the native kernels (onnx2jax/native/) load
+things that run code in this process: an unpickled executable, a shared library. They are only read
 from folders and files that no other user can have written, the rules ssh applies to
 ``~/.ssh``:
 

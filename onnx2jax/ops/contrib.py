@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.ops.math import in_float32, softmax_over
 from onnx2jax.ops.nn import convolve
 from onnx2jax.ops.registry import MS, register
+from onnx2jax.ops.softmax import in_float32, softmax_over
 
 
 def _gelu(x):
@@ -82,7 +82,7 @@ _CONV_ACTIVATION_PARAMS = {"LeakyRelu": 1, "Clip": 2, "HardSigmoid": 2}
 @register("FusedConv", since=1, domain=MS)
 def fused_conv(ctx, x, w, b=None, z=None):
     """activation(Conv(x, w, b) + z): onnxruntime's fusion, and onnx2jax's own for the native
-    kernels (onnx2jax/fusion.py)."""
+    kernels (onnx2jax/runtime/fusion.py; NativeConv in ops/native_calls.py)."""
     activation = ctx.attr("activation", "")
     params = list(ctx.attr("activation_params", []))
     if activation in ("", "Relu"):

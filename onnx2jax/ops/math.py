@@ -8,9 +8,6 @@ from onnx2jax.core.convert import is_static
 from onnx2jax.ops.elementwise import jax_on
 from onnx2jax.ops.registry import register
 
-# Re-exported for ops/contrib.py, which imports them from here.
-from onnx2jax.ops.softmax import in_float32, softmax_over  # noqa: F401
-
 
 @register("MatMul", since=(1, 9, 13))
 def matmul(ctx, a, b):
