@@ -19,6 +19,7 @@ from onnx2jax.core.errors import (
 )
 from onnx2jax.core.model import Model, load
 from onnx2jax.core.sharding import ShardingError
+from onnx2jax.generation import TextGenerator, generate, generate_stream
 from onnx2jax.hub import from_hub
 from onnx2jax.runtime.process import tune_process
 from onnx2jax.text import SentenceEncoder
@@ -40,9 +41,12 @@ __all__ = [
     "OpError",
     "SentenceEncoder",
     "ShardingError",
+    "TextGenerator",
     "UnsupportedOpError",
     "example_path",
     "from_hub",
+    "generate",
+    "generate_stream",
     "load",
     "tune_process",
 ]
