@@ -63,25 +63,12 @@ ORDER = list(LAYERS)
 # The modules that moved, by old path: the module(s) each old path forwards to.
 OLD_PATHS = {
     "errors": ("core.errors",),
-    "dtypes": ("core.dtypes",),
     "settings": ("core.settings",),
-    "safety": ("core.safety",),
-    "loader": ("core.loader",),
-    "graph": ("core.graph",),
-    "convert": ("core.convert",),
-    "export": ("core.export",),
     "model": ("core.model",),
     "aot": ("runtime.aot", "runtime.cache"),
-    "devices": ("runtime.devices",),
-    "segments": ("runtime.segments",),
-    "fusion": ("runtime.fusion",),
-    "process": ("runtime.process",),
-    "cputhreads": ("runtime.cputhreads",),
-    "hostmem": ("runtime.hostmem",),
     "lora": ("train.lora",),
     "checkpoint": ("train.checkpoint",),
     "nnx": ("train.nnx",),
-    "bench": ("cli.bench",),
     "coverage": ("cli.coverage",),
 }
 
@@ -234,10 +221,10 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert "onnx2jax.core.model" not in GRAPH["onnx2jax.runtime.engine"]
     assert "onnx2jax.ops.registry" in GRAPH["onnx2jax.core.convert"]
     assert "onnx2jax.runtime.options" in GRAPH["onnx2jax.train.steps"]
-    assert "onnx2jax.core.graph" in GRAPH["onnx2jax.graph"]
+    assert "onnx2jax.core.model" in GRAPH["onnx2jax.model"]
     assert _resolve("onnx2jax.example_path") == "onnx2jax"
     assert ORDER.index(_layer("onnx2jax.core.model")) > ORDER.index(_layer("onnx2jax.runtime.aot"))
-    assert _layer("onnx2jax.core.graph") == _layer("onnx2jax.graph") == "core"
+    assert _layer("onnx2jax.core.errors") == _layer("onnx2jax.errors") == "core"
     assert _layer("onnx2jax.model") == "model" and _layer("onnx2jax") == "applications"
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
@@ -261,12 +248,9 @@ def test_old_paths_only_forward(old):
 
 def test_old_import_paths_keep_working():
     """The names users and docs import from the old paths are the new modules' objects."""
-    from onnx2jax import aot, checkpoint, devices, fusion, graph, lora, model, nnx, segments
+    from onnx2jax import aot, checkpoint, lora, model, nnx
     from onnx2jax.runtime import aot as runtime_aot
     from onnx2jax.runtime import cache, options
-    from onnx2jax.runtime import devices as runtime_devices
-    from onnx2jax.runtime import fusion as runtime_fusion
-    from onnx2jax.runtime import segments as runtime_segments
     from onnx2jax.train import checkpoint as train_checkpoint
     from onnx2jax.train import lora as train_lora
     from onnx2jax.train import nnx as train_nnx
@@ -275,12 +259,7 @@ def test_old_import_paths_keep_working():
     assert aot.load_artifact is runtime_aot.load_artifact
     assert aot.cached_call is runtime_aot.cached_call
     assert aot.ExecutableCache is cache.ExecutableCache and aot.CACHE_ENV == cache.CACHE_ENV
-    assert devices.split_devices is runtime_devices.split_devices
-    assert segments.SegmentedRunner is runtime_segments.SegmentedRunner
-    assert fusion.fuse_attention is runtime_fusion.fuse_attention
     assert model.inference_compiler_options is options.inference_compiler_options
     assert model.default_compiler_options is options.default_compiler_options
     assert lora.LoRA is train_lora.LoRA and nnx.OnnxModule is train_nnx.OnnxModule
     assert checkpoint.Checkpointer is train_checkpoint.Checkpointer
-    # A private name, as onnx2jax/ops/shape.py imports it, forwards too.
-    assert graph._sparse_to_dense is importlib.import_module("onnx2jax.core.graph")._sparse_to_dense

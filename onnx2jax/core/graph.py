@@ -155,7 +155,7 @@ def plan_graph(
         for t in graph.initializer
     }
     for sparse in graph.sparse_initializer:
-        initializers[sparse.values.name] = _sparse_to_dense(sparse, base_dir)
+        initializers[sparse.values.name] = sparse_to_dense(sparse, base_dir)
     nodes = _topological_order(
         graph, set(initializers) | {v.name for v in graph.input}, enclosed=not trainable
     )
@@ -235,7 +235,7 @@ def _check_names(graph: onnx.GraphProto) -> None:
                 raise bad(f"a tensor name of node {node.name!r}", name)
 
 
-def _sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
+def sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
     """The dense array of a sparse initializer; indices are checked against its shape."""
     name = sparse.values.name
     values = tensor_to_numpy(sparse.values, base_dir)

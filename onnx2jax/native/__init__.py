@@ -185,7 +185,7 @@ def _expected_manifest(compiler: str) -> dict[str, Any]:
 
 
 def _manifest_signature(manifest: dict[str, Any], library_sha256: str) -> str:
-    """The HMAC, with this user's secret key (onnx2jax/safety.py), of a manifest: someone who
+    """The HMAC, with this user's secret key (onnx2jax/core/safety.py), of a manifest: someone who
     could write into the folder still could not make a library of theirs verify."""
     return safety.sign(
         safety.cache_secret(),

@@ -70,9 +70,9 @@ def constant(ctx):
     if "value_strings" in ctx.attrs:
         return np.asarray(ctx.attrs["value_strings"], dtype=object)
     if "sparse_value" in ctx.attrs:
-        from onnx2jax.core.graph import _sparse_to_dense
+        from onnx2jax.core.graph import sparse_to_dense
 
-        return _sparse_to_dense(ctx.attrs["sparse_value"], ctx.interpreter.base_dir)
+        return sparse_to_dense(ctx.attrs["sparse_value"], ctx.interpreter.base_dir)
     if "value" not in ctx.attrs:
         raise ctx.error("Constant has none of the value attributes")
     return ctx.attrs["value"]

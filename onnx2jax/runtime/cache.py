@@ -88,12 +88,12 @@ class ExecutableCache:
     JAX serializes an executable as a pickle (``serialize_executable``), and unpickling runs
     code, so an entry is only unpickled after three checks (:meth:`_verified`): it names the
     full key it was compiled for, its checksum matches, and it carries an HMAC made with this
-    user's secret key (:func:`onnx2jax.safety.cache_secret`, kept outside the folder), which
+    user's secret key (:func:`onnx2jax.core.safety.cache_secret`, kept outside the folder), which
     someone who can only write into the folder cannot forge. The backend's raw executable
     bytes alone are not enough to rebuild a callable without pickle (the pytrees and the
     argument layout travel in the pickle), hence the signature rather than another format.
     The folder itself must be this user's and not writable by others
-    (:func:`onnx2jax.safety.folder_problem`); otherwise the cache is off, with one warning.
+    (:func:`onnx2jax.core.safety.folder_problem`); otherwise the cache is off, with one warning.
 
     Example:
         >>> import tempfile, jax, jax.numpy as jnp

@@ -229,7 +229,7 @@ def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPla
 
     Example:
         >>> import onnx2jax
-        >>> from onnx2jax.fusion import fuse_conv_epilogues
+        >>> from onnx2jax.runtime.fusion import fuse_conv_epilogues
         >>> model = onnx2jax.load(onnx2jax.example_path())
         >>> [n.op_type for n in model.plan.nodes][:3]
         ['Conv', 'Relu', 'MaxPool']
@@ -276,7 +276,7 @@ def fuse_attention(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
     Example:
         >>> from onnx import helper, TensorProto
         >>> import onnx2jax
-        >>> from onnx2jax.fusion import fuse_attention
+        >>> from onnx2jax.runtime.fusion import fuse_attention
         >>> f = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
         >>> nodes = [helper.make_node("MatMul", ["q", "kt"], ["s"]),
         ...          helper.make_node("Softmax", ["s"], ["p"], axis=-1),

@@ -21,7 +21,7 @@ from onnx2jax.fuzz.loader import MODEL_FILE, Worker, fuzz_loader, make_mutant, s
 
 # Findings in files the loader's maintainers do not own, reported with repros; each entry is
 # removed when its fix lands, so a new kind of finding always fails this test. Patterns, so
-# that a module moving (onnx2jax/segments.py -> onnx2jax/runtime/segments.py) keeps them.
+# that a module moving (onnx2jax/a.py -> onnx2jax/core/a.py) keeps them.
 KNOWN_FINDINGS: list[str] = []
 
 

@@ -45,8 +45,8 @@ class SharedWork {
   // Computes every item with the pool's threads and returns when all are done.
   //
   // XLA runs a call on one of its pool's workers, each pinned to a CPU of its own
-  // (onnx2jax/cputhreads.py), or on a thread of its own. A worker computes its share and waits
-  // for the others by spinning. Any other thread shares a CPU with a worker, so it sleeps
+  // (onnx2jax/runtime/cputhreads.py), or on a thread of its own. A worker computes its share
+  // and waits for the others by spinning. Any other thread shares a CPU with a worker, so it sleeps
   // while the workers compute (measured faster than computing or spinning too:
   // benchmarks/LOG.md). If no worker has started within a millisecond (each busy elsewhere),
   // it computes too.

@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
 from onnx2jax import native
-from onnx2jax.fusion import fuse_attention
 from onnx2jax.native import calls
+from onnx2jax.runtime.fusion import fuse_attention
 from tests.helpers import f32
 
 needs_kernels = pytest.mark.skipif(

@@ -492,7 +492,7 @@ def _resnet_block(x_shape=(2, 16, 9, 9), channels=64, outputs=("y",)):
 
 
 def test_conv_epilogues_fuse_where_nothing_else_reads_the_intermediates():
-    from onnx2jax.fusion import fuse_conv_epilogues
+    from onnx2jax.runtime.fusion import fuse_conv_epilogues
 
     model = onnx2jax.load(_resnet_block())
     fused = fuse_conv_epilogues(model.plan)
