@@ -18,7 +18,6 @@ bucket, ``max_length``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import weakref
@@ -31,14 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.core.errors import InputError, ModelLoadError, Onnx2JaxError
+from onnx2jax.core.errors import InputError, Onnx2JaxError
 from onnx2jax.core.model import Model, load
-from onnx2jax.hub import download_model, hub_file, optional_hub_file
+from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
 from onnx2jax.runtime.options import (
     inference_compiler_options,
     jit_with_options,
     options_outside_traces,
 )
+from onnx2jax.text import read_tokenizer
 
 
 class GenerationError(Onnx2JaxError, ValueError):
@@ -893,11 +893,7 @@ class TextGenerator:
             >>> generator.defaults["eos_token_id"]  # doctest: +SKIP
             2
         """
-
-        def fetch(name: str, required: bool) -> Path | None:
-            if required:
-                return hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
-            return optional_hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
+        fetch = repo_fetcher(repo_id, revision, cache_dir=cache_dir, token=token)
 
         def model(name: str) -> Model:
             path = download_model(repo_id, name, revision, cache_dir=cache_dir, token=token)
@@ -923,17 +919,11 @@ class TextGenerator:
             ModelLoadError: /no/such/folder/tokenizer.json is missing
         """
         root = Path(folder)
-
-        def fetch(name: str, required: bool) -> Path | None:
-            path = root / name
-            if path.is_file():
-                return path
-            if required:
-                raise ModelLoadError(f"{path} is missing")
-            return None
-
         return cls._from_files(
-            fetch, lambda name: load(root / name, precision=precision), filename, options
+            folder_fetcher(root),
+            lambda name: load(root / name, precision=precision),
+            filename,
+            options,
         )
 
     @classmethod
@@ -944,17 +934,11 @@ class TextGenerator:
         filename: str | None,
         options: dict[str, Any],
     ) -> TextGenerator:
-        from tokenizers import Tokenizer
-
-        tokenizer_path = fetch("tokenizer.json", True)
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # the tokenizers library raises a bare Exception
-            raise ModelLoadError(f"{tokenizer_path} is not a valid tokenizer.json: {exc}") from None
+        tokenizer = read_tokenizer(fetch("tokenizer.json", True))
         configs = {}
         for name in ("generation_config.json", "genai_config.json"):
             path = fetch(name, False)
-            configs[name] = _read_json(path) if path else None
+            configs[name] = read_json(path) if path else None
         genai = configs["genai_config.json"]
         if filename is None:
             decoder_config = ((genai or {}).get("model") or {}).get("decoder") or {}
@@ -1004,10 +988,3 @@ class TextGenerator:
             end = next((i for i, t in enumerate(row) if t in stops), len(row))
             texts_out.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
         return texts_out
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None

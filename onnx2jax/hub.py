@@ -8,8 +8,10 @@ reused, ``HF_HUB_OFFLINE=1`` works from that cache alone, and a token comes from
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,73 @@ def optional_hub_file(
         True
     """
     return _fetch(repo_id, filename, revision, cache_dir, token, missing_ok=True)
+
+
+def repo_fetcher(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> Callable[[str, bool], Path | None]:
+    """``fetch(name, required)`` for a hub repo: the local path of one of its files, through
+    :func:`hub_file` when the file is required, else :func:`optional_hub_file`.
+
+    Example (needs the hub, or the files in the cache):
+        >>> fetch = repo_fetcher("sentence-transformers/all-MiniLM-L6-v2")  # doctest: +SKIP
+        >>> fetch("no_such_file.json", False) is None  # doctest: +SKIP
+        True
+    """
+
+    def fetch(name: str, required: bool) -> Path | None:
+        if required:
+            return hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
+        return optional_hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
+
+    return fetch
+
+
+def folder_fetcher(folder: str | os.PathLike) -> Callable[[str, bool], Path | None]:
+    """``fetch(name, required)`` for a folder laid out as a hub repo: the file's path, ``None``
+    when an optional file is absent, a :class:`~onnx2jax.core.errors.ModelLoadError` when a
+    required one is.
+
+    Example:
+        >>> fetch = folder_fetcher("/no/such/folder")
+        >>> fetch("generation_config.json", False) is None
+        True
+        >>> fetch("tokenizer.json", True)
+        Traceback (most recent call last):
+        ...
+        onnx2jax.core.errors.ModelLoadError: /no/such/folder/tokenizer.json is missing
+    """
+    root = Path(folder)
+
+    def fetch(name: str, required: bool) -> Path | None:
+        path = root / name
+        if path.is_file():
+            return path
+        if required:
+            raise ModelLoadError(f"{path} is missing")
+        return None
+
+    return fetch
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in a model's configuration file; a file that cannot be read or parsed is a
+    :class:`~onnx2jax.core.errors.ModelLoadError` naming it.
+
+    Example:
+        >>> read_json("/no/such/config.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        onnx2jax.core.errors.ModelLoadError: cannot read /no/such/config.json: ...
+    """
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
 
 
 def _fetch(

@@ -10,12 +10,11 @@ run under one ``jax.jit``: each bucket compiles once, whatever the lengths that 
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +22,15 @@ import numpy as np
 
 from onnx2jax.core.errors import InputError, ModelLoadError
 from onnx2jax.core.model import Model, load
-from onnx2jax.hub import download_model, hub_file, optional_hub_file
+from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
 from onnx2jax.runtime.options import (
     inference_compiler_options,
     jit_with_options,
     options_outside_traces,
 )
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 # The legacy boolean keys of sentence-transformers' Pooling config, in its order.
@@ -166,6 +168,24 @@ def pad_tokens(
     return arrays
 
 
+def read_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` read from a ``tokenizer.json``; a file it cannot read is a
+    :class:`~onnx2jax.core.errors.ModelLoadError` naming it.
+
+    Example:
+        >>> read_tokenizer("/no/such/tokenizer.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        onnx2jax.core.errors.ModelLoadError: /no/such/tokenizer.json is not a valid ...
+    """
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises a bare Exception
+        raise ModelLoadError(f"{path} is not a valid tokenizer.json: {exc}") from None
+
+
 class SentenceEncoder:
     """Sentence embeddings from an ONNX text encoder, equal to sentence-transformers' ``encode``.
 
@@ -251,12 +271,7 @@ class SentenceEncoder:
             >>> encoder.pooling  # doctest: +SKIP
             ('mean',)
         """
-
-        def fetch(name: str, required: bool) -> Path | None:
-            if required:
-                return hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
-            return optional_hub_file(repo_id, name, revision, cache_dir=cache_dir, token=token)
-
+        fetch = repo_fetcher(repo_id, revision, cache_dir=cache_dir, token=token)
         model_path = download_model(repo_id, filename, revision, cache_dir=cache_dir, token=token)
         return cls._from_files(load(model_path, precision=precision), fetch, options)
 
@@ -279,44 +294,29 @@ class SentenceEncoder:
             ...
             onnx2jax.core.errors.ModelLoadError: model file not found: /no/such/folder/onnx/...
         """
-        root = Path(folder)
-
-        def fetch(name: str, required: bool) -> Path | None:
-            path = root / name
-            if path.is_file():
-                return path
-            if required:
-                raise ModelLoadError(f"{path} is missing")
-            return None
-
-        return cls._from_files(load(root / filename, precision=precision), fetch, options)
+        model = load(Path(folder) / filename, precision=precision)
+        return cls._from_files(model, folder_fetcher(folder), options)
 
     @classmethod
     def _from_files(
         cls, model: Model, fetch: Callable[[str, bool], Path | None], options: dict[str, Any]
     ) -> SentenceEncoder:
-        from tokenizers import Tokenizer
-
         settings: dict[str, Any] = {"pooling": ("mean",), "normalize": False}
         modules_path = fetch("modules.json", False)
-        for module in _read_json(modules_path) if modules_path else []:
+        for module in read_json(modules_path) if modules_path else []:
             kind = module.get("type", "")
             if kind.endswith("Pooling"):
                 config = fetch(posixpath.join(module.get("path") or "", "config.json"), True)
-                settings["pooling"] = pooling_modes(_read_json(config))
+                settings["pooling"] = pooling_modes(read_json(config))
             elif kind.endswith("Normalize"):
                 settings["normalize"] = True
         bert_config = fetch("sentence_bert_config.json", False)
         if bert_config:
-            config = _read_json(bert_config)
+            config = read_json(bert_config)
             if config.get("max_seq_length"):
                 settings["max_length"] = int(config["max_seq_length"])
             settings["lowercase"] = bool(config.get("do_lower_case", False))
-        tokenizer_path = fetch("tokenizer.json", True)
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # the tokenizers library raises a bare Exception
-            raise ModelLoadError(f"{tokenizer_path} is not a valid tokenizer.json: {exc}") from None
+        tokenizer = read_tokenizer(fetch("tokenizer.json", True))
         settings.update(options)
         return cls(model, tokenizer, **settings)
 
@@ -398,10 +398,3 @@ class SentenceEncoder:
         out = np.empty_like(embeddings)
         out[order] = embeddings
         return out
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
