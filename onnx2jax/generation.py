@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.core.errors import InputError, Onnx2JaxError
+from onnx2jax.core.errors import GenerationError, InputError, Onnx2JaxError
 from onnx2jax.core.model import Model, load
 from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
 from onnx2jax.runtime.options import (
@@ -39,12 +39,6 @@ from onnx2jax.runtime.options import (
     options_outside_traces,
 )
 from onnx2jax.text import read_tokenizer
-
-
-class GenerationError(Onnx2JaxError, ValueError):
-    """The model does not have the inputs and outputs of a decoder with a KV cache, or the
-    generation's arguments do not fit it."""
-
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # Inputs a decoder graph may take beside the past: the token ids are required, the rest is fed
@@ -113,7 +107,7 @@ def cache_layout(model: Model) -> CacheLayout:
         >>> cache_layout(onnx2jax.load(onnx2jax.example_path()))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+        onnx2jax.core.errors.GenerationError: the model is not a decoder with a KV cache: ...
     """
     inputs = {info.name: info for info in model.inputs}
     outputs = set(model.output_names)
@@ -313,7 +307,7 @@ class Decoder:
         >>> decoder(onnx2jax.load(onnx2jax.example_path()))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+        onnx2jax.core.errors.GenerationError: the model is not a decoder with a KV cache: ...
     """
 
     def __init__(self, model: Model):
@@ -628,7 +622,7 @@ def decoder(model: Model) -> Decoder:
         >>> decoder(onnx2jax.load(onnx2jax.example_path()))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+        onnx2jax.core.errors.GenerationError: the model is not a decoder with a KV cache: ...
     """
     found = _DECODERS.get(model)
     if found is None:
@@ -682,7 +676,7 @@ def generate(
         >>> generate(model, [[1, 2, 3]])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+        onnx2jax.core.errors.GenerationError: the model is not a decoder with a KV cache: ...
     """
     return decoder(model).generate(
         input_ids,
@@ -714,7 +708,7 @@ def generate_stream(
         >>> generate_stream(model, [[1, 2, 3]])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        onnx2jax.generation.GenerationError: the model is not a decoder with a KV cache: ...
+        onnx2jax.core.errors.GenerationError: the model is not a decoder with a KV cache: ...
     """
     return decoder(model).stream(input_ids, max_new_tokens, **options)
 

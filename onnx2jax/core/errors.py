@@ -45,6 +45,11 @@ class OpError(Onnx2JaxError):
     """An operator cannot run with the attributes or inputs it was given."""
 
 
+class GenerationError(Onnx2JaxError, ValueError):
+    """The model does not have the inputs and outputs of a decoder with a KV cache, or the
+    generation's arguments do not fit it."""
+
+
 class UnsafeCacheWarning(UserWarning):
     """A cache folder or file others could write (or one not owned by this user) was refused.
 
