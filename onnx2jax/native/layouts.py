@@ -22,8 +22,8 @@ import numpy as np
 from onnx2jax import native
 
 # Winograd F(2x2, 3x3) for 3x3 convolutions of stride and dilation 1 with at most this many input
-# channels (a multiple of the vector width): faster than the direct kernel up to 256 channels,
-# slower at 512, where a block's transformed weights leave L2 (conv2d.cc; benchmarks/LOG.md).
+# channels (a multiple of the vector width): with more, a block's transformed weights leave L2
+# and the direct kernel is the faster one (conv2d.cc; the measurements in benchmarks/LOG.md).
 WINOGRAD_MAX_CHANNELS = 256
 
 
