@@ -8,6 +8,9 @@ so a model holds its weights at the size its file gives them, never as float con
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -18,7 +21,7 @@ from onnx2jax.ops.registry import MS, register
 _PACKED_BITS = (2, 4, 8)
 
 
-def unpack_low_first(packed, bits: int):
+def unpack_low_first(packed: Any, bits: int) -> jax.Array:
     """uint8 ``packed`` [..., n] as [..., n * 8 // bits] unsigned ``bits``-bit values, each byte's
     lowest bits first (onnxruntime's packing of MatMulNBits and GatherBlockQuantized), in int32.
 
@@ -34,6 +37,21 @@ def unpack_low_first(packed, bits: int):
     shifts = jnp.arange(per_byte, dtype=jnp.int32) * bits
     parts = (values[..., None] >> shifts) & ((1 << bits) - 1)
     return parts.reshape(values.shape[:-1] + (values.shape[-1] * per_byte,))
+
+
+def pack_low_first(values: np.ndarray, bits: int) -> np.ndarray:
+    """``bits``-bit unsigned ``values`` [..., m] packed into uint8 [..., m * bits / 8], each
+    byte's lowest bits first (the inverse of :func:`unpack_low_first`), in NumPy: how weights are
+    written back in this format.
+
+    Example:
+        >>> pack_low_first(np.array([[1, 2, 3, 4]]), 4).tolist()
+        [[33, 67]]
+    """
+    per_byte = 8 // bits
+    parts = np.asarray(values, np.uint32).reshape(*values.shape[:-1], -1, per_byte)
+    shifts = np.arange(per_byte, dtype=np.uint32) * bits
+    return (parts << shifts).sum(-1).astype(np.uint8)
 
 
 def _barrier(packed):

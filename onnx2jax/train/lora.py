@@ -51,7 +51,7 @@ from onnx2jax.core import export
 from onnx2jax.core.errors import InputError
 from onnx2jax.core.graph import GraphPlan, TensorInfo
 from onnx2jax.core.model import Model, Params
-from onnx2jax.ops.blockwise_quant import dequantize_nbits
+from onnx2jax.ops.blockwise_quant import dequantize_nbits, pack_low_first
 from onnx2jax.ops.registry import MS, canonical_domain, lookup
 
 A_SUFFIX = "::lora_a"
@@ -481,20 +481,6 @@ def quantize_blocks(
         zero = np.full(scales.shape, 1 << (bits - 1), np.float32)
     q = np.clip(np.round(values / scales[..., None]) + zero[..., None], 0, top)
     return q.reshape(n, blocks * block).astype(np.int32), scales, zero.astype(np.int32)
-
-
-def pack_low_first(values: np.ndarray, bits: int) -> np.ndarray:
-    """``bits``-bit unsigned ``values`` [..., m] packed into uint8 [..., m * bits / 8], each
-    byte's lowest bits first (the inverse of ``blockwise_quant.unpack_low_first``).
-
-    Example:
-        >>> pack_low_first(np.array([[1, 2, 3, 4]]), 4).tolist()
-        [[33, 67]]
-    """
-    per_byte = 8 // bits
-    parts = np.asarray(values, np.uint32).reshape(*values.shape[:-1], -1, per_byte)
-    shifts = np.arange(per_byte, dtype=np.uint32) * bits
-    return (parts << shifts).sum(-1).astype(np.uint8)
 
 
 def _data_files(proto: onnx.ModelProto, folder: Path) -> set[Path]:

@@ -17,9 +17,9 @@ import pytest
 import onnx2jax
 from onnx2jax import train
 from onnx2jax.core.errors import InputError
-from onnx2jax.ops.blockwise_quant import unpack_low_first
+from onnx2jax.ops.blockwise_quant import pack_low_first, unpack_low_first
 from onnx2jax.ops.registry import MS
-from onnx2jax.train.lora import LoRA, pack_low_first, quantize_blocks
+from onnx2jax.train.lora import LoRA, quantize_blocks
 from tests.train.test_qdq_finetune import export_torch
 
 torch = pytest.importorskip("torch")
