@@ -8,6 +8,8 @@ tokens it holds, is one program: rows are placed and masked with indices, never 
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ from jax import lax
 from onnx2jax.ops.registry import MS, register
 
 
-def rotate(x, cos_cache, sin_cache, positions, interleaved: bool):
+def rotate(x: Any, cos_cache: Any, sin_cache: Any, positions: Any, interleaved: bool) -> jax.Array:
     """Rotary embedding of ``x`` [B, N, S, H] at ``positions`` [B, S]: the first
     ``2 * cos_cache.shape[1]`` values of each head turn, the rest pass through.
 

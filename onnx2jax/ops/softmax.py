@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,16 +32,27 @@ def softmax(ctx, x):
     return jax_on(lambda v: in_float32(softmax_over, v, axes), x)
 
 
-def in_float32(function, v, *args):
+def in_float32(function: Callable[..., jax.Array], v: jax.Array, *args: Any) -> jax.Array:
     """``function(v, *args)`` of a 16-bit float ``v`` computed in float32 and rounded once, as
-    onnxruntime computes fp16 softmax (XLA would round every intermediate to 16 bits)."""
+    onnxruntime computes fp16 softmax (XLA would round every intermediate to 16 bits).
+
+    Example:
+        >>> v = jnp.array([1.0, 2.0], jnp.float16)
+        >>> in_float32(softmax_over, v, (0,)).dtype
+        dtype('float16')
+    """
     if v.dtype in (jnp.float16, jnp.bfloat16):
         return function(v.astype(jnp.float32), *args).astype(v.dtype)
     return function(v, *args)
 
 
-def softmax_over(v, axes: tuple[int, ...]):
-    """Softmax over ``axes``; over trailing axes on the CPU, in the fewest passes XLA fuses."""
+def softmax_over(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """Softmax over ``axes``; over trailing axes on the CPU, in the fewest passes XLA fuses.
+
+    Example:
+        >>> softmax_over(jnp.log(jnp.array([[1.0, 3.0]])), (1,)).round(4).tolist()
+        [[0.25, 0.75]]
+    """
     lead = v.ndim - len(axes)
     size = int(np.prod(v.shape[lead:]))
     groups = _row_groups(size) if axes == tuple(range(lead, v.ndim)) else None
