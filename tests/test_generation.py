@@ -383,8 +383,7 @@ def test_text_generator_from_the_hub_reads_tokenizer_and_generation_config(
 def builder_folder(tmp_path_factory):
     """A tiny random Llama written by onnxruntime-genai's model builder (fp32, CPU), and the
     transformers module it came from."""
-    import subprocess
-    import sys
+    from tests.models.exports import run_genai_builder
 
     pytest.importorskip("onnxruntime_genai")
     root = tmp_path_factory.mktemp("builder")
@@ -393,10 +392,7 @@ def builder_folder(tmp_path_factory):
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tiny_tokenizer(), bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]"
     ).save_pretrained(root / "hf")
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(root / "hf")]
-    command += ["-o", str(root / "out"), "-p", "fp32", "-e", "cpu", "-c", str(root / "cache")]
-    subprocess.run(command, check=True, capture_output=True)
-    return module, root / "out"
+    return module, run_genai_builder(root / "hf", root / "out", "fp32", root / "cache")
 
 
 def genai_greedy(folder, prompt, new_tokens):

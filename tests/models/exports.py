@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 MINILM_OUTPUTS = ["last_hidden_state", "pooler_output"]
 
@@ -325,3 +326,25 @@ def sklearn_pipelines(path: Path, kind: str) -> dict[str, np.ndarray]:
     onx = to_onnx(pipe, x[:1], target_opset={"": 17, "ai.onnx.ml": 3})
     path.write_bytes(onx.SerializeToString())
     return {"X": rng.normal(size=(7, 10)).astype(np.float32)}
+
+
+def run_genai_builder(source: Path, out: Path, precision: str, cache: Path, *extra: str) -> Path:
+    """``out``: onnxruntime-genai's model builder run (for the CPU) on ``source``, a
+    save_pretrained folder with a tokenizer, in ``precision`` (fp32, int4...)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source)]
+    command += ["-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache), *extra]
+    subprocess.run(command, check=True, capture_output=True)
+    return out
+
+
+def float_accuracy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with every ``accuracy_level`` set to 0 (in place): onnxruntime then computes
+    the builder's MatMulNBits in float, as onnx2jax does, not with int8 activations."""
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.name == "accuracy_level":
+                attr.i = 0
+    return proto

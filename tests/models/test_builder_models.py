@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +15,7 @@ import onnxruntime
 import pytest
 
 import onnx2jax
+from tests.models.exports import float_accuracy, run_genai_builder
 
 pytestmark = pytest.mark.slow
 
@@ -97,12 +96,7 @@ def builder_models(tmp_path_factory):
         if not source.exists():
             _save_tiny(kind, source)
         out = root / f"{kind}_{precision}"
-        subprocess.run(
-            [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
-             "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(root / "cache"), *extra],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        built[kind, precision] = out
+        built[kind, precision] = run_genai_builder(source, out, precision, root / "cache", *extra)
 
     build("phi3-longrope", "fp32")
     # Tied embeddings shared with the int4 lm_head: the embedding is a GatherBlockQuantized.
@@ -113,11 +107,7 @@ def builder_models(tmp_path_factory):
     for kind in [*ARCHITECTURES, "qwen2-tied"]:
         exact = root / f"{kind}_int4-acc0"
         shutil.copytree(built[kind, "int4"], exact)
-        proto = onnx.load(exact / "model.onnx")
-        for node in proto.graph.node:
-            for attr in node.attribute:
-                if attr.name == "accuracy_level":
-                    attr.i = 0
+        proto = float_accuracy(onnx.load(exact / "model.onnx"))
         (exact / "model.onnx.data").unlink()
         onnx.save(
             proto, exact / "model.onnx", save_as_external_data=True, location="model.onnx.data"

@@ -237,11 +237,10 @@ def test_lora_on_an_int4_builder_llama(tmp_path):
     MatMulNBits train on next-token loss, the packed weights stay constants with their bytes,
     and the saved model's logits in onnxruntime are lora.apply's."""
     import json
-    import subprocess
-    import sys
 
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("onnxruntime_genai")
+    from tests.models.exports import float_accuracy, run_genai_builder
     from tests.test_generation import tiny_tokenizer
 
     torch.manual_seed(0)
@@ -259,17 +258,8 @@ def test_lora_on_an_int4_builder_llama(tmp_path):
     transformers.PreTrainedTokenizerFast(
         tokenizer_object=tiny_tokenizer(), bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]"
     ).save_pretrained(source)
-    subprocess.run(
-        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source),
-         "-o", str(built), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    proto = onnx.load(str(built / "model.onnx"))
-    # accuracy_level 0: onnxruntime computes in float, as onnx2jax does (no int8 activations).
-    for node in proto.graph.node:
-        for attr in node.attribute:
-            if attr.name == "accuracy_level":
-                attr.i = 0
+    run_genai_builder(source, built, "int4", tmp_path / "cache")
+    proto = float_accuracy(onnx.load(str(built / "model.onnx")))
     model = onnx2jax.load(proto)
     lora = LoRA(model, targets="*", rank=4)
     packed = [t for t in lora.targets if t.packed]
