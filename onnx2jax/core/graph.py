@@ -236,7 +236,15 @@ def _check_names(graph: onnx.GraphProto) -> None:
 
 
 def sparse_to_dense(sparse: onnx.SparseTensorProto, base_dir: Path | None) -> np.ndarray:
-    """The dense array of a sparse initializer; indices are checked against its shape."""
+    """The dense array of a sparse initializer; indices are checked against its shape.
+
+    Example:
+        >>> from onnx import helper, numpy_helper
+        >>> values = numpy_helper.from_array(np.array([5.0, 7.0], np.float32), "s")
+        >>> indices = numpy_helper.from_array(np.array([1, 3], np.int64), "s_indices")
+        >>> sparse_to_dense(helper.make_sparse_tensor(values, indices, [2, 2]), None).tolist()
+        [[0.0, 5.0], [0.0, 7.0]]
+    """
     name = sparse.values.name
     values = tensor_to_numpy(sparse.values, base_dir)
     indices = tensor_to_numpy(sparse.indices, base_dir)
