@@ -82,7 +82,17 @@ def _block_zero_points(ctx, zero_points, n, blocks, bits, dtype):
     return jnp.reshape(jnp.asarray(zero_points), (n, blocks)).astype(dtype)
 
 
-def dequantize_nbits(ctx, packed, scales, zero_points, g_idx, n: int, k: int, bits: int, block):
+def dequantize_nbits(
+    ctx: Any,
+    packed: Any,
+    scales: Any,
+    zero_points: Any,
+    g_idx: Any,
+    n: int,
+    k: int,
+    bits: int,
+    block: int,
+) -> jax.Array:
     """The [N, K] float weight of MatMulNBits' packed ``B`` [N, blocks, block * bits / 8].
 
     Example:
