@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onnx2jax.core.errors import GenerationError, InputError, Onnx2JaxError
+from onnx2jax.core.errors import GenerationError, InputError, ModelLoadError, Onnx2JaxError
 from onnx2jax.core.model import Model, load
 from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
 from onnx2jax.runtime.options import (
@@ -933,6 +933,8 @@ class TextGenerator:
         for name in ("generation_config.json", "genai_config.json"):
             path = fetch(name, False)
             configs[name] = read_json(path) if path else None
+            if configs[name] is not None and not isinstance(configs[name], dict):
+                raise ModelLoadError(f"{path} does not hold a JSON object")
         genai = configs["genai_config.json"]
         if filename is None:
             decoder_config = ((genai or {}).get("model") or {}).get("decoder") or {}

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import onnx2jax
 from benchmarks.generate import export_with_cache, tiny_decoder
+from onnx2jax.core.errors import ModelLoadError
 from onnx2jax.generation import (
     GenerationError,
     TextGenerator,
@@ -377,6 +378,13 @@ def test_text_generator_from_the_hub_reads_tokenizer_and_generation_config(
     assert generator.generate(texts, 16) == expected
     capped = TextGenerator.from_folder(folder, max_length=7, eos_token_id=None)
     assert capped.generate(texts[1:], 16) == [" ".join(f"w{t}" for t in free[1][:4])]
+
+
+def test_text_generator_refuses_a_config_that_is_not_an_object(tmp_path):
+    tiny_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text("[2]")
+    with pytest.raises(ModelLoadError, match="generation_config.json does not hold a JSON object"):
+        TextGenerator.from_folder(tmp_path)
 
 
 @pytest.fixture(scope="module")
