@@ -10,13 +10,12 @@ import jax
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
 import onnx2jax
 from onnx2jax.core.errors import OpError
-from tests.helpers import single_node_model
+from tests.helpers import run_reference, single_node_model
 
 MS = "com.microsoft"
 RNG = np.random.default_rng(0)
@@ -26,13 +25,6 @@ def _ours(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     compiled = onnx2jax.load(model)
     out = jax.jit(compiled.apply)(compiled.params, **feeds)
     return [np.asarray(out[name]) for name in compiled.output_names]
-
-
-def _ort(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    session = onnxruntime.InferenceSession(
-        model.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)
 
 
 def _node_model(op, inputs, initializers, outputs=("y",), **attrs):
@@ -96,7 +88,7 @@ def test_matmul_nbits_matches_onnxruntime(bits, block, zero_kind):
         # onnxruntime's CPU kernel refuses 8-bit weights with float zero points.
         want = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, bits, block, k, n)
     else:
-        want = _ort(model, feeds)[0]
+        want = run_reference(model, feeds)[0]
     assert got.shape == want.shape == (2, 3, n)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -105,7 +97,9 @@ def test_matmul_nbits_bias_and_two_dim_input():
     inputs, inits = _nbits_case(4, 16, 64, 9, "packed", bias=True, lead=(5,))
     model = _node_model("MatMulNBits", inputs, inits, K=64, N=9, bits=4, block_size=16)
     feeds = {"a": inputs["a"]}
-    np.testing.assert_allclose(_ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _ours(model, feeds)[0], run_reference(model, feeds)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("zero_kind", ["none", "float"])
@@ -115,7 +109,7 @@ def test_matmul_nbits_g_idx(zero_kind):
     feeds = {"a": inputs["a"]}
     want = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, 4, 32, 96, 8)
     np.testing.assert_allclose(_ours(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(_ort(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_reference(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_nbits_g_idx_with_packed_zero_points_follows_the_spec():
@@ -139,7 +133,7 @@ def test_matmul_nbits_accuracy_level_4_within_int8_activation_rounding(block):
         "MatMulNBits", inputs, inits, K=k, N=n, bits=4, block_size=block, accuracy_level=4
     )
     feeds = {"a": inputs["a"]}
-    got, want = _ours(model, feeds)[0], _ort(model, feeds)[0]
+    got, want = _ours(model, feeds)[0], run_reference(model, feeds)[0]
     exact = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, 4, block, k, n)
     np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
     a_blocks = np.abs(inputs["a"]).reshape(4, -1, block).max(-1) / 254
@@ -204,7 +198,7 @@ def test_matmul_nbits_symbolic_dims_and_inside_if():
     for flag, shape in [(True, (1, 3, k)), (False, (2, 5, k))]:
         feeds = {"flag": np.array(flag), "a": RNG.normal(size=shape).astype(np.float32)}
         np.testing.assert_allclose(
-            _ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5
+            _ours(model, feeds)[0], run_reference(model, feeds)[0], rtol=1e-5, atol=1e-5
         )
 
 
@@ -225,7 +219,7 @@ def _gather_case(data, scales, zero_points, indices, **attrs):
     inputs = {"data": data, "indices": indices, "scales": scales, "zp": zero_points}
     model = _node_model("GatherBlockQuantized", inputs, inits, **attrs)
     feeds = {"indices": indices}
-    got, want = _ours(model, feeds)[0], _ort(model, feeds)[0]
+    got, want = _ours(model, feeds)[0], run_reference(model, feeds)[0]
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
@@ -296,7 +290,9 @@ def test_rotary_embedding_ms(interleaved, layout, positions, rotary_dim):
         attrs.update(rotary_embedding_dim=rotary_dim, num_heads=heads)
     model = _node_model("RotaryEmbedding", inputs, {}, **attrs)
     feeds = {k: v for k, v in inputs.items()}
-    np.testing.assert_allclose(_ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _ours(model, feeds)[0], run_reference(model, feeds)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------- GroupQueryAttention
@@ -376,7 +372,7 @@ def _gqa(
         **attrs,
     )
     feeds = {n: v for n, v in values.items() if n != "total_sequence_length"}
-    return _ours(model, feeds), _ort(model, feeds), valid, feeds
+    return _ours(model, feeds), run_reference(model, feeds), valid, feeds
 
 
 def _assert_gqa(ours, theirs, valid, first_prompt=False, whole_present=True):
@@ -537,7 +533,7 @@ def test_multi_head_attention_past_sequence_length(length, buffer, cached, unidi
         unidirectional=unidirectional,
     )
     feeds = {name: value for name, value in inputs.items() if value is not None}
-    ours, theirs = _ours(model, feeds), _ort(model, feeds)
+    ours, theirs = _ours(model, feeds), run_reference(model, feeds)
     for got, want in zip(ours, theirs, strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -561,7 +557,7 @@ def test_matmul_nbits_float16():
         inits[name] = inputs[name] = inits[name].astype(np.float16)
     inputs["a"] = inputs["a"].astype(np.float16)
     model = _node_model("MatMulNBits", inputs, inits, K=64, N=8, bits=4, block_size=32)
-    got, want = _ours(model, {"a": inputs["a"]})[0], _ort(model, {"a": inputs["a"]})[0]
+    got, want = _ours(model, {"a": inputs["a"]})[0], run_reference(model, {"a": inputs["a"]})[0]
     assert got.dtype == want.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
 
@@ -618,7 +614,7 @@ def test_matmul_nbits_omitted_projection():
     inputs = {"a": a, "b": packed, "scales": scales, "zp": None, "g": None, "bias": bias}
     inits = {"b": packed, "scales": scales, "bias": bias}
     model = _node_model("MatMulNBits", inputs, inits, K=64, N=8, bits=4, block_size=32)
-    got, want = _ours(model, {"a": a})[0], _ort(model, {"a": a})[0]
+    got, want = _ours(model, {"a": a})[0], run_reference(model, {"a": a})[0]
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got, np.broadcast_to(bias, (3, 8)))
 
@@ -631,7 +627,9 @@ def test_matmul_nbits_large_weight_in_slices(zero_kind):
     inputs, inits = _nbits_case(4, 32, k, n, zero_kind, bias=True, lead=(3,))
     model = _node_model("MatMulNBits", inputs, inits, K=k, N=n, bits=4, block_size=32)
     feeds = {"a": inputs["a"]}
-    np.testing.assert_allclose(_ours(model, feeds)[0], _ort(model, feeds)[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        _ours(model, feeds)[0], run_reference(model, feeds)[0], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_matmul_nbits_float_weights_are_not_all_live_at_once():
@@ -676,7 +674,7 @@ def test_matmul_nbits_float_weights_are_not_all_live_at_once():
     program = jax.jit(compiled.apply).lower(compiled.params, x=x).compile()
     assert program.memory_analysis().temp_size_in_bytes < k * n * 4
     np.testing.assert_allclose(
-        _ours(model, {"x": x})[0], _ort(model, {"x": x})[0], rtol=1e-3, atol=1e-3
+        _ours(model, {"x": x})[0], run_reference(model, {"x": x})[0], rtol=1e-3, atol=1e-3
     )
 
 
@@ -708,7 +706,7 @@ def test_attention_past_present_share_buffer(length, unidirectional):
         outputs=("y", "present"),
         **common,
     )
-    want_y, want_present = _ort(plain, {"x": x, "past": buffer[:, :, :, :cached]})
+    want_y, want_present = run_reference(plain, {"x": x, "past": buffer[:, :, :, :cached]})
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
     assert present.shape == buffer.shape
     end = cached + length
