@@ -20,7 +20,7 @@ from onnx2jax.core.errors import InputError
 from onnx2jax.ops.blockwise_quant import pack_low_first, unpack_low_first
 from onnx2jax.ops.registry import MS
 from onnx2jax.train.lora import LoRA, quantize_blocks
-from tests.train.test_qdq_finetune import export_torch
+from tests.train.test_qdq_finetune import export_torch, ort_run
 
 torch = pytest.importorskip("torch")
 
@@ -46,11 +46,6 @@ def nbits_mlp(folder: Path, symmetric: bool) -> tuple[Path, Path, np.ndarray]:
 @pytest.fixture(scope="module", params=[False, True], ids=["zero-points", "symmetric"])
 def int4(request, tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     return nbits_mlp(tmp_path_factory.mktemp("int4"), request.param)
-
-
-def ort_run(path: Path, x: np.ndarray) -> np.ndarray:
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["y"], {"x": x})[0]
 
 
 def initializers(path: Path) -> dict[str, bytes]:
