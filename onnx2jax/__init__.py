@@ -11,14 +11,15 @@ from pathlib import Path
 
 from onnx2jax.core.errors import (
     DataDependentShapeError,
+    GenerationError,
     InputError,
     ModelLoadError,
     Onnx2JaxError,
     OpError,
+    ShardingError,
     UnsupportedOpError,
 )
 from onnx2jax.core.model import Model, load
-from onnx2jax.core.sharding import ShardingError
 from onnx2jax.generation import TextGenerator, generate, generate_stream
 from onnx2jax.hub import from_hub
 from onnx2jax.runtime.process import tune_process
@@ -34,6 +35,7 @@ def example_path() -> Path:
 
 __all__ = [
     "DataDependentShapeError",
+    "GenerationError",
     "InputError",
     "Model",
     "ModelLoadError",

@@ -50,6 +50,10 @@ class GenerationError(Onnx2JaxError, ValueError):
     generation's arguments do not fit it."""
 
 
+class ShardingError(Onnx2JaxError, ValueError):
+    """A sharding preset, rule or spec that cannot apply to the model's params on the mesh."""
+
+
 class UnsafeCacheWarning(UserWarning):
     """A cache folder or file others could write (or one not owned by this user) was refused.
 

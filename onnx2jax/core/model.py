@@ -139,8 +139,8 @@ class Model:
                 release_free_memory()
         # Host copies go one by one as the device copies are made (peak: one tensor more).
         # jax.device_put, since jnp.asarray copied a read-only array twice on its first call
-        # in a process (a 192 MB weight: 386 MB more resident), and device_put keeps an array
-        # that happens to be aligned instead of copying it.
+        # in a process (benchmarks/LOG.md), and device_put keeps an array that happens to be
+        # aligned instead of copying it.
         host = self.plan.param_values
         if self.mesh is None:
             self.params: Params = {k: jax.device_put(host.pop(k)) for k in list(host)}

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from onnx2jax.core.errors import Onnx2JaxError
+from onnx2jax.core.errors import ShardingError
 from onnx2jax.core.graph import GraphPlan
 
 Rule = tuple[str | re.Pattern[str], PartitionSpec | None]
@@ -58,10 +58,6 @@ PRESETS = ("replicated", "fsdp", "tensor")
 # scale saves nothing and costs a gather per use.
 FSDP_MIN_ELEMENTS = 1024
 AUTO = AxisType.Auto
-
-
-class ShardingError(Onnx2JaxError, ValueError):
-    """A sharding preset, rule or spec that cannot apply to the model's params on the mesh."""
 
 
 def default_mesh() -> Mesh:

@@ -31,7 +31,7 @@ from onnx2jax.runtime.cache import (  # noqa: F401
     CACHE_ENV,
     ENTRY_MAGIC,
     ExecutableCache,
-    _atomic_write,
+    atomic_write,
     environment_key,
     model_digest,
     resolve_cache_dir,
@@ -131,7 +131,7 @@ def export_model(
         archive.writestr("exported.bin", bytes(exported.serialize()))
         archive.writestr("params.npz", weights.getvalue())
     path = Path(path)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return path
 
 

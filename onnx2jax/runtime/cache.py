@@ -244,12 +244,23 @@ class ExecutableCache:
             }
         ).encode()
         try:
-            _atomic_write(file, ENTRY_MAGIC + len(header).to_bytes(8, "big") + header + body)
+            atomic_write(file, ENTRY_MAGIC + len(header).to_bytes(8, "big") + header + body)
         except OSError as exc:  # a full or read-only disk: the model still runs
             log.info("onnx2jax: cannot write cache entry %s: %s", file, exc)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so a reader sees the
+    old file or the new one, never a part.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> target = Path(tempfile.mkdtemp()) / "entry"
+        >>> atomic_write(target, b"body")
+        >>> target.read_bytes()
+        b'body'
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
