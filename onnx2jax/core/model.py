@@ -156,8 +156,6 @@ class Model:
         # What model(...) compiles and runs: weight layouts, XLA options, jitted functions,
         # devices, segments, the executable cache (onnx2jax/runtime/engine.py).
         self.engine = Engine(self, cache_dir)
-        # model(...)'s jit(apply) per outputs asked, for sharded params.
-        self._sharded_jits: dict[tuple[str, ...] | None, Any] = {}
 
     # ---------------------------------------------------------------- description
     @property
@@ -290,20 +288,8 @@ class Model:
         """
         bound = self.bind_inputs(inputs, named_inputs)
         if self.mesh is not None:
-            return self._run_sharded(bound, _as_tuple(outputs))
+            return self.engine.run_xla(bound, _as_tuple(outputs))
         return self.engine.run(bound, _as_tuple(outputs))
-
-    def _run_sharded(
-        self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None
-    ) -> dict[str, Any]:
-        """``jit(apply)`` on the sharded params; XLA propagates their shardings."""
-        function = self._sharded_jits.get(outputs)
-        if function is None:
-            function = self._sharded_jits[outputs] = jax.jit(
-                lambda params, inputs: self.apply_plan(self.plan, params, inputs, outputs),
-                compiler_options=dict(self.compiler_options) or None,
-            )
-        return function(self.params, dict(bound))
 
     def apply_plan(
         self,

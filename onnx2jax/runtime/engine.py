@@ -265,10 +265,19 @@ class Engine:
         """The :class:`jax.stages.Lowered` graph on ``model.params`` as they are, XLA's kernels
         only, compiled with :attr:`compiler_options` (for XLA's cost analysis: a native
         kernel's work is invisible to it)."""
-        function = jit_with_options(
+        return self._xla_function().lower(self.model.params, bound, outputs=outputs)
+
+    def run_xla(
+        self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
+        """The graph on ``model.params`` where they are (sharded params stay sharded: XLA
+        propagates their shardings), XLA's kernels only, with :attr:`compiler_options`."""
+        return self._xla_function()(self.model.params, dict(bound), outputs=outputs)
+
+    def _xla_function(self) -> Any:
+        return jit_with_options(
             self._xla_jits, self.apply_for_jit, self.compiler_options, static_argnames=("outputs",)
         )
-        return function.lower(self.model.params, bound, outputs=outputs)
 
     def apply_for_jit(
         self,
