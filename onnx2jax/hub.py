@@ -18,6 +18,7 @@ from typing import Any
 import onnx
 
 from onnx2jax.core.errors import ModelLoadError
+from onnx2jax.core.loader import external_data_files
 from onnx2jax.core.model import Model, load
 
 HUB_PREFIX = "hf://"
@@ -231,49 +232,6 @@ def _cached_files(cache: Path, repo_id: str, revision: str | None) -> list[str]:
     if not commit or not snapshot.is_dir():
         return []
     return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
-
-
-def external_data_files(proto: onnx.ModelProto) -> list[str]:
-    """The external-data files a model's tensors point at (relative to the model's folder).
-
-    Example:
-        >>> import numpy as np, onnx
-        >>> from onnx import helper, numpy_helper
-        >>> w = numpy_helper.from_array(np.ones(4, np.float32), "w")
-        >>> w.data_location = onnx.TensorProto.EXTERNAL
-        >>> w.external_data.add(key="location", value="weights.bin")  # doctest: +ELLIPSIS
-        key: "location"...
-        >>> graph = helper.make_graph([], "g", [], [], initializer=[w])
-        >>> external_data_files(helper.make_model(graph))
-        ['weights.bin']
-    """
-    found: set[str] = set()
-
-    def visit_tensor(tensor: onnx.TensorProto) -> None:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            found.update(e.value for e in tensor.external_data if e.key == "location")
-
-    def visit_graph(graph: onnx.GraphProto) -> None:
-        for tensor in graph.initializer:
-            visit_tensor(tensor)
-        for sparse in graph.sparse_initializer:
-            visit_tensor(sparse.values)
-            visit_tensor(sparse.indices)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    visit_tensor(attr.t)
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    for tensor in attr.tensors:
-                        visit_tensor(tensor)
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    visit_graph(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        visit_graph(sub)
-
-    visit_graph(proto.graph)
-    return sorted(found)
 
 
 def download_model(

@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,9 +29,11 @@ from jax.experimental import multihost_utils
 from onnx2jax.core.dtypes import numpy_dtype
 from onnx2jax.core.errors import InputError
 from onnx2jax.core.loader import (
+    data_files_named,
     external_data_bytes,
     external_data_extent,
     external_data_path,
+    graph_tensors,
     tensor_to_numpy,
 )
 
@@ -147,7 +149,7 @@ def _estimated_bytes(model: ModelLike, params: Mapping[str, Any] | None) -> int:
     """About the bytes of :func:`to_onnx`'s tensors, from shapes alone (nothing gathered)."""
     values = {**model.released_weights, **(params or {})}
     total = 0
-    for tensor in _graph_tensors(model.proto.graph):
+    for tensor in graph_tensors(model.proto.graph):
         if tensor.name in values:
             total += int(np.prod(tensor.dims)) * numpy_dtype(tensor.data_type).itemsize
         elif tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -463,25 +465,8 @@ def _update_sparse(graph: onnx.GraphProto, index: int, value: Any, base_dir: Pat
     graph.initializer.append(new if new is not None else dense)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in ``graph``: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _graph_tensors(sub)
-
-
 def _inline_external_data(graph: onnx.GraphProto, base_dir: Path | None) -> None:
-    for tensor in _graph_tensors(graph):
+    for tensor in graph_tensors(graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _inline_tensor(tensor, base_dir)
 
@@ -494,12 +479,12 @@ def _inline_tensor(tensor: onnx.TensorProto, base_dir: Path | None) -> None:
 
 
 def _tensor_bytes(graph: onnx.GraphProto) -> int:
-    return sum(t.ByteSize() for t in _graph_tensors(graph))
+    return sum(t.ByteSize() for t in graph_tensors(graph))
 
 
 def _move_to_external(graph: onnx.GraphProto, handle: Any, location: str) -> None:
     """Write the raw bytes of every sizeable tensor to ``handle`` and point the tensor there."""
-    for tensor in _graph_tensors(graph):
+    for tensor in graph_tensors(graph):
         _move_tensor(tensor, handle, location)
     handle.flush()
     os.fsync(handle.fileno())
@@ -514,7 +499,7 @@ def _stream_to_external(
     """:func:`_move_to_external` of the tensors of a :func:`_streamed_proto`, each filled in
     just before it is written: the same file, with one tensor's bytes in memory at a time."""
     initializers = len(graph.initializer)
-    for position, tensor in enumerate(_graph_tensors(graph)):
+    for position, tensor in enumerate(graph_tensors(graph)):
         fill(tensor, position < initializers)
         _move_tensor(tensor, handle, location)
     handle.flush()
@@ -525,7 +510,7 @@ def _gather_only(graph: onnx.GraphProto, fill: Callable[[onnx.TensorProto, bool]
     """What :func:`_stream_to_external` gathers, in its order, with nothing written: the part
     of a save from several processes that the processes other than the first take."""
     initializers = len(graph.initializer)
-    for position, tensor in enumerate(_graph_tensors(graph)):
+    for position, tensor in enumerate(graph_tensors(graph)):
         fill(tensor, position < initializers)
         tensor.ClearField("raw_data")
 
@@ -593,7 +578,7 @@ def _own_data_files(path: Path) -> list[Path]:
         return []
     own = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
     found = set()
-    for tensor in _graph_tensors(old.graph):
+    for tensor in graph_tensors(old.graph):
         for entry in tensor.external_data:
             if entry.key == "location" and own.fullmatch(entry.value):
                 found.add(path.parent / entry.value)
@@ -604,12 +589,7 @@ def _files_read_by(model: ModelLike) -> set[Path]:
     """External-data files the model in memory may still read (its constants, to_onnx)."""
     if model.base_dir is None:
         return set()
-    files = set()
-    for tensor in _graph_tensors(model.proto.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                files.add((model.base_dir / entry.value).resolve())
-    return files
+    return data_files_named(model.proto, model.base_dir)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +285,76 @@ _PLAIN_DTYPES = {
         (onnx.TensorProto.COMPLEX128, "complex128"),
     )
 }
+
+
+def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph``: initializers (sparse ones too) and node attributes,
+    subgraphs included.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> w = numpy_helper.from_array(np.ones(2, np.float32), "w")
+        >>> [t.name for t in graph_tensors(helper.make_graph([], "g", [], [], initializer=[w]))]
+        ['w']
+    """
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from graph_tensors(sub)
+
+
+def external_data_files(proto: onnx.ModelProto) -> list[str]:
+    """The external-data files a model's tensors point at (relative to the model's folder).
+
+    Example:
+        >>> import numpy as np, onnx
+        >>> from onnx import helper, numpy_helper
+        >>> w = numpy_helper.from_array(np.ones(4, np.float32), "w")
+        >>> w.data_location = onnx.TensorProto.EXTERNAL
+        >>> w.external_data.add(key="location", value="weights.bin")  # doctest: +ELLIPSIS
+        key: "location"...
+        >>> graph = helper.make_graph([], "g", [], [], initializer=[w])
+        >>> external_data_files(helper.make_model(graph))
+        ['weights.bin']
+    """
+    return sorted(
+        {
+            entry.value
+            for tensor in graph_tensors(proto.graph)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+
+
+def data_files_named(proto: onnx.ModelProto, folder: Path) -> set[Path]:
+    """The files, resolved in ``folder``, that the tensors of ``proto`` name as external data
+    (whether or not their bytes were read in since): the files a save must not remove.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx import helper, numpy_helper
+        >>> w = numpy_helper.from_array(np.ones(4, np.float32), "w")
+        >>> w.external_data.add(key="location", value="weights.bin")  # doctest: +ELLIPSIS
+        key: "location"...
+        >>> model = helper.make_model(helper.make_graph([], "g", [], [], initializer=[w]))
+        >>> [p.name for p in data_files_named(model, Path("/models"))]
+        ['weights.bin']
+    """
+    return {
+        (folder / entry.value).resolve()
+        for tensor in graph_tensors(proto.graph)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }

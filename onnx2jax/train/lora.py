@@ -50,6 +50,7 @@ import onnx
 from onnx2jax.core import export
 from onnx2jax.core.errors import InputError
 from onnx2jax.core.graph import GraphPlan, TensorInfo
+from onnx2jax.core.loader import data_files_named
 from onnx2jax.core.model import Model, Params
 from onnx2jax.ops.blockwise_quant import dequantize_nbits, pack_low_first
 from onnx2jax.ops.registry import MS, canonical_domain, lookup
@@ -319,8 +320,8 @@ class LoRA:
         proto built here) tells ``export.save`` which of them to keep."""
         if self.model.base_dir is None or not path.is_file():
             return
-        read = _data_files(self.model.proto, self.model.base_dir)
-        if read & _data_files(onnx.load(str(path), load_external_data=False), path.parent):
+        read = data_files_named(self.model.proto, self.model.base_dir)
+        if read & data_files_named(onnx.load(str(path), load_external_data=False), path.parent):
             raise InputError(
                 f"{path} holds its weights in data files the model still reads; "
                 "save the tuned model under another name"
@@ -481,16 +482,6 @@ def quantize_blocks(
         zero = np.full(scales.shape, 1 << (bits - 1), np.float32)
     q = np.clip(np.round(values / scales[..., None]) + zero[..., None], 0, top)
     return q.reshape(n, blocks * block).astype(np.int32), scales, zero.astype(np.int32)
-
-
-def _data_files(proto: onnx.ModelProto, folder: Path) -> set[Path]:
-    """The external-data files the initializers of ``proto`` (in ``folder``) point at."""
-    return {
-        (folder / entry.value).resolve()
-        for tensor in proto.graph.initializer
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
 
 
 class _Errors:
