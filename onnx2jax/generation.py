@@ -29,9 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from onnx import helper, numpy_helper
 
 from onnx2jax.core.errors import GenerationError, InputError, ModelLoadError, Onnx2JaxError
-from onnx2jax.core.model import Model, load
+from onnx2jax.core.graph import GraphPlan, outer_names, plan_graph, subgraphs
+from onnx2jax.core.model import Model, check_input, load
 from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
 from onnx2jax.runtime.options import (
     inference_compiler_options,
@@ -40,7 +42,9 @@ from onnx2jax.runtime.options import (
 )
 from onnx2jax.text import read_tokenizer
 
-_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# past_key_values.{i}.key (decoder-only) or past_key_values.{i}.decoder.key and .encoder.key
+# (optimum's encoder-decoders: the self-attention's cache and the cross-attention's).
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(?:(decoder|encoder)\.)?(key|value)$")
 # Inputs a decoder graph may take beside the past: the token ids are required, the rest is fed
 # when present (optimum's merged decoders take use_cache_branch).
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "use_cache_branch")
@@ -57,7 +61,9 @@ class CacheLayout:
     ``extra`` are the other inputs, which ``extra_inputs`` of :func:`generate` gives (the same
     values every step: an encoder's output, say); ``shapes`` are the past inputs' shapes with
     the batch (axis 0) and the sequence axis (``seq_axis``) as 0; ``dtypes`` their element
-    types.
+    types. ``cross_past`` and ``cross_present`` are an encoder-decoder's cross-attention cache
+    (optimum's ``past_key_values.{i}.encoder.*`` and ``present.{i}.encoder.*``), empty for a
+    decoder-only model.
     """
 
     kind: str
@@ -72,6 +78,8 @@ class CacheLayout:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
     seq_axis: int
+    cross_past: tuple[str, ...] = ()
+    cross_present: tuple[str, ...] = ()
 
     def buffers(self, batch: int, length: int) -> tuple[tuple[int, ...], ...]:
         """The cache buffers' shapes for ``batch`` rows of ``length`` tokens."""
@@ -99,6 +107,13 @@ def cache_layout(model: Model) -> CacheLayout:
       written at each row's length (``attention_mask``'s sum); the head size is read from the
       attention's query.
 
+    An encoder-decoder in optimum's merged layout (Whisper's ``decoder_model_merged.onnx``)
+    names its self-attention cache ``past_key_values.{i}.decoder.*`` / ``present.{i}.decoder.*``
+    (``"concat"``) and its cross-attention cache ``past_key_values.{i}.encoder.*`` /
+    ``present.{i}.encoder.*``, and takes ``use_cache_branch``: with ``False`` the graph computes
+    the cross-attention's keys and values from the encoder's output, with ``True`` it reads
+    them from the past.
+
     Other inputs (an encoder's output, say) are listed in ``extra`` and fed as given by
     :func:`generate`'s ``extra_inputs``.
 
@@ -111,9 +126,24 @@ def cache_layout(model: Model) -> CacheLayout:
     """
     inputs = {info.name: info for info in model.inputs}
     outputs = set(model.output_names)
+    found = [(m, name) for name in inputs if (m := _PAST.match(name))]
+    parts = {m.group(2) for m, _ in found}
     past = sorted(
-        (int(m.group(1)), m.group(2) != "key", name) for name in inputs if (m := _PAST.match(name))
+        (int(m.group(1)), m.group(3) != "key", name) for m, name in found if m.group(2) != "encoder"
     )
+    cross_past = tuple(
+        name
+        for _, _, name in sorted(
+            (int(m.group(1)), m.group(3) != "key", name)
+            for m, name in found
+            if m.group(2) == "encoder"
+        )
+    )
+    if None in parts and len(parts) > 1:
+        raise GenerationError(
+            f"the past inputs mix past_key_values.{{i}}.key with .decoder. and .encoder. names: "
+            f"{sorted(name for _, name in found)}"
+        )
     missing = [n for n in ("input_ids", "attention_mask") if n not in inputs]
     if not past:
         missing.append("past_key_values.{i}.key/value inputs")
@@ -123,6 +153,12 @@ def cache_layout(model: Model) -> CacheLayout:
         raise GenerationError(
             f"the model is not a decoder with a KV cache: it lacks {', '.join(missing)}; its "
             f"inputs are {model.input_names} and its outputs {model.output_names}"
+            + (
+                " (the fixed-size cache masks its empty slots with attention_mask: export the "
+                "decoder with attention_mask and position_ids inputs)"
+                if past and missing == ["attention_mask"]
+                else ""
+            )
         )
     names = tuple(name for _, _, name in past)
     attention = {
@@ -144,12 +180,25 @@ def cache_layout(model: Model) -> CacheLayout:
         raise GenerationError(
             f"only some past inputs feed GroupQueryAttention: {sorted(attention)} of {names}"
         )
+    if cross_past and (kind != "concat" or "use_cache_branch" not in inputs):
+        raise GenerationError(
+            "the decoder takes a cross-attention cache (past_key_values.{i}.encoder.*) but no "
+            "use_cache_branch input to compute it from the encoder's output in the first step: "
+            "this is optimum's decoder_with_past_model.onnx; give its merged decoder "
+            "(decoder_model_merged.onnx), which computes the cache when use_cache_branch is False"
+        )
     extra = tuple(n for n in inputs if n not in _TOKEN_INPUTS and not _PAST.match(n))
     layers = {i for i, _, _ in past}
     if len(names) != 2 * len(layers) or layers != set(range(len(layers))):
         raise GenerationError(f"the past inputs are not a key and a value per layer: {names}")
+    if cross_past and len(cross_past) != len(names):
+        raise GenerationError(
+            f"the cross-attention past inputs {cross_past} are not a key and a value for each "
+            f"of the {len(layers)} layers"
+        )
     present = tuple("present." + n.removeprefix("past_key_values.") for n in names)
-    absent = [n for n in present if n not in outputs]
+    cross_present = tuple("present." + n.removeprefix("past_key_values.") for n in cross_past)
+    absent = [n for n in present + cross_present if n not in outputs]
     if absent:
         raise GenerationError(
             f"the decoder lacks the outputs {absent} that return the cache; its outputs are "
@@ -158,13 +207,13 @@ def cache_layout(model: Model) -> CacheLayout:
     shapes, axes, dtypes = [], set(), []
     if kind == "shared":
         # GroupQueryAttention's cache is [batch, kv heads, sequence, head size].
-        found = _attention_cache_shapes(model, [attention[name] for name in names])
-    for index, name in enumerate(names):
+        found_shapes = _attention_cache_shapes(model, [attention[name] for name in names])
+    for index, name in enumerate(names + cross_past):
         info = inputs[name]
         if info.shape is None or info.dtype is None:
             raise GenerationError(f"past input {info.describe()} needs a known dtype and rank")
         if kind == "shared":
-            shape, axis = found[index], 2
+            shape, axis = found_shapes[index], 2
         else:
             free = [a for a, d in enumerate(info.shape) if a and not (isinstance(d, int) and d)]
             if len(free) != 1:
@@ -175,10 +224,13 @@ def cache_layout(model: Model) -> CacheLayout:
             axis = free[0]
             shape = tuple(d if a and a != axis else 0 for a, d in enumerate(info.shape))
         axes.add(axis)
-        shapes.append(shape)
-        dtypes.append(info.dtype)
+        if index < len(names):
+            shapes.append(shape)
+            dtypes.append(info.dtype)
     if len(axes) != 1:
-        raise GenerationError(f"the past inputs {names} do not share one sequence axis")
+        raise GenerationError(
+            f"the past inputs {names + cross_past} do not share one sequence axis"
+        )
     return CacheLayout(
         kind=kind,
         input_ids="input_ids",
@@ -192,6 +244,8 @@ def cache_layout(model: Model) -> CacheLayout:
         shapes=tuple(shapes),
         dtypes=tuple(dtypes),
         seq_axis=axes.pop(),
+        cross_past=cross_past,
+        cross_present=cross_present,
     )
 
 
@@ -234,6 +288,84 @@ def _attention_cache_shapes(model: Model, nodes: Sequence[Any]) -> list[tuple[in
             f"kv_num_heads={kv_heads} and a query of width {width}: no head size fits"
         )
     return [(0, kv_heads, 0, size)] * len(nodes)
+
+
+def branch_plan(model: Model, name: str, value: bool) -> GraphPlan:
+    """The plan of ``model``'s graph with its bool input ``name`` fixed to ``value``: each
+    ``If`` on it replaced by the branch it takes, the input dropped where nothing else reads it.
+
+    optimum's merged decoders choose between their first step and the steps with a past by an
+    ``If`` on ``use_cache_branch``; fed as a traced value, both branches would be traced
+    together (``lax.cond``), though their outputs differ in shape. The plan reuses the model's
+    decoded weights; run it with ``model.apply_plan``.
+
+    Example:
+        >>> import onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())  # no If: the same graph
+        >>> plan = branch_plan(model, "use_cache_branch", True)
+        >>> [info.name for info in plan.inputs], len(plan.nodes) == len(model.plan.nodes)
+        (['image'], True)
+    """
+    graph = model.plan.graph
+    taken = "then_branch" if value else "else_branch"
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined.update(out for node in graph.node for out in node.output)
+    derived = type(graph)(name=graph.name)
+    derived.initializer.extend(graph.initializer)
+    derived.sparse_initializer.extend(graph.sparse_initializer)
+    derived.output.extend(graph.output)
+    derived.value_info.extend(graph.value_info)
+    for index, node in enumerate(graph.node):
+        if not (node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] == name):
+            derived.node.append(node)
+            continue
+        branch = next(a.g for a in node.attribute if a.name == taken)
+        # The branch's own names that the outer graph uses too get a prefix.
+        prefix = f"{node.name or f'If_{index}'}/{taken}/"
+        rename = {
+            n: prefix + n
+            for n in [t.name for t in branch.initializer]
+            + [out for inner in branch.node for out in inner.output]
+            if n in defined
+        }
+        for inner in branch.node:
+            clash = [n for sub in subgraphs(inner) for n in outer_names(sub) if n in rename]
+            if clash:
+                raise GenerationError(
+                    f"cannot inline {taken} of If node {node.name!r}: a subgraph reads "
+                    f"{clash[0]!r}, a name the outer graph defines too"
+                )
+        for tensor in branch.initializer:
+            moved = derived.initializer.add()
+            moved.CopyFrom(tensor)
+            moved.name = rename.get(tensor.name, tensor.name)
+        for inner in branch.node:
+            copy = derived.node.add()
+            copy.CopyFrom(inner)
+            copy.input[:] = [rename.get(n, n) for n in inner.input]
+            copy.output[:] = [rename.get(n, n) for n in inner.output]
+        for out, target in zip(branch.output, node.output, strict=True):
+            derived.node.append(
+                helper.make_node("Identity", [rename.get(out.name, out.name)], [target])
+            )
+    read = {v.name for v in graph.output}
+    for node in derived.node:
+        read.update(node.input)
+        for sub in subgraphs(node):
+            read |= outer_names(sub)
+    if name in read:
+        flag = numpy_helper.from_array(np.array([value]))
+        derived.node.insert(0, helper.make_node("Constant", [], [name], value=flag))
+    derived.input.extend(v for v in graph.input if v.name in read and v.name != name)
+    decoded = {**model.plan.constants, **model.params}
+    plan = plan_graph(derived, model.opsets, model.base_dir, decoded=decoded)
+    frozen = sorted(set(plan.constants) & set(model.params))
+    if frozen:
+        raise GenerationError(
+            f"with {name}={value} the weights {frozen[:3]} feed inputs that must be known at "
+            f"trace time: generate() cannot run this graph with params"
+        )
+    return plan
 
 
 def next_tokens(
@@ -314,6 +446,16 @@ class Decoder:
         self.layout = cache_layout(model)
         self._model = weakref.ref(model)
         self.compilations = 0
+        # optimum's merged decoders: each program runs one branch of the If on
+        # use_cache_branch, the first step's (which computes the cross-attention's cache from
+        # the encoder's output) in an encoder-decoder's prefill, else the one with a past.
+        self._plans: dict[str, GraphPlan | None] = {"prefill": None, "decode": None}
+        if self.layout.use_cache_branch:
+            name = self.layout.use_cache_branch
+            self._plans["decode"] = branch_plan(model, name, True)
+            self._plans["prefill"] = (
+                branch_plan(model, name, False) if self.layout.cross_past else self._plans["decode"]
+            )
         self._prefill_jits: dict[tuple, Any] = {}
         self._decode_jits: dict[tuple, Any] = {}
 
@@ -328,8 +470,23 @@ class Decoder:
     # ---------------------------------------------------------------- the two programs
     # Both take the prompt right-packed (each row's tokens first), so a row's tokens sit at
     # its positions 0, 1, ... in the prompt and, in a "shared" cache, in the buffer.
+    def _run(
+        self,
+        phase: str,
+        params: Mapping[str, Any],
+        feeds: Mapping[str, Any],
+        outputs: Sequence[str],
+    ) -> dict[str, Any]:
+        """The graph (or, for a merged decoder, the branch ``phase`` runs) on ``feeds``."""
+        model, plan = self.model, self._plans[phase]
+        if plan is None:
+            return model.apply(params, outputs=outputs, **feeds)
+        bound = {info.name: check_input(info, feeds[info.name]) for info in plan.inputs}
+        return model.apply_plan(plan, params, bound, tuple(outputs))
+
     def _step(
         self,
+        phase: str,
         params: Mapping[str, Any],
         past: tuple[jax.Array, ...],
         extras: Mapping[str, jax.Array],
@@ -339,10 +496,12 @@ class Decoder:
         written: jax.Array,
         into: tuple[jax.Array, ...],
         slot: Any,
-    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        """Run the graph on ``ids`` after ``past``: the logits, and the cache ``into`` with the
-        new tokens' keys and values written from ``slot`` on (zeros where ``written`` is 0, so
-        that a masked slot holds nothing but zeros).
+        cross: tuple[jax.Array, ...] = (),
+    ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """Run the graph on ``ids`` after ``past``: the logits, the cache ``into`` with the new
+        tokens' keys and values written from ``slot`` on (zeros where ``written`` is 0, so that
+        a masked slot holds nothing but zeros), and the cross-attention's cache (computed in an
+        encoder-decoder's prefill, ``cross`` as fed in decode).
 
         A "concat" graph's present is the past and the new entries; a "shared" graph's is the
         past buffer with the new entries written in it (which is then the new cache), or, after
@@ -353,13 +512,15 @@ class Decoder:
             layout.input_ids: ids,
             layout.attention_mask: mask,
             **dict(zip(layout.past, past, strict=True)),
+            **dict(zip(layout.cross_past, cross, strict=False)),
             **extras,
         }
         if layout.position_ids:
             feeds[layout.position_ids] = positions
-        if layout.use_cache_branch:
-            feeds[layout.use_cache_branch] = jnp.ones((1,), bool)
-        out = self.model.apply(params, outputs=[layout.logits, *layout.present], **feeds)
+        wanted = [layout.logits, *layout.present]
+        if layout.cross_past and not cross:
+            wanted += layout.cross_present
+        out = self._run(phase, params, feeds, wanted)
         axis, new = layout.seq_axis, ids.shape[1]
         updated = []
         for name, before, buffer in zip(layout.present, past, into, strict=True):
@@ -386,7 +547,16 @@ class Decoder:
             zero = jnp.zeros((), present.dtype)
             present = jnp.where(written.reshape(shape) != 0, present, zero)
             updated.append(jax.lax.dynamic_update_slice_in_dim(buffer, present, slot, axis=axis))
-        return out[layout.logits], tuple(updated)
+        if layout.cross_past and not cross:
+            cross = tuple(out[name] for name in layout.cross_present)
+            for name, value in zip(layout.cross_present, cross, strict=True):
+                if value.ndim != len(layout.shapes[0]) or value.shape[0] != ids.shape[0]:
+                    raise GenerationError(
+                        f"output {name} has shape {tuple(value.shape)}: not a cross-attention "
+                        f"cache of {ids.shape[0]} row(s) like the self-attention's "
+                        f"{layout.buffers(ids.shape[0], 0)[0]}"
+                    )
+        return out[layout.logits], tuple(updated), cross
 
     def _prefill(
         self,
@@ -398,16 +568,16 @@ class Decoder:
         *,
         length: int,
         greedy: bool,
-    ) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
+    ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], dict[str, jax.Array]]:
         self.compilations += 1  # runs only while tracing, i.e. once per compilation
         batch, prompt = ids.shape
         mask = mask.astype(jnp.int32)
         layout = self.layout
         # The prompt runs after a past of one masked slot (a "concat" graph: no tensor of size
         # 0 meets its shape arithmetic, where a Reshape reads a 0 as "keep this axis") or an
-        # empty one (GroupQueryAttention's first prompt); its keys and values then go to the
-        # buffer's first slots.
-        dummy = 1 if layout.kind == "concat" else 0
+        # empty one (GroupQueryAttention's first prompt, or a merged encoder-decoder's first
+        # step, which reads no past); its keys and values then go to the buffer's first slots.
+        dummy = 1 if layout.kind == "concat" and not layout.cross_past else 0
         empty, cache = (
             tuple(
                 jnp.zeros(shape, dtype)
@@ -417,8 +587,8 @@ class Decoder:
         )
         graph_mask = jnp.concatenate([jnp.zeros((batch, dummy), jnp.int32), mask], axis=1)
         positions = jnp.arange(prompt, dtype=jnp.int32)[None, :] * mask  # padding at 0
-        logits, cache = self._step(
-            params, empty, extras, ids, graph_mask, positions, mask, cache, 0
+        logits, cache, cross = self._step(
+            "prefill", params, empty, extras, ids, graph_mask, positions, mask, cache, 0
         )
         counts = mask.sum(axis=1)
         logits = jnp.take_along_axis(logits, (counts - 1)[:, None, None], axis=1)[:, 0]
@@ -432,12 +602,13 @@ class Decoder:
             "slot": jnp.asarray(prompt, jnp.int32),
             "step": jnp.asarray(1, jnp.int32),
         }
-        return cache, state
+        return cache, cross, state
 
     def _decode(
         self,
         params: Mapping[str, Any],
         extras: Mapping[str, jax.Array],
+        cross: tuple[jax.Array, ...],
         cache: tuple[jax.Array, ...],
         state: dict[str, jax.Array],
         sampling: dict[str, jax.Array],
@@ -455,7 +626,8 @@ class Decoder:
             # The row's tokens so far and the new one, at its position (GroupQueryAttention
             # reads the row's length from the mask's sum).
             graph_mask = (jnp.arange(length)[None, :] <= position[:, None]).astype(jnp.int32)
-        logits, cache = self._step(
+        logits, cache, _ = self._step(
+            "decode",
             params,
             cache,
             extras,
@@ -465,6 +637,7 @@ class Decoder:
             ones,
             cache,
             slot,
+            cross,
         )
         key = jax.random.fold_in(jax.random.key(sampling["seed"]), state["step"])
         token = self._choose(logits[:, -1], key, sampling, greedy, state["done"])
@@ -555,6 +728,12 @@ class Decoder:
             )
         model = self.model
         params = model.params if params is None else params
+        if self.layout.use_cache_branch and set(params) != set(model.params):
+            # The branches' plans read the params by name, without apply()'s check.
+            raise GenerationError(
+                f"params must have the keys of model.params: {len(params)} given, "
+                f"{len(model.params)} expected"
+            )
         options = options_outside_traces(
             inference_compiler_options(
                 {"input_ids": padded_ids}, model.compiler_options, model.precision
@@ -564,7 +743,9 @@ class Decoder:
         prefill = jit_with_options(
             self._prefill_jits, self._prefill, options, static_argnames=("length", "greedy")
         )
-        cache, state = prefill(
+        # The cross-attention's cache is computed once here and held fixed: decode reads it
+        # and does not donate it, unlike the self-attention's buffer it writes in place.
+        cache, cross, state = prefill(
             params, extras, padded_ids, padded_mask, sampling, length=max_length, greedy=greedy
         )
         options = options_outside_traces(
@@ -578,14 +759,16 @@ class Decoder:
             self._decode,
             options,
             static_argnames=("greedy",),
-            donate_argnums=(2, 3),
+            donate_argnums=(3, 4),
         )
 
         def steps() -> Iterator[np.ndarray]:
             nonlocal cache, state
             for step in range(max_new_tokens):
                 if step:
-                    cache, state = decode(params, extras, cache, state, sampling, greedy=greedy)
+                    cache, state = decode(
+                        params, extras, cross, cache, state, sampling, greedy=greedy
+                    )
                 token, done = np.asarray(state["token"]), np.asarray(state["done"])
                 yield token
                 if eos and done.all():

@@ -13,6 +13,8 @@ import huggingface_hub
 import huggingface_hub.constants
 import jax
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -29,12 +31,14 @@ from onnx2jax.generation import (
     next_tokens,
 )
 from tests.hub_cache import put_in_cache
+from tests.models.exports import merge_decoders
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 100  # tiny_decoder's vocabulary
 EOS_ID = 2  # tiny_decoder's eos
+KV = ("key", "value")
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -184,10 +188,8 @@ def test_params_replace_the_models_weights(exported, tmp_path):
     np.testing.assert_array_equal(tokens, generate(onnx2jax.load(tmp_path / "tuned.onnx"), ids, 12))
 
 
-def whisper_decoder(path):
-    """A tiny random Whisper, and its decoder exported with the self-attention cache as graph
-    inputs and outputs and ``encoder_hidden_states`` as an input (the cross-attention's keys
-    and values are computed from it at every step)."""
+def tiny_whisper():
+    """A tiny random Whisper (2 + 2 layers, d_model 64, 4 heads, vocabulary 100)."""
     torch.manual_seed(0)
     config = transformers.WhisperConfig(
         vocab_size=VOCAB,
@@ -208,7 +210,14 @@ def whisper_decoder(path):
         init_std=0.2,
         tie_word_embeddings=False,  # tied, the random decoder repeats its last token
     )
-    module = transformers.WhisperForConditionalGeneration(config).eval()
+    return transformers.WhisperForConditionalGeneration(config).eval()
+
+
+def whisper_decoder(path):
+    """A tiny random Whisper, and its decoder exported with the self-attention cache as graph
+    inputs and outputs and ``encoder_hidden_states`` as an input (the cross-attention's keys
+    and values are computed from it at every step)."""
+    module = tiny_whisper()
     past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     present = [n.replace("past_key_values", "present") for n in past]
 
@@ -264,28 +273,219 @@ def whisper_decoder(path):
     return module, onnx2jax.load(path)
 
 
-def test_a_whisper_decoder_generates_transformers_greedy_tokens(tmp_path):
-    module, model = whisper_decoder(tmp_path / "decoder.onnx")
+WHISPER_PROMPTS = [[1, 5, 7], [1, 9]]
+
+
+def whisper_reference(module, steps=20):
+    """Encoded features of two random inputs, and transformers' greedy tokens after each of
+    WHISPER_PROMPTS: its forward, every step recomputed from the whole sequence."""
     features = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         encoded = module.model.encoder(features).last_hidden_state
-    prompts = [[1, 5, 7], [1, 9]]
     expected = []
-    for row, prompt in enumerate(prompts):
-        # transformers' forward, greedy, every step recomputed from the whole sequence.
+    for row, prompt in enumerate(WHISPER_PROMPTS):
         tokens = torch.tensor([prompt])
         with torch.no_grad():
-            for _ in range(20):
+            for _ in range(steps):
                 logits = module(input_features=features[row : row + 1], decoder_input_ids=tokens)
                 tokens = torch.cat([tokens, logits.logits[:, -1].argmax(-1, keepdim=True)], 1)
         expected.append(tokens[0, len(prompt) :].tolist())
     assert len(set(expected[0])) > 3  # not one token repeated
-    ids, mask = np.array([[1, 5, 7], [0, 1, 9]]), np.array([[1, 1, 1], [0, 1, 1]])
-    extra = {"encoder_hidden_states": encoded.numpy()}
-    tokens = generate(model, ids, 20, attention_mask=mask, extra_inputs=extra)
+    return encoded.numpy(), expected
+
+
+# WHISPER_PROMPTS as one batch, the second row padded on the left.
+WHISPER_IDS, WHISPER_MASK = np.array([[1, 5, 7], [0, 1, 9]]), np.array([[1, 1, 1], [0, 1, 1]])
+
+
+def test_a_whisper_decoder_generates_transformers_greedy_tokens(tmp_path):
+    module, model = whisper_decoder(tmp_path / "decoder.onnx")
+    encoded, expected = whisper_reference(module)
+    extra = {"encoder_hidden_states": encoded}
+    tokens = generate(model, WHISPER_IDS, 20, attention_mask=WHISPER_MASK, extra_inputs=extra)
     assert tokens[:, 3:].tolist() == expected
     with pytest.raises(GenerationError, match="extra_inputs must give exactly those"):
-        generate(model, ids, 4, attention_mask=mask)
+        generate(model, WHISPER_IDS, 4, attention_mask=WHISPER_MASK)
+
+
+def whisper_optimum_decoders(folder):
+    """A tiny random Whisper's decoder in optimum's three files: ``decoder_model.onnx`` (no
+    past; returns the self-attention's ``present.{i}.decoder.*`` and the cross-attention's
+    ``present.{i}.encoder.*``), ``decoder_with_past_model.onnx`` (takes both caches as
+    ``past_key_values.{i}.decoder.*`` / ``.encoder.*``, returns the self-attention's) and
+    ``decoder_model_merged.onnx`` (both, chosen by ``use_cache_branch``), each with
+    ``attention_mask`` and ``position_ids`` inputs beside optimum's."""
+    module = tiny_whisper()
+    layers, heads, size = 2, 4, 16
+    past = [
+        f"past_key_values.{i}.{part}.{kv}"
+        for i in range(layers)
+        for part in ("decoder", "encoder")
+        for kv in KV
+    ]
+    present = [n.replace("past_key_values", "present") for n in past]
+    own_present = [n for n in present if ".decoder." in n]
+
+    def run(input_ids, attention_mask, position_ids, encoder_hidden_states, cache):
+        out = module.model.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            encoder_hidden_states=encoder_hidden_states,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        caches = out.past_key_values
+        flat = []
+        for own, cross in zip(
+            caches.self_attention_cache.layers, caches.cross_attention_cache.layers, strict=True
+        ):
+            flat += [own.keys, own.values, cross.keys, cross.values]
+        return module.proj_out(out.last_hidden_state), flat
+
+    class First(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, input_ids, attention_mask, position_ids, encoder_hidden_states):
+            empty = transformers.EncoderDecoderCache(
+                transformers.DynamicCache(), transformers.DynamicCache()
+            )
+            logits, flat = run(
+                input_ids, attention_mask, position_ids, encoder_hidden_states, empty
+            )
+            return (logits, *flat)
+
+    class WithPast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, input_ids, attention_mask, position_ids, *cache):
+            own, cross = transformers.DynamicCache(), transformers.DynamicCache()
+            for i in range(layers):
+                own.update(cache[4 * i], cache[4 * i + 1], i)
+                cross.update(cache[4 * i + 2], cache[4 * i + 3], i)
+            # Only tells the layers to run their cross-attention, on the keys and values of
+            # the cache (EncoderDecoderCache marks a filled cross cache as computed).
+            unused = torch.zeros(input_ids.shape[0], 1, 64)
+            both = transformers.EncoderDecoderCache(own, cross)
+            logits, flat = run(input_ids, attention_mask, position_ids, unused, both)
+            return (logits, *(t for k, t in enumerate(flat) if k % 4 < 2))
+
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "encoder_hidden_states": {0: "batch", 1: "frames"},
+        "logits": {0: "batch", 1: "sequence"},
+        **{n: {0: "batch", 2: "frames" if ".encoder." in n else "past"} for n in past},
+    }
+    tokens = ["input_ids", "attention_mask", "position_ids"]
+    ids = torch.randint(0, VOCAB, (2, 3))
+    first_args = (ids, torch.ones(2, 3, dtype=torch.long), torch.arange(3).repeat(2, 1))
+    past_args = (ids, torch.ones(2, 8, dtype=torch.long), torch.arange(5, 8).repeat(2, 1))
+    past_args += tuple(torch.randn(2, heads, 16 if ".encoder." in n else 5, size) for n in past)
+    files = {}
+    for name, wrapper, inputs, outputs, args, grown in [
+        (
+            "decoder_model.onnx",
+            First(),
+            [*tokens, "encoder_hidden_states"],
+            present,
+            (*first_args, torch.randn(2, 16, 64)),
+            "sequence",
+        ),
+        (
+            "decoder_with_past_model.onnx",
+            WithPast(),
+            [*tokens, *past],
+            own_present,
+            (
+                *past_args,
+                *(torch.randn(2, heads, 16 if ".encoder." in n else 5, size) for n in past),
+            ),
+            "total",
+        ),
+    ]:
+        dims = {
+            **axes,
+            **{n: {0: "batch", 2: "frames" if ".encoder." in n else grown} for n in present},
+        }
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper.eval(),
+                args,
+                str(folder / name),
+                input_names=inputs,
+                output_names=["logits", *outputs],
+                dynamic_axes={n: dims[n] for n in [*inputs, "logits", *outputs]},
+                opset_version=17,
+                dynamo=False,
+            )
+        files[name] = folder / name
+    merged = merge_decoders(*(onnx.load(files[n]) for n in list(files)))
+    files["decoder_model_merged.onnx"] = folder / "decoder_model_merged.onnx"
+    onnx.save(merged, files["decoder_model_merged.onnx"])
+    return module, files
+
+
+def onnxruntime_whisper_greedy(path, prompt, encoded, steps):
+    """Greedy tokens of optimum's merged decoder in onnxruntime, as optimum runs it: a first
+    call with use_cache_branch False and empty pasts, then one token a step with the past."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    past = {
+        i.name: np.zeros((1, 4, 0, 16), np.float32)
+        for i in session.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
+    ids, tokens, length = np.array([prompt]), [], len(prompt)
+    feeds = {"position_ids": np.arange(length)[None], "use_cache_branch": np.array([False])}
+    for _ in range(steps):
+        feeds.update(
+            input_ids=ids,
+            attention_mask=np.ones((1, length), np.int64),
+            encoder_hidden_states=encoded,
+            **past,
+        )
+        out = dict(zip(names, session.run(None, feeds), strict=True))
+        ids = out["logits"][:, -1:].argmax(-1)
+        tokens.append(int(ids[0, 0]))
+        past = {p: out[p.replace("past_key_values", "present")] for p in past}
+        feeds = {"position_ids": np.array([[length]]), "use_cache_branch": np.array([True])}
+        length += 1
+    return tokens
+
+
+def test_a_merged_whisper_decoder_computes_the_cross_cache_once(tmp_path):
+    module, files = whisper_optimum_decoders(tmp_path)
+    encoded, expected = whisper_reference(module)
+    path = files["decoder_model_merged.onnx"]
+    for row, prompt in enumerate(WHISPER_PROMPTS):  # the file runs as optimum runs it
+        assert onnxruntime_whisper_greedy(path, prompt, encoded[row : row + 1], 20) == expected[row]
+    model = onnx2jax.load(path)
+    layout = cache_layout(model)
+    assert layout.past == tuple(f"past_key_values.{i}.decoder.{kv}" for i in (0, 1) for kv in KV)
+    assert layout.cross_past == tuple(
+        f"past_key_values.{i}.encoder.{kv}" for i in (0, 1) for kv in KV
+    )
+    assert layout.extra == ("encoder_hidden_states",)
+    extra = {"encoder_hidden_states": encoded}
+    before = decoder(model).compilations
+    tokens = generate(model, WHISPER_IDS, 20, attention_mask=WHISPER_MASK, extra_inputs=extra)
+    assert tokens[:, 3:].tolist() == expected
+    # The rows swapped, each with its encoder output: the same shapes, nothing compiles.
+    swapped = {"encoder_hidden_states": encoded[::-1].copy()}
+    again = generate(
+        model, WHISPER_IDS[::-1], 20, attention_mask=WHISPER_MASK[::-1], extra_inputs=swapped
+    )
+    assert again[:, 3:].tolist() == expected[::-1]
+    # Prefill (the first-step branch) and decode (the branch with a past), once each.
+    assert decoder(model).compilations - before == 2
+    with pytest.raises(GenerationError, match="decoder_with_past_model.onnx"):
+        cache_layout(onnx2jax.load(files["decoder_with_past_model.onnx"]))
 
 
 def test_a_model_that_does_not_fit_is_refused_with_what_it_lacks(tmp_path):

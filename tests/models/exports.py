@@ -348,3 +348,68 @@ def float_accuracy(proto: onnx.ModelProto) -> onnx.ModelProto:
             if attr.name == "accuracy_level":
                 attr.i = 0
     return proto
+
+
+def merge_decoders(first: onnx.ModelProto, with_past: onnx.ModelProto) -> onnx.ModelProto:
+    """optimum's merged decoder from its two exports: one graph whose ``If`` on a bool
+    ``use_cache_branch`` input runs ``with_past`` (True) or ``first`` (False).
+
+    ``first`` takes no past and returns every output; ``with_past`` takes the past and returns
+    the same outputs but the ``present.{i}.encoder.*`` ones, which its branch passes through
+    from ``past_key_values.{i}.encoder.*`` (the cross-attention's cache, fixed after the first
+    step). Each branch's own tensor names get a prefix, their initializers move to the outer
+    graph; the inputs are ``with_past``'s, then ``first``'s others, then ``use_cache_branch``.
+    """
+    from onnx import helper
+
+    def branch(model: onnx.ModelProto, prefix: str, outputs: list[onnx.ValueInfoProto]):
+        graph = model.graph
+        inputs = {v.name for v in graph.input}
+        own = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+        rename = {n: prefix + n for n in own if n not in inputs}
+        nodes = []
+        for node in graph.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.input[:] = [rename.get(n, n) for n in node.input]
+            copy.output[:] = [rename.get(n, n) for n in node.output]
+            copy.name = prefix + node.name
+            nodes.append(copy)
+        given = {v.name for v in graph.output}
+        for info in outputs:
+            if info.name not in given:  # a cross-attention present: its past, unchanged
+                past = info.name.replace("present.", "past_key_values.", 1)
+                nodes.append(helper.make_node("Identity", [past], [prefix + info.name]))
+        out = []
+        for info in outputs:
+            renamed = onnx.ValueInfoProto()
+            renamed.CopyFrom(info)
+            renamed.name = rename.get(info.name, prefix + info.name)
+            out.append(renamed)
+        initializers = []
+        for tensor in graph.initializer:
+            moved = onnx.TensorProto()
+            moved.CopyFrom(tensor)
+            moved.name = rename[tensor.name]
+            initializers.append(moved)
+        return helper.make_graph(nodes, prefix.strip("/"), [], out), initializers
+
+    outputs = list(first.graph.output)
+    then_graph, then_init = branch(with_past, "with_past/", outputs)
+    else_graph, else_init = branch(first, "first/", outputs)
+    names = [v.name for v in with_past.graph.input]
+    inputs = list(with_past.graph.input)
+    inputs += [v for v in first.graph.input if v.name not in names]
+    inputs.append(helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1]))
+    node = helper.make_node(
+        "If",
+        ["use_cache_branch"],
+        [v.name for v in outputs],
+        name="optimum::if",
+        then_branch=then_graph,
+        else_branch=else_graph,
+    )
+    graph = helper.make_graph([node], "merged", inputs, outputs, then_init + else_init)
+    return helper.make_model(
+        graph, opset_imports=list(first.opset_import), ir_version=first.ir_version
+    )
