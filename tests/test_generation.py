@@ -488,6 +488,21 @@ def test_a_merged_whisper_decoder_computes_the_cross_cache_once(tmp_path):
         cache_layout(onnx2jax.load(files["decoder_with_past_model.onnx"]))
 
 
+@pytest.mark.parametrize("exported", ["gpt2"], indirect=True)
+def test_a_merged_decoder_only_model_runs_its_branch_with_a_past(exported, tmp_path):
+    # A merged decoder-only model (as optimum writes GPT-2's; here both branches are the
+    # export with a past): prefill and decode run the branch with a past, one program each.
+    module, model = exported
+    model.save(tmp_path / "plain.onnx")
+    plain = onnx.load(tmp_path / "plain.onnx")
+    merged = onnx2jax.load(merge_decoders(plain, plain))
+    assert cache_layout(merged).use_cache_branch == "use_cache_branch"
+    before = decoder(merged).compilations
+    tokens = generate(merged, np.array([PROMPTS[0]]), 12)
+    assert tokens[0, 7:].tolist() == transformers_greedy(module, PROMPTS[0], 12)
+    assert decoder(merged).compilations - before == 2
+
+
 def test_a_model_that_does_not_fit_is_refused_with_what_it_lacks(tmp_path):
     with pytest.raises(GenerationError, match="lacks input_ids, attention_mask, past_key_values"):
         cache_layout(onnx2jax.load(onnx2jax.example_path()))
