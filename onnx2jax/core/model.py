@@ -31,7 +31,13 @@ from onnx2jax.core.graph import (
     plan_graph,
 )
 from onnx2jax.core.loader import ModelSource, mapped_tensor, read_model
-from onnx2jax.core.sharding import Sharding, default_mesh, param_specs, place_params
+from onnx2jax.core.sharding import (
+    Sharding,
+    annotated_sharding,
+    default_mesh,
+    param_specs,
+    place_params,
+)
 from onnx2jax.runtime.engine import Engine, host_only
 from onnx2jax.runtime.hostmem import release_free_memory
 
@@ -98,6 +104,8 @@ class Model:
         self.base_dir = base_dir
         self.opsets = model_opsets(proto)
         find_unsupported(proto.graph, self.opsets)
+        if sharding is None:  # the model's own annotations (ShardingSpecProto), if any
+            mesh, sharding = annotated_sharding(proto, mesh) or (mesh, None)
         sharded = mesh is not None or sharding is not None
         # The mesh params live on (None: each param whole on the default device).
         self.mesh: Mesh | None = (mesh or default_mesh()) if sharded else None
@@ -403,6 +411,7 @@ class Model:
     def bind_inputs(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> dict[str, Any]:
         """Match positional and named inputs to the graph's inputs and check them."""
         infos = self.plan.inputs
+        declared = self._declared_inputs()
         if len(inputs) > len(infos):
             raise InputError(
                 f"the model takes {len(infos)} input(s) {self.input_names}, "
@@ -410,18 +419,30 @@ class Model:
             )
         bound = {info.name: value for info, value in zip(infos, inputs, strict=False)}
         for name, value in named.items():
-            if name not in self.input_names:
+            if name not in declared:
                 raise InputError(
                     f"unknown input {name!r}; the model's inputs are {self.input_names}"
                 )
             if name in bound:
                 raise InputError(f"input {name!r} given both by position and by name")
             bound[name] = value
-        missing = [n for n in self.input_names if n not in bound]
-        if missing:
+        if len(bound) < len(declared):
+            missing = [n for n in declared if n not in bound]
             expected = ", ".join(i.describe() for i in infos if i.name in missing)
             raise InputError(f"missing input(s): {expected}")
-        return {info.name: check_input(info, bound[info.name]) for info in infos}
+        return {
+            name: _checked_input(info, dtype, bound[name])
+            for name, (info, dtype) in declared.items()
+        }
+
+    def _declared_inputs(self) -> dict[str, tuple[TensorInfo, np.dtype | None]]:
+        """Each graph input's name -> its info and declared dtype, worked out once per plan
+        (TensorInfo.dtype converts the ONNX type at every read)."""
+        infos = self.plan.inputs
+        cached = getattr(self, "_declared", None)
+        if cached is None or cached[0] is not infos:
+            cached = self._declared = (infos, {i.name: (i, i.dtype) for i in infos})
+        return cached[1]
 
 
 # How matrix products may compute (Model.precision); the first is the default.
@@ -431,7 +452,19 @@ FLOAT16_COMPUTES = ("float32", "float16")
 
 
 def check_input(info: TensorInfo, value: Any) -> Any:
-    """Validate ``value`` against the declared type of input ``info``; cast within a kind."""
+    """Validate ``value`` against the declared type of input ``info``; cast within a kind.
+
+    Example:
+        >>> import numpy as np, onnx2jax
+        >>> info = onnx2jax.load(onnx2jax.example_path()).inputs[0]
+        >>> check_input(info, np.zeros((2, 1, 8, 8), np.float64)).dtype
+        dtype('float32')
+    """
+    return _checked_input(info, info.dtype, value)
+
+
+def _checked_input(info: TensorInfo, expected: np.dtype | None, value: Any) -> Any:
+    """:func:`check_input` with the declared dtype ``expected`` (``info.dtype``) given."""
     if info.kind != "tensor":
         return value
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
@@ -441,7 +474,6 @@ def check_input(info: TensorInfo, value: Any) -> Any:
             raise InputError(
                 f"input {info.name!r} ({info.describe()}) cannot be read as an array: {exc}"
             ) from None
-    expected = info.dtype
     if expected is not None and value.dtype != expected:
         if _dtype_kind(value.dtype) != _dtype_kind(expected):
             raise InputError(

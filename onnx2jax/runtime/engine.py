@@ -21,6 +21,7 @@ model's public members), so this package never imports :mod:`onnx2jax.model`.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ import numpy as np
 import onnx
 
 from onnx2jax import native
+from onnx2jax.core import settings
 from onnx2jax.core.convert import Interpreter
 from onnx2jax.core.errors import DataDependentShapeError
 from onnx2jax.core.graph import GraphPlan
@@ -54,6 +56,7 @@ from onnx2jax.runtime.options import (
     inference_compiler_options,
     input_rows,
     jit_with_options,
+    options_outside_traces,
 )
 from onnx2jax.runtime.segments import SegmentedRunner
 
@@ -150,6 +153,9 @@ class Engine:
         self._replicated: dict[tuple, tuple[Params, Params]] = {}
         # Outputs asked for -> the runner of a graph with data-dependent shapes.
         self._segmented: dict[tuple[str, ...] | None, SegmentedRunner] = {}
+        # Per input signature (ready_key), the call run() chose and what it was chosen under,
+        # so that a repeated call skips choosing again (see ReadyCall.current).
+        self._ready: dict[tuple, ReadyCall] = {}
         # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
         directory = cache_module.resolve_cache_dir(cache_dir)
         self.cache: ExecutableCache | None = (
@@ -165,29 +171,59 @@ class Engine:
 
         Under jit when the graph allows it (through the executable cache if the model has
         one); else, once a node needs values that depend on the data, as jit-compiled segments
-        around the nodes that run outside jit.
+        around the nodes that run outside jit. A signature run under jit before goes straight
+        to the same program while nothing it was chosen under changed (:class:`ReadyCall`).
         """
+        key = ready_key(bound, outputs)
+        ready = self._ready.get(key) if key is not None else None
+        if ready is not None and ready.current(self.model.params, self.compiler_options):
+            # A jitted program returns arrays and lists of them, which _runtime_types keeps.
+            return ready(ready.place(bound), outputs)
         runner = self._segmented.get(outputs)
         if runner is None and not any(host_only(v) for v in bound.values()):
             try:
-                if self.cache is not None:
-                    return _runtime_types(self.cached_run(self.cache, bound, outputs))
-                function, _, kernels = self.inference_function(bound)
-                params, placed, _ = self.placed(bound, kernels)
-                return _runtime_types(function(params, placed, outputs=outputs))
+                ready, placed = self.ready_call(bound, outputs)
+                result = ready(placed, outputs)
             except DataDependentShapeError:
                 pass
+            else:
+                if key is not None:
+                    self._ready[key] = ready
+                return _runtime_types(result)
         model = self.model
         if runner is None:
             names = list(outputs) if outputs else model.output_names
             runner = self._segmented[outputs] = SegmentedRunner(
                 model.plan, model.interpreter, names, restore=self.restore_layouts
             )
+            # These outputs run as segments from now on, whatever the signature.
+            self._ready = {k: v for k, v in self._ready.items() if k[0] != outputs}
         # The segments run the program model(...) would: prepared params, the same options.
         env = model.environment(self.prepared_params(), bound, runner.wanted)
         options = inference_compiler_options(bound, self.compiler_options, model.precision)
         values = runner.run(env, options)
         return _runtime_types(model.collect_outputs(runner.wanted, values))
+
+    def ready_call(
+        self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+    ) -> tuple[ReadyCall, dict[str, Any]]:
+        """The program ``model(...)`` runs under jit for ``bound`` (compiled through the
+        executable cache if the model has one), and ``bound`` placed as it takes them; raises
+        :class:`DataDependentShapeError` where the graph cannot run under jit."""
+        function, options, kernels = self.inference_function(bound)
+        params, placed, devices = self.placed(bound, kernels)
+        if self.cache is not None:
+            function = self.cached_executable(self.cache, bound, outputs)
+            placed = {k: canonical_input(v) for k, v in placed.items()}
+        ready = ReadyCall(
+            function,
+            params,
+            devices,
+            compiled=self.cache is not None,
+            source=dict(self.model.params),
+            options=dict(self.compiler_options),
+        )
+        return ready, placed
 
     def segmented_runner(self, outputs: tuple[str, ...] | None = None) -> SegmentedRunner | None:
         """The segmented runner ``model(...)`` uses for ``outputs``, once a call needed one."""
@@ -200,6 +236,19 @@ class Engine:
         outputs: tuple[str, ...] | None = None,
     ) -> dict[str, Any]:
         """:meth:`run` under jit with the executable read from (or written to) ``cache``."""
+        _, _, kernels = self.inference_function(bound)
+        params, placed, _ = self.placed(bound, kernels)
+        compiled = self.cached_executable(cache, bound, outputs)
+        return compiled(params, {k: canonical_input(v) for k, v in placed.items()})
+
+    def cached_executable(
+        self,
+        cache: ExecutableCache,
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None = None,
+    ) -> Any:
+        """The compiled executable :meth:`cached_run` calls with ``(params, inputs)``, read
+        from (or written to) ``cache``."""
         model = self.model
         if self._digest is None:
             self._digest = model_digest(model)
@@ -210,10 +259,9 @@ class Engine:
         key = f"model:{self._digest}|{signature_key((model.params, bound))}|{outputs}|"
         key += str(sorted(options.items())) + "".join(f"|native {kind}" for kind in sorted(kernels))
         key = f"{key}|{signature_key(params)}" + (f"|split over {len(devices)}" if devices else "")
-        compiled = cache.compiled(
+        return cache.compiled(
             key, lambda: function.lower(params, placed, outputs=outputs), devices or None
         )
-        return compiled(params, {k: canonical_input(v) for k, v in placed.items()})
 
     def inference_function(
         self, bound: Mapping[str, Any]
@@ -223,7 +271,10 @@ class Engine:
 
         It takes ``(params, inputs, outputs=...)`` with the params of :meth:`placed`.
         """
-        options = inference_compiler_options(bound, self.compiler_options, self.model.precision)
+        # Inside someone's jit or grad, JAX refuses a nested jit with options.
+        options = options_outside_traces(
+            inference_compiler_options(bound, self.compiler_options, self.model.precision), bound
+        )
         kernels: frozenset[str] = frozenset()
         # The kernels have no gradient, batching or sharding rule: inside someone's trace, or
         # for a batch split over devices, the program is XLA's alone.
@@ -443,6 +494,92 @@ class Engine:
     def replicas(self) -> dict[tuple[jax.Device, ...], Params]:
         """Devices -> the copies of the prepared params on them, kept for split batches."""
         return {devices: copies for devices, (_, copies) in self._replicated.items()}
+
+
+class ReadyCall:
+    """A program ``model(...)`` chose for one input signature, ready to call again.
+
+    It holds the jitted function (whose C++ dispatch checks the arguments) or the cache's
+    executable, the params it takes, and what the choice was made under: the params they were
+    prepared from and the model's XLA options, which :meth:`current` compares cheaply (by
+    identity, without hashing a param), so that assigned params or options are seen.
+
+    Example:
+        >>> import numpy as np, onnx2jax
+        >>> model = onnx2jax.load(onnx2jax.example_path())
+        >>> bound = model.bind_inputs((np.zeros((1, 1, 8, 8), np.float32),), {})
+        >>> ready, placed = model.engine.ready_call(bound)
+        >>> ready(placed)["logits"].shape
+        (1, 10)
+        >>> ready.current(model.params, model.compiler_options)
+        True
+    """
+
+    def __init__(
+        self,
+        function: Any,
+        params: Params,
+        devices: list[jax.Device],
+        *,
+        compiled: bool,
+        source: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ):
+        self.function = function
+        self.params = params
+        self.devices = devices
+        self.compiled = compiled
+        self.source = dict(source)
+        self.options = dict(options)
+
+    def current(self, params: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
+        """Whether ``params`` (the model's now) are the very arrays, under the same names and
+        in the same order, the program's params were prepared from, and ``options`` the same."""
+        source = self.source
+        return (
+            options == self.options
+            and len(params) == len(source)
+            and all(map(operator.is_, params.values(), source.values()))
+            and all(map(operator.eq, params, source))
+        )
+
+    def place(self, bound: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Checked inputs as the program takes them: split over its devices, and in jit's
+        dtypes for an executable (which, unlike jit, does not convert them)."""
+        placed = place_inputs(bound, self.devices) if self.devices else bound
+        if self.compiled:
+            return {k: canonical_input(v) for k, v in placed.items()}
+        return placed
+
+    def __call__(
+        self, placed: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
+        """Run on inputs from :meth:`place` (``outputs`` as the program was chosen for)."""
+        if self.compiled:
+            return self.function(self.params, placed)
+        return self.function(self.params, placed, outputs=outputs)
+
+
+def ready_key(bound: Mapping[str, Any], outputs: tuple[str, ...] | None) -> tuple | None:
+    """What :meth:`Engine.run`'s choice of program depends on besides the model: the outputs,
+    the settings read at each call, and each input's kind, shape and dtype; None for inputs
+    that are not plain arrays (sequences, maps, tracers of someone's transformation).
+
+    Example:
+        >>> import numpy as np
+        >>> ready_key({"x": np.zeros((2, 3), np.float32)}, None)[3:]
+        ((<class 'numpy.ndarray'>, (2, 3), dtype('float32')),)
+    """
+    signature = []
+    for value in bound.values():
+        if isinstance(value, np.ndarray):
+            kind: type = np.ndarray
+        elif isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+            kind = jax.Array
+        else:
+            return None
+        signature.append((kind, value.shape, value.dtype))
+    return (outputs, settings.native_kernels(), settings.split_batch(), *signature)
 
 
 # NumPy dtypes that XLA has no type for (converting them aborts inside XLA, so never try).
