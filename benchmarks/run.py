@@ -3,8 +3,11 @@
 Builds the models offline (``benchmarks/models.py``), then for every case runs both engines in
 one fresh process on the same inputs with interleaved calls (``onnx2jax.cli.bench.run_case``),
 measures each engine's peak memory in processes of its own, and times the start-up of fresh
-processes (plain, with the executable cache, from an ahead-of-time artifact). Writes
-``benchmarks/results/<name>.json`` and the table in ``benchmarks/README.md``.
+processes (plain, with the executable cache, from an ahead-of-time artifact). Quantized and
+float16 models, tiny models timed per call (a stateful one's state fed back), and fine-tuning
+steps against PyTorch (:func:`train_steps`) are cases too. Writes
+``benchmarks/results/<name>.json`` and the table in ``benchmarks/README.md``, whose header
+names the CPU and its vector width.
 
 ``--quick`` is a smoke run (2 timed runs, no memory or start-up); ``--model FILE`` benchmarks
 one ONNX file of your own instead of the built-in cases.
@@ -33,7 +36,14 @@ import numpy as np
 if __package__ in (None, ""):  # python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.models import MODELS_DIR, image_inputs, model_path, text_inputs  # noqa: E402
+from benchmarks.models import (  # noqa: E402
+    MODELS_DIR,
+    image_inputs,
+    model_path,
+    text_inputs,
+    vad_inputs,
+    vector_inputs,
+)
 from onnx2jax.core.model import PRECISIONS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -46,14 +56,28 @@ TABLE_END = "<!-- results:end -->"
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark: a model, its inputs, and what throughput counts."""
+    """One benchmark: a model, its inputs, and what throughput counts.
+
+    ``kind`` is ``"inference"`` (against onnxruntime), ``"per_call"`` (the same, for a model
+    that runs in about a millisecond: ``block`` calls in a row per turn, ``runs`` times as many
+    calls, the state fed back through ``carry``) or ``"train"`` (a fine-tuning step against
+    PyTorch's on the module the ONNX file was exported from, with the optimizer ``train``).
+    ``unoptimized_reference`` also checks onnx2jax against onnxruntime's unfused graph.
+    """
 
     name: str
     model: str  # a name in benchmarks.models.BUILDERS, or a path to an .onnx file
     feeds: Callable[[], dict[str, np.ndarray]]
     items: int
     unit: str
+    kind: str = "inference"
+    carry: tuple[tuple[str, str], ...] = ()  # (output, input) fed back between calls
+    block: int = 1
+    train: str | None = None  # "adam" or "sgd", with kind "train"
+    unoptimized_reference: bool = False
 
+
+PER_CALL_BLOCK = 20
 
 CASES = [
     Case("minilm_b1_s128", "minilm", lambda: text_inputs(1, 128), 1, "seq"),
@@ -68,6 +92,67 @@ CASES = [
         "seq",
     ),
     Case("vit_b16_b8", "vit_b16", lambda: image_inputs(8), 8, "img"),
+    Case(
+        "minilm_int8_b32_s128",
+        "minilm_int8",
+        lambda: text_inputs(32, 128),
+        32,
+        "seq",
+        unoptimized_reference=True,
+    ),
+    Case(
+        "resnet50_qdq_b8",
+        "resnet50_qdq",
+        lambda: image_inputs(8),
+        8,
+        "img",
+        unoptimized_reference=True,
+    ),
+    Case(
+        "minilm_fp16_b32_s128",
+        "minilm_fp16",
+        lambda: text_inputs(32, 128),
+        32,
+        "seq",
+        unoptimized_reference=True,
+    ),
+    Case(
+        "silero_vad_chunk512",
+        "silero_vad",
+        vad_inputs,
+        1,
+        "call",
+        kind="per_call",
+        carry=(("stateN", "state"),),
+        block=PER_CALL_BLOCK,
+    ),
+    Case(
+        "mlp5_b1",
+        "mlp5",
+        lambda: vector_inputs(1),
+        1,
+        "call",
+        kind="per_call",
+        block=PER_CALL_BLOCK,
+    ),
+    Case(
+        "train_minilm_b8_s128_adam",
+        "minilm",
+        lambda: text_inputs(8, 128),
+        8,
+        "seq",
+        kind="train",
+        train="adam",
+    ),
+    Case(
+        "train_resnet50_b8_sgd",
+        "resnet50",
+        lambda: image_inputs(8),
+        8,
+        "img",
+        kind="train",
+        train="sgd",
+    ),
 ]
 STARTUP_CASE = "minilm_b32_s128"
 
@@ -125,6 +210,35 @@ def wait_until_quiet(limit_s: float, log: Callable[[str], None] = print) -> int:
     return busy
 
 
+def vector_width(flags: set[str] | None = None, arch: str | None = None) -> dict[str, Any]:
+    """The widest float vector unit of this CPU: AVX-512, AVX2, NEON, SSE or unknown, with its
+    float32 lanes, from ``/proc/cpuinfo``'s flags (or the given ``flags`` and ``arch``).
+
+    Example:
+        >>> vector_width({"avx2", "fma", "avx512f"}, "x86_64")
+        {'isa': 'AVX-512', 'float32_lanes': 16}
+        >>> vector_width(set(), "arm64")
+        {'isa': 'NEON', 'float32_lanes': 4}
+    """
+    if flags is None:
+        flags = set()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    flags |= set(value.split())
+    arch = (arch or platform.machine()).lower()
+    if "avx512f" in flags:
+        return {"isa": "AVX-512", "float32_lanes": 16}
+    if "avx2" in flags:
+        return {"isa": "AVX2", "float32_lanes": 8}
+    if arch in ("arm64", "aarch64") or "asimd" in flags:
+        return {"isa": "NEON", "float32_lanes": 4}
+    if "sse2" in flags or arch in ("x86_64", "amd64"):
+        return {"isa": "SSE", "float32_lanes": 4}
+    return {"isa": "unknown", "float32_lanes": None}
+
+
 def machine() -> dict[str, Any]:
     """The machine and the versions of everything measured."""
     import jax
@@ -157,6 +271,7 @@ def machine() -> dict[str, Any]:
             versions[name] = None
     return {
         "cpu": cpu,
+        "vector": vector_width(),
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": memory,
         "os": platform.platform(),
@@ -174,9 +289,14 @@ def run_case_in_child(
     warmup: int,
     precision: str = "float32",
     env: dict[str, str] | None = None,
+    carry: Sequence[tuple[str, str]] = (),
+    block: int = 1,
+    unoptimized_reference: bool = False,
 ) -> dict[str, Any]:
     """``onnx2jax.cli.bench.run_case`` in a fresh process (first-call times are then honest),
     with ``env`` added to its environment."""
+    extra = [f"--carry={output}={name}" for output, name in carry]
+    extra += ["--block", str(block)] + (["--unoptimized"] if unoptimized_reference else [])
     with tempfile.TemporaryDirectory() as folder:
         feeds_path = Path(folder) / "feeds.npz"
         np.savez(feeds_path, **feeds)
@@ -195,9 +315,157 @@ def run_case_in_child(
                 str(items),
                 "--precision",
                 precision,
+                *extra,
             ],
             env,
         )
+
+
+def train_case_in_child(
+    case: Case, path: Path, runs: int, warmup: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """:func:`train_steps` of ``case`` in a fresh process."""
+    with tempfile.TemporaryDirectory() as folder:
+        feeds_path = Path(folder) / "feeds.npz"
+        np.savez(feeds_path, **case.feeds())
+        return _python(
+            [
+                "-m",
+                "benchmarks.run",
+                "--train-child",
+                case.model,
+                str(path),
+                str(feeds_path),
+                str(case.train),
+                "--runs",
+                str(runs),
+                "--warmup",
+                str(warmup),
+                "--items",
+                str(case.items),
+            ],
+            env,
+        )
+
+
+LEARNING_RATES = {"adam": 1e-4, "sgd": 1e-3}
+
+
+def train_steps(
+    module_name: str,
+    path: Path,
+    feeds: dict[str, np.ndarray],
+    optimizer: str,
+    *,
+    runs: int,
+    warmup: int,
+    items: int,
+) -> dict[str, Any]:
+    """Fine-tuning steps of the ONNX file at ``path`` (``onnx2jax.train.make_train_step``, every
+    float param trains) and of the PyTorch module it was exported from, with the same
+    optimizer (``"adam"``, or ``"sgd"`` with momentum 0.9), inputs and thread count, steps
+    interleaved as :func:`onnx2jax.cli.bench.interleaved` times calls.
+
+    The loss is the mean of ``pooler_output`` (text encoders) or the cross-entropy of
+    ``logits`` against fixed labels. Both modules stay in eval mode (no dropout, BatchNorm's
+    running statistics: the ONNX export folded them), so both compute one function and their
+    first losses must agree. Returns a JSON-ready dict; ``ratio`` is onnx2jax / PyTorch.
+    """
+    import optax
+    import torch
+
+    import onnx2jax
+    from benchmarks.models import MODULES
+    from onnx2jax import train
+    from onnx2jax.cli.bench import default_threads, interleaved
+
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = onnx2jax.load(path)
+    load_s = time.perf_counter() - start
+    module = MODULES[module_name]()
+    output = "logits" if "logits" in model.output_names else "pooler_output"
+    batch = len(next(iter(feeds.values())))
+    labels = np.arange(batch) % module.config.num_labels if output == "logits" else None
+    rate = LEARNING_RATES[optimizer]
+
+    def loss_fn(params: dict[str, Any], data: tuple) -> Any:
+        inputs, targets = data
+        result = model.apply(params, **inputs)[output]
+        if targets is None:
+            return result.mean()
+        return optax.softmax_cross_entropy_with_integer_labels(result, targets).mean()
+
+    transform = optax.adam(rate) if optimizer == "adam" else optax.sgd(rate, momentum=0.9)
+    trainable, frozen = train.split(model.params)
+    step = train.make_train_step(loss_fn, transform)
+    states = [train.init(trainable, transform)]
+
+    def ours() -> float:
+        states[0], metrics = step(states[0], frozen, (feeds, labels))
+        return float(metrics["loss"])
+
+    torch_feeds = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    torch_labels = None if labels is None else torch.from_numpy(labels)
+    weights = [p for p in module.parameters() if p.requires_grad]
+    torch_optimizer = (
+        torch.optim.Adam(weights, lr=rate)
+        if optimizer == "adam"
+        else torch.optim.SGD(weights, lr=rate, momentum=0.9)
+    )
+
+    def theirs() -> float:
+        torch_optimizer.zero_grad(set_to_none=True)
+        result = getattr(module(**torch_feeds), output)
+        loss = (
+            result.mean()
+            if torch_labels is None
+            else torch.nn.functional.cross_entropy(result, torch_labels)
+        )
+        loss.backward()
+        torch_optimizer.step()
+        return float(loss.detach())
+
+    firsts, losses = {}, {}
+    for name, call in (("onnx2jax", ours), ("pytorch", theirs)):
+        begin = time.perf_counter()
+        losses[name] = call()
+        firsts[name] = time.perf_counter() - begin
+    samples = interleaved({"onnx2jax": ours, "pytorch": theirs}, runs, warmup)
+
+    def summary(times: list[float]) -> dict[str, Any]:
+        median = float(np.median(times))
+        return {
+            "median_ms": median,
+            "min_ms": min(times),
+            "runs": len(times),
+            "throughput_per_s": items / (median / 1e3),
+            "samples_ms": times,
+        }
+
+    return {
+        "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "optimizer": optimizer,
+        "learning_rate": rate,
+        "loss": "cross_entropy(logits)" if labels is not None else "mean(pooler_output)",
+        "trainable_params": {
+            "onnx2jax": int(sum(np.size(v) for v in trainable.values())),
+            "pytorch": int(sum(p.numel() for p in weights)),
+        },
+        "onnx2jax": {
+            **summary(samples["onnx2jax"]),
+            "load_s": load_s,
+            "first_call_s": firsts["onnx2jax"],
+        },
+        "pytorch": {**summary(samples["pytorch"]), "first_call_s": firsts["pytorch"]},
+        "first_loss": losses,
+        "first_loss_rel_error": abs(losses["onnx2jax"] - losses["pytorch"])
+        / max(abs(losses["pytorch"]), 1e-30),
+        "ratio": float(np.median(samples["onnx2jax"]) / np.median(samples["pytorch"])),
+    }
 
 
 def _medians(processes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,13 +573,29 @@ def run(
     for case in cases:
         path = _path_of(case, models_dir)
         feeds = case.feeds()
-        log(f"{case.name}: timing {runs} interleaved runs ...")
+        count = runs * case.block
+        log(f"{case.name}: timing {count} interleaved {'steps' if case.train else 'runs'} ...")
         before = wait_until_quiet(quiet_wait, log) if quiet_wait else busy_processes()
         steal, start = cpu_steal_s(), time.monotonic()
-        result = run_case_in_child(path, feeds, case.items, runs, warmup, precision, env)
+        if case.kind == "train":
+            result = train_case_in_child(case, path, runs, warmup, env)
+        else:
+            result = run_case_in_child(
+                path,
+                feeds,
+                case.items,
+                count,
+                warmup,
+                precision,
+                env,
+                carry=case.carry,
+                block=case.block,
+                unoptimized_reference=case.unoptimized_reference,
+            )
         stolen = cpu_steal_s()
         result.update(
             model=case.model,
+            kind=case.kind,
             items=case.items,
             unit=case.unit,
             busy_pytest_processes=max(before, busy_processes()),
@@ -319,14 +603,19 @@ def run(
         if steal is not None and stolen is not None:
             cpus = os.cpu_count() or 1
             result["steal_percent"] = 100 * (stolen - steal) / ((time.monotonic() - start) * cpus)
-        if memory:
+        if memory and case.kind != "train":
             for engine in ("onnx2jax", "onnxruntime"):
                 result[engine]["memory"] = peak_memory(engine, path, feeds, env=env)
         document["cases"][case.name] = result
+        reference = "pytorch" if case.kind == "train" else "onnxruntime"
+        check = (
+            f"first loss rel error {result['first_loss_rel_error']:.1e}"
+            if case.kind == "train"
+            else f"max rel error {result['max_rel_error']:.1e}"
+        )
         log(
-            f"  onnx2jax {result['onnx2jax']['median_ms']:.1f} ms, onnxruntime "
-            f"{result['onnxruntime']['median_ms']:.1f} ms, ratio {result['ratio']:.2f}, "
-            f"max rel error {result['max_rel_error']:.1e}"
+            f"  onnx2jax {result['onnx2jax']['median_ms']:.2f} ms, {reference} "
+            f"{result[reference]['median_ms']:.2f} ms, ratio {result['ratio']:.2f}, {check}"
         )
     if with_startup:
         chosen = {c.name: c for c in cases}.get(STARTUP_CASE)
@@ -360,7 +649,18 @@ def table(document: dict[str, Any]) -> str:
         "peak MB (o2j / ORT) | max error (abs / rel) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    info = document["machine"]
+    vector = info.get("vector")
+    header = (
+        f"Host: {info['cpu']}, {vector['isa']} ({vector['float32_lanes']} float32 lanes), "
+        f"{info['cores']} cores.\n\n"
+        if vector
+        else ""
+    )
+    training = {n: c for n, c in document["cases"].items() if c.get("kind") == "train"}
     for name, case in document["cases"].items():
+        if name in training:
+            continue
         ours, theirs = case["onnx2jax"], case["onnxruntime"]
         unit = case.get("unit", "item")
         flops = (
@@ -380,15 +680,44 @@ def table(document: dict[str, Any]) -> str:
             if "back_to_back_ratio" in case
             else "-"
         )
+        per_call = (
+            f" ({ours['median_ms'] * 1e3:,.0f} / {theirs['median_ms'] * 1e3:,.0f} µs per call)"
+            if case.get("kind") == "per_call"
+            else ""
+        )
+        errors = f"{case['max_abs_error']:.1e} / {case['max_rel_error']:.1e}"
+        if "max_rel_error_unoptimized" in case:
+            errors += f" (unfused ORT: {case['max_rel_error_unoptimized']:.1e} rel)"
         rows.append(
             f"| {name} | {_ms(ours['median_ms'])} ({_ms(ours['min_ms'])}) | "
             f"{_ms(theirs['median_ms'])} ({_ms(theirs['min_ms'])}) | "
-            f"**{case['ratio']:.2f}** | {b2b} | {ours['throughput_per_s']:.1f} / "
+            f"**{case['ratio']:.2f}**{per_call} | {b2b} | {ours['throughput_per_s']:.1f} / "
             f"{theirs['throughput_per_s']:.1f} {unit}/s | {flops} | "
             f"{ours['first_call_s']:.2f} / {theirs['first_call_s']:.2f} | {memory} | "
-            f"{case['max_abs_error']:.1e} / {case['max_rel_error']:.1e} |"
+            f"{errors} |"
         )
-    text = "\n".join(rows)
+    text = header + "\n".join(rows)
+    if training:
+        lines = [
+            "",
+            "Fine-tuning steps against PyTorch (forward, backward, optimizer; the same module, "
+            "inputs and threads; ratio = onnx2jax / PyTorch):",
+            "",
+            "| case | onnx2jax step median (min) ms | PyTorch step median (min) ms | ratio | "
+            "first step s (o2j / PyTorch) | threads (XLA / torch) | first loss (o2j / PyTorch) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, case in training.items():
+            ours, theirs = case["onnx2jax"], case["pytorch"]
+            loss = case["first_loss"]
+            lines.append(
+                f"| {name} | {_ms(ours['median_ms'])} ({_ms(ours['min_ms'])}) | "
+                f"{_ms(theirs['median_ms'])} ({_ms(theirs['min_ms'])}) | "
+                f"**{case['ratio']:.2f}** | {ours['first_call_s']:.2f} / "
+                f"{theirs['first_call_s']:.2f} | {case['threads']} / {case['torch_threads']} | "
+                f"{loss['onnx2jax']:.6g} / {loss['pytorch']:.6g} |"
+            )
+        text += "\n" + "\n".join(lines)
     start = document.get("startup")
     if start:
         repeats = max(len(r.get("processes", [r])) for r in start.values() if isinstance(r, dict))
@@ -428,7 +757,6 @@ def table(document: dict[str, Any]) -> str:
             f"{start['aot_artifact_mb']:.0f} MB."
         )
         text += "\n" + "\n".join(lines)
-    info = document["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
     busy = max(
         document.get("busy_pytest_processes_at_start", 0),
@@ -436,7 +764,9 @@ def table(document: dict[str, Any]) -> str:
         *(c.get("busy_pytest_processes", 0) for c in document["cases"].values()),
     )
     text += (
-        f"\n\nMachine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
+        f"\n\nMachine: {info['cpu']}"
+        + (f" ({vector['isa']})" if vector else "")
+        + f", {info['cores']} cores, {info['memory_gib']} GiB; "
         f"{info['os']}. Versions: {versions}. {document['settings']['runs']} timed runs "
         f"per engine after {document['settings']['warmup']} warm-up rounds; "
         + (
@@ -456,6 +786,19 @@ def table(document: dict[str, Any]) -> str:
         text += (
             f" The hypervisor took {min(steals):.1f}-{max(steals):.1f}% of the CPUs' time "
             "during the cases (steal time: other guests' load, which makes figures noisy)."
+        )
+    blocks = {c["block"] for c in document["cases"].values() if c.get("kind") == "per_call"}
+    if blocks:
+        runs = document["settings"]["runs"]
+        text += (
+            " Per-call cases: "
+            + ", ".join(f"{runs * b} calls per engine, in turns of {b}" for b in sorted(blocks))
+            + (
+                ", each engine's state fed back into its next call"
+                if any(c.get("carry") for c in document["cases"].values())
+                else ""
+            )
+            + "."
         )
     return text
 
@@ -490,6 +833,9 @@ def _child(argv: Sequence[str]) -> int:
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--items", type=int, required=True)
     parser.add_argument("--precision", default="float32")
+    parser.add_argument("--carry", action="append", default=[], metavar="OUTPUT=INPUT")
+    parser.add_argument("--block", type=int, default=1)
+    parser.add_argument("--unoptimized", action="store_true")
     args = parser.parse_args(argv)
     import onnx2jax
     from onnx2jax.cli.bench import run_case
@@ -505,10 +851,41 @@ def _child(argv: Sequence[str]) -> int:
         warmup=args.warmup,
         items=args.items,
         load_options={"precision": args.precision},
+        carry=dict(pair.split("=", 1) for pair in args.carry),
+        block=args.block,
+        unoptimized_reference=args.unoptimized,
     )
     import jax
 
     result["jax_devices"] = len(jax.local_devices())
+    print(json.dumps(result))
+    return 0
+
+
+def _train_child(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks.run --train-child")
+    parser.add_argument("module", help="a name in benchmarks.models.MODULES")
+    parser.add_argument("model")
+    parser.add_argument("feeds")
+    parser.add_argument("optimizer", choices=sorted(LEARNING_RATES))
+    parser.add_argument("--runs", type=int, required=True)
+    parser.add_argument("--warmup", type=int, required=True)
+    parser.add_argument("--items", type=int, required=True)
+    args = parser.parse_args(argv)
+    import onnx2jax
+
+    onnx2jax.tune_process()
+    with np.load(args.feeds) as data:
+        feeds = {k: data[k] for k in data.files}
+    result = train_steps(
+        args.module,
+        Path(args.model),
+        feeds,
+        args.optimizer,
+        runs=args.runs,
+        warmup=args.warmup,
+        items=args.items,
+    )
     print(json.dumps(result))
     return 0
 
@@ -527,10 +904,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--case",
+        "--cases",
         action="append",
         default=[],
         metavar="NAME",
-        help=f"run only these cases (repeatable): {', '.join(c.name for c in CASES)}",
+        help="run only these cases (repeatable, or comma-separated): "
+        f"{', '.join(c.name for c in CASES)}",
     )
     parser.add_argument(
         "--model",
@@ -602,6 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return _child(argv[1:])
+    if argv[:1] == ["--train-child"]:
+        return _train_child(argv[1:])
     args = build_parser().parse_args(argv)
     if args.quick:
         args.runs, args.warmup, args.no_memory, args.no_startup = 2, 1, True, True
@@ -629,10 +1010,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     else:
         known = {c.name: c for c in CASES}
-        unknown = [n for n in args.case if n not in known]
+        chosen = [n for names in args.case for n in names.split(",") if n]
+        unknown = [n for n in chosen if n not in known]
         if unknown:
             raise SystemExit(f"unknown case(s) {unknown}; choose from {sorted(known)}")
-        cases = [known[n] for n in args.case] if args.case else CASES
+        cases = [known[n] for n in chosen] if chosen else CASES
+    if opt_in or args.cpu_devices:
+        # The fine-tuning steps know neither option: they would time the default.
+        skipped = [c.name for c in cases if c.kind == "train"]
+        cases = [c for c in cases if c.kind != "train"]
+        if skipped:
+            print(f"skipping {', '.join(skipped)}: --precision and --cpu-devices time inference")
     if args.build_only:
         for case in cases:
             print(_path_of(case, args.models_dir))

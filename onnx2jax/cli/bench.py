@@ -289,14 +289,25 @@ def run_case(
     threads: int | None = None,
     items: int | None = None,
     load_options: Mapping[str, Any] | None = None,
+    carry: Mapping[str, str] | None = None,
+    block: int = 1,
+    unoptimized_reference: bool = False,
 ) -> dict[str, Any]:
     """Benchmark one model on one set of inputs, both engines in this process.
 
     Measures each engine's first call (onnx2jax: ``load`` + trace + compile + run;
     onnxruntime: session creation + run), then ``runs`` interleaved timed calls after
     ``warmup`` rounds, then ``runs`` calls of each engine alone, back to back; also the worst
-    output error of onnx2jax against onnxruntime, and the FLOPs XLA counts for the program.
-    ``items`` is what throughput counts (default: the batch size).
+    output error of onnx2jax against onnxruntime (first call), and the FLOPs XLA counts for the
+    program. ``items`` is what throughput counts (default: the batch size).
+
+    ``carry`` maps outputs to the inputs each timed call feeds them back into (a stateful
+    model's state: each engine keeps its own, as a caller's loop would, onnx2jax's on the
+    device). ``block`` > 1 times calls in turns of ``block`` calls in a row (see
+    :func:`interleaved`), for models that run in a millisecond or less.
+    ``unoptimized_reference`` also gives the errors against onnxruntime with its graph
+    optimizations off (``*_unoptimized``): its fused quantized kernels round differently from
+    the graph as written.
     Returns a JSON-ready dict.
 
     Example:
@@ -332,11 +343,17 @@ def run_case(
     except Exception:  # cost analysis is informative only
         gflop = None
 
+    # With carry, each engine's calls update its own copy of the feeds.
+    ours_feeds, their_feeds = dict(feeds), dict(feeds)
     calls = {
-        "onnx2jax": lambda: jax.block_until_ready(model(**feeds)),
-        "onnxruntime": lambda: session.run(None, feeds),
+        "onnx2jax": _stepping(lambda f: jax.block_until_ready(model(**f)), ours_feeds, carry),
+        "onnxruntime": _stepping(
+            lambda f: dict(zip(names, session.run(None, f), strict=True)), their_feeds, carry
+        )
+        if carry
+        else lambda: session.run(None, feeds),
     }
-    samples = interleaved(calls, runs, warmup)
+    samples = interleaved(calls, runs, warmup, block=block)
     # Each engine alone, calls back to back: what a busy server sees. Interleaved calls start
     # after a quiet wait (wait_until_quiet), with the other engine's data in the caches.
     alone = {
@@ -345,6 +362,8 @@ def run_case(
     result: dict[str, Any] = {
         "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
         "threads": threads,
+        "carry": dict(carry or {}),
+        "block": block,
         "gflop": gflop,
         "onnx2jax": {
             **_summary(samples["onnx2jax"], items, gflop),
@@ -368,8 +387,41 @@ def run_case(
         result["onnx2jax"]["back_to_back_median_ms"]
         / result["onnxruntime"]["back_to_back_median_ms"]
     )
-    result.update(max_errors({k: np.asarray(v) for k, v in ours.items()}, reference))
+    ours = {k: np.asarray(v) for k, v in ours.items()}
+    result.update(max_errors(ours, reference))
+    if carry:
+        # Both engines made as many calls: their states after them must agree as well.
+        result["carried_state_errors"] = max_errors(
+            {k: np.asarray(ours_feeds[k]) for k in carry.values()},
+            {k: their_feeds[k] for k in carry.values()},
+        )
+        result["carried_state_change"] = max(
+            float(np.abs(np.asarray(ours_feeds[k], np.float64) - feeds[k]).max(initial=0.0))
+            for k in carry.values()
+        )
+    if unoptimized_reference:
+        plain = onnxruntime_session(None, path, threads=threads, optimize=False)
+        written = dict(zip(names, plain.run(None, feeds), strict=True))
+        result.update({f"{k}_unoptimized": v for k, v in max_errors(ours, written).items()})
     return result
+
+
+def _stepping(
+    run: Callable[[dict[str, Any]], Mapping[str, Any]],
+    feeds: dict[str, Any],
+    carry: Mapping[str, str] | None,
+) -> Callable[[], Any]:
+    """A call of ``run`` on ``feeds`` that, with ``carry``, stores the outputs it names into
+    their inputs in ``feeds`` for the next call."""
+    if not carry:
+        return lambda: run(feeds)
+
+    def call() -> None:
+        outputs = run(feeds)
+        for output, name in carry.items():
+            feeds[name] = outputs[output]
+
+    return call
 
 
 def _rss_mb() -> float:

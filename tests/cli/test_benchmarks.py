@@ -285,3 +285,112 @@ def test_interleaved_calls_wait_for_the_other_engines_threads(settle):
         thread.join()
     # Settled, no call ever starts while the other's thread still runs; back to back, each does.
     assert overlapped == [not settle] * 3
+
+
+def test_vector_width_names_the_widest_unit_and_the_table_shows_it():
+    from benchmarks.run import machine, vector_width
+
+    assert vector_width({"sse2", "avx2"}, "x86_64") == {"isa": "AVX2", "float32_lanes": 8}
+    assert vector_width({"asimd", "fp"}, "aarch64")["isa"] == "NEON"
+    assert machine()["vector"]["isa"] in {"AVX-512", "AVX2", "NEON", "SSE", "unknown"}
+
+
+def _accumulator(path: Path) -> Path:
+    """A stateful model: ``total = state + x``, returned as ``y`` and as the new state."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["state", "x"], ["total"]),
+            helper.make_node("Identity", ["total"], ["stateN"]),
+            helper.make_node("ReduceSum", ["total"], ["y"], keepdims=0),
+        ],
+        "accumulator",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [4]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [4]),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_harness_runs_per_call_and_stateful_cases(tmp_path):
+    """A per-call model timed in blocks of calls, and a stateful one whose state each engine
+    feeds back into its next call."""
+    from benchmarks.models import vector_inputs
+    from benchmarks.run import Case, run, table
+
+    feeds = {"x": np.arange(4, dtype=np.float32), "state": np.zeros(4, np.float32)}
+    cases = [
+        Case("mlp5_b1", "mlp5", lambda: vector_inputs(1), 1, "call", kind="per_call", block=3),
+        Case(
+            "accumulator",
+            str(_accumulator(tmp_path / "accumulator.onnx")),
+            lambda: feeds,
+            1,
+            "call",
+            kind="per_call",
+            carry=(("stateN", "state"),),
+            block=2,
+        ),
+    ]
+    document = run(cases, runs=2, warmup=1, memory=False, with_startup=False, models_dir=tmp_path)
+    mlp, accumulator = document["cases"]["mlp5_b1"], document["cases"]["accumulator"]
+    assert mlp["block"] == 3 and len(mlp["onnx2jax"]["samples_ms"]) == 6
+    assert mlp["max_rel_error"] < 1e-5
+    assert accumulator["carry"] == {"stateN": "state"}
+    # Every call added x to the state: equal after as many calls, 3 more for each one (four
+    # timed calls at least).
+    assert accumulator["carried_state_errors"]["max_abs_error"] == 0.0
+    change = accumulator["carried_state_change"]
+    assert change >= 4 * 3 and change % 3 == 0
+    text = table(document)
+    assert "Host: " in text and "float32 lanes" in text and "µs per call" in text
+
+
+@pytest.mark.slow
+def test_harness_times_training_steps_against_pytorch(tmp_path):
+    """Fine-tuning steps of a tiny BERT (Adam) and ResNet (SGD), exported as the full run's
+    MiniLM and ResNet-50 are, against the PyTorch modules they came from."""
+    from benchmarks.models import image_inputs, text_inputs
+    from benchmarks.run import Case, run, table
+
+    cases = [
+        Case(
+            "train_bert",
+            "tiny_bert",
+            lambda: text_inputs(2, 8),
+            2,
+            "seq",
+            kind="train",
+            train="adam",
+        ),
+        Case(
+            "train_resnet",
+            "tiny_resnet",
+            lambda: image_inputs(2, size=32),
+            2,
+            "img",
+            kind="train",
+            train="sgd",
+        ),
+    ]
+    document = run(cases, runs=2, warmup=1, memory=False, with_startup=False, models_dir=tmp_path)
+    for name in ("train_bert", "train_resnet"):
+        step = document["cases"][name]
+        # Same weights, same inputs, before any update: one function, two engines.
+        assert step["kind"] == "train" and step["first_loss_rel_error"] < 1e-4, step["first_loss"]
+        assert len(step["onnx2jax"]["samples_ms"]) == len(step["pytorch"]["samples_ms"]) == 2
+        assert step["ratio"] == pytest.approx(
+            step["onnx2jax"]["median_ms"] / step["pytorch"]["median_ms"]
+        )
+        assert step["threads"] == step["torch_threads"]
+    assert document["cases"]["train_resnet"]["loss"] == "cross_entropy(logits)"
+    assert document["cases"]["train_bert"]["loss"] == "mean(pooler_output)"
+    assert "| train_bert |" in table(document).split("Fine-tuning steps")[1]
