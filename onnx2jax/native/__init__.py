@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
 import os
@@ -49,7 +50,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +64,43 @@ log = logging.getLogger("onnx2jax")
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = (KERNELS / "conv2d.cc", KERNELS / "attention.cc")
 HEADERS = (KERNELS / "parallel.h",)
+ONEDNN_SOURCES = (KERNELS / "onednn.cc",)
 TARGET = "onnx2jax_conv2d"
 ATTENTION_TARGET = "onnx2jax_attention"
 WINOGRAD_TARGET = "onnx2jax_winograd"
+ONEDNN_CONV_TARGET = "onnx2jax_onednn_conv"
 MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.cc)
 
+# The oneDNN build (CPU engine, GNU OpenMP threads) and its headers, as pip installs them. The
+# `onednn` wheel is a SYCL build whose CPU engine finds no device without an OpenCL ICD set up
+# by environment variables, so it is not used.
+ONEDNN_DISTRIBUTION = "onednn-cpu-gomp"
+ONEDNN_DEVEL_DISTRIBUTION = "onednn-devel-cpu-gomp"
+
+# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (runtime/fusion.py)
+KINDS = ("conv", "matrix", "attention")
+
+# Which backend computes each kind of kernel: "native" (kernels/conv2d.cc, attention.cc) or
+# "onednn" (kernels/onednn.cc); see the module docstring for why.
+BACKENDS = ("native", "onednn")
+
+# dnnl::cpu_isa values (oneapi/dnnl/dnnl.hpp) -> the names status() reports.
+_ONEDNN_ISAS = {
+    0x1: "sse41",
+    0x3: "avx",
+    0x7: "avx2",
+    0xF: "avx2_vnni",
+    0x1F: "avx2_vnni_2",
+    0x27: "avx512_core",
+    0x67: "avx512_core_vnni",
+    0xE7: "avx512_core_bf16",
+    0x1EF: "avx512_core_fp16",
+    0xFEF: "avx512_core_amx",
+    0x1FEF: "avx512_core_amx_fp16",
+}
+
 _lock = threading.Lock()
-_state: dict[str, Any] = {}  # "lanes" once registered, or "reason" why not
+_state: dict[str, Any] = {}  # what _register found: see status()
 
 
 def enabled_by_env() -> bool:
@@ -143,27 +175,81 @@ def _flags(compiler: str) -> list[str]:
     return [compiler, "-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-fPIC"]
 
 
-def _sources_digest() -> str:
+def _onednn_flags(compiler: str) -> list[str]:
+    # No -march=native: oneDNN picks its kernels for the CPU at run time, the glue only calls it.
+    return [compiler, "-O2", "-std=c++17", "-fPIC"]
+
+
+@dataclass(frozen=True)
+class _Library:
+    """A library of custom calls built here: its sources, how they compile and link, and what
+    else its manifest records (the oneDNN library it was linked against)."""
+
+    name: str
+    sources: tuple[Path, ...]
+    headers: tuple[Path, ...]
+    flags: Callable[[str], list[str]]
+    include_dirs: tuple[str, ...] = ()
+    link: tuple[str, ...] = ()
+    recorded: tuple[tuple[str, str], ...] = ()
+
+
+_HAND = _Library("kernels", SOURCES, HEADERS, _flags)
+
+
+def _onednn_files() -> tuple[Path, Path]:
+    """The oneDNN library and the folder of its headers, as pip installed them; raises
+    _NotSupported when they are not installed."""
+    try:
+        files = [
+            *(importlib.metadata.files(ONEDNN_DISTRIBUTION) or ()),
+            *(importlib.metadata.files(ONEDNN_DEVEL_DISTRIBUTION) or ()),
+        ]
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise _NotSupported(f"{exc.args[0] if exc.args else exc} is not installed") from None
+    libraries = [f for f in files if f.name == "libdnnl.so.3"]
+    headers = [f for f in files if f.as_posix().endswith("include/oneapi/dnnl/dnnl.hpp")]
+    if not libraries or not headers:
+        raise _NotSupported(f"{ONEDNN_DISTRIBUTION} has no libdnnl.so.3 or headers here")
+    library = Path(libraries[0].locate()).resolve()
+    include = Path(headers[0].locate()).resolve().parents[2]
+    return library, include
+
+
+def _onednn_library(dnnl: Path, include: Path) -> _Library:
+    return _Library(
+        "onednn",
+        ONEDNN_SOURCES,
+        (),
+        _onednn_flags,
+        (str(include),),
+        (f"-L{dnnl.parent}", "-ldnnl"),
+        (("onednn_library", str(dnnl)),),
+    )
+
+
+def _sources_digest(library: _Library = _HAND) -> str:
     digest = hashlib.sha256()
-    for path in (*SOURCES, *HEADERS):
+    for path in (*library.sources, *library.headers):
         data = path.read_bytes()
         digest.update(f"{path.name}:{len(data)}:".encode())
         digest.update(data)
     return digest.hexdigest()
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, library: _Library = _HAND) -> Path:
     """The cached library for these sources, jaxlib, compiler and CPU."""
     key = hashlib.sha256()
     for part in (
-        *(path.read_bytes() for path in (*SOURCES, *HEADERS)),
+        *(path.read_bytes() for path in (*library.sources, *library.headers)),
+        *(value.encode() for _, value in library.recorded),
         jax.__version__.encode(),
         compiler.encode(),
         _cpu_flags().encode(),
         platform.machine().encode(),
     ):
         key.update(part)
-    return cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{library.name}-{key.hexdigest()[:16]}.so"
 
 
 def manifest_path(library: Path) -> Path:
@@ -171,16 +257,17 @@ def manifest_path(library: Path) -> Path:
     return library.with_suffix(".json")
 
 
-def _expected_manifest(compiler: str) -> dict[str, Any]:
+def _expected_manifest(compiler: str, library: _Library = _HAND) -> dict[str, Any]:
     """What a library built here for these sources must record, less its own sha256."""
     return {
         "format": "onnx2jax-kernels/1",
-        "sources_sha256": _sources_digest(),
+        "sources_sha256": _sources_digest(library),
         "compiler": compiler,
-        "flags": _flags(compiler)[1:],
+        "flags": library.flags(compiler)[1:],
         "jax": jax.__version__,
         "cpu_sha256": hashlib.sha256(_cpu_flags().encode()).hexdigest(),
         "machine": platform.machine(),
+        **dict(library.recorded),
     }
 
 
@@ -201,30 +288,37 @@ def _run(command: list[str]) -> None:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile the kernels to ``target`` (written to a temporary file, then renamed) and write
+    """Compile the hand-written kernels to ``target`` (see :func:`_build_library`)."""
+    _build_library(_HAND, compiler, target)
+
+
+def _build_library(library: _Library, compiler: str, target: Path) -> None:
+    """Compile ``library`` to ``target`` (written to a temporary file, then renamed) and write
     its manifest. The sources compile side by side (one CPU each), then link."""
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    flags = _flags(compiler)
+    flags = library.flags(compiler)
+    includes = [f"-I{folder}" for folder in (jax.ffi.include_dir(), *library.include_dirs)]
     with tempfile.TemporaryDirectory(dir=target.parent) as folder:
-        objects = [str(Path(folder) / f"{source.stem}.o") for source in SOURCES]
-        with concurrent.futures.ThreadPoolExecutor(len(SOURCES)) as pool:
+        objects = [str(Path(folder) / f"{source.stem}.o") for source in library.sources]
+        with concurrent.futures.ThreadPoolExecutor(len(library.sources)) as pool:
             list(
                 pool.map(
                     _run,
                     [
-                        [*flags, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", obj]
-                        for source, obj in zip(SOURCES, objects, strict=True)
+                        [*flags, *includes, "-c", str(source), "-o", obj]
+                        for source, obj in zip(library.sources, objects, strict=True)
                     ],
                 )
             )
         linked = Path(folder) / target.name
-        _run([*flags, "-shared", *objects, "-o", str(linked)])
+        _run([*flags, "-shared", *objects, *library.link, "-o", str(linked)])
         os.chmod(linked, 0o755)
         library_sha256 = hashlib.sha256(linked.read_bytes()).hexdigest()
+        expected = _expected_manifest(compiler, library)
         manifest = {
-            **_expected_manifest(compiler),
+            **expected,
             "library_sha256": library_sha256,
-            "hmac": _manifest_signature(_expected_manifest(compiler), library_sha256),
+            "hmac": _manifest_signature(expected, library_sha256),
         }
         written = Path(folder) / manifest_path(target).name
         written.write_text(json.dumps(manifest, indent=1))
@@ -233,7 +327,9 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(written, manifest_path(target))
 
 
-def _verified_library(compiler: str, path: Path) -> tuple[int | None, str | None]:
+def _verified_library(
+    compiler: str, path: Path, library: _Library = _HAND
+) -> tuple[int | None, str | None]:
     """An open descriptor of ``path`` when it is the library this build recorded (its manifest
     matches the sources, compiler, flags and CPU, and its sha256 the file's), else (None, why).
 
@@ -249,7 +345,7 @@ def _verified_library(compiler: str, path: Path) -> tuple[int | None, str | None
     if not isinstance(manifest, dict):
         return None, "its manifest is unusable"
     recorded = {k: v for k, v in manifest.items() if k not in ("library_sha256", "hmac")}
-    expected = _expected_manifest(compiler)
+    expected = _expected_manifest(compiler, library)
     if recorded != expected:
         return None, "its manifest records other sources, compiler, flags or CPU"
     signature = manifest.get("hmac")
@@ -286,20 +382,29 @@ def _verified_library(compiler: str, path: Path) -> tuple[int | None, str | None
 
 
 def _load(compiler: str, path: Path) -> ctypes.CDLL:
-    """The verified library at ``path``, rebuilt once when missing or not the one we built."""
-    fd, problem = _verified_library(compiler, path)
+    """The verified hand-written kernels at ``path`` (see :func:`_load_library`)."""
+    return _load_library(_HAND, compiler, path, _build)
+
+
+def _load_library(
+    library: _Library, compiler: str, path: Path, build: Callable[[str, Path], None]
+) -> ctypes.CDLL:
+    """The verified ``library`` at ``path``, rebuilt once (by ``build``) when missing or not
+    the one we built."""
+    fd, problem = _verified_library(compiler, path, library)
     if fd is None:
         # Another process may be building the same library: wait for it, then look again.
         with _folder_lock(path.parent):
-            fd, problem = _verified_library(compiler, path)
+            fd, problem = _verified_library(compiler, path, library)
             if fd is None:
                 if path.exists():
                     log.info("onnx2jax: rebuilding the native kernels at %s: %s", path, problem)
-                compiler_problem = _compiler_problem(compiler)
-                if compiler_problem is not None:
-                    raise _NotSupported(compiler_problem)
-                _build(compiler, path)
-                fd, problem = _verified_library(compiler, path)
+                if library is _HAND:
+                    compiler_problem = _compiler_problem(compiler)
+                    if compiler_problem is not None:
+                        raise _NotSupported(compiler_problem)
+                build(compiler, path)
+                fd, problem = _verified_library(compiler, path, library)
                 if fd is None:
                     raise RuntimeError(
                         f"the library just built at {path} does not verify: {problem}"
@@ -334,28 +439,48 @@ class _NotSupported(Exception):
 
 
 def _register() -> dict[str, Any]:
+    """Both libraries' states and which backend computes each kind (see :func:`status`)."""
     if not enabled_by_env():
-        return {"reason": "turned off by ONNX2JAX_NATIVE=0"}
+        return {"reason": "turned off by ONNX2JAX_NATIVE=0", "backends": dict.fromkeys(KINDS)}
+    compiler = _compiler()
+    folder_problem = None
+    if compiler is not None:
+        folder_problem = safety.private_folder(cache_dir())
+        if folder_problem is None:
+            try:
+                safety.cache_secret()  # signs the manifests
+            except OSError as exc:
+                folder_problem = str(exc)
+        if folder_problem is not None:
+            safety.warn_once(
+                f"the native kernels in {cache_dir()} are not used: {folder_problem}. XLA's "
+                "kernels are used instead (or set ONNX2JAX_NATIVE_DIR to a folder of "
+                "your own)."
+            )
+            folder_problem = f"the kernel folder or key is unsafe: {folder_problem}"
+    state = _register_hand(compiler, folder_problem)
+    # The hand-written kernels where they run (AVX-512), else oneDNN's for what it computes:
+    # the measurements behind this are in benchmarks/README.md, "Kernels".
+    if "lanes" in state:
+        state["backends"] = dict.fromkeys(KINDS, "native")
+        return state
+    onednn = _register_onednn(compiler, folder_problem)
+    state["onednn"] = onednn
+    backend = "onednn" if "isa" in onednn else None
+    state["backends"] = {"conv": backend, "matrix": None, "attention": None}
+    return state
+
+
+def _register_hand(compiler: str | None, folder_problem: str | None) -> dict[str, Any]:
+    """The hand-written kernels registered: ``{"lanes", "block", "library", "path"}``, or
+    ``{"reason": ...}``."""
     problem = cpu_problem()
     if problem is not None:
         return {"reason": problem}
-    compiler = _compiler()
     if compiler is None:
         return {"reason": "no C++ compiler found (c++, g++ or clang++; or set $CXX)"}
-    folder = cache_dir()
-    problem = safety.private_folder(folder)
-    if problem is None:
-        try:
-            safety.cache_secret()  # signs the manifests
-        except OSError as exc:
-            problem = str(exc)
-    if problem is not None:
-        safety.warn_once(
-            f"the native kernels in {folder} are not used: {problem}. XLA's "
-            "kernels are used instead (or set ONNX2JAX_NATIVE_DIR to a folder of "
-            "your own)."
-        )
-        return {"reason": f"the kernel folder or key is unsafe: {problem}"}
+    if folder_problem is not None:
+        return {"reason": folder_problem}
     path = library_path(compiler)
     try:
         library = _load(compiler, path)
@@ -377,32 +502,97 @@ def _register() -> dict[str, Any]:
     return {"lanes": lanes, "block": block, "library": library, "path": path}
 
 
+def _register_onednn(compiler: str | None, folder_problem: str | None) -> dict[str, Any]:
+    """The oneDNN glue registered: ``{"isa", "path", "onednn_library", "library"}``, or
+    ``{"reason": ...}``."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {"reason": f"no oneDNN build for {platform.machine()} CPUs is used"}
+    if compiler is None:
+        return {"reason": "no C++ compiler found (c++, g++ or clang++; or set $CXX)"}
+    if folder_problem is not None:
+        return {"reason": folder_problem}
+    try:
+        dnnl, include = _onednn_files()
+        library = _onednn_library(dnnl, include)
+        path = library_path(compiler, library)
+        # By its full path first: the glue names libdnnl.so.3 and the loader then finds this one
+        # (loaded already) rather than searching the library path.
+        ctypes.CDLL(str(dnnl))
+        glue = _load_library(library, compiler, path, lambda c, t: _build_library(library, c, t))
+        isa = int(glue.onnx2jax_onednn_isa())
+        handlers = {
+            ONEDNN_CONV_TARGET: glue.Onnx2jaxOnednnConv,
+        }
+    except _NotSupported as exc:
+        return {"reason": str(exc)}
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
+        return {"reason": f"the oneDNN kernels did not build or load: {exc}"}
+    for target, handler in handlers.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    return {
+        "isa": _ONEDNN_ISAS.get(isa, hex(isa)),
+        "path": path,
+        "onednn_library": dnnl,
+        "library": glue,
+    }
+
+
+def _public(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: _public(v) if isinstance(v, dict) else v for k, v in state.items() if k != "library"}
+
+
 def status() -> dict[str, Any]:
-    """Whether the native kernels are in use: ``{"lanes": 16, "block": 64, "path": ...}``
-    (the vector width in floats, the weight block's output channels and the compiled library)
-    or ``{"reason": ...}`` (why not). Builds them on the first call.
+    """Which kernels ``model(...)`` uses. ``"backends"`` maps each kind (:data:`KINDS`) to
+    "native" (the hand-written kernels), "onednn" or None (XLA's). The other keys describe the
+    hand-written kernels as before: ``"lanes"``, ``"block"`` and ``"path"`` (the vector width
+    in floats, the weight block's output channels and the compiled library) or ``"reason"``
+    (why they are not used); then ``"onednn"`` says ``{"isa": ..., "path": ...}`` (oneDNN's
+    instruction set here and the glue library) or ``{"reason": ...}``. Builds them on the
+    first call.
 
     Example:
         >>> import onnx2jax.native
         >>> state = onnx2jax.native.status()
         >>> "lanes" in state or "reason" in state
         True
+        >>> sorted(state["backends"])
+        ['attention', 'conv', 'matrix']
     """
     with _lock:
         if not _state:
             _state.update(_register())
             if "reason" in _state:
-                log.info("onnx2jax: no native kernels, XLA's are used: %s", _state["reason"])
-        return {k: v for k, v in _state.items() if k != "library"}
+                log.info(
+                    "onnx2jax: no hand-written native kernels (%s); backends: %s",
+                    _state["reason"],
+                    _state["backends"],
+                )
+        return _public(_state)
 
 
 def available() -> bool:
-    """Whether ``model(...)`` can use the native kernels on this machine (CPU backend)."""
-    return jax.default_backend() == "cpu" and enabled_by_env() and "lanes" in status()
+    """Whether ``model(...)`` can use native kernels of some kind on this machine (CPU backend).
+
+    Example:
+        >>> import onnx2jax.native
+        >>> onnx2jax.native.available() == any(onnx2jax.native.status()["backends"].values())
+        True
+    """
+    return (
+        jax.default_backend() == "cpu" and enabled_by_env() and any(status()["backends"].values())
+    )
 
 
-# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (runtime/fusion.py)
-KINDS = ("conv", "matrix", "attention")
+def backend(kind: str) -> str | None:
+    """The backend that computes native kernels of ``kind`` (one of :data:`KINDS`): "native",
+    "onednn", or None (XLA's kernels).
+
+    Example:
+        >>> import onnx2jax.native
+        >>> onnx2jax.native.backend("attention") in ("native", None)
+        True
+    """
+    return status()["backends"].get(kind)
 
 
 def lanes() -> int | None:

@@ -74,13 +74,16 @@ def conv2d(
     *,
     residual: Any | None = None,
     relu: bool = False,
+    backend: str = "native",
+    groups: int = 1,
 ) -> jax.Array:
     """ONNX Conv of float32 NCHW ``x`` by ``weights`` in ``layout`` (one of
     ``layouts.CONV_LAYOUTS``; "winograd" for 3x3 weights of stride and dilation 1 only),
     optionally followed by ``+ residual`` (see :func:`addend_applies`) and a ReLU, in the
-    kernel's registers.
+    kernel's registers. ``backend`` "onednn" computes it by oneDNN (kernels/onednn.cc) from
+    "hwio" weights, of any number of ``groups``; "native" by the hand-written kernels, of one.
 
-    The kernel reads NHWC: the transposes here cancel against XLA's layout of the
+    The kernels read NHWC: the transposes here cancel against XLA's layout of the
     neighbouring ops.
 
     Example:
@@ -95,13 +98,40 @@ def conv2d(
     """
     w_shape = layouts.conv_shape(np.shape(weights), layout)
     n, out_channels, oh, ow = conv2d_shape(np.shape(x), w_shape, strides, padding, dilations)
-    (top, _), (left, _) = padding
+    (top, bottom), (left, right) = padding
     x = jnp.transpose(x, (0, 2, 3, 1))
     if residual is not None:
         residual = jnp.transpose(
             jnp.broadcast_to(residual, (n, out_channels, oh, ow)), (0, 2, 3, 1)
         )
-    if layout == "winograd":
+    if backend == "onednn":
+        if layout != "hwio":
+            raise ValueError(f"oneDNN's convolution takes hwio weights, not {layout!r}")
+        call = jax.ffi.ffi_call(
+            native.ONEDNN_CONV_TARGET,
+            jax.ShapeDtypeStruct((n, oh, ow, out_channels), jnp.float32),
+        )
+        empty = jnp.zeros((0,), jnp.float32)  # no bias, no residual
+        y = call(
+            x,
+            weights,
+            empty if bias is None else jnp.asarray(bias, jnp.float32),
+            empty if residual is None else jnp.asarray(residual, jnp.float32),
+            stride_h=np.int64(strides[0]),
+            stride_w=np.int64(strides[1]),
+            dilation_h=np.int64(dilations[0]),
+            dilation_w=np.int64(dilations[1]),
+            pad_top=np.int64(top),
+            pad_left=np.int64(left),
+            pad_bottom=np.int64(bottom),
+            pad_right=np.int64(right),
+            groups=np.int64(groups),
+            relu=relu,
+            add_residual=residual is not None,
+        )
+    elif groups != 1:
+        raise ValueError("the hand-written convolution kernels compute one group only")
+    elif layout == "winograd":
         if tuple(strides) != (1, 1) or tuple(dilations) != (1, 1):
             raise ValueError("Winograd weights are for Convs of stride and dilation 1 only")
         bias, addend = _bias_and_addend(bias, residual, out_channels)

@@ -42,19 +42,24 @@ def weight_block(out_channels: int) -> int | None:
 
 
 def conv_applies(w_shape: Sequence[int], group: int) -> bool:
-    """Whether the convolution kernel computes a Conv of these OIHW weights: 2-D, one group,
-    output channels a multiple of the vector width (the caller checks the dtype: float32).
+    """Whether the convolution kernel computes a Conv of these OIHW weights: 2-D, and for the
+    hand-written kernels one group and output channels a multiple of the vector width; oneDNN
+    takes any (the caller checks the dtype: float32).
 
     Example:
         >>> from onnx2jax import native
         >>> from onnx2jax.native import layouts
-        >>> layouts.conv_applies((64, 3, 7, 7), 1) == (native.lanes() is not None)
+        >>> layouts.conv_applies((64, 3, 7, 7), 1) == (native.backend("conv") is not None)
         True
-        >>> layouts.conv_applies((64, 3, 7, 7), 2), layouts.conv_applies((64, 3, 7), 1)
-        (False, False)
+        >>> layouts.conv_applies((64, 3, 7), 1)
+        False
     """
+    if len(w_shape) != 4:
+        return False
+    if native.backend("conv") == "onednn":
+        return True
     lanes = native.lanes()
-    return lanes is not None and group == 1 and len(w_shape) == 4 and w_shape[0] % lanes == 0
+    return lanes is not None and group == 1 and w_shape[0] % lanes == 0
 
 
 def blocked_weights(w: Any) -> Any:

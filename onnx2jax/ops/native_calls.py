@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from onnx2jax.core.convert import is_static
-from onnx2jax.native import calls, layouts
+from onnx2jax.native import BACKENDS, calls, layouts
 from onnx2jax.ops.attention import softmax_attention
 from onnx2jax.ops.nn import conv_geometry
 from onnx2jax.ops.registry import ONNX2JAX, register
@@ -41,13 +41,21 @@ def _check_float32(ctx, what, value) -> None:
 @register("NativeConv", since=1, domain=ONNX2JAX)
 def native_conv(ctx, x, weights, b=None, residual=None):
     """``Conv(x, w, b)``, then ``+ residual`` and a ReLU if asked (``relu=1``), by the native
-    convolution kernel. ``weights`` are the Conv's weights in the layout of the ``layout``
-    attribute (onnx2jax.native.layouts.CONV_LAYOUTS); the Conv's own attributes (pads,
-    strides, dilations) say the rest. A residual that the kernel cannot add in its registers
-    (one that does not broadcast to the output) is added after it."""
+    convolution kernel of the ``backend`` attribute ("native": the hand-written kernels, of
+    one group; "onednn": oneDNN's, from "hwio" weights). ``weights`` are the Conv's weights in
+    the layout of the ``layout`` attribute (onnx2jax.native.layouts.CONV_LAYOUTS); the Conv's
+    own attributes (pads, strides, dilations, group) say the rest. A residual that the kernel
+    cannot add in its registers (one that does not broadcast to the output) is added after
+    it."""
     layout = ctx.attr("layout")
     if layout not in layouts.CONV_LAYOUTS:
         raise ctx.error(f"layout={layout!r} is not one of {', '.join(layouts.CONV_LAYOUTS)}")
+    backend = ctx.attr("backend", "native")
+    if backend not in BACKENDS or (backend == "onednn" and layout != "hwio"):
+        raise ctx.error(f"backend={backend!r} with layout={layout!r}: no such kernel")
+    group = int(ctx.attr("group", 1))
+    if group != 1 and backend != "onednn":
+        raise ctx.error(f"group={group}: the hand-written kernels compute one group only")
     _check_float32(ctx, "inputs", x)
     if np.ndim(x) != 4:
         raise ctx.error(f"the native kernel computes 2-D convolutions, got input {np.shape(x)}")
@@ -66,6 +74,8 @@ def native_conv(ctx, x, weights, b=None, residual=None):
         dilations,
         residual=residual if fused else None,
         relu=relu and fused,
+        backend=backend,
+        groups=group,
     )
     if fused:
         return y

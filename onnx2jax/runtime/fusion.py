@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import onnx
 
+from onnx2jax import native as kernels
 from onnx2jax.core.graph import GraphPlan
 from onnx2jax.native import layouts
 from onnx2jax.ops.native_calls import PRECISION
@@ -105,7 +106,9 @@ def fuse(
 ) -> GraphPlan:
     """``plan`` rewritten for these kinds of native kernels (onnx2jax.native.KINDS): Conv
     epilogues fused for "conv", attention chains as one node for "attention", then the nodes
-    the kernels compute as native nodes (:func:`native_nodes`)."""
+    the kernels compute as native nodes (:func:`native_nodes`). Kinds that no backend computes
+    on this machine (:func:`onnx2jax.native.backend`) are left to XLA."""
+    kinds = {kind for kind in kinds if kernels.backend(kind) is not None}
     if "conv" in kinds:
         plan = fuse_conv_epilogues(plan, keep)
     if "attention" in kinds:
@@ -123,7 +126,8 @@ def native_nodes(
     node, which reads the weights in the kernel's layout:
 
     - "conv": a Conv, or a FusedConv with a ReLU or no activation, whose weight is in
-      ``native_inputs`` with a Conv layout -> NativeConv;
+      ``native_inputs`` with a Conv layout -> NativeConv, naming the backend that computes it
+      here (onnx2jax.native.backend: the hand-written kernels or oneDNN);
     - "matrix": a MatMul, or a Gemm (its weight is only there without transposes or alpha),
       whose weight is in ``native_inputs`` with a matrix layout -> NativeMatMul;
     - "attention": a SoftmaxAttention -> NativeAttention.
@@ -200,6 +204,7 @@ def _native_conv(node: onnx.NodeProto, weight: NativeInput) -> onnx.NodeProto | 
         domain=ONNX2JAX,
         layout=weight.layout,
         relu=int(activation == b"Relu"),
+        backend=kernels.backend("conv") or "native",
     )
     native.attribute.extend(
         a for a in node.attribute if a.name not in ("activation", "activation_params")

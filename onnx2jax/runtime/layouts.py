@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 
+from onnx2jax import native
 from onnx2jax.core.graph import GraphPlan
 from onnx2jax.native import layouts as native_layouts
 from onnx2jax.ops.registry import MS
@@ -66,10 +67,11 @@ def conv_weight_layouts(
 
 
 def native_weight_kinds(plan: GraphPlan, params: Mapping[str, Any]) -> dict[str, str]:
-    """Float32 params that native kernels read, and how: "conv" (the weights of 2-D, one-group
-    Convs, and of FusedConvs with a ReLU or no activation) or "matrix" (the right operand of
-    MatMul, or of Gemm without transposes or alpha). A param with any other use (subgraphs
-    included) is left out: a prepared weight would be laid out again on every call."""
+    """Float32 params that native kernels read, and how: "conv" (the weights of 2-D Convs, of
+    one group unless oneDNN computes them, and of FusedConvs with a ReLU or no activation) or
+    "matrix" (the right operand of MatMul, or of Gemm without transposes or alpha). A param
+    with any other use (subgraphs included) is left out: a prepared weight would be laid out
+    again on every call."""
     kinds: dict[str, str] = {}
     other = set()
     for node, reads in zip(plan.nodes, plan.node_reads, strict=True):
@@ -91,11 +93,9 @@ def native_weight_kinds(plan: GraphPlan, params: Mapping[str, Any]) -> dict[str,
                 and weight.dtype == np.float32
                 and (conv or node.domain in ("", "ai.onnx"))
             ):
-                if (
-                    conv
-                    and weight.ndim == 4
-                    and attributes.get("group", onnx.AttributeProto(i=1)).i == 1
-                ):
+                group = attributes.get("group", onnx.AttributeProto(i=1)).i
+                # Grouped Convs only where oneDNN computes them (asked only for those).
+                if conv and weight.ndim == 4 and (group == 1 or native.backend("conv") == "onednn"):
                     kind = "conv"
                 elif weight.ndim == 2 and (
                     node.op_type == "MatMul"
