@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 import onnx
 
@@ -141,7 +142,12 @@ def plan_graph(
     trainable: bool = True,
     decoded: Mapping[str, Any] | None = None,
 ) -> GraphPlan:
-    """Order ``graph`` and sort its initializers into trainable params and static constants.
+    """Order ``graph`` and sort its initializers into params and static constants.
+
+    Params are the float initializers (trainable), and the integer ones of at least
+    :data:`FROZEN_PARAM_MIN_BYTES` that nodes read only as weights (packed or quantized weights:
+    frozen params, which ``train`` never selects); floats feeding a static input, and every
+    other integer, are constants.
 
     With ``trainable`` false (subgraphs) every initializer is a constant and the graph may
     read names of enclosing scopes; a main graph reading a name nothing defines is refused.
@@ -176,10 +182,13 @@ def plan_graph(
     for node, spec in zip(nodes, specs, strict=True):
         if spec is not None:
             static_fed.update(node.input[i] for i in spec.static_inputs if i < len(node.input))
+    frozen = _weight_only_names(nodes, specs, initializers) if trainable else set()
     param_names = [
         name
         for name, value in initializers.items()
-        if trainable and is_trainable_dtype(value.dtype) and name not in static_fed
+        if trainable
+        and name not in static_fed
+        and (is_trainable_dtype(value.dtype) or name in frozen)
     ]
     params = set(param_names)
     constants = {k: v for k, v in initializers.items() if k not in params}
@@ -208,6 +217,48 @@ def plan_graph(
 
 
 _KNOWN_ELEM_TYPES = {None, *onnx.helper.get_all_tensor_dtypes()}
+
+# Integer initializers smaller than this stay constants even when only weight inputs read them:
+# a zero point or a small table costs nothing compiled in, and keeps its value known.
+FROZEN_PARAM_MIN_BYTES = 1024
+
+
+def is_frozen_param_dtype(dtype: np.dtype) -> bool:
+    """Whether an integer initializer of ``dtype`` may be a frozen param: integers of at most 32
+    bits (the narrow ml_dtypes ones included), which JAX holds as they are stored; 64-bit ones
+    would be narrowed with x64 off.
+
+    Example:
+        >>> is_frozen_param_dtype(np.dtype(np.uint8)), is_frozen_param_dtype(np.dtype(np.int64))
+        (True, False)
+    """
+    return bool(jnp.issubdtype(dtype, jnp.integer)) and dtype.itemsize <= 4
+
+
+def _weight_only_names(
+    nodes: list[onnx.NodeProto], specs: list[OpSpec | None], initializers: Mapping[str, Any]
+) -> set[str]:
+    """The integer initializers to hold as frozen params: large enough, of a dtype JAX keeps,
+    and read by at least one node, every read through an input its op declares a weight input
+    (``weight_inputs``, ops/registry.py). A read anywhere else (a static input, an op that
+    computes on the value with NumPy, a subgraph's capture) keeps the initializer a constant."""
+    candidates = {
+        name
+        for name, value in initializers.items()
+        if not is_trainable_dtype(value.dtype)
+        and is_frozen_param_dtype(value.dtype)
+        and value.nbytes >= FROZEN_PARAM_MIN_BYTES
+    }
+    weight_read: set[str] = set()
+    other_read: set[str] = set()
+    for node, spec in zip(nodes, specs, strict=True):
+        weights = spec.weight_inputs if spec is not None else ()
+        for index, name in enumerate(node.input):
+            if name in candidates:
+                (weight_read if index in weights else other_read).add(name)
+        for sub in subgraphs(node):
+            other_read |= outer_names(sub) & candidates
+    return weight_read - other_read
 
 
 def _check_names(graph: onnx.GraphProto) -> None:

@@ -178,7 +178,7 @@ def _chunked_product(ctx, a, packed, scales, zero_points, g_idx, n, k, bits, blo
     return jnp.reshape(out, out.shape[:-2] + (padded,))[..., :n]
 
 
-@register("MatMulNBits", since=1, domain=MS)
+@register("MatMulNBits", since=1, domain=MS, weight_inputs=(1, 2, 3, 4))
 def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
     """``A @ dequantize(B).T + bias``, computed in float32 whatever ``accuracy_level`` asks.
 
@@ -226,7 +226,7 @@ _FLOAT_CODES = {
 }
 
 
-@register("GatherBlockQuantized", since=1, domain=MS)
+@register("GatherBlockQuantized", since=1, domain=MS, weight_inputs=(0, 2, 3))
 def gather_block_quantized(ctx, data, indices, scales, zero_points=None):
     """Gather of block-quantized ``data``, dequantized after the gather (only the rows read are
     ever widened); an out-of-range index gives zeros, as in onnxruntime."""

@@ -55,6 +55,10 @@ class OpSpec:
     # Input positions that must be static (shapes, axes, sizes). A float initializer feeding one
     # of these is kept a constant rather than made a trainable parameter.
     static_inputs: tuple[int, ...] = ()
+    # Input positions holding weights the op reads as traced arrays whatever their dtype (packed
+    # or quantized integers): an integer initializer read only through these is kept a frozen
+    # param, a device array passed to the program, rather than a constant compiled into it.
+    weight_inputs: tuple[int, ...] = ()
     note: str = ""
 
 
@@ -73,13 +77,30 @@ def register(
     domain: str = ONNX,
     static_inputs: tuple[int, ...] = (),
     note: str = "",
+    weight_inputs: tuple[int, ...] = (),
 ) -> Callable[[OpFunction], OpFunction]:
     """Register the decorated function as ``op_type`` of ``domain`` from each version in ``since``.
 
     ``since`` is one opset version or a tuple of them: the versions where the spec changed and
     this function implements the change (``since=(1, 6, 7, 13, 14)``). Registering a version
     of an op twice is an error, so two files cannot silently shadow each other.
+
+    ``static_inputs`` are the input positions that must be known at trace time (shapes, axes);
+    ``weight_inputs`` those the op reads as traced arrays even when they hold integers (packed
+    or quantized weights, their zero points), so that such an initializer is passed to the
+    program as a frozen param instead of being compiled into it. A position cannot be both.
+
+    Example:
+        >>> import onnx2jax.ops  # registers every op family
+        >>> spec = lookup(MS, "MatMulNBits", 1)  # B, scales, zero_points, g_idx
+        >>> spec.weight_inputs
+        (1, 2, 3, 4)
     """
+    if set(static_inputs) & set(weight_inputs):
+        raise ValueError(
+            f"{op_type}: inputs {sorted(set(static_inputs) & set(weight_inputs))} cannot be both "
+            "static and weight inputs"
+        )
     versions_given = (since,) if isinstance(since, int) else tuple(since)
     if not versions_given or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in versions_given
@@ -101,7 +122,15 @@ def register(
         for version in versions_given:
             index = bisect.bisect(versions.since, version)
             versions.since.insert(index, version)
-            spec = OpSpec(function, key[0], op_type, version, tuple(static_inputs), note)
+            spec = OpSpec(
+                function,
+                key[0],
+                op_type,
+                version,
+                tuple(static_inputs),
+                tuple(weight_inputs),
+                note,
+            )
             versions.specs.insert(index, spec)
         return function
 

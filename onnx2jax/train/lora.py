@@ -7,14 +7,15 @@ train. :meth:`LoRA.merge` folds them into the weights, so the saved model has th
 graph and no extra nodes.
 
 A com.microsoft ``MatMulNBits`` weight (onnxruntime's 2/4/8-bit block format, QLoRA-style)
-stays packed and frozen: it is a constant of the graph, never a param, so neither the
-gradient nor the optimizer state holds it. Its adapters add ``alpha / rank * (x @ a) @ b`` to
-the node's output (after its bias), as explicit MatMul, Mul and Add nodes in the plan
-:meth:`LoRA.apply` runs (:attr:`LoRA.plan`). :meth:`LoRA.save` writes those nodes into the
-file by default (``merge=False``): onnxruntime then computes what was trained, and the base
-bytes stay exactly as they were. ``merge=True`` re-quantizes ``W + delta`` in the file's block
-format instead (same graph, no extra nodes), which costs the 4-bit rounding error once more
-(:meth:`LoRA.requantize` reports it) and can round away an update smaller than a step.
+stays packed and frozen: a uint8 param (a constant when under 1 KiB) that ``train`` never
+selects, so neither the gradient nor the optimizer state holds it. Its adapters add
+``alpha / rank * (x @ a) @ b`` to the node's output (after its bias), as explicit MatMul, Mul
+and Add nodes in the plan :meth:`LoRA.apply` runs (:attr:`LoRA.plan`). :meth:`LoRA.save`
+writes those nodes into the file by default (``merge=False``): onnxruntime then computes what
+was trained, and the base bytes stay exactly as they were. ``merge=True`` re-quantizes
+``W + delta`` in the file's block format instead (same graph, no extra nodes), which costs the
+4-bit rounding error once more (:meth:`LoRA.requantize` reports it) and can round away an
+update smaller than a step.
 
 Example:
     >>> import jax, numpy as np, onnx2jax
@@ -162,13 +163,13 @@ class LoRA:
 
         ``params`` holds the model's params and the adapters (``{**model.params, **adapters}``);
         the result has exactly the model's keys, each weight in its original dtype. A packed
-        MatMulNBits weight is a constant, not a param, so its adapters cannot be folded into
-        params: use :meth:`apply`, and :meth:`save` (either way) or :meth:`requantize`.
+        MatMulNBits weight holds integers, not floats, so its adapters cannot be folded into
+        it: use :meth:`apply`, and :meth:`save` (either way) or :meth:`requantize`.
         """
         packed = [t.weight for t in self.targets if t.packed]
         if packed:
             raise InputError(
-                f"the MatMulNBits weights {packed[:3]} are packed constants, not params: their "
+                f"the MatMulNBits weights {packed[:3]} are packed integers, not floats: their "
                 "adapters cannot be merged into params; run lora.apply, and write them with "
                 "lora.save(path, params) (adapter nodes) or lora.save(path, params, merge=True) "
                 "(re-quantized)"
@@ -529,7 +530,7 @@ def _eligible(model: Model) -> list[Target]:
             and canonical_domain(node.domain) == MS
             and len(node.input) >= 3
             and node.output
-            and node.input[1] in model.plan.constants
+            and (node.input[1] in model.params or node.input[1] in model.plan.constants)
             and readers.get(node.input[1]) == 1
         ):
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

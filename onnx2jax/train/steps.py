@@ -181,12 +181,28 @@ class TrainState(NamedTuple):
 def init(trainable: PyTree, optimizer: optax.GradientTransformation) -> TrainState:
     """A fresh :class:`TrainState`. The params are copied, so the train step may donate them.
 
+    Integer leaves (a quantized model's packed or int8 weights, frozen params) have no
+    gradient: they are refused with an :class:`~onnx2jax.core.errors.InputError` saying to pass
+    them as ``frozen`` (``train.split(model.params)`` does).
+
     Example:
         >>> import jax.numpy as jnp, optax
         >>> state = init({"w": jnp.ones(3)}, optax.sgd(0.1))
         >>> int(state.step)
         0
     """
+    integers = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(trainable)
+        if hasattr(leaf, "dtype") and not is_trainable_dtype(np.dtype(leaf.dtype))
+    ]
+    if integers:
+        raise InputError(
+            f"{len(integers)} of the params to train hold integers (first: {integers[:3]}): "
+            "a quantized model's packed or integer weights are frozen params, which have no "
+            "gradient; train the floats and pass the rest as frozen: "
+            "trainable, frozen = train.split(model.params)"
+        )
     params = jax.tree.map(jnp.array, trainable)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 

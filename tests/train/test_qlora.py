@@ -52,6 +52,13 @@ def initializers(path: Path) -> dict[str, bytes]:
     return {t.name: t.SerializeToString() for t in onnx.load(str(path)).graph.initializer}
 
 
+def stored(model: onnx2jax.Model, name: str) -> np.ndarray:
+    """A packed weight as the model holds it: a frozen param, or a constant under 1 KiB."""
+    if name in model.params:
+        return np.asarray(model.params[name])
+    return np.asarray(model.plan.constants[name])
+
+
 @pytest.fixture(scope="module")
 def tuned(int4):
     """30 adam steps of rank-4 adapters on both MatMulNBits nodes, towards reversed outputs."""
@@ -75,7 +82,7 @@ def tuned(int4):
     return model, lora, result
 
 
-def test_packed_weights_are_targets_constants_and_never_params(int4):
+def test_packed_weights_are_targets_and_frozen_uint8(int4):
     _, path, x = int4
     model = onnx2jax.load(path)
     lora = LoRA(model, targets="*", rank=4)
@@ -83,9 +90,13 @@ def test_packed_weights_are_targets_constants_and_never_params(int4):
         ("MatMulNBits", (64, 64)),
         ("MatMulNBits", (8, 64)),
     ]
+    # The first layer's 2 KiB of packed weight is a frozen param, the second's 256 bytes a
+    # constant; both uint8, and never selected for training.
+    assert lora.targets[0].weight in model.params
+    assert lora.targets[1].weight in model.plan.constants
     for target in lora.targets:
-        assert target.weight not in model.params
-        assert model.plan.constants[target.weight].dtype == np.uint8
+        assert stored(model, target.weight).dtype == np.uint8
+    assert not set(train.trainable_names(model.params)) & {t.weight for t in lora.targets}
     adapters = lora.init(jax.random.key(0))
     params = {**model.params, **adapters}
     # b starts at zero: the adapted model is the model, through its adapter nodes.
@@ -95,7 +106,7 @@ def test_packed_weights_are_targets_constants_and_never_params(int4):
     )
     assert [n.op_type for n in lora.plan.nodes].count("MatMulNBits") == 2
     assert [n.op_type for n in lora.plan.nodes].count("MatMul") == 4
-    with pytest.raises(InputError, match="packed constants"):
+    with pytest.raises(InputError, match="packed integers"):
         lora.merge(params)
 
 
@@ -107,8 +118,8 @@ def test_loss_falls_and_only_adapters_are_in_the_optimizer_state(int4, tuned):
     assert set(result.state.params) == set(lora.adapter_names)
     # The packed base is the file's, byte for byte.
     for target in lora.targets:
-        stored = next(t for t in onnx.load(str(path)).graph.initializer if t.name == target.weight)
-        assert model.plan.constants[target.weight].tobytes() == stored.raw_data
+        file = next(t for t in onnx.load(str(path)).graph.initializer if t.name == target.weight)
+        assert stored(model, target.weight).tobytes() == file.raw_data
 
 
 def test_saved_with_adapter_nodes_runs_in_onnxruntime_as_tuned(int4, tuned, tmp_path):
@@ -229,7 +240,8 @@ def test_float16_node_adapter_nodes_run_in_onnxruntime(int4, tmp_path):
 @pytest.mark.slow
 def test_lora_on_an_int4_builder_llama(tmp_path):
     """onnxruntime-genai's builder writes a random tiny Llama in int4: adapters on every
-    MatMulNBits train on next-token loss, the packed weights stay constants with their bytes,
+    MatMulNBits train on next-token loss, the packed weights stay frozen uint8 params with
+    their bytes,
     and the saved model's logits in onnxruntime are lora.apply's."""
     import json
 
@@ -258,8 +270,8 @@ def test_lora_on_an_int4_builder_llama(tmp_path):
     model = onnx2jax.load(proto)
     lora = LoRA(model, targets="*", rank=4)
     packed = [t for t in lora.targets if t.packed]
-    assert len(packed) >= 2 * 4 and all(t.weight not in model.params for t in packed)
-    before = {t.weight: model.plan.constants[t.weight].tobytes() for t in packed}
+    assert len(packed) >= 2 * 4 and all(model.params[t.weight].dtype == np.uint8 for t in packed)
+    before = {t.weight: stored(model, t.weight).tobytes() for t in packed}
 
     decoder = json.loads((built / "genai_config.json").read_text())["model"]["decoder"]
     names = decoder["inputs"]
@@ -292,7 +304,7 @@ def test_lora_on_an_int4_builder_llama(tmp_path):
     )
     assert result.losses[-1] < 0.8 * result.losses[0]
     assert set(result.state.opt_state[0].mu) == set(lora.adapter_names)
-    assert {t.weight: model.plan.constants[t.weight].tobytes() for t in packed} == before
+    assert {t.weight: stored(model, t.weight).tobytes() for t in packed} == before
 
     saved = tmp_path / "tuned.onnx"
     lora.save(saved, result.params)
