@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,20 +183,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "onnxruntime prefill": lambda ids=ids: onnxruntime_greedy(session, model, ids, 1),
             "onnxruntime whole": lambda ids=ids: onnxruntime_greedy(session, model, ids, args.new),
         }
-        times = {k: statistics.median(v) for k, v in interleaved(calls, args.runs).items()}
         case: dict[str, Any] = {"batch": batch, "same_tokens": bool(np.array_equal(ours, theirs))}
-        for engine in ("onnx2jax", "onnxruntime"):
-            prefill = times[f"{engine} prefill"]
-            decode = times[f"{engine} whole"] - prefill
-            case[engine] = {
-                "prefill_ms": round(prefill, 3),
-                "decode_ms": round(decode, 3),
-                "prefill_tokens_per_s": round(batch * args.prompt / prefill * 1e3, 1),
-                "decode_tokens_per_s": round(batch * (args.new - 1) / decode * 1e3, 1),
-            }
-        for phase in ("prefill", "decode"):
-            ratio = case["onnx2jax"][f"{phase}_ms"] / case["onnxruntime"][f"{phase}_ms"]
-            case[f"{phase}_ratio"] = round(ratio, 3)
+        case.update(phase_figures(interleaved(calls, args.runs), ids.shape, args.new))
         cases.append(case)
     return {
         "date": time.strftime("%Y-%m-%d"),
@@ -204,14 +193,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens": args.new,
         "max_length": max_length,
         "runs": args.runs,
-        "cpu": _cpu_model(),
-        "threads": default_threads(),
-        "jax": jax.__version__,
+        **host(),
         "cases": cases,
     }
 
 
-def _cpu_model() -> str:
+def phase_figures(
+    times: Mapping[str, Sequence[float]], shape: tuple[int, int], new: int
+) -> dict[str, Any]:
+    """Prefill and decode figures of two engines from the times in ms of their calls
+    ``"{engine} prefill"`` (one new token) and ``"{engine} whole"`` (``new`` tokens) after
+    prompts of ``shape`` [batch, prompt]: medians in ms, tokens per second, and the ratios of
+    the first engine's times to the second's.
+
+    Example:
+        >>> times = {"a prefill": [10], "a whole": [30], "b prefill": [5], "b whole": [25]}
+        >>> figures = phase_figures(times, (2, 8), 3)
+        >>> figures["a"]["decode_tokens_per_s"], figures["prefill_ratio"]
+        (200.0, 2.0)
+    """
+    batch, prompt = shape
+    engines = list(dict.fromkeys(name.rsplit(" ", 1)[0] for name in times))
+    figures: dict[str, Any] = {}
+    for engine in engines:
+        prefill = statistics.median(times[f"{engine} prefill"])
+        decode = statistics.median(times[f"{engine} whole"]) - prefill
+        figures[engine] = {
+            "prefill_ms": round(prefill, 3),
+            "decode_ms": round(decode, 3),
+            "prefill_tokens_per_s": round(batch * prompt / prefill * 1e3, 1),
+            "decode_tokens_per_s": round(batch * (new - 1) / decode * 1e3, 1),
+        }
+    first, second = engines
+    for phase in ("prefill", "decode"):
+        ratio = figures[first][f"{phase}_ms"] / figures[second][f"{phase}_ms"]
+        figures[f"{phase}_ratio"] = round(ratio, 3)
+    return figures
+
+
+def host() -> dict[str, Any]:
+    """What the results say of the host: its CPU, the engines' thread count, jax's version.
+
+    Example:
+        >>> sorted(host())
+        ['cpu', 'jax', 'threads']
+    """
+    return {"cpu": cpu_model(), "threads": default_threads(), "jax": jax.__version__}
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension, as the results name the host.
+
+    Example:
+        >>> isinstance(cpu_model(), str)
+        True
+    """
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -223,17 +259,39 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    runs: int,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    models: Path,
+) -> None:
+    """The generation benchmarks' common arguments (batch sizes 1 and 8, a prompt of 128 tokens
+    and 128 new ones by default), with each benchmark's default sizes and models folder.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser, runs=1, hidden=64, layers=2, vocab=100, models=Path("m"))
+        >>> parser.parse_args(["--batch", "2"]).batch
+        [2]
+    """
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=100)
-    parser.add_argument("--models", default=str(Path(__file__).parent / "models"))
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--models", default=str(models))
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    folder = Path(__file__).parent / "models"
+    add_arguments(parser, runs=5, hidden=64, layers=2, vocab=100, models=folder)
     args = parser.parse_args(argv)
     result = run(args)
     if args.json:

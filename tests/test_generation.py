@@ -531,6 +531,29 @@ def test_the_benchmark_runs_the_same_greedy_tokens_as_onnxruntime(tmp_path, caps
     }
 
 
+def test_the_builder_benchmark_runs_onnxruntime_genais_greedy_tokens(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_genai")
+    from benchmarks.generate_builder import main
+
+    args = ["--archs", "qwen2", "--precisions", "fp32", "--batch", "2", "--prompt", "9"]
+    args += ["--new", "5", "--runs", "1", "--hidden", "64", "--layers", "2", "--vocab", "256"]
+    assert main([*args, "--models", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    [case] = result["cases"]
+    assert (case["model"], case["precision"], case["batch"]) == ("qwen2", "fp32", 2)
+    assert case["same_tokens"] and case["agreement"] == 1.0
+    assert (
+        set(case["onnx2jax"])
+        == set(case["genai"])
+        == {
+            "prefill_ms",
+            "decode_ms",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+        }
+    )
+
+
 def test_bad_arguments_are_refused(exported):
     _, model = exported
     with pytest.raises(GenerationError, match="max_length=20 cache slots"):

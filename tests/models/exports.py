@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+# The builder's run is the benchmark's (benchmarks/generate_builder.py), kept in one place.
+from benchmarks.generate_builder import run_genai_builder  # noqa: F401
+
 MINILM_OUTPUTS = ["last_hidden_state", "pooler_output"]
 
 
@@ -326,18 +329,6 @@ def sklearn_pipelines(path: Path, kind: str) -> dict[str, np.ndarray]:
     onx = to_onnx(pipe, x[:1], target_opset={"": 17, "ai.onnx.ml": 3})
     path.write_bytes(onx.SerializeToString())
     return {"X": rng.normal(size=(7, 10)).astype(np.float32)}
-
-
-def run_genai_builder(source: Path, out: Path, precision: str, cache: Path, *extra: str) -> Path:
-    """``out``: onnxruntime-genai's model builder run (for the CPU) on ``source``, a
-    save_pretrained folder with a tokenizer, in ``precision`` (fp32, int4...)."""
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source)]
-    command += ["-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache), *extra]
-    subprocess.run(command, check=True, capture_output=True)
-    return out
 
 
 def float_accuracy(proto: onnx.ModelProto) -> onnx.ModelProto:
