@@ -11,12 +11,27 @@ thread). They are compiled here, once per machine, with the machine's C++ compil
 ``-march=native`` (the result is cached, see :func:`library_path`), and registered with XLA as
 the custom calls ``onnx2jax_conv2d``, ``onnx2jax_winograd`` and ``onnx2jax_attention``.
 
+They are fast only with AVX-512: an AVX2 build was slower than XLA's kernels. On other x86-64
+CPUs, convolutions go to oneDNN (``kernels/onednn.cc``, custom call ``onnx2jax_onednn_conv``),
+a library kept by Intel that picks AVX2, AVX-512 or AMX kernels at run time, so its glue is
+compiled without ``-march=native``. Which backend computes each kind of kernel
+(:func:`backend`, :func:`status`) follows the measurements in benchmarks/README.md, "Kernels":
+
+- with AVX-512, the hand-written kernels for every kind: they were faster than oneDNN's
+  (the ``onednn-cpu-gomp`` 3.2 build) on ResNet-50's convolutions, and on par or faster on
+  matrix products of MiniLM's and GPT-2's shapes;
+- without it, oneDNN's convolutions (capped at AVX2 they matched XLA's AVX-512 ones, so they
+  beat XLA's AVX2 ones, and fuse the bias, residual and ReLU), and XLA's matrix products and
+  attention: oneDNN's AVX2 matrix products were slower than XLA's dots at those shapes;
+- without oneDNN (not installed: it has wheels for Linux x86-64 only; or it does not build),
+  XLA's kernels, as before.
+
 The package:
 
 - this module: the build, the checks before a library is loaded, :func:`status`;
 - :mod:`~onnx2jax.native.layouts`: the weight layouts the kernels read (blocked, Winograd);
 - :mod:`~onnx2jax.native.calls`: the custom calls, from JAX arrays;
-- ``kernels/``: the C++ sources.
+- ``kernels/``: the C++ sources (``onednn.cc``: the oneDNN glue).
 
 Nothing here decides when a kernel runs. The program ``model(...)`` compiles on the CPU
 rewrites the nodes the kernels compute into explicit onnx2jax nodes (NativeConv,
@@ -27,11 +42,12 @@ Softmax, MatMul); and, for inputs of few rows, MatMul and Gemm by a float32 weig
 :meth:`Model.apply` (so gradients, ``vmap`` and other backends are unaffected), a batch split
 over devices and :func:`onnx2jax.aot.export_model` artifacts keep XLA's kernels.
 
-Without a compiler, on a CPU without AVX-512 (decided before anything is built or loaded), or
-with ``ONNX2JAX_NATIVE=0``, XLA's kernels are used; :func:`status` says which and why. The
-library is only loaded from a folder no other user can write, and only when the manifest its
-build wrote beside it matches these sources, this compiler and CPU and the library's sha256,
-signed with this user's key (SECURITY.md).
+Without a compiler, or with ``ONNX2JAX_NATIVE=0``, XLA's kernels are used; on a CPU without
+AVX-512 (decided before anything is built or loaded) the hand-written kernels are never built;
+:func:`status` says which and why. A library is only loaded from a folder no other user can
+write, and only when the manifest its build wrote beside it matches these sources, this
+compiler and CPU (and the oneDNN library it links) and the library's sha256, signed with this
+user's key (SECURITY.md).
 """
 
 from __future__ import annotations

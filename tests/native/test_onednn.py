@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from onnx2jax import native
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Conv cases: (x shape, weight shape, group, strides, pads, dilations, bias, residual, relu).
@@ -130,3 +132,52 @@ def test_without_avx512_convolutions_are_onednns_and_match_xla_and_onnxruntime(c
         assert result["shape_ok"], case
         assert result["error_xla"] < 1e-5, (case, result)
         assert result["error_ort"] < 1e-5, (case, result)
+
+
+def test_status_names_a_backend_per_kind():
+    state = native.status()
+    assert set(state["backends"]) == set(native.KINDS)
+    for kind, backend in state["backends"].items():
+        assert backend in (*native.BACKENDS, None)
+        assert native.backend(kind) == backend
+    if "lanes" in state:  # the hand-written kernels, where they run, compute every kind
+        assert set(state["backends"].values()) == {"native"}
+    assert native.available() == any(state["backends"].values())
+
+
+NO_ONEDNN_CHILD = r"""
+from onnx2jax import native
+
+def missing():
+    raise native._NotSupported("onednn-cpu-gomp is not installed")
+
+native.cpu_problem = lambda: "this test reports no AVX-512 (an AVX2 host)"
+native._onednn_files = missing
+state = native.status()
+print(state["backends"], state["onednn"]["reason"], native.available())
+"""
+
+
+def test_without_avx512_or_onednn_xla_computes_everything():
+    done = subprocess.run(
+        [sys.executable, "-c", NO_ONEDNN_CHILD],
+        env={**os.environ, "ONNX2JAX_NATIVE": "1"},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [
+        "{'conv':",
+        "None,",
+        "'matrix':",
+        "None,",
+        "'attention':",
+        "None}",
+        "onednn-cpu-gomp",
+        "is",
+        "not",
+        "installed",
+        "False",
+    ]
