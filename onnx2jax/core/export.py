@@ -134,7 +134,7 @@ def _streamed_proto(
 
     def fill(tensor: onnx.TensorProto, is_initializer: bool) -> None:
         if is_initializer and tensor.name in released and not tensor.HasField("raw_data"):
-            tensor.raw_data = _raw_bytes(host_array(released[tensor.name]), tensor.data_type)
+            tensor.raw_data = _little_endian_bytes(host_array(released[tensor.name]))
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             _inline_tensor(tensor, model.base_dir)
         if is_initializer and tensor.name in remaining:
@@ -221,29 +221,11 @@ def _restore_released(graph: onnx.GraphProto, released: Mapping[str, Any]) -> No
     for tensor in graph.initializer:
         value = released.get(tensor.name)
         if value is not None:
-            tensor.raw_data = _raw_bytes(np.asarray(value), tensor.data_type)
+            tensor.raw_data = _little_endian_bytes(np.asarray(value))
 
 
-# ONNX stores these several values to a byte, where NumPy (ml_dtypes) holds one value a byte.
-_SUB_BYTE_TYPES = {
-    getattr(onnx.TensorProto, name)
-    for name in ("INT4", "UINT4", "INT2", "UINT2", "FLOAT4E2M1")
-    if hasattr(onnx.TensorProto, name)
-}
-
-
-def _raw_bytes(value: np.ndarray, data_type: int) -> bytes:
-    """``value`` as the ``raw_data`` of an ONNX tensor of ``data_type``: little-endian, and
-    packed for the 4-bit and 2-bit types (two or four values to a byte, low bits first).
-
-    Example:
-        >>> import ml_dtypes
-        >>> _raw_bytes(np.array([1, 2, 3], ml_dtypes.int4), onnx.TensorProto.INT4)
-        b'!\\x03'
-    """
+def _little_endian_bytes(value: np.ndarray) -> bytes:
     value = np.ascontiguousarray(value)
-    if data_type in _SUB_BYTE_TYPES:
-        return onnx.numpy_helper.from_array(value).raw_data
     return value.astype(value.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
@@ -465,7 +447,7 @@ def _updated_tensor(
     ):
         tensor.ClearField(name)
     tensor.data_location = onnx.TensorProto.DEFAULT
-    tensor.raw_data = _raw_bytes(new, original.data_type)
+    tensor.raw_data = _little_endian_bytes(new)
     return tensor
 
 
@@ -518,13 +500,8 @@ def _stream_to_external(
     just before it is written: the same file, with one tensor's bytes in memory at a time."""
     initializers = len(graph.initializer)
     for position, tensor in enumerate(graph_tensors(graph)):
-        # Filled in a message of its own: upb frees nothing set on a message before the whole
-        # message goes, so bytes set on the graph's tensors would all stay until the save ends.
-        alone = onnx.TensorProto()
-        alone.CopyFrom(tensor)
-        fill(alone, position < initializers)
-        _move_tensor(alone, handle, location)
-        tensor.CopyFrom(alone)
+        fill(tensor, position < initializers)
+        _move_tensor(tensor, handle, location)
     handle.flush()
     os.fsync(handle.fileno())
 
@@ -534,9 +511,8 @@ def _gather_only(graph: onnx.GraphProto, fill: Callable[[onnx.TensorProto, bool]
     of a save from several processes that the processes other than the first take."""
     initializers = len(graph.initializer)
     for position, tensor in enumerate(graph_tensors(graph)):
-        alone = onnx.TensorProto()  # as in _stream_to_external: freed tensor by tensor
-        alone.CopyFrom(tensor)
-        fill(alone, position < initializers)
+        fill(tensor, position < initializers)
+        tensor.ClearField("raw_data")
 
 
 def _move_tensor(tensor: onnx.TensorProto, handle: Any, location: str) -> None:

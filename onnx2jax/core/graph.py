@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import onnx
 
@@ -224,15 +223,16 @@ FROZEN_PARAM_MIN_BYTES = 1024
 
 
 def is_frozen_param_dtype(dtype: np.dtype) -> bool:
-    """Whether an integer initializer of ``dtype`` may be a frozen param: integers of at most 32
-    bits (the narrow ml_dtypes ones included), which JAX holds as they are stored; 64-bit ones
-    would be narrowed with x64 off.
+    """Whether an integer initializer of ``dtype`` may be a frozen param: NumPy's integers of 8
+    to 32 bits, which JAX holds as they are stored. 64-bit ones would be narrowed with x64 off;
+    the 4-bit and 2-bit ml_dtypes ones have no NumPy file format (AOT artifacts store params as
+    ``.npz``), so they stay constants.
 
     Example:
         >>> is_frozen_param_dtype(np.dtype(np.uint8)), is_frozen_param_dtype(np.dtype(np.int64))
         (True, False)
     """
-    return bool(jnp.issubdtype(dtype, jnp.integer)) and dtype.itemsize <= 4
+    return dtype.kind in "iu" and dtype.itemsize <= 4
 
 
 def _weight_only_names(
