@@ -577,21 +577,26 @@ def run(
         log(f"{case.name}: timing {count} interleaved {'steps' if case.train else 'runs'} ...")
         before = wait_until_quiet(quiet_wait, log) if quiet_wait else busy_processes()
         steal, start = cpu_steal_s(), time.monotonic()
-        if case.kind == "train":
-            result = train_case_in_child(case, path, runs, warmup, env)
-        else:
-            result = run_case_in_child(
-                path,
-                feeds,
-                case.items,
-                count,
-                warmup,
-                precision,
-                env,
-                carry=case.carry,
-                block=case.block,
-                unoptimized_reference=case.unoptimized_reference,
-            )
+        try:
+            if case.kind == "train":
+                result = train_case_in_child(case, path, runs, warmup, env)
+            else:
+                result = run_case_in_child(
+                    path,
+                    feeds,
+                    case.items,
+                    count,
+                    warmup,
+                    precision,
+                    env,
+                    carry=case.carry,
+                    block=case.block,
+                    unoptimized_reference=case.unoptimized_reference,
+                )
+        except RuntimeError as exc:  # the other cases' figures are kept; this one is listed
+            document.setdefault("failed", {})[case.name] = str(exc)[-3000:]
+            log(f"  failed: {str(exc).strip().splitlines()[-1]}")
+            continue
         stolen = cpu_steal_s()
         result.update(
             model=case.model,
@@ -800,6 +805,8 @@ def table(document: dict[str, Any]) -> str:
             )
             + "."
         )
+    for name, error in document.get("failed", {}).items():
+        text += f"\n\n**{name} failed**: `{error.strip().splitlines()[-1]}`"
     return text
 
 
@@ -1050,7 +1057,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_readme and not args.quick and not args.model:
         write_readme(document, output.resolve())
         print(f"updated {README}")
-    return 0
+    return 1 if document.get("failed") else 0
 
 
 if __name__ == "__main__":

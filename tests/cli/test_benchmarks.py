@@ -321,12 +321,14 @@ def _accumulator(path: Path) -> Path:
 
 
 def test_harness_runs_per_call_and_stateful_cases(tmp_path):
-    """A per-call model timed in blocks of calls, and a stateful one whose state each engine
-    feeds back into its next call."""
+    """A per-call model timed in blocks of calls, a stateful one whose state each engine feeds
+    back into its next call, and a model neither can load."""
     from benchmarks.models import vector_inputs
     from benchmarks.run import Case, run, table
 
     feeds = {"x": np.arange(4, dtype=np.float32), "state": np.zeros(4, np.float32)}
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
     cases = [
         Case("mlp5_b1", "mlp5", lambda: vector_inputs(1), 1, "call", kind="per_call", block=3),
         Case(
@@ -339,8 +341,11 @@ def test_harness_runs_per_call_and_stateful_cases(tmp_path):
             carry=(("stateN", "state"),),
             block=2,
         ),
+        Case("broken", str(broken), lambda: feeds, 1, "call"),
     ]
     document = run(cases, runs=2, warmup=1, memory=False, with_startup=False, models_dir=tmp_path)
+    # A case whose child fails is listed with its error; the others' figures are kept.
+    assert list(document["failed"]) == ["broken"] and "broken" not in document["cases"]
     mlp, accumulator = document["cases"]["mlp5_b1"], document["cases"]["accumulator"]
     assert mlp["block"] == 3 and len(mlp["onnx2jax"]["samples_ms"]) == 6
     assert mlp["max_rel_error"] < 1e-5
@@ -352,6 +357,7 @@ def test_harness_runs_per_call_and_stateful_cases(tmp_path):
     assert change >= 4 * 3 and change % 3 == 0
     text = table(document)
     assert "Host: " in text and "float32 lanes" in text and "µs per call" in text
+    assert "**broken failed**" in text
 
 
 @pytest.mark.slow
