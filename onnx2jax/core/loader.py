@@ -19,6 +19,12 @@ from onnx2jax.core.safety import within
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 # Folders of repos in a Hugging Face hub cache (see checked_link).
 HUB_REPO_PREFIXES = ("models--", "datasets--", "spaces--")
+# XLA's CPU client takes a host array of this alignment as a device buffer as it is, without a
+# copy: params read into such arrays are in host memory once, not twice while they are copied.
+ALIGNMENT = 64
+# Below this many bytes per contiguous run, read_block copies from a memory map instead of
+# reading each run on its own.
+SMALLEST_RUN = 4096
 
 
 def read_model(source: ModelSource) -> tuple[onnx.ModelProto, Path | None]:
@@ -241,17 +247,96 @@ def _read_range(path: Path, offset: int, length: int) -> bytes:
 def _mapped_array(
     tensor: onnx.TensorProto, path: Path, offset: int, length: int, dtype: np.dtype
 ) -> np.ndarray:
-    """The tensor's raw little-endian bytes decoded straight from a memory map, copied once."""
+    """The tensor's raw little-endian bytes read into an :func:`aligned_empty` array."""
     shape = tuple(int(d) for d in tensor.dims)
-    count = math.prod(shape)
     _check_length(tensor, shape, dtype, length)
-    if count == 0:
-        return np.zeros(shape, dtype.newbyteorder("="))
-    mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-    try:
-        return np.array(mapped, dtype=dtype.newbyteorder("="))
-    finally:
-        del mapped  # close the map now, not when the garbage collector gets to it
+    return read_block(path, offset, shape, dtype, ())
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialized C-order array whose data starts at a multiple of :data:`ALIGNMENT`
+    bytes, which ``jax.device_put`` on the CPU keeps as the device buffer instead of copying.
+
+    Example:
+        >>> aligned_empty((3, 5), np.dtype(np.float32)).ctypes.data % ALIGNMENT
+        0
+    """
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def read_block(
+    path: str | os.PathLike,
+    offset: int,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    index: tuple[slice, ...],
+) -> np.ndarray:
+    """The block ``index`` (slices of step 1, fewer than ``len(shape)`` meaning whole trailing
+    axes) of the C-order array of ``shape`` and ``dtype`` stored at ``offset`` in ``path``, in
+    the native byte order, in an :func:`aligned_empty` array.
+
+    Each contiguous run of the block is read straight into the result with ``preadv``: no
+    memory map, so no page of the file counts in the process's resident memory, and no copy.
+    Runs shorter than :data:`SMALLEST_RUN` bytes are copied from a memory map of the tensor's
+    bytes, closed before returning. The caller checked the extent against the file's size.
+
+    Example:
+        >>> import tempfile
+        >>> data = np.arange(24, dtype=np.float32).reshape(4, 6)
+        >>> with tempfile.NamedTemporaryFile() as f:
+        ...     _ = f.write(b"header" + data.tobytes()); f.flush()
+        ...     block = read_block(f.name, 6, (4, 6), np.dtype("<f4"), (slice(1, 3), slice(2, 4)))
+        >>> block.tolist()
+        [[8.0, 9.0], [14.0, 15.0]]
+    """
+    dtype = np.dtype(dtype)
+    bounds = [
+        range(*(index[axis] if axis < len(index) else slice(None)).indices(dim))
+        for axis, dim in enumerate(shape)
+    ]
+    if any(b.step != 1 for b in bounds):
+        raise ValueError(f"read_block reads slices of step 1, got {index}")
+    out = aligned_empty(tuple(len(b) for b in bounds), dtype.newbyteorder("="))
+    if out.size == 0:
+        return out
+    # The axes from ``first`` on are whole but for ``first`` itself: each run spans them.
+    first = max((a for a, b in enumerate(bounds) if len(b) != shape[a]), default=0)
+    inner = math.prod(shape[first + 1 :])
+    run = (len(bounds[first]) if bounds else 1) * inner * dtype.itemsize
+    runs = out.size * dtype.itemsize // run
+    if run < SMALLEST_RUN and runs > 1:
+        mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        try:
+            out[...] = mapped[tuple(slice(b.start, b.stop) for b in bounds)]
+        finally:
+            del mapped  # close the map now, not when the garbage collector gets to it
+        return out
+    strides = [math.prod(shape[a + 1 :]) for a in range(len(shape))]
+    target = out.reshape(-1).view(np.uint8)
+    with open(path, "rb") as handle:
+        for number, prefix in enumerate(np.ndindex(*(len(b) for b in bounds[:first]))):
+            element = sum((bounds[a][i]) * strides[a] for a, i in enumerate(prefix))
+            element += bounds[first].start * inner
+            _read_exactly(
+                handle.fileno(),
+                target[number * run : (number + 1) * run],
+                offset + element * dtype.itemsize,
+                path,
+            )
+    return out
+
+
+def _read_exactly(fd: int, buffer: np.ndarray, position: int, path: str | os.PathLike) -> None:
+    view = memoryview(buffer)
+    while view:
+        count = os.preadv(fd, [view], position)
+        if count == 0:
+            raise ModelLoadError(f"external data file {path} ended early (was it truncated?)")
+        view, position = view[count:], position + count
 
 
 def _check_length(

@@ -17,7 +17,11 @@ propagates the params' shardings through ``model.apply``.
 - a list of ``(pattern, PartitionSpec | None)`` rules over param names: a string is a glob
   (``fnmatch``), a compiled ``re`` pattern is searched in the name; the first rule that matches
   wins, and a param no rule matches is replicated;
-- a callable ``(name, shape, dtype) -> PartitionSpec | None`` (``None``: replicated).
+- a callable ``(name, shape, dtype) -> PartitionSpec | None`` (``None``: replicated);
+- a dict of param name -> ``PartitionSpec | None`` (a param it lacks is replicated).
+
+Without ``sharding`` (``None``), a model that carries ONNX's own sharding annotations
+(``ShardingSpecProto``) is loaded with the specs :func:`annotated_sharding` reads from them.
 
 The data axis of a mesh is its axis named ``"data"``, else its first; the model axis is its
 axis named ``"model"``, else its last (one axis for both on a 1-D mesh). The mesh's axes must
@@ -38,6 +42,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -49,10 +54,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from onnx2jax.core.errors import ShardingError
 from onnx2jax.core.graph import GraphPlan
+from onnx2jax.core.loader import aligned_empty, read_block
 
 Rule = tuple[str | re.Pattern[str], PartitionSpec | None]
 SpecFunction = Callable[[str, tuple[int, ...], np.dtype], PartitionSpec | None]
-Sharding = str | Sequence[Rule] | SpecFunction
+Sharding = str | Sequence[Rule] | SpecFunction | Mapping[str, PartitionSpec | None]
 PRESETS = ("replicated", "fsdp", "tensor")
 # Params smaller than this stay whole on every device under "fsdp": splitting a bias or a norm's
 # scale saves nothing and costs a gather per use.
@@ -134,6 +140,8 @@ def param_specs(
             )
     elif callable(sharding):
         chosen = {k: sharding(k, s, d) for k, (s, d) in shapes.items()}
+    elif isinstance(sharding, Mapping):
+        chosen = {k: sharding.get(k) for k in shapes}
     elif isinstance(sharding, Sequence):
         rules = _checked_rules(sharding)
         chosen = {k: _first_match(rules, k) for k in shapes}
@@ -362,8 +370,11 @@ def place_params(
 ) -> dict[str, jax.Array]:
     """Sharded ``jax.Array``s of the host values, each device's shard read from its slice.
 
-    The host values are popped one by one, so only one is referenced at a time; a memory-mapped
-    one (external data) has only the pages of the shards this process holds read.
+    The host values are popped one by one, so only one is referenced at a time. A memory map
+    of external data (``np.memmap``) has each shard read from the file alone
+    (:func:`~onnx2jax.core.loader.read_block`), only the shards this process holds; every
+    shard lands in an aligned array that XLA's CPU client takes as the device buffer itself,
+    so a param is in host memory once, not twice while it is copied.
 
     Example:
         >>> import numpy as np
@@ -375,14 +386,175 @@ def place_params(
     placed = {}
     for name in list(host):
         value = host.pop(name)
-        dtype = jax.dtypes.canonicalize_dtype(value.dtype)
-        sharding = NamedSharding(mesh, specs[name])
-
-        def shard(
-            index: tuple[slice, ...], value: np.ndarray = value, dtype: np.dtype = dtype
-        ) -> np.ndarray:
-            return np.array(value[index], dtype=dtype)
-
-        placed[name] = jax.make_array_from_callback(tuple(value.shape), sharding, shard)
+        dtype = np.dtype(jax.dtypes.canonicalize_dtype(value.dtype))
+        shape = tuple(value.shape)
+        from_file = isinstance(value, np.memmap) and value.dtype == dtype
+        placed[name] = jax.make_array_from_callback(
+            shape, NamedSharding(mesh, specs[name]), _shard_reader(value, shape, dtype, from_file)
+        )
         del value
     return placed
+
+
+def _shard_reader(
+    value: np.ndarray, shape: tuple[int, ...], dtype: np.dtype, from_file: bool
+) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    if from_file:
+        path, offset = value.filename, value.offset
+        return lambda index: read_block(path, offset, shape, dtype, index)
+
+    def copied(index: tuple[slice, ...]) -> np.ndarray:
+        part = value[index]
+        out = aligned_empty(np.shape(part), dtype)
+        out[...] = part
+        return out
+
+    return copied
+
+
+def annotated_sharding(
+    proto: onnx.ModelProto, mesh: Mesh | None
+) -> tuple[Mesh, dict[str, PartitionSpec]] | None:
+    """The mesh and the params' specs that the model's own sharding annotations give (ONNX's
+    ``ModelProto.configuration``, ``NodeProto.device_configurations`` and their
+    ``ShardingSpecProto``s on initializer inputs), or ``None`` when it has none.
+
+    On ``mesh``, the configuration used is the one of ``mesh.size`` devices; without one, the
+    first whose device count JAX has, on a one-axis ``"data"`` mesh of that many devices (with
+    too few devices the annotations are ignored, with a warning, as ONNX allows). A
+    param axis the annotation splits into ``k`` shards goes over the first unused mesh axis of
+    size ``k`` (or all mesh axes, when they make ``k`` together and no other axis is split);
+    the placement of each shard follows the mesh's device order, not the annotation's device
+    ids. Annotations on activations are left to XLA, pipeline stages ignored. Anything that
+    does not fit raises :class:`ShardingError`.
+
+    Example:
+        >>> from onnx import helper, numpy_helper
+        >>> w = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
+        >>> node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        >>> spec = node.device_configurations.add(configuration_id="one").sharding_spec.add()
+        >>> spec.tensor_name, spec.device[:] = "w", [0]
+        >>> spec.sharded_dim.add(axis=0).simple_sharding.add(dim_value=4, num_shards=1)
+        ... # doctest: +ELLIPSIS
+        dim_value: 4...
+        >>> model = helper.make_model(helper.make_graph([node], "g", [], [], initializer=[w]))
+        >>> model.configuration.add(name="one", num_devices=1)  # doctest: +ELLIPSIS
+        name: "one"...
+        >>> annotated_sharding(model, None)[1]
+        {'w': P()}
+    """
+    params = {t.name: tuple(int(d) for d in t.dims) for t in proto.graph.initializer}
+    annotations = [
+        (node, config)
+        for node in proto.graph.node
+        for config in node.device_configurations
+        if any(spec.tensor_name in params for spec in config.sharding_spec)
+    ]
+    if not annotations:
+        return None
+    configurations = {c.name: c.num_devices for c in proto.configuration}
+    for node, config in annotations:
+        if config.configuration_id not in configurations:
+            raise ShardingError(
+                f"node {node.name or node.op_type!r} has a sharding annotation for device "
+                f"configuration {config.configuration_id!r}, which the model does not declare "
+                f"(its configurations: {sorted(configurations)})"
+            )
+    used = list(dict.fromkeys(config.configuration_id for _, config in annotations))
+    if mesh is None:
+        count = len(jax.devices())
+        fitting = [c for c in used if configurations[c] <= count]
+        if not fitting:
+            # ONNX lets a backend ignore annotations for devices it does not have; the
+            # layout changes no number, so the model loads whole instead.
+            warnings.warn(
+                f"the model's sharding annotations are for "
+                f"{', '.join(f'{c!r} ({configurations[c]} devices)' for c in used)}, but JAX "
+                f"has {count} device(s): they are ignored; pass a mesh to use them",
+                stacklevel=3,
+            )
+            return None
+        chosen = fitting[0]
+        mesh = Mesh(np.array(jax.devices()[: configurations[chosen]]), ("data",))
+    else:
+        matching = [c for c in used if configurations[c] == mesh.size]
+        if not matching:
+            raise ShardingError(
+                f"the model's sharding annotations are for "
+                f"{', '.join(f'{c!r} ({configurations[c]} devices)' for c in used)}, which do "
+                f"not fit the mesh of {mesh.size} devices"
+            )
+        chosen = matching[0]
+    specs: dict[str, PartitionSpec] = {}
+    for node, config in annotations:
+        if config.configuration_id != chosen:
+            continue
+        for annotation in config.sharding_spec:
+            name = annotation.tensor_name
+            where = f"node {node.name or node.op_type!r}: the sharding annotation of {name!r}"
+            if name not in node.input and name not in node.output:
+                raise ShardingError(f"{where} names a tensor the node neither reads nor writes")
+            if name not in params:
+                continue
+            spec = _annotation_spec(annotation, params[name], mesh, configurations[chosen], where)
+            if specs.setdefault(name, spec) != spec:
+                raise ShardingError(
+                    f"{where} asks for {spec} on the mesh, but another node's annotation asks "
+                    f"for {specs[name]}"
+                )
+    return mesh, specs
+
+
+def _annotation_spec(
+    annotation: onnx.ShardingSpecProto,
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    devices: int,
+    where: str,
+) -> PartitionSpec:
+    """The ``PartitionSpec`` on ``mesh`` of one ``ShardingSpecProto`` of a param of ``shape``."""
+    splits: dict[int, int] = {}
+    for dim in annotation.sharded_dim:
+        if not -len(shape) <= dim.axis < len(shape):
+            raise ShardingError(f"{where} names axis {dim.axis} of a param of shape {list(shape)}")
+        if len(dim.simple_sharding) != 1:
+            raise ShardingError(
+                f"{where} shards axis {dim.axis} in {len(dim.simple_sharding)} parts (axes "
+                "fused by a reshape); onnx2jax reads one simple sharding per axis"
+            )
+        shards = dim.simple_sharding[0].num_shards
+        axis = dim.axis % len(shape)
+        if shards < 1 or axis in splits or shape[axis] % shards:
+            raise ShardingError(
+                f"{where} splits axis {axis} of size {shape[axis]} into {shards} shards"
+                + (" twice" if axis in splits else "")
+            )
+        if shards > 1:
+            splits[axis] = shards
+    groups = {entry.key: list(entry.value) for entry in annotation.index_to_device_group_map}
+    ids = [d for v in annotation.device for d in groups.get(v, [v])]
+    if len(annotation.device) != math.prod(splits.values()) or any(
+        not 0 <= d < devices for d in ids
+    ):
+        raise ShardingError(
+            f"{where} places {math.prod(splits.values())} shard(s) on devices "
+            f"{list(annotation.device)} (groups {groups}), not one device or group per shard "
+            f"among the configuration's {devices} devices"
+        )
+    free = list(mesh.axis_names)
+    entries: list[Any] = [None] * len(shape)
+    for axis, shards in splits.items():
+        if len(splits) == 1 and mesh.size == shards and len(free) > 1:
+            entries[axis] = tuple(free)
+            continue
+        found = next((a for a in free if mesh.shape[a] == shards), None)
+        if found is None:
+            raise ShardingError(
+                f"{where} splits axis {axis} into {shards} shards, but no unused axis of the "
+                f"mesh ({dict(mesh.shape)}) has {shards} devices"
+            )
+        free.remove(found)
+        entries[axis] = found
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
