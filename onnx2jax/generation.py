@@ -12,6 +12,10 @@ buffer as the past, with ``attention_mask`` zero on the slots not filled yet (an
 never change: prefill and decode are two programs, each compiled once per (batch, prompt
 bucket, ``max_length``).
 
+An encoder-decoder's decoder in optimum's merged layout (Whisper's) also holds a
+cross-attention cache: prefill runs the graph's first-step branch, which computes it from the
+encoder's output, and decode runs the branch with a past, which reads it, unchanged, every step.
+
 :class:`TextGenerator` is the text pipeline on top: a folder or hub repo with the ONNX model,
 ``tokenizer.json`` and ``generation_config.json`` / ``genai_config.json``.
 """
