@@ -18,11 +18,12 @@ compiled without ``-march=native``. Which backend computes each kind of kernel
 (:func:`backend`, :func:`status`) follows the measurements in benchmarks/README.md, "Kernels":
 
 - with AVX-512, the hand-written kernels for every kind: they were faster than oneDNN's
-  (the ``onednn-cpu-gomp`` 3.2 build) on ResNet-50's convolutions, and on par or faster on
-  matrix products of MiniLM's and GPT-2's shapes;
-- without it, oneDNN's convolutions (capped at AVX2 they matched XLA's AVX-512 ones, so they
-  beat XLA's AVX2 ones, and fuse the bias, residual and ReLU), and XLA's matrix products and
-  attention: oneDNN's AVX2 matrix products were slower than XLA's dots at those shapes;
+  (the ``onednn-cpu-gomp`` 3.2 build) on ResNet-50's 3x3 convolutions and on par on its 1x1
+  ones; on matrix products of MiniLM's shapes two runs disagreed, so they stay until a quiet
+  host decides;
+- without it, oneDNN's convolutions: capped at AVX2, ResNet-50 b8 with them took less time
+  than with XLA's AVX-512 ones (which an AVX2 host does not even have); and XLA's matrix
+  products and attention: oneDNN's AVX2 matrix products were slower than XLA's dots there;
 - without oneDNN (not installed: it has wheels for Linux x86-64 only; or it does not build),
   XLA's kernels, as before.
 

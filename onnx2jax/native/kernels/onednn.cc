@@ -3,13 +3,13 @@
 // The hand-written kernels (conv2d.cc) are fast only with AVX-512; an AVX2 build of them was
 // slower than XLA's kernels. oneDNN picks its kernels at run time for the CPU it runs on
 // (AVX2, AVX-512, AMX), so this file is compiled without -march=native and serves every x86
-// CPU; native/__init__.py decides per kernel kind which backend model(...) uses (matrix
-// products by oneDNN measured slower than XLA's dots, so there are none here).
+// CPU; native/__init__.py decides per kernel kind which backend model(...) uses (oneDNN's AVX2
+// matrix products measured slower than XLA's dots, so there are none here).
 //
 // A primitive is made once per problem (shapes, strides, pads, post-ops) and kept: making one
 // costs far more than running a small one. The weights come in the layout XLA keeps them in
-// (HWIO; a matrix [K, N]) and oneDNN reorders them to its blocked layout on every call, into a
-// buffer of the calling thread.
+// (HWIO) and oneDNN reorders them to its blocked layout on every call, into a buffer of the
+// calling thread. So is each call's scratchpad: XLA may run two convolutions at once.
 //
 // Layouts: input and output NHWC, bias O (or empty), residual NHWC as the output (or empty);
 // weights HWIO with I = input channels / groups.
@@ -40,12 +40,13 @@ dnnl::engine& Engine() {
 // A problem's primitive, with the layout it wants the weights in and the reorder to it.
 struct Prepared {
   dnnl::primitive primitive;
-  dnnl::memory::desc given_weights, weights;
+  dnnl::memory::desc given_weights, weights, scratchpad;
   dnnl::reorder reorder;  // from given_weights to weights; unset when they are the same
 };
 
 // Problems are keyed by every number their primitive depends on.
 using Key = std::vector<int64_t>;
+constexpr size_t kCacheSize = 1024;  // oneDNN's own primitive cache's default capacity
 
 // The primitive of `key`, made by `make` the first time; shared by every thread (oneDNN's
 // primitives may run concurrently).
@@ -60,7 +61,16 @@ std::shared_ptr<const Prepared> Cached(const Key& key, Make make) {
   }
   auto made = std::make_shared<const Prepared>(make());
   std::lock_guard<std::mutex> lock(mutex);
+  // Bounded, for programs of ever new shapes; calls running hold their primitive still.
+  if (cache.size() >= kCacheSize) cache.clear();
   return cache.emplace(key, made).first->second;
+}
+
+// `bytes` of `buffer`, from a 64-byte boundary (a cache line, oneDNN's vectors' alignment).
+char* Aligned(std::vector<char>& buffer, size_t bytes) {
+  buffer.resize(bytes + 64);
+  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) &
+                                 ~uintptr_t{63});
 }
 
 // Runs `prepared` on `args`, the weights (given in `weights`) reordered first if need be.
@@ -71,13 +81,16 @@ void Run(const Prepared& prepared, float* weights,
   dnnl::memory given(prepared.given_weights, engine, weights);
   if (prepared.reorder) {
     thread_local std::vector<char> buffer;
-    buffer.resize(prepared.weights.get_size());
-    dnnl::memory blocked(prepared.weights, engine, buffer.data());
+    dnnl::memory blocked(prepared.weights, engine,
+                         Aligned(buffer, prepared.weights.get_size()));
     prepared.reorder.execute(stream, given, blocked);
     args[DNNL_ARG_WEIGHTS] = blocked;
   } else {
     args[DNNL_ARG_WEIGHTS] = given;
   }
+  thread_local std::vector<char> scratch;
+  args[DNNL_ARG_SCRATCHPAD] = dnnl::memory(prepared.scratchpad, engine,
+                                           Aligned(scratch, prepared.scratchpad.get_size()));
   prepared.primitive.execute(stream, args);
   stream.wait();
 }
@@ -88,6 +101,7 @@ dnnl::primitive_attr Attributes(bool add, const dnnl::memory::desc& addend, bool
   if (relu) post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
   dnnl::primitive_attr attributes;
   attributes.set_post_ops(post_ops);
+  attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return attributes;
 }
 
@@ -138,7 +152,8 @@ ffi::Error ConvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffe
           Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src,
           any, bias_desc, dst, {stride_h, stride_w}, {dilation_h - 1, dilation_w - 1},
           {pad_top, pad_left}, {pad_bottom, pad_right}, Attributes(add_residual, dst, relu));
-      Prepared made{dnnl::convolution_forward(pd), given, pd.weights_desc(), {}};
+      Prepared made{dnnl::convolution_forward(pd), given, pd.weights_desc(),
+                    pd.scratchpad_desc(), {}};
       if (made.weights != given)
         made.reorder = dnnl::reorder(
             dnnl::reorder::primitive_desc(Engine(), given, Engine(), made.weights));
