@@ -22,6 +22,7 @@ encoder's output, and decode runs the branch with a past, which reads it, unchan
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import weakref
@@ -33,10 +34,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from onnx2jax.core.errors import GenerationError, InputError, ModelLoadError, Onnx2JaxError
 from onnx2jax.core.graph import GraphPlan, outer_names, plan_graph, subgraphs
+from onnx2jax.core.loader import ModelSource, read_model
 from onnx2jax.core.model import Model, check_input, load
 from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
 from onnx2jax.runtime.options import (
@@ -189,7 +193,8 @@ def cache_layout(model: Model) -> CacheLayout:
             "the decoder takes a cross-attention cache (past_key_values.{i}.encoder.*) but no "
             "use_cache_branch input to compute it from the encoder's output in the first step: "
             "this is optimum's decoder_with_past_model.onnx; give its merged decoder "
-            "(decoder_model_merged.onnx), which computes the cache when use_cache_branch is False"
+            "(decoder_model_merged.onnx), which computes the cache when use_cache_branch is "
+            "False, or merge it with decoder_model.onnx (merge_decoders)"
         )
     extra = tuple(n for n in inputs if n not in _TOKEN_INPUTS and not _PAST.match(n))
     layers = {i for i, _, _ in past}
@@ -314,7 +319,7 @@ def branch_plan(model: Model, name: str, value: bool) -> GraphPlan:
     taken = "then_branch" if value else "else_branch"
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
     defined.update(out for node in graph.node for out in node.output)
-    derived = type(graph)(name=graph.name)
+    derived = onnx.GraphProto(name=graph.name)
     derived.initializer.extend(graph.initializer)
     derived.sparse_initializer.extend(graph.sparse_initializer)
     derived.output.extend(graph.output)
@@ -370,6 +375,113 @@ def branch_plan(model: Model, name: str, value: bool) -> GraphPlan:
             f"trace time: generate() cannot run this graph with params"
         )
     return plan
+
+
+def merge_decoders(first: ModelSource, with_past: ModelSource) -> onnx.ModelProto:
+    """optimum's merged decoder made from its two files, which :func:`generate` runs: one graph
+    whose ``If`` on a new bool input ``use_cache_branch`` runs ``with_past`` (True) or
+    ``first`` (False).
+
+    ``first`` (optimum's ``decoder_model.onnx``) takes no past and returns every output;
+    ``with_past`` (``decoder_with_past_model.onnx``) takes the past and returns the same
+    outputs, but for an encoder-decoder the ``present.{i}.encoder.*`` ones (the
+    cross-attention's cache, fixed after the first step), which its branch then passes through
+    from ``past_key_values.{i}.encoder.*``. The inputs are ``with_past``'s, then ``first``'s
+    others, then ``use_cache_branch``. Each branch's own names get a prefix; the initializers
+    move to the outer graph, each weight once where both files hold the same tensor.
+
+    Example:
+        >>> import onnx2jax
+        >>> merged = merge_decoders(onnx2jax.example_path(), onnx2jax.example_path())
+        >>> [node.op_type for node in merged.graph.node], merged.graph.input[-1].name
+        (['If'], 'use_cache_branch')
+    """
+    protos = [read_model(source) for source in (first, with_past)]
+    outputs = list(protos[0][0].graph.output)
+    given = {v.name for v in protos[1][0].graph.output}
+    past_inputs = {v.name for v in protos[1][0].graph.input}
+    for info in outputs:
+        past = info.name.replace("present.", "past_key_values.", 1)
+        if info.name not in given and not (".encoder." in info.name and past in past_inputs):
+            raise GenerationError(
+                f"the first-step decoder returns {info.name!r}, which the decoder with a past "
+                f"neither returns nor takes as {past!r}: not optimum's two decoder files"
+            )
+    absent = sorted(given - {v.name for v in outputs})
+    if absent:
+        raise GenerationError(f"the decoder with a past returns {absent}, the first one does not")
+    initializers: dict[bytes, onnx.TensorProto] = {}
+    branches = []
+    for (proto, base_dir), prefix in zip(protos, ("first/", "with_past/"), strict=True):
+        graph = proto.graph
+        inputs = {v.name for v in graph.input}
+        own = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+        rename = {n: prefix + n for n in own if n not in inputs}
+        for tensor in graph.initializer:
+            # The same weight in both files is kept once, under the first name it had.
+            inline = type(tensor)()
+            inline.CopyFrom(tensor)
+            if inline.data_location == onnx.TensorProto.EXTERNAL:
+                load_external_data_for_tensor(inline, str(base_dir or "."))
+                inline.data_location = onnx.TensorProto.DEFAULT
+                del inline.external_data[:]
+            inline.name = ""
+            key = hashlib.sha256(inline.SerializeToString()).digest()
+            if key not in initializers:
+                inline.name = rename[tensor.name]
+                initializers[key] = inline
+            rename[tensor.name] = initializers[key].name
+        nodes = [_renamed_node(node, rename, prefix) for node in graph.node]
+        out = []
+        for info in outputs:
+            if info.name not in {v.name for v in graph.output}:  # a cross-attention present
+                past = info.name.replace("present.", "past_key_values.", 1)
+                nodes.append(helper.make_node("Identity", [past], [prefix + info.name]))
+            renamed = type(info)()
+            renamed.CopyFrom(info)
+            renamed.name = rename.get(info.name, prefix + info.name)
+            out.append(renamed)
+        branches.append(helper.make_graph(nodes, prefix.strip("/"), [], out))
+    names = [v.name for v in protos[1][0].graph.input]
+    inputs = list(protos[1][0].graph.input)
+    inputs += [v for v in protos[0][0].graph.input if v.name not in names]
+    inputs.append(helper.make_tensor_value_info("use_cache_branch", onnx.TensorProto.BOOL, [1]))
+    node = helper.make_node(
+        "If",
+        ["use_cache_branch"],
+        [v.name for v in outputs],
+        name="use_cache_branch_if",
+        then_branch=branches[1],
+        else_branch=branches[0],
+    )
+    opsets: dict[str, int] = {}
+    for proto, _ in protos:
+        for opset in proto.opset_import:
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    graph = helper.make_graph([node], "merged", inputs, outputs, list(initializers.values()))
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+        ir_version=max(proto.ir_version for proto, _ in protos),
+    )
+
+
+def _renamed_node(node: onnx.NodeProto, rename: Mapping[str, str], prefix: str) -> onnx.NodeProto:
+    """A copy of ``node`` reading and writing the names in ``rename`` by their new names, in its
+    subgraphs too (whose own names ONNX keeps apart from the outer graph's)."""
+    copy = type(node)()
+    copy.CopyFrom(node)
+    copy.input[:] = [rename.get(n, n) for n in node.input]
+    copy.output[:] = [rename.get(n, n) for n in node.output]
+    copy.name = prefix + node.name if node.name else ""
+    for attr in copy.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            renamed = [_renamed_node(inner, rename, "") for inner in sub.node]
+            del sub.node[:]
+            sub.node.extend(renamed)
+            for info in sub.output:
+                info.name = rename.get(info.name, info.name)
+    return copy
 
 
 def next_tokens(

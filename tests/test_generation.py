@@ -28,10 +28,10 @@ from onnx2jax.generation import (
     decoder,
     generate,
     generate_stream,
+    merge_decoders,
     next_tokens,
 )
 from tests.hub_cache import put_in_cache
-from tests.models.exports import merge_decoders
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -313,7 +313,7 @@ def whisper_optimum_decoders(folder):
     past; returns the self-attention's ``present.{i}.decoder.*`` and the cross-attention's
     ``present.{i}.encoder.*``), ``decoder_with_past_model.onnx`` (takes both caches as
     ``past_key_values.{i}.decoder.*`` / ``.encoder.*``, returns the self-attention's) and
-    ``decoder_model_merged.onnx`` (both, chosen by ``use_cache_branch``), each with
+    ``decoder_model_merged.onnx`` (both, chosen by ``use_cache_branch``: merge_decoders), each with
     ``attention_mask`` and ``position_ids`` inputs beside optimum's."""
     module = tiny_whisper()
     layers, heads, size = 2, 4, 16
@@ -425,7 +425,10 @@ def whisper_optimum_decoders(folder):
                 dynamo=False,
             )
         files[name] = folder / name
-    merged = merge_decoders(*(onnx.load(files[n]) for n in list(files)))
+    merged = merge_decoders(*files.values())
+    # The weights both files hold are kept once.
+    sizes = [len(onnx.load(path).graph.initializer) for path in files.values()]
+    assert max(sizes) <= len(merged.graph.initializer) < sum(sizes)
     files["decoder_model_merged.onnx"] = folder / "decoder_model_merged.onnx"
     onnx.save(merged, files["decoder_model_merged.onnx"])
     return module, files
@@ -486,6 +489,8 @@ def test_a_merged_whisper_decoder_computes_the_cross_cache_once(tmp_path):
     assert decoder(model).compilations - before == 2
     with pytest.raises(GenerationError, match="decoder_with_past_model.onnx"):
         cache_layout(onnx2jax.load(files["decoder_with_past_model.onnx"]))
+    with pytest.raises(GenerationError, match="the first one does not"):  # swapped files
+        merge_decoders(files["decoder_with_past_model.onnx"], files["decoder_model.onnx"])
 
 
 @pytest.mark.parametrize("exported", ["gpt2"], indirect=True)
@@ -496,6 +501,7 @@ def test_a_merged_decoder_only_model_runs_its_branch_with_a_past(exported, tmp_p
     model.save(tmp_path / "plain.onnx")
     plain = onnx.load(tmp_path / "plain.onnx")
     merged = onnx2jax.load(merge_decoders(plain, plain))
+    assert len(merged.params) == len(model.params)  # one copy of each weight
     assert cache_layout(merged).use_cache_branch == "use_cache_branch"
     before = decoder(merged).compilations
     tokens = generate(merged, np.array([PROMPTS[0]]), 12)
