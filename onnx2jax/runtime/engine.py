@@ -176,7 +176,11 @@ class Engine:
         """
         key = ready_key(bound, outputs)
         ready = self._ready.get(key) if key is not None else None
-        if ready is not None and ready.current(self.model.params, self.compiler_options):
+        if (
+            ready is not None
+            and ready.cache is self.cache
+            and ready.current(self.model.params, self.compiler_options)
+        ):
             # A jitted program returns arrays and lists of them, which _runtime_types keeps.
             return ready(ready.place(bound), outputs)
         runner = self._segmented.get(outputs)
@@ -219,7 +223,7 @@ class Engine:
             function,
             params,
             devices,
-            compiled=self.cache is not None,
+            cache=self.cache,
             source=dict(self.model.params),
             options=dict(self.compiler_options),
         )
@@ -499,10 +503,11 @@ class Engine:
 class ReadyCall:
     """A program ``model(...)`` chose for one input signature, ready to call again.
 
-    It holds the jitted function (whose C++ dispatch checks the arguments) or the cache's
-    executable, the params it takes, and what the choice was made under: the params they were
-    prepared from and the model's XLA options, which :meth:`current` compares cheaply (by
-    identity, without hashing a param), so that assigned params or options are seen.
+    It holds the jitted function (whose C++ dispatch checks the arguments) or the executable
+    of ``cache`` (the engine's executable cache, if it has one), the params it takes, and what
+    the choice was made under: the params they were prepared from and the model's XLA options,
+    which :meth:`current` compares cheaply (by identity, without hashing a param), so that
+    assigned params or options are seen.
 
     Example:
         >>> import numpy as np, onnx2jax
@@ -521,14 +526,16 @@ class ReadyCall:
         params: Params,
         devices: list[jax.Device],
         *,
-        compiled: bool,
+        cache: ExecutableCache | None,
         source: Mapping[str, Any],
         options: Mapping[str, Any],
     ):
         self.function = function
         self.params = params
         self.devices = devices
-        self.compiled = compiled
+        self.cache = cache
+        # An executable from the cache, which takes inputs in jit's dtypes only.
+        self.compiled = cache is not None
         self.source = dict(source)
         self.options = dict(options)
 

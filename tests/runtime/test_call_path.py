@@ -11,6 +11,7 @@ import pytest
 import onnx2jax
 from onnx2jax.core.errors import InputError
 from onnx2jax.runtime import engine as engine_module
+from onnx2jax.runtime.cache import ExecutableCache
 from onnx2jax.runtime.engine import Engine, ReadyCall, ready_key
 from tests.core.test_model import affine_model, reference
 
@@ -55,7 +56,7 @@ def test_params_swapped_between_names_are_seen():
 
 def test_a_ready_call_is_current_only_for_the_same_arrays_names_and_options():
     a, b = jnp.zeros(3), jnp.ones(3)
-    ready = ReadyCall(None, {}, [], compiled=False, source={"a": a, "b": b}, options={"o": 1})
+    ready = ReadyCall(None, {}, [], cache=None, source={"a": a, "b": b}, options={"o": 1})
     assert ready.current({"a": a, "b": b}, {"o": 1})
     assert not ready.current({"a": a, "b": jnp.ones(3)}, {"o": 1})
     assert not ready.current({"b": a, "a": b}, {"o": 1})  # the same arrays under other names
@@ -179,3 +180,14 @@ def test_model_under_the_users_transformations_after_plain_calls():
     np.testing.assert_allclose(np.asarray(under_jit), expected(model, X), rtol=1e-5, atol=1e-5)
     grads = jax.grad(lambda x: model(x)["y"].sum())(jnp.asarray(X))
     assert grads.shape == X.shape
+
+
+def test_a_cache_given_to_the_engine_later_is_used(tmp_path):
+    model = onnx2jax.load(affine_model())
+    call(model), call(model)
+    model.engine.cache = ExecutableCache(tmp_path)
+    np.testing.assert_allclose(call(model), expected(model, X), rtol=1e-5, atol=1e-5)
+    call(model)
+    assert (model.engine.cache.hits, model.engine.cache.misses) == (0, 1)
+    model.engine.cache = None
+    np.testing.assert_allclose(call(model), expected(model, X), rtol=1e-5, atol=1e-5)
