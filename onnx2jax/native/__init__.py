@@ -459,6 +459,9 @@ def _register() -> dict[str, Any]:
     """Both libraries' states and which backend computes each kind (see :func:`status`)."""
     if not enabled_by_env():
         return {"reason": "turned off by ONNX2JAX_NATIVE=0", "backends": dict.fromkeys(KINDS)}
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        # Neither library is for these CPUs: nothing is looked for, built or created.
+        return {"reason": cpu_problem(), "backends": dict.fromkeys(KINDS)}
     compiler = _compiler()
     folder_problem = None
     if compiler is not None:
@@ -522,8 +525,6 @@ def _register_hand(compiler: str | None, folder_problem: str | None) -> dict[str
 def _register_onednn(compiler: str | None, folder_problem: str | None) -> dict[str, Any]:
     """The oneDNN glue registered: ``{"isa", "path", "onednn_library", "library"}``, or
     ``{"reason": ...}``."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return {"reason": f"no oneDNN build for {platform.machine()} CPUs is used"}
     if compiler is None:
         return {"reason": "no C++ compiler found (c++, g++ or clang++; or set $CXX)"}
     if folder_problem is not None:
