@@ -3,6 +3,7 @@ where onnx2jax was or is slower.
 
     python -m benchmarks.kernels                    # every group: about 20 s on 2 cores
     python -m benchmarks.kernels --group conv3x3_b1 --runs 50
+    ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.kernels --group conv_b8 --no-avx512  # AVX2 host
 
 Each group times one kind of operation at the shapes of a benchmark model. Every row is a
 small ONNX model (the operation with its bias, activation or mask) run by onnx2jax (the program
@@ -28,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx2jax
+from onnx2jax import native
 from onnx2jax.cli.bench import default_threads, interleaved, onnxruntime_session
 
 OPSET = 17
@@ -207,6 +209,55 @@ def conv3x3_b1_rows(batch: int = 1) -> list[Row]:
     return rows
 
 
+def conv_b8_rows() -> list[Row]:
+    """ResNet-50's convolutions at batch 8 with what follows them there: the bias and a ReLU,
+    and for the 1x1 expansions the residual Add before it (one of each shape)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for in_channels, size, out_channels, kernel, stride, residual in (
+        (3, 224, 64, 7, 2, False),
+        (64, 56, 64, 3, 1, False),
+        (256, 56, 64, 1, 1, False),
+        (64, 56, 256, 1, 1, True),
+        (128, 28, 128, 3, 1, False),
+        (256, 14, 256, 3, 1, False),
+        (512, 7, 512, 3, 1, False),
+        (1024, 14, 256, 1, 1, False),
+    ):
+        out_size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        x = _random(rng, 8, in_channels, size, size)
+        feeds = {"x": x}
+        nodes = [
+            helper.make_node(
+                "Conv",
+                ["x", "w", "b"],
+                ["c"],
+                kernel_shape=[kernel, kernel],
+                pads=[kernel // 2] * 4,
+                strides=[stride, stride],
+            )
+        ]
+        if residual:
+            feeds["r"] = _random(rng, 8, out_channels, out_size, out_size)
+            nodes.append(helper.make_node("Add", ["c", "r"], ["s"]))
+        nodes.append(helper.make_node("Relu", ["s" if residual else "c"], ["y"]))
+        weights = {
+            "w": _random(
+                rng,
+                out_channels,
+                in_channels,
+                kernel,
+                kernel,
+                scale=(kernel * kernel * in_channels) ** -0.5,
+            ),
+            "b": _random(rng, out_channels),
+        }
+        label = f"{in_channels}->{out_channels}ch {kernel}x{kernel} {size}x{size}"
+        label += (f" stride {stride}" if stride > 1 else "") + (" +residual" if residual else "")
+        rows.append(Row(label, _model(nodes, feeds, weights), feeds))
+    return rows
+
+
 GROUPS: dict[str, Callable[[], list[Row]]] = {
     "attention": attention_rows,
     "softmax": softmax_rows,
@@ -214,6 +265,7 @@ GROUPS: dict[str, Callable[[], list[Row]]] = {
     "matmul_b1": matmul_b1_rows,
     "matmul_gpt2": matmul_gpt2_rows,
     "conv3x3_b1": conv3x3_b1_rows,
+    "conv_b8": conv_b8_rows,
 }
 
 
@@ -293,7 +345,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--runs", type=int, default=50, help="timed calls per engine (50)")
     parser.add_argument("--output", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--no-avx512",
+        action="store_true",
+        help="time as on a CPU without AVX-512: the hand-written kernels are not used, so "
+        "oneDNN computes the convolutions (with ONEDNN_MAX_CPU_ISA=AVX2: its AVX2 kernels)",
+    )
     args = parser.parse_args(argv)
+    if args.no_avx512:
+        native.cpu_problem = lambda: "benchmarks.kernels --no-avx512"
+    print(f"kernels: {native.status()['backends']}", flush=True)
     onnx2jax.tune_process()  # what the command line does; see onnx2jax/runtime/process.py
     results = []
     for name in args.group or list(GROUPS):
