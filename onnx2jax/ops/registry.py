@@ -58,6 +58,8 @@ class OpSpec:
     # Input positions holding weights the op reads as traced arrays whatever their dtype (packed
     # or quantized integers): an integer initializer read only through these is kept a frozen
     # param, a device array passed to the program, rather than a constant compiled into it.
+    # The int32-accumulating ops (MatMulInteger, QLinearConv, ...) declare none: XLA widens a
+    # constant weight once, at compile time, and they ran slower widening it on every call.
     weight_inputs: tuple[int, ...] = ()
     note: str = ""
 
