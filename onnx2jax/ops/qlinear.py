@@ -38,7 +38,7 @@ from onnx2jax.ops.rnn import cell_activations, lstm_update, masked_step, reverse
 register("QuantizeLinear", since=1, domain=MS)(quantize_linear)
 register("DequantizeLinear", since=1, domain=MS, weight_inputs=(0, 2))(dequantize_linear)
 # MatMulInteger16: int16 x int16 -> int32 with no zero points.
-register("MatMulInteger16", since=1, domain=MS, weight_inputs=(1,))(matmul_integer)
+register("MatMulInteger16", since=1, domain=MS)(matmul_integer)
 
 
 def _scalar(value):
@@ -317,7 +317,7 @@ def qlinear_reduce_mean(
 
 
 # ------------------------------------------------------------------------- conv, gemm, matmul
-@register("QLinearConv", since=1, domain=MS, weight_inputs=(3, 5, 8))
+@register("QLinearConv", since=1, domain=MS)
 def qlinear_conv_ms(
     ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None
 ):
@@ -329,7 +329,7 @@ def qlinear_conv_ms(
     return y if back is None else jnp.transpose(y, back)
 
 
-@register("QGemm", since=1, domain=MS, weight_inputs=(3, 5, 6))
+@register("QGemm", since=1, domain=MS)
 def qgemm(
     ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c=None, y_scale=None, y_zero_point=None
 ):
@@ -373,14 +373,14 @@ def _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias):
     return y if bias is None else y + jnp.asarray(bias).astype(jnp.float32)
 
 
-@register("MatMulIntegerToFloat", since=1, domain=MS, weight_inputs=(1, 5))
+@register("MatMulIntegerToFloat", since=1, domain=MS)
 def matmul_integer_to_float(
     ctx, a, b, a_scale, b_scale, a_zero_point=None, b_zero_point=None, bias=None
 ):
     return _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias)
 
 
-@register("DynamicQuantizeMatMul", since=1, domain=MS, weight_inputs=(1, 3))
+@register("DynamicQuantizeMatMul", since=1, domain=MS)
 def dynamic_quantize_matmul(ctx, a, b, b_scale, b_zero_point=None, bias=None):
     """A quantized to uint8 as DynamicQuantizeLinear does, then MatMulIntegerToFloat."""
     a_q, a_scale, a_zero_point = dynamic_quantize_uint8(jnp, jnp.asarray(a))
@@ -475,7 +475,7 @@ def _dynamic_matmul(a, w, w_scale, w_zero_point):
     return _matmul_to_float(a_q, w, a_scale, w_scale, a_zero_point, w_zero_point, None)
 
 
-@register("DynamicQuantizeLSTM", since=1, domain=MS, weight_inputs=(1, 2, 9, 11))
+@register("DynamicQuantizeLSTM", since=1, domain=MS)
 def dynamic_quantize_lstm(
     ctx,
     x,

@@ -230,7 +230,7 @@ def int_matmul(xp: ModuleType, a: Any, b: Any) -> Any:
     return jnp.matmul(a, b, preferred_element_type=jnp.int32)
 
 
-@register("MatMulInteger", since=10, weight_inputs=(1, 3))
+@register("MatMulInteger", since=10)
 def matmul_integer(ctx, a, b, a_zero_point=None, b_zero_point=None):
     xp = ctx.xp(a, b, a_zero_point, b_zero_point)
     # A 1-D a_zero_point is per row of A; a 1-D b_zero_point per column of B.
@@ -271,7 +271,7 @@ def per_axis(value: Any, ndim: int, axis: int) -> Any:
     return value.reshape(dims)
 
 
-@register("QLinearMatMul", since=(10, 21), weight_inputs=(3, 5))
+@register("QLinearMatMul", since=(10, 21))
 def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
     xp = ctx.xp(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point)
     out_dtype = y_zero_point.dtype if y_zero_point is not None else a.dtype
@@ -333,7 +333,7 @@ def _int_conv(ctx, x32, w32):
     )
 
 
-@register("ConvInteger", since=10, weight_inputs=(1, 3))
+@register("ConvInteger", since=10)
 def conv_integer(ctx, x, w, x_zero_point=None, w_zero_point=None):
     xp = ctx.xp(x, w, x_zero_point, w_zero_point)
     x32 = as_int32(xp, x, x_zero_point)
@@ -341,7 +341,7 @@ def conv_integer(ctx, x, w, x_zero_point=None, w_zero_point=None):
     return _int_conv(ctx, x32, w32)
 
 
-@register("QLinearConv", since=10, weight_inputs=(3, 5, 8))
+@register("QLinearConv", since=10)
 def qlinear_conv(
     ctx, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None
 ):
