@@ -22,7 +22,7 @@ from onnx2jax.ops.quantization import (
     as_int32,
     dequantize_linear,
     dynamic_quantize_uint8,
-    int_matmul,
+    integer_matmul,
     integer_range,
     matmul_integer,
     per_axis,
@@ -335,15 +335,12 @@ def qgemm(
 ):
     """``alpha * a_scale * b_scale * ((A - za) @ (B - zb) + C)`` with C an int32 bias; float
     output without y_scale, else requantized to y_zero_point's type (b per column allowed)."""
-    a32 = as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point))
-    b32 = jnp.asarray(b).astype(jnp.int32)
+    a, b = jnp.asarray(a), jnp.asarray(b)
     if ctx.attr("transA", 0):
-        a32 = a32.T
+        a = a.T
     if ctx.attr("transB", 0):
-        b32 = b32.T
-    if b_zero_point is not None:
-        b32 = b32 - jnp.asarray(b_zero_point).astype(jnp.int32)
-    acc = int_matmul(jnp, a32, b32)
+        b = b.T
+    acc = integer_matmul(jnp, a, b, _scalar(a_zero_point), b_zero_point)
     if c is not None:
         acc = acc + jnp.asarray(c).astype(jnp.int32)
     scale = (
@@ -361,11 +358,7 @@ def qgemm(
 
 def _matmul_to_float(a, b, a_scale, b_scale, a_zero_point, b_zero_point, bias):
     """``float((A - za) @ (B - zb)) * (a_scale * b_scale) + bias``, b per column allowed."""
-    acc = int_matmul(
-        jnp,
-        as_int32(jnp, jnp.asarray(a), _scalar(a_zero_point)),
-        as_int32(jnp, jnp.asarray(b), b_zero_point),
-    )
+    acc = integer_matmul(jnp, jnp.asarray(a), jnp.asarray(b), _scalar(a_zero_point), b_zero_point)
     scale = per_axis(
         jnp.asarray(_scalar(a_scale)) * jnp.asarray(_scalar(b_scale)), acc.ndim, acc.ndim - 1
     )

@@ -16,6 +16,7 @@ import numpy as np
 from jax import lax
 from onnx import TensorProto
 
+from onnx2jax.core.convert import is_static
 from onnx2jax.core.dtypes import numpy_dtype, onnx_elem_type
 from onnx2jax.ops.elementwise import divide_correctly_rounded
 from onnx2jax.ops.registry import register
@@ -230,13 +231,111 @@ def int_matmul(xp: ModuleType, a: Any, b: Any) -> Any:
     return jnp.matmul(a, b, preferred_element_type=jnp.int32)
 
 
+# Every integer of magnitude up to 2**24 is a float32 value.
+_FLOAT32_EXACT = 1 << 24
+
+
+def _centered(dtype: np.dtype) -> tuple[int, int]:
+    """A static offset that centers integer ``dtype``'s range, and the largest |value - offset|."""
+    low, high = integer_range(dtype)
+    offset = (low + high + 1) // 2 if low >= 0 else 0
+    return offset, max(offset - low, high - offset)
+
+
+def _float_exact_chunk(a_dtype: np.dtype, b_dtype: np.dtype) -> int:
+    """How many products of centered ``a`` and ``b`` values float32 sums exactly (0: none)."""
+    if np.dtype(a_dtype).kind not in "iu" or np.dtype(b_dtype).kind not in "iu":
+        return 0
+    return _FLOAT32_EXACT // (_centered(a_dtype)[1] * _centered(b_dtype)[1])
+
+
+def _shifted_zero_point(zero_point: Any, offset: int, shape: tuple[int, ...] | None) -> Any:
+    """``zero_point - offset`` in int32 (a 1-D one reshaped to ``shape``); None when it is 0."""
+    if zero_point is None:
+        return None if offset == 0 else np.int32(-offset)
+    if is_static(zero_point) and np.all(np.asarray(zero_point).astype(np.int64) == offset):
+        return None
+    value = jnp.asarray(zero_point).astype(jnp.int32) - offset
+    if shape is not None and value.ndim == 1 and value.size > 1:
+        value = value.reshape(shape)
+    return value
+
+
+def integer_matmul(
+    xp: ModuleType, a: Any, b: Any, a_zero_point: Any = None, b_zero_point: Any = None
+) -> Any:
+    """``(a - a_zero_point) @ (b - b_zero_point)`` in int32, exact, as float32 matrix products.
+
+    ``a_zero_point`` may be per row of ``a`` (1-D), ``b_zero_point`` per column of ``b``.
+    XLA:CPU's integer dots are naive loops, several times slower than its float32 ones.
+
+    Why it is exact: each operand is centered by a static offset (128 for uint8, 0 for int8),
+    so each product is an integer of magnitude at most p (128 * 128 = 2**14 for 8-bit types).
+    The contraction is split into chunks of at most 2**24 // p products (1024). Any partial sum
+    a float32 dot forms, in whatever order or blocking, adds a subset of one chunk's products:
+    an integer of magnitude at most 2**24, which float32 holds exactly, so no addition rounds
+    and each chunk's result is the exact integer (``Precision.HIGHEST`` keeps backends from
+    rounding the operands, which are small integers and exact too). The chunks are summed and
+    the zero points applied in int32, wrapping as an int32 accumulator does:
+    ``(A' - za')(B' - zb') = A'B' - zb' * rowsum(A') - za' * colsum(B') + K * za' * zb'``.
+    Types too wide for that (int16: p = 2**30) take XLA's int32 dot.
+
+    Example:
+        >>> a = np.array([[0, 255]], np.uint8)
+        >>> b = np.array([[-128], [127]], np.int8)
+        >>> integer_matmul(jnp, a, b, np.uint8(128)).tolist()
+        [[32513]]
+    """
+    chunk = _float_exact_chunk(a.dtype, b.dtype)
+    if xp is np or not chunk:
+        a32 = as_int32(xp, a, a_zero_point, (-1, 1))
+        b32 = as_int32(xp, b, b_zero_point)
+        return int_matmul(xp, a32, b32)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    vector_a, vector_b = a.ndim == 1, b.ndim == 1
+    if vector_a:
+        a = a[None, :]
+    if vector_b:
+        b = b[:, None]
+    (a_offset, _), (b_offset, _) = _centered(a.dtype), _centered(b.dtype)
+    a_centered = a.astype(jnp.float32) - np.float32(a_offset)
+    b_centered = b.astype(jnp.float32) - np.float32(b_offset)
+    depth = a.shape[-1]
+    acc = None
+    pieces = max(1, -(-depth // chunk))
+    step = max(1, -(-depth // pieces))
+    # One product at least, so that an empty contraction gives zeros of the right shape.
+    for start in range(0, max(depth, 1), step):
+        part = jnp.matmul(
+            a_centered[..., start : start + step],
+            b_centered[..., start : start + step, :],
+            precision=lax.Precision.HIGHEST,
+        ).astype(jnp.int32)
+        acc = part if acc is None else acc + part
+    za = _shifted_zero_point(a_zero_point, a_offset, (-1, 1))
+    zb = _shifted_zero_point(b_zero_point, b_offset, None)
+    if zb is not None:
+        row_sums = jnp.sum(a.astype(jnp.int32) - a_offset, axis=-1, keepdims=True, dtype=jnp.int32)
+        acc = acc - zb * row_sums
+    if za is not None:
+        column_sums = jnp.sum(
+            b.astype(jnp.int32) - b_offset, axis=-2, keepdims=True, dtype=jnp.int32
+        )
+        acc = acc - za * column_sums
+    if za is not None and zb is not None:
+        acc = acc + np.int32(depth) * za * zb
+    if vector_b:
+        acc = acc[..., 0]
+    if vector_a:
+        acc = acc[..., 0, :] if not vector_b else acc[..., 0]
+    return acc
+
+
 @register("MatMulInteger", since=10)
 def matmul_integer(ctx, a, b, a_zero_point=None, b_zero_point=None):
     xp = ctx.xp(a, b, a_zero_point, b_zero_point)
     # A 1-D a_zero_point is per row of A; a 1-D b_zero_point per column of B.
-    a32 = as_int32(xp, a, a_zero_point, (-1, 1))
-    b32 = as_int32(xp, b, b_zero_point)
-    return int_matmul(xp, a32, b32)
+    return integer_matmul(xp, a, b, a_zero_point, b_zero_point)
 
 
 def requantize(
@@ -279,9 +378,7 @@ def qlinear_matmul(ctx, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_sc
         raise ctx.error(
             f"QLinearMatMul to {out_dtype.name} is not supported (integer outputs only)"
         )
-    a32 = as_int32(xp, a, a_zero_point, (-1, 1))
-    b32 = as_int32(xp, b, b_zero_point)
-    acc = int_matmul(xp, a32, b32)
+    acc = integer_matmul(xp, a, b, a_zero_point, b_zero_point)
     nd = acc.ndim
     a_scale = per_axis(a_scale, nd, nd - 2)
     b_scale = per_axis(b_scale, nd, nd - 1)
