@@ -468,13 +468,13 @@ class Engine:
         """The CPU devices ``model(...)`` splits these inputs' batch over ([]: one device).
 
         Only inputs of many rows are split: few rows are little work, which a split program's
-        dispatch to several devices costs more than it saves (the 8x8 example CNN at batch
-        8: 0.99 ms a call on one device, 1.25 split over two). Nor is a convolutional network,
-        or one with attention, where the native kernels run, which a split program cannot
-        call: ResNet-50 b8 took 1.20x onnxruntime's time on one device, 1.31x split over two;
-        MiniLM b32 0.96x against 1.03x, ViT-B/16 b8 0.95x against 1.02x.
+        dispatch to several devices costs more than it saves. Nor is a model whose convolutions
+        or attention a native backend computes, which a split program cannot call: one device
+        with the kernels measured faster than a split without them (benchmarks/LOG.md).
         """
-        native_wins = (self.convolutional or self.has_attention) and native.available()
+        native_wins = (self.convolutional and native.backend("conv") is not None) or (
+            self.has_attention and native.backend("attention") is not None
+        )
         if input_rows(bound) <= FEW_ROWS or native_wins:
             return []
         return split_devices(bound)
