@@ -149,7 +149,16 @@ def _script(name: str, *args: str, devices: int, log: Path) -> subprocess.Popen:
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
-            env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices)},
+            env={
+                **os.environ,
+                "JAX_PLATFORMS": "cpu",
+                "JAX_NUM_CPU_DEVICES": str(devices),
+                # The checkout's onnx2jax, installed or not (a script's folder is on its path,
+                # not the working directory).
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+                ),
+            },
         )
 
 
