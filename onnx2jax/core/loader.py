@@ -306,7 +306,8 @@ def read_block(
     # The axes from ``first`` on are whole but for ``first`` itself: each run spans them.
     first = max((a for a, b in enumerate(bounds) if len(b) != shape[a]), default=0)
     inner = math.prod(shape[first + 1 :])
-    run = (len(bounds[first]) if bounds else 1) * inner * dtype.itemsize
+    span = bounds[first] if bounds else range(1)  # a scalar is one run of one value
+    run = len(span) * inner * dtype.itemsize
     runs = out.size * dtype.itemsize // run
     if run < SMALLEST_RUN and runs > 1:
         mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
@@ -320,7 +321,7 @@ def read_block(
     with open(path, "rb") as handle:
         for number, prefix in enumerate(np.ndindex(*(len(b) for b in bounds[:first]))):
             element = sum((bounds[a][i]) * strides[a] for a, i in enumerate(prefix))
-            element += bounds[first].start * inner
+            element += span.start * inner
             _read_exactly(
                 handle.fileno(),
                 target[number * run : (number + 1) * run],
