@@ -256,7 +256,8 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   };
   const int64_t items = s.b * s.h * chunks;
   if (items > 0)
-    onnx2jax::SharedWork::RunOn(pool, std::make_shared<onnx2jax::SharedWork>(items, 1, body));
+    onnx2jax::SharedWork::RunOn(pool, std::make_shared<onnx2jax::SharedWork>(items, 1, body),
+                                2 * s.b * s.h * s.s * s.t * (s.d + s.e));
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "onnx2jax_attention needs AVX-512");

@@ -354,6 +354,7 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   // product is one row: MiniLM b1's 128x384x384 products (tile-major under a 2 MB L2) ran on
   // one thread until this condition (benchmarks/LOG.md).
   const int64_t weight_bytes = wd[0] * wd[1] * wd[2] * yd[3] * int64_t{4};
+  const int64_t flops = 2 * wd[0] * wd[1] * wd[2] * yd[3] * yd[0] * yd[1] * yd[2];
   if (blocked && yd[3] % kBlock == 0 && blocks >= 2 && rows >= 2 * threads &&
       weight_bytes <= TileMajorWeightBytes()) {
     // Weights of half the tile-major limit or more, with activations of twice the L2 or more,
@@ -377,8 +378,10 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
       }
       if (shape.stream) _mm_sfence();
     };
-    onnx2jax::SharedWork::RunOn(pool, std::make_shared<onnx2jax::SharedWork>(
-                                          groups * rows, groups > 1 ? rows : 1, by_rows));
+    onnx2jax::SharedWork::RunOn(pool,
+                                std::make_shared<onnx2jax::SharedWork>(
+                                    groups * rows, groups > 1 ? rows : 1, by_rows),
+                                flops);
     return ffi::Error::Success();
   }
   auto body = [=](int64_t first, int64_t last) {
@@ -395,7 +398,8 @@ ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     }
     if (shape.stream) _mm_sfence();  // streamed stores visible before they are counted
   };
-  onnx2jax::SharedWork::RunOn(pool, std::make_shared<onnx2jax::SharedWork>(items, claim, body));
+  onnx2jax::SharedWork::RunOn(pool, std::make_shared<onnx2jax::SharedWork>(items, claim, body),
+                              flops);
   return ffi::Error::Success();
 }
 
@@ -549,8 +553,10 @@ ffi::Error WinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                    item / chunks * kBlock, scratch.data(), scratch.data() + v_size);
     }
   };
-  onnx2jax::SharedWork::RunOn(pool,
-                              std::make_shared<onnx2jax::SharedWork>(blocks * chunks, claim, body));
+  // The direct convolution's flops: what the transforms and products cost, within a factor.
+  const int64_t flops = 2 * 9 * shape.c * yd[0] * yd[1] * yd[2] * yd[3];
+  onnx2jax::SharedWork::RunOn(
+      pool, std::make_shared<onnx2jax::SharedWork>(blocks * chunks, claim, body), flops);
   return ffi::Error::Success();
 }
 

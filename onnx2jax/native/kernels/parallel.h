@@ -42,7 +42,12 @@ class SharedWork {
     }
   }
 
-  // Computes every item with the pool's threads and returns when all are done.
+  // Computes every item and returns when all are done; `flops` is the whole job's cost.
+  //
+  // A job of under kFlopsPerThread flops runs on the calling thread: handing it to the pool
+  // (schedule, wake a worker, sleep or spin until it is done) cost more than computing it (tiny
+  // MLPs, CNNs and decode steps: benchmarks/LOG.md). A larger one uses at most one thread per
+  // kFlopsPerThread, so every thread it wakes gets work that pays for the waking.
   //
   // XLA runs a call on one of its pool's workers, each pinned to a CPU of its own
   // (onnx2jax/runtime/cputhreads.py), or on a thread of its own. A worker computes its share
@@ -50,12 +55,18 @@ class SharedWork {
   // while the workers compute (measured faster than computing or spinning too:
   // benchmarks/LOG.md). If no worker has started within a millisecond (each busy elsewhere),
   // it computes too.
-  static void RunOn(xla::ffi::ThreadPool& pool, const std::shared_ptr<SharedWork>& work) {
+  static void RunOn(xla::ffi::ThreadPool& pool, const std::shared_ptr<SharedWork>& work,
+                    int64_t flops) {
+    const int64_t wanted = std::min(std::max<int64_t>(1, pool.num_threads()),
+                                    std::max<int64_t>(1, flops / kFlopsPerThread));
+    if (wanted == 1 || work->items_ <= 1) {
+      work->Run();
+      return;
+    }
     char name[16] = {};
     pthread_getname_np(pthread_self(), name, sizeof name);
     const bool worker = std::strncmp(name, "tf_XLAEigen", 11) == 0;
-    const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-    const int64_t helpers = std::min(threads, work->items_) - (worker ? 1 : 0);
+    const int64_t helpers = std::min(wanted, work->items_) - (worker ? 1 : 0);
     for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
     auto finished = [&] { return work->done_.load(std::memory_order_acquire) == work->items_; };
     if (!worker) {
@@ -69,6 +80,9 @@ class SharedWork {
   }
 
  private:
+  // The least work worth a thread of its own: smaller shares cost more to hand off than to compute.
+  static constexpr int64_t kFlopsPerThread = int64_t{1} << 20;
+
   const int64_t items_, claim_;
   const std::function<void(int64_t, int64_t)> body_;
   std::atomic<int64_t> next_{0}, done_{0};
