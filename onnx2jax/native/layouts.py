@@ -120,6 +120,11 @@ def winograd_applies(
 # G of F(2x2, 3x3), and its exact left inverse (rows 0, 1 - 2 and 3 of G g give g).
 _WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 _WINOGRAD_G_INVERSE = np.array([[1, 0, 0, 0], [0, 1, -1, 0], [0, 0, 0, 1]], np.float32)
+# G w G^T of every flattened 3x3 kernel at once: a product with kron(G, G)^T, [9, 16] (and
+# back, [16, 9]), one BLAS call where a three-operand einsum loops unblocked and made start-up
+# slow (ResNet-50: benchmarks/LOG.md). The entries are 0, +-1/4, +-1/2 and +-1: products exact.
+_WINOGRAD_KRON = np.ascontiguousarray(np.kron(_WINOGRAD_G, _WINOGRAD_G).T)
+_WINOGRAD_KRON_INVERSE = np.ascontiguousarray(np.kron(_WINOGRAD_G_INVERSE, _WINOGRAD_G_INVERSE).T)
 
 
 def winograd_weights(w: Any) -> Any:
@@ -136,7 +141,7 @@ def winograd_weights(w: Any) -> Any:
     o, i, _, _ = np.shape(w)
     block = native.block()
     xp = jnp if isinstance(w, jax.Array) else np
-    u = xp.einsum("ak,oikl,bl->oiab", _WINOGRAD_G, w, _WINOGRAD_G)
+    u = xp.matmul(xp.reshape(w, (o * i, 9)), _WINOGRAD_KRON)
     return u.reshape(o // block, block, i, 16).transpose(0, 3, 2, 1)
 
 
@@ -151,12 +156,8 @@ def unwinograd_weights(u: Any) -> Any:
     """
     blocks, _, i, block = np.shape(u)
     xp = jnp if isinstance(u, jax.Array) else np
-    return xp.einsum(
-        "ka,oiab,lb->oikl",
-        _WINOGRAD_G_INVERSE,
-        xp.transpose(u, (0, 3, 2, 1)).reshape(blocks * block, i, 4, 4),
-        _WINOGRAD_G_INVERSE,
-    )
+    flat = xp.transpose(u, (0, 3, 2, 1)).reshape(blocks * block * i, 16)
+    return xp.matmul(flat, _WINOGRAD_KRON_INVERSE).reshape(blocks * block, i, 3, 3)
 
 
 def matrix_blocked(columns: int) -> bool:
