@@ -291,7 +291,7 @@ def integer_matmul(
         a32 = as_int32(xp, a, a_zero_point, (-1, 1))
         b32 = as_int32(xp, b, b_zero_point)
         return int_matmul(xp, a32, b32)
-    a, b = jnp.asarray(a), jnp.asarray(b)
+    a = jnp.asarray(a)
     vector_a, vector_b = a.ndim == 1, b.ndim == 1
     if vector_a:
         a = a[None, :]
@@ -299,7 +299,9 @@ def integer_matmul(
         b = b[:, None]
     (a_offset, _), (b_offset, _) = _centered(a.dtype), _centered(b.dtype)
     a_centered = a.astype(jnp.float32) - np.float32(a_offset)
-    b_centered = b.astype(jnp.float32) - np.float32(b_offset)
+    # A constant weight (the usual case) is centered here once, not by XLA's constant folding.
+    b_xp = np if is_static(b) else jnp
+    b_centered = b.astype(np.float32) - np.float32(b_offset)
     depth = a.shape[-1]
     acc = None
     pieces = max(1, -(-depth // chunk))
@@ -318,8 +320,8 @@ def integer_matmul(
         row_sums = jnp.sum(a.astype(jnp.int32) - a_offset, axis=-1, keepdims=True, dtype=jnp.int32)
         acc = acc - zb * row_sums
     if za is not None:
-        column_sums = jnp.sum(
-            b.astype(jnp.int32) - b_offset, axis=-2, keepdims=True, dtype=jnp.int32
+        column_sums = b_xp.sum(
+            b.astype(np.int32) - np.int32(b_offset), axis=-2, keepdims=True, dtype=np.int32
         )
         acc = acc - za * column_sums
     if za is not None and zb is not None:
