@@ -93,6 +93,64 @@ def test_matmul_nbits_matches_onnxruntime(bits, block, zero_kind):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("zero_kind", ["none", "packed", "float"])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_matmul_nbits_decode_rows_match_onnxruntime(bits, zero_kind, rows):
+    # A decode step multiplies one row per sequence ([batch, 1, K]); K = 200 is no multiple of
+    # the block size.
+    k, n = 200, 24
+    inputs, inits = _nbits_case(bits, 32, k, n, zero_kind, lead=(rows, 1))
+    model = _node_model("MatMulNBits", inputs, inits, K=k, N=n, bits=bits, block_size=32)
+    feeds = {"a": inputs["a"]}
+    got = _ours(model, feeds)[0]
+    weight = _nbits_weight(inputs, bits, 32, k, n)
+    exact = inputs["a"].astype(np.float64) @ weight
+    # Float32 rounding of a K-term sum: at most K * 2^-24 of the sum of absolute terms.
+    bound = k * 2.0**-24 * (np.abs(inputs["a"]).astype(np.float64) @ np.abs(weight))
+    assert np.all(np.abs(got - exact) <= bound)
+    if not (bits == 8 and zero_kind == "float"):  # onnxruntime refuses this combination
+        assert np.all(np.abs(got - run_reference(model, feeds)[0]) <= 2 * bound)
+
+
+@pytest.mark.parametrize(
+    ("zero_kind", "g_idx"), [("packed", False), ("float", False), ("none", True), ("float", True)]
+)
+@pytest.mark.parametrize("rows", [1, 8])
+def test_matmul_nbits_weight_over_one_slice_matches_onnxruntime(zero_kind, g_idx, rows):
+    # Over 2^20 weight values the product runs on slices of N rows; N = 1031 does not divide
+    # into the slices (padded rows) and K = 1040 is no multiple of the block size.
+    k, n = 1040, 1031
+    inputs, inits = _nbits_case(4, 32, k, n, zero_kind, g_idx=g_idx, bias=True, lead=(rows,))
+    model = _node_model("MatMulNBits", inputs, inits, K=k, N=n, bits=4, block_size=32)
+    feeds = {"a": inputs["a"]}
+    got = _ours(model, feeds)[0]
+    exact = inputs["a"].astype(np.float64) @ _nbits_weight(inputs, 4, 32, k, n) + inputs["bias"]
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, run_reference(model, feeds)[0], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_matmul_nbits_float16_decode_rows(rows):
+    # Float16 A and scales: onnx2jax computes in float32 and rounds the result to float16 once.
+    k, n = 96, 40
+    inputs, inits = _nbits_case(4, 32, k, n, "packed", lead=(rows, 1))
+    inputs["a"] = inputs["a"].astype(np.float16)
+    inputs["scales"] = inits["scales"] = inits["scales"].astype(np.float16)
+    model = _node_model("MatMulNBits", inputs, inits, K=k, N=n, bits=4, block_size=32)
+    feeds = {"a": inputs["a"]}
+    got = _ours(model, feeds)[0]
+    assert got.dtype == np.float16
+    weight = _nbits_weight(inputs, 4, 32, k, n)
+    exact = inputs["a"].astype(np.float64) @ weight
+    float32_bound = k * 2.0**-24 * (np.abs(inputs["a"]).astype(np.float64) @ np.abs(weight))
+    assert np.all(np.abs(got - exact) <= np.spacing(np.abs(got)) + float32_bound)
+    want = run_reference(model, feeds)[0]
+    np.testing.assert_allclose(
+        got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3
+    )
+
+
 def test_matmul_nbits_bias_and_two_dim_input():
     inputs, inits = _nbits_case(4, 16, 64, 9, "packed", bias=True, lead=(5,))
     model = _node_model("MatMulNBits", inputs, inits, K=64, N=9, bits=4, block_size=16)
