@@ -140,6 +140,9 @@ def _chunked_product(ctx, a, packed, scales, zero_points, g_idx, n, k, bits, blo
     A weight larger than that is a ``lax.scan`` over slices of its N rows. The scan reads
     ``a``, so XLA cannot dequantize every layer's weight before the first layer runs (it
     would, the weights depending on constants and params only, holding them all at once).
+    XLA:CPU's dots read materialized operands, so every call widens the weight to float; the
+    multiply-and-reduce forms that would read the packed bytes in one fused loop measured
+    slower still on XLA:CPU's reductions at one and eight rows (issue 24), so the dot stays.
     """
     blocks = -(-k // block)
     rows = max(1, _CHUNK_VALUES // (blocks * block))
