@@ -267,7 +267,7 @@ def integer_matmul(
     """``(a - a_zero_point) @ (b - b_zero_point)`` in int32, exact, as float32 matrix products.
 
     ``a_zero_point`` may be per row of ``a`` (1-D), ``b_zero_point`` per column of ``b``.
-    XLA:CPU's integer dots are naive loops, several times slower than its float32 ones.
+    XLA:CPU runs integer dots several times slower than float32 ones (benchmarks/LOG.md).
 
     Why it is exact: each operand is centered by a static offset (128 for uint8, 0 for int8),
     so each product is an integer of magnitude at most p (128 * 128 = 2**14 for 8-bit types).
