@@ -47,6 +47,8 @@ PROTO_LIMIT = 2**31 - 2**26
 # Tensors smaller than this stay inside the .onnx file when external data is written.
 EXTERNAL_THRESHOLD = 1024
 _ALIGNMENT = 4096
+# A param is written in blocks of rows of about this many bytes (_host_blocks).
+_BLOCK = 2**26
 _TEMPORARY_SUFFIX = ".onnx2jax-tmp"
 
 
@@ -116,11 +118,13 @@ def _known_params(model: ModelLike, params: Mapping[str, Any] | None) -> Mapping
 
 def _streamed_proto(
     model: ModelLike, params: Mapping[str, Any] | None
-) -> tuple[onnx.ModelProto, Callable[[onnx.TensorProto, bool], None]]:
+) -> tuple[onnx.ModelProto, Callable[[onnx.TensorProto, bool], Any]]:
     """:func:`to_onnx`'s proto with no tensor's bytes filled in yet, and the function that
-    fills one in (``fill(tensor, is_initializer)``): what :func:`to_onnx` would put there. A
-    save streams the tensors one at a time through it, so sharded params are gathered one
-    param at a time and the model's bytes are never all in memory."""
+    fills one in (``fill(tensor, is_initializer)``): what :func:`to_onnx` would put there. It
+    returns the value whose bytes are the tensor's raw data when they are to be written from
+    it (the tensor is then left with no data; :func:`_write_value`), else ``None``. A save
+    streams the tensors one at a time through it, so the model's bytes are never all in
+    memory, and a param that replaces external data is written without reading the old."""
     params = _known_params(model, params)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
@@ -132,15 +136,24 @@ def _streamed_proto(
             _update_sparse(graph, index, remaining.pop(sparse.values.name), model.base_dir)
     released = model.released_weights
 
-    def fill(tensor: onnx.TensorProto, is_initializer: bool) -> None:
-        if is_initializer and tensor.name in released and not tensor.HasField("raw_data"):
-            tensor.raw_data = _little_endian_bytes(host_array(released[tensor.name]))
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            _inline_tensor(tensor, model.base_dir)
+    def fill(tensor: onnx.TensorProto, is_initializer: bool) -> Any:
+        bare = is_initializer and tensor.name in released and not tensor.HasField("raw_data")
         if is_initializer and tensor.name in remaining:
-            new = _updated_tensor(tensor, remaining.pop(tensor.name), model.base_dir)
+            value = remaining.pop(tensor.name)
+            if bare or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                # Raw bytes, replaced whole: an unchanged value writes the same bytes.
+                _checked_dtype(tensor, value)
+                _clear_data(tensor)
+                return value
+            new = _updated_tensor(tensor, value, model.base_dir)
             if new is not None:
                 tensor.CopyFrom(new)
+            return None
+        if bare:
+            return released[tensor.name]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _inline_tensor(tensor, model.base_dir)
+        return None
 
     return proto, fill
 
@@ -170,7 +183,49 @@ def host_array(value: Any) -> np.ndarray:
     """
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    if _spread(value) and value.ndim:
+        return _rows(value, 0, value.shape[0])
     return np.asarray(value)
+
+
+def _spread(value: Any) -> bool:
+    """Whether ``value`` is a ``jax.Array`` over several devices, all in this process."""
+    return (
+        isinstance(value, jax.Array)
+        and value.is_fully_addressable
+        and len(value.sharding.device_set) > 1
+    )
+
+
+def _rows(value: jax.Array, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a :func:`_spread` array, put together from its shards: a host
+    copy of the rows alone (np.asarray of the whole array would keep its copy on the array,
+    a second copy of every param for as long as the params live)."""
+    out = np.empty((stop - start, *value.shape[1:]), value.dtype)
+    for shard in value.addressable_shards:
+        if shard.replica_id != 0:  # each part once, however many devices hold it
+            continue
+        first, last, _ = shard.index[0].indices(value.shape[0])
+        low, high = max(first, start), min(last, stop)
+        if low < high:
+            part = np.asarray(shard.data)[low - first : high - first]
+            out[(slice(low - start, high - start), *shard.index[1:])] = part
+    return out
+
+
+def _host_blocks(value: Any) -> Iterable[np.ndarray]:
+    """``value`` in this process as consecutive blocks of rows, in C order, each of at most
+    about ``_BLOCK`` bytes: a save writes a param through them, never holding it whole."""
+    host = None if _spread(value) and value.ndim else host_array(value)
+    shape = value.shape if host is None else host.shape
+    if not shape:
+        yield host
+        return
+    row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(value.dtype).itemsize)
+    step = max(1, _BLOCK // row)
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        yield _rows(value, start, stop) if host is None else host[start:stop]
 
 
 def _sharded(values: Iterable[Any]) -> bool:
@@ -418,24 +473,44 @@ def _updated_tensor(
     original: onnx.TensorProto, value: Any, base_dir: Path | None
 ) -> onnx.TensorProto | None:
     """A tensor like ``original`` holding ``value``; ``None`` when the bytes are unchanged."""
-    dtype = numpy_dtype(original.data_type)
-    new = host_array(value)
-    if tuple(new.shape) != tuple(original.dims):
-        raise InputError(
-            f"param {original.name!r} has shape {tuple(new.shape)}, but the "
-            f"model's initializer has shape {tuple(original.dims)}"
-        )
-    if new.dtype.kind in "OSU":
-        raise InputError(
-            f"param {original.name!r} holds {new.dtype} values; the model's "
-            f"initializer stores {dtype.name} numbers"
-        )
-    new = np.ascontiguousarray(new.astype(dtype, copy=False))
+    dtype = _checked_dtype(original, value)
+    new = np.ascontiguousarray(host_array(value).astype(dtype, copy=False))
     old = tensor_to_numpy(original, base_dir)
-    if old.dtype == new.dtype and old.tobytes() == new.tobytes():
+    if old.dtype == new.dtype and np.array_equal(_as_bytes(old), _as_bytes(new)):
         return None
     tensor = onnx.TensorProto()
     tensor.CopyFrom(original)
+    _clear_data(tensor)
+    tensor.raw_data = _little_endian_bytes(new)
+    return tensor
+
+
+def _checked_dtype(original: onnx.TensorProto, value: Any) -> np.dtype:
+    """The initializer's dtype, which ``value`` is cast to; raises if it cannot hold it."""
+    dtype = numpy_dtype(original.data_type)
+    if not hasattr(value, "dtype") or not hasattr(value, "shape"):
+        value = np.asarray(value)
+    if tuple(value.shape) != tuple(original.dims):
+        raise InputError(
+            f"param {original.name!r} has shape {tuple(value.shape)}, but the "
+            f"model's initializer has shape {tuple(original.dims)}"
+        )
+    if np.dtype(value.dtype).kind in "OSU" or dtype.hasobject:
+        raise InputError(
+            f"param {original.name!r} holds {np.dtype(value.dtype)} values; the model's "
+            f"initializer stores {dtype.name} values"
+        )
+    return dtype
+
+
+def _as_bytes(value: np.ndarray) -> np.ndarray:
+    """A contiguous array's bytes, viewed in place: compared bit for bit (0.0 is not -0.0,
+    and a NaN equals itself), as ``tobytes`` would compare them, without the copies."""
+    return np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+
+
+def _clear_data(tensor: onnx.TensorProto) -> None:
+    """Drop every field that holds the tensor's values, leaving a tensor with none."""
     for name in (
         "float_data",
         "int32_data",
@@ -444,11 +519,10 @@ def _updated_tensor(
         "uint64_data",
         "string_data",
         "external_data",
+        "raw_data",
     ):
         tensor.ClearField(name)
     tensor.data_location = onnx.TensorProto.DEFAULT
-    tensor.raw_data = _little_endian_bytes(new)
-    return tensor
 
 
 def _update_sparse(graph: onnx.GraphProto, index: int, value: Any, base_dir: Path | None) -> None:
@@ -494,42 +568,76 @@ def _stream_to_external(
     graph: onnx.GraphProto,
     handle: Any,
     location: str,
-    fill: Callable[[onnx.TensorProto, bool], None],
+    fill: Callable[[onnx.TensorProto, bool], Any],
 ) -> None:
     """:func:`_move_to_external` of the tensors of a :func:`_streamed_proto`, each filled in
     just before it is written: the same file, with one tensor's bytes in memory at a time."""
     initializers = len(graph.initializer)
     for position, tensor in enumerate(graph_tensors(graph)):
-        fill(tensor, position < initializers)
-        _move_tensor(tensor, handle, location)
+        # Filled in a message of its own: upb frees nothing set on a message before the whole
+        # message goes, so bytes set on the graph's tensors would all stay until the save ends.
+        alone = onnx.TensorProto()
+        alone.CopyFrom(tensor)
+        value = fill(alone, position < initializers)
+        if value is None:
+            _move_tensor(alone, handle, location)
+        else:
+            _write_value(alone, value, handle, location)
+        tensor.CopyFrom(alone)
     handle.flush()
     os.fsync(handle.fileno())
 
 
-def _gather_only(graph: onnx.GraphProto, fill: Callable[[onnx.TensorProto, bool], None]) -> None:
+def _gather_only(graph: onnx.GraphProto, fill: Callable[[onnx.TensorProto, bool], Any]) -> None:
     """What :func:`_stream_to_external` gathers, in its order, with nothing written: the part
     of a save from several processes that the processes other than the first take."""
     initializers = len(graph.initializer)
     for position, tensor in enumerate(graph_tensors(graph)):
-        fill(tensor, position < initializers)
-        tensor.ClearField("raw_data")
+        alone = onnx.TensorProto()  # as in _stream_to_external: freed tensor by tensor
+        alone.CopyFrom(tensor)
+        value = fill(alone, position < initializers)
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            host_array(value)  # the gather _write_value takes part in
 
 
 def _move_tensor(tensor: onnx.TensorProto, handle: Any, location: str) -> None:
     if not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
         return
     raw = tensor.raw_data
+    tensor.ClearField("raw_data")
+    _point_external(tensor, _aligned_start(handle), len(raw), location)
+    handle.write(raw)
+
+
+def _write_value(tensor: onnx.TensorProto, value: Any, handle: Any, location: str) -> None:
+    """Give a tensor left with no data (:func:`_streamed_proto`) ``value``'s bytes, cast to
+    its dtype: written to ``handle`` block by block when it is big enough for external data,
+    as :func:`_move_tensor` would write them from ``raw_data``, else set as its raw_data."""
+    dtype = numpy_dtype(tensor.data_type)
+    length = int(np.prod(value.shape, dtype=np.int64)) * dtype.itemsize
+    if length < EXTERNAL_THRESHOLD:
+        tensor.raw_data = _little_endian_bytes(host_array(value).astype(dtype, copy=False))
+        return
+    _point_external(tensor, _aligned_start(handle), length, location)
+    for block in _host_blocks(value):
+        block = block.astype(dtype, copy=False)
+        handle.write(_as_bytes(block.astype(dtype.newbyteorder("<"), copy=False)))
+
+
+def _aligned_start(handle: Any) -> int:
+    """Pad ``handle`` to the next ``_ALIGNMENT`` boundary; the offset the next tensor has."""
     offset = handle.tell()
     padding = -offset % _ALIGNMENT
     handle.write(b"\0" * padding)
-    offset += padding
-    handle.write(raw)
-    tensor.ClearField("raw_data")
+    return offset + padding
+
+
+def _point_external(tensor: onnx.TensorProto, offset: int, length: int, location: str) -> None:
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (
         ("location", location),
         ("offset", str(offset)),
-        ("length", str(len(raw))),
+        ("length", str(length)),
     ):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
