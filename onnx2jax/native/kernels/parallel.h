@@ -81,7 +81,7 @@ class SharedWork {
 
  private:
   // The least work worth a thread of its own: smaller shares cost more to hand off than to compute.
-  static constexpr int64_t kFlopsPerThread = int64_t{1} << 20;
+  static constexpr int64_t kFlopsPerThread = int64_t{1} << 21;
 
   const int64_t items_, claim_;
   const std::function<void(int64_t, int64_t)> body_;
