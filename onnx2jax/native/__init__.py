@@ -7,9 +7,12 @@ in vector registers (a matrix product is its 1x1 case), and a Winograd F(2x2, 3x
 for 3x3 ones of stride 1, whose weights ``model(...)`` keeps transformed.
 ``kernels/attention.cc`` computes softmax attention a few query rows at a time with their
 scores in cache (XLA wrote the scores out between its ops and ran the batched products on one
-thread). They are compiled here, once per machine, with the machine's C++ compiler and
+thread). ``kernels/nbits.cc`` multiplies few rows by MatMulNBits' 4-bit weights as they are
+stored, dequantizing them in registers (XLA widened the whole weight to float on every call).
+They are compiled here, once per machine, with the machine's C++ compiler and
 ``-march=native`` (the result is cached, see :func:`library_path`), and registered with XLA as
-the custom calls ``onnx2jax_conv2d``, ``onnx2jax_winograd`` and ``onnx2jax_attention``.
+the custom calls ``onnx2jax_conv2d``, ``onnx2jax_winograd``, ``onnx2jax_attention`` and
+``onnx2jax_nbits``.
 
 They are fast only with AVX-512: an AVX2 build was slower than XLA's kernels. On other x86-64
 CPUs, convolutions go to oneDNN (``kernels/onednn.cc``, custom call ``onnx2jax_onednn_conv``),
@@ -79,12 +82,13 @@ from onnx2jax.core import safety, settings
 log = logging.getLogger("onnx2jax")
 
 KERNELS = Path(__file__).parent / "kernels"
-SOURCES = (KERNELS / "conv2d.cc", KERNELS / "attention.cc")
+SOURCES = (KERNELS / "conv2d.cc", KERNELS / "attention.cc", KERNELS / "nbits.cc")
 HEADERS = (KERNELS / "parallel.h",)
 ONEDNN_SOURCES = (KERNELS / "onednn.cc",)
 TARGET = "onnx2jax_conv2d"
 ATTENTION_TARGET = "onnx2jax_attention"
 WINOGRAD_TARGET = "onnx2jax_winograd"
+NBITS_TARGET = "onnx2jax_nbits"
 ONEDNN_CONV_TARGET = "onnx2jax_onednn_conv"
 MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.cc)
 
@@ -94,8 +98,9 @@ MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.c
 ONEDNN_DISTRIBUTION = "onednn-cpu-gomp"
 ONEDNN_DEVEL_DISTRIBUTION = "onednn-devel-cpu-gomp"
 
-# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (runtime/fusion.py)
-KINDS = ("conv", "matrix", "attention")
+# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (runtime/fusion.py); and
+# MatMulNBits of 4-bit weights by few rows (ops/blockwise_quant.py calls it itself)
+KINDS = ("conv", "matrix", "attention", "nbits")
 
 # Which backend computes each kind of kernel: "native" (kernels/conv2d.cc, attention.cc) or
 # "onednn" (kernels/onednn.cc); see the module docstring for why.
@@ -487,7 +492,7 @@ def _register() -> dict[str, Any]:
     onednn = _register_onednn(compiler, folder_problem)
     state["onednn"] = onednn
     backend = "onednn" if "isa" in onednn else None
-    state["backends"] = {"conv": backend, "matrix": None, "attention": None}
+    state["backends"] = {"conv": backend, "matrix": None, "attention": None, "nbits": None}
     return state
 
 
@@ -510,6 +515,7 @@ def _register_hand(compiler: str | None, folder_problem: str | None) -> dict[str
             TARGET: library.Onnx2jaxConv2d,
             ATTENTION_TARGET: library.Onnx2jaxAttention,
             WINOGRAD_TARGET: library.Onnx2jaxWinograd,
+            NBITS_TARGET: library.Onnx2jaxNbits,
         }
     except _NotSupported as exc:
         return {"reason": str(exc)}
@@ -574,7 +580,7 @@ def status() -> dict[str, Any]:
         >>> "lanes" in state or "reason" in state
         True
         >>> sorted(state["backends"])
-        ['attention', 'conv', 'matrix']
+        ['attention', 'conv', 'matrix', 'nbits']
     """
     with _lock:
         if not _state:

@@ -318,3 +318,39 @@ def attention(q: Any, kt: Any, v: Any, mask: Any | None, scale: Any) -> jax.Arra
         masked=mask is not None,
     )
     return out[0] if three_d else out
+
+
+def matmul_nbits(
+    a: Any, packed: Any, scales: Any, zero_points: Any | None, columns: int, block: int
+) -> jax.Array:
+    """``a @ dequantize(packed).T`` for float32 ``a`` [M, K] and MatMulNBits' 4-bit weight:
+    ``packed`` uint8 [N, blocks, block / 2] (low nibble first, K padded to whole blocks),
+    float32 ``scales`` [N, blocks] and packed uint8 ``zero_points`` [N, ceil(blocks / 2)] or
+    None (8), by the native kernel (kernels/nbits.cc), which dequantizes in registers and never
+    holds the float weight; ``block`` is 16, 32, 64 or 128. Under ``vmap`` it runs once per
+    batch element.
+
+    Example:
+        >>> import numpy as np
+        >>> from onnx2jax import native
+        >>> from onnx2jax.native import calls
+        >>> a = np.ones((1, 32), np.float32)
+        >>> packed = np.full((2, 1, 16), 0x99, np.uint8)  # every value 9: weights (9 - 8) * 0.5
+        >>> scales = np.full((2, 1), 0.5, np.float32)
+        >>> if native.backend("nbits") == "native":
+        ...     assert calls.matmul_nbits(a, packed, scales, None, 2, 32).tolist() == [[16.0, 16.0]]
+    """
+    rows = np.shape(a)[0]
+    zeros = jnp.zeros((0,), jnp.uint8) if zero_points is None else jnp.asarray(zero_points)
+    call = jax.ffi.ffi_call(
+        native.NBITS_TARGET,
+        jax.ShapeDtypeStruct((rows, columns), jnp.float32),
+        vmap_method="sequential",
+    )
+    return call(
+        jnp.asarray(a, jnp.float32),
+        jnp.asarray(packed),
+        jnp.asarray(scales, jnp.float32),
+        zeros,
+        block=np.int64(block),
+    )

@@ -16,6 +16,8 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from onnx2jax import native
+from onnx2jax.native import calls
 from onnx2jax.ops.registry import MS, register
 
 _PACKED_BITS = (2, 4, 8)
@@ -181,9 +183,78 @@ def _chunked_product(ctx, a, packed, scales, zero_points, g_idx, n, k, bits, blo
     return jnp.reshape(out, out.shape[:-2] + (padded,))[..., :n]
 
 
+# The most rows of A the native kernel (kernels/nbits.cc) computes: decode steps; more rows
+# make the product compute-bound, where XLA's dot of the widened weight does well.
+_NATIVE_ROWS = 16
+
+
+def _native_applies(a, scales, zero_points, g_idx, bits, block) -> bool:
+    """Whether the native 4-bit kernel computes this MatMulNBits: float32 A of at most
+    _NATIVE_ROWS rows, 4 bits, blocks of 16 to 128, float scales, packed uint8 zero points or
+    none, no g_idx, on a CPU with the kernel."""
+    rows = int(np.prod(a.shape[:-1]))
+    return (
+        bits == 4
+        and g_idx is None
+        and block <= 128
+        and a.dtype == jnp.float32
+        and 1 <= rows <= _NATIVE_ROWS
+        and jnp.issubdtype(np.dtype(scales.dtype), jnp.floating)
+        and (zero_points is None or np.dtype(zero_points.dtype) == np.uint8)
+        and native.available()
+        and native.backend("nbits") == "native"
+    )
+
+
+def _native_product(ctx, a, packed, scales, zero_points, n, k, block):
+    """``a @ dequantize(packed).T`` by the native kernel, ``a`` flattened to [rows, K]; its
+    gradients (with respect to ``a`` and ``scales``) are XLA's, of :func:`_chunked_product`."""
+    blocks = -(-k // block)
+    blob = block // 2
+    if packed.size != n * blocks * blob or scales.size != n * blocks:
+        raise ctx.error(
+            f"B {tuple(packed.shape)} / scales {tuple(scales.shape)} do not fit N={n}, K={k}, "
+            f"block_size={block}, bits=4"
+        )
+    zero_row = -(-blocks // 2)
+    if zero_points is not None and zero_points.size != n * zero_row:
+        raise ctx.error(
+            f"packed uint8 zero_points of shape {tuple(zero_points.shape)} do not hold "
+            f"[N={n}, ceil({blocks} blocks * 4 bits / 8) = {zero_row}] bytes"
+        )
+    packed = jnp.reshape(jnp.asarray(packed), (n, blocks * blob))
+    if zero_points is not None:
+        zero_points = jnp.reshape(jnp.asarray(zero_points), (n, zero_row))
+
+    def xla(rows, weight, scale, zeros):
+        return _chunked_product(ctx, rows, weight, scale, zeros, None, n, k, 4, block)
+
+    @jax.custom_vjp
+    def product(rows, weight, scale, zeros):
+        return calls.matmul_nbits(rows, weight, scale, zeros, n, block)
+
+    def forward(rows, weight, scale, zeros):
+        return product(rows, weight, scale, zeros), (rows, weight, scale, zeros)
+
+    def backward(saved, grad):
+        rows, weight, scale, zeros = saved
+        _, pullback = jax.vjp(lambda r, s: xla(r, weight, s, zeros), rows, scale)
+        grad_rows, grad_scale = pullback(grad)
+        return grad_rows, None, grad_scale, None
+
+    product.defvjp(forward, backward)
+    scale = jnp.reshape(jnp.asarray(scales), (n, blocks)).astype(jnp.float32)
+    out = product(jnp.reshape(a, (-1, k)), packed, scale, zero_points)
+    return jnp.reshape(out, a.shape[:-1] + (n,))
+
+
 @register("MatMulNBits", since=1, domain=MS, weight_inputs=(1, 2, 3, 4))
 def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
     """``A @ dequantize(B).T + bias``, computed in float32 whatever ``accuracy_level`` asks.
+
+    On the CPU, float32 A of at most 16 rows (decode) by 4-bit weights is computed by the
+    native kernel (onnx2jax/native/kernels/nbits.cc), which reads the packed weight as stored;
+    other cases, and gradients, by XLA from the dequantized weight.
 
     ``accuracy_level`` is the *lowest* accuracy the op allows: at 4 onnxruntime's CPU kernel
     rounds A to int8 per block for speed; computing in float32 is within that allowance and does
@@ -211,6 +282,8 @@ def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
     if b.size == 0:
         # An omitted projection: zeros, or the broadcast bias.
         out = jnp.zeros(a.shape[:-1] + (n,), compute)
+    elif _native_applies(a, scales, zero_points, g_idx, bits, block):
+        out = _native_product(ctx, a, b, scales, zero_points, n, k, block)
     else:
         out = _chunked_product(
             ctx, a.astype(compute), b, scales, zero_points, g_idx, n, k, bits, block
