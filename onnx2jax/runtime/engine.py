@@ -21,6 +21,7 @@ model's public members), so this package never imports :mod:`onnx2jax.model`.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import os
 from collections import OrderedDict
@@ -28,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
 
@@ -41,10 +43,12 @@ from onnx2jax.ops.native_calls import PRECISION
 from onnx2jax.runtime import cache as cache_module
 from onnx2jax.runtime.cache import ExecutableCache, model_digest, signature_key
 from onnx2jax.runtime.devices import canonical_input, place_inputs, replicate, split_devices
-from onnx2jax.runtime.fusion import NativeInput, fuse, fuse_attention
+from onnx2jax.runtime.fusion import NativeInput, fuse, fuse_attention, prepared_dequantizations
 from onnx2jax.runtime.layouts import (
     Layout,
     conv_weight_layouts,
+    dequantized_weight,
+    dequantized_weights,
     native_weight_kinds,
     prepared_weight,
     restored_weight,
@@ -122,9 +126,19 @@ class Engine:
         # reads (OIHW -> HWIO); the trace transposes them back, and XLA cancels the pair, so
         # no weight is transposed per call.
         self.weight_layouts: dict[str, tuple[int, ...]] = conv_weight_layouts(nodes, params)
+        # Weights that DequantizeLinear nodes compute from values fixed between calls (a QDQ
+        # model's): where a native kernel reads one, model(...)'s program takes it dequantized
+        # once, in the kernel's layout, and no longer runs the node.
+        self.dequantized = dequantized_weights(model.plan, params)
+        # Float32 stand-ins of their shape (no memory), for the questions asked of params.
+        stand_ins = {
+            k: np.broadcast_to(np.float32(0), w.shape) for k, w in self.dequantized.items()
+        }
         # With native kernels, the weights they read (these Conv weights and MatMul matrices)
         # are kept in their layouts: name -> "conv" or "matrix".
-        self.native_weights: dict[str, str] = native_weight_kinds(model.plan, params)
+        self.native_weights: dict[str, str] = native_weight_kinds(
+            model.plan, {**params, **stand_ins}
+        )
         # Of those, the weights of 3x3 Convs of stride and dilation 1 only, which the native
         # Winograd kernel may compute (native_layouts.winograd_applies) from weights kept
         # transformed.
@@ -138,7 +152,9 @@ class Engine:
         self.has_attention = fuse_attention(model.plan) is not model.plan
         # More of the weights native kernels read are Conv weights than matrices.
         sizes = {
-            kind: sum(int(np.size(params[k])) for k, v in self.native_weights.items() if v == kind)
+            kind: sum(
+                math.prod(self.weight_shape(k)) for k, v in self.native_weights.items() if v == kind
+            )
             for kind in native.KINDS
         }
         self.convolutional = sizes["conv"] > sizes["matrix"]
@@ -375,8 +391,9 @@ class Engine:
         wanted = tuple(outputs) if outputs else tuple(self.model.output_names)
         plan = self._fused_plans.get((kernels, wanted))
         if plan is None:
+            prepared = self.native_inputs(kernels).keys() & self.dequantized.keys()
             plan = self._fused_plans[kernels, wanted] = fuse(
-                self.model.plan,
+                prepared_dequantizations(self.model.plan, prepared),
                 kernels,
                 wanted,
                 self.native_inputs(kernels),
@@ -387,7 +404,9 @@ class Engine:
     # ---------------------------------------------------------------- weights
     def prepared_params(self, kernels: frozenset[str] = frozenset()) -> Params:
         """``model.params`` with weights in the layouts ``model(...)``'s program reads (with
-        these kinds of native ``kernels``); redone for the params that changed."""
+        these kinds of native ``kernels``), and the dequantized weights those kernels read
+        (:attr:`dequantized`), computed from the params and constants they are dequantized
+        from; redone for the params that changed."""
         current = self.model.params
         cached = self._prepared.get(kernels)
         if (
@@ -403,6 +422,18 @@ class Engine:
                 else v
                 for k, v in current.items()
             }
+            for name in self.native_inputs(kernels).keys() & self.dequantized.keys():
+                weight = self.dequantized[name]
+                sources = [n for n in (weight.quantized, weight.scale, weight.zero_point) if n]
+                if name in done and all(before.get(n) is current.get(n) for n in sources):
+                    prepared[name] = done[name]
+                    continue
+                constants = self.model.plan.constants
+                values = {n: current[n] if n in current else constants[n] for n in sources}
+                value = dequantized_weight(weight, values)
+                prepared[name] = (
+                    prepared_weight(value, layouts[name]) if name in layouts else jnp.asarray(value)
+                )
             cached = self._prepared[kernels] = (dict(current), prepared)
         return cached[1]
 
@@ -426,7 +457,7 @@ class Engine:
         for name, kind in self.native_weights.items():
             if kind not in kernels:
                 continue
-            shape = tuple(int(d) for d in np.shape(self.model.params[name]))
+            shape = self.weight_shape(name)
             if kind == "conv":
                 if not native_layouts.conv_applies(shape, 1):
                     continue
@@ -438,6 +469,13 @@ class Engine:
             value = name if layout == "matrix" else self._own_name(f"{name}:{layout}")
             found[name] = NativeInput(value, layout, shape)
         return found
+
+    def weight_shape(self, name: str) -> tuple[int, ...]:
+        """The ONNX shape of a param, or of a weight in :attr:`dequantized`."""
+        params = self.model.params
+        if name in params:
+            return tuple(int(d) for d in np.shape(params[name]))
+        return self.dequantized[name].shape
 
     def _own_name(self, name: str) -> str:
         """``name``, or ``name`` with a suffix, that no value of the graph has."""
@@ -454,9 +492,8 @@ class Engine:
         (:meth:`native_inputs`). Under jit XLA cancels a transposition with the preparation,
         and drops a restored weight only native nodes read."""
         layouts = self.layouts(kernels)
-        params = self.model.params
         restored = {
-            k: restored_weight(v, layouts[k], np.shape(params[k])) if k in layouts else v
+            k: restored_weight(v, layouts[k], self.weight_shape(k)) if k in layouts else v
             for k, v in values.items()
         }
         for name, native_input in self.native_inputs(kernels).items():

@@ -227,6 +227,45 @@ def _native_matmul(node: onnx.NodeProto, weight: NativeInput) -> onnx.NodeProto:
     )
 
 
+def prepared_dequantizations(plan: GraphPlan, names: Collection[str]) -> GraphPlan:
+    """``plan`` without the DequantizeLinear nodes that compute ``names``: weights the engine
+    dequantizes once, between calls, and feeds to the program as prepared params
+    (onnx2jax.runtime.layouts.dequantized_weights).
+
+    Example:
+        >>> from onnx import helper, TensorProto
+        >>> import numpy as np, onnx2jax
+        >>> from onnx2jax.runtime.fusion import prepared_dequantizations
+        >>> f = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        >>> q = onnx.numpy_helper.from_array(np.ones((4, 16), np.int8), "q")
+        >>> s = onnx.numpy_helper.from_array(np.float32(0.5), "s")
+        >>> nodes = [helper.make_node("DequantizeLinear", ["q", "s"], ["w"]),
+        ...          helper.make_node("MatMul", ["x", "w"], ["y"])]
+        >>> graph = helper.make_graph(nodes, "g", [f("x")], [f("y")], initializer=[q, s])
+        >>> plan = onnx2jax.load(helper.make_model(graph)).plan
+        >>> [n.op_type for n in prepared_dequantizations(plan, {"w"}).nodes]
+        ['MatMul']
+    """
+    names = set(names)
+    dropped = {
+        index
+        for index, node in enumerate(plan.nodes)
+        if _is(node, "DequantizeLinear") and node.output[0] in names
+    }
+    if not dropped:
+        return plan
+    kept = [index for index in range(len(plan.nodes)) if index not in dropped]
+    nodes = [plan.nodes[index] for index in kept]
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    return dataclasses.replace(
+        plan,
+        nodes=nodes,
+        specs=[plan.specs[index] for index in kept],
+        node_reads=[plan.node_reads[index] for index in kept],
+        producer=producer,
+    )
+
+
 def fuse_conv_epilogues(plan: GraphPlan, keep: Collection[str] = ()) -> GraphPlan:
     """``plan`` with every Conv -> Add -> Relu, Conv -> Add and Conv -> Relu chain as one
     FusedConv node, where the intermediate tensors are read by the chain alone and are neither

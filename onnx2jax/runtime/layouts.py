@@ -11,7 +11,7 @@ take as inputs of their own (onnx2jax/runtime/fusion.py). Values are unchanged;
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +113,93 @@ def native_weight_kinds(plan: GraphPlan, params: Mapping[str, Any]) -> dict[str,
             else:
                 kinds[name] = kind
     return {name: kind for name, kind in kinds.items() if name not in other}
+
+
+class Dequantized(NamedTuple):
+    """A weight that a DequantizeLinear computes from values fixed between calls: the names of
+    its integer ``quantized`` tensor, ``scale`` and ``zero_point`` ("" if none), params or
+    constants, the ``axis`` a 1-D scale runs along, and the float32 weight's ``shape``."""
+
+    quantized: str
+    scale: str
+    zero_point: str
+    axis: int
+    shape: tuple[int, ...]
+
+
+def dequantized_weights(plan: GraphPlan, params: Mapping[str, Any]) -> dict[str, Dequantized]:
+    """The outputs of ai.onnx DequantizeLinear nodes that ``model(...)``'s program may compute
+    once, between calls, as float32 weights (:func:`dequantized_weight`): an integer tensor
+    (a frozen param or a constant) dequantized per tensor or per axis (no blocks) by a float32
+    scale and an integer zero point, each a param or a constant. Whether a native kernel reads
+    one as its weight is :func:`native_weight_kinds`' question."""
+    found: dict[str, Dequantized] = {}
+
+    def value(name: str) -> Any:
+        return params[name] if name in params else plan.constants.get(name)
+
+    for node in plan.nodes:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        inputs = list(node.input) + [""] * (3 - len(node.input))
+        x, scale = value(inputs[0]), value(inputs[1])
+        zero_point = value(inputs[2]) if inputs[2] else None
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (
+            x is None
+            or scale is None
+            or (inputs[2] and zero_point is None)
+            or not node.output[0]
+            or np.dtype(x.dtype).kind not in "iu"
+            or np.dtype(scale.dtype) != np.float32
+            or (zero_point is not None and np.dtype(zero_point.dtype).kind not in "iu")
+            or attributes.get("block_size", 0)
+            or attributes.get("output_dtype", 0) not in (0, onnx.TensorProto.FLOAT)
+        ):
+            continue
+        shape = tuple(int(d) for d in np.shape(x))
+        axis = int(attributes.get("axis", 1))
+        axis = axis + len(shape) if axis < 0 else axis
+        if all(_per_axis_size(v, shape, axis) is not None for v in (scale, zero_point)):
+            found[node.output[0]] = Dequantized(inputs[0], inputs[1], inputs[2], axis, shape)
+    return found
+
+
+def _per_axis_size(value: Any, shape: tuple[int, ...], axis: int) -> int | None:
+    """How many values of a scale or zero point run along ``axis`` of a tensor of ``shape``
+    (1: per tensor), or None where DequantizeLinear would not take it without blocks."""
+    if value is None or np.size(value) == 1:
+        return 1
+    if np.ndim(value) == 1 and 0 <= axis < len(shape) and np.shape(value)[0] == shape[axis]:
+        return shape[axis]
+    return None
+
+
+def dequantized_weight(weight: Dequantized, values: Mapping[str, Any]) -> np.ndarray:
+    """The float32 value of ``weight`` from the ``values`` of its inputs: ``(q - zero_point) *
+    scale`` in float32, the scale and zero point along ``weight.axis``, as DequantizeLinear
+    computes it (onnx2jax/ops/quantization.py).
+
+    Example:
+        >>> weight = Dequantized("q", "s", "z", 0, (2, 2))
+        >>> values = {"q": np.array([[1, 2], [3, 4]], np.int8),
+        ...           "s": np.array([0.5, 2.0], np.float32), "z": np.array([1, 0], np.int8)}
+        >>> dequantized_weight(weight, values).tolist()
+        [[0.0, 0.5], [6.0, 8.0]]
+    """
+
+    def along_axis(name: str) -> np.ndarray:
+        value = np.asarray(values[name])
+        if value.size == 1:
+            return value.reshape(())
+        dims = [1] * len(weight.shape)
+        dims[weight.axis] = value.shape[0]
+        return value.reshape(dims)
+
+    y = np.asarray(values[weight.quantized]).astype(np.float32)
+    if weight.zero_point:
+        y = y - along_axis(weight.zero_point).astype(np.float32)
+    return (y * along_axis(weight.scale).astype(np.float32)).astype(np.float32)
 
 
 def winograd_candidates(
