@@ -48,7 +48,7 @@ PROTO_LIMIT = 2**31 - 2**26
 EXTERNAL_THRESHOLD = 1024
 _ALIGNMENT = 4096
 # A param is written in blocks of rows of about this many bytes (_host_blocks).
-_BLOCK = 2**26
+_BLOCK = 2**24
 _TEMPORARY_SUFFIX = ".onnx2jax-tmp"
 
 
@@ -622,6 +622,7 @@ def _write_value(tensor: onnx.TensorProto, value: Any, handle: Any, location: st
     for block in _host_blocks(value):
         block = block.astype(dtype, copy=False)
         handle.write(_as_bytes(block.astype(dtype.newbyteorder("<"), copy=False)))
+        del block  # before the next block is put together, not after
 
 
 def _aligned_start(handle: Any) -> int:

@@ -3,8 +3,9 @@
 Three processes, one after another, so that their memory never adds up: torch exports the
 model (random weights, about 720M params) with external data; onnx2jax loads it on 8 devices,
 runs it, trains 2 LoRA steps and saves it, reading its own peak resident memory (``VmHWM``)
-after each; onnxruntime runs the saved file. On the CPU the devices are host memory, so the
-peak is everything the process held: the model's bytes, the runtime, and what each step adds.
+after each (the save's alone: the peak is reset before it); onnxruntime runs the saved file.
+On the CPU the devices are host memory, so the peak is everything the process held: the
+model's bytes, the runtime, and what each step adds.
 Run one step alone: ``python tests/core/test_sharding_big.py export|shard|check FOLDER``.
 """
 
@@ -44,6 +45,8 @@ BUDGET = 1.2
 # After the LoRA steps, until LoRA.apply stops folding each adapter into a copy of its weight
 # (whose gradient the step holds too): docs/sharding.md, "What is not there yet".
 LORA_BUDGET = 1.3
+# What the save may add, over the model's bytes, to the memory the process held before it.
+SAVE_ADDS = 0.05
 
 
 def inputs() -> dict[str, np.ndarray]:
@@ -119,14 +122,22 @@ def test_llama_over_2gb_on_eight_devices(measured):
 
 
 @pytest.mark.slow
+def test_llama_over_2gb_save_adds_little(measured):
+    """The save writes each param in blocks of rows put together from its shards: its peak (the
+    high-water mark is reset just before it) is the memory held before it and a few blocks."""
+    report, _ = measured
+    assert (report["save"] - report["before_save"]) / report["model_bytes"] < SAVE_ADDS, report
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="export.save holds several copies of the tensor it writes, and np.asarray keeps a "
-    "host copy on each sharded param it gathers (docs/sharding.md, 'What is not there yet')",
+    reason="the process holds more than BUDGET before the save (what the LoRA steps, the merge "
+    "and its run leave): docs/sharding.md, 'What is not there yet'",
 )
 def test_llama_over_2gb_saves_within_budget(measured):
     report, _ = measured
-    assert report["save"] / report["model_bytes"] < BUDGET
+    assert report["save"] / report["model_bytes"] < BUDGET, report
 
 
 def _step(name: str, folder: Path, devices: int = 1) -> None:
@@ -160,6 +171,19 @@ def peak_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Start ``VmHWM`` again from the resident memory now (Linux: ``clear_refs``, value 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def shard(folder: Path) -> None:
@@ -209,6 +233,8 @@ def shard(folder: Path) -> None:
     merged = {**model.params, **jax.jit(lora.merge)({**weights, **state.params})}
     report["tuned_logits"] = np.asarray(jax.jit(model.apply)(merged, **feed)["logits"]).tolist()
     (folder / "tuned").mkdir()
+    report["before_save"] = resident_bytes()
+    reset_peak()
     model.save(folder / "tuned" / "tuned.onnx", merged, external_data=True)
     report["save"] = peak_bytes()
     (folder / "report.json").write_text(json.dumps(report))
