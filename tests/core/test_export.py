@@ -202,6 +202,17 @@ def test_float16_stays_float16():
     assert got.dtype == np.float16
 
 
+def test_a_change_of_sign_of_zero_is_a_change():
+    """Values are compared bit for bit: -0.0 equals 0.0 as a number, yet is other bytes."""
+    proto = tiny_model()
+    proto.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.zeros(4, np.float32), "w"))
+    model = onnx2jax.load(proto)
+    saved = model.to_onnx({"w": jnp.array([-0.0, 0.0, -0.0, 0.0], jnp.float32)})
+    w = numpy_helper.to_array(saved.graph.initializer[0])
+    assert np.signbit(w).tolist() == [True, False, True, False]
+    assert model.to_onnx({"w": jnp.zeros(4)}).SerializeToString() == proto.SerializeToString()
+
+
 def test_bad_params_are_rejected():
     model = onnx2jax.load(tiny_model())
     with pytest.raises(InputError, match="shape"):
