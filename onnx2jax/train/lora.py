@@ -132,9 +132,11 @@ class LoRA:
                 f"LoRA targets {targets!r} match no MatMul/Gemm/Conv/MatMulNBits weight; "
                 f"eligible weights (and nodes) look like {names}"
             )
+        self._sites = _branch_sites(model, self.targets)
         self.plan: GraphPlan = self._adapted_plan()
-        """The plan :meth:`apply` runs: the model's, with each MatMulNBits target's adapter
-        nodes after it (the nodes ``save(merge=False)`` writes)."""
+        """The plan :meth:`apply` runs: the model's, with adapter nodes after each node that
+        reads a MatMul, Gemm or MatMulNBits target (for MatMulNBits, the nodes
+        ``save(merge=False)`` writes)."""
 
     @property
     def adapter_names(self) -> list[str]:
@@ -174,7 +176,7 @@ class LoRA:
                 "lora.save(path, params) (adapter nodes) or lora.save(path, params, merge=True) "
                 "(re-quantized)"
             )
-        return self._folded(params)
+        return self._folded(params, self.targets)
 
     def apply(
         self,
@@ -185,13 +187,13 @@ class LoRA:
     ) -> dict[str, Any]:
         """``model.apply`` with the adapters of ``params``: pure and jittable.
 
-        Dense targets run merged into their weights; MatMulNBits targets through the adapter
-        nodes of :attr:`plan`, the packed weights as they are.
+        MatMul, Gemm and MatMulNBits targets run through the adapter nodes of :attr:`plan`
+        (``x @ W + scale * (x @ a) @ b``), their weights as they are: no copy of a weight, and
+        the adapters' gradients come from rank-sized products. Conv targets, and a weight that
+        some other node also reads, run merged into their weights.
         """
         self._check(params)
-        if not any(t.packed for t in self.targets):
-            return self.model.apply(self._folded(params), *inputs, outputs=outputs, **named_inputs)
-        values = {**self._folded(params), **self._packed_adapters(params)}
+        values = {**self._folded(params, self._merged_targets()), **self._branch_values(params)}
         bound = self.model.bind_inputs(inputs, named_inputs)
         wanted = (outputs,) if isinstance(outputs, str) else outputs
         return self.model.apply_plan(
@@ -216,9 +218,10 @@ class LoRA:
         the original graph, but with the rounding error of the format once more.
         """
         self._check(params)
-        if not any(t.packed for t in self.targets):
-            return self.model.save(path, self._folded(params), **kwargs)
-        proto = self.model.to_onnx(self._folded(params))
+        dense = [t for t in self.targets if not t.packed]
+        if len(dense) == len(self.targets):
+            return self.model.save(path, self._folded(params, dense), **kwargs)
+        proto = self.model.to_onnx(self._folded(params, dense))
         graph = proto.graph
         if merge:
             tensors = self.requantize(params).tensors
@@ -228,10 +231,10 @@ class LoRA:
                         onnx.numpy_helper.from_array(tensors[tensor.name], tensor.name)
                     )
         else:
-            adapters = self._packed_adapters(params)
+            adapters = self._branch_values(params, packed_only=True)
             for target in (t for t in self.targets if t.packed):
                 at = next(i for i, n in enumerate(graph.node) if target.output in n.output[:1])
-                replacement = self._adapter_nodes(target, graph.node[at])
+                replacement = self._adapter_nodes(target, graph.node[at], [])
                 del graph.node[at]
                 for offset, node in enumerate(replacement):
                     graph.node.insert(at + offset, node)
@@ -328,10 +331,16 @@ class LoRA:
                 "save the tuned model under another name"
             )
 
-    def _folded(self, params: Mapping[str, Any]) -> Params:
-        """The model's params, with the dense targets' adapters folded into their weights."""
+    def _merged_targets(self) -> list[Target]:
+        """The targets :meth:`apply` folds into their weights: those with no adapter nodes."""
+        branched = {t.weight for t, _ in self._sites.values()}
+        return [t for t in self.targets if t.weight not in branched]
+
+    def _folded(self, params: Mapping[str, Any], targets: Sequence[Target]) -> Params:
+        """The model's params, with the adapters of ``targets`` (dense ones) folded into
+        their weights."""
         merged = {k: v for k, v in params.items() if k in self.model.params}
-        for target in (t for t in self.targets if not t.packed):
+        for target in targets:
             a = params[target.weight + A_SUFFIX]
             b = params[target.weight + B_SUFFIX]
             delta = self.scale * (a @ b)
@@ -341,14 +350,31 @@ class LoRA:
             merged[target.weight] = (weight + delta.reshape(target.shape)).astype(weight.dtype)
         return merged
 
-    def _packed_adapters(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The MatMulNBits targets' adapters and scales, as their adapter nodes read them."""
+    def _branch_values(
+        self, params: Mapping[str, Any], packed_only: bool = False
+    ) -> dict[str, Any]:
+        """The adapters and scales the adapter nodes read (only the MatMulNBits targets' with
+        ``packed_only``)."""
         values: dict[str, Any] = {}
-        for target in (t for t in self.targets if t.packed):
-            values[target.weight + A_SUFFIX] = params[target.weight + A_SUFFIX]
+        for target, node in self._sites.values():
+            if packed_only and not target.packed:
+                continue
+            a = params[target.weight + A_SUFFIX]
+            values[target.weight + A_SUFFIX] = a
             values[target.weight + B_SUFFIX] = params[target.weight + B_SUFFIX]
-            values[target.weight + SCALE_SUFFIX] = np.asarray(self.scale, np.float32)
+            name, scale = self._site_scale(target, node)
+            values[name] = np.asarray(scale, np.dtype(a.dtype))
         return values
+
+    def _site_scale(self, target: Target, node: onnx.NodeProto) -> tuple[str, float]:
+        """The name and value of the scale ``node``'s adapter nodes multiply by: ``alpha /
+        rank``, times a Gemm's own ``alpha`` (named after the node when that is not 1)."""
+        factor = 1.0
+        if node.op_type == "Gemm":
+            factor = float(_attrs(node).get("alpha", 1.0))
+        if factor == 1.0:
+            return target.weight + SCALE_SUFFIX, self.scale
+        return f"{node.output[0]}{SCALE_SUFFIX}", self.scale * factor
 
     def _node(self, target: Target) -> onnx.NodeProto:
         return next(n for n in self.model.plan.nodes if n.output[:1] == [target.output])
@@ -364,18 +390,29 @@ class LoRA:
             return self._value(self._node(target).input[2]).dtype
         return self.model.params[target.weight].dtype
 
-    def _adapter_nodes(self, target: Target, node: onnx.NodeProto) -> list[onnx.NodeProto]:
-        """``node`` (a MatMulNBits target) with its output renamed, then the nodes that add
-        ``(x @ a) @ b * scale`` to it under the original output name (in float32, cast back
-        for a float16 or bfloat16 node)."""
+    def _adapter_nodes(
+        self, target: Target, node: onnx.NodeProto, names: Sequence[str]
+    ) -> list[onnx.NodeProto]:
+        """``node`` (a MatMul, Gemm or MatMulNBits reading ``target``) with its output renamed,
+        then the nodes that add ``(x @ a) @ b * scale`` to it under the original output name
+        (in float32, cast back for a float16 or bfloat16 node). ``x`` is the node's first
+        input, transposed for ``Gemm(transA=1)``. The new tensors are named after the target's
+        weight, or after the node's output when ``names`` (the tensor names taken so far)
+        already holds them: a weight that several nodes read."""
         base = onnx.NodeProto()
         base.CopyFrom(node)
         out = node.output[0]
         base.output[0] = f"{out}::lora_base"
-        prefix, name = target.weight, node.name or out
+        prefix = target.weight if f"{target.weight}::lora_xa" not in names else out
+        name = node.name or out
         dtype = np.dtype(self._weight_dtype(target))
         x = node.input[0]
         nodes = [base]
+        if node.op_type == "Gemm" and _attrs(node).get("transA", 0):
+            nodes.append(
+                onnx.helper.make_node("Transpose", [x], [f"{prefix}::lora_xt"], f"{name}/lora_t")
+            )
+            x = f"{prefix}::lora_xt"
         low = dtype.itemsize < 4
         if low:
             nodes.append(
@@ -391,16 +428,19 @@ class LoRA:
         delta = f"{prefix}::lora_delta"
         nodes += [
             onnx.helper.make_node(
-                "MatMul", [x, prefix + A_SUFFIX], [f"{prefix}::lora_xa"], f"{name}/lora_a"
+                "MatMul", [x, target.weight + A_SUFFIX], [f"{prefix}::lora_xa"], f"{name}/lora_a"
             ),
             onnx.helper.make_node(
                 "MatMul",
-                [f"{prefix}::lora_xa", prefix + B_SUFFIX],
+                [f"{prefix}::lora_xa", target.weight + B_SUFFIX],
                 [f"{prefix}::lora_xab"],
                 f"{name}/lora_b",
             ),
             onnx.helper.make_node(
-                "Mul", [f"{prefix}::lora_xab", prefix + SCALE_SUFFIX], [delta], f"{name}/lora_scale"
+                "Mul",
+                [f"{prefix}::lora_xab", self._site_scale(target, node)[0]],
+                [delta],
+                f"{name}/lora_scale",
             ),
         ]
         if low:
@@ -421,18 +461,18 @@ class LoRA:
 
     def _adapted_plan(self) -> GraphPlan:
         plan = self.model.plan
-        by_output = {t.output: t for t in self.targets if t.packed}
-        if not by_output:
+        if not self._sites:
             return plan
         nodes, specs, reads = [], [], []
+        taken: set[str] = set()
         for node, spec, node_reads in zip(plan.nodes, plan.specs, plan.node_reads, strict=True):
-            target = by_output.get(node.output[0]) if node.output else None
-            if target is None:
+            site = self._sites.get(node.output[0]) if node.output else None
+            if site is None:
                 nodes.append(node)
                 specs.append(spec)
                 reads.append(node_reads)
                 continue
-            for new in self._adapter_nodes(target, node):
+            for new in self._adapter_nodes(site[0], node, taken):
                 domain = canonical_domain(new.domain)
                 nodes.append(new)
                 specs.append(
@@ -441,6 +481,7 @@ class LoRA:
                     else lookup(domain, new.op_type, self.model.opsets.get(domain, 1))
                 )
                 reads.append([n for n in new.input if n])
+                taken.update(new.output)
         producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
         return dataclasses.replace(
             plan, nodes=nodes, specs=specs, node_reads=reads, producer=producer
@@ -563,6 +604,47 @@ def _eligible(model: Model) -> list[Target]:
             weight, node.name, node.op_type, shape, fan_in, fan_out, transposed, node.output[0]
         )
     return list(found.values())
+
+
+def _branch_sites(
+    model: Model, targets: Sequence[Target]
+) -> dict[str, tuple[Target, onnx.NodeProto]]:
+    """The nodes that get adapter nodes, by first output: each MatMulNBits target's node, and
+    every reader of a MatMul or Gemm target when all its readers are MatMul or Gemm nodes that
+    read it as their (2-D) weight, all laid out alike; other weights are folded instead."""
+    sites: dict[str, tuple[Target, onnx.NodeProto]] = {}
+    for target in targets:
+        if target.packed:
+            sites[target.output] = (
+                target,
+                next(n for n in model.plan.nodes if n.output[:1] == [target.output]),
+            )
+            continue
+        if target.op_type == "Conv":
+            continue
+        readers = [
+            node
+            for node, reads in zip(model.plan.nodes, model.plan.node_reads, strict=True)
+            if target.weight in reads
+        ]
+        if all(_reads_as_weight(node, target) for node in readers):
+            sites.update((node.output[0], (target, node)) for node in readers)
+    return sites
+
+
+def _reads_as_weight(node: onnx.NodeProto, target: Target) -> bool:
+    """``node`` is a MatMul or Gemm that reads ``target`` as its weight only, laid out as the
+    target is (transposed for ``Gemm(transB=1)``)."""
+    if canonical_domain(node.domain) != "" or node.op_type not in ("MatMul", "Gemm"):
+        return False
+    if [i for i, name in enumerate(node.input) if name == target.weight] != [1]:
+        return False
+    trans_b = node.op_type == "Gemm" and bool(_attrs(node).get("transB", 0))
+    return trans_b == target.transposed and bool(node.output)
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _matches(targets: Targets, target: Target, model: Model) -> bool:
