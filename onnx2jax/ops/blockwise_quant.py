@@ -191,7 +191,7 @@ _NATIVE_ROWS = 16
 def _native_applies(a, scales, zero_points, g_idx, bits, block) -> bool:
     """Whether the native 4-bit kernel computes this MatMulNBits: float32 A of at most
     _NATIVE_ROWS rows, 4 bits, blocks of 16 to 128, float scales, packed uint8 zero points or
-    none, no g_idx, on a CPU with the kernel."""
+    none, no g_idx, inside :func:`onnx2jax.native.nbits_products` on a CPU with the kernel."""
     rows = int(np.prod(a.shape[:-1]))
     return (
         bits == 4
@@ -201,8 +201,7 @@ def _native_applies(a, scales, zero_points, g_idx, bits, block) -> bool:
         and 1 <= rows <= _NATIVE_ROWS
         and jnp.issubdtype(np.dtype(scales.dtype), jnp.floating)
         and (zero_points is None or np.dtype(zero_points.dtype) == np.uint8)
-        and native.available()
-        and native.backend("nbits") == "native"
+        and native.nbits_kernel()
     )
 
 
@@ -252,9 +251,10 @@ def _native_product(ctx, a, packed, scales, zero_points, n, k, block):
 def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
     """``A @ dequantize(B).T + bias``, computed in float32 whatever ``accuracy_level`` asks.
 
-    On the CPU, float32 A of at most 16 rows (decode) by 4-bit weights is computed by the
-    native kernel (onnx2jax/native/kernels/nbits.cc), which reads the packed weight as stored;
-    other cases, and gradients, by XLA from the dequantized weight.
+    Within :func:`onnx2jax.native.nbits_products` on the CPU, float32 A of at most 16 rows
+    (decode) by 4-bit weights is computed by the native kernel (native/kernels/nbits.cc), which
+    reads the packed weight as stored; other cases, and gradients, by XLA from the dequantized
+    weight.
 
     ``accuracy_level`` is the *lowest* accuracy the op allows: at 4 onnxruntime's CPU kernel
     rounds A to int8 per block for speed; computing in float32 is within that allowance and does

@@ -16,7 +16,7 @@ from onnx2jax import native
 from onnx2jax.native import calls
 
 needs_kernel = pytest.mark.skipif(
-    native.backend("nbits") != "native" or not native.available(),
+    not native.available() or native.lanes() is None,
     reason=f"no native nbits kernel: {native.status()}",
 )
 MS = "com.microsoft"
@@ -104,15 +104,18 @@ def test_matmul_nbits_node_uses_the_kernel_and_matches_xla(rows, zeros):
     k, n, block = 100, 33, 32
     a, packed, scales, zp = _case(rng, rows, k, n, block, zeros)
     compiled = onnx2jax.load(_model(k, n, block, packed, scales, zp))
-    text = jax.jit(compiled.apply).lower(compiled.params, a=a).as_text()
+    # Outside nbits_products (an exported or portable program), XLA's path.
+    assert native.NBITS_TARGET not in jax.jit(compiled.apply).lower(compiled.params, a=a).as_text()
+    xla = np.asarray(jax.jit(compiled.apply)(compiled.params, a=a)["y"])
+    with native.nbits_products():
+        text = jax.jit(compiled.apply).lower(compiled.params, a=a).as_text()
+        got = np.asarray(jax.jit(compiled.apply)(compiled.params, a=a)["y"])
+        # More rows than the kernel takes: XLA's path.
+        wide = np.concatenate([a, np.zeros((17, k), np.float32)])
+        wide_text = jax.jit(compiled.apply).lower(compiled.params, a=wide).as_text()
     assert native.NBITS_TARGET in text
-    got = np.asarray(jax.jit(compiled.apply)(compiled.params, a=a)["y"])
-    weight = _weight(packed, scales, zp, k, block)
-    # XLA's path: the same node with more rows than the kernel takes, the first rows kept.
-    wide = np.concatenate([a, np.zeros((17, k), np.float32)])
-    wide_text = jax.jit(compiled.apply).lower(compiled.params, a=wide).as_text()
     assert native.NBITS_TARGET not in wide_text
-    xla = np.asarray(jax.jit(compiled.apply)(compiled.params, a=wide)["y"])[:rows]
+    weight = _weight(packed, scales, zp, k, block)
     bound = _bound(a, weight)
     assert np.all(np.abs(got - xla) <= 2 * bound)
     assert np.all(np.abs(got - a.astype(np.float64) @ weight) <= bound)
@@ -131,7 +134,9 @@ def test_gradient_is_xlas(zeros):
         params = {**compiled.params, "scales": scale}
         return jnp.sum(compiled.apply(params, a=x)["y"] * cotangent)
 
-    grad_a, grad_scales = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, scales)
+    with native.nbits_products():
+        assert native.NBITS_TARGET in jax.jit(loss).lower(a, scales).as_text()
+        grad_a, grad_scales = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, scales)
     weight = _weight(packed, scales, zp, k, block)
     want_a = cotangent.astype(np.float64) @ weight.T
     np.testing.assert_allclose(grad_a, want_a, rtol=1e-5, atol=1e-5)
