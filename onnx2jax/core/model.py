@@ -412,6 +412,12 @@ class Model:
         """Match positional and named inputs to the graph's inputs and check them."""
         infos = self.plan.inputs
         declared = self._declared_inputs()
+        if not named and len(inputs) == len(declared) == len(infos):
+            # Every input by position (the common call): nothing to match by name.
+            return {
+                name: _checked_input(info, dtype, value)
+                for (name, (info, dtype)), value in zip(declared.items(), inputs, strict=True)
+            }
         if len(inputs) > len(infos):
             raise InputError(
                 f"the model takes {len(infos)} input(s) {self.input_names}, "

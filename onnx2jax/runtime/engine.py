@@ -25,7 +25,7 @@ import math
 import operator
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -235,6 +235,9 @@ class Engine:
         if self.cache is not None:
             function = self.cached_executable(self.cache, bound, outputs)
             placed = {k: canonical_input(v) for k, v in placed.items()}
+        # Only inputs of many rows may be split over devices (Engine.split_devices): for few
+        # rows the choice does not depend on $ONNX2JAX_SPLIT_BATCH, and a call need not read it.
+        read = (settings.split_batch,) if input_rows(bound) > FEW_ROWS else ()
         ready = ReadyCall(
             function,
             params,
@@ -242,6 +245,7 @@ class Engine:
             cache=self.cache,
             source=dict(self.model.params),
             options=dict(self.compiler_options),
+            settings={setting: setting() for setting in read},
         )
         return ready, placed
 
@@ -542,9 +546,10 @@ class ReadyCall:
 
     It holds the jitted function (whose C++ dispatch checks the arguments) or the executable
     of ``cache`` (the engine's executable cache, if it has one), the params it takes, and what
-    the choice was made under: the params they were prepared from and the model's XLA options,
-    which :meth:`current` compares cheaply (by identity, without hashing a param), so that
-    assigned params or options are seen.
+    the choice was made under: the params they were prepared from, the model's XLA options and
+    the values of the settings (functions of ``onnx2jax.core.settings``) it depended on beyond
+    :func:`ready_key`'s, which :meth:`current` compares cheaply (params by identity, without
+    hashing one), so that assigned params, options or changed settings are seen.
 
     Example:
         >>> import numpy as np, onnx2jax
@@ -566,6 +571,7 @@ class ReadyCall:
         cache: ExecutableCache | None,
         source: Mapping[str, Any],
         options: Mapping[str, Any],
+        settings: Mapping[Callable[[], Any], Any] | None = None,
     ):
         self.function = function
         self.params = params
@@ -575,16 +581,19 @@ class ReadyCall:
         self.compiled = cache is not None
         self.source = dict(source)
         self.options = dict(options)
+        self.settings = tuple((settings or {}).items())
 
     def current(self, params: Mapping[str, Any], options: Mapping[str, Any]) -> bool:
         """Whether ``params`` (the model's now) are the very arrays, under the same names and
-        in the same order, the program's params were prepared from, and ``options`` the same."""
+        in the same order, the program's params were prepared from, ``options`` the same, and
+        the settings it depended on read as they did."""
         source = self.source
         return (
             options == self.options
             and len(params) == len(source)
             and all(map(operator.is_, params.values(), source.values()))
             and all(map(operator.eq, params, source))
+            and all(read() == value for read, value in self.settings)
         )
 
     def place(self, bound: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -606,12 +615,13 @@ class ReadyCall:
 
 def ready_key(bound: Mapping[str, Any], outputs: tuple[str, ...] | None) -> tuple | None:
     """What :meth:`Engine.run`'s choice of program depends on besides the model: the outputs,
-    the settings read at each call, and each input's kind, shape and dtype; None for inputs
-    that are not plain arrays (sequences, maps, tracers of someone's transformation).
+    whether native kernels may run (read at each call), and each input's kind, shape and dtype;
+    None for inputs that are not plain arrays (sequences, maps, tracers of someone's
+    transformation). Settings only some choices depend on are :class:`ReadyCall`'s to check.
 
     Example:
         >>> import numpy as np
-        >>> ready_key({"x": np.zeros((2, 3), np.float32)}, None)[3:]
+        >>> ready_key({"x": np.zeros((2, 3), np.float32)}, None)[2:]
         ((<class 'numpy.ndarray'>, (2, 3), dtype('float32')),)
     """
     signature = []
@@ -623,7 +633,7 @@ def ready_key(bound: Mapping[str, Any], outputs: tuple[str, ...] | None) -> tupl
         else:
             return None
         signature.append((kind, value.shape, value.dtype))
-    return (outputs, settings.native_kernels(), settings.split_batch(), *signature)
+    return (outputs, settings.native_kernels(), *signature)
 
 
 # NumPy dtypes that XLA has no type for (converting them aborts inside XLA, so never try).

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import onnx2jax
+from onnx2jax.core import settings
 from onnx2jax.core.errors import InputError
 from onnx2jax.runtime import engine as engine_module
 from onnx2jax.runtime.cache import ExecutableCache
@@ -137,11 +138,7 @@ def test_cached_calls_hash_params_once_per_signature(tmp_path, monkeypatch):
 def test_changed_compiler_options_choose_again(monkeypatch):
     model = onnx2jax.load(affine_model())
     call(model), call(model)
-    chosen = []
-    original = Engine.inference_function
-    monkeypatch.setattr(
-        Engine, "inference_function", lambda self, bound: chosen.append(1) or original(self, bound)
-    )
+    chosen = counted_choices(monkeypatch)
     model.compiler_options = {**model.compiler_options, "xla_cpu_enable_fast_math": False}
     call(model)
     assert len(chosen) == 1
@@ -164,8 +161,6 @@ def test_ready_keys_tell_signatures_and_settings_apart(monkeypatch):
     monkeypatch.setenv("ONNX2JAX_NATIVE", "0")
     assert key != ready_key({"x": x}, None)
     monkeypatch.delenv("ONNX2JAX_NATIVE")
-    monkeypatch.setenv("ONNX2JAX_SPLIT_BATCH", "0")
-    assert key != ready_key({"x": x}, None)
     traced = []
     jax.jit(lambda v: traced.append(ready_key({"x": v}, None)) or v)(x)
     assert traced == [None]
@@ -191,3 +186,68 @@ def test_a_cache_given_to_the_engine_later_is_used(tmp_path):
     assert (model.engine.cache.hits, model.engine.cache.misses) == (0, 1)
     model.engine.cache = None
     np.testing.assert_allclose(call(model), expected(model, X), rtol=1e-5, atol=1e-5)
+
+
+def counted_choices(monkeypatch) -> list[int]:
+    chosen: list[int] = []
+    original = Engine.inference_function
+    monkeypatch.setattr(
+        Engine, "inference_function", lambda self, bound: chosen.append(1) or original(self, bound)
+    )
+    return chosen
+
+
+def test_native_setting_toggled_between_calls_chooses_again(monkeypatch):
+    model = onnx2jax.load(affine_model())
+    monkeypatch.delenv("ONNX2JAX_NATIVE", raising=False)
+    call(model), call(model)
+    chosen = counted_choices(monkeypatch)
+    monkeypatch.setenv("ONNX2JAX_NATIVE", "0")
+    np.testing.assert_allclose(call(model), expected(model, X), rtol=1e-5, atol=1e-5)
+    assert len(chosen) == 1
+    monkeypatch.delenv("ONNX2JAX_NATIVE")
+    np.testing.assert_allclose(call(model), expected(model, X), rtol=1e-5, atol=1e-5)
+    call(model)
+    assert len(chosen) == 1  # the first program is still ready for its settings
+
+
+def test_split_setting_is_read_only_for_inputs_of_many_rows(monkeypatch):
+    """Few rows never split over devices, so their program does not depend on the setting;
+    many rows see it toggled between calls."""
+    model = onnx2jax.load(affine_model())
+    monkeypatch.delenv("ONNX2JAX_SPLIT_BATCH", raising=False)
+    many = np.random.default_rng(2).standard_normal((2048, 2, 3)).astype(np.float32)
+    call(model), call(model, many)
+    few_ready = model.engine._ready[ready_key({"x": X}, None)]
+    many_ready = model.engine._ready[ready_key({"x": many}, None)]
+    assert few_ready.settings == ()
+    assert many_ready.settings == ((settings.split_batch, True),)
+    chosen = counted_choices(monkeypatch)
+    monkeypatch.setenv("ONNX2JAX_SPLIT_BATCH", "0")
+    np.testing.assert_allclose(call(model), expected(model, X), rtol=1e-5, atol=1e-5)
+    assert len(chosen) == 0
+    np.testing.assert_allclose(call(model, many), expected(model, many), rtol=1e-5, atol=1e-5)
+    assert len(chosen) == 1
+    call(model, many)
+    assert len(chosen) == 1
+
+
+def test_a_ready_call_is_not_current_once_a_setting_it_read_changed():
+    values = {"split": True}
+    ready = ReadyCall(
+        None, {}, [], cache=None, source={}, options={}, settings={lambda: values["split"]: True}
+    )
+    assert ready.current({}, {})
+    values["split"] = False
+    assert not ready.current({}, {})
+
+
+def test_inputs_by_position_and_by_name_bind_alike():
+    model = onnx2jax.load(affine_model())
+    by_position = model.bind_inputs((X,), {})
+    by_name = model.bind_inputs((), {"x": X})
+    assert list(by_position) == list(by_name) == model.input_names
+    np.testing.assert_array_equal(by_position["x"], by_name["x"])
+    assert model.bind_inputs((X.astype(np.float64),), {})["x"].dtype == np.float32
+    with pytest.raises(InputError, match="expects 3 dims"):
+        model.bind_inputs((X[0],), {})
