@@ -113,6 +113,66 @@ def _present(past, new, start, length):
     return _write_rows(base, new, start)
 
 
+def _split_heads(ctx, query, key, value, num_heads, kv_heads):
+    """Query [B, num_heads, S, H] and key and value [B, kv_heads, S, H] in the compute type
+    (float32 at least), from separate inputs [B, S, heads * H] or one packed QKV input; and H."""
+    compute = jnp.promote_types(query.dtype, jnp.float32)
+    batch, length, width = query.shape
+    if key is None:
+        if value is not None:
+            raise ctx.error("key and value come together (both absent for packed QKV)")
+        head_size = width // (num_heads + 2 * kv_heads)
+        split = np.cumsum([num_heads * head_size, kv_heads * head_size])
+        query, key, value = jnp.split(query, split, axis=-1)
+    elif value is None:
+        raise ctx.error("key and value come together (both absent for packed QKV)")
+    else:
+        head_size = width // num_heads
+    key, value = jnp.asarray(key), jnp.asarray(value)
+    if (
+        query.shape != (batch, length, num_heads * head_size)
+        or key.shape != (batch, length, kv_heads * head_size)
+        or key.shape != value.shape
+    ):
+        raise ctx.error(
+            f"query {query.shape}, key {key.shape} and value {value.shape} do not fit "
+            f"num_heads={num_heads}, kv_num_heads={kv_heads}"
+        )
+
+    def heads(t, n):
+        return t.reshape(batch, length, n, head_size).transpose(0, 2, 1, 3).astype(compute)
+
+    return heads(query, num_heads), heads(key, kv_heads), heads(value, kv_heads), head_size
+
+
+def _grouped_scores(q, present_k, scale):
+    """Scaled scores [B, N, S, L] of queries [B, N, S, H] against keys [B, K, L, H], query head
+    n reading key head n // (N / K)."""
+    batch, num_heads, length, head_size = q.shape
+    kv_heads, rows = present_k.shape[1], present_k.shape[2]
+    return jnp.einsum(
+        "bkgsh,bklh->bkgsl",
+        q.reshape(batch, kv_heads, num_heads // kv_heads, length, head_size),
+        present_k.astype(q.dtype),
+        preferred_element_type=q.dtype,
+    ).reshape(batch, num_heads, length, rows) * jnp.asarray(scale, q.dtype)
+
+
+def _grouped_values(probs, present_v, dtype):
+    """The attention output [B, S, N * H] in ``dtype``: probabilities [B, N, S, L] times
+    values [B, K, L, H], grouped as in ``_grouped_scores``."""
+    batch, num_heads, length, rows = probs.shape
+    kv_heads, head_size = present_v.shape[1], present_v.shape[3]
+    out = jnp.einsum(
+        "bkgsl,bklh->bkgsh",
+        probs.reshape(batch, kv_heads, num_heads // kv_heads, length, rows),
+        present_v.astype(probs.dtype),
+        preferred_element_type=probs.dtype,
+    )
+    out = out.reshape(batch, num_heads, length, head_size).transpose(0, 2, 1, 3)
+    return out.reshape(batch, length, num_heads * head_size).astype(dtype)
+
+
 _UNSUPPORTED_INPUTS = {
     12: "k_scale (a quantized key-value cache)",
     13: "v_scale (a quantized key-value cache)",
@@ -172,27 +232,9 @@ def group_query_attention(
         raise ctx.error(f"causal={causal} with local_window_size={window} is not valid")
     query = jnp.asarray(query)
     dtype = query.dtype
-    compute = jnp.promote_types(dtype, jnp.float32)
-    batch, length, width = query.shape
-    if key is None:
-        head_size = width // (num_heads + 2 * kv_heads)
-        split = np.cumsum([num_heads * head_size, kv_heads * head_size])
-        query, key, value = jnp.split(query, split, axis=-1)
-    elif value is None:
-        raise ctx.error("key and value come together (both absent for packed QKV)")
-    else:
-        head_size = width // num_heads
-    key, value = jnp.asarray(key), jnp.asarray(value)
-    if key.shape != (batch, length, kv_heads * head_size) or key.shape != value.shape:
-        raise ctx.error(
-            f"query {query.shape}, key {key.shape} and value {value.shape} do not fit "
-            f"num_heads={num_heads}, kv_num_heads={kv_heads}"
-        )
-
-    def heads(t, n):
-        return t.reshape(batch, length, n, head_size).transpose(0, 2, 1, 3).astype(compute)
-
-    q, k, v = heads(query, num_heads), heads(key, kv_heads), heads(value, kv_heads)
+    batch, length = query.shape[:2]
+    q, k, v, head_size = _split_heads(ctx, query, key, value, num_heads, kv_heads)
+    compute = q.dtype
 
     total = int(np.asarray(ctx.static(total_sequence_length, 6, "total_sequence_length")).item())
     past_rows = 0 if past_key is None else past_key.shape[2]
@@ -223,14 +265,8 @@ def group_query_attention(
     present_k = _present(past_key, k.astype(dtype), start, rows)
     present_v = _present(past_value, v.astype(dtype), start, rows)
 
-    groups = num_heads // kv_heads
     scale = ctx.attr("scale", 0.0) or 1.0 / np.sqrt(head_size)
-    scores = jnp.einsum(
-        "bkgsh,bklh->bkgsl",
-        q.reshape(batch, kv_heads, groups, length, head_size),
-        present_k.astype(compute),
-        preferred_element_type=compute,
-    ).reshape(batch, num_heads, length, rows) * jnp.asarray(scale, compute)
+    scores = _grouped_scores(q, present_k, scale)
     softcap = float(ctx.attr("softcap", 0.0))
     if softcap > 0:
         scores = softcap * jnp.tanh(scores / softcap)
@@ -265,14 +301,7 @@ def group_query_attention(
         probs = e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(sink - top))
     else:
         probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(
-        "bkgsl,bklh->bkgsh",
-        probs.reshape(batch, kv_heads, groups, length, rows),
-        present_v.astype(compute),
-        preferred_element_type=compute,
-    )
-    out = out.reshape(batch, num_heads, length, head_size).transpose(0, 2, 1, 3)
-    out = out.reshape(batch, length, num_heads * head_size).astype(dtype)
+    out = _grouped_values(probs, present_v, dtype)
     if not qk_output:
         return out, present_k, present_v
     # [B, N, S, present length]: the scores (1) or the probabilities (2), zero where a query
@@ -280,3 +309,128 @@ def group_query_attention(
     qk = raw_scores if qk_output == 1 else probs
     qk = jnp.where(allowed[:, None], qk, 0).astype(dtype)
     return out, present_k, present_v, qk
+
+
+def _block_layouts(row_indices, col_indices, columns):
+    """The dense block masks [layouts, rows, columns] (bool) of a CSR block mask: ``row_indices``
+    [layouts, rows + 1], ``col_indices`` [layouts, nnz] padded on the right (past each layout's
+    last row offset, or with -1)."""
+    row_indices = jnp.asarray(row_indices).astype(jnp.int32)
+    col_indices = jnp.asarray(col_indices).astype(jnp.int32)
+    layouts, rows = row_indices.shape[0], row_indices.shape[1] - 1
+    entries = jnp.arange(col_indices.shape[1], dtype=jnp.int32)
+    # Entry n belongs to the last row whose offset is at most n.
+    row_of = (
+        jax.vmap(lambda offsets: jnp.searchsorted(offsets, entries, side="right"))(row_indices) - 1
+    )
+    used = (entries[None, :] < row_indices[:, -1:]) & (col_indices >= 0)
+    used = used & (row_of >= 0) & (row_of < rows) & (col_indices < columns)
+    # Padding entries are sent out of range and dropped.
+    row_of = jnp.where(used, row_of, rows)
+    layout = jnp.broadcast_to(jnp.arange(layouts)[:, None], col_indices.shape)
+    dense = jnp.zeros((layouts, rows, columns), jnp.bool_)
+    return dense.at[layout, row_of, col_indices].set(True, mode="drop")
+
+
+@register("SparseAttention", since=1, domain=MS, static_inputs=(7,))
+def sparse_attention(
+    ctx,
+    query,
+    key,
+    value,
+    past_key,
+    past_value,
+    block_row_indices,
+    block_col_indices,
+    total_sequence_length,
+    key_total_sequence_lengths,
+    cos_cache=None,
+    sin_cache=None,
+):
+    """Block-sparse grouped-query attention over a key-value cache (Phi-3-small).
+
+    Row b holds ``key_total_sequence_lengths[b]`` tokens after this step; the first prompt
+    (sequence length equal to ``total_sequence_length``) starts at position 0, a later step
+    right after the row's cached tokens. A query at position p reads the keys at or before p
+    whose block (position // sparse_block_size) is in row p // sparse_block_size of its head's
+    layout (head n uses layout n % num_layout). ``present`` is the ``past`` buffer with this
+    step's keys and values written at each row's position.
+    """
+    num_heads, kv_heads = ctx.attr("num_heads"), ctx.attr("kv_num_heads")
+    if not num_heads or not kv_heads or num_heads % kv_heads:
+        raise ctx.error(
+            f"num_heads={num_heads} must be a positive multiple of kv_num_heads={kv_heads}"
+        )
+    block = int(ctx.attr("sparse_block_size", 0))
+    if block <= 0:
+        raise ctx.error(f"sparse_block_size={block} must be positive")
+    if past_key is None or past_value is None:
+        raise ctx.error("past_key and past_value are required (the cache buffers)")
+    query = jnp.asarray(query)
+    if query.ndim != 3:
+        raise ctx.error(f"query must be 3-D, got shape {query.shape}")
+    dtype = query.dtype
+    batch, length = query.shape[:2]
+    q, k, v, head_size = _split_heads(ctx, query, key, value, num_heads, kv_heads)
+    past_key, past_value = jnp.asarray(past_key), jnp.asarray(past_value)
+    if past_key.shape != past_value.shape or past_key.shape[:2] != (batch, kv_heads):
+        raise ctx.error(
+            f"past_key {past_key.shape} and past_value {past_value.shape} must both be "
+            f"[batch {batch}, kv_num_heads {kv_heads}, cache length, head size {head_size}]"
+        )
+    if past_key.ndim != 4 or past_key.shape[3] != head_size:
+        raise ctx.error(f"past_key {past_key.shape} does not have head size {head_size}")
+    rows_in = tuple(block_row_indices.shape)
+    cols_in = tuple(block_col_indices.shape)
+    if len(rows_in) != 2 or rows_in[1] < 2 or num_heads % rows_in[0]:
+        raise ctx.error(
+            f"block_row_indices {rows_in} must be [num_layout, max_blocks + 1] with num_heads "
+            f"{num_heads} a multiple of num_layout"
+        )
+    if len(cols_in) != 2 or cols_in[0] != rows_in[0]:
+        raise ctx.error(f"block_col_indices {cols_in} must be [num_layout {rows_in[0]}, nnz]")
+    layouts, blocks = rows_in[0], rows_in[1] - 1
+
+    total = int(np.asarray(ctx.static(total_sequence_length, 7, "total_sequence_length")).item())
+    cache_rows = past_key.shape[2]
+    if total > blocks * block or total > cache_rows:
+        raise ctx.error(
+            f"total_sequence_length {total} exceeds the block mask's {blocks * block} positions "
+            f"or the cache's {cache_rows} rows"
+        )
+    first_prompt = length == total
+    valid = jnp.reshape(jnp.asarray(key_total_sequence_lengths), (batch,)).astype(jnp.int32)
+    start = jnp.zeros_like(valid) if first_prompt else valid - length
+
+    if ctx.attr("do_rotary", 0):
+        if cos_cache is None or sin_cache is None:
+            raise ctx.error("do_rotary=1 needs cos_cache and sin_cache")
+        positions = start[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+        interleaved = bool(ctx.attr("rotary_interleaved", 0))
+        q = rotate(q, cos_cache, sin_cache, positions, interleaved)
+        k = rotate(k, cos_cache, sin_cache, positions, interleaved)
+
+    present_k = _present(past_key, k.astype(dtype), start, cache_rows)
+    present_v = _present(past_value, v.astype(dtype), start, cache_rows)
+
+    scale = ctx.attr("scale", 0.0) or 1.0 / np.sqrt(head_size)
+    scores = _grouped_scores(q, present_k, scale)
+    # Query s of row b sits at position start[b] + s and reads the keys up to there whose
+    # block its layout row lists.
+    at = start[:, None] + jnp.arange(length)[None, :]
+    keys = jnp.arange(cache_rows)
+    causal = keys[None, None, :] <= at[:, :, None]
+    dense = _block_layouts(block_row_indices, block_col_indices, blocks)
+    layout_of_head = jnp.arange(num_heads) % layouts
+    key_blocks = jnp.minimum(keys // block, blocks - 1)
+    query_blocks = jnp.clip(at // block, 0, blocks - 1)
+    # [N, B, S, L] -> [B, N, S, L]: the layout row of each query, read at each key's block.
+    listed = dense[layout_of_head[:, None, None, None], query_blocks[None, :, :, None], key_blocks]
+    listed = listed.transpose(1, 0, 2, 3)
+    # A causal key left out by the layout gets the lowest finite score (as onnxruntime), so a
+    # row whose layout lists none of its keys still has a defined softmax.
+    lowest = jnp.finfo(scores.dtype).min
+    scores = jnp.where(listed, scores, lowest)
+    scores = jnp.where(causal[:, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return _grouped_values(probs, present_v, dtype), present_k, present_v
