@@ -212,8 +212,8 @@ def _sparse(
     values["key_total_sequence_lengths"] = valid
     if rotary:
         values["cos_cache"], values["sin_cache"] = _caches(96, size // 2)
-    # total_sequence_length is a constant here; in builder models it is a shape, known at trace.
     values = {n: v.astype(dtype) if v.dtype == np.float32 else v for n, v in values.items()}
+    # total_sequence_length is a constant here; in builder models it is a shape, known at trace.
     initializers = {"total_sequence_length": values["total_sequence_length"]}
     if csr_fed:
         values["block_row_indices"], values["block_col_indices"] = rows, cols
