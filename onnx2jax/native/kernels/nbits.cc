@@ -65,10 +65,11 @@ void PermutedA(const Problem& p, float* ap) {
   }
 }
 
-// 8 bytes (16 values) as floats `(q - zero) * scale`, in PermutedA's order.
-inline __m512 Dequantize(__m128i nibbles, __m512 zero, __m512 scale) {
+// 8 bytes (16 values) as floats `q * scale - zero * scale` (one multiply-add; `shift` is the
+// rounded zero * scale), in PermutedA's order.
+inline __m512 Dequantize(__m128i nibbles, __m512 shift, __m512 scale) {
   const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nibbles));
-  return _mm512_mul_ps(_mm512_sub_ps(q, zero), scale);
+  return _mm512_fmsub_ps(q, scale, shift);
 }
 
 // Columns [first, last) of rows [row, row + R).
@@ -86,9 +87,11 @@ void Columns(const Problem& p, int64_t row, int64_t first, int64_t last) {
     // Two 16-value halves at a time: both in one block (block >= 32) or in blocks j, j + 1.
     const int step = p.block == 16 ? 2 : 1;
     for (; j + step <= p.blocks; j += step) {
-      const __m512 s0 = _mm512_set1_ps(scales[j]), z0 = _mm512_set1_ps(ZeroPoint(p, column, j));
+      const __m512 s0 = _mm512_set1_ps(scales[j]);
+      const __m512 z0 = _mm512_set1_ps(ZeroPoint(p, column, j) * scales[j]);
       const __m512 s1 = step == 2 ? _mm512_set1_ps(scales[j + 1]) : s0;
-      const __m512 z1 = step == 2 ? _mm512_set1_ps(ZeroPoint(p, column, j + 1)) : z0;
+      const __m512 z1 =
+          step == 2 ? _mm512_set1_ps(ZeroPoint(p, column, j + 1) * scales[j + 1]) : z0;
       const int64_t end = (j + step) * p.block;
       for (int64_t v = j * p.block; v < end; v += 32) {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + v / 2));
@@ -103,7 +106,8 @@ void Columns(const Problem& p, int64_t row, int64_t first, int64_t last) {
       }
     }
     if (j < p.blocks) {  // block 16, an odd number of blocks: the last 8 bytes alone
-      const __m512 s = _mm512_set1_ps(scales[j]), z = _mm512_set1_ps(ZeroPoint(p, column, j));
+      const __m512 s = _mm512_set1_ps(scales[j]);
+      const __m512 z = _mm512_set1_ps(ZeroPoint(p, column, j) * scales[j]);
       const int64_t v = j * p.block;
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bq + v / 2));
       const __m128i lo = _mm_and_si128(bytes, low);
