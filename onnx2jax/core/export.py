@@ -139,7 +139,7 @@ def _streamed_proto(
     def fill(tensor: onnx.TensorProto, is_initializer: bool) -> Any:
         bare = is_initializer and tensor.name in released and not tensor.HasField("raw_data")
         if is_initializer and tensor.name in remaining:
-            value = remaining.pop(tensor.name)
+            value = _array_like(remaining.pop(tensor.name))
             if bare or tensor.data_location == onnx.TensorProto.EXTERNAL:
                 # Raw bytes, replaced whole: an unchanged value writes the same bytes.
                 _checked_dtype(tensor, value)
@@ -488,8 +488,7 @@ def _updated_tensor(
 def _checked_dtype(original: onnx.TensorProto, value: Any) -> np.dtype:
     """The initializer's dtype, which ``value`` is cast to; raises if it cannot hold it."""
     dtype = numpy_dtype(original.data_type)
-    if not hasattr(value, "dtype") or not hasattr(value, "shape"):
-        value = np.asarray(value)
+    value = _array_like(value)
     if tuple(value.shape) != tuple(original.dims):
         raise InputError(
             f"param {original.name!r} has shape {tuple(value.shape)}, but the "
@@ -501,6 +500,11 @@ def _checked_dtype(original: onnx.TensorProto, value: Any) -> np.dtype:
             f"initializer stores {dtype.name} values"
         )
     return dtype
+
+
+def _array_like(value: Any) -> Any:
+    """``value`` itself when it has a shape and a dtype (an array of any kind), else as NumPy's."""
+    return value if hasattr(value, "shape") and hasattr(value, "dtype") else np.asarray(value)
 
 
 def _as_bytes(value: np.ndarray) -> np.ndarray:
