@@ -1,16 +1,20 @@
 """LoRA: low-rank adapters on chosen MatMul, Gemm, Conv and MatMulNBits weights of a model.
 
 Each targeted weight ``W`` gets two small factors, ``a`` (inputs x rank, random) and ``b``
-(rank x outputs, zero at the start), and the model runs with ``W + alpha / rank * a @ b``
+(rank x outputs, zero at the start), and the model computes as with ``W + alpha / rank * a @ b``
 (laid out as ``W``: transposed for ``Gemm(transB=1)``, reshaped for Conv). Only the factors
-train. :meth:`LoRA.merge` folds them into the weights, so the saved model has the original
-graph and no extra nodes.
+train. :meth:`LoRA.apply` runs a MatMul or Gemm target as a side branch, ``x @ W + alpha /
+rank * (x @ a) @ b`` (adapter nodes after the node, in :attr:`LoRA.plan`), so a step holds no
+copy of ``W`` and no weight-sized gradient; a Conv target, or a weight some other node also
+reads, is folded into a copy of its weight instead. :meth:`LoRA.merge` folds every dense
+target into its weight, and :meth:`LoRA.save` writes them folded: the original graph and no
+extra nodes.
 
 A com.microsoft ``MatMulNBits`` weight (onnxruntime's 2/4/8-bit block format, QLoRA-style)
 stays packed and frozen: a uint8 param (a constant when under 1 KiB) that ``train`` never
 selects, so neither the gradient nor the optimizer state holds it. Its adapters add
 ``alpha / rank * (x @ a) @ b`` to the node's output (after its bias), as explicit MatMul, Mul
-and Add nodes in the plan :meth:`LoRA.apply` runs (:attr:`LoRA.plan`). :meth:`LoRA.save`
+and Add nodes in :attr:`LoRA.plan`, as the dense targets' are. :meth:`LoRA.save`
 writes those nodes into the file by default (``merge=False``): onnxruntime then computes what
 was trained, and the base bytes stay exactly as they were. ``merge=True`` re-quantizes
 ``W + delta`` in the file's block format instead (same graph, no extra nodes), which costs the
@@ -210,7 +214,8 @@ class LoRA:
     ) -> Any:
         """Write the tuned model to ``path`` (keywords as ``Model.save``), for any ONNX runtime.
 
-        Dense targets are merged into their weights: the original graph with updated weights.
+        Dense targets are merged into their weights (as :meth:`merge` does, whatever
+        ``merge`` says): the original graph with updated weights.
         MatMulNBits targets, by default (``merge=False``), are written as the adapter nodes of
         :attr:`plan` with ``a``, ``b`` and the scale as float initializers: onnxruntime then
         computes what was trained, and the packed base keeps its bytes. With ``merge=True``
