@@ -182,3 +182,37 @@ def test_assigned_params_are_dequantized_again(qdq_path):
     step = _output_step(onnx.load(str(qdq_path)))
     assert np.abs(got - plain).max() <= step * (1 + 1e-3)
     assert "conv" in _native_plan(model, x)[0]
+
+
+@pytest.mark.parametrize("columns", [32, 40])
+def test_dequantized_matrices_feed_native_matmuls(columns):
+    """A MatMul's weight dequantized per column (axis 1) from a frozen int8 param, a few rows:
+    a NativeMatMul reads it, prepared once (32 columns: as it is; 40: in blocks)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    q = RNG.integers(-128, 128, size=(64, columns), dtype=np.int8)
+    scale = RNG.uniform(0.01, 0.02, size=columns).astype(np.float32)
+    zero_point = RNG.integers(-3, 4, size=columns, dtype=np.int8)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["w"], axis=1),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, columns])],
+        initializer=[
+            numpy_helper.from_array(q, "q"),
+            numpy_helper.from_array(scale, "scale"),
+            numpy_helper.from_array(zero_point, "zero_point"),
+        ],
+    )
+    model = onnx2jax.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert "q" in model.params  # a frozen param
+    x = RNG.normal(size=(2, 64)).astype(np.float32)
+    kernels, plan = _native_plan(model, x)
+    assert "matrix" in kernels
+    assert [n.op_type for n in plan.nodes] == ["NativeMatMul"]
+    w = (q.astype(np.float32) - zero_point.astype(np.float32)) * scale
+    np.testing.assert_allclose(np.asarray(model(x)["y"]), x @ w, rtol=1e-5, atol=1e-4)
