@@ -12,8 +12,10 @@ writing the scores out (onnx2jax/native/kernels/attention.cc).
 Then every node a kernel computes becomes an explicit onnx2jax node (:func:`native_nodes`):
 NativeConv, NativeMatMul, NativeAttention (onnx2jax/ops/native_calls.py), whose inputs
 include the weights in the layout the kernel reads, a graph value of their own that the
-engine feeds from its prepared params. The rewritten plan says what runs natively; no op
-looks at any other state.
+engine feeds from its prepared params. A weight that a DequantizeLinear computes from fixed
+integers (a QDQ model's) is one of those prepared params too: its node leaves the plan
+(:func:`prepared_dequantizations`). The rewritten plan says what runs natively; no op looks at
+any other state.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ The program keeps some weights in another layout between calls so that no weight
 rearranged per call: Conv weights transposed to the layout XLA's CPU convolution reads
 (OIHW -> HWIO; the trace transposes them back and XLA cancels the pair), and, with native
 kernels, the layouts those kernels read (onnx2jax/native/layouts.py), which the native nodes
-take as inputs of their own (onnx2jax/runtime/fusion.py). Values are unchanged;
-``model.apply`` is unaffected.
+take as inputs of their own (onnx2jax/runtime/fusion.py). A QDQ model's weights, computed by
+DequantizeLinear nodes from integers fixed between calls, are dequantized here once
+(:func:`dequantized_weight`, the op's own arithmetic) where a native kernel reads them. Values
+are unchanged; ``model.apply`` is unaffected.
 """
 
 from __future__ import annotations
