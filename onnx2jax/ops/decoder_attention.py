@@ -354,7 +354,9 @@ def sparse_attention(
     right after the row's cached tokens. A query at position p reads the keys at or before p
     whose block (position // sparse_block_size) is in row p // sparse_block_size of its head's
     layout (head n uses layout n % num_layout). ``present`` is the ``past`` buffer with this
-    step's keys and values written at each row's position.
+    step's keys and values written at each row's position. onnxruntime's CPU kernel reads a
+    row listing row + 1 blocks as all causal blocks; for lower-triangular masks (the builder's)
+    that is the same mask.
     """
     num_heads, kv_heads = ctx.attr("num_heads"), ctx.attr("kv_num_heads")
     if not num_heads or not kv_heads or num_heads % kv_heads:
