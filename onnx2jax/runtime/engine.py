@@ -4,7 +4,9 @@ A :class:`~onnx2jax.model.Model` is the graph, its params and the pure ``apply``
 everything that makes ``model(...)`` fast and nothing that changes its results:
 
 - the params kept in the layouts the program reads (:mod:`onnx2jax.runtime.layouts`), for XLA
-  and for the native kernels (onnx2jax/native/) the inputs call for;
+  and for the native kernels (onnx2jax/native/) the inputs call for, and the weights a QDQ
+  model's DequantizeLinear nodes compute from fixed integers, dequantized once for the kernels
+  that read them;
 - the graph rewritten for those kernels (:mod:`onnx2jax.runtime.fusion`): explicit native
   nodes whose inputs are the weights in the kernels' layouts, fed from the prepared params;
 - the XLA options of the model and of each input signature (:mod:`onnx2jax.runtime.options`)
