@@ -68,6 +68,11 @@ from onnx2jax.runtime.segments import SegmentedRunner
 
 Params = dict[str, jax.Array]
 
+# Inputs of at most this many integer or bool elements may be fixed to their values at trace
+# time (Engine.run), at most MAX_SPECIALIZATIONS sets of values per input signature.
+SMALL_INPUT_SIZE = 8
+MAX_SPECIALIZATIONS = 8
+
 
 class GraphModel(Protocol):
     """What the engine reads of a model (:class:`onnx2jax.model.Model` provides it)."""
@@ -165,6 +170,9 @@ class Engine:
         self._prepared: dict[frozenset[str], tuple[dict[str, Any], Params]] = {}
         # Kinds of native kernels -> options -> jitted function (see inference_function).
         self._inference_jits: dict[frozenset[str], dict[tuple, Any]] = {}
+        # (kinds of native kernels, fixed input values) -> options -> jitted function, for
+        # the programs specialized on small inputs (see run).
+        self._static_jits: dict[tuple, dict[tuple, Any]] = {}
         # Options -> the plain program: model.params as they are, XLA's kernels only.
         self._xla_jits: dict[tuple, Any] = {}
         # Devices -> (prepared params, their copies on those devices) for split batches.
@@ -174,6 +182,13 @@ class Engine:
         # Per input signature (ready_key), the call run() chose and what it was chosen under,
         # so that a repeated call skips choosing again (see ReadyCall.current).
         self._ready: dict[tuple, ReadyCall] = {}
+        # Signatures (ready_key) whose graph traced under jit only with their small inputs'
+        # values fixed (control flow on a sample rate or a flag) -> the names of those inputs;
+        # their programs in _ready are keyed by the signature and the values.
+        self._specialized: dict[tuple, tuple[str, ...]] = {}
+        # At most this many programs per such signature, one per set of values: beyond it (a
+        # step counter changes every call) the outputs run as segments.
+        self.max_specializations = MAX_SPECIALIZATIONS
         # Compiled executables on disk (opt-in: cache_dir or $ONNX2JAX_CACHE_DIR).
         directory = cache_module.resolve_cache_dir(cache_dir)
         self.cache: ExecutableCache | None = (
@@ -193,6 +208,9 @@ class Engine:
         to the same program while nothing it was chosen under changed (:class:`ReadyCall`).
         """
         key = ready_key(bound, outputs)
+        small = self._specialized.get(key) if key is not None else None
+        if small is not None:
+            key = (*key, static_key(bound, small))
         ready = self._ready.get(key) if key is not None else None
         if (
             ready is not None
@@ -203,14 +221,8 @@ class Engine:
             return ready(ready.place(bound), outputs)
         runner = self._segmented.get(outputs)
         if runner is None and not any(host_only(v) for v in bound.values()):
-            try:
-                ready, placed = self.ready_call(bound, outputs)
-                result = ready(placed, outputs)
-            except DataDependentShapeError:
-                pass
-            else:
-                if key is not None:
-                    self._ready[key] = ready
+            result = self._run_jitted(bound, outputs, key, small)
+            if result is not None:
                 return _runtime_types(result)
         model = self.model
         if runner is None:
@@ -220,21 +232,69 @@ class Engine:
             )
             # These outputs run as segments from now on, whatever the signature.
             self._ready = {k: v for k, v in self._ready.items() if k[0] != outputs}
+            self._specialized = {k: v for k, v in self._specialized.items() if k[0] != outputs}
         # The segments run the program model(...) would: prepared params, the same options.
         env = model.environment(self.prepared_params(), bound, runner.wanted)
         options = inference_compiler_options(bound, self.compiler_options, model.precision)
         values = runner.run(env, options)
         return _runtime_types(model.collect_outputs(runner.wanted, values))
 
+    def _run_jitted(
+        self,
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None,
+        key: tuple | None,
+        small: tuple[str, ...] | None,
+    ) -> dict[str, Any] | None:
+        """:meth:`run` under jit, keeping the program for ``key``; None where the graph cannot
+        run under jit, even with its small inputs ``small`` fixed to their values."""
+        static = None
+        if small is not None:
+            signature = key[:-1]
+            count = sum(1 for k in self._ready if k[:-1] == signature)
+            if key not in self._ready and count >= self.max_specializations:
+                return None
+            static = {name: np.asarray(bound[name]) for name in small}
+        try:
+            ready, placed = self.ready_call(bound, outputs, static)
+            result = ready(placed, outputs)
+        except DataDependentShapeError:
+            if small is not None or key is None or self.cache is not None:
+                return None
+            small = small_inputs(bound)
+            if not small:
+                return None
+            # Control flow may test those values (silero-vad's If on its sample rate): each
+            # set of them gets a program of its own, with the values fixed at trace time.
+            self._specialized[key] = small
+            return self._run_jitted(bound, outputs, (*key, static_key(bound, small)), small)
+        if key is not None:
+            self._ready[key] = ready
+        return result
+
     def ready_call(
-        self, bound: Mapping[str, Any], outputs: tuple[str, ...] | None = None
+        self,
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None = None,
+        static: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[ReadyCall, dict[str, Any]]:
         """The program ``model(...)`` runs under jit for ``bound`` (compiled through the
         executable cache if the model has one), and ``bound`` placed as it takes them; raises
-        :class:`DataDependentShapeError` where the graph cannot run under jit."""
+        :class:`DataDependentShapeError` where the graph cannot run under jit.
+
+        With ``static`` (NumPy values of some inputs) the program is traced with those inputs
+        fixed to them, so that control flow on them resolves at trace time; it then takes
+        the other inputs' values only, and no executable cache."""
         function, options, kernels = self.inference_function(bound)
         params, placed, devices = self.placed(bound, kernels)
-        if self.cache is not None:
+        if static:
+            function = jit_with_options(
+                self._static_jits.setdefault((kernels, static_key(static, tuple(static))), {}),
+                functools.partial(self.apply_static, static=static, native_kernels=kernels),
+                options,
+                static_argnames=("outputs",),
+            )
+        elif self.cache is not None:
             function = self.cached_executable(self.cache, bound, outputs)
             placed = {k: canonical_input(v) for k, v in placed.items()}
         # Only inputs of many rows may be split over devices (Engine.split_devices): for few
@@ -362,12 +422,21 @@ class Engine:
         bound: Mapping[str, Any],
         outputs: tuple[str, ...] | None,
         kernels: frozenset[str] = frozenset(),
+        static: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, Any]:
         """The graph (rewritten for native ``kernels``) on ONNX-layout ``params``, with the
-        values its native nodes read (:meth:`restore_layouts`); raises
-        :class:`DataDependentShapeError` for outputs that XLA cannot return."""
-        plan = self.fused_plan(kernels, outputs) if kernels else self.model.plan
-        result = self.model.apply_plan(plan, params, bound, outputs)
+        values its native nodes read (:meth:`restore_layouts`) and the inputs in ``static``
+        fixed to those NumPy values; raises :class:`DataDependentShapeError` for outputs that
+        XLA cannot return."""
+        model = self.model
+        plan = self.fused_plan(kernels, outputs) if kernels else model.plan
+        if static:
+            wanted = list(outputs) if outputs else model.output_names
+            # The environment holds inputs as JAX arrays; NumPy ones are known at trace time.
+            env = {**model.environment(params, bound, wanted), **static}
+            result = model.collect_outputs(wanted, model.interpreter.run(plan, env, wanted))
+        else:
+            result = model.apply_plan(plan, params, bound, outputs)
         for name, value in result.items():
             if host_only(value):
                 # A jitted function cannot return strings; run() reruns outside jit.
@@ -388,6 +457,20 @@ class Engine:
         (:meth:`prepared_params` for those kernels): the body of ``model(...)``'s program."""
         return self.apply_for_jit(
             self.restore_layouts(prepared, native_kernels), bound, outputs, native_kernels
+        )
+
+    def apply_static(
+        self,
+        prepared: Mapping[str, Any],
+        bound: Mapping[str, Any],
+        outputs: tuple[str, ...] | None,
+        static: Mapping[str, np.ndarray],
+        native_kernels: frozenset[str] = frozenset(),
+    ) -> dict[str, Any]:
+        """:meth:`apply_prepared` with the inputs in ``static`` fixed to those NumPy values
+        (the traced ones of those names are not read)."""
+        return self.apply_for_jit(
+            self.restore_layouts(prepared, native_kernels), bound, outputs, native_kernels, static
         )
 
     def fused_plan(self, kernels: frozenset[str], outputs: tuple[str, ...] | None) -> GraphPlan:
@@ -636,6 +719,36 @@ def ready_key(bound: Mapping[str, Any], outputs: tuple[str, ...] | None) -> tupl
             return None
         signature.append((kind, value.shape, value.dtype))
     return (outputs, settings.native_kernels(), *signature)
+
+
+def small_inputs(bound: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names of the inputs in ``bound`` that are small integer or bool arrays (at most
+    :data:`SMALL_INPUT_SIZE` elements: a sample rate, a flag), which control flow may test.
+
+    Example:
+        >>> import numpy as np
+        >>> small_inputs({"x": np.zeros((1, 512), np.float32), "sr": np.array(16000)})
+        ('sr',)
+    """
+    return tuple(
+        name
+        for name, value in bound.items()
+        if isinstance(value, np.ndarray | jax.Array)
+        and not isinstance(value, jax.core.Tracer)
+        and value.dtype.kind in "biu"
+        and value.size <= SMALL_INPUT_SIZE
+    )
+
+
+def static_key(values: Mapping[str, Any], names: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The values of inputs ``names`` as a key (their shapes and dtypes are ready_key's).
+
+    Example:
+        >>> import numpy as np
+        >>> static_key({"sr": np.array(16000, np.int64)}, ("sr",))
+        (b'\\x80>\\x00\\x00\\x00\\x00\\x00\\x00',)
+    """
+    return tuple(np.asarray(values[name]).tobytes() for name in names)
 
 
 # NumPy dtypes that XLA has no type for (converting them aborts inside XLA, so never try).
