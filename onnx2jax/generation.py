@@ -57,6 +57,8 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(?:(decoder|encoder)\.)?(key|value
 # when present (optimum's merged decoders take use_cache_branch).
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "use_cache_branch")
 SMALLEST_BUCKET = 16
+# com.microsoft attention ops whose present is their past buffer with the new rows written in.
+SHARED_CACHE_OPS = ("GroupQueryAttention", "SparseAttention")
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,9 @@ def cache_layout(model: Model) -> CacheLayout:
       ``use_cache_branch`` is fed). The past inputs' shapes must name every axis but the batch
       (axis 0) and the sequence.
     - ``"shared"`` (onnxruntime-genai's model builder): the past feeds com.microsoft
-      ``GroupQueryAttention``, whose ``present`` is the past buffer with the new tokens
-      written at each row's length (``attention_mask``'s sum); the head size is read from the
-      attention's query.
+      ``GroupQueryAttention`` (or ``SparseAttention``, Phi-3-small's), whose ``present`` is the
+      past buffer with the new tokens written at each row's length (``attention_mask``'s sum);
+      the head size is read from the attention's query.
 
     An encoder-decoder in optimum's merged layout (Whisper's ``decoder_model_merged.onnx``)
     names its self-attention cache ``past_key_values.{i}.decoder.*`` / ``present.{i}.decoder.*``
@@ -172,7 +174,7 @@ def cache_layout(model: Model) -> CacheLayout:
     attention = {
         node.input[3 + k]: node
         for node in model.plan.nodes
-        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+        if node.op_type in SHARED_CACHE_OPS and node.domain == "com.microsoft"
         for k in (0, 1)
         if len(node.input) > 3 + k and node.input[3 + k] in names
     }
@@ -186,7 +188,8 @@ def cache_layout(model: Model) -> CacheLayout:
         )
     if kind == "shared" and len(attention) != len(names):
         raise GenerationError(
-            f"only some past inputs feed GroupQueryAttention: {sorted(attention)} of {names}"
+            "only some past inputs feed GroupQueryAttention or SparseAttention: "
+            f"{sorted(attention)} of {names}"
         )
     if cross_past and (kind != "concat" or "use_cache_branch" not in inputs):
         raise GenerationError(
@@ -259,9 +262,9 @@ def cache_layout(model: Model) -> CacheLayout:
 
 
 def _attention_cache_shapes(model: Model, nodes: Sequence[Any]) -> list[tuple[int, ...]]:
-    """[0, kv heads, 0, head size] of each GroupQueryAttention node's cache: the head size from
-    the width of the first node's query (packed with the keys and values when its key input is
-    empty), which every node must share."""
+    """[0, kv heads, 0, head size] of each GroupQueryAttention or SparseAttention node's cache:
+    the head size from the width of the first node's query (packed with the keys and values
+    when its key input is empty), which every node must share."""
     settings = []
     for node in nodes:
         attrs = {a.name: a.i for a in node.attribute}
@@ -269,7 +272,7 @@ def _attention_cache_shapes(model: Model, nodes: Sequence[Any]) -> list[tuple[in
         settings.append((attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0), packed))
     if len(set(settings)) != 1:
         raise GenerationError(
-            f"the GroupQueryAttention nodes differ in num_heads, kv_num_heads or packing: "
+            f"the attention nodes differ in num_heads, kv_num_heads or packing: "
             f"{sorted(set(settings))}; generate() needs one cache shape for every layer"
         )
     heads, kv_heads, packed = settings[0]
@@ -293,7 +296,7 @@ def _attention_cache_shapes(model: Model, nodes: Sequence[Any]) -> list[tuple[in
     size = width // (heads + 2 * kv_heads) if packed else width // max(heads, 1)
     if not heads or not kv_heads or size <= 0:
         raise GenerationError(
-            f"GroupQueryAttention node {nodes[0].name!r} has num_heads={heads}, "
+            f"{nodes[0].op_type} node {nodes[0].name!r} has num_heads={heads}, "
             f"kv_num_heads={kv_heads} and a query of width {width}: no head size fits"
         )
     return [(0, kv_heads, 0, size)] * len(nodes)
