@@ -36,14 +36,13 @@ CONFIG = {
     "use_cache": False,
 }
 TOKENS = 8
-# LoRA on the value projections: LoRA.apply folds each adapter into its weight, so a step holds
-# a folded copy and a gradient of every target weight beside the model.
+# LoRA on the value projections (side branches beside their MatMuls).
 TARGETS = "*v_proj*"
 LORA_STEPS = 2
 # Peak resident memory over the model's bytes that the sharded process may reach.
 BUDGET = 1.2
-# After the LoRA steps, until LoRA.apply stops folding each adapter into a copy of its weight
-# (whose gradient the step holds too): docs/sharding.md, "What is not there yet".
+# After the LoRA steps: the compiled step's memory is not yet within BUDGET (docs/sharding.md,
+# "What is not there yet").
 LORA_BUDGET = 1.3
 # What the save may add, over the model's bytes, to the memory the process held before it.
 SAVE_ADDS = 0.05
