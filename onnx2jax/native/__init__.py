@@ -9,7 +9,8 @@ for 3x3 ones of stride 1, whose weights ``model(...)`` keeps transformed.
 scores in cache (XLA wrote the scores out between its ops and ran the batched products on one
 thread). ``kernels/nbits.cc`` multiplies few rows by MatMulNBits' 4-bit weights as they are
 stored, dequantizing them in registers (XLA widened the whole weight to float on every call);
-the op itself (ops/blockwise_quant.py) calls it, within :func:`nbits_products` only.
+``model(...)`` rewrites com.microsoft MatMulNBits nodes into the NativeMatMulNBits nodes that
+call it (runtime/fusion.py).
 They are compiled here, once per machine, with the machine's C++ compiler and
 ``-march=native`` (the result is cached, see :func:`library_path`), and registered with XLA as
 the custom calls ``onnx2jax_conv2d``, ``onnx2jax_winograd``, ``onnx2jax_attention`` and
@@ -40,10 +41,11 @@ The package:
 
 Nothing here decides when a kernel runs. The program ``model(...)`` compiles on the CPU
 rewrites the nodes the kernels compute into explicit onnx2jax nodes (NativeConv,
-NativeMatMul, NativeAttention: onnx2jax/runtime/fusion.py, onnx2jax/ops/native_calls.py)
-whose inputs are the weights in the kernels' layouts: 2-D float32 Convs of one group, with
-a residual Add and a ReLU after them fused in; attention chains (MatMul, scale, mask,
-Softmax, MatMul); and, for inputs of few rows, MatMul and Gemm by a float32 weight matrix.
+NativeMatMul, NativeAttention, NativeMatMulNBits: onnx2jax/runtime/fusion.py,
+onnx2jax/ops/native_calls.py) whose inputs are the weights in the kernels' layouts: 2-D
+float32 Convs of one group, with a residual Add and a ReLU after them fused in; attention
+chains (MatMul, scale, mask, Softmax, MatMul); for inputs of few rows, MatMul and Gemm by a
+float32 weight matrix; and 4-bit MatMulNBits (its packed weight as stored).
 :meth:`Model.apply` (so gradients, ``vmap`` and other backends are unaffected), a batch split
 over devices and :func:`onnx2jax.aot.export_model` artifacts keep XLA's kernels.
 
@@ -59,7 +61,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import contextvars
 import ctypes
 import hashlib
 import hmac
@@ -100,8 +101,9 @@ MIN_LANES = 16  # AVX-512: an AVX2 build was slower than XLA's kernels (conv2d.c
 ONEDNN_DISTRIBUTION = "onednn-cpu-gomp"
 ONEDNN_DEVEL_DISTRIBUTION = "onednn-devel-cpu-gomp"
 
-# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention (runtime/fusion.py)
-KINDS = ("conv", "matrix", "attention")
+# 2-D Convs; MatMul and Gemm by a weight matrix; softmax attention; MatMulNBits of 4-bit
+# weights (runtime/fusion.py)
+KINDS = ("conv", "matrix", "attention", "nbits")
 
 # Which backend computes each kind of kernel: "native" (kernels/conv2d.cc, attention.cc) or
 # "onednn" (kernels/onednn.cc); see the module docstring for why.
@@ -121,11 +123,6 @@ _ONEDNN_ISAS = {
     0xFEF: "avx512_core_amx",
     0x1FEF: "avx512_core_amx_fp16",
 }
-
-# Whether MatMulNBits nodes traced in this context may call kernels/nbits.cc (nbits_products).
-_NBITS_PRODUCTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "onnx2jax_nbits_products", default=False
-)
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # what _register found: see status()
@@ -498,7 +495,7 @@ def _register() -> dict[str, Any]:
     onednn = _register_onednn(compiler, folder_problem)
     state["onednn"] = onednn
     backend = "onednn" if "isa" in onednn else None
-    state["backends"] = {"conv": backend, "matrix": None, "attention": None}
+    state["backends"] = {"conv": backend, "matrix": None, "attention": None, "nbits": None}
     return state
 
 
@@ -586,7 +583,7 @@ def status() -> dict[str, Any]:
         >>> "lanes" in state or "reason" in state
         True
         >>> sorted(state["backends"])
-        ['attention', 'conv', 'matrix']
+        ['attention', 'conv', 'matrix', 'nbits']
     """
     with _lock:
         if not _state:
@@ -647,40 +644,3 @@ def block() -> int | None:
         True
     """
     return status().get("block")
-
-
-@contextlib.contextmanager
-def nbits_products(enabled: bool = True) -> Iterator[None]:
-    """Within this context (this thread or task), MatMulNBits nodes traced with float32 A of at
-    most 16 rows and 4-bit weights are computed by the native kernel (kernels/nbits.cc, the
-    custom call ``onnx2jax_nbits``) where it is loaded (:func:`nbits_kernel`). Outside it, and
-    with ``enabled=False``, they are XLA's: a program holding the custom call cannot be exported
-    (``jax.export``) or run where the kernels are not registered, so only the program that
-    ``model(...)`` compiles and runs here should enter it.
-
-    Example:
-        >>> import onnx2jax.native
-        >>> with onnx2jax.native.nbits_products():
-        ...     inside = onnx2jax.native.nbits_kernel()
-        >>> inside == (onnx2jax.native.available() and onnx2jax.native.lanes() is not None)
-        True
-        >>> onnx2jax.native.nbits_kernel()
-        False
-    """
-    token = _NBITS_PRODUCTS.set(enabled)
-    try:
-        yield
-    finally:
-        _NBITS_PRODUCTS.reset(token)
-
-
-def nbits_kernel() -> bool:
-    """Whether MatMulNBits nodes traced now may call the native 4-bit kernel: inside
-    :func:`nbits_products`, on the CPU backend, with the hand-written kernels loaded.
-
-    Example:
-        >>> import onnx2jax.native
-        >>> onnx2jax.native.nbits_kernel()  # outside nbits_products
-        False
-    """
-    return _NBITS_PRODUCTS.get() and available() and lanes() is not None

@@ -16,7 +16,6 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
-from onnx2jax import native
 from onnx2jax.native import calls
 from onnx2jax.ops.registry import MS, register
 
@@ -189,9 +188,9 @@ _NATIVE_ROWS = 16
 
 
 def _native_applies(a, scales, zero_points, g_idx, bits, block) -> bool:
-    """Whether the native 4-bit kernel computes this MatMulNBits: float32 A of at most
+    """Whether the native 4-bit kernel can compute this MatMulNBits: float32 A of at most
     _NATIVE_ROWS rows, 4 bits, blocks of 16 to 128, float scales, packed uint8 zero points or
-    none, no g_idx, inside :func:`onnx2jax.native.nbits_products` on a CPU with the kernel."""
+    none, no g_idx."""
     rows = int(np.prod(a.shape[:-1]))
     return (
         bits == 4
@@ -201,7 +200,6 @@ def _native_applies(a, scales, zero_points, g_idx, bits, block) -> bool:
         and 1 <= rows <= _NATIVE_ROWS
         and jnp.issubdtype(np.dtype(scales.dtype), jnp.floating)
         and (zero_points is None or np.dtype(zero_points.dtype) == np.uint8)
-        and native.nbits_kernel()
     )
 
 
@@ -248,13 +246,15 @@ def _native_product(ctx, a, packed, scales, zero_points, n, k, block):
 
 
 @register("MatMulNBits", since=1, domain=MS, weight_inputs=(1, 2, 3, 4))
-def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
+def matmul_nbits(
+    ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, native_kernel: bool = False
+):
     """``A @ dequantize(B).T + bias``, computed in float32 whatever ``accuracy_level`` asks.
 
-    Within :func:`onnx2jax.native.nbits_products` on the CPU, float32 A of at most 16 rows
-    (decode) by 4-bit weights is computed by the native kernel (native/kernels/nbits.cc), which
-    reads the packed weight as stored; other cases, and gradients, by XLA from the dequantized
-    weight.
+    With ``native_kernel`` (the NativeMatMulNBits node that ``model(...)``'s program holds,
+    ops/native_calls.py), float32 A of at most 16 rows (decode) by 4-bit weights is computed by
+    the native kernel (native/kernels/nbits.cc), which reads the packed weight as stored; other
+    cases, and gradients, by XLA from the dequantized weight.
 
     ``accuracy_level`` is the *lowest* accuracy the op allows: at 4 onnxruntime's CPU kernel
     rounds A to int8 per block for speed; computing in float32 is within that allowance and does
@@ -282,7 +282,7 @@ def matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
     if b.size == 0:
         # An omitted projection: zeros, or the broadcast bias.
         out = jnp.zeros(a.shape[:-1] + (n,), compute)
-    elif _native_applies(a, scales, zero_points, g_idx, bits, block):
+    elif native_kernel and _native_applies(a, scales, zero_points, g_idx, bits, block):
         out = _native_product(ctx, a, b, scales, zero_points, n, k, block)
     else:
         out = _chunked_product(

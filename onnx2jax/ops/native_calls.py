@@ -1,4 +1,5 @@
-"""The onnx2jax nodes the native CPU kernels compute: NativeConv, NativeMatMul, NativeAttention.
+"""The onnx2jax nodes the native CPU kernels compute: NativeConv, NativeMatMul, NativeAttention,
+NativeMatMulNBits.
 
 No model holds them: the program ``model(...)`` compiles rewrites the nodes the kernels will
 compute into them (onnx2jax/runtime/fusion.py), with the weights in the layouts the kernels
@@ -18,6 +19,7 @@ import onnx
 from onnx2jax.core.convert import is_static
 from onnx2jax.native import BACKENDS, calls, layouts
 from onnx2jax.ops.attention import softmax_attention
+from onnx2jax.ops.blockwise_quant import matmul_nbits
 from onnx2jax.ops.nn import conv_geometry
 from onnx2jax.ops.registry import ONNX2JAX, register
 
@@ -136,3 +138,16 @@ def native_attention(ctx, q, kt, v, mask=None, scale=None):
     ):
         return calls.attention(q, kt, v, mask, factor)
     return softmax_attention(ctx, q, kt, v, mask, scale)
+
+
+@register("NativeMatMulNBits", since=1, domain=ONNX2JAX, weight_inputs=(1, 2, 3, 4))
+def native_matmul_nbits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None):
+    """com.microsoft MatMulNBits (ops/blockwise_quant.py, the same inputs and attributes) by
+    the native 4-bit kernel, which reads the packed weight as stored. The kernel takes float32
+    A of at most 16 rows and 4-bit weights in blocks of at most 128 with float scales and
+    packed uint8 zero points or none; what the rewrite cannot see before the trace (A's shape
+    and type) may not fit, and then the node runs as MatMulNBits' XLA path. Its gradients are
+    XLA's."""
+    if int(ctx.attr("bits", 4)) != 4 or g_idx is not None:
+        raise ctx.error("the native kernel computes 4-bit weights without g_idx only")
+    return matmul_nbits(ctx, a, b, scales, zero_points, g_idx, bias, native_kernel=True)

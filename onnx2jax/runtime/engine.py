@@ -45,7 +45,13 @@ from onnx2jax.ops.native_calls import PRECISION
 from onnx2jax.runtime import cache as cache_module
 from onnx2jax.runtime.cache import ExecutableCache, model_digest, signature_key
 from onnx2jax.runtime.devices import canonical_input, place_inputs, replicate, split_devices
-from onnx2jax.runtime.fusion import NativeInput, fuse, fuse_attention, prepared_dequantizations
+from onnx2jax.runtime.fusion import (
+    NativeInput,
+    fuse,
+    fuse_attention,
+    has_nbits_nodes,
+    prepared_dequantizations,
+)
 from onnx2jax.runtime.layouts import (
     Layout,
     conv_weight_layouts,
@@ -157,6 +163,8 @@ class Engine:
         self._fused_plans: dict[tuple[frozenset[str], tuple[str, ...]], GraphPlan] = {}
         # Attention chains that the native attention kernel computes as one node.
         self.has_attention = fuse_attention(model.plan) is not model.plan
+        # 4-bit MatMulNBits nodes that the native 4-bit kernel computes.
+        self.has_nbits = has_nbits_nodes(model.plan)
         # More of the weights native kernels read are Conv weights than matrices.
         sizes = {
             kind: sum(
@@ -353,7 +361,8 @@ class Engine:
         self, bound: Mapping[str, Any]
     ) -> tuple[Any, dict[str, Any], frozenset[str]]:
         """The jitted function ``model(...)`` uses for these inputs, its XLA options, and the
-        kinds of native kernels it calls (onnx2jax/native/): "conv", "matrix", "attention".
+        kinds of native kernels it calls (onnx2jax/native/): "conv", "matrix", "attention",
+        "nbits".
 
         It takes ``(params, inputs, outputs=...)`` with the params of :meth:`placed`.
         """
@@ -373,15 +382,18 @@ class Engine:
             # and so did native attention; native matrix products only for few rows
             # (benchmarks/LOG.md, "which native kernels model(...) uses"). The kernels compute
             # float32 products: under another precision products and attention are XLA's.
+            # The 4-bit kernel's node takes XLA's path itself for more rows than it computes.
             used = set(self.native_weights.values())
             if self.has_attention:
                 used.add("attention")
+            if self.has_nbits:
+                used.add("nbits")
             few_rows = input_rows(bound) <= FEW_ROWS
             float32 = self.model.precision == PRECISION
             kernels = frozenset(
                 kind
                 for kind in used
-                if kind == "conv" or (float32 and (kind == "attention" or few_rows))
+                if kind == "conv" or (float32 and (kind in ("attention", "nbits") or few_rows))
             )
         function = jit_with_options(
             self._inference_jits.setdefault(kernels, {}),

@@ -10,9 +10,10 @@ SoftmaxAttention node, which the native kernel computes a few query rows at a ti
 writing the scores out (onnx2jax/native/kernels/attention.cc).
 
 Then every node a kernel computes becomes an explicit onnx2jax node (:func:`native_nodes`):
-NativeConv, NativeMatMul, NativeAttention (onnx2jax/ops/native_calls.py), whose inputs
-include the weights in the layout the kernel reads, a graph value of their own that the
-engine feeds from its prepared params. A weight that a DequantizeLinear computes from fixed
+NativeConv, NativeMatMul, NativeAttention, NativeMatMulNBits (onnx2jax/ops/native_calls.py),
+whose inputs include the weights in the layout the kernel reads, a graph value of their own
+that the engine feeds from its prepared params (MatMulNBits' packed weight is read as
+stored). A weight that a DequantizeLinear computes from fixed
 integers (a QDQ model's) is one of those prepared params too: its node leaves the plan
 (:func:`prepared_dequantizations`). The rewritten plan says what runs natively; no op looks at
 any other state.
@@ -132,12 +133,14 @@ def native_nodes(
       here (onnx2jax.native.backend: the hand-written kernels or oneDNN);
     - "matrix": a MatMul, or a Gemm (its weight is only there without transposes or alpha),
       whose weight is in ``native_inputs`` with a matrix layout -> NativeMatMul;
-    - "attention": a SoftmaxAttention -> NativeAttention.
+    - "attention": a SoftmaxAttention -> NativeAttention;
+    - "nbits": a com.microsoft MatMulNBits of 4 bits without g_idx -> NativeMatMulNBits (the
+      same inputs and attributes: the kernel reads the packed weight as stored).
 
     ``native_inputs`` maps a weight's name to the value that holds it in the kernel's layout
     (:class:`NativeInput`). The kernels compute float32
-    products: under another ``precision`` (Model.precision) matrix products and attention
-    are left to XLA.
+    products: under another ``precision`` (Model.precision) matrix products, attention and
+    MatMulNBits are left to XLA.
 
     Example:
         >>> from onnx import helper, TensorProto
@@ -180,6 +183,11 @@ def native_nodes(
             native.CopyFrom(node)
             native.op_type = "NativeAttention"
             native.attribute.append(onnx.helper.make_attribute("precision", precision))
+        elif "nbits" in kinds and products and _nbits_applies(node):
+            native = onnx.NodeProto()
+            native.CopyFrom(node)
+            native.op_type = "NativeMatMulNBits"
+            native.domain = ONNX2JAX
         if native is not None:
             nodes[index] = native
             specs[index] = lookup(ONNX2JAX, native.op_type, 1)
@@ -188,6 +196,32 @@ def native_nodes(
     if not changed:
         return plan
     return dataclasses.replace(plan, nodes=nodes, specs=specs, node_reads=node_reads)
+
+
+def has_nbits_nodes(plan: GraphPlan) -> bool:
+    """Whether ``plan`` holds MatMulNBits nodes that the "nbits" kind of :func:`native_nodes`
+    rewrites: 4 bits, no g_idx.
+
+    Example:
+        >>> from onnx import helper
+        >>> import onnx2jax
+        >>> node = helper.make_node("Relu", ["x"], ["y"])
+        >>> f = lambda name: helper.make_tensor_value_info(name, 1, None)
+        >>> graph = helper.make_graph([node], "g", [f("x")], [f("y")])
+        >>> has_nbits_nodes(onnx2jax.load(helper.make_model(graph)).plan)
+        False
+    """
+    return any(_nbits_applies(node) for node in plan.nodes)
+
+
+def _nbits_applies(node: onnx.NodeProto) -> bool:
+    """A com.microsoft MatMulNBits of 4 bits without g_idx (the native kernel's case)."""
+    return (
+        node.op_type == "MatMulNBits"
+        and node.domain == MS
+        and _attribute(node, "bits", 4) == 4
+        and (len(node.input) < 5 or not node.input[4])
+    )
 
 
 def _native_conv(node: onnx.NodeProto, weight: NativeInput) -> onnx.NodeProto | None:

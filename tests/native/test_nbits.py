@@ -1,6 +1,7 @@
 """The native 4-bit MatMulNBits kernel (onnx2jax/native/calls.py: matmul_nbits,
-kernels/nbits.cc) and MatMulNBits' use of it (onnx2jax/ops/blockwise_quant.py): against
-onnxruntime, XLA's path and an exact NumPy product; gradients are XLA's."""
+kernels/nbits.cc) and the NativeMatMulNBits node that model(...)'s program computes MatMulNBits
+with (onnx2jax/runtime/fusion.py, onnx2jax/ops/native_calls.py): against onnxruntime, XLA's
+path and an exact NumPy product; gradients are XLA's."""
 
 from __future__ import annotations
 
@@ -96,29 +97,59 @@ def test_kernel_matches_onnxruntime_and_exact_product(rows, block, zeros):
     assert np.all(np.abs(got - want) <= 2 * bound)
 
 
+def _compiled_text(model: onnx2jax.Model, a: np.ndarray) -> str:
+    """The HLO of the program model(...) runs on ``a``."""
+    return model.engine.lower(model.bind_inputs((), {"a": a})).compile().as_text()
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_matmul_nbits_node_uses_the_kernel_and_matches_xla(rows, zeros):
+def test_model_call_uses_the_kernel_and_matches_xla_and_onnxruntime(rows, zeros):
     rng = np.random.default_rng(rows + 7 * zeros)
     k, n, block = 100, 33, 32
     a, packed, scales, zp = _case(rng, rows, k, n, block, zeros)
-    compiled = onnx2jax.load(_model(k, n, block, packed, scales, zp))
-    # Outside nbits_products (an exported or portable program), XLA's path.
+    proto = _model(k, n, block, packed, scales, zp)
+    compiled = onnx2jax.load(proto)
+    bound = compiled.bind_inputs((), {"a": a})
+    kernels = compiled.inference_function(bound)[2]
+    assert "nbits" in kernels
+    plan = compiled.engine.fused_plan(kernels, None)
+    assert [(node.op_type, node.domain) for node in plan.nodes] == [
+        ("NativeMatMulNBits", "ai.onnx2jax")
+    ]
+    assert native.NBITS_TARGET in _compiled_text(compiled, a)
+    # model.apply (the graph as it is: exported, AOT and the user's jit) is XLA's.
     assert native.NBITS_TARGET not in jax.jit(compiled.apply).lower(compiled.params, a=a).as_text()
     xla = np.asarray(jax.jit(compiled.apply)(compiled.params, a=a)["y"])
-    with native.nbits_products():
-        text = jax.jit(compiled.apply).lower(compiled.params, a=a).as_text()
-        got = np.asarray(jax.jit(compiled.apply)(compiled.params, a=a)["y"])
-        # More rows than the kernel takes: XLA's path.
-        wide = np.concatenate([a, np.zeros((17, k), np.float32)])
-        wide_text = jax.jit(compiled.apply).lower(compiled.params, a=wide).as_text()
-    assert native.NBITS_TARGET in text
-    assert native.NBITS_TARGET not in wide_text
+    got = np.asarray(compiled(a=a)["y"])
     weight = _weight(packed, scales, zp, k, block)
-    bound = _bound(a, weight)
-    assert np.all(np.abs(got - xla) <= 2 * bound)
-    assert np.all(np.abs(got - a.astype(np.float64) @ weight) <= bound)
+    limit = _bound(a, weight)
+    assert np.all(np.abs(got - xla) <= 2 * limit)
+    assert np.all(np.abs(got - a.astype(np.float64) @ weight) <= limit)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.all(np.abs(got - session.run(None, {"a": a})[0]) <= 2 * limit)
+
+
+@needs_kernel
+def test_more_rows_than_the_kernel_takes_run_xlas_path():
+    rng = np.random.default_rng(3)
+    k, n, block = 64, 24, 16
+    a, packed, scales, zp = _case(rng, 17, k, n, block, True)
+    compiled = onnx2jax.load(_model(k, n, block, packed, scales, zp))
+    assert native.NBITS_TARGET not in _compiled_text(compiled, a)
+    weight = _weight(packed, scales, zp, k, block)
+    got = np.asarray(compiled(a=a)["y"])
+    assert np.all(np.abs(got - a.astype(np.float64) @ weight) <= _bound(a, weight))
+
+
+def _native_node_model(k, n, block, packed, scales, zp):
+    """A model of one NativeMatMulNBits node (what model(...)'s plan holds), run by apply."""
+    model = _model(k, n, block, packed, scales, zp)
+    model.graph.node[0].op_type = "NativeMatMulNBits"
+    model.graph.node[0].domain = "ai.onnx2jax"
+    model.opset_import.append(helper.make_opsetid("ai.onnx2jax", 1))
+    return onnx2jax.load(model)
 
 
 @needs_kernel
@@ -127,16 +158,15 @@ def test_gradient_is_xlas(zeros):
     rng = np.random.default_rng(11)
     k, n, block = 72, 19, 16
     a, packed, scales, zp = _case(rng, 2, k, n, block, zeros)
-    compiled = onnx2jax.load(_model(k, n, block, packed, scales, zp))
+    compiled = _native_node_model(k, n, block, packed, scales, zp)
     cotangent = rng.normal(size=(2, n)).astype(np.float32)
 
     def loss(x, scale):
         params = {**compiled.params, "scales": scale}
         return jnp.sum(compiled.apply(params, a=x)["y"] * cotangent)
 
-    with native.nbits_products():
-        assert native.NBITS_TARGET in jax.jit(loss).lower(a, scales).as_text()
-        grad_a, grad_scales = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, scales)
+    assert native.NBITS_TARGET in jax.jit(loss).lower(a, scales).as_text()
+    grad_a, grad_scales = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, scales)
     weight = _weight(packed, scales, zp, k, block)
     want_a = cotangent.astype(np.float64) @ weight.T
     np.testing.assert_allclose(grad_a, want_a, rtol=1e-5, atol=1e-5)

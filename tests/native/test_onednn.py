@@ -124,7 +124,7 @@ def test_without_avx512_convolutions_are_onednns_and_match_xla_and_onnxruntime(c
     if "'conv': 'onednn'" not in backends:
         pytest.skip(f"oneDNN is not installed or does not build here: {report['state']}")
     assert "no AVX-512" in report["state"]["reason"]
-    assert "'matrix': None" in backends and "'attention': None" in backends
+    assert all(f"'{kind}': None" in backends for kind in ("matrix", "attention", "nbits"))
     if isa == "AVX2":
         assert "'isa': 'avx2'" in report["state"]["onednn"]
     for case, result in zip(CASES, report["results"], strict=True):
@@ -174,6 +174,8 @@ def test_without_avx512_or_onednn_xla_computes_everything():
         "'matrix':",
         "None,",
         "'attention':",
+        "None,",
+        "'nbits':",
         "None}",
         "onednn-cpu-gomp",
         "is",
