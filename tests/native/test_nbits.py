@@ -143,6 +143,24 @@ def test_more_rows_than_the_kernel_takes_run_xlas_path():
     assert np.all(np.abs(got - a.astype(np.float64) @ weight) <= _bound(a, weight))
 
 
+@needs_kernel
+def test_other_precisions_and_traces_keep_xlas_path():
+    rng = np.random.default_rng(4)
+    k, n, block = 64, 8, 32
+    a, packed, scales, zp = _case(rng, 2, k, n, block, False)
+    proto = _model(k, n, block, packed, scales, zp)
+    rounded = onnx2jax.load(proto, precision="bfloat16")
+    kernels = rounded.inference_function(rounded.bind_inputs((), {"a": a}))[2]
+    assert "nbits" not in kernels
+    assert [node.op_type for node in rounded.engine.fused_plan(kernels, None).nodes] == [
+        "MatMulNBits"
+    ]
+    # model(...) inside the user's jit runs the graph as it is.
+    compiled = onnx2jax.load(proto)
+    text = jax.jit(lambda x: compiled(a=x)["y"]).lower(a).as_text()
+    assert native.NBITS_TARGET not in text
+
+
 def _native_node_model(k, n, block, packed, scales, zp):
     """A model of one NativeMatMulNBits node (what model(...)'s plan holds), run by apply."""
     model = _model(k, n, block, packed, scales, zp)
