@@ -43,6 +43,8 @@ from onnx2jax.core.graph import GraphPlan, outer_names, plan_graph, subgraphs
 from onnx2jax.core.loader import ModelSource, read_model
 from onnx2jax.core.model import Model, check_input, load
 from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
+from onnx2jax.native import backend
+from onnx2jax.runtime.fusion import fuse, has_nbits_nodes
 from onnx2jax.runtime.options import (
     inference_compiler_options,
     jit_with_options,
@@ -575,8 +577,36 @@ class Decoder:
             self._plans["prefill"] = (
                 branch_plan(model, name, False) if self.layout.cross_past else self._plans["decode"]
             )
+        # 4-bit MatMulNBits decode steps on the CPU run the native kernel, as model(...) does
+        # (more rows than it takes, as in a prefill, go XLA's way inside the node). Sharded
+        # params stay XLA's: the kernel has no sharding rule.
+        if (
+            model.mesh is None
+            and model.precision == "float32"
+            and backend("nbits") is not None
+            and has_nbits_nodes(model.plan)
+        ):
+            self._plans = {
+                phase: fuse(plan or model.plan, {"nbits"}) for phase, plan in self._plans.items()
+            }
         self._prefill_jits: dict[tuple, Any] = {}
         self._decode_jits: dict[tuple, Any] = {}
+
+    def plan(self, phase: str) -> GraphPlan:
+        """The graph the ``phase`` ("prefill" or "decode") program runs: the model's, one
+        branch of a merged decoder's If, and with native 4-bit products where they run.
+
+        Example:
+            >>> from benchmarks.generate import export_with_cache, tiny_decoder
+            >>> import onnx2jax, tempfile, pathlib
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "m.onnx"
+            >>> model = onnx2jax.load(export_with_cache(tiny_decoder("gpt2"), path))
+            >>> decoder(model).plan("decode") is model.plan
+            True
+        """
+        if phase not in self._plans:
+            raise GenerationError(f"phase must be 'prefill' or 'decode', got {phase!r}")
+        return self._plans[phase] or self.model.plan
 
     @property
     def model(self) -> Model:

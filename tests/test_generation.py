@@ -692,3 +692,30 @@ def test_builder_models_generate_onnxruntime_genais_tokens(builder_folder):
     # The builder's tokenizer.json marks [PAD], [BOS] and [EOS] special: decoding skips them.
     words = [" ".join(f"w{t}" for t in tokens if t > EOS_ID) for tokens in alone]
     assert generator.generate(texts, 32) == words
+
+
+@pytest.mark.slow
+def test_int4_builder_decode_runs_the_native_kernel_to_the_same_tokens(
+    builder_folder, tmp_path, monkeypatch
+):
+    """Where the native 4-bit kernel runs, generate()'s programs compute MatMulNBits with it
+    (NativeMatMulNBits nodes) and make the tokens XLA's path makes."""
+    from onnx2jax import generation, native
+    from tests.models.exports import run_genai_builder
+
+    if native.backend("nbits") is None:
+        pytest.skip("no native 4-bit kernel on this machine")
+    _, folder = builder_folder
+    out = run_genai_builder(folder.parent / "hf", tmp_path / "int4", "int4", tmp_path / "cache")
+    ids = np.array([[1, *PROMPTS[0]], [1, 9, 8, 7, 6, 5, 4, 3]])
+
+    def native_nodes(model):
+        return [n for n in decoder(model).plan("decode").nodes if n.op_type == "NativeMatMulNBits"]
+
+    with_kernel = onnx2jax.load(out / "model.onnx")
+    tokens = generate(with_kernel, ids, 24)
+    assert native_nodes(with_kernel)
+    monkeypatch.setattr(generation, "backend", lambda kind: None)
+    xla = onnx2jax.load(out / "model.onnx")
+    np.testing.assert_array_equal(generate(xla, ids, 24), tokens)
+    assert not native_nodes(xla)
