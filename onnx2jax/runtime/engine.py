@@ -149,9 +149,14 @@ class Engine:
         }
         # With native kernels, the weights they read (these Conv weights and MatMul matrices)
         # are kept in their layouts: name -> "conv" or "matrix".
-        self.native_weights: dict[str, str] = native_weight_kinds(
-            model.plan, {**params, **stand_ins}
-        )
+        # A dequantized weight is held in float32, 4x its int8 source, for as long as the model
+        # lives: only a convolution's (a network's weights are small), never a matrix (an int8
+        # language model's every weight would be held again at float size).
+        self.native_weights: dict[str, str] = {
+            name: kind
+            for name, kind in native_weight_kinds(model.plan, {**params, **stand_ins}).items()
+            if kind == "conv" or name not in self.dequantized
+        }
         # Of those, the weights of 3x3 Convs of stride and dilation 1 only, which the native
         # Winograd kernel may compute (native_layouts.winograd_applies) from weights kept
         # transformed.
