@@ -316,12 +316,14 @@ def test_recurrent_inputs_of_the_wrong_rank_are_clear_errors(layout):
 
 
 def test_eager_branch_is_compiled_once_per_signature():
-    # model(...) runs the silero-like If outside jit; its branch is jitted, not run op by op
-    # (which traced and compiled the LSTM's lax.scan anew on every call).
+    # With no program per value of sr allowed, model(...) runs the silero-like If outside jit;
+    # its branch is jitted, not run op by op (which traced and compiled the LSTM's lax.scan
+    # anew on every call).
     from onnx2jax.ops.control_flow import _EagerBranch
 
     model, hidden = _silero_like()
     compiled = onnx2jax.load(model)
+    compiled.engine.max_specializations = 0
     feeds = {"input": rand(1, 8), "state": rand(2, 1, hidden), "sr": np.array(16000, np.int64)}
     first = compiled(**feeds)
     second = compiled(**feeds)
