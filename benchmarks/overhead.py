@@ -16,43 +16,25 @@ import argparse
 import cProfile
 import pstats
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.models import build_mlp5, vector_inputs
 
 MODELS_DIR = Path(__file__).parent / "models"
 
 
 def mlp_case() -> tuple[bytes, dict[str, np.ndarray]]:
-    """A 5-node MLP: MatMul, Add, Relu, MatMul, Add on a (1, 64) input."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w1"),
-        numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1"),
-        numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "w2"),
-        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2"),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
-        helper.make_node("Add", ["h0", "b1"], ["h1"]),
-        helper.make_node("Relu", ["h1"], ["h2"]),
-        helper.make_node("MatMul", ["h2", "w2"], ["h3"]),
-        helper.make_node("Add", ["h3", "b2"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
-        inits,
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    feeds = {"x": rng.standard_normal((1, 64)).astype(np.float32)}
-    return proto.SerializeToString(), feeds
+    """The 5-node MLP of ``benchmarks.models`` (MatMul, Add, Relu, MatMul, Add) on a (1, 64)
+    input."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = build_mlp5(Path(folder) / "mlp5.onnx")
+        return path.read_bytes(), vector_inputs(1)
 
 
 def cnn_case() -> tuple[bytes, dict[str, np.ndarray]]:
