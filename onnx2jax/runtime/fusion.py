@@ -13,8 +13,8 @@ Then every node a kernel computes becomes an explicit onnx2jax node (:func:`nati
 NativeConv, NativeMatMul, NativeAttention, NativeMatMulNBits (onnx2jax/ops/native_calls.py),
 whose inputs include the weights in the layout the kernel reads, a graph value of their own
 that the engine feeds from its prepared params (MatMulNBits' packed weight is read as
-stored). A weight that a DequantizeLinear computes from fixed
-integers (a QDQ model's) is one of those prepared params too: its node leaves the plan
+stored). A convolution weight that a DequantizeLinear computes from fixed integers (a QDQ
+model's) is one of those prepared params too: its node leaves the plan
 (:func:`prepared_dequantizations`). The rewritten plan says what runs natively; no op looks at
 any other state.
 """
