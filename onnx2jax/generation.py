@@ -36,11 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor
 
 from onnx2jax.core.errors import GenerationError, InputError, ModelLoadError, Onnx2JaxError
 from onnx2jax.core.graph import GraphPlan, outer_names, plan_graph, subgraphs
-from onnx2jax.core.loader import ModelSource, read_model
+from onnx2jax.core.loader import ModelSource, external_data_bytes, read_model
 from onnx2jax.core.model import Model, check_input, load
 from onnx2jax.hub import download_model, folder_fetcher, read_json, repo_fetcher
 from onnx2jax.native import backend
@@ -427,7 +426,8 @@ def merge_decoders(first: ModelSource, with_past: ModelSource) -> onnx.ModelProt
             inline = type(tensor)()
             inline.CopyFrom(tensor)
             if inline.data_location == onnx.TensorProto.EXTERNAL:
-                load_external_data_for_tensor(inline, str(base_dir or "."))
+                # The loader's reader: the file's path and the extent checked, as at load.
+                inline.raw_data = external_data_bytes(tensor, base_dir)
                 inline.data_location = onnx.TensorProto.DEFAULT
                 del inline.external_data[:]
             inline.name = ""

@@ -509,6 +509,28 @@ def test_a_merged_decoder_only_model_runs_its_branch_with_a_past(exported, tmp_p
     assert decoder(merged).compilations - before == 2
 
 
+@pytest.mark.parametrize("exported", ["gpt2"], indirect=True)
+def test_merge_decoders_reads_external_data_through_the_loaders_checks(exported, tmp_path):
+    _, model = exported
+    model.save(tmp_path / "inline.onnx")
+    inline = onnx.load(tmp_path / "inline.onnx")
+    external = onnx.ModelProto()
+    external.CopyFrom(inline)  # onnx.save moves the data out of the proto it is given
+    onnx.save(external, tmp_path / "external.onnx", save_as_external_data=True, size_threshold=0)
+    path = tmp_path / "external.onnx"
+    want = {t.name: t.raw_data for t in merge_decoders(inline, inline).graph.initializer}
+    got = {t.name: t.raw_data for t in merge_decoders(path, path).graph.initializer}
+    assert got == want
+    outside = onnx.load(path, load_external_data=False)
+    for tensor in outside.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere.bin"
+    onnx.save(outside, tmp_path / "outside.onnx")
+    with pytest.raises(ModelLoadError):
+        merge_decoders(tmp_path / "outside.onnx", tmp_path / "outside.onnx")
+
+
 def test_a_model_that_does_not_fit_is_refused_with_what_it_lacks(tmp_path):
     with pytest.raises(GenerationError, match="lacks input_ids, attention_mask, past_key_values"):
         cache_layout(onnx2jax.load(onnx2jax.example_path()))
